@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae.corpus import corpus_id, load_corpus
-from sae.hooks import parse_hooks, stop_layer, validate_hooks
+from sae.hooks import capture, parse_hooks, validate_hooks
 from sae.models import MODEL_NAMES, LoadedModel, load_model
 from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
 from sae.windows import Windows, make_windows
@@ -46,6 +46,8 @@ class HarvestConfig:
     """Storage dtype; compute is always fp32."""
     corpus: str = "default"
     """Built-in corpus (default, shakespeare, milton, kjv) or a path to your own text."""
+    split: Literal["train", "heldout"] = "train"
+    """Which documents: train, or the ~10% held out for evaluation (training never sees them)."""
     batch_size: int = 8
     """Windows per forward pass."""
     shard_tokens: int = 32_768
@@ -98,8 +100,8 @@ def check_config(cfg: HarvestConfig, model: LoadedModel) -> list[str]:
 
 
 def corpus_windows(cfg: HarvestConfig, model: LoadedModel) -> Windows:
-    """The first `cfg.n_windows` windows of the seeded order over the corpus's training split."""
-    docs = load_corpus(cfg.corpus, split="train")
+    """The first `cfg.n_windows` windows of the seeded order over the chosen corpus split."""
+    docs = load_corpus(cfg.corpus, split=cfg.split)
     windows = make_windows(docs, model.tokenizer, cfg.context_size, cfg.seed, cfg.n_windows)
     if len(windows) < cfg.n_windows:
         available = len(windows) * cfg.rows_per_window
@@ -110,16 +112,10 @@ def corpus_windows(cfg: HarvestConfig, model: LoadedModel) -> Windows:
     return windows
 
 
-@torch.inference_mode()
-def forward_hooks(
-    model: LoadedModel, tokens: torch.Tensor, hooks: list[str]
-) -> dict[str, torch.Tensor]:
+def forward_hooks(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """Activations at `hooks` for a [batch, seq] token tensor, stopping after the deepest hook."""
-    stop = stop_layer(hooks, model.n_layers)
-    _, cache = model.bridge.run_with_cache(
-        tokens.to(model.device), names_filter=hooks, stop_at_layer=stop, return_cache_object=False
-    )
-    return {h: cache[h] for h in hooks}  # each [batch, seq, d_model] float32
+    with torch.inference_mode():
+        return capture(model, tokens, hooks)  # each [batch, seq, d_model] float32
 
 
 def harvest_stream(
@@ -191,6 +187,7 @@ def _manifest_for(cfg: HarvestConfig, model: LoadedModel, hooks: list[str]) -> S
         dtype=cfg.dtype,
         context_size=cfg.context_size,
         corpus=corpus_id(cfg.corpus),
+        split=cfg.split,
         seed=cfg.seed,
         n_tokens_target=cfg.tokens,
         windows_per_shard=cfg.windows_per_shard,

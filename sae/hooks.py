@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import re
 
+import torch
+
 from sae.models import LoadedModel
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -46,3 +48,79 @@ def stop_layer(hooks: list[str], n_layers: int) -> int | None:
         return None  # a hook after the blocks (ln_final, unembed) needs the whole forward
     deepest = max(layers) + 1
     return None if deepest >= n_layers else deepest
+
+
+# --------------------------------------------------------------------------- capture
+
+# Hook points the fast path reads straight off plain HF modules; anything else goes to the bridge.
+_FAST_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook: the rest of the model is never computed."""
+
+
+def _fast_point(name: str) -> str | None:
+    layer = hook_layer(name)
+    point = name.split(".", 2)[2] if layer is not None else ""
+    return point if point in _FAST_POINTS else None
+
+
+def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """Activations at `hooks` for tokens [batch, seq], computing no block past the deepest hook.
+
+    The fast path (plain HF modules sharing the bridge's weights) serves the residual-stream,
+    attention-out and MLP-out points; any other TransformerLens name runs through the bridge.
+    Both give identical values (tested). Returns {hook: [batch, seq, d_model] float32}.
+    """
+    tokens = tokens.to(model.device)
+    if all(_fast_point(h) for h in hooks):
+        return _capture_fast(model, tokens, hooks)
+    _, cache = model.bridge.run_with_cache(
+        tokens, names_filter=hooks, stop_at_layer=stop_layer(hooks, model.n_layers), return_cache_object=False
+    )
+    return {h: cache[h] for h in hooks}
+
+
+def _capture_fast(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    layers = model.fast.model.layers
+    deepest = max(hook_layer(h) for h in hooks)
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(layer: int, point: str, stop: bool = False):
+        def hook(module, args, kwargs_or_output, *rest):
+            if point == "hook_resid_pre":  # a pre-hook with kwargs: (module, args, kwargs)
+                value = args[0] if args else kwargs_or_output["hidden_states"]
+            else:
+                output = rest[0] if rest else kwargs_or_output
+                value = output[0] if isinstance(output, tuple) else output
+            seen[(layer, point)] = value
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    wanted = {(hook_layer(h), _fast_point(h)) for h in hooks}
+    handles = []
+    for layer in sorted({layer for layer, _ in wanted}):
+        block = layers[layer]
+        handles.append(block.register_forward_pre_hook(keep(layer, "hook_resid_pre"), with_kwargs=True))
+        handles.append(block.self_attn.register_forward_hook(keep(layer, "hook_attn_out")))
+        handles.append(block.mlp.register_forward_hook(keep(layer, "hook_mlp_out")))
+        handles.append(block.register_forward_hook(keep(layer, "hook_resid_post", stop=layer == deepest)))
+    try:
+        with torch.inference_mode():
+            model.fast.model(tokens, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for h in hooks:
+        layer, point = hook_layer(h), _fast_point(h)
+        if point == "hook_resid_mid":  # the residual between attention and MLP
+            out[h] = seen[(layer, "hook_resid_pre")] + seen[(layer, "hook_attn_out")]
+        else:
+            out[h] = seen[(layer, point)]
+    return out

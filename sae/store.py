@@ -52,6 +52,7 @@ class StoreManifest:
     dtype: str
     context_size: int
     corpus: str
+    split: str
     seed: int
     n_tokens_target: int
     windows_per_shard: int

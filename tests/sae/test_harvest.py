@@ -19,6 +19,7 @@ from sae.harvest import (
     harvest,
     harvest_stream,
 )
+from sae.hooks import capture
 from sae.models import LoadedModel
 from sae.store import ActivationStore, StoreError, StoreManifest
 from tests.conftest import tiny_harvest_config
@@ -146,3 +147,24 @@ def test_float16_overflow_is_an_error_that_names_the_fix() -> None:
     with pytest.raises(OverflowError, match="bfloat16"):
         _shard_tensors([batch], [hook], "float16")
     assert _shard_tensors([batch], [hook], "bfloat16")[hook].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("point", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"])
+def test_fast_capture_equals_the_transformerlens_bridge(tiny: LoadedModel, point: str) -> None:
+    tokens = torch.randint(0, len(tiny.tokenizer), (2, 20), generator=torch.Generator().manual_seed(5))
+    names = [f"blocks.{layer}.{point}" for layer in range(tiny.n_layers)]
+    fast = capture(tiny, tokens, names)
+    with torch.inference_mode():
+        _, reference = tiny.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+    for name in names:
+        torch.testing.assert_close(fast[name], reference[name], rtol=0, atol=0)
+
+
+def test_other_hook_names_fall_back_to_the_bridge(tiny: LoadedModel) -> None:
+    tokens = torch.randint(0, len(tiny.tokenizer), (1, 12), generator=torch.Generator().manual_seed(6))
+    names = ["blocks.1.ln2.hook_normalized", "blocks.0.hook_resid_post"]
+    got = capture(tiny, tokens, names)
+    with torch.inference_mode():
+        _, reference = tiny.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+    for name in names:
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0)
