@@ -40,7 +40,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 MAX_BUFFER_BYTES = 500_000_000  # SAELens writes one arrow shard per buffer; keep each well < 2 GB
 
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_hf(model_dir: Path) -> tuple[LlamaForCausalLM, AutoTokenizer]:
+def load_hf(model_dir: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """The raw fp32 HF model and tokenizer, read from disk only."""
     config = AutoConfig.from_pretrained(model_dir)
     if hasattr(config, "quantization_config"):
@@ -67,13 +72,17 @@ def load_hf(model_dir: Path) -> tuple[LlamaForCausalLM, AutoTokenizer]:
 
 
 def buffer_size_gb(n_tokens: int, tokens_per_batch: int, bytes_per_token: int) -> float:
-    """A buffer size that holds whole batches, so SAELens caches `n_tokens` and no more.
+    """A buffer size holding whole batches, so SAELens caches about `n_tokens` and not far more.
 
     SAELens derives tokens-per-buffer as int(gb * 1e9) // bytes_per_token, rounded down to whole
-    batches, and runs ceil(training_tokens / tokens_per_buffer) buffers. Half a token of slack
-    keeps float rounding from losing a batch.
+    batches, and always fills ceil(training_tokens / tokens_per_buffer) whole buffers (its 2 GB
+    default would cache ~870k tokens for a 20k request). Buffers are split evenly, so the overshoot
+    is under one batch per buffer; half a token of slack keeps float rounding from losing a batch.
     """
-    batches_per_buffer = max(1, min(n_tokens, MAX_BUFFER_BYTES // bytes_per_token) // tokens_per_batch)
+    n_batches = -(-n_tokens // tokens_per_batch)
+    max_batches = max(1, MAX_BUFFER_BYTES // (bytes_per_token * tokens_per_batch))
+    n_buffers = -(-n_batches // max_batches)
+    batches_per_buffer = -(-n_batches // n_buffers)
     return (batches_per_buffer * tokens_per_batch + 0.5) * bytes_per_token / 1e9
 
 

@@ -1,0 +1,122 @@
+"""Harvest benchmark on SmolLM2 (prints JSON). Every figure is measured in this one run.
+
+- full_forward: the whole model (TransformerLens bridge, logits included) over the same windows;
+- harvest: `sae.harvest` with one hook at layer 15 (early exit), shard writes included;
+- saelens: SAELens's CacheActivationsRunner on the same number of tokens, context and batch,
+  run in a side venv (sae-lens needs transformer-lens < 4); skipped with a reason if it can't run.
+
+    python scripts/bench_harvest.py [--tokens 16384] [--no-saelens]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sae.corpus import load_corpus
+from sae.harvest import HarvestConfig, corpus_windows, harvest
+from sae.models import cache_root, load_model
+
+HOOK = "blocks.15.hook_resid_post"
+SAELENS_VENV = cache_root() / "venvs" / "saelens"
+SAELENS_DRIVER = Path(__file__).with_name("_saelens_harvest.py")
+
+
+def full_forward_tok_s(model, windows, batch_size: int) -> float:
+    """Tokens/s of a complete forward (all 30 blocks + logits) over the harvest's windows."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            model.bridge(windows.tokens[i : i + batch_size], return_type="logits")
+    return windows.tokens.numel() / (time.perf_counter() - started)
+
+
+def harvest_tok_s(model, cfg: HarvestConfig) -> float:
+    """Tokens/s of the harvest itself, counting every window token the model processed."""
+    started = time.perf_counter()
+    store = harvest(cfg, model)
+    seconds = time.perf_counter() - started
+    return len(store) / cfg.rows_per_window * cfg.context_size / seconds
+
+
+def ensure_saelens_venv() -> Path:
+    """Create the side venv once: CPU torch pinned first, then sae-lens (which pins transformer-lens 3)."""
+    python = SAELENS_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    pin = Path(tempfile.mkdtemp()) / "constraints.txt"
+    pin.write_text("torch==2.13.0\n")
+    steps = [
+        [sys.executable, "-m", "venv", str(SAELENS_VENV)],
+        [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
+        [str(python), "-m", "pip", "install", "-q", "-c", str(pin), "sae-lens"],
+    ]
+    for step in steps:
+        subprocess.run(step, check=True)
+    return python
+
+
+def saelens_tok_s(model, cfg: HarvestConfig) -> dict:
+    """Run SAELens's activation cache runner on the same documents, token budget and batch."""
+    try:
+        python = ensure_saelens_venv()
+    except subprocess.CalledProcessError as error:
+        return {"skipped": f"could not build the SAELens venv: {error}"}
+    text_file = Path(tempfile.mkdtemp()) / "docs.txt"
+    docs = load_corpus(cfg.corpus, split="train")
+    text_file.write_text("\n".join(t.replace("\n", " ") for t in docs["text"]))
+    with tempfile.TemporaryDirectory() as out:
+        command = [str(python), str(SAELENS_DRIVER), "--model-dir", str(model.hf.name_or_path),
+                   "--text-file", str(text_file), "--tokens", str(cfg.tokens), "--context-size",
+                   str(cfg.context_size), "--batch", str(cfg.batch_size), "--hook", HOOK,
+                   "--out", out]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return {"skipped": f"SAELens run failed: {result.stderr.strip()[-600:]}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=16_384)
+    parser.add_argument("--no-saelens", action="store_true")
+    args = parser.parse_args()
+
+    model = load_model("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = HarvestConfig(out=f"{tmp}/store", hooks=HOOK, tokens=args.tokens, context_size=128)
+        windows = corpus_windows(cfg, model)
+        with torch.inference_mode():  # warm-up: first-call allocations stay out of the timing
+            model.bridge(windows.tokens[: cfg.batch_size], return_type="logits")
+        full = full_forward_tok_s(model, windows, cfg.batch_size)
+        ours = harvest_tok_s(model, cfg)
+    result = {
+        "model": "smollm2-135m",
+        "hook": HOOK,
+        "tokens": args.tokens,
+        "context_size": cfg.context_size,
+        "batch_size": cfg.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "full_forward_tok_s": round(full, 1),
+        "harvest_tok_s": round(ours, 1),
+        "harvest_over_full_forward": round(ours / full, 2),
+    }
+    if not args.no_saelens:
+        saelens = saelens_tok_s(model, cfg)
+        result["saelens"] = saelens
+        if "tok_per_s" in saelens:
+            result["harvest_over_saelens"] = round(ours / saelens["tok_per_s"], 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
