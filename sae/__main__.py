@@ -1,32 +1,74 @@
-"""`python -m sae harvest ...` and `python -m sae info DIR` (a stable contract: scripts call these)."""
+"""`python -m sae harvest|info|train|eval ...` (a stable contract: scripts call these)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 from sae.cli import add_dataclass_args, dataclass_from_args
 from sae.harvest import HarvestConfig, harvest
 from sae.store import ActivationStore, StoreError
+from sae.train import TrainConfig, train
+
+
+@dataclass
+class EvalConfig:
+    sae: str = ""
+    """SAE directory (cfg.json + sae.safetensors)."""
+    store: str = ""
+    """Activation store for reconstruction metrics (harvest it with --split heldout)."""
+    model: str = ""
+    """Also splice the SAE into this model (tiny, smollm2-135m) for CE loss recovered and KL."""
+    tokens: int = 8192
+    """Held-out tokens to score when splicing."""
+    context_size: int = 128
+    """Window size for the splice evaluation."""
+    max_store_tokens: int = 0
+    """Cap on store tokens for reconstruction metrics (0: all)."""
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from sae.corpus import load_corpus
+    from sae.evaluate import reconstruction_metrics, splice_metrics
+    from sae.io import load_sae
+    from sae.models import load_model
+    from sae.windows import make_windows
+
+    sae = load_sae(cfg.sae)
+    result = {"sae": cfg.sae, "hook": sae.cfg.hook, "arch": sae.cfg.arch, "n_latents": sae.cfg.n_latents}
+    result.update(reconstruction_metrics(sae, ActivationStore(cfg.store), cfg.max_store_tokens or None))
+    if cfg.model:
+        model = load_model(cfg.model)
+        if sae.cfg.weights_sha256 and sae.cfg.weights_sha256 != model.weights_sha256:
+            raise ValueError(f"{cfg.sae} was trained on {sae.cfg.model}'s activations, not {cfg.model}'s")
+        n_windows = -(-cfg.tokens // (cfg.context_size - 2))
+        windows = make_windows(load_corpus("default", "heldout"), model.tokenizer, cfg.context_size, 0, n_windows)
+        result.update(splice_metrics(model, sae, windows.tokens))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    harvest_parser = commands.add_parser("harvest", help="collect activations into a store")
-    add_dataclass_args(harvest_parser, HarvestConfig, required=("out",))
+    add_dataclass_args(commands.add_parser("harvest", help="collect activations into a store"), HarvestConfig, ("out",))
+    add_dataclass_args(commands.add_parser("train", help="train SAEs on a store"), TrainConfig, ("store", "out"))
+    add_dataclass_args(commands.add_parser("eval", help="evaluate an SAE (JSON)"), EvalConfig, ("sae", "store"))
     info_parser = commands.add_parser("info", help="print a store's manifest summary as JSON")
     info_parser.add_argument("store", help="activation store directory")
-    info_parser.add_argument(
-        "--verify", action="store_true", help="also check every shard's sha256"
-    )
+    info_parser.add_argument("--verify", action="store_true", help="also check every shard's sha256")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "harvest":
-            store = harvest(dataclass_from_args(HarvestConfig, args))
-            print(json.dumps(store.summary(), indent=2))
+            print(json.dumps(harvest(dataclass_from_args(HarvestConfig, args)).summary(), indent=2))
+        elif args.command == "train":
+            cfg = dataclass_from_args(TrainConfig, args)
+            saes = train(cfg)
+            print(json.dumps({"out": cfg.out, "saes": {hook: f"{cfg.out}/{hook}" for hook in saes}}, indent=2))
+        elif args.command == "eval":
+            print(json.dumps(run_eval(dataclass_from_args(EvalConfig, args)), indent=2))
         elif args.command == "info":
             store = ActivationStore(args.store, verify=False)
             if args.verify:

@@ -1,0 +1,85 @@
+"""Training checkpoints: one safetensors file (tensors) whose metadata holds the JSON state.
+
+One file means one atomic rename: a run killed at any moment leaves either the previous checkpoint
+or the new one, never a mix. Nothing is pickled. Contents, per hook `h`:
+
+    h/sae.<name>                 every SAE parameter and buffer
+    h/adam.<param>.exp_avg       Adam moments and step count for each parameter
+    h/adam.<param>.exp_avg_sq
+    h/adam.<param>.step
+    h/tokens_since_fired         dead-latent tracking [n_latents]
+    h/fire_counts                firings since the last log [n_latents]
+    rng/torch                    the global torch RNG state
+    metadata["greylens"]         JSON: format_version, step, tokens seen, train config, SAE configs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from sae.train import HookState
+
+CHECKPOINT = "checkpoint.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, HookState], config: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
+    for hook, state in states.items():
+        for name, value in state.sae.state_dict().items():
+            tensors[f"{hook}/sae.{name}"] = value
+        for name, param in state.sae.named_parameters():
+            for key, value in state.optimizer.state.get(param, {}).items():
+                tensors[f"{hook}/adam.{name}.{key}"] = torch.as_tensor(value)
+        tensors[f"{hook}/tokens_since_fired"] = state.tokens_since_fired
+        tensors[f"{hook}/fire_counts"] = state.fire_counts
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "tokens": tokens,
+        "config": config,
+        "sae_configs": {hook: asdict(state.sae.cfg) for hook, state in states.items()},
+    }
+    tmp = directory / f".{CHECKPOINT}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+              metadata={"greylens": json.dumps(meta)})  # fmt: skip
+    os.replace(tmp, directory / CHECKPOINT)
+
+
+def read_checkpoint_meta(directory: Path) -> dict:
+    path = directory / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {directory}; run without --resume to start")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["greylens"])
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
+    """Restore every hook's SAE, Adam state and dead tracking in place; return the JSON state."""
+    meta = read_checkpoint_meta(directory)
+    with safe_open(directory / CHECKPOINT, framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for hook, state in states.items():
+        sae_state = {k.removeprefix(f"{hook}/sae."): v for k, v in tensors.items() if k.startswith(f"{hook}/sae.")}
+        state.sae.load_state_dict(sae_state)
+        for name, param in state.sae.named_parameters():
+            prefix = f"{hook}/adam.{name}."
+            moments = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            if moments:
+                state.optimizer.state[param] = {k: v.to(param.device) for k, v in moments.items()}
+        state.tokens_since_fired.copy_(tensors[f"{hook}/tokens_since_fired"])
+        state.fire_counts.copy_(tensors[f"{hook}/fire_counts"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta

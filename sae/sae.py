@@ -1,0 +1,308 @@
+"""Sparse autoencoder architectures: one module, the variant is `SAEConfig.arch` (a Literal).
+
+All variants share  x_n = x · input_scale,  pre = (x_n − b_dec) W_encᵀ + b_enc,  x̂_n = a W_dec + b_dec,
+x̂ = x̂_n / input_scale, and differ in how the code `a` is chosen from `pre`:
+
+| arch        | code a                                               | sparsity term           |
+|-------------|------------------------------------------------------|-------------------------|
+| topk        | the k largest ReLU(pre) of each token                | none (k fixed)          |
+| batchtopk   | the k·N largest over the batch (train); pre > θ      | none; θ learned as a    |
+|             | with one learned threshold θ (inference), so L0      | running min of kept     |
+|             | adapts per token                                     | activations             |
+| jumprelu    | pre · H(pre − θ_j), θ_j learned by straight-through  | λ · L0 (STE), warmed up |
+| relu        | ReLU(pre)                                            | λ · Σ_j a_j ‖W_dec_j‖   |
+| matryoshka  | batchtopk, and each prefix of latents [0, m_g) must  | none                    |
+|             | reconstruct x on its own (loss averaged over groups) |                         |
+
+TopK-family codes are sparse (`SparseCode`) and use the kernels in `sae.kernels`; jumprelu and relu
+are dense. `input_scale` is fitted on training data and stored in the config, so the SAE takes raw
+activations at inference. Hook points `hook_sae_acts_post`, `hook_sae_recons`, `hook_sae_error`
+behave as in SAELens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from sae.kernels import sparse_decode, sparse_encode
+
+Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
+ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
+SPARSE_ARCHS = ("topk", "batchtopk", "matryoshka")
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over data-parallel ranks
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    n_latents: int
+    arch: Architecture = "topk"
+    k: int = 32  # topk family: latents per token (batchtopk: on average)
+    hook: str = ""
+    model: str = ""
+    weights_sha256: str = ""
+    input_scale: float = 1.0  # x is multiplied by this before encoding (fitted so E‖x‖ = √d_in)
+    jumprelu_bandwidth: float = 0.05  # width ε of the straight-through rectangle kernel
+    jumprelu_init_threshold: float = 0.05
+    matryoshka_groups: list[int] = field(default_factory=list)  # prefix ends; [] = n/8, n/4, n/2, n
+    format_version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.arch == "matryoshka" and not self.matryoshka_groups:
+            self.matryoshka_groups = [self.n_latents // 8, self.n_latents // 4, self.n_latents // 2, self.n_latents]
+        if self.arch in SPARSE_ARCHS and not 0 < self.k <= self.n_latents:
+            raise ValueError(f"k must be in 1..n_latents ({self.n_latents}), got {self.k}")
+
+
+class SparseCode(NamedTuple):
+    """Active latents in row-sorted COO form (variable count per token)."""
+
+    values: torch.Tensor  # [nnz]
+    cols: torch.Tensor  # [nnz] latent index
+    rows: torch.Tensor  # [nnz] token index, non-decreasing
+    n_rows: int
+
+    def to_dense(self, n_latents: int) -> torch.Tensor:  # [n_rows, n_latents]
+        dense = torch.zeros(self.n_rows, n_latents, dtype=self.values.dtype, device=self.values.device)
+        return dense.index_put((self.rows, self.cols), self.values, accumulate=True)
+
+    def l0(self) -> torch.Tensor:
+        return (self.values > 0).sum() / max(self.n_rows, 1)
+
+
+class SAEOutput(NamedTuple):
+    recons: torch.Tensor  # [N, d_in] in the input's (raw) space
+    code: SparseCode
+    fvu: torch.Tensor  # scalar: reconstruction loss (normalised space, batch FVU)
+    aux_loss: torch.Tensor  # scalar: AuxK dead-latent loss (0 when nothing is dead)
+    sparsity_loss: torch.Tensor  # scalar: L1 (relu) or L0 (jumprelu) term, before its coefficient
+
+
+class SAE(HookedRootModule):
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_latents, cfg.d_in
+        self.W_enc = nn.Parameter(torch.empty(n, d))  # [n_latents, d_in] (SAELens stores the transpose)
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))  # [n_latents, d_in], unit-norm rows
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        if cfg.arch == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), math.log(cfg.jumprelu_init_threshold)))
+        self.register_buffer("threshold", torch.zeros(()))  # batchtopk/matryoshka inference θ
+        self.hook_sae_acts_post = HookPoint()
+        self.hook_sae_recons = HookPoint()
+        self.hook_sae_error = HookPoint()
+        self.setup()
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+        with torch.no_grad():
+            directions = torch.randn(self.W_dec.shape, generator=generator)
+            self.W_dec.copy_(directions / directions.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self.W_dec)
+
+    # ------------------------------------------------------------------ inference
+
+    def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
+        return (x_n - self.b_dec) @ self.W_enc.T + self.b_enc  # [N, n_latents]
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """Sparse code of raw activations x: [N, d_in] (inference rules: batchtopk uses θ)."""
+        pre = self.pre_acts(x.to(self.W_enc.dtype) * self.cfg.input_scale)
+        arch = self.cfg.arch
+        if arch == "topk":
+            return _topk_code(pre, self.cfg.k)
+        if arch in ("batchtopk", "matryoshka"):
+            return _dense_to_code(pre * (pre > self.threshold))
+        if arch == "jumprelu":
+            return _dense_to_code(pre * (pre > self.log_threshold.exp()))
+        return _dense_to_code(pre.relu())
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        """Raw-space reconstruction [N, d_in] of a sparse code."""
+        x_n = sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
+        return x_n / self.cfg.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of raw x, running the SAE hook points (acts are materialised dense)."""
+        code = self.encode(x)
+        acts = self.hook_sae_acts_post(code.to_dense(self.cfg.n_latents))  # [N, n_latents]
+        recons = self.hook_sae_recons((acts @ self.W_dec + self.b_dec) / self.cfg.input_scale)
+        self.hook_sae_error(x - recons)
+        return recons
+
+    # ------------------------------------------------------------------ training
+
+    def training_forward(
+        self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0, reduce: Reduce | None = None
+    ) -> SAEOutput:
+        """Losses for one batch of raw activations x: [N, d_in]. `dead`: [n_latents] bool.
+
+        `reduce` sums a tensor over data-parallel ranks: losses then use global denominators, so
+        summing the ranks' gradients gives exactly the gradient of the whole global batch.
+        """
+        x_n = x.to(self.W_enc.dtype) * self.cfg.input_scale
+        x_c = x_n - self.b_dec  # [N, d_in]
+        pre = x_c @ self.W_enc.T + self.b_enc  # [N, n_latents]
+        sparsity = aux = x_n.new_zeros(())
+        if self.cfg.arch in SPARSE_ARCHS:
+            code, recon_loss = self._sparse_losses(x_n, x_c, pre, reduce)
+        else:
+            code, recon_loss, sparsity = self._dense_losses(x_n, pre, reduce)
+        with torch.no_grad():
+            recons_n = self._decode_n(_detached(code))  # [N, d_in]
+        if self.cfg.arch in SPARSE_ARCHS and dead is not None and aux_k > 0 and bool(dead.any()):
+            aux = self._aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
+        recons = recons_n / self.cfg.input_scale
+        return SAEOutput(recons, _detached(code), recon_loss, aux, sparsity)
+
+    def _sparse_losses(self, x_n, x_c, pre, reduce) -> tuple[SparseCode, torch.Tensor]:
+        with torch.no_grad():
+            if self.cfg.arch == "topk":
+                selected = _topk_code(pre, self.cfg.k)
+            else:
+                selected = _batch_topk_code(pre, self.cfg.k)
+                self._update_threshold(selected.values)
+        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
+        code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
+        if self.cfg.arch != "matryoshka":
+            return code, fvu(x_n, self._decode_n(code), reduce)
+        losses = [fvu(x_n, self._decode_n(code._replace(values=values * (code.cols < end))), reduce)
+                  for end in self.cfg.matryoshka_groups]  # fmt: skip
+        return code, torch.stack(losses).mean()
+
+    def _dense_losses(self, x_n, pre, reduce) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
+        if self.cfg.arch == "jumprelu":
+            threshold = self.log_threshold.exp()
+            acts = _JumpReLU.apply(pre, threshold, self.cfg.jumprelu_bandwidth)
+            sparsity = _StepL0.apply(pre, threshold, self.cfg.jumprelu_bandwidth).sum()
+        else:
+            acts = pre.relu()
+            sparsity = (acts * self.W_dec.norm(dim=1)).sum()
+        n_tokens = x_n.new_tensor(float(x_n.shape[0]))
+        sparsity = sparsity / (reduce(n_tokens) if reduce else n_tokens)  # mean over the global batch
+        recon_loss = fvu(x_n, acts @ self.W_dec + self.b_dec, reduce)
+        return _dense_to_code(acts), recon_loss, sparsity
+
+    def _decode_n(self, code: SparseCode) -> torch.Tensor:
+        return sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
+
+    def _aux_loss(self, residual, x_c, pre, dead, aux_k, reduce) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the top aux_k dead latents must explain what the code missed."""
+        k = min(aux_k, int(dead.sum()))
+        with torch.no_grad():
+            selected = _topk_code(pre.masked_fill(~dead, float("-inf")), k)
+        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
+        guess = sparse_decode(values, selected.cols, selected.rows, self.W_dec, selected.n_rows)
+        return fvu(residual.detach(), guess, reduce)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor, momentum: float = 0.99) -> None:
+        positive = kept[kept > 0]
+        if len(positive) == 0:
+            return
+        smallest = positive.min()
+        new = smallest if self.threshold == 0 else momentum * self.threshold + (1 - momentum) * smallest
+        self.threshold.copy_(new)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row (it would only change the norm)."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
+    """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the (global) batch: the training form of sae.metrics.fvu.
+
+    The denominator holds no parameters; it comes from float64 sums (Σx, Σx², n) so that data-
+    parallel ranks can add theirs up. x, x_hat: [N, d] -> scalar.
+    """
+    d = x.shape[1]
+    with torch.no_grad():
+        x64 = x.detach().double()
+        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_tensor([x.shape[0]])])  # [2d + 1]
+        if reduce is not None:
+            stats = reduce(stats)
+        total_variance = (stats[d : 2 * d] - stats[:d].pow(2) / stats[-1]).sum().clamp_min(1e-12)
+    return (x - x_hat).pow(2).sum() / total_variance.to(x.dtype)
+
+
+def _topk_code(pre: torch.Tensor, k: int) -> SparseCode:
+    values, cols = pre.topk(k, dim=1, sorted=False)  # [N, k]
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return SparseCode(values.relu().flatten(), cols.flatten(), rows, pre.shape[0])
+
+
+def _batch_topk_code(pre: torch.Tensor, k: int) -> SparseCode:
+    n_rows, n_latents = pre.shape
+    values, flat = pre.relu().flatten().topk(k * n_rows, sorted=False)
+    flat, order = flat.sort()  # row-major order: rows non-decreasing
+    return SparseCode(values[order], flat % n_latents, flat // n_latents, n_rows)
+
+
+def _dense_to_code(acts: torch.Tensor) -> SparseCode:
+    rows, cols = acts.nonzero(as_tuple=True)  # row-major
+    return SparseCode(acts[rows, cols], cols, rows, acts.shape[0])
+
+
+def _detached(code: SparseCode) -> SparseCode:
+    return code._replace(values=code.values.detach())
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre · H(pre − θ); dθ by the straight-through estimator −(θ/ε) K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (-(threshold / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _StepL0(torch.autograd.Function):
+    """H(pre − θ) for the L0 penalty; dθ by the straight-through estimator −(1/ε) K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return None, grad_threshold, None

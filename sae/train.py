@@ -1,0 +1,273 @@
+"""SAE trainer: one pass over the activation store trains one SAE per hook.
+
+    for each batch of the store (seeded shuffle, resumable at any step):
+        for each hook:  forward (sparse kernels for the TopK family) -> FVU + AuxK + λ·sparsity
+                        -> backward -> drop decoder-parallel grad -> Adam -> unit-norm decoder
+        every log_every steps: metrics.jsonl + wandb;  every checkpoint_every: checkpoint
+
+Initialisation follows the literature: decoder rows random unit vectors, encoder = decoder
+transpose, b_dec = geometric median of a sample, inputs scaled so E‖x‖ = √d_in (the scale is kept
+in the SAE config, so inference takes raw activations). Data parallel: every rank takes a slice of
+the same global batch; losses use global denominators and gradients are summed, so N ranks take
+exactly the step one rank would take on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.distributed as torch_dist
+from tqdm.auto import tqdm
+
+from sae.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from sae.hooks import parse_hooks
+from sae.io import save_sae
+from sae.metrics import dead_fraction, dense_fraction
+from sae.sae import SAE, SPARSE_ARCHS, Architecture, SAEConfig, fvu
+from sae.store import ActivationStore
+from sae.train_log import TrainLogger
+
+DEFAULT_SPARSITY_COEFF = {"relu": 0.004, "jumprelu": 0.0015}
+
+
+@dataclass
+class TrainConfig:
+    store: str = ""
+    """Activation store directory (from `python -m sae harvest`)."""
+    out: str = ""
+    """Output directory: one SAE per hook under out/<hook>/, plus checkpoint, metrics and plots."""
+    hooks: str = ""
+    """Comma-separated hooks to train, one SAE each, all from one pass (default: every hook in the store)."""
+    arch: Architecture = "topk"
+    """SAE variant."""
+    k: int = 32
+    """Active latents per token (topk; batchtopk and matryoshka on average)."""
+    expansion: int = 16
+    """n_latents = expansion × d_model."""
+    tokens: int = 1_000_000
+    """Training tokens (the store is re-read in new shuffled epochs if it is smaller)."""
+    batch_size: int = 4096
+    """Tokens per optimizer step (global, over all ranks)."""
+    lr: float = 0.0
+    """Adam learning rate; 0 picks 2e-4 / sqrt(n_latents / 16384)."""
+    warmup_frac: float = 0.05
+    """Fraction of steps with linear LR warm-up."""
+    decay_frac: float = 0.2
+    """Fraction of steps at the end with linear LR decay to 0."""
+    sparsity_coeff: float = 0.0
+    """λ of the sparsity term: L1 for relu, L0 for jumprelu (0 picks a default per arch)."""
+    sparsity_warmup_frac: float = 0.1
+    """Fraction of steps over which λ rises linearly from 0."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK dead-latent loss (TopK family)."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired in this many tokens counts as dead."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (a checkpoint is also written at the end)."""
+    log_every: int = 10
+    """Steps between metric rows."""
+    resume: bool = False
+    """Continue from out/checkpoint.safetensors exactly where it stopped."""
+    seed: int = 0
+    """Seed of the data order and the initial weights."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode (offline writes under out/wandb)."""
+    device: str = "cpu"
+    """Torch device."""
+
+
+class Distributed(NamedTuple):
+    """This process's place among data-parallel ranks (world 1: plain single-process training)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch_dist.all_reduce(tensor)
+        return tensor
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous slice of a global batch."""
+        size = batch.shape[0] // self.world
+        return batch[self.rank * size : (self.rank + 1) * size]
+
+
+@dataclass
+class HookState:
+    sae: SAE
+    optimizer: torch.optim.Adam
+    tokens_since_fired: torch.Tensor  # [n_latents] int64
+    fire_counts: torch.Tensor  # [n_latents] int64, since the last log row
+
+
+def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
+    """Train (or resume) one SAE per hook; returns them and writes out/<hook>/ for each."""
+    dist = dist or Distributed()
+    store, hooks, out = _check_inputs(cfg, dist)
+    states = {hook: _init_hook(cfg, store, hook) for hook in hooks}
+    first_step = load_checkpoint(out, states)["step"] if cfg.resume else 0
+    n_steps = max(1, cfg.tokens // cfg.batch_size)
+    logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None, enabled=dist.rank == 0)
+    bar = tqdm(total=n_steps, initial=first_step, unit="step", desc=f"train {cfg.arch}", disable=dist.rank != 0)
+    started = time.perf_counter()
+    for step, batch in _batches(store, cfg, hooks, start_step=first_step, n_steps=n_steps):
+        lr = _lr_at(cfg, step, n_steps, cfg.expansion * store.d_model)
+        coeff = _sparsity_coeff_at(cfg, step, n_steps)
+        for hook, state in states.items():
+            row = _train_step(cfg, state, dist.local(batch[hook]).to(cfg.device), lr, coeff, dist)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+                tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
+                logger.log(_log_row(cfg, state, step, hook, row, lr, tok_s))
+                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
+        bar.update(1)
+        if dist.rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps):
+            save_checkpoint(out, step + 1, (step + 1) * cfg.batch_size, states, asdict(cfg))
+    bar.close()
+    if dist.rank == 0:
+        for hook, state in states.items():
+            save_sae(state.sae, out / hook)
+    logger.finish()
+    return {hook: state.sae for hook, state in states.items()}
+
+
+def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore, list[str], Path]:
+    """Every refusal happens here, before the first step."""
+    if not cfg.store or not cfg.out:
+        raise ValueError("pass both --store DIR and --out DIR")
+    store = ActivationStore(cfg.store)
+    hooks = parse_hooks(cfg.hooks) if cfg.hooks else list(store.hooks)
+    missing = [h for h in hooks if h not in store.hooks]
+    if missing:
+        raise ValueError(f"the store has no {', '.join(missing)}; it holds {', '.join(store.hooks)}")
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
+    if len(store) < cfg.batch_size:
+        raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
+    out = Path(cfg.out)
+    if cfg.resume:
+        read_checkpoint_meta(out)  # raises with advice if there is nothing to resume
+    elif (out / CHECKPOINT).exists():
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return store, hooks, out
+
+
+def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState:
+    """A fresh SAE with data-dependent initialisation (scale, b_dec), its optimizer and trackers."""
+    sample = store.rows(store.epoch_order(cfg.seed)[:8192], hooks=[hook])[hook]  # [≤8192, d]
+    scale = math.sqrt(store.d_model) / sample.norm(dim=1).mean().item()
+    sae_cfg = SAEConfig(
+        d_in=store.d_model, n_latents=cfg.expansion * store.d_model, arch=cfg.arch, k=cfg.k, hook=hook,
+        model=store.manifest.model, weights_sha256=store.manifest.weights_sha256, input_scale=scale,
+    )  # fmt: skip
+    sae = SAE(sae_cfg)
+    sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample * scale))
+    sae = sae.to(cfg.device)
+    n = sae_cfg.n_latents
+    optimizer = torch.optim.Adam(sae.parameters(), lr=_base_lr(cfg, n), betas=(0.9, 0.999))
+    zeros = torch.zeros(n, dtype=torch.int64, device=cfg.device)
+    return HookState(sae, optimizer, zeros.clone(), zeros.clone())
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm. points: [m, d] -> [d]: the point minimising Σ‖p − y‖."""
+    y = points.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - y).norm(dim=1).clamp_min(1e-8)  # [m]
+        y = (weights[:, None] * points).sum(0) / weights.sum()
+    return y
+
+
+def _batches(store: ActivationStore, cfg: TrainConfig, hooks: list[str], start_step: int, n_steps: int):
+    """(step, batch) from start_step on; full batches only, new seeded epoch when one runs out."""
+    per_epoch = len(store) // cfg.batch_size
+    step = start_step
+    while step < n_steps:
+        epoch, first = divmod(step, per_epoch)
+        for batch in store.batches(cfg.batch_size, cfg.seed, hooks, epoch=epoch, start_batch=first):
+            if step >= n_steps or len(batch["token_ids"]) < cfg.batch_size:
+                break
+            yield step, batch
+            step += 1
+
+
+def _base_lr(cfg: TrainConfig, n_latents: int) -> float:
+    return cfg.lr or 2e-4 / math.sqrt(n_latents / 16384)
+
+
+def _lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:
+    """Linear warm-up, constant, linear decay to 0 over the last decay_frac of steps."""
+    base = _base_lr(cfg, n_latents)
+    warmup, decay = max(1, int(cfg.warmup_frac * n_steps)), int(cfg.decay_frac * n_steps)
+    factor = min(1.0, (step + 1) / warmup)
+    if decay and step >= n_steps - decay:
+        factor = min(factor, (n_steps - step) / decay)
+    return base * factor
+
+
+def _sparsity_coeff_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
+    final = cfg.sparsity_coeff or DEFAULT_SPARSITY_COEFF.get(cfg.arch, 0.0)
+    warmup = max(1, int(cfg.sparsity_warmup_frac * n_steps))
+    return final * min(1.0, (step + 1) / warmup)
+
+
+def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, coeff: float, dist: Distributed) -> dict:
+    sae, optimizer = state.sae, state.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    dead = state.tokens_since_fired >= cfg.dead_tokens
+    reduce = dist.sum if dist.world > 1 else None
+    out = sae.training_forward(x, dead=dead, aux_k=x.shape[1] // 2, reduce=reduce)  # AuxK: k_aux = d/2
+    loss = out.fvu + cfg.aux_coeff * out.aux_loss + coeff * out.sparsity_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for param in sae.parameters():  # each rank's loss is its share of the global loss: sum grads
+        if param.grad is not None:
+            dist.sum(param.grad)
+    if cfg.arch != "relu":  # relu keeps free decoder norms (its L1 is weighted by them)
+        sae.remove_parallel_decoder_grad()
+    optimizer.step()
+    if cfg.arch != "relu":
+        sae.normalize_decoder()
+    if cfg.arch in SPARSE_ARCHS[1:] and dist.world > 1:  # one inference threshold for all ranks
+        sae.threshold.copy_(dist.sum(sae.threshold.clone()) / dist.world)
+    _track_firing(state, out.code, x.shape[0] * dist.world, dist)
+    with torch.no_grad():  # FVU of the whole code (for matryoshka the objective averages prefixes)
+        full_fvu = fvu(x.to(out.recons.dtype), out.recons, reduce)
+    parts = [loss.detach(), out.fvu.detach(), full_fvu, out.aux_loss.detach(), out.sparsity_loss.detach() / dist.world]
+    totals = dist.sum(torch.stack(parts)).tolist()
+    l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / (x.shape[0] * dist.world)
+    names = ("loss", "recon_loss", "fvu", "aux_loss", "sparsity_loss")
+    return {**dict(zip(names, totals, strict=True)), "l0": l0}
+
+
+def _track_firing(state: HookState, code, n_tokens: int, dist: Distributed) -> None:
+    counts = torch.bincount(code.cols[code.values > 0], minlength=state.fire_counts.numel())
+    counts = dist.sum(counts)
+    state.fire_counts += counts
+    state.tokens_since_fired += n_tokens
+    state.tokens_since_fired[counts > 0] = 0
+
+
+def _log_row(cfg: TrainConfig, state: HookState, step: int, hook: str, row: dict, lr: float, tok_s: float) -> dict:
+    tokens_window = cfg.log_every * cfg.batch_size
+    logged = {
+        "step": step + 1,
+        "tokens": (step + 1) * cfg.batch_size,
+        "hook": hook,
+        **row,
+        "dead_fraction": dead_fraction(state.tokens_since_fired, cfg.dead_tokens),
+        "dense_fraction": dense_fraction(state.fire_counts, tokens_window),
+        "lr": lr,
+        "tok_s": tok_s,
+    }
+    state.fire_counts.zero_()
+    return logged

@@ -1,0 +1,138 @@
+"""SAE architectures: the fast training path against dense eager references, and their semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.sae import SAE, SAEConfig, fvu
+
+D, LATENTS, K, N = 12, 48, 4, 64
+
+
+def _sae(arch: str, seed: int = 0, **overrides) -> SAE:
+    sae = SAE(SAEConfig(d_in=D, n_latents=LATENTS, arch=arch, k=K, input_scale=0.5, **overrides)).double()
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        sae.b_enc.normal_(generator=torch.Generator().manual_seed(seed + 2), std=0.1)
+    return sae
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.randn(N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3 + 1
+
+
+def _dense_reference_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """TopK / BatchTopK / Matryoshka written the obvious dense way."""
+    x_n = x * sae.cfg.input_scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    if sae.cfg.arch == "topk":
+        mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(K, dim=1).indices, True)
+    else:
+        flat = pre.relu().flatten()
+        mask = torch.zeros_like(flat, dtype=torch.bool).scatter(0, flat.topk(K * N).indices, True).view_as(pre)
+    acts = pre.relu() * mask
+    if sae.cfg.arch != "matryoshka":
+        return fvu(x_n, acts @ sae.W_dec + sae.b_dec)
+    ends = sae.cfg.matryoshka_groups
+    losses = [fvu(x_n, acts[:, :end] @ sae.W_dec[:end] + sae.b_dec) for end in ends]
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_sparse_training_path_equals_the_dense_reference(arch: str) -> None:
+    grads = []
+    for use_reference in (False, True):
+        sae, x = _sae(arch), _x()
+        loss = _dense_reference_loss(sae, x) if use_reference else sae.training_forward(x).fvu
+        loss.backward()
+        grads.append((loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (fast_loss, fast_grads), (ref_loss, ref_grads) = grads
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_topk_code_has_k_latents_per_token_and_decode_inverts_scale() -> None:
+    sae, x = _sae("topk"), _x()
+    code = sae.encode(x)
+    assert torch.bincount(code.rows, minlength=N).eq(K).all()
+    dense = code.to_dense(LATENTS)
+    expected = (dense @ sae.W_dec + sae.b_dec) / sae.cfg.input_scale  # raw space
+    torch.testing.assert_close(sae.decode(code), expected)
+    torch.testing.assert_close(sae(x), expected)
+
+
+def test_hook_points_fire_like_saelens() -> None:
+    sae, x = _sae("topk"), _x()
+    recons, cache = sae.run_with_cache(x)
+    assert set(cache.keys()) == {"hook_sae_acts_post", "hook_sae_recons", "hook_sae_error"}
+    assert cache["hook_sae_acts_post"].shape == (N, LATENTS)
+    torch.testing.assert_close(cache["hook_sae_error"], x - recons)
+
+
+def test_batchtopk_learns_an_inference_threshold_so_l0_varies_per_token() -> None:
+    sae, x = _sae("batchtopk"), _x()
+    for _ in range(5):
+        sae.training_forward(x)
+    assert sae.threshold.item() > 0
+    code = sae.encode(x)  # inference: pre > θ, no batch coupling
+    counts = torch.bincount(code.rows, minlength=N)
+    assert counts.float().std() > 0
+    assert abs(code.l0().item() - K) < K  # the threshold tracks the training L0
+
+
+def test_jumprelu_threshold_gets_the_straight_through_gradient() -> None:
+    sae, x = _sae("jumprelu", jumprelu_init_threshold=0.5, jumprelu_bandwidth=1.0), _x()
+    out = sae.training_forward(x)
+    out.sparsity_loss.backward()
+    theta = sae.log_threshold.exp().detach()
+    pre = sae.pre_acts(x * sae.cfg.input_scale).detach()
+    in_window = ((pre - theta).abs() < 0.5).double()  # rectangle kernel, bandwidth 1
+    expected = -(1.0 / 1.0) * in_window.sum(0) / N * theta  # d/dlogθ of mean L0 = θ · dL0/dθ
+    torch.testing.assert_close(sae.log_threshold.grad, expected)
+    assert out.sparsity_loss.item() == pytest.approx((pre > theta).double().sum(1).mean().item())
+
+
+def test_relu_sparsity_is_l1_weighted_by_decoder_norms() -> None:
+    sae, x = _sae("relu"), _x()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, LATENTS)[:, None].double())
+    out = sae.training_forward(x)
+    acts = sae.pre_acts(x * sae.cfg.input_scale).relu()
+    expected = (acts * sae.W_dec.norm(dim=1)).sum(1).mean()
+    torch.testing.assert_close(out.sparsity_loss, expected)
+
+
+def test_auxk_trains_only_dead_latents() -> None:
+    sae, x = _sae("topk"), _x()
+    dead = torch.zeros(LATENTS, dtype=torch.bool)
+    dead[:10] = True
+    out = sae.training_forward(x, dead=dead, aux_k=6)
+    assert out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    assert sae.W_enc.grad[10:].abs().sum() == 0 and sae.W_enc.grad[:10].abs().sum() > 0
+
+
+def test_fvu_with_a_reduce_over_ranks_equals_the_whole_batch() -> None:
+    x, x_hat = _x(1), _x(2)
+    halves = [(x[:32], x_hat[:32]), (x[32:], x_hat[32:])]
+    stats = []
+
+    def collect(tensor: torch.Tensor) -> torch.Tensor:  # records each half's stats; sums them on replay
+        stats.append(tensor.clone())
+        return tensor
+
+    for part in halves:
+        fvu(*part, reduce=collect)
+    total = stats[0] + stats[1]
+    summed = sum(fvu(*part, reduce=lambda t: total.clone()) for part in halves)
+    torch.testing.assert_close(summed, fvu(x, x_hat))
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown arch"):
+        SAEConfig(d_in=4, n_latents=8, arch="sparsemax")
+    with pytest.raises(ValueError, match="k must be in 1..n_latents"):
+        SAEConfig(d_in=4, n_latents=8, arch="topk", k=9)
