@@ -5,7 +5,7 @@ greylens layout (one directory per hook):
     sae.safetensors   W_enc [n, d], b_enc [n], W_dec [n, d], b_dec [d], threshold [], (log_threshold [n])
 
 SAELens layout:
-    cfg.json                 {"architecture": "topk" | "batchtopk" | "jumprelu" | "standard", "d_in", "d_sae",
+    cfg.json                 {"architecture": "topk" | "jumprelu" | "standard", "d_in", "d_sae",
                               "hook_name", "model_name", "k", "normalize_activations": "none", ...}
     sae_weights.safetensors  W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d], (threshold [n])
 
@@ -13,6 +13,9 @@ SAELens has no input scale, so export folds it into the weights: with s = input_
 pre = (x·s − b) W_encᵀ + c = (x − b/s)(s·W_enc)ᵀ + c and x̂ = (a W_dec + b)/s, i.e. W_enc' = s·W_enc,
 b_dec' = b/s, W_dec' = W_dec/s — the exported SAE computes the same code and reconstruction on
 raw activations. (Import keeps the unit-norm-free decoder as is, with input_scale 1.)
+SAELens has no inference class for BatchTopK: like SAELens itself, we export batchtopk and
+matryoshka as `jumprelu` with the learned threshold θ for every latent (the same rule, pre > θ),
+and import restores the original arch from our metadata.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
     return sae.to(device)
 
 
-_TO_SAELENS_ARCH = {"topk": "topk", "batchtopk": "batchtopk", "matryoshka": "batchtopk", "jumprelu": "jumprelu", "relu": "standard"}
+_TO_SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
 
 
 def export_saelens(sae: SAE, directory: str | Path) -> Path:
@@ -68,10 +71,10 @@ def export_saelens(sae: SAE, directory: str | Path) -> Path:
         "b_dec": (sae.b_dec.detach() / s).contiguous(),
     }
     arch = _TO_SAELENS_ARCH[sae.cfg.arch]
-    if arch == "jumprelu":
+    if sae.cfg.arch == "jumprelu":
         tensors["threshold"] = sae.log_threshold.detach().exp()
-    if arch == "batchtopk":
-        tensors["threshold"] = sae.threshold.detach().reshape(())
+    elif arch == "jumprelu":  # batchtopk / matryoshka: one learned θ for every latent
+        tensors["threshold"] = sae.threshold.detach().expand(sae.cfg.n_latents).clone()
     save_file({k: v.cpu() for k, v in tensors.items()}, directory / SAELENS_FILE)
     cfg = {
         "architecture": arch,
@@ -87,13 +90,13 @@ def export_saelens(sae: SAE, directory: str | Path) -> Path:
         "reshape_activations": "none",
         "metadata": {"greylens_arch": sae.cfg.arch, "greylens_input_scale": s, "model_name": sae.cfg.model, "hook_name": sae.cfg.hook},
     }
-    if arch in ("topk", "batchtopk"):
+    if arch == "topk":
         cfg["k"] = sae.cfg.k
     (directory / CFG_FILE).write_text(json.dumps(cfg, indent=2))
     return directory
 
 
-_FROM_SAELENS_ARCH = {"topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu", "standard": "relu"}
+_FROM_SAELENS_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}
 
 
 def import_saelens(directory: str | Path) -> SAE:
@@ -108,8 +111,10 @@ def import_saelens(directory: str | Path) -> SAE:
     if not raw.get("apply_b_dec_to_input", True):
         raise ValueError("SAELens SAEs with apply_b_dec_to_input=False are not supported")
     weights = load_file(directory / SAELENS_FILE)
+    ours = raw.get("metadata", {}).get("greylens_arch")  # our batchtopk/matryoshka exported as jumprelu
+    restored = ours if arch == "jumprelu" and ours in ("batchtopk", "matryoshka") else _FROM_SAELENS_ARCH[arch]
     cfg = SAEConfig(
-        d_in=raw["d_in"], n_latents=raw["d_sae"], arch=_FROM_SAELENS_ARCH[arch], k=raw.get("k") or 32,
+        d_in=raw["d_in"], n_latents=raw["d_sae"], arch=restored, k=raw.get("k") or 32,
         hook=raw.get("hook_name") or raw.get("metadata", {}).get("hook_name", ""),
         model=raw.get("model_name") or raw.get("metadata", {}).get("model_name", ""),
     )  # fmt: skip
@@ -121,6 +126,6 @@ def import_saelens(directory: str | Path) -> SAE:
         sae.b_dec.copy_(weights["b_dec"])
         if cfg.arch == "jumprelu":
             sae.log_threshold.copy_(weights["threshold"].clamp_min(1e-12).log())
-        if cfg.arch == "batchtopk" and "threshold" in weights:
-            sae.threshold.copy_(weights["threshold"].reshape(()))
+        elif cfg.arch in ("batchtopk", "matryoshka"):
+            sae.threshold.copy_(weights["threshold"][0])
     return sae

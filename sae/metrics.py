@@ -19,7 +19,7 @@ DENSE_FIRING_RATE = 0.10
 
 def l0(acts: torch.Tensor) -> float:
     """acts: [N, n_latents] dense codes."""
-    return (acts != 0).sum(1).float().mean().item()
+    return (acts != 0).sum(1).double().mean().item()
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:

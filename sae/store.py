@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import datasets
@@ -52,11 +52,11 @@ class StoreManifest:
     dtype: str
     context_size: int
     corpus: str
-    split: str
     seed: int
     n_tokens_target: int
     windows_per_shard: int
     keep_bos: bool
+    split: str = "train"  # stores written before this field existed were all train-split
     format_version: int = FORMAT_VERSION
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
@@ -81,6 +81,9 @@ class StoreManifest:
                 f"{FORMAT_VERSION}. Re-harvest, or use the greylens version that wrote it."
             )
         known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        if missing := sorted(required - raw.keys()):
+            raise StoreError(f"{path} lacks {', '.join(missing)}; it is not a complete greylens manifest")
         manifest = cls(**{k: v for k, v in raw.items() if k in known})
         manifest.shards = [ShardInfo(**s) for s in raw["shards"]]
         return manifest

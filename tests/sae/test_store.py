@@ -94,3 +94,15 @@ def test_resuming_with_other_arguments_is_refused(
 def test_not_a_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not an activation store"):
         ActivationStore(tmp_path)
+
+
+def test_manifest_missing_fields_is_a_clear_error(tiny_store: ActivationStore, tmp_path: Path) -> None:
+    import json
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_store.directory, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["d_model"], raw["split"]  # split has a default (older stores); d_model does not
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(StoreError, match="lacks d_model"):
+        ActivationStore(copy)
