@@ -5,7 +5,9 @@
 
 Splicing replaces the hook's activation by the SAE reconstruction (or by zeros) at every position
 but BOS, which the SAE never saw in training, and scores next-token CE from the position after
-BOS on. All definitions live in sae.metrics.
+BOS on. Rows above the SAE's `max_input_norm` (massive activations) pass through the SAE
+unchanged, and reconstruction metrics leave them out (their share is reported). All definitions
+live in sae.metrics.
 """
 
 from __future__ import annotations
@@ -31,18 +33,24 @@ def reconstruction_metrics(sae: SAE, store: ActivationStore, max_tokens: int | N
     n_tokens = min(len(store), max_tokens or len(store))
     accumulator = metrics.FVUAccumulator(sae.cfg.d_in)
     fire_counts = torch.zeros(sae.cfg.n_latents, dtype=torch.int64)
+    passed_through = 0
     for start in tqdm(range(0, n_tokens, batch_size), desc="eval reconstruction", unit="batch"):
         x = store.rows(torch.arange(start, min(start + batch_size, n_tokens)), hooks=[hook])[hook]
+        skipped = sae.passthrough(x)  # massive activations: not the SAE's to reconstruct
+        passed_through += int(skipped.sum())
+        x = x[~skipped]
         code = sae.encode(x)
         active = code.values > 0
         accumulator.update(x, sae.decode(code), int(active.sum()))
         fire_counts += torch.bincount(code.cols[active], minlength=sae.cfg.n_latents)
     result = accumulator.result()
-    # Over the evaluation window a latent that never fired has been silent for all n_tokens.
-    silent_for = torch.where(fire_counts == 0, n_tokens, 0)
-    result["dead_fraction"] = metrics.dead_fraction(silent_for, window=n_tokens)
-    result["dense_fraction"] = metrics.dense_fraction(fire_counts, n_tokens)
-    result["tokens"] = n_tokens
+    scored = n_tokens - passed_through
+    # Over the evaluation window a latent that never fired has been silent for all scored tokens.
+    silent_for = torch.where(fire_counts == 0, scored, 0)
+    result["dead_fraction"] = metrics.dead_fraction(silent_for, window=scored)
+    result["dense_fraction"] = metrics.dense_fraction(fire_counts, scored)
+    result["tokens"] = scored
+    result["passthrough_fraction"] = passed_through / n_tokens
     return result
 
 

@@ -18,6 +18,11 @@ TopK-family codes are sparse (`SparseCode`) and use the kernels in `sae.kernels`
 are dense. `input_scale` is fitted on training data and stored in the config, so the SAE takes raw
 activations at inference. Hook points `hook_sae_acts_post`, `hook_sae_recons`, `hook_sae_error`
 behave as in SAELens.
+
+Massive activations: SmolLM2's residual stream has rare tokens (≈0.03%, mostly the first token after
+BOS: attention sinks) with norms 10-150× the median that hold most of the variance. Rows whose raw
+norm exceeds `max_input_norm` get no code and are passed through unchanged by `forward` (like BOS,
+which is never stored); the trainer sets the limit and skips such rows; evaluation counts them apart.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class SAEConfig:
     model: str = ""
     weights_sha256: str = ""
     input_scale: float = 1.0  # x is multiplied by this before encoding (fitted so E‖x‖ = √d_in)
+    max_input_norm: float = 0.0  # rows with a larger raw norm pass through untouched (0: no limit)
     jumprelu_bandwidth: float = 0.05  # width ε of the straight-through rectangle kernel
     jumprelu_init_threshold: float = 0.05
     matryoshka_groups: list[int] = field(default_factory=list)  # prefix ends; [] = n/8, n/4, n/2, n
@@ -118,18 +124,30 @@ class SAE(HookedRootModule):
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
         return (x_n - self.b_dec) @ self.W_enc.T + self.b_enc  # [N, n_latents]
 
+    def passthrough(self, x: torch.Tensor) -> torch.Tensor:
+        """[N] bool: rows too large for this SAE (massive activations), left as they are."""
+        if self.cfg.max_input_norm <= 0:
+            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return x.norm(dim=-1) > self.cfg.max_input_norm
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Sparse code of raw activations x: [N, d_in] (inference rules: batchtopk uses θ)."""
         pre = self.pre_acts(x.to(self.W_enc.dtype) * self.cfg.input_scale)
         arch = self.cfg.arch
         if arch == "topk":
-            return _topk_code(pre, self.cfg.k)
-        if arch in ("batchtopk", "matryoshka"):
-            return _dense_to_code(pre * (pre > self.threshold))
-        if arch == "jumprelu":
-            return _dense_to_code(pre * (pre > self.log_threshold.exp()))
-        return _dense_to_code(pre.relu())
+            code = _topk_code(pre, self.cfg.k)
+        elif arch in ("batchtopk", "matryoshka"):
+            code = _dense_to_code(pre * (pre > self.threshold))
+        elif arch == "jumprelu":
+            code = _dense_to_code(pre * (pre > self.log_threshold.exp()))
+        else:
+            code = _dense_to_code(pre.relu())
+        skipped = self.passthrough(x)
+        if bool(skipped.any()):
+            keep = ~skipped[code.rows]
+            code = SparseCode(code.values[keep], code.cols[keep], code.rows[keep], code.n_rows)
+        return code
 
     def decode(self, code: SparseCode) -> torch.Tensor:
         """Raw-space reconstruction [N, d_in] of a sparse code."""
@@ -140,7 +158,8 @@ class SAE(HookedRootModule):
         """Reconstruction of raw x, running the SAE hook points (acts are materialised dense)."""
         code = self.encode(x)
         acts = self.hook_sae_acts_post(code.to_dense(self.cfg.n_latents))  # [N, n_latents]
-        recons = self.hook_sae_recons((acts @ self.W_dec + self.b_dec) / self.cfg.input_scale)
+        recons = (acts @ self.W_dec + self.b_dec) / self.cfg.input_scale
+        recons = self.hook_sae_recons(torch.where(self.passthrough(x)[:, None], x.to(recons.dtype), recons))
         self.hook_sae_error(x - recons)
         return recons
 

@@ -67,6 +67,9 @@ class TrainConfig:
     """Weight of the AuxK dead-latent loss (TopK family)."""
     dead_tokens: int = 1_000_000
     """A latent that has not fired in this many tokens counts as dead."""
+    outlier_ratio: float = 10.0
+    """Rows with a norm above this × the median norm (massive activations) are skipped and passed
+    through at inference; 0 keeps every row."""
     checkpoint_every: int = 100
     """Steps between checkpoints (a checkpoint is also written at the end)."""
     log_every: int = 10
@@ -120,7 +123,8 @@ def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
         lr = _lr_at(cfg, step, n_steps, cfg.expansion * store.d_model)
         coeff = _sparsity_coeff_at(cfg, step, n_steps)
         for hook, state in states.items():
-            row = _train_step(cfg, state, dist.local(batch[hook]).to(cfg.device), lr, coeff, dist)
+            x = dist.local(batch[hook]).to(cfg.device)
+            row = _train_step(cfg, state, x[~state.sae.passthrough(x)], lr, coeff, dist)
             if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
                 tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
                 logger.log(_log_row(cfg, state, step, hook, row, lr, tok_s))
@@ -161,20 +165,43 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
 def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState:
     """A fresh SAE with data-dependent initialisation (scale, b_dec), its optimizer and trackers."""
     sample = store.rows(store.epoch_order(cfg.seed)[:8192], hooks=[hook])[hook]  # [≤8192, d]
+    norms = sample.norm(dim=1)
+    max_norm = cfg.outlier_ratio * norms.median().item() if cfg.outlier_ratio > 0 else 0.0
+    if max_norm:
+        sample = sample[norms <= max_norm]
     scale = math.sqrt(store.d_model) / sample.norm(dim=1).mean().item()
     sae_cfg = SAEConfig(
         d_in=store.d_model, n_latents=cfg.expansion * store.d_model, arch=cfg.arch, k=cfg.k, hook=hook,
         model=store.manifest.model, weights_sha256=store.manifest.weights_sha256, input_scale=scale,
+        max_input_norm=max_norm,
     )  # fmt: skip
     sae = SAE(sae_cfg)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample * scale))
+        if cfg.arch in ("jumprelu", "relu"):
+            _start_with_k_active(sae, sample[:2048] * scale, cfg.k)
     sae = sae.to(cfg.device)
     n = sae_cfg.n_latents
     optimizer = torch.optim.Adam(sae.parameters(), lr=_base_lr(cfg, n), betas=(0.9, 0.999))
     zeros = torch.zeros(n, dtype=torch.int64, device=cfg.device)
     return HookState(sae, optimizer, zeros.clone(), zeros.clone())
+
+
+def _start_with_k_active(sae: SAE, x_n: torch.Tensor, k: int) -> None:
+    """Dense archs: put each latent's threshold at the (1 − k/n) quantile of its pre-activations.
+
+    With encoder = decoderᵀ and a near-zero threshold about half of all latents fire at first, and
+    the first reconstructions are orders of magnitude too large. Starting from ~k active latents
+    per token (θ for jumprelu, −b_enc for relu) lets the sparsity penalty refine rather than rescue.
+    """
+    pre = sae.pre_acts(x_n)  # [m, n_latents]
+    rank = max(1, math.ceil((1 - k / sae.cfg.n_latents) * pre.shape[0]))
+    quantile = pre.kthvalue(rank, dim=0).values.clamp_min(1e-3)  # [n_latents]
+    if sae.cfg.arch == "jumprelu":
+        sae.log_threshold.copy_(quantile.log())
+    else:
+        sae.b_enc.copy_(-quantile)
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
@@ -239,12 +266,13 @@ def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, 
         sae.normalize_decoder()
     if cfg.arch in SPARSE_ARCHS[1:] and dist.world > 1:  # one inference threshold for all ranks
         sae.threshold.copy_(dist.sum(sae.threshold.clone()) / dist.world)
-    _track_firing(state, out.code, x.shape[0] * dist.world, dist)
+    n_tokens = int(dist.sum(torch.tensor(x.shape[0])))  # rows differ per rank after skipping outliers
+    _track_firing(state, out.code, n_tokens, dist)
     with torch.no_grad():  # FVU of the whole code (for matryoshka the objective averages prefixes)
         full_fvu = fvu(x.to(out.recons.dtype), out.recons, reduce)
     parts = [loss.detach(), out.fvu.detach(), full_fvu, out.aux_loss.detach(), out.sparsity_loss.detach() / dist.world]
     totals = dist.sum(torch.stack(parts)).tolist()
-    l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / (x.shape[0] * dist.world)
+    l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / n_tokens
     names = ("loss", "recon_loss", "fvu", "aux_loss", "sparsity_loss")
     return {**dict(zip(names, totals, strict=True)), "l0": l0}
 

@@ -1,9 +1,12 @@
-"""The main job (`make demo`): harvest real activations of SmolLM2-135M-Instruct into a store.
+"""The main job (`make demo`): real activations of SmolLM2-135M-Instruct, then an SAE on them.
 
-Stage 1 of the greylens data flow: 200k tokens of Shakespeare, Milton and the KJV through the
-model, residual stream after block 15 (the forward stops there), saved as float16 shards under
-out/demo/store. Killed half-way? Run it again: it resumes where it stopped.
-Later stages (SAE training, feature graph, probes, serving) extend this script as they land.
+1. Harvest: 200k tokens of Shakespeare, Milton and the KJV through the model, residual stream after
+   block 15 (the forward stops there), float16 shards under out/demo/store.
+2. Learn: a TopK SAE (k=32, 8x width) on those activations, under out/demo/sae.
+3. Evaluate on held-out documents: FVU, L0, dead fraction, and CE loss recovered by splicing the
+   SAE into the model.
+Killed half-way? Run it again: every stage resumes where it stopped or is skipped when done.
+Later stages (feature graph, probes, serving) extend this script as they land.
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from sae import ActivationStore, HarvestConfig, harvest, load_model
+from sae.corpus import load_corpus
+from sae.evaluate import reconstruction_metrics, splice_metrics
+from sae.io import load_sae
+from sae.train import TrainConfig, train
+from sae.windows import make_windows
 
 HOOK = "blocks.15.hook_resid_post"
 
@@ -46,14 +55,32 @@ def describe(store: ActivationStore, tokenizer, seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=200_000)
-    parser.add_argument("--out", default="out/demo/store")
+    parser.add_argument("--out", default="out/demo")
     args = parser.parse_args()
 
     model = load_model("smollm2-135m")
-    cfg = HarvestConfig(out=args.out, model="smollm2-135m", hooks=HOOK, tokens=args.tokens, context_size=128)
+    cfg = HarvestConfig(out=f"{args.out}/store", model="smollm2-135m", hooks=HOOK, tokens=args.tokens, context_size=128)
     started = time.perf_counter()
     store = harvest(cfg, model)
-    print(json.dumps(describe(store, model.tokenizer, time.perf_counter() - started), indent=2))
+    print(json.dumps({"harvest": describe(store, model.tokenizer, time.perf_counter() - started)}, indent=2))
+    print(json.dumps({"sae": train_and_evaluate(model, args)}, indent=2))
+
+
+def train_and_evaluate(model, args) -> dict:
+    sae_dir = f"{args.out}/sae/{HOOK}"
+    if not (Path(sae_dir) / "sae.safetensors").exists():
+        run = Path(f"{args.out}/sae")
+        train(TrainConfig(store=f"{args.out}/store", out=str(run), hooks=HOOK, arch="topk", k=32, expansion=8,
+                          tokens=args.tokens, batch_size=4096, lr=1e-3, checkpoint_every=10,
+                          resume=(run / "checkpoint.safetensors").exists()))  # fmt: skip
+    heldout = harvest(HarvestConfig(out=f"{args.out}/heldout", model="smollm2-135m", hooks=HOOK, tokens=16_384,
+                                    context_size=128, split="heldout"), model)  # fmt: skip
+    sae = load_sae(sae_dir)
+    windows = make_windows(load_corpus("default", "heldout"), model.tokenizer, 128, seed=1, max_windows=16)
+    result = {"sae": sae_dir, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k}
+    result.update({k: round(v, 4) for k, v in reconstruction_metrics(sae, heldout).items()})
+    result.update({k: round(v, 4) for k, v in splice_metrics(model, sae, windows.tokens).items()})
+    return result
 
 
 if __name__ == "__main__":

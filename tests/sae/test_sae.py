@@ -136,3 +136,14 @@ def test_bad_configs_are_refused() -> None:
         SAEConfig(d_in=4, n_latents=8, arch="sparsemax")
     with pytest.raises(ValueError, match="k must be in 1..n_latents"):
         SAEConfig(d_in=4, n_latents=8, arch="topk", k=9)
+
+
+def test_rows_above_max_input_norm_get_no_code_and_pass_through() -> None:
+    sae, x = _sae("topk", max_input_norm=25.0), _x()
+    x[3] *= 100  # a massive activation
+    assert sae.passthrough(x).tolist() == [i == 3 for i in range(N)]
+    code = sae.encode(x)
+    assert 3 not in code.rows.tolist() and torch.bincount(code.rows, minlength=N)[4] == K
+    recons = sae(x)
+    torch.testing.assert_close(recons[3], x[3])
+    torch.testing.assert_close(recons[4], sae(x[4:5])[0])

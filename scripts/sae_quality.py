@@ -1,0 +1,110 @@
+"""SAE quality table on SmolLM2: FVU, L0, CE loss recovered and dead fraction per architecture.
+
+Trains one SAE per architecture on the same store (resumable: re-run after a kill), evaluates each
+on held-out activations (FVU, L0, dead/dense) and by splicing into the model on held-out text (CE
+loss recovered, ΔCE, KL), and writes docs/sae_quality.md plus a JSON beside the runs.
+
+    python scripts/sae_quality.py --store out/l15-train-1m --eval-store out/l15-heldout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sae.corpus import load_corpus
+from sae.evaluate import reconstruction_metrics, splice_metrics
+from sae.io import load_sae
+from sae.models import load_model
+from sae.store import ActivationStore
+from sae.train import TrainConfig, train
+from sae.windows import make_windows
+
+HOOK = "blocks.15.hook_resid_post"
+COLUMNS = ("arch", "k / λ", "L0", "FVU", "explained var.", "CE loss recovered", "ΔCE (nats)", "KL", "dead", "dense")
+
+
+def train_arch(args, arch: str, coeff: float) -> Path:
+    out = Path(args.out) / arch
+    if (out / HOOK / "sae.safetensors").exists():
+        return out / HOOK
+    cfg = TrainConfig(store=args.store, out=str(out), hooks=HOOK, arch=arch, k=args.k, expansion=args.expansion,
+                      tokens=args.tokens, batch_size=args.batch, sparsity_coeff=coeff, checkpoint_every=25,
+                      dead_tokens=args.dead_tokens, resume=(out / "checkpoint.safetensors").exists())  # fmt: skip
+    train(cfg)
+    return out / HOOK
+
+
+def evaluate(args, model, sae_dir: Path, windows) -> dict:
+    sae = load_sae(sae_dir)
+    result = reconstruction_metrics(sae, ActivationStore(args.eval_store))
+    result.update(splice_metrics(model, sae, windows))
+    return result
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [
+        "# SAE quality on SmolLM2-135M-Instruct, `blocks.15.hook_resid_post`",
+        "",
+        f"Width {args.expansion}× ({args.expansion * 576} latents), {args.tokens:,} training tokens (batch "
+        f"{args.batch}), default corpus train split; metrics on held-out documents: reconstruction over "
+        f"`{args.eval_store}`, CE/KL from splicing the SAE into the model on {args.ce_tokens:,} held-out "
+        "tokens (BOS left clean). Definitions: `sae/metrics.py`. Dead: never fired on the held-out set; "
+        "dense: fires on > 10% of held-out tokens.",
+        "",
+        "Produced by:",
+        "",
+        "```bash",
+        "python " + " ".join(sys.argv),
+        "```",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in rows:
+        cells = [r["arch"], r["setting"], f"{r['l0']:.1f}", f"{r['fvu']:.3f}", f"{r['explained_variance']:.3f}",
+                 f"{r['ce_loss_recovered']:.3f}", f"{r['delta_ce']:.3f}", f"{r['kl_spliced']:.3f}",
+                 f"{r['dead_fraction']:.3f}", f"{r['dense_fraction']:.3f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    clean = rows[0]
+    lines += ["", f"Clean CE {clean['ce_clean']:.3f} nats; zero-ablated CE {clean['ce_zero_ablated']:.3f} nats."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", default="out/l15-train-1m")
+    parser.add_argument("--eval-store", default="out/l15-heldout")
+    parser.add_argument("--out", default="out/quality")
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--dead-tokens", type=int, default=200_000)
+    parser.add_argument("--archs", default="topk,batchtopk,jumprelu,relu")
+    parser.add_argument("--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)")
+    parser.add_argument("--relu-coeff", type=float, default=0.0, help="λ for the L1 term (0: default)")
+    parser.add_argument("--ce-tokens", type=int, default=16_384)
+    parser.add_argument("--doc", default="docs/sae_quality.md")
+    args = parser.parse_args()
+
+    model = load_model("smollm2-135m")
+    windows = make_windows(load_corpus("default", "heldout"), model.tokenizer, 128, 0, -(-args.ce_tokens // 126)).tokens
+    rows = []
+    for arch in args.archs.split(","):
+        coeff = {"jumprelu": args.jumprelu_coeff, "relu": args.relu_coeff}.get(arch, 0.0)
+        sae_dir = train_arch(args, arch, coeff)
+        result = evaluate(args, model, sae_dir, windows)
+        setting = f"k={args.k}" if arch in ("topk", "batchtopk", "matryoshka") else f"λ={coeff or 'default'}"
+        rows.append({"arch": arch, "setting": setting, **result})
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.out, "quality.json").write_text(json.dumps(rows, indent=2))
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text(markdown(rows, args))
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
