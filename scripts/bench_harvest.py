@@ -28,6 +28,7 @@ from sae.models import cache_root, load_model
 HOOK = "blocks.15.hook_resid_post"
 SAELENS_VENV = cache_root() / "venvs" / "saelens"
 SAELENS_DRIVER = Path(__file__).with_name("_saelens_harvest.py")
+SAELENS_PINS = ("sae-lens==6.54.12", "transformer-lens==3.9.0")  # what `pip install sae-lens` gave here
 
 
 def full_forward_tok_s(model, windows, batch_size: int) -> float:
@@ -40,7 +41,8 @@ def full_forward_tok_s(model, windows, batch_size: int) -> float:
 
 
 def harvest_tok_s(model, cfg: HarvestConfig) -> float:
-    """Tokens/s of the harvest itself, counting every window token the model processed."""
+    """Tokens/s of the harvest itself (corpus windows, forward, shard writes), counting every
+    window token the model processed, BOS included, as the full forward does."""
     started = time.perf_counter()
     store = harvest(cfg, model)
     seconds = time.perf_counter() - started
@@ -57,7 +59,7 @@ def ensure_saelens_venv() -> Path:
     steps = [
         [sys.executable, "-m", "venv", str(SAELENS_VENV)],
         [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
-        [str(python), "-m", "pip", "install", "-q", "-c", str(pin), "sae-lens"],
+        [str(python), "-m", "pip", "install", "-q", "-c", str(pin), SAELENS_PINS[0], SAELENS_PINS[1]],
     ]
     for step in steps:
         subprocess.run(step, check=True)
@@ -89,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--no-saelens", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N runs (the machine is shared)")
     args = parser.parse_args()
 
     model = load_model("smollm2-135m")
@@ -97,8 +100,11 @@ def main() -> None:
         windows = corpus_windows(cfg, model)
         with torch.inference_mode():  # warm-up: first-call allocations stay out of the timing
             model.bridge(windows.tokens[: cfg.batch_size], return_type="logits")
-        full = full_forward_tok_s(model, windows, cfg.batch_size)
-        ours = harvest_tok_s(model, cfg)
+        full = max(full_forward_tok_s(model, windows, cfg.batch_size) for _ in range(args.repeats))
+        ours = 0.0
+        for repeat in range(args.repeats):
+            cfg.out = f"{tmp}/store-{repeat}"
+            ours = max(ours, harvest_tok_s(model, cfg))
     result = {
         "model": "smollm2-135m",
         "hook": HOOK,
@@ -111,7 +117,9 @@ def main() -> None:
         "harvest_over_full_forward": round(ours / full, 2),
     }
     if not args.no_saelens:
-        saelens = saelens_tok_s(model, cfg)
+        runs = [saelens_tok_s(model, cfg) for _ in range(args.repeats)]
+        timed = [r for r in runs if "tok_per_s" in r]
+        saelens = max(timed, key=lambda r: r["tok_per_s"]) if timed else runs[-1]
         result["saelens"] = saelens
         if "tok_per_s" in saelens:
             result["harvest_over_saelens"] = round(ours / saelens["tok_per_s"], 2)

@@ -1,0 +1,131 @@
+"""Train a TopK SAE with SAELens's own trainer on pre-computed activations, for bench_train.py.
+
+Runs INSIDE the side venv /root/.cache/greylens/venvs/saelens (sae-lens 6.x, torch CPU), never in
+greylens's own venv. CPU, fp32, torch's default thread count.
+
+    python _saelens_train.py --train TRAIN.safetensors --eval EVAL.safetensors --n-latents N --k K \
+        --batch B --tokens T --lr LR --seed S --out OUT.safetensors [--normalize MODE]
+
+TRAIN/EVAL hold one tensor "x": [rows, d] float32. Trains T // B steps of B rows, taken from one
+seeded permutation of TRAIN's rows (repeated when T exceeds the row count), then writes
+OUT {"recons": [n_eval, d]} in raw activation space and prints one JSON line on stdout (library,
+version, tokens, seconds of `SAETrainer.fit()` alone, tok_per_s, steps). All else goes to stderr.
+
+What runs is SAELens's own code path, as its LLM runner would run it, minus the model:
+- `TopKTrainingSAE(TopKTrainingSAEConfig(...))` with SAELens's defaults: AuxK on (coefficient 1,
+  k_aux = d/2, a latent is dead after `dead_feature_window` = 1000 steps without firing),
+  `rescale_acts_by_decoder_norm=True` (TopK on pre-activations × decoder row norms, no explicit
+  decoder renormalisation), decoder rows initialised at norm 0.1, encoder = decoder transpose,
+  b_dec = 0 (SAELens 6 has no data-dependent b_dec init, so on activations with a large mean,
+  like SmolLM2's, early steps are spent learning the mean), loss = per-token squared error summed over d, averaged over the batch.
+- `SAETrainer(...).fit()` with an iterator of activation batches as its data provider: Adam
+  (0.9, 0.999) at --lr with SAELens's default constant schedule (no warm-up, no decay), gradient
+  norm clipped to 1, no wandb, no checkpoints.
+- Normalisation: SAELens's default, "none": raw activations go in as they are (no NaNs or
+  divergence on raw SmolLM2 L15 activations, and on a small sample SAELens's own
+  "expected_average_only_in" option gave the same FVU). `--normalize expected_average_only_in`
+  selects that option: inputs scaled by sqrt(d) / E‖x‖, the factor folded back into the weights at
+  the end of fit(), so the SAE still takes raw activations. fit() would estimate the factor from
+  the first 1000 batches of the data provider (inside the timed loop, using those batches up);
+  here `ActivationScaler.estimate_scaling_factor` runs beforehand, untimed, on a separate iterator
+  over the same batches (at most 1000), so the training order is unchanged.
+- Reconstruction: the trained SAE's forward in eval mode, on raw EVAL rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+_JSON_OUT = os.fdopen(os.dup(1), "w")  # the real stdout, for the one JSON line
+os.dup2(2, 1)  # everything else (prints from libraries, C-level output) goes to stderr
+sys.stdout = sys.stderr
+
+import torch  # noqa: E402
+from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
+from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+EVAL_CHUNK = 4096  # rows per reconstruction chunk (SAELens decodes dense [rows, n_latents] codes)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", type=Path, required=True)
+    p.add_argument("--eval", type=Path, required=True)
+    p.add_argument("--n-latents", type=int, required=True)
+    p.add_argument("--k", type=int, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--tokens", type=int, required=True, help="rounded down to whole batches")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--normalize", default="none", choices=["none", "expected_average_only_in"])
+    return p.parse_args(argv)
+
+
+def batches(x: torch.Tensor, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` batches of rows of x in one seeded shuffled order, repeated as often as needed."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    order = order.repeat(-(-steps * batch // len(x)))
+    for step in range(steps):
+        yield x[order[step * batch : (step + 1) * batch]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    x = load_file(args.train)["x"].float()
+    steps = args.tokens // args.batch
+    if steps < 1:
+        raise SystemExit(f"--tokens {args.tokens} is less than one batch of {args.batch}")
+
+    torch.manual_seed(args.seed)
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=x.shape[1], d_sae=args.n_latents, k=args.k, dtype="float32", device="cpu",
+        normalize_activations=args.normalize,
+    )  # fmt: skip
+    sae = TopKTrainingSAE(sae_cfg)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
+        lr_end=args.lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+    )  # fmt: skip
+    trainer = SAETrainer(
+        cfg=trainer_cfg, sae=sae, data_provider=batches(x, args.batch, steps, args.seed)
+    )
+    if args.normalize == "expected_average_only_in":
+        n_norm = min(steps, trainer_cfg.n_batches_for_norm_estimate)
+        trainer.activation_scaler.estimate_scaling_factor(
+            x.shape[1], batches(x, args.batch, n_norm, args.seed), n_norm
+        )
+        print(
+            f"SAELens input scaling factor: {trainer.activation_scaler.scaling_factor:.4g}",
+            file=sys.stderr,
+        )
+
+    started = time.perf_counter()
+    sae = trainer.fit()  # folds the input scaling factor into the weights at the end
+    seconds = time.perf_counter() - started
+
+    x_eval = load_file(args.eval)["x"].float()
+    sae.eval()
+    with torch.no_grad():
+        recons = torch.cat([sae(chunk) for chunk in x_eval.split(EVAL_CHUNK)])
+    save_file({"recons": recons.float().contiguous()}, args.out)
+
+    tokens = trainer.n_training_samples
+    report = {"library": "saelens", "version": version("sae-lens"), "tokens": tokens, "seconds": round(seconds, 3),
+              "tok_per_s": round(tokens / seconds, 1), "steps": trainer.n_training_steps}  # fmt: skip
+    print(json.dumps(report), file=_JSON_OUT, flush=True)
+
+
+if __name__ == "__main__":
+    main()

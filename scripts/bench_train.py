@@ -1,0 +1,175 @@
+"""SAE training benchmark (prints JSON): greylens vs SAELens vs EleutherAI sparsify, one run.
+
+All three train a TopK SAE on the same SmolLM2 activations (a store from `python -m sae harvest`)
+with the same width, k, batch and tokens, and are scored by the same FVU (sae.metrics.fvu) on the
+same held-out activations (massive-activation rows, > 10x the median norm, dropped from all
+data: see inlier_rows). SAELens and sparsify run in side venvs (sae-lens pins transformer-lens
+< 4) through scripts/_saelens_train.py and scripts/_sparsify_train.py. Speed is the training loop
+only (no imports, model construction or evaluation), as tokens/s.
+
+Efficiency: greylens's achieved FLOP/s divided by a torch fp32 GEMM of the encoder's shape measured
+in this run. FLOPs counted are those greylens executes per token: the dense encoder GEMM 2·d·n
+plus the sparse parts (decode 2·k·d; backward of decoder and encoder 4·k·d each).
+
+    python scripts/bench_train.py --store out/l15-train-1m --eval-store out/l15-heldout [--tokens 204800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.io import load_sae
+from sae.metrics import fvu
+from sae.models import cache_root
+from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
+from sae.train import TrainConfig, train
+
+HOOK = "blocks.15.hook_resid_post"
+SCRIPTS = Path(__file__).parent
+VENVS = cache_root() / "venvs"
+SIDE_VENVS = {  # library -> (venv dir, pip requirements after CPU torch)
+    "saelens": (VENVS / "saelens", ["sae-lens==6.54.12", "transformer-lens==3.9.0"]),
+    "sparsify": (VENVS / "sparsify", ["eai-sparsify==1.3.3"]),
+}
+
+
+def gemm_flops(batch: int, d: int, n: int, repeats: int = 5) -> float:
+    """Best fp32 GEMM FLOP/s for [batch, d] @ [d, n] on this machine, now."""
+    a, b = torch.randn(batch, d), torch.randn(d, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * batch * d * n / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def inlier_rows(store: ActivationStore, n_rows: int) -> torch.Tensor:
+    """Indices of the first n_rows rows whose norm is within 10x the median (no massive activations).
+
+    greylens passes massive activations through its SAE untouched; SAELens and sparsify would have
+    to reconstruct them. Dropping them from every library's train and eval data keeps the
+    comparison about the same inputs.
+    """
+    candidates = torch.arange(min(int(n_rows * 1.01) + 64, len(store)))
+    norms = store.rows(candidates, hooks=[HOOK])[HOOK].norm(dim=1)
+    return candidates[norms <= 10 * norms.median()][:n_rows]
+
+
+def export_rows(store: ActivationStore, index: torch.Tensor, path: Path) -> Path:
+    x = store.rows(index, hooks=[HOOK])[HOOK]  # [n, d] float32
+    save_file({"x": x.contiguous()}, path)
+    return path
+
+
+def subset_store(store: ActivationStore, index: torch.Tensor, directory: Path) -> ActivationStore:
+    """A one-shard store holding exactly the rows the side drivers get (the same activations)."""
+    rows = store.rows(index)
+    manifest = StoreManifest(**{**store.manifest.identity(), "n_tokens_target": len(rows["token_ids"])})
+    writer = StoreWriter.open(directory, manifest)
+    writer.write_shard({k: (v.to(DTYPES[manifest.dtype]) if k in store.hooks else v) for k, v in rows.items()})
+    writer.finish()
+    return ActivationStore(directory)
+
+
+def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
+    train_store = subset_store(ActivationStore(args.store), args.train_index, work / "train-store")
+    cfg = TrainConfig(store=str(train_store.directory), out=str(work / "greylens"), hooks=HOOK, arch="topk", k=args.k,
+                      expansion=args.expansion, tokens=args.tokens, batch_size=args.batch, lr=args.lr,
+                      wandb="disabled", checkpoint_every=10**9, log_every=10**9, seed=0)  # fmt: skip
+    train(cfg)
+    last = json.loads((work / "greylens" / "metrics.jsonl").read_text().splitlines()[-1])
+    sae = load_sae(work / "greylens" / HOOK)
+    with torch.no_grad():
+        recons = sae(eval_x)
+    return {"library": "greylens", "tok_per_s": last["tok_s"], "tokens": last["tokens"], "eval_fvu": fvu(eval_x, recons)}
+
+
+def ensure_venv(library: str) -> Path:
+    venv, requirements = SIDE_VENVS[library]
+    python = venv / "bin" / "python"
+    if not python.exists():
+        pin = Path(tempfile.mkdtemp()) / "constraints.txt"
+        pin.write_text("torch==2.13.0\n")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(pin), *requirements], check=True)
+    return python
+
+
+def run_side(library: str, args, train_file: Path, eval_file: Path, eval_x: torch.Tensor, work: Path) -> dict:
+    try:
+        python = ensure_venv(library)
+    except subprocess.CalledProcessError as error:
+        return {"library": library, "skipped": f"could not build its venv: {error}"}
+    out = work / f"{library}.safetensors"
+    command = [str(python), str(SCRIPTS / f"_{library}_train.py"), "--train", str(train_file), "--eval",
+               str(eval_file), "--n-latents", str(args.expansion * eval_x.shape[1]), "--k", str(args.k),
+               "--batch", str(args.batch), "--tokens", str(args.tokens), "--lr", str(args.lr or 2e-4 / (args.expansion * eval_x.shape[1] / 16384) ** 0.5),
+               "--seed", "0", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        return {"library": library, "skipped": f"run failed: {result.stderr.strip()[-800:]}"}
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report["eval_fvu"] = fvu(eval_x, load_file(out)["recons"])
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", default="out/l15-train-1m")
+    parser.add_argument("--eval-store", default="out/l15-heldout")
+    parser.add_argument("--tokens", type=int, default=204_800)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--expansion", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.0, help="0: greylens's default for this width, for all")
+    parser.add_argument("--only", default="greylens,saelens,sparsify")
+    args = parser.parse_args()
+
+    store, eval_store = ActivationStore(args.store), ActivationStore(args.eval_store)
+    d = store.d_model
+    n_latents = args.expansion * d
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        args.train_index = inlier_rows(store, args.tokens)
+        train_file = export_rows(store, args.train_index, work / "train.safetensors")
+        eval_file = export_rows(eval_store, inlier_rows(eval_store, 32_768), work / "eval.safetensors")
+        eval_x = load_file(eval_file)["x"]
+        for library in args.only.split(","):
+            results[library] = (run_greylens(args, work, eval_x) if library == "greylens"
+                                else run_side(library, args, train_file, eval_file, eval_x, work))  # fmt: skip
+        peak = gemm_flops(args.batch, d, n_latents)
+    executed_per_token = 2 * d * n_latents + 10 * args.k * d
+    summary = {
+        "activations": f"SmolLM2-135M {HOOK}", "d_model": d, "n_latents": n_latents, "k": args.k,
+        "batch": args.batch, "tokens": args.tokens, "torch_threads": torch.get_num_threads(),
+        "gemm_flops": round(peak / 1e9, 1), "results": results,
+    }  # fmt: skip
+    ours = results.get("greylens", {})
+    if "tok_per_s" in ours:
+        achieved = ours["tok_per_s"] * executed_per_token
+        summary["greylens_gflops"] = round(achieved / 1e9, 1)
+        summary["greylens_flops_over_gemm"] = round(achieved / peak, 2)
+        for library in ("saelens", "sparsify"):
+            if "tok_per_s" in results.get(library, {}):
+                summary[f"greylens_over_{library}"] = round(ours["tok_per_s"] / results[library]["tok_per_s"], 2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
