@@ -35,19 +35,17 @@ What runs is SAELens's own code path, as its LLM runner would run it, minus the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from importlib.metadata import version
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-_JSON_OUT = os.fdopen(os.dup(1), "w")  # the real stdout, for the one JSON line
-os.dup2(2, 1)  # everything else (prints from libraries, C-level output) goes to stderr
-sys.stdout = sys.stderr
+
+from _side_driver import batches, common_parser, emit, redirect_stdout  # noqa: E402
+
+redirect_stdout()  # library prints go to stderr; stdout carries one JSON line
 
 import torch  # noqa: E402
 from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
@@ -59,26 +57,9 @@ EVAL_CHUNK = 4096  # rows per reconstruction chunk (SAELens decodes dense [rows,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=Path, required=True)
-    p.add_argument("--eval", type=Path, required=True)
-    p.add_argument("--n-latents", type=int, required=True)
-    p.add_argument("--k", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--tokens", type=int, required=True, help="rounded down to whole batches")
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p = common_parser(__doc__.splitlines()[0])
     p.add_argument("--normalize", default="none", choices=["none", "expected_average_only_in"])
     return p.parse_args(argv)
-
-
-def batches(x: torch.Tensor, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """`steps` batches of rows of x in one seeded shuffled order, repeated as often as needed."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    order = order.repeat(-(-steps * batch // len(x)))
-    for step in range(steps):
-        yield x[order[step * batch : (step + 1) * batch]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = trainer.n_training_samples
     report = {"library": "saelens", "version": version("sae-lens"), "tokens": tokens, "seconds": round(seconds, 3),
               "tok_per_s": round(tokens / seconds, 1), "steps": trainer.n_training_steps}  # fmt: skip
-    print(json.dumps(report), file=_JSON_OUT, flush=True)
+    emit(report)
 
 
 if __name__ == "__main__":

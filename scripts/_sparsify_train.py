@@ -42,18 +42,16 @@ loss_fn="fvu", one hookpoint, one seed, no gradient accumulation, no DDP:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_JSON_OUT = os.fdopen(os.dup(1), "w")  # the real stdout, for the one JSON line
-os.dup2(2, 1)  # everything else (sparsify prints its Triton notice on import) goes to stderr
-sys.stdout = sys.stderr
+
+from _side_driver import batches, common_parser, emit, redirect_stdout  # noqa: E402
+
+redirect_stdout()  # library prints go to stderr; stdout carries one JSON line
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -67,33 +65,12 @@ EVAL_CHUNK = 8192
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=Path, required=True)
-    p.add_argument("--eval", type=Path, required=True)
-    p.add_argument("--n-latents", type=int, required=True)
-    p.add_argument("--k", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--tokens", type=int, required=True, help="rounded down to whole batches")
-    p.add_argument(
-        "--lr", type=float, required=True, help="Adam LR (signum uses 25x, see the docstring)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
+    p = common_parser(__doc__.splitlines()[0])
     p.add_argument("--optimizer", default="signum", choices=["signum", "adam"])
-    p.add_argument(
-        "--warmup-steps", type=int, default=1000, help="adam only (sparsify's lr_warmup_steps)"
-    )
+    p.add_argument("--warmup-steps", type=int, default=1000, help="adam only (sparsify's lr_warmup_steps)")
     p.add_argument("--auxk-alpha", type=float, default=0.0)
     p.add_argument("--dead-tokens", type=int, default=10_000_000)
     return p.parse_args(argv)
-
-
-def batches(x: torch.Tensor, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """`steps` batches of rows of x in one seeded shuffled order, repeated as often as needed."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    order = order.repeat(-(-steps * batch // len(x)))
-    for step in range(steps):
-        yield x[order[step * batch : (step + 1) * batch]]
 
 
 def make_optimizer(
@@ -164,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"library": "sparsify", "version": version("eai-sparsify"), "tokens": tokens,
               "seconds": round(seconds, 3), "tok_per_s": round(tokens / seconds, 1), "steps": steps,
               "optimizer": args.optimizer, "lr": lr}  # fmt: skip
-    print(json.dumps(report), file=_JSON_OUT, flush=True)
+    emit(report)
 
 
 if __name__ == "__main__":
