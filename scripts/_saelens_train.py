@@ -43,7 +43,7 @@ from importlib.metadata import version
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from _side_driver import batches, common_parser, emit, redirect_stdout  # noqa: E402
+from _side_driver import batches, common_parser, emit, redirect_stdout, training_rows  # noqa: E402
 
 redirect_stdout()  # library prints go to stderr; stdout carries one JSON line
 
@@ -64,11 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    x = load_file(args.train)["x"].float()
-    steps = args.tokens // args.batch
-    if steps < 1:
-        raise SystemExit(f"--tokens {args.tokens} is less than one batch of {args.batch}")
-
+    x, steps = training_rows(args)
     torch.manual_seed(args.seed)
     sae_cfg = TopKTrainingSAEConfig(
         d_in=x.shape[1], d_sae=args.n_latents, k=args.k, dtype="float32", device="cpu",

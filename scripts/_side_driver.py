@@ -41,6 +41,16 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def training_rows(args: argparse.Namespace) -> tuple[torch.Tensor, int]:
+    """The training rows [n, d] float32 and the number of whole batches to train for."""
+    from safetensors.torch import load_file
+
+    steps = args.tokens // args.batch
+    if steps < 1:
+        raise SystemExit(f"--tokens {args.tokens} is less than one batch of {args.batch}")
+    return load_file(args.train)["x"].float(), steps
+
+
 def batches(x: torch.Tensor, batch: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
     """`steps` batches of rows of x in one seeded shuffled order, repeated as often as needed."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

@@ -49,7 +49,7 @@ from importlib.metadata import version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _side_driver import batches, common_parser, emit, redirect_stdout  # noqa: E402
+from _side_driver import batches, common_parser, emit, redirect_stdout, training_rows  # noqa: E402
 
 redirect_stdout()  # library prints go to stderr; stdout carries one JSON line
 
@@ -115,11 +115,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    x = load_file(args.train)["x"].float()
-    steps = args.tokens // args.batch
-    if steps < 1:
-        raise SystemExit(f"--tokens {args.tokens} is less than one batch of {args.batch}")
-
+    x, steps = training_rows(args)
     torch.manual_seed(args.seed)
     sae = SparseCoder(
         x.shape[1], SparseCoderConfig(num_latents=args.n_latents, k=args.k), "cpu", torch.float32
