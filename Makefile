@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.greylens-installed
 
-.PHONY: install demo test lint bench-harvest clean
+.PHONY: install demo test lint bench-harvest saelens-venv clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ lint: install
 
 bench-harvest: install
 	$(BIN)/python scripts/bench_harvest.py
+
+# SAELens needs transformer-lens < 4, so it lives in a side venv (interop test, benchmarks).
+SAELENS_VENV ?= $(or $(GREYLENS_CACHE),$(HOME)/.cache/greylens)/venvs/saelens
+saelens-venv:
+	$(SAELENS_VENV)/bin/python -c "import sae_lens" 2>/dev/null || ( rm -rf $(SAELENS_VENV) && \
+	  $(PYTHON) -m venv $(SAELENS_VENV) && \
+	  $(SAELENS_VENV)/bin/python -m pip install -q "$(TORCH)" && \
+	  $(SAELENS_VENV)/bin/python -m pip install -q -c constraints.txt sae-lens==6.54.12 transformer-lens==3.9.0 )
 
 clean:
 	rm -rf $(VENV) out

@@ -168,3 +168,14 @@ def test_other_hook_names_fall_back_to_the_bridge(tiny: LoadedModel) -> None:
         _, reference = tiny.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
     for name in names:
         torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_fast_capture_equals_the_bridge(smollm2: LoadedModel) -> None:
+    tokens = smollm2.tokenizer(["Now is the winter of our discontent"], return_tensors="pt").input_ids
+    names = ["blocks.15.hook_resid_post", "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out"]
+    fast = capture(smollm2, tokens, names)
+    with torch.inference_mode():
+        _, reference = smollm2.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+    for name in names:
+        torch.testing.assert_close(fast[name], reference[name], rtol=0, atol=0)
