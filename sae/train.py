@@ -54,7 +54,8 @@ class TrainConfig:
     batch_size: int = 4096
     """Tokens per optimizer step (global, over all ranks)."""
     lr: float = 0.0
-    """Adam learning rate; 0 picks 2e-4 / sqrt(n_latents / 16384)."""
+    """Adam learning rate; 0 picks 2e-3 / sqrt(n_latents / 16384). On SmolLM2 layer 15 (TopK,
+    9216 latents, 200k tokens) FVU was 0.53 at 2.7e-4, 0.33 at 1e-3 and 0.24 at 3e-3."""
     warmup_frac: float = 0.05
     """Fraction of steps with linear LR warm-up."""
     decay_frac: float = 0.2
@@ -155,7 +156,12 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
     out = Path(cfg.out)
     if cfg.resume:
-        read_checkpoint_meta(out)  # raises with advice if there is nothing to resume
+        saved = read_checkpoint_meta(out)["config"]  # raises with advice if there is nothing to resume
+        current = asdict(cfg)
+        free = ("resume", "wandb", "device", "log_every", "checkpoint_every")  # do not change results
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items() if k not in free and saved.get(k) != v]
+        if diffs:
+            raise ValueError(f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags")
     elif (out / CHECKPOINT).exists():
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +189,7 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
             _start_with_k_active(sae, sample[:2048] * scale, cfg.k)
     sae = sae.to(cfg.device)
     n = sae_cfg.n_latents
-    optimizer = torch.optim.Adam(sae.parameters(), lr=_base_lr(cfg, n), betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr(cfg, n), betas=(0.9, 0.999))
     zeros = torch.zeros(n, dtype=torch.int64, device=cfg.device)
     return HookState(sae, optimizer, zeros.clone(), zeros.clone())
 
@@ -226,13 +232,13 @@ def _batches(store: ActivationStore, cfg: TrainConfig, hooks: list[str], start_s
             step += 1
 
 
-def _base_lr(cfg: TrainConfig, n_latents: int) -> float:
-    return cfg.lr or 2e-4 / math.sqrt(n_latents / 16384)
+def base_lr(cfg: TrainConfig, n_latents: int) -> float:
+    return cfg.lr or 2e-3 / math.sqrt(n_latents / 16384)
 
 
 def _lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:
     """Linear warm-up, constant, linear decay to 0 over the last decay_frac of steps."""
-    base = _base_lr(cfg, n_latents)
+    base = base_lr(cfg, n_latents)
     warmup, decay = max(1, int(cfg.warmup_frac * n_steps)), int(cfg.decay_frac * n_steps)
     factor = min(1.0, (step + 1) / warmup)
     if decay and step >= n_steps - decay:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from sae.io import load_sae
 from sae.metrics import fvu
 from sae.models import cache_root
 from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
-from sae.train import TrainConfig, train
+from sae.train import TrainConfig, base_lr, train
 
 HOOK = "blocks.15.hook_resid_post"
 SCRIPTS = Path(__file__).parent
@@ -110,6 +111,15 @@ def ensure_venv(library: str) -> Path:
     return python
 
 
+def side_lr(library: str, args, d: int) -> float:
+    """SAELens (Adam) gets greylens's Adam LR; sparsify keeps its own default signum LR (its
+    driver multiplies an Adam-style LR by 25, so pass sparsify's Adam default 2e-4/sqrt(n/2^14))."""
+    n_latents = args.expansion * d
+    if library == "sparsify":
+        return 2e-4 / math.sqrt(n_latents / 16384)
+    return args.lr or base_lr(TrainConfig(), n_latents)
+
+
 def run_side(library: str, args, train_file: Path, eval_file: Path, eval_x: torch.Tensor, work: Path) -> dict:
     try:
         python = ensure_venv(library)
@@ -118,7 +128,7 @@ def run_side(library: str, args, train_file: Path, eval_file: Path, eval_x: torc
     out = work / f"{library}.safetensors"
     command = [str(python), str(SCRIPTS / f"_{library}_train.py"), "--train", str(train_file), "--eval",
                str(eval_file), "--n-latents", str(args.expansion * eval_x.shape[1]), "--k", str(args.k),
-               "--batch", str(args.batch), "--tokens", str(args.tokens), "--lr", str(args.lr or 2e-4 / (args.expansion * eval_x.shape[1] / 16384) ** 0.5),
+               "--batch", str(args.batch), "--tokens", str(args.tokens), "--lr", str(side_lr(library, args, eval_x.shape[1])),
                "--seed", "0", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
     if result.returncode != 0:
@@ -136,7 +146,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--expansion", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.0, help="0: greylens's default for this width, for all")
+    parser.add_argument("--lr", type=float, default=0.0, help="Adam LR for greylens and SAELens (0: greylens's default)")
     parser.add_argument("--only", default="greylens,saelens,sparsify")
     args = parser.parse_args()
 

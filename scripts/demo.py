@@ -71,7 +71,7 @@ def train_and_evaluate(model, args) -> dict:
     if not (Path(sae_dir) / "sae.safetensors").exists():
         run = Path(f"{args.out}/sae")
         train(TrainConfig(store=f"{args.out}/store", out=str(run), hooks=HOOK, arch="topk", k=32, expansion=8,
-                          tokens=args.tokens, batch_size=4096, lr=1e-3, checkpoint_every=10,
+                          tokens=args.tokens, batch_size=4096, checkpoint_every=10,
                           resume=(run / "checkpoint.safetensors").exists()))  # fmt: skip
     heldout = harvest(HarvestConfig(out=f"{args.out}/heldout", model="smollm2-135m", hooks=HOOK, tokens=16_384,
                                     context_size=128, split="heldout"), model)  # fmt: skip

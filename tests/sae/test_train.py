@@ -73,6 +73,8 @@ def test_refusals_happen_before_training(tiny_store: ActivationStore, tmp_path: 
     train(_config(tiny_store, tmp_path, tokens=512))
     with pytest.raises(ValueError, match="pass --resume"):
         train(_config(tiny_store, tmp_path, tokens=512))
+    with pytest.raises(ValueError, match="k: checkpoint 8, now 4"):
+        train(_config(tiny_store, tmp_path, tokens=512, k=4, resume=True))
 
 
 def _cli(store: ActivationStore, out: Path, *extra: str) -> list[str]:
