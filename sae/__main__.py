@@ -30,22 +30,18 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from sae.corpus import load_corpus
-    from sae.evaluate import reconstruction_metrics, splice_metrics
+    from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
     from sae.io import load_sae
     from sae.models import load_model
-    from sae.windows import make_windows
 
     sae = load_sae(cfg.sae)
+    model = load_model(cfg.model) if cfg.model else None
+    if model is not None and sae.cfg.weights_sha256 and sae.cfg.weights_sha256 != model.weights_sha256:
+        raise ValueError(f"{cfg.sae} was trained on {sae.cfg.model}'s activations, not {cfg.model}'s")
     result = {"sae": cfg.sae, "hook": sae.cfg.hook, "arch": sae.cfg.arch, "n_latents": sae.cfg.n_latents}
     result.update(reconstruction_metrics(sae, ActivationStore(cfg.store), cfg.max_store_tokens or None))
-    if cfg.model:
-        model = load_model(cfg.model)
-        if sae.cfg.weights_sha256 and sae.cfg.weights_sha256 != model.weights_sha256:
-            raise ValueError(f"{cfg.sae} was trained on {sae.cfg.model}'s activations, not {cfg.model}'s")
-        n_windows = -(-cfg.tokens // (cfg.context_size - 2))
-        windows = make_windows(load_corpus("default", "heldout"), model.tokenizer, cfg.context_size, 0, n_windows)
-        result.update(splice_metrics(model, sae, windows.tokens))
+    if model is not None:
+        result.update(splice_metrics(model, sae, heldout_windows(model, cfg.tokens, cfg.context_size)))
     return result
 
 

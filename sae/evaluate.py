@@ -84,6 +84,16 @@ def splice_metrics(model: LoadedModel, sae: SAE, tokens: torch.Tensor, batch_siz
     }
 
 
+def heldout_windows(model: LoadedModel, n_tokens: int, context_size: int = 128, seed: int = 0) -> torch.Tensor:
+    """[n_windows, context_size] BOS-first windows of held-out documents, enough to score n_tokens."""
+    from sae.corpus import load_corpus
+    from sae.windows import make_windows
+
+    n_windows = -(-n_tokens // (context_size - 2))  # each window scores context_size - 2 predictions
+    docs = load_corpus("default", split="heldout")
+    return make_windows(docs, model.tokenizer, context_size, seed, n_windows).tokens
+
+
 def _logits(model: LoadedModel, tokens: torch.Tensor, hook: str, replace) -> torch.Tensor:
     if replace is None:
         return model.bridge(tokens, return_type="logits").float()

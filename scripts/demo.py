@@ -19,11 +19,9 @@ from pathlib import Path
 import torch
 
 from sae import ActivationStore, HarvestConfig, harvest, load_model
-from sae.corpus import load_corpus
-from sae.evaluate import reconstruction_metrics, splice_metrics
+from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.io import load_sae
 from sae.train import TrainConfig, train
-from sae.windows import make_windows
 
 HOOK = "blocks.15.hook_resid_post"
 
@@ -76,10 +74,10 @@ def train_and_evaluate(model, args) -> dict:
     heldout = harvest(HarvestConfig(out=f"{args.out}/heldout", model="smollm2-135m", hooks=HOOK, tokens=16_384,
                                     context_size=128, split="heldout"), model)  # fmt: skip
     sae = load_sae(sae_dir)
-    windows = make_windows(load_corpus("default", "heldout"), model.tokenizer, 128, seed=1, max_windows=16)
+    windows = heldout_windows(model, n_tokens=2016, seed=1)  # 16 windows of 128
     result = {"sae": sae_dir, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k}
     result.update({k: round(v, 4) for k, v in reconstruction_metrics(sae, heldout).items()})
-    result.update({k: round(v, 4) for k, v in splice_metrics(model, sae, windows.tokens).items()})
+    result.update({k: round(v, 4) for k, v in splice_metrics(model, sae, windows).items()})
     return result
 
 

@@ -14,13 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from sae.corpus import load_corpus
-from sae.evaluate import reconstruction_metrics, splice_metrics
+from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.io import load_sae
 from sae.models import load_model
 from sae.store import ActivationStore
 from sae.train import TrainConfig, train
-from sae.windows import make_windows
 
 HOOK = "blocks.15.hook_resid_post"
 COLUMNS = ("arch", "k / λ", "L0", "FVU", "explained var.", "CE loss recovered", "ΔCE (nats)", "KL", "dead", "dense")
@@ -91,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model("smollm2-135m")
-    windows = make_windows(load_corpus("default", "heldout"), model.tokenizer, 128, 0, -(-args.ce_tokens // 126)).tokens
+    windows = heldout_windows(model, args.ce_tokens)
     rows = []
     for arch in args.archs.split(","):
         coeff = {"jumprelu": args.jumprelu_coeff, "relu": args.relu_coeff}.get(arch, 0.0)
