@@ -175,15 +175,17 @@ class SAE(HookedRootModule):
         """
         x_n = x.to(self.W_enc.dtype) * self.cfg.input_scale
         x_c = x_n - self.b_dec  # [N, d_in]
-        pre = x_c @ self.W_enc.T + self.b_enc  # [N, n_latents]
+        sparse = self.cfg.arch in SPARSE_ARCHS
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):  # sparse: grads go via kernels
+            pre = x_c @ self.W_enc.T + self.b_enc  # [N, n_latents]
         sparsity = aux = x_n.new_zeros(())
-        if self.cfg.arch in SPARSE_ARCHS:
+        if sparse:
             code, recon_loss = self._sparse_losses(x_n, x_c, pre, reduce)
         else:
             code, recon_loss, sparsity = self._dense_losses(x_n, pre, reduce)
         with torch.no_grad():
             recons_n = self._decode_n(_detached(code))  # [N, d_in]
-        if self.cfg.arch in SPARSE_ARCHS and dead is not None and aux_k > 0 and bool(dead.any()):
+        if sparse and dead is not None and aux_k > 0 and bool(dead.any()):
             aux = self._aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, _detached(code), recon_loss, aux, sparsity)
