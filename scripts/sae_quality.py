@@ -36,9 +36,14 @@ def train_arch(args, arch: str, coeff: float) -> Path:
 
 
 def evaluate(args, model, sae_dir: Path, windows) -> dict:
+    """Metrics of one trained SAE, cached beside it (a re-run after a kill does not redo them)."""
+    cached = sae_dir / "quality_eval.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     sae = load_sae(sae_dir)
     result = reconstruction_metrics(sae, ActivationStore(args.eval_store))
     result.update(splice_metrics(model, sae, windows))
+    cached.write_text(json.dumps(result))
     return result
 
 
