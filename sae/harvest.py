@@ -112,12 +112,6 @@ def corpus_windows(cfg: HarvestConfig, model: LoadedModel) -> Windows:
     return windows
 
 
-def forward_hooks(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Activations at `hooks` for a [batch, seq] token tensor, stopping after the deepest hook."""
-    with torch.inference_mode():
-        return capture(model, tokens, hooks)  # each [batch, seq, d_model] float32
-
-
 def harvest_stream(
     cfg: HarvestConfig,
     model: LoadedModel,
@@ -128,11 +122,18 @@ def harvest_stream(
     """Yield activations batch by batch, in window order, without touching disk."""
     hooks = check_config(cfg, model)
     windows = windows if windows is not None else corpus_windows(cfg, model)
-    first = 0 if cfg.keep_bos else 1  # column 0 is BOS
     stop_window = len(windows) if stop_window is None else stop_window
+    return _stream(cfg, model, hooks, windows, start_window, stop_window)
+
+
+def _stream(
+    cfg: HarvestConfig, model: LoadedModel, hooks: list[str], windows: Windows, start_window: int, stop_window: int
+) -> Iterator[HarvestBatch]:
+    """harvest_stream after its checks (harvest() checks once, then streams shard by shard)."""
+    first = 0 if cfg.keep_bos else 1  # column 0 is BOS
     for start in range(start_window, stop_window, cfg.batch_size):
         tokens = windows.tokens[start : min(start + cfg.batch_size, stop_window)]  # [b, ctx]
-        acts = forward_hooks(model, tokens, hooks)
+        acts = capture(model, tokens, hooks)  # each [b, ctx, d_model] float32
         n, ctx = tokens.shape
         kept = tokens[:, first:]  # [b, rows_per_window]
         positions = torch.arange(first, ctx, dtype=torch.int32).expand(n, -1)
@@ -166,7 +167,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None) -> ActivationS
             started = time.perf_counter()
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(windows))
             parts = []
-            for batch in harvest_stream(cfg, model, windows, lo, hi):
+            for batch in _stream(cfg, model, hooks, windows, lo, hi):
                 parts.append(batch)
                 bar.update(len(batch.token_ids))
             writer.write_shard(_shard_tensors(parts, hooks, cfg.dtype))

@@ -66,6 +66,7 @@ def _fast_point(name: str) -> str | None:
     return point if point in _FAST_POINTS else None
 
 
+@torch.inference_mode()
 def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """Activations at `hooks` for tokens [batch, seq], computing no block past the deepest hook.
 
@@ -109,8 +110,7 @@ def _capture_fast(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) ->
         handles.append(block.mlp.register_forward_hook(keep(layer, "hook_mlp_out")))
         handles.append(block.register_forward_hook(keep(layer, "hook_resid_post", stop=layer == deepest)))
     try:
-        with torch.inference_mode():
-            model.fast.model(tokens, use_cache=False)
+        model.fast.model(tokens, use_cache=False)
     except _StopForward:
         pass
     finally:

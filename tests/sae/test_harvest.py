@@ -15,7 +15,6 @@ from sae.harvest import (
     HarvestBatch,
     _shard_tensors,
     corpus_windows,
-    forward_hooks,
     harvest,
     harvest_stream,
 )
@@ -50,7 +49,7 @@ def test_early_exit_gives_the_same_activations_as_the_full_forward(tiny: LoadedM
     tokens = torch.randint(
         0, len(tiny.tokenizer), (2, 16), generator=torch.Generator().manual_seed(1)
     )
-    early = forward_hooks(tiny, tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
+    early = capture(tiny, tokens, ["blocks.0.hook_resid_post"])["blocks.0.hook_resid_post"]
     with torch.inference_mode():
         full = tiny.hf(tokens, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(early, full, rtol=0, atol=0)
