@@ -180,17 +180,16 @@ class SAE(HookedRootModule):
             pre = x_c @ self.W_enc.T + self.b_enc  # [N, n_latents]
         sparsity = aux = x_n.new_zeros(())
         if sparse:
-            code, recon_loss = self._sparse_losses(x_n, x_c, pre, reduce)
+            code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
         else:
-            code, recon_loss, sparsity = self._dense_losses(x_n, pre, reduce)
-        with torch.no_grad():
-            recons_n = self._decode_n(_detached(code))  # [N, d_in]
+            code, recon_loss, sparsity, recons_n = self._dense_losses(x_n, pre, reduce)
         if sparse and dead is not None and aux_k > 0 and bool(dead.any()):
             aux = self._aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, _detached(code), recon_loss, aux, sparsity)
 
-    def _sparse_losses(self, x_n, x_c, pre, reduce) -> tuple[SparseCode, torch.Tensor]:
+    def _sparse_losses(self, x_n, x_c, pre, reduce) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
+        """(code, reconstruction loss, detached normalised-space reconstruction of the whole code)."""
         with torch.no_grad():
             if self.cfg.arch == "topk":
                 selected = _topk_code(pre, self.cfg.k)
@@ -200,12 +199,17 @@ class SAE(HookedRootModule):
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
         code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
         if self.cfg.arch != "matryoshka":
-            return code, fvu(x_n, self._decode_n(code), reduce)
-        losses = [fvu(x_n, self._decode_n(code._replace(values=values * (code.cols < end))), reduce)
-                  for end in self.cfg.matryoshka_groups]  # fmt: skip
-        return code, torch.stack(losses).mean()
+            recons_n = self._decode_n(code)
+            return code, fvu(x_n, recons_n, reduce), recons_n.detach()
+        prefixes = [self._decode_n(code._replace(values=values * (code.cols < end)))
+                    for end in self.cfg.matryoshka_groups]  # fmt: skip
+        loss = torch.stack([fvu(x_n, p, reduce) for p in prefixes]).mean()
+        if self.cfg.matryoshka_groups[-1] >= self.cfg.n_latents:  # the last prefix is the whole code
+            return code, loss, prefixes[-1].detach()
+        with torch.no_grad():
+            return code, loss, self._decode_n(code)
 
-    def _dense_losses(self, x_n, pre, reduce) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
+    def _dense_losses(self, x_n, pre, reduce) -> tuple[SparseCode, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.cfg.arch == "jumprelu":
             threshold = self.log_threshold.exp()
             acts = _JumpReLU.apply(pre, threshold, self.cfg.jumprelu_bandwidth)
@@ -215,8 +219,8 @@ class SAE(HookedRootModule):
             sparsity = (acts * self.W_dec.norm(dim=1)).sum()
         n_tokens = x_n.new_tensor(float(x_n.shape[0]))
         sparsity = sparsity / (reduce(n_tokens) if reduce else n_tokens)  # mean over the global batch
-        recon_loss = fvu(x_n, acts @ self.W_dec + self.b_dec, reduce)
-        return _dense_to_code(acts), recon_loss, sparsity
+        recons_n = acts @ self.W_dec + self.b_dec  # [N, d_in]
+        return _dense_to_code(acts), fvu(x_n, recons_n, reduce), sparsity, recons_n.detach()
 
     def _decode_n(self, code: SparseCode) -> torch.Tensor:
         return sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
