@@ -136,7 +136,7 @@ class SAE(HookedRootModule):
         pre = self.pre_acts(x.to(self.W_enc.dtype) * self.cfg.input_scale)
         arch = self.cfg.arch
         if arch == "topk":
-            code = _topk_code(pre, self.cfg.k)
+            code = topk_code(pre, self.cfg.k)
         elif arch in ("batchtopk", "matryoshka"):
             code = _dense_to_code(pre * (pre > self.threshold))
         elif arch == "jumprelu":
@@ -184,7 +184,7 @@ class SAE(HookedRootModule):
         else:
             code, recon_loss, sparsity, recons_n = self._dense_losses(x_n, pre, reduce)
         if sparse and dead is not None and aux_k > 0 and bool(dead.any()):
-            aux = self._aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
+            aux = self.aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, _detached(code), recon_loss, aux, sparsity)
 
@@ -192,10 +192,10 @@ class SAE(HookedRootModule):
         """(code, reconstruction loss, detached normalised-space reconstruction of the whole code)."""
         with torch.no_grad():
             if self.cfg.arch == "topk":
-                selected = _topk_code(pre, self.cfg.k)
+                selected = topk_code(pre, self.cfg.k)
             else:
-                selected = _batch_topk_code(pre, self.cfg.k)
-                self._update_threshold(selected.values)
+                selected = batch_topk_code(pre, self.cfg.k)
+                self.update_threshold(selected.values)
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
         code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
         if self.cfg.arch != "matryoshka":
@@ -225,17 +225,17 @@ class SAE(HookedRootModule):
     def _decode_n(self, code: SparseCode) -> torch.Tensor:
         return sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
 
-    def _aux_loss(self, residual, x_c, pre, dead, aux_k, reduce) -> torch.Tensor:
+    def aux_loss(self, residual, x_c, pre, dead, aux_k, reduce) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the top aux_k dead latents must explain what the code missed."""
         k = min(aux_k, int(dead.sum()))
         with torch.no_grad():
-            selected = _topk_code(pre.masked_fill(~dead, float("-inf")), k)
+            selected = topk_code(pre.masked_fill(~dead, float("-inf")), k)
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
         guess = sparse_decode(values, selected.cols, selected.rows, self.W_dec, selected.n_rows)
         return fvu(residual.detach(), guess, reduce)
 
     @torch.no_grad()
-    def _update_threshold(self, kept: torch.Tensor, momentum: float = 0.99) -> None:
+    def update_threshold(self, kept: torch.Tensor, momentum: float = 0.99) -> None:
         positive = kept[kept > 0]
         if len(positive) == 0:
             return
@@ -272,15 +272,33 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> t
     return (x - x_hat).pow(2).sum() / total_variance.to(x.dtype)
 
 
-def _topk_code(pre: torch.Tensor, k: int) -> SparseCode:
+def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
     values, cols = pre.topk(k, dim=1, sorted=False)  # [N, k]
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
     return SparseCode(values.relu().flatten(), cols.flatten(), rows, pre.shape[0])
 
 
-def _batch_topk_code(pre: torch.Tensor, k: int) -> SparseCode:
+def batch_topk_code(pre: torch.Tensor, k: float) -> SparseCode:
+    """The round(k·N) largest ReLU(pre) of the whole batch: k per token on average.
+
+    A topk over all N·n entries is slow; each row's top 4k hold the answer unless some row has more
+    than 4k entries above the batch cut, which is checked (and then the full topk runs).
+    """
     n_rows, n_latents = pre.shape
-    values, flat = pre.relu().flatten().topk(k * n_rows, sorted=False)
+    n_keep = max(1, min(round(k * n_rows), pre.numel()))
+    acts = pre.relu()
+    per_row = min(n_latents, 4 * max(1, math.ceil(k)))
+    if per_row < n_latents:
+        row_values, row_cols = acts.topk(per_row, dim=1, sorted=False)  # [N, per_row]
+        values, picked = row_values.flatten().topk(n_keep, sorted=False)
+        if bool((row_values.min(dim=1).values < values.min()).all()):  # nothing left out reaches the cut
+            flat = (picked // per_row) * n_latents + row_cols.flatten()[picked]
+            return _row_major_code(values, flat, n_rows, n_latents)
+    values, flat = acts.flatten().topk(n_keep, sorted=False)
+    return _row_major_code(values, flat, n_rows, n_latents)
+
+
+def _row_major_code(values: torch.Tensor, flat: torch.Tensor, n_rows: int, n_latents: int) -> SparseCode:
     flat, order = flat.sort()  # row-major order: rows non-decreasing
     return SparseCode(values[order], flat % n_latents, flat // n_latents, n_rows)
 

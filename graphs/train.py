@@ -1,0 +1,201 @@
+"""Train the adaptive sparse GNN autoencoder on an activation store.
+
+    start from a trained SAE (its latents are the graph's nodes) and the top-m co-activation
+    candidates of its features (`python -m graphs stats`)
+    for each batch (seeded shuffle, resumable at any step):
+        evidence by BatchTopK at budget k_e -> graph step (sampled hard-concrete gates) -> decode
+        loss = FVU + aux·AuxK + λ_edge · E[open gates per feature] + λ_abs · absorption penalty
+        Adam (graph parameters on their own, faster LR) -> unit-norm decoder
+        k_e ← k_e + 0.1 (k − post-propagation L0)        (budgets are post-propagation)
+    finally: calibrate the inference threshold θ, write the model directory.
+
+Checkpoints and logs are the SAE trainer's (`sae.checkpoint`, `sae.train_log`): kill -9 and
+`--resume` continue exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from graphs.coactivation import CoactivationStats
+from graphs.io import save_graph_sae
+from graphs.model import GraphConfig, SparseGraphAutoencoder
+from sae.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from sae.io import load_sae
+from sae.sae import SAE, batch_topk_code, fvu
+from sae.store import ActivationStore
+from sae.train import Distributed, HookState, log_row, lr_at, step_batches, track_firing
+from sae.train_log import TrainLogger
+
+
+@dataclass
+class GraphTrainConfig:
+    store: str = ""
+    """Activation store directory (the one the SAE was trained on, or more of the same)."""
+    stats: str = ""
+    """Co-activation statistics directory from `python -m graphs stats` (names the SAE it describes)."""
+    out: str = ""
+    """Output directory: the graph autoencoder (cfg.json, sae.safetensors, graph.safetensors, graph.json)."""
+    k: int = 0
+    """Target post-propagation L0 (0: the SAE's k)."""
+    m: int = 32
+    """Candidate out-edges per feature (at most the stats' m)."""
+    score: Literal["npmi", "pmi", "jaccard", "conditional"] = "npmi"
+    """How candidates are ranked."""
+    min_count: int = 5
+    """Feature pairs that co-fired fewer times are never candidates."""
+    tokens: int = 500_000
+    """Training tokens."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 5e-4
+    """Adam LR of the SAE weights (they start trained, so lower than from scratch)."""
+    graph_lr: float = 0.02
+    """Adam LR of the edge weights and gate logits."""
+    warmup_frac: float = 0.05
+    """Fraction of steps with linear LR warm-up."""
+    decay_frac: float = 0.2
+    """Fraction of steps at the end with linear LR decay to 0."""
+    init_weight: float = 0.5
+    """Initial edge weight w (large enough that messages lift some targets over θ from the start:
+    an edge whose target never fires gets no reconstruction gradient)."""
+    init_log_alpha: float = -1.0
+    """Initial gate logit (−1: a gate is open in 65% of samples, deterministic gate 0.22)."""
+    edge_coeff: float = 0.05
+    """λ_edge on the expected number of open out-edges per feature (hard-concrete L0)."""
+    absorption_coeff: float = 1.0
+    """λ_abs on Σ s_ij relu(cos(d_i, d_j))² over edges in use: a child must not copy its parent."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK dead-latent loss."""
+    dead_tokens: int = 1_000_000
+    """A latent that has not fired in this many tokens counts as dead."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (one is also written at the end)."""
+    log_every: int = 10
+    """Steps between metric rows."""
+    resume: bool = False
+    """Continue from out/checkpoint.safetensors exactly where it stopped."""
+    seed: int = 0
+    """Seed of the data order and the gate noise."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode (offline writes under out/wandb)."""
+    device: str = "cpu"
+    """Torch device."""
+
+
+def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
+    """Train (or resume) a SparseGraphAutoencoder; writes cfg.out and returns the model."""
+    store, stats, sae, out = _check_inputs(cfg)
+    hook = sae.cfg.hook
+    model = _init_model(cfg, stats, sae).to(cfg.device)
+    state = HookState(model, _optimizer(cfg, model), *[torch.zeros(sae.cfg.n_latents, dtype=torch.int64,
+                      device=cfg.device) for _ in range(2)])  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    first_step = load_checkpoint(out, {hook: state})["step"] if cfg.resume else 0
+    n_steps = max(1, cfg.tokens // cfg.batch_size)
+    logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None)
+    bar = tqdm(total=n_steps, initial=first_step, unit="step", desc="train graph")
+    started = time.perf_counter()
+    for step, batch in step_batches(store, cfg, [hook], start_step=first_step, n_steps=n_steps):
+        x = batch[hook].to(cfg.device)
+        row = _train_step(cfg, state, x[~sae.passthrough(x)], lr_at(cfg, step, n_steps, sae.cfg.n_latents))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+            tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
+            logger.log(log_row(cfg, state, step, hook, row, row["lr"], tok_s))
+            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", deg=f"{row['mean_degree']:.2f}")
+        bar.update(1)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps:
+            save_checkpoint(out, step + 1, (step + 1) * cfg.batch_size, {hook: state}, asdict(cfg))
+    bar.close()
+    calibrate_graph_threshold(model, store, cfg)
+    save_graph_sae(model, out, source={"stats": cfg.stats, "store": cfg.store})
+    logger.finish()
+    return model
+
+
+def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationStats, SAE, Path]:
+    if not (cfg.store and cfg.stats and cfg.out):
+        raise ValueError("pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR")
+    store, stats = ActivationStore(cfg.store), CoactivationStats.load(cfg.stats)
+    sae = load_sae(stats.meta["sae"])
+    if sae.cfg.hook not in store.hooks:
+        raise ValueError(f"the SAE reads {sae.cfg.hook} but the store holds {', '.join(store.hooks)}")
+    if sae.cfg.arch not in ("topk", "batchtopk"):
+        raise ValueError(f"start the graph autoencoder from a topk or batchtopk SAE, not {sae.cfg.arch!r}")
+    if len(store) < cfg.batch_size:
+        raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
+    out = Path(cfg.out)
+    if cfg.resume:
+        saved = read_checkpoint_meta(out)["config"]
+        free = ("resume", "wandb", "device", "log_every", "checkpoint_every")
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
+                 if k not in free and saved.get(k) != v]  # fmt: skip
+        if diffs:
+            raise ValueError(f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags")
+    elif (out / CHECKPOINT).exists():
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return store, stats, sae, out
+
+
+def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> SparseGraphAutoencoder:
+    """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges."""
+    evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k}))
+    evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
+    edge_index, _ = stats.candidates(cfg.m, cfg.score, cfg.min_count)
+    if edge_index.shape[1] == 0:
+        raise ValueError(f"{cfg.stats} gives no candidate edges at min_count={cfg.min_count}; lower it or use more tokens")
+    return SparseGraphAutoencoder(evidence, edge_index, GraphConfig(sae.cfg.n_latents, edge_index.shape[1], cfg.init_log_alpha, cfg.init_weight))
+
+
+def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.optim.Adam:
+    graph = [model.weight_raw, model.log_alpha]
+    return torch.optim.Adam([{"params": list(model.sae.parameters()), "lr": cfg.lr, "base_lr": cfg.lr},
+                             {"params": graph, "lr": cfg.graph_lr, "base_lr": cfg.graph_lr}])  # fmt: skip
+
+
+def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: float) -> dict:
+    model, optimizer = state.sae, state.optimizer
+    factor = lr / cfg.lr  # the schedule's warm-up / decay factor, applied to both groups
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    dead = state.tokens_since_fired >= cfg.dead_tokens
+    out = model.training_forward(x, dead=dead, aux_k=x.shape[1] // 2)
+    loss = out.fvu + cfg.aux_coeff * out.aux_loss + cfg.edge_coeff * out.edge_l0 + cfg.absorption_coeff * out.absorption
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    model.sae.remove_parallel_decoder_grad()
+    optimizer.step()
+    model.sae.normalize_decoder()
+    code = out.graph_code.code
+    post_l0 = float((code.values > 0).sum()) / x.shape[0]
+    model.adapt_evidence_budget(post_l0)
+    track_firing(state, code, x.shape[0], Distributed())
+    with torch.no_grad():
+        full_fvu = fvu(x.to(out.recons.dtype), out.recons)
+    return {
+        "loss": loss.item(), "fvu": full_fvu.item(), "aux_loss": out.aux_loss.item(), "l0": post_l0,
+        "l0_evidence": len(out.graph_code.evidence.values) / x.shape[0], "evidence_k": float(model.evidence_k),
+        "edge_l0": out.edge_l0.item(), "absorption": out.absorption.item(), "lr": lr,
+        "mean_degree": model.active_edges()[0].shape[1] / model.n_latents,
+        "implied_per_token": float((~out.graph_code.from_evidence).sum()) / x.shape[0],
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def calibrate_graph_threshold(model: SparseGraphAutoencoder, store: ActivationStore, cfg: GraphTrainConfig,
+                              n_batches: int = 8) -> float:  # fmt: skip
+    """θ := mean over a few batches of the cut that keeps round(k_e·N) evidence activations."""
+    hook, sae, cuts = model.sae.cfg.hook, model.sae, []
+    for _, batch in step_batches(store, cfg, [hook], start_step=0, n_steps=n_batches):
+        x = batch[hook].to(cfg.device)
+        _, _, pre = model.pre_acts(x[~sae.passthrough(x)])
+        cuts.append(batch_topk_code(pre, float(model.evidence_k)).values.min())
+    sae.threshold.copy_(torch.stack(cuts).mean())
+    return float(sae.threshold)
