@@ -11,7 +11,7 @@ from sae.kernels import (
     sparse_encode,
     sparse_encode_reference,
 )
-from sae.sae import _batch_topk_code, _topk_code
+from sae.sae import batch_topk_code, topk_code
 
 N, D, LATENTS, K = 37, 16, 96, 5
 
@@ -25,7 +25,7 @@ def _inputs(seed: int):
     return x_c, W_enc, b_enc, W_dec
 
 
-@pytest.mark.parametrize("select", [lambda p: _topk_code(p, K), lambda p: _batch_topk_code(p, K)], ids=["topk", "batchtopk"])
+@pytest.mark.parametrize("select", [lambda p: topk_code(p, K), lambda p: batch_topk_code(p, K)], ids=["topk", "batchtopk"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sparse_encode_then_decode_matches_the_dense_reference(select, seed: int) -> None:
     results = []
@@ -47,7 +47,7 @@ def test_sparse_encode_then_decode_matches_the_dense_reference(select, seed: int
 def test_batch_topk_gives_variable_counts_per_token_and_sorted_rows() -> None:
     pre = torch.randn(N, LATENTS, generator=torch.Generator().manual_seed(3))
     pre[0] += 5  # one token with many strong latents
-    code = _batch_topk_code(pre, K)
+    code = batch_topk_code(pre, K)
     counts = torch.bincount(code.rows, minlength=N)
     assert counts.sum() == K * N and counts[0] > K and counts.min() < K
     assert (code.rows[1:] >= code.rows[:-1]).all()
@@ -57,6 +57,18 @@ def test_batch_topk_gives_variable_counts_per_token_and_sorted_rows() -> None:
 
 def test_decode_gradcheck_in_float64() -> None:
     x_c, W_enc, b_enc, W_dec = _inputs(2)
-    code = _topk_code((x_c @ W_enc.T + b_enc).detach(), K)
+    code = topk_code((x_c @ W_enc.T + b_enc).detach(), K)
     values = code.values.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, code.cols, code.rows, w, N), (values, W_dec))
+
+
+@pytest.mark.parametrize("boost", [0.0, 50.0], ids=["row-topk-prefilter", "one-row-dominates-fallback"])
+def test_batch_topk_equals_a_topk_over_the_flattened_batch(boost: float) -> None:
+    pre = torch.randn(64, 200, generator=torch.Generator().manual_seed(4))
+    pre[5] += boost  # with the boost row 5 holds more than 4k of the winners: the prefilter can't be used
+    code = batch_topk_code(pre, 3)
+    values, flat = pre.relu().flatten().topk(3 * 64)
+    flat, order = flat.sort()
+    assert torch.equal(code.rows, flat // 200) and torch.equal(code.cols, flat % 200)
+    assert torch.equal(code.values, values[order])
+    assert (int((code.rows == 5).sum()) > 12) == (boost > 0)

@@ -41,6 +41,9 @@ def test_training_lowers_fvu_for_every_architecture(tiny_store: ActivationStore,
     assert sae.cfg.arch == arch and sae.cfg.input_scale > 0
     if arch != "relu":
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.n_latents))
+    if arch in ("batchtopk", "matryoshka"):  # the calibrated θ keeps k per token on average at inference
+        x = tiny_store.rows(torch.arange(2048), hooks=[HOOK])[HOOK]
+        assert sae.encode(x[~sae.passthrough(x)]).l0() == pytest.approx(8, rel=0.15)
 
 
 def test_one_pass_trains_one_sae_per_hook_and_logs_everything(tiny_store: ActivationStore, tmp_path: Path) -> None:
