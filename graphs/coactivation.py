@@ -14,12 +14,11 @@ both i and j fired (i ≠ j):
     P(j | i)   = c_ij / c_i                                          directed
 
 A token with L active latents holds L(L−1)/2 pairs (496 at L = 32), ~5e8 for 1M tokens, spread
-over a few 1e7 distinct cells of the n² matrix: too many to keep raw, too sparse to keep dense.
-Each batch's pairs become keys i·n + j (i < j), sorted and run-length counted into one sorted
-run; a run is merged into its left neighbour whenever that one is at most twice as long, so runs
-shrink geometrically (O(log batches) of them), every count is merged O(log batches) times, and
-memory stays O(distinct pairs). Rows the SAE passes through (massive activations, see
-`SAE.passthrough`) get no code and are not counted in N (as in sae.evaluate).
+over ~1e7 distinct cells of the n² matrix: too many to keep raw, too sparse to keep dense. Each
+batch's pairs become int keys i·n + j (i < j), sorted and run-length counted into a sorted run,
+which is merged log-structured (see CoactivationCounter): every count is merged O(log batches)
+times and memory stays O(distinct pairs). Rows the SAE passes through (massive activations, see
+`SAE.passthrough`) get no code and are not counted in N, as in sae.evaluate.
 
 Output directory (format_version 1):
 
@@ -36,7 +35,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -73,7 +72,9 @@ class StatsConfig:
     hook: str = ""
     """Hook to read from the store (default: the SAE's own hook)."""
     tokens: int = 0
-    """Tokens to count, the first ones in store order (0: the whole store)."""
+    """Tokens to count, the first ones in store order after --skip-tokens (0: the rest of the store)."""
+    skip_tokens: int = 0
+    """Store rows to skip before counting (to count disjoint slices of one store)."""
     batch_size: int = 4096
     """Tokens encoded per batch."""
     m: int = 32
@@ -160,24 +161,25 @@ class CoactivationStats:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"feature_counts": self.feature_counts, "pair_index": self.pair_index.int(),  # ids < 2^31
                    "pair_counts": self.pair_counts}  # fmt: skip
-        _atomic_save(directory / STATS, tensors)
+        _atomic(directory / STATS, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         info = {"format_version": FORMAT_VERSION, "n_tokens": self.n_tokens, "n_latents": self.n_latents,
                 "n_pairs": int(self.pair_counts.numel()), **self.meta, "complete": True}  # fmt: skip
-        _atomic_text(directory / STATS_JSON, json.dumps(info, indent=2))
+        _atomic(directory / STATS_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> CoactivationStats:
         directory = Path(directory)
         if not (directory / STATS_JSON).exists() or not (directory / STATS).exists():
-            raise FileNotFoundError(f"{directory} holds no finished co-activation stats ({STATS_JSON} + {STATS}); "
-                                    "run `coactivation_stats` with --out pointing there")  # fmt: skip
+            raise FileNotFoundError(f"{directory} holds no finished co-activation stats ({STATS_JSON}, "
+                                    f"{STATS}); run coactivation_stats with --out {directory}")  # fmt: skip
         info = json.loads((directory / STATS_JSON).read_text())
         if info.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory / STATS_JSON} has format_version {info.get('format_version')}, "
                              f"this greylens reads {FORMAT_VERSION}; recompute the stats")  # fmt: skip
         tensors = load_file(directory / STATS)
-        meta = {k: v for k, v in info.items() if k not in ("format_version", "n_tokens", "n_latents", "n_pairs", "complete")}
+        meta = {k: v for k, v in info.items()
+                if k not in ("format_version", "n_tokens", "n_latents", "n_pairs", "complete")}  # fmt: skip
         return cls(info["n_latents"], info["n_tokens"], tensors["feature_counts"], tensors["pair_index"].long(),
                    tensors["pair_counts"], meta)  # fmt: skip
 
@@ -231,19 +233,28 @@ def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -
     (a_keys, a_counts), (b_keys, b_counts) = (a, b) if len(a[0]) >= len(b[0]) else (b, a)
     if len(b_keys) == 0:
         return a_keys, a_counts
-    at = np.searchsorted(a_keys, b_keys)  # [|b|] where b's keys sit in a
-    shared = a_keys[np.minimum(at, len(a_keys) - 1)] == b_keys if len(a_keys) else np.zeros(len(b_keys), bool)
+    at = np.searchsorted(a_keys, b_keys)  # [|b|] where b's keys sit in a (a is the longer, so not empty)
+    shared = a_keys[np.minimum(at, len(a_keys) - 1)] == b_keys  # [|b|]
     a_counts[at[shared]] += b_counts[shared]  # in place: runs own their arrays
     new = ~shared
     return np.insert(a_keys, at[new], b_keys[new]), np.insert(a_counts, at[new], b_counts[new])
 
 
+def _fold(runs: list[tuple[np.ndarray, np.ndarray]], ratio: float) -> None:
+    """Merge the last run into the one before while that one is at most `ratio` times as long."""
+    while len(runs) > 1 and len(runs[-2][0]) <= ratio * len(runs[-1][0]):
+        last = runs.pop()
+        runs.append(_merge(runs.pop(), last))
+
+
 class CoactivationCounter:
     """Feature counts and sparse co-counts of sparse codes, added batch by batch (checkpointable).
 
-    The key space is cut into `n_shards` ranges, each with its own log-structured list of runs:
-    merging slices of ~1/n_shards of the pairs keeps the binary searches in cache (3× faster
-    than merging whole runs, measured), and the shards concatenate to one sorted run at the end.
+    Log-structured: each batch's sorted run is appended, and the last run is merged into the one
+    before it while that one is at most twice as long, so run lengths shrink geometrically
+    (O(log batches) runs) and merging stays amortised. The key space is cut into `n_shards`
+    ranges, each with its own runs: merging slices of ~1/n_shards of the pairs keeps the binary
+    searches in cache (3× faster than whole runs, measured); the shards concatenate in order.
     """
 
     def __init__(self, n_latents: int, n_shards: int = 64) -> None:
@@ -269,16 +280,12 @@ class CoactivationCounter:
         for shard, lo, hi in zip(self.shards, cuts[:-1], cuts[1:], strict=True):
             if hi > lo:
                 shard.append((keys[lo:hi].copy(), counts[lo:hi].copy()))
-                while len(shard) > 1 and len(shard[-2][0]) <= 2 * len(shard[-1][0]):
-                    last = shard.pop()
-                    shard.append(_merge(shard.pop(), last))
+                _fold(shard, ratio=2)
 
     def merged(self) -> tuple[np.ndarray, np.ndarray]:
         """Every shard folded to one run, concatenated: (keys [P] sorted, counts [P] int64)."""
         for shard in self.shards:
-            while len(shard) > 1:
-                last = shard.pop()
-                shard.append(_merge(shard.pop(), last))
+            _fold(shard, ratio=math.inf)
         runs = [shard[0] for shard in self.shards if shard]
         if not runs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -319,23 +326,23 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
     if (out / CHECKPOINT).exists():
         state = _load_checkpoint(out, identity, counter)
     out.mkdir(parents=True, exist_ok=True)
-    n_tokens = cfg.tokens or len(store)
+    n_tokens = cfg.tokens or len(store) - cfg.skip_tokens
     n_batches = math.ceil(n_tokens / cfg.batch_size)
     with tqdm(total=n_batches, initial=state["batches_done"], unit="batch", desc=f"coactivation {hook}") as bar:
         for batch in range(state["batches_done"], n_batches):
-            rows = torch.arange(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_tokens))  # [B]
+            rows = cfg.skip_tokens + torch.arange(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_tokens))  # [B]
             code, n_passthrough = _encode(sae, store.rows(rows, hooks=[hook])[hook].to(cfg.device))
             counter.add(code, n_passthrough)
             state["batches_done"], state["n_passthrough"] = batch + 1, state["n_passthrough"] + n_passthrough
             bar.update(1)
-            bar.set_postfix(pairs=sum(len(k) for shard in counter.shards for k, _ in shard))
+            bar.set_postfix(run_entries=sum(len(k) for shard in counter.shards for k, _ in shard))
             if (batch + 1) % cfg.checkpoint_every == 0 and batch + 1 < n_batches:
                 _save_checkpoint(out, counter, state, identity)
     meta = {"sae": str(Path(cfg.sae).resolve()), "hook": hook, "store": str(Path(cfg.store).resolve()),
             "config": asdict(cfg), "identity": identity, "n_passthrough": state["n_passthrough"]}  # fmt: skip
     stats = counter.stats(meta)
     edge_index, scores = stats.candidates(cfg.m, cfg.score, cfg.min_count)
-    _atomic_save(out / CANDIDATES, {"edge_index": edge_index, "scores": scores})
+    _atomic(out / CANDIDATES, lambda tmp: save_file({"edge_index": edge_index, "scores": scores}, tmp))
     stats.save(out)  # stats.json goes last: from here on the run counts as complete
     (out / CHECKPOINT).unlink(missing_ok=True)
     return stats
@@ -374,7 +381,9 @@ def _check_inputs(cfg: StatsConfig) -> tuple[ActivationStore, SAE, str]:
     _check_sae_matches_store(sae, store)
     if len(store) == 0:
         raise ValueError(f"the store {cfg.store} holds no tokens yet; finish its harvest first")
-    if cfg.tokens > len(store):
+    if cfg.skip_tokens < 0 or cfg.skip_tokens >= len(store):
+        raise ValueError(f"--skip-tokens must be in 0..{len(store) - 1} (the store holds {len(store)}), got {cfg.skip_tokens}")
+    if cfg.tokens + cfg.skip_tokens > len(store):
         raise ValueError(f"--tokens {cfg.tokens} is more than the store holds ({len(store)}); pass "
                          f"--tokens {len(store)} or less (0: the whole store), or harvest more")  # fmt: skip
     return store, sae, hook
@@ -385,11 +394,13 @@ def _check_sae_matches_store(sae: SAE, store: ActivationStore) -> None:
     if sae.cfg.d_in != m.d_model:
         raise ValueError(f"the SAE reads d_in {sae.cfg.d_in} but the store holds d_model {m.d_model}; "
                          f"use a store harvested from the SAE's model ({sae.cfg.model or 'unknown'})")  # fmt: skip
-    same = (sae.cfg.weights_sha256 == m.weights_sha256) if sae.cfg.weights_sha256 else (sae.cfg.model in ("", m.model))
+    # an imported SAE may not know its model's weights: then at least the model names must agree
+    same = sae.cfg.weights_sha256 == m.weights_sha256 if sae.cfg.weights_sha256 else sae.cfg.model in ("", m.model)
     if not same:
         raise ValueError(f"the SAE was trained on activations of {sae.cfg.model} (weights sha256 "
-                         f"{sae.cfg.weights_sha256[:12] or '?'}…) but the store was harvested from {m.model} "
-                         f"({m.weights_sha256[:12]}…); use a store of the SAE's model, or an SAE trained on this store")  # fmt: skip
+                         f"{sae.cfg.weights_sha256[:12] or '?'}…) but the store was harvested from "
+                         f"{m.model} ({m.weights_sha256[:12]}…); use a store of the SAE's model, "
+                         "or an SAE trained on this store")  # fmt: skip
 
 
 def _identity(cfg: StatsConfig, store: ActivationStore, hook: str) -> dict:
@@ -406,14 +417,16 @@ def _check_same_run(out: Path, saved: dict, current: dict) -> None:
              for k, v in current["config"].items() if saved.get("config", {}).get(k) != v]  # fmt: skip
     diffs += [f"{k} differs" for k in ("sae_sha256", "store") if saved.get(k) != current[k]]
     if diffs:
-        raise ValueError(f"{out} holds a co-activation run with other inputs or settings ({'; '.join(diffs)}); "
-                         "re-run with the original ones to resume it, or pick a new --out (for other "
-                         "candidates of finished stats: CoactivationStats.load(out).candidates(m, score, min_count))")  # fmt: skip
+        raise ValueError(f"{out} holds a co-activation run with other inputs or settings "
+                         f"({'; '.join(diffs)}); re-run with the original ones to resume it, or pick a "
+                         "new --out (other candidates from finished stats: "
+                         "CoactivationStats.load(out).candidates(m, score, min_count))")  # fmt: skip
 
 
 def _save_checkpoint(out: Path, counter: CoactivationCounter, state: dict, identity: dict) -> None:
     meta = {"format_version": FORMAT_VERSION, **state, "n_tokens": counter.n_tokens, "identity": identity}
-    _atomic_save(out / CHECKPOINT, counter.state_dict(), metadata={"greylens": json.dumps(meta)})
+    tensors = {k: v.contiguous() for k, v in counter.state_dict().items()}
+    _atomic(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"greylens": json.dumps(meta)}))
 
 
 def _load_checkpoint(out: Path, identity: dict, counter: CoactivationCounter) -> dict:
@@ -427,20 +440,10 @@ def _load_checkpoint(out: Path, identity: dict, counter: CoactivationCounter) ->
     return {"batches_done": meta["batches_done"], "n_passthrough": meta["n_passthrough"]}
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Temp file, fsync, rename: a run killed at any moment leaves the old file or the new one."""
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """write(temp file), fsync, rename: a run killed at any moment leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    _sync_and_replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _sync_and_replace(tmp, path)
-
-
-def _sync_and_replace(tmp: Path, path: Path) -> None:
+    write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -85,20 +85,31 @@ class Explainer:
     """A model, its graph autoencoder at layer l, and optionally a transition to an SAE at l + Δ."""
 
     model: LoadedModel
-    source: SparseGraphAutoencoder
+    source: SparseGraphAutoencoder | SAE  # a plain SAE explains as a graph without edges
     target: SAE | None = None
     transition: TransitionGraph | None = None
+
+    @property
+    def source_sae(self) -> SAE:
+        return self.source.sae if isinstance(self.source, SparseGraphAutoencoder) else self.source
+
+    def source_code(self, x: torch.Tensor) -> GraphCode:
+        if isinstance(self.source, SparseGraphAutoencoder):
+            return self.source.encode(x)
+        code = self.source.encode(x)
+        none = code.cols[:0]
+        return GraphCode(code, code, torch.ones_like(code.cols, dtype=torch.bool), none, none, none, code.values[:0])
 
     def __post_init__(self) -> None:
         if (self.target is None) != (self.transition is None):
             raise ValueError("pass both target (the layer l+Δ SAE) and transition, or neither")
         d_model = self.model.hf.config.hidden_size
-        if self.source.sae.cfg.d_in != d_model:
-            raise ValueError(f"the graph autoencoder reads d_in {self.source.sae.cfg.d_in}, {self.model.name} has d_model {d_model}")
-        self.source_layer = hook_layer(self.source.sae.cfg.hook)
+        if self.source_sae.cfg.d_in != d_model:
+            raise ValueError(f"the source reads d_in {self.source_sae.cfg.d_in}, {self.model.name} has d_model {d_model}")
+        self.source_layer = hook_layer(self.source_sae.cfg.hook)
         self.target_layer = hook_layer(self.target.cfg.hook) if self.target is not None else None
-        if not str(self.source.sae.cfg.hook).endswith("hook_resid_post"):
-            raise ValueError(f"explain reads resid_post hooks; the graph autoencoder is at {self.source.sae.cfg.hook}")
+        if not str(self.source_sae.cfg.hook).endswith("hook_resid_post"):
+            raise ValueError(f"explain reads resid_post hooks; the source is at {self.source_sae.cfg.hook}")
 
     def tokens(self, text: str) -> torch.Tensor:
         if not text.strip():
@@ -110,7 +121,7 @@ class Explainer:
     def codes(self, tokens: torch.Tensor) -> tuple[ForwardResult, GraphCode, SparseCode | None]:
         layers = [self.source_layer] + ([self.target_layer] if self.target is not None else [])
         result = run_model(self.model, tokens, layers)
-        graph_code = self.source.encode(result.resid[self.source_layer][0, 1:])  # BOS is never encoded
+        graph_code = self.source_code(result.resid[self.source_layer][0, 1:])  # BOS is never encoded
         target = self.target.encode(result.resid[self.target_layer][0, 1:]) if self.target is not None else None
         return result, graph_code, target
 
@@ -135,13 +146,13 @@ class Explainer:
                 "direct": _top_direct(direct, graph_code.code, t, top_paths),
             })  # fmt: skip
         return {
-            "text": text, "model": self.model.name, "source_hook": self.source.sae.cfg.hook,
+            "text": text, "model": self.model.name, "source_hook": self.source_sae.cfg.hook,
             "target_hook": self.target.cfg.hook if self.target is not None else None, "positions": positions,
         }  # fmt: skip
 
     def direct(self, code: SparseCode, predicted: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
         """[nnz] a_ti · u_i(y_t) for every active source entry."""
-        sae = self.source.sae
+        sae = self.source_sae
         effect = logit_effects(self.model, sae.cfg, sae.W_dec, code.cols, predicted[code.rows], rms[code.rows])
         return code.values * effect
 
@@ -213,3 +224,20 @@ def load_explainer(model: LoadedModel, graph_dir: str, transition_dir: str | Non
         raise ValueError(f"{transition_dir} was fitted from {meta['source_hook']} ({transition.n_source} features), "
                          f"not from this graph ({source.sae.cfg.hook}, {source.n_latents})")  # fmt: skip
     return Explainer(model, source, load_sae(meta["target"]), transition)
+
+
+@torch.no_grad()
+def top_logits(model: LoadedModel, sae: SAE, features: torch.Tensor, k: int = 10, chunk: int = 512) -> dict:
+    """Each feature's direct effect on the logits, (W_dec_f ⊙ g) · W_U, summarised by its top and
+    bottom k tokens. features: [F] -> {"top": (values [F, k], ids [F, k]), "bottom": (...)}.
+    Chunked over features: the full [n_latents, vocab] matrix would be 1.8 GB for SmolLM2."""
+    g, W_U = model.fast.model.norm.weight.float(), model.fast.lm_head.weight.float()  # [d], [vocab, d]
+    tops, bottoms = [], []
+    for start in range(0, len(features), chunk):
+        directions = sae.W_dec[features[start : start + chunk]].float() * g  # [c, d]
+        effects = directions @ W_U.T  # [c, vocab]
+        tops.append(effects.topk(k, dim=1))
+        bottoms.append((-effects).topk(k, dim=1))
+    top = (torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops]))
+    bottom = (-torch.cat([b.values for b in bottoms]), torch.cat([b.indices for b in bottoms]))
+    return {"top": top, "bottom": bottom}

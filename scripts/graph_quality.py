@@ -1,0 +1,207 @@
+"""SmolLM2 layer 15: (a) TopK vs (b) TopK + post-hoc co-occurrence graph vs (c) the graph autoencoder.
+
+Equal width (9216 latents) and equal training tokens (1M): (a) is a TopK SAE trained on 1M tokens;
+(b) is (a) plus its co-activation candidates cut to (c)'s number of edges; (c) starts from a
+TopK SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds
+1-3). Every step caches its output under --out, so a killed run resumes. Writes
+docs/graph_quality.md and <out>/graph_quality.json.
+
+    python scripts/graph_quality.py --store out/l15-train-1m --eval-store out/l15-heldout \\
+        --pair-store out/l15-l18-300k --topk out/quality/topk/blocks.15.hook_resid_post \\
+        --base out/graph/topk-l15-500k/blocks.15.hook_resid_post \\
+        --target out/graph/topk-l18-300k/blocks.18.hook_resid_post --out out/graph
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
+from graphs.crosslayer import TransitionConfig, fit_transition
+from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics
+from graphs.faithfulness import attribution_correlation, edge_interventions
+from graphs.io import load_graph_sae
+from graphs.letters import letter_metrics, letter_task_data
+from graphs.train import GraphTrainConfig, train_graph
+from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
+from sae.io import load_sae
+from sae.models import load_model
+from sae.store import ActivationStore
+
+SEEDS = (1, 2, 3)
+TEXTS = [
+    "And God said, Let there be light: and there was light.",
+    "To be, or not to be, that is the question.",
+    "The king went down to the sea with all his ships.",
+    "Of Man's first disobedience, and the fruit of that forbidden tree",
+    "In the beginning was the Word, and the Word was with God.",
+    "Now is the winter of our discontent made glorious summer",
+]
+
+
+def cached(path: Path, compute):
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+    return value
+
+
+def build(args) -> dict[str, Path]:
+    """Stats of (a) and of the base SAE, the three graph autoencoders, the two transitions."""
+    out = Path(args.out)
+    dirs = {"stats_a": out / "stats-topk1m", "stats_base": out / "stats-l15"}
+    for key, sae in (("stats_a", args.topk), ("stats_base", args.base)):
+        if not (dirs[key] / "stats.json").exists():
+            coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens))
+    for seed in SEEDS:
+        dirs[f"c{seed}"] = out / f"gsae-s{seed}"
+        if not (dirs[f"c{seed}"] / "graph.json").exists():
+            train_graph(GraphTrainConfig(store=args.store, stats=str(dirs["stats_base"]), out=str(dirs[f"c{seed}"]),
+                                         tokens=args.half_tokens, seed=seed, wandb="disabled",
+                                         resume=(dirs[f"c{seed}"] / "checkpoint.safetensors").exists()))  # fmt: skip
+    for key, source in (("trans_a", args.topk), ("trans_c", str(dirs["c1"]))):
+        dirs[key] = out / f"transition-{key[-1]}"
+        if not (dirs[key] / "transition.json").exists():
+            fit_transition(TransitionConfig(store=args.pair_store, source=source, target=args.target, out=str(dirs[key])))
+    return dirs
+
+
+def reconstruction(args, dirs, model, windows) -> dict:
+    out = Path(args.out)
+    eval_store = ActivationStore(args.eval_store)
+    rows = {"a": cached(out / "eval-a.json", lambda: {**reconstruction_metrics(load_sae(args.topk), eval_store),
+                                                       **splice_metrics(model, load_sae(args.topk), windows)})}  # fmt: skip
+    for seed in SEEDS:
+        def compute(seed=seed):
+            gsae = load_graph_sae(dirs[f"c{seed}"])
+            result = graph_metrics(gsae, eval_store)
+            if seed == SEEDS[0]:
+                result.update(splice_metrics(model, AsSAE(gsae), windows))
+            return result
+
+        rows[f"c{seed}"] = cached(out / f"eval-c{seed}.json", compute)
+    return rows
+
+
+def letters(args, dirs, model) -> dict:
+    out = Path(args.out)
+    data = letter_task_data(ActivationStore(args.eval_store), load_sae(args.topk).cfg.hook, model.tokenizer,
+                            max_tokens=args.letter_tokens)  # fmt: skip
+    topk = load_sae(args.topk)
+    result = {"a": cached(out / "letters-a.json", lambda: _json_keys(letter_metrics(topk.encode, data)))}
+    gsae = AsSAE(load_graph_sae(dirs["c1"]))
+    result["c"] = cached(out / "letters-c.json", lambda: _json_keys(letter_metrics(gsae.encode, data)))
+    return result
+
+
+def _json_keys(value):
+    if isinstance(value, dict):
+        return {str(k): _json_keys(v) for k, v in value.items()}
+    return value
+
+
+def stability(dirs) -> dict:
+    """Pairwise Jaccard of the three seeds' active edges vs the same edge counts with shuffled targets."""
+    graphs = [load_graph_sae(dirs[f"c{s}"]).active_edges()[0] for s in SEEDS]
+    n = 9216
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    observed = [edge_jaccard(graphs[i], graphs[j], n) for i, j in pairs]
+    g = torch.Generator().manual_seed(0)
+
+    def shuffled(edges):
+        return torch.stack([edges[0], edges[1][torch.randperm(edges.shape[1], generator=g)]])
+
+    null = [edge_jaccard(shuffled(graphs[i]), shuffled(graphs[j]), n) for i, j in pairs]
+    return {"jaccard": sum(observed) / 3, "null": sum(null) / 3, "edges": [e.shape[1] for e in graphs]}
+
+
+def posthoc_stability(args, n_edges: int) -> dict:
+    """(b)'s stability: its top-n_edges graph from three disjoint thirds of the tokens."""
+    out, graphs = Path(args.out), []
+    for third in range(3):
+        directory = out / f"stats-topk1m-third{third}"
+        if not (directory / "stats.json").exists():
+            coactivation_stats(StatsConfig(store=args.store, sae=args.topk, out=str(directory), tokens=args.half_tokens // 3,
+                                           skip_tokens=third * (args.half_tokens // 3)))  # fmt: skip
+        edges, scores = CoactivationStats.load(directory).candidates(32)
+        graphs.append(edges[:, torch.argsort(scores, descending=True)[:n_edges]])
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    return {"jaccard": sum(edge_jaccard(graphs[i], graphs[j], 9216) for i, j in pairs) / 3}
+
+
+def faithfulness(args, dirs, model) -> dict:
+    """Edges of each source's transition to layer 18, checked by ablation; paths vs grad × act."""
+    from graphs.crosslayer import TransitionGraph
+    from graphs.explain import Explainer
+
+    out, result = Path(args.out), {}
+    for key, source in (("a", args.topk), ("c", dirs["c1"])):
+        def compute(key=key, source=source):
+            transition, meta = TransitionGraph.load(dirs[f"trans_{key}"])
+            coder = load_sae(source) if key == "a" else load_graph_sae(source)  # a plain SAE: no edges
+            explainer = Explainer(model, coder, load_sae(meta["target"]), transition)
+            return {**edge_interventions(explainer, TEXTS), **attribution_correlation(explainer, TEXTS),
+                    "transition_code_fvu": meta["code_fvu"], "transition_nonzero": meta["n_nonzero"]}  # fmt: skip
+
+        result[key] = cached(out / f"faithfulness-{key}.json", compute)
+    return result
+
+
+def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
+    a, c = rows["a"], rows["c1"]
+    cs = [rows[f"c{s}"] for s in SEEDS]
+    mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
+    n_edges = stab["edges"][0]
+    def fmt(v, digits=3):
+        return "—" if v is None else f"{v:.{digits}f}"
+    table = [
+        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder |",
+        "|---|---|---|---|",
+        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) |",
+        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu']) for r in cs)}) |",
+        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} |",
+        f"| first-letter absorption (lower is better) | {fmt(let['a']['absorption'])} | {fmt(let['a']['absorption'])} | {fmt(let['c']['absorption'])} |",
+        *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['c']['sparse_probe'][str(k)])} |" for k in (1, 2, 5)],
+        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} |",
+        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) |",
+        f"| edge stability, Jaccard over 3 seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) |",
+        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) |",
+        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} |",
+        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} |",
+        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} |",
+    ]  # fmt: skip
+    return "\n".join(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in ("store", "eval_store", "pair_store", "topk", "base", "target", "out"):
+        parser.add_argument(f"--{flag.replace('_', '-')}", required=True)
+    parser.add_argument("--half-tokens", type=int, default=500_000)
+    parser.add_argument("--ce-tokens", type=int, default=8192)
+    parser.add_argument("--letter-tokens", type=int, default=100_000)
+    parser.add_argument("--doc", default="docs/graph_quality.md")
+    args = parser.parse_args()
+    dirs = build(args)
+    model = load_model("smollm2-135m")
+    rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
+    let = letters(args, dirs, model)
+    stab = stability(dirs)
+    post_stab = cached(Path(args.out) / "stability-b.json", lambda: posthoc_stability(args, max(stab["edges"][0], 1)))
+    faith = faithfulness(args, dirs, model)
+    summary = {"rows": rows, "letters": let, "stability_c": stab, "stability_b": post_stab, "faithfulness": faith}
+    (Path(args.out) / "graph_quality.json").write_text(json.dumps(summary, indent=2))
+    table = markdown(args, rows, let, stab, post_stab, faith, dirs)
+    print(table)
+    Path(args.doc).write_text(Path(args.doc).read_text().replace("<!-- table -->", table)
+                              if Path(args.doc).exists() and "<!-- table -->" in Path(args.doc).read_text() else table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""A small trained pipeline on the tiny model, shared by the graph tests (built once, ~10 s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from graphs.coactivation import StatsConfig, coactivation_stats
+from graphs.crosslayer import TransitionConfig, fit_transition
+from graphs.train import GraphTrainConfig, train_graph
+from sae.store import ActivationStore
+from sae.train import TrainConfig, train
+
+SOURCE_HOOK, TARGET_HOOK = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+
+
+class TinyGraph(NamedTuple):
+    store: ActivationStore
+    sae_dirs: Path  # <hook>/ under it
+    stats: Path
+    graph: Path
+    transition: Path
+
+
+def graph_train_config(store: ActivationStore, stats: Path, out: Path, **overrides) -> GraphTrainConfig:
+    fields = dict(store=str(store.directory), stats=str(stats), out=str(out), m=8, tokens=256 * 10, batch_size=256,
+                  checkpoint_every=2, log_every=2, wandb="disabled")  # fmt: skip
+    fields.update(overrides)
+    return GraphTrainConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_graph(tiny_store: ActivationStore, tmp_path_factory: pytest.TempPathFactory) -> TinyGraph:
+    root = tmp_path_factory.mktemp("graph")
+    train(TrainConfig(store=str(tiny_store.directory), out=str(root / "sae"), arch="topk", k=8, expansion=4,
+                      tokens=256 * 10, batch_size=256, lr=3e-3, wandb="disabled"))  # fmt: skip
+    coactivation_stats(StatsConfig(store=str(tiny_store.directory), sae=str(root / "sae" / SOURCE_HOOK),
+                                   out=str(root / "stats"), batch_size=512, m=8, min_count=2))  # fmt: skip
+    train_graph(graph_train_config(tiny_store, root / "stats", root / "graph", min_count=2))
+    fit_transition(TransitionConfig(store=str(tiny_store.directory), source=str(root / "graph"),
+                                    target=str(root / "sae" / TARGET_HOOK), out=str(root / "transition"), m=8,
+                                    min_count=2, batch_size=512))  # fmt: skip
+    return TinyGraph(tiny_store, root / "sae", root / "stats", root / "graph", root / "transition")
