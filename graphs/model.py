@@ -90,14 +90,13 @@ class ImplicationConv(MessagePassing):
     r"""One implication step on token-local feature graphs.
 
     Bipartite: sources are the evidence entries (token t, feature i) with value x_u = e_ti; targets
-    are all (token, feature) slots, indexed t·n_latents + j. A token edge u → v exists for every
-    live feature edge i → j leaving an evidence feature, with weight s_uv = w_ij z_ij:
+    are the distinct (token, feature) pairs that some live edge reaches. A token edge u → v exists
+    for every live feature edge i → j leaving an evidence feature, with weight s_uv = w_ij z_ij:
 
-        out_v = Σ_{u → v} s_uv · x_u      x: [nnz_e, 1], edge_index: [2, T], out: [N·n_latents, 1]
+        out_v = Σ_{u → v} s_uv · x_u      x: [nnz_e, 1], edge_index: [2, T], out: [n_targets, 1]
 
-    Only the T = Σ_tokens Σ_{active i} outdeg(i) token edges are touched (O(k·m) per token); the
-    output has the shape of the dense pre-activations it is added to. Conventions as in PyG's
-    GraphConv (source_to_target flow, sum aggregation).
+    Only the T = Σ_tokens Σ_{active i} outdeg(i) token edges are touched (O(k·m) per token).
+    Conventions as in PyG's GraphConv (source_to_target flow, sum aggregation).
     """
 
     def __init__(self) -> None:
@@ -166,7 +165,7 @@ class SparseGraphAutoencoder(nn.Module):
         x_n = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
         x_c = x_n - self.sae.b_dec
         with torch.no_grad():
-            pre = x_c @ self.sae.W_enc.T + self.sae.b_enc  # [N, n_latents]
+            pre = torch.addmm(self.sae.b_enc, x_c, self.sae.W_enc.T)  # [N, n_latents]
         return x_n, x_c, pre
 
     def evidence(self, x_c: torch.Tensor, pre: torch.Tensor, train: bool) -> SparseCode:
@@ -201,14 +200,20 @@ class SparseGraphAutoencoder(nn.Module):
         target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
         evidence_key = evidence.rows * n + evidence.cols  # [nnz_e] sorted (row-major codes)
         weight = strengths.index_select(0, edge_id)  # (index_select: its backward is a fast index_add)
-        messages = self.conv(evidence.values.unsqueeze(1), torch.stack([entry, target_key]), weight,
-                             size=(len(evidence.values), n_rows * n)).view(-1)  # fmt: skip  [N·n]
         with torch.no_grad():
-            fired = target_key[pre.view(-1)[target_key] + messages.detach()[target_key] > threshold]
+            targets, target_node = torch.unique(target_key, return_inverse=True)  # [n_targets], [T]
+        messages = self.conv(evidence.values.unsqueeze(1), torch.stack([entry, target_node]), weight,
+                             size=(len(evidence.values), len(targets))).view(-1)  # fmt: skip  [n_targets]
+        with torch.no_grad():
+            fired = targets[pre.view(-1)[targets] + messages.detach() > threshold]
             keys = torch.unique(torch.cat([evidence_key, fired]))  # [nnz] sorted: rows non-decreasing
+            at = torch.searchsorted(targets, keys).clamp_max(max(len(targets) - 1, 0))
+            received = targets[at] == keys if len(targets) else torch.zeros_like(keys, dtype=torch.bool)
         rows, cols = keys // n, keys % n
         pre_active = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, cols, rows)
-        values = (pre_active + messages.index_select(0, keys)).relu()
+        if len(targets):
+            pre_active = pre_active + messages.index_select(0, at) * received
+        values = pre_active.relu()
         with torch.no_grad():  # which token edges reached an active target (for explain and penalties)
             from_evidence = _contains(evidence_key, keys)
             hit = torch.searchsorted(keys, target_key).clamp_max(max(len(keys) - 1, 0))

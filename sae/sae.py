@@ -122,7 +122,7 @@ class SAE(HookedRootModule):
     # ------------------------------------------------------------------ inference
 
     def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
-        return (x_n - self.b_dec) @ self.W_enc.T + self.b_enc  # [N, n_latents]
+        return torch.addmm(self.b_enc, x_n - self.b_dec, self.W_enc.T)  # [N, n_latents], bias fused
 
     def passthrough(self, x: torch.Tensor) -> torch.Tensor:
         """[N] bool: rows too large for this SAE (massive activations), left as they are."""
@@ -177,7 +177,7 @@ class SAE(HookedRootModule):
         x_c = x_n - self.b_dec  # [N, d_in]
         sparse = self.cfg.arch in SPARSE_ARCHS
         with torch.set_grad_enabled(torch.is_grad_enabled() and not sparse):  # sparse: grads go via kernels
-            pre = x_c @ self.W_enc.T + self.b_enc  # [N, n_latents]
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)  # [N, n_latents], bias fused into the GEMM
         sparsity = aux = x_n.new_zeros(())
         if sparse:
             code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
@@ -281,21 +281,32 @@ def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
 def batch_topk_code(pre: torch.Tensor, k: float) -> SparseCode:
     """The round(k·N) largest ReLU(pre) of the whole batch: k per token on average.
 
-    A topk over all N·n entries is slow; each row's top 4k hold the answer unless some row has more
-    than 4k entries above the batch cut, which is checked (and then the full topk runs).
+    A topk over all N·n entries is slow (0.48 s at 4096 × 9216 here). Each row's top 4k hold every
+    winner of that row unless the row's 4k-th value still reaches the batch cut; only such rows
+    (≈1% on SmolLM2 L15) contribute all their entries. Excluded entries are below the first cut,
+    and adding candidates can only raise the cut, so the result is exact.
     """
     n_rows, n_latents = pre.shape
     n_keep = max(1, min(round(k * n_rows), pre.numel()))
-    acts = pre.relu()
-    per_row = min(n_latents, 4 * max(1, math.ceil(k)))
-    if per_row < n_latents:
-        row_values, row_cols = acts.topk(per_row, dim=1, sorted=False)  # [N, per_row]
-        values, picked = row_values.flatten().topk(n_keep, sorted=False)
-        if bool((row_values.min(dim=1).values < values.min()).all()):  # nothing left out reaches the cut
-            flat = (picked // per_row) * n_latents + row_cols.flatten()[picked]
-            return _row_major_code(values, flat, n_rows, n_latents)
-    values, flat = acts.flatten().topk(n_keep, sorted=False)
-    return _row_major_code(values, flat, n_rows, n_latents)
+    per_row = 4 * max(1, math.ceil(k))
+    if per_row >= n_latents:
+        values, flat = pre.flatten().topk(n_keep, sorted=False)
+        return _row_major_code(values.relu(), flat, n_rows, n_latents)
+    # ReLU commutes with topk (it is monotone), so it is applied to the few candidates, not to N·n
+    row_values, row_cols = pre.topk(per_row, dim=1, sorted=False)  # [N, per_row]
+    row_values = row_values.relu()
+    cut = row_values.flatten().topk(n_keep, sorted=False).values.min()
+    full = row_values.min(dim=1).values >= cut  # [N] rows that may hold more winners
+    rows = torch.arange(n_rows, device=pre.device)
+    candidates = row_values[~full].flatten()
+    flat = (rows[~full, None] * n_latents + row_cols[~full]).flatten()
+    if bool(full.any()):
+        full_rows = rows[full]
+        candidates = torch.cat([candidates, pre[full_rows].relu().flatten()])
+        every = full_rows[:, None] * n_latents + torch.arange(n_latents, device=pre.device)
+        flat = torch.cat([flat, every.flatten()])
+    values, picked = candidates.topk(n_keep, sorted=False)
+    return _row_major_code(values, flat[picked], n_rows, n_latents)
 
 
 def _row_major_code(values: torch.Tensor, flat: torch.Tensor, n_rows: int, n_latents: int) -> SparseCode:
