@@ -1,2 +1,16 @@
-"""greylens.graphs: co-activation statistics, the adaptive sparse GNN autoencoder, feature graphs,
-reasoning paths and feature-dataset export. Not built yet: see the open issues."""
+"""greylens.graphs: the white-box reasoning layer on top of SAEs.
+
+    coactivation   feature counts and sparse co-counts of an SAE over a store; top-m candidates
+    model          SparseGraphAutoencoder: BatchTopK evidence + one message-passing step on a
+                   learned sparse implication graph (hard-concrete gated edges)
+    train          its trainer (resumable; budgets are post-propagation L0)
+    io             graph directories; load_graph -> torch_geometric.data.Data
+    crosslayer     transition graph between the codes of layer l and layer l + Δ
+    explain        reasoning paths token -> features(l) -> features(l+Δ) -> predicted token
+    faithfulness   edges checked by ablation, paths against gradient × activation
+    evaluate       graph metrics, the SAE-shaped adapter for splicing, edge Jaccard
+    synthetic      planted feature hierarchy (ground truth) and edge-recovery scoring
+    letters        first-letter absorption and sparse-probing metrics
+
+Command line: `python -m graphs stats|train|transition|explain|eval`.
+"""

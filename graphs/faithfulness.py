@@ -127,10 +127,12 @@ def attribution_correlation(explainer: Explainer, texts: list[str]) -> dict:
 
 
 def _entry_of(code, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    n = int(code.cols.max()) + 1 if len(code.cols) else 1
-    n = max(n, int(cols.max()) + 1) if len(cols) else n
-    keys = code.rows * n + code.cols  # sorted (row-major)
-    return torch.searchsorted(keys, rows * n + cols)
+    """Index into code's entries of each (row, col) pair (all present). TopK codes are not sorted
+    by column within a row, so look up in sorted order."""
+    n = int(torch.cat([code.cols, cols]).max()) + 1 if len(cols) else 1
+    keys = code.rows * n + code.cols
+    order = torch.argsort(keys)
+    return order[torch.searchsorted(keys[order], rows * n + cols)]
 
 
 def _logit_grads(explainer: Explainer, tokens: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

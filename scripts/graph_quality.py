@@ -60,13 +60,13 @@ def build(args) -> dict[str, Path]:
         if not (dirs[key] / "stats.json").exists():
             coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens))
     for seed in SEEDS:
-        dirs[f"c{seed}"] = out / f"gsae-s{seed}"
+        dirs[f"c{seed}"] = out / f"gsae-s{seed}{args.tag}"
         if not (dirs[f"c{seed}"] / "graph.json").exists():
             train_graph(GraphTrainConfig(store=args.store, stats=str(dirs["stats_base"]), out=str(dirs[f"c{seed}"]),
-                                         tokens=args.half_tokens, seed=seed, wandb="disabled",
+                                         tokens=args.half_tokens, seed=seed, wandb="disabled", edge_coeff=args.edge_coeff,
                                          resume=(dirs[f"c{seed}"] / "checkpoint.safetensors").exists()))  # fmt: skip
     for key, source in (("trans_a", args.topk), ("trans_c", str(dirs["c1"]))):
-        dirs[key] = out / f"transition-{key[-1]}"
+        dirs[key] = out / (f"transition-{key[-1]}" + (args.tag if key == "trans_c" else ""))
         if not (dirs[key] / "transition.json").exists():
             fit_transition(TransitionConfig(store=args.pair_store, source=source, target=args.target, out=str(dirs[key])))
     return dirs
@@ -85,7 +85,7 @@ def reconstruction(args, dirs, model, windows) -> dict:
                 result.update(splice_metrics(model, AsSAE(gsae), windows))
             return result
 
-        rows[f"c{seed}"] = cached(out / f"eval-c{seed}.json", compute)
+        rows[f"c{seed}"] = cached(out / f"eval-c{seed}{args.tag}.json", compute)
     return rows
 
 
@@ -96,7 +96,7 @@ def letters(args, dirs, model) -> dict:
     topk = load_sae(args.topk)
     result = {"a": cached(out / "letters-a.json", lambda: _json_keys(letter_metrics(topk.encode, data)))}
     gsae = AsSAE(load_graph_sae(dirs["c1"]))
-    result["c"] = cached(out / "letters-c.json", lambda: _json_keys(letter_metrics(gsae.encode, data)))
+    result["c"] = cached(out / f"letters-c{args.tag}.json", lambda: _json_keys(letter_metrics(gsae.encode, data)))
     return result
 
 
@@ -149,7 +149,7 @@ def faithfulness(args, dirs, model) -> dict:
             return {**edge_interventions(explainer, TEXTS), **attribution_correlation(explainer, TEXTS),
                     "transition_code_fvu": meta["code_fvu"], "transition_nonzero": meta["n_nonzero"]}  # fmt: skip
 
-        result[key] = cached(out / f"faithfulness-{key}.json", compute)
+        result[key] = cached(out / f"faithfulness-{key}{args.tag if key == 'c' else ''}.json", compute)
     return result
 
 
@@ -187,16 +187,18 @@ def main() -> None:
     parser.add_argument("--ce-tokens", type=int, default=8192)
     parser.add_argument("--letter-tokens", type=int, default=100_000)
     parser.add_argument("--doc", default="docs/graph_quality.md")
+    parser.add_argument("--edge-coeff", type=float, default=GraphTrainConfig.edge_coeff, help="λ_edge of (c)")
+    parser.add_argument("--tag", default="", help="suffix of (c)'s run directories (to compare settings)")
     args = parser.parse_args()
     dirs = build(args)
     model = load_model("smollm2-135m")
     rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
     let = letters(args, dirs, model)
     stab = stability(dirs)
-    post_stab = cached(Path(args.out) / "stability-b.json", lambda: posthoc_stability(args, max(stab["edges"][0], 1)))
+    post_stab = cached(Path(args.out) / f"stability-b{args.tag}.json", lambda: posthoc_stability(args, max(stab["edges"][0], 1)))
     faith = faithfulness(args, dirs, model)
     summary = {"rows": rows, "letters": let, "stability_c": stab, "stability_b": post_stab, "faithfulness": faith}
-    (Path(args.out) / "graph_quality.json").write_text(json.dumps(summary, indent=2))
+    (Path(args.out) / f"graph_quality{args.tag}.json").write_text(json.dumps(summary, indent=2))
     table = markdown(args, rows, let, stab, post_stab, faith, dirs)
     print(table)
     Path(args.doc).write_text(Path(args.doc).read_text().replace("<!-- table -->", table)

@@ -100,3 +100,16 @@ def test_top_logits_match_the_full_product(tiny: LoadedModel, tiny_graph: TinyGr
     full = (sae.W_dec[features] * tiny.fast.model.norm.weight) @ tiny.fast.lm_head.weight.T  # [3, vocab]
     assert torch.allclose(result["top"][0], full.topk(4, dim=1).values, atol=1e-5)
     assert torch.equal(result["bottom"][1], (-full).topk(4, dim=1).indices)
+
+
+def test_a_plain_topk_sae_explains_as_a_graph_without_edges(tiny: LoadedModel, tiny_graph: TinyGraph) -> None:
+    from graphs.explain import Explainer
+    from sae.io import load_sae
+
+    transition, meta = TransitionGraph.load(tiny_graph.transition)
+    topk = load_sae(tiny_graph.sae_dirs / SOURCE_HOOK)  # TopK codes are unsorted within a row
+    explainer = Explainer(tiny, topk, load_sae(meta["target"]), transition)
+    out = explainer.explain(TEXTS[1])
+    assert all(p["implied"] == [] and p["l0"] == topk.cfg.k for p in out["positions"])
+    correlation = attribution_correlation(explainer, TEXTS)
+    assert correlation["pairs"] == sum(len(explainer.tokens(t)[0]) - 1 for t in TEXTS) * topk.cfg.k
