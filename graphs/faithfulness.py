@@ -36,7 +36,7 @@ def edge_interventions(explainer: Explainer, texts: list[str], paths_per_token: 
         chosen = _top_per_row(paths["row"], paths["weight"].abs(), paths_per_token)
         for start in range(0, len(chosen), batch_size):
             picked = chosen[start : start + batch_size]
-            _ablate_and_score(explainer, tokens, graph_code.code, target, paths, picked, predicted, counts, generator)
+            _ablate_and_score(explainer, tokens, result.logits[0], target, paths, picked, predicted, counts, generator)
     edges = max(counts["edges"], 1)
     return {
         "edges_tested": counts["edges"],
@@ -55,8 +55,8 @@ def _top_per_row(rows: torch.Tensor, score: torch.Tensor, top: int) -> torch.Ten
     return order[rank < top]
 
 
-def _ablate_and_score(explainer, tokens, source_code, target_code, paths, picked, predicted, counts, generator) -> None:
-    """One batched forward: copy b removes its path's source feature at its row."""
+def _ablate_and_score(explainer, tokens, clean_logits, target_code, paths, picked, predicted, counts, generator) -> None:
+    """One batched forward: copy b removes its path's source feature at its row. clean_logits: [seq, vocab]."""
     rows, sources = paths["row"][picked], paths["source"][picked]
     sae_s = explainer.source_sae
     deltas = paths["source_act"][picked, None] * sae_s.W_dec[sources] / sae_s.cfg.input_scale  # [B, d]
@@ -77,15 +77,10 @@ def _ablate_and_score(explainer, tokens, source_code, target_code, paths, picked
     change = after[torch.arange(len(picked)), targets] - before[torch.arange(len(picked)), targets]
     counts["edges"] += len(picked)
     counts["edge_ok"] += int((change * paths["message"][picked] < 0).sum())
-    clean_logit = _logit_at(explainer, tokens, positions, predicted[rows])
+    clean_logit = clean_logits[positions, predicted[rows]]
     ablated_logit = result.logits[torch.arange(len(picked)), positions, predicted[rows]]
     counts["path_ok"] += int(((ablated_logit - clean_logit) * paths["weight"][picked] < 0).sum())
     _null(explainer, paths, picked, before, after, counts, generator)
-
-
-def _logit_at(explainer, tokens, positions, token_ids) -> torch.Tensor:
-    result = run_model(explainer.model, tokens, [])
-    return result.logits[0, positions, token_ids]
 
 
 def _null(explainer, paths, picked, before, after, counts, generator) -> None:

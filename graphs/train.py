@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from graphs.coactivation import CoactivationStats
 from graphs.io import save_graph_sae
 from graphs.model import GraphConfig, SparseGraphAutoencoder
-from sae.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.io import load_sae
 from sae.sae import SAE, batch_topk_code, fvu
 from sae.store import ActivationStore
@@ -134,17 +134,7 @@ def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationS
         raise ValueError(f"start the graph autoencoder from a topk or batchtopk SAE, not {sae.cfg.arch!r}")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
-    out = Path(cfg.out)
-    if cfg.resume:
-        saved = read_checkpoint_meta(out)["config"]
-        free = ("resume", "wandb", "device", "log_every", "checkpoint_every")
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
-                 if k not in free and saved.get(k) != v]  # fmt: skip
-        if diffs:
-            raise ValueError(f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags")
-    elif (out / CHECKPOINT).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
     return store, stats, sae, out
 
 

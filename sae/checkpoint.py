@@ -55,6 +55,24 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, H
     os.replace(tmp, directory / CHECKPOINT)
 
 
+FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every")  # do not change results
+
+
+def prepare_run_dir(out: Path, config: dict, resume: bool) -> Path:
+    """A training run's directory: a resume must use the checkpoint's settings (except those that do
+    not change results); a new run must not land on an existing one. Raises before any work."""
+    if resume:
+        saved = read_checkpoint_meta(out)["config"]  # raises with advice if there is nothing to resume
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.items()
+                 if k not in FREE_SETTINGS and saved.get(k) != v]  # fmt: skip
+        if diffs:
+            raise ValueError(f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags")
+    elif (out / CHECKPOINT).exists():
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def read_checkpoint_meta(directory: Path) -> dict:
     path = directory / CHECKPOINT
     if not path.exists():

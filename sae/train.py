@@ -24,7 +24,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from sae.checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.hooks import parse_hooks
 from sae.io import save_sae
 from sae.metrics import dead_fraction, dense_fraction
@@ -156,17 +156,7 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
-    out = Path(cfg.out)
-    if cfg.resume:
-        saved = read_checkpoint_meta(out)["config"]  # raises with advice if there is nothing to resume
-        current = asdict(cfg)
-        free = ("resume", "wandb", "device", "log_every", "checkpoint_every")  # do not change results
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items() if k not in free and saved.get(k) != v]
-        if diffs:
-            raise ValueError(f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags")
-    elif (out / CHECKPOINT).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
     return store, hooks, out
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,19 @@ def tiny_harvest_config(out: Path, **overrides) -> HarvestConfig:
 @pytest.fixture(scope="session")
 def tiny_store(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory):
     return harvest(tiny_harvest_config(tmp_path_factory.mktemp("store") / "s"), tiny)
+
+
+def kill_9_after_checkpoint(command: list[str], out: Path, min_step: int, env: dict) -> int:
+    """Start a training command, SIGKILL it once out/checkpoint.safetensors reaches min_step, and
+    return the step the checkpoint holds. Fails if the run finished before it could be killed."""
+    from sae.checkpoint import CHECKPOINT, read_checkpoint_meta
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / CHECKPOINT).exists() and read_checkpoint_meta(out)["step"] >= min_step:
+            break
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    return read_checkpoint_meta(out)["step"]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,9 @@ from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics
 from graphs.io import load_graph, load_graph_sae
 from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
 from graphs.train import GraphTrainConfig, train_graph
-from sae.checkpoint import CHECKPOINT, read_checkpoint_meta
 from sae.io import load_sae
 from sae.train import TrainConfig, train
+from tests.conftest import kill_9_after_checkpoint
 from tests.graphs.conftest import SOURCE_HOOK, TinyGraph, graph_train_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,15 +51,8 @@ def test_kill_9_and_resume_ends_with_identical_graph(tiny_graph: TinyGraph, tmp_
     reference = subprocess.run(_cli(tiny_graph, tmp_path / "ref"), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr[-2000:]
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(tiny_graph, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if (killed / CHECKPOINT).exists() and read_checkpoint_meta(killed)["step"] >= 5:
-            break
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
-    assert read_checkpoint_meta(killed)["step"] < 40 and not (killed / "graph.json").exists()
+    stopped_at = kill_9_after_checkpoint(_cli(tiny_graph, killed), killed, 5, env)
+    assert stopped_at < 40 and not (killed / "graph.json").exists()
     resumed = subprocess.run(_cli(tiny_graph, killed, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("graph.safetensors", "sae.safetensors"):

@@ -2,20 +2,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae.checkpoint import CHECKPOINT, read_checkpoint_meta
+from sae.checkpoint import read_checkpoint_meta
 from sae.io import load_sae
 from sae.store import ActivationStore
 from sae.train import TrainConfig, geometric_median, train
+from tests.conftest import kill_9_after_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK = "blocks.1.hook_resid_post"
@@ -92,15 +91,7 @@ def test_kill_9_and_resume_ends_with_identical_weights(tiny_store: ActivationSto
     reference = subprocess.run(_cli(tiny_store, tmp_path / "ref"), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(tiny_store, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if (killed / CHECKPOINT).exists() and read_checkpoint_meta(killed)["step"] >= 10:
-            break
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
-    stopped_at = read_checkpoint_meta(killed)["step"]
+    stopped_at = kill_9_after_checkpoint(_cli(tiny_store, killed), killed, 10, env)
     assert stopped_at < 150 and not (killed / HOOK).exists()
     resumed = subprocess.run(_cli(tiny_store, killed, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
