@@ -264,17 +264,24 @@ class SparseGraphAutoencoder(nn.Module):
         absorption = self.absorption_penalty(strengths, torch.unique(graph_code.edge_id))
         return GraphOutput(recons, graph_code, loss, aux, edge_l0, absorption)
 
-    def absorption_penalty(self, strengths: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    def absorption_penalty(self, strengths: torch.Tensor, edges: torch.Tensor, max_edges: int = 8192) -> torch.Tensor:
         """Σ over the given edges i → j of s_ij · relu(cos(d_i, d_j))²  / n_latents.
 
         If i implies j, j's direction arrives through the edge; a child decoder d_i that still copies
         its parent's d_j would let the child stand in for the parent (absorption). Decoder rows are
         unit norm, so cos is a dot product. Training passes the edges that fired in the batch: the
-        ones in use, and far fewer than all E (gathering E·d decoder entries would dominate a step).
+        ones in use, and far fewer than all E (gathering E·d decoder entries would dominate a step);
+        beyond max_edges of them (early in training, when most gates are open) a random subset,
+        scaled up, stands in for all.
         """
+        scale = 1.0
+        if len(edges) > max_edges:  # an unbiased estimate from a random subset bounds the cost
+            scale = len(edges) / max_edges
+            edges = edges[torch.randperm(len(edges), device=edges.device)[:max_edges]]
         src, dst = self.edge_index[0, edges], self.edge_index[1, edges]
-        cos = (self.sae.W_dec[src] * self.sae.W_dec[dst]).sum(1)  # [len(edges)]
-        return (strengths[edges] * cos.relu().pow(2)).sum() / self.n_latents
+        W_dec = self.sae.W_dec  # index_select: its backward is an index_add, not a sorting index_put
+        cos = (W_dec.index_select(0, src) * W_dec.index_select(0, dst)).sum(1)  # [len(edges)]
+        return scale * (strengths.index_select(0, edges) * cos.relu().pow(2)).sum() / self.n_latents
 
     @torch.no_grad()
     def adapt_evidence_budget(self, post_l0: float, rate: float = 0.1) -> None:
