@@ -201,8 +201,19 @@ def main() -> None:
     (Path(args.out) / f"graph_quality{args.tag}.json").write_text(json.dumps(summary, indent=2))
     table = markdown(args, rows, let, stab, post_stab, faith, dirs)
     print(table)
-    Path(args.doc).write_text(Path(args.doc).read_text().replace("<!-- table -->", table)
-                              if Path(args.doc).exists() and "<!-- table -->" in Path(args.doc).read_text() else table + "\n")
+    write_table(Path(args.doc), table, args.tag)
+
+
+def write_table(doc: Path, table: str, tag: str) -> None:
+    """Replace the text between `<!-- table{tag} -->` and `<!-- /table{tag} -->` in doc (the prose
+    around it stays); a doc without those markers gets the table appended under them."""
+    start, end = f"<!-- table{tag} -->", f"<!-- /table{tag} -->"
+    text = doc.read_text() if doc.exists() else ""
+    if start in text and end in text:
+        text = text[: text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end) :]
+    else:
+        text += f"\n{start}\n{table}\n{end}\n"
+    doc.write_text(text)
 
 
 if __name__ == "__main__":
