@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from graphs.crosslayer import TransitionGraph
-from graphs.model import GraphCode, SparseGraphAutoencoder
+from graphs.model import GraphCode, SparseGraphAutoencoder, locate
 from sae.hooks import hook_layer
 from sae.models import LoadedModel
 from sae.sae import SAE, SparseCode
@@ -161,9 +161,8 @@ class Explainer:
         entry, edge_id, target_key, message = self.transition.token_edges(source)
         n_t = self.transition.n_target
         active_keys = target.rows * n_t + target.cols
-        order = torch.argsort(active_keys)
-        pos = torch.searchsorted(active_keys[order], target_key).clamp_max(max(len(order) - 1, 0))
-        hit = (active_keys[order][pos] == target_key) if len(order) else torch.zeros_like(target_key, dtype=torch.bool)
+        order = torch.argsort(active_keys)  # TopK codes are not sorted by column within a row
+        pos, hit = locate(active_keys[order], target_key)
         hit &= message != 0  # edges the L1 fit pruned carry nothing
         entry, edge_id, message, target_entry = entry[hit], edge_id[hit], message[hit], order[pos[hit]]
         rows = source.rows[entry]

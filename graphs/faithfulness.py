@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from graphs.explain import Explainer, run_model
+from graphs.model import locate
 
 
 @torch.no_grad()
@@ -127,7 +128,7 @@ def _entry_of(code, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     n = int(torch.cat([code.cols, cols]).max()) + 1 if len(cols) else 1
     keys = code.rows * n + code.cols
     order = torch.argsort(keys)
-    return order[torch.searchsorted(keys[order], rows * n + cols)]
+    return order[locate(keys[order], rows * n + cols)[0]]
 
 
 def _logit_grads(explainer: Explainer, tokens: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

@@ -78,12 +78,13 @@ def expand_out_edges(edge_src: torch.Tensor, n_nodes: int, cols: torch.Tensor) -
     return entry, first[cols][entry] + within
 
 
-def _contains(sorted_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """[len(queries)] bool: which queries occur in sorted_keys (binary search, no sort of queries)."""
+def locate(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary search of each query in sorted_keys: (position [Q], found [Q] bool). Where a query is
+    absent its position is meaningless (clamped into range, 0 for an empty key set)."""
     if len(sorted_keys) == 0:
-        return torch.zeros_like(queries, dtype=torch.bool)
+        return torch.zeros_like(queries), torch.zeros_like(queries, dtype=torch.bool)
     at = torch.searchsorted(sorted_keys, queries).clamp_max(len(sorted_keys) - 1)
-    return sorted_keys[at] == queries
+    return at, sorted_keys[at] == queries
 
 
 class ImplicationConv(MessagePassing):
@@ -207,17 +208,16 @@ class SparseGraphAutoencoder(nn.Module):
         with torch.no_grad():
             fired = targets[pre.view(-1)[targets] + messages.detach() > threshold]
             keys = torch.unique(torch.cat([evidence_key, fired]))  # [nnz] sorted: rows non-decreasing
-            at = torch.searchsorted(targets, keys).clamp_max(max(len(targets) - 1, 0))
-            received = targets[at] == keys if len(targets) else torch.zeros_like(keys, dtype=torch.bool)
+            at, received = locate(targets, keys)
         rows, cols = keys // n, keys % n
         pre_active = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, cols, rows)
         if len(targets):
             pre_active = pre_active + messages.index_select(0, at) * received
         values = pre_active.relu()
         with torch.no_grad():  # which token edges reached an active target (for explain and penalties)
-            from_evidence = _contains(evidence_key, keys)
-            hit = torch.searchsorted(keys, target_key).clamp_max(max(len(keys) - 1, 0))
-            edge_fired = (keys[hit] == target_key).nonzero().squeeze(1) if len(keys) else hit[:0]
+            from_evidence = locate(evidence_key, keys)[1]
+            hit, reached = locate(keys, target_key)
+            edge_fired = reached.nonzero().squeeze(1)
             fired_entry, fired_edge = entry[edge_fired], edge_id[edge_fired]
             message = strengths[fired_edge] * evidence.values[fired_entry]
         return GraphCode(evidence, SparseCode(values, cols, rows, n_rows), from_evidence, fired_entry,

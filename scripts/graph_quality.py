@@ -91,9 +91,9 @@ def reconstruction(args, dirs, model, windows) -> dict:
 
 def letters(args, dirs, model) -> dict:
     out = Path(args.out)
-    data = letter_task_data(ActivationStore(args.eval_store), load_sae(args.topk).cfg.hook, model.tokenizer,
-                            max_tokens=args.letter_tokens)  # fmt: skip
     topk = load_sae(args.topk)
+    data = letter_task_data(ActivationStore(args.eval_store), topk.cfg.hook, model.tokenizer,
+                            max_tokens=args.letter_tokens)  # fmt: skip
     result = {"a": cached(out / "letters-a.json", lambda: _json_keys(letter_metrics(topk.encode, data)))}
     gsae = AsSAE(load_graph_sae(dirs["c1"]))
     result["c"] = cached(out / f"letters-c{args.tag}.json", lambda: _json_keys(letter_metrics(gsae.encode, data)))
