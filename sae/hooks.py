@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -84,11 +86,32 @@ def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[
 
 
 def _capture_fast(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    with recording(model, hooks, stop=True) as latest:
+        try:
+            model.fast.model(tokens, use_cache=False)
+        except _StopForward:
+            pass
+        return latest()
+
+
+@contextmanager
+def recording(model: LoadedModel, hooks: list[str], stop: bool = False) -> Iterator[Callable[[], dict]]:
+    """Record fast-path hook points (residual, attention-out, MLP-out) of forwards of `model.fast`.
+
+    Yields a function that returns {hook: [batch, seq, d_model]} of the latest forward. With
+    stop=True the forward raises `_StopForward` right after the deepest hook (the caller catches
+    it), so no later block is computed. Used by `capture` and by generation loops that read
+    activations token by token (probes.Lens.monitor).
+    """
+    unsupported = [h for h in hooks if not _fast_point(h)]
+    if unsupported:
+        raise ValueError(f"hook points {unsupported} are not residual/attn_out/mlp_out points of a block; "
+                         f"use one of {', '.join(_FAST_POINTS)} (e.g. blocks.3.hook_resid_post)")  # fmt: skip
     layers = model.fast.model.layers
     deepest = max(hook_layer(h) for h in hooks)
     seen: dict[tuple[int, str], torch.Tensor] = {}
 
-    def keep(layer: int, point: str, stop: bool = False):
+    def keep(layer: int, point: str, stop_here: bool = False):
         def hook(module, args, kwargs_or_output, *rest):
             if point == "hook_resid_pre":  # a pre-hook with kwargs: (module, args, kwargs)
                 value = args[0] if args else kwargs_or_output["hidden_states"]
@@ -96,31 +119,30 @@ def _capture_fast(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) ->
                 output = rest[0] if rest else kwargs_or_output
                 value = output[0] if isinstance(output, tuple) else output
             seen[(layer, point)] = value
-            if stop:
+            if stop_here:
                 raise _StopForward
 
         return hook
 
-    wanted = {(hook_layer(h), _fast_point(h)) for h in hooks}
+    def latest() -> dict[str, torch.Tensor]:
+        out = {}
+        for h in hooks:
+            layer, point = hook_layer(h), _fast_point(h)
+            if point == "hook_resid_mid":  # the residual between attention and MLP
+                out[h] = seen[(layer, "hook_resid_pre")] + seen[(layer, "hook_attn_out")]
+            else:
+                out[h] = seen[(layer, point)]
+        return out
+
     handles = []
-    for layer in sorted({layer for layer, _ in wanted}):
+    for layer in sorted({hook_layer(h) for h in hooks}):
         block = layers[layer]
         handles.append(block.register_forward_pre_hook(keep(layer, "hook_resid_pre"), with_kwargs=True))
         handles.append(block.self_attn.register_forward_hook(keep(layer, "hook_attn_out")))
         handles.append(block.mlp.register_forward_hook(keep(layer, "hook_mlp_out")))
-        handles.append(block.register_forward_hook(keep(layer, "hook_resid_post", stop=layer == deepest)))
+        handles.append(block.register_forward_hook(keep(layer, "hook_resid_post", stop and layer == deepest)))
     try:
-        model.fast.model(tokens, use_cache=False)
-    except _StopForward:
-        pass
+        yield latest
     finally:
         for handle in handles:
             handle.remove()
-    out = {}
-    for h in hooks:
-        layer, point = hook_layer(h), _fast_point(h)
-        if point == "hook_resid_mid":  # the residual between attention and MLP
-            out[h] = seen[(layer, "hook_resid_pre")] + seen[(layer, "hook_attn_out")]
-        else:
-            out[h] = seen[(layer, point)]
-    return out

@@ -1,0 +1,65 @@
+"""`python -m probes train|score ...` (a stable contract: scripts call these).
+
+    train   fit, calibrate and evaluate one probe on a task; prints its summary as JSON
+    score   per-token and pooled scores of saved probes on a text (JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from probes.train import ProbeTrainConfig, train_probe
+from sae.cli import add_dataclass_args, dataclass_from_args
+
+
+@dataclass
+class ScoreConfig:
+    model: str = "smollm2-135m"
+    """Model to run (tiny, smollm2-135m)."""
+    text: str = ""
+    """Text to score."""
+    sae: str = ""
+    """Optional SAE directory: dense probes then report the SAE features behind their score."""
+    top_features: int = 5
+    """Features listed per probe."""
+    max_tokens: int = 256
+    """Tokens read (BOS included); longer texts are truncated."""
+
+
+def run_score(cfg: ScoreConfig, probe_dirs: list[str]) -> list[dict]:
+    from probes.lens import Lens
+
+    if not cfg.text:
+        raise ValueError("pass --text '...'")
+    lens = Lens(cfg.model, probes=probe_dirs, saes=[cfg.sae] if cfg.sae else [],
+                max_tokens=cfg.max_tokens, top_features=cfg.top_features)  # fmt: skip
+    return [r.to_json() for r in lens.score([cfg.text])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m probes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_dataclass_args(commands.add_parser("train", help="train one probe"), ProbeTrainConfig, ("task", "out"))
+    score = commands.add_parser("score", help="score a text with saved probes")
+    score.add_argument("--probe", action="append", required=True, help="probe directory (repeat for several)")
+    add_dataclass_args(score, ScoreConfig, ("text",))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            probe = train_probe(dataclass_from_args(ProbeTrainConfig, args))
+            result = probe.summary()
+        else:
+            result = run_score(dataclass_from_args(ScoreConfig, args), args.probe)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

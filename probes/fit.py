@@ -1,0 +1,180 @@
+"""Fitting each probe kind, threshold calibration, and the two scores every table reports.
+
+    fit_logistic(u, y, aggregation, l2)      w, b minimising BCE(pool(u·w + b), y) + l2‖w‖²
+    choose_l2(u, y, aggregation)             l2 by k-fold cross-validated log-loss
+    mean_difference(acts, y, aggregation)    μ₊ − μ₋ of the pooled activations
+    pooled_code(code, offsets, aggregation)  [n_texts, n_latents] pooled SAE code (for selection)
+    select_features(pooled, y, k)            the k latents with the largest |class-mean difference|
+    graph_queries(pooled, y, edges)          feature sets worth testing: top features and their edges
+    calibrate(negative_scores, fpr)          threshold with at most fpr of negatives above it
+    auroc(scores, y), accuracy(scores, y)
+
+Logistic fits standardise the inputs (LBFGS converges in a few dozen steps on standardised
+features whatever the residual's scale) and fold the scaling back into w and b, so the stored
+probe reads raw activations. For mean and last pooling the score is linear in the pooled input,
+so the fit runs on [n_texts, m] rather than on every token; max pooling fits through the max.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from probes.activations import Aggregation, Ragged, pool
+from sae.sae import SparseCode
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _standardise(u: Tensor) -> tuple[Tensor, Tensor]:
+    mean, std = u.mean(0), u.std(0, unbiased=False)
+    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))  # constant columns: leave as is
+
+
+def fit_logistic(
+    u: Ragged, y: Tensor, aggregation: Aggregation, l2: float, max_iter: int = 100
+) -> tuple[Tensor, float]:
+    """w [m], b for the per-token score u_t · w + b, pooled per text, fit to labels y [n_texts]."""
+    linear_pool = aggregation in ("mean", "last")
+    rows = pool(u, aggregation) if linear_pool else u.values  # [n, m] or [n_tokens, m]
+    mean, std = _standardise(rows.double())
+    z = ((rows.double() - mean) / std).to(torch.float64)
+    target = y.double()
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        token_logits = z @ w + b
+        logits = token_logits if linear_pool else pool(Ragged(token_logits, u.offsets), "max")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    w_raw = (w.detach() / std).float()  # fold standardisation back: u·w_raw + b_raw == z·w + b
+    b_raw = float(b.detach() - (mean / std * w.detach()).sum())
+    return w_raw, b_raw
+
+
+def _logistic_scores(u: Ragged, w: Tensor, b: float, aggregation: Aggregation) -> Tensor:
+    return pool(Ragged(u.values.float() @ w + b, u.offsets), aggregation)
+
+
+def choose_l2(u: Ragged, y: Tensor, aggregation: Aggregation, folds: int = 4, seed: int = 0) -> float:
+    """The L2 strength in L2_GRID with the lowest cross-validated log-loss (folds stratified by class)."""
+    folds = min(folds, int(min((y == 0).sum(), (y == 1).sum())))
+    if folds < 2:
+        return L2_GRID[len(L2_GRID) // 2]
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty_like(y)
+    for label in (0, 1):
+        members = (y == label).nonzero().squeeze(1)
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        fold_of[members] = torch.arange(members.numel()) % folds
+    losses = []
+    for l2 in L2_GRID:
+        total = 0.0
+        for fold in range(folds):
+            train, held = (fold_of != fold).nonzero().squeeze(1), (fold_of == fold).nonzero().squeeze(1)
+            w, b = fit_logistic(u.select(train), y[train], aggregation, l2)
+            logits = _logistic_scores(u.select(held), w, b, aggregation)
+            total += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y[held].float(), reduction="sum"))
+        losses.append(total)
+    return L2_GRID[int(torch.tensor(losses).argmin())]
+
+
+def mean_difference(acts: Ragged, y: Tensor, aggregation: Aggregation) -> Tensor:
+    """μ₊ − μ₋ of the pooled activations: [d_model]."""
+    pooled = pool(acts, aggregation).float()
+    return pooled[y == 1].mean(0) - pooled[y == 0].mean(0)
+
+
+# --------------------------------------------------------------------------- SAE features
+
+
+def pooled_code(code: SparseCode, offsets: Tensor, n_latents: int, aggregation: Aggregation) -> Tensor:
+    """[n_texts, n_latents]: each latent's mean / max / last-token activation per text."""
+    n_texts = offsets.numel() - 1
+    segment = torch.searchsorted(offsets, code.rows, right=True) - 1  # [nnz] text of each entry
+    flat = segment * n_latents + code.cols
+    out = code.values.new_zeros(n_texts * n_latents)
+    if aggregation == "mean":
+        out.index_add_(0, flat, code.values / offsets.diff()[segment].to(code.values.dtype))
+    elif aggregation == "max":
+        out.scatter_reduce_(0, flat, code.values, "amax", include_self=True)  # codes are ≥ 0
+    else:
+        last = code.rows == offsets[segment + 1] - 1
+        out.index_add_(0, flat[last], code.values[last])
+    return out.view(n_texts, n_latents)
+
+
+def _class_difference(pooled: Tensor, y: Tensor) -> Tensor:  # [n_latents] μ₊ − μ₋
+    return pooled[y == 1].mean(0) - pooled[y == 0].mean(0)
+
+
+def select_features(pooled: Tensor, y: Tensor, k: int) -> Tensor:
+    """The k latents whose pooled activation differs most between the classes (|μ₊ − μ₋|)."""
+    if not 0 < k <= pooled.shape[1]:
+        raise ValueError(f"k must be in 1..{pooled.shape[1]} (the SAE's width), got {k}")
+    return _class_difference(pooled, y).abs().topk(k).indices.sort().values
+
+
+def graph_neighbourhoods(
+    pooled: Tensor, y: Tensor, edges: Tensor, n_candidates: int = 16
+) -> list[tuple[int, list[int]]]:
+    """The n_candidates latents most raised by the positive class, each with its graph neighbours
+    (j with an edge i → j or j → i): the queries a graph probe tries are {i} and each {i, j}."""
+    difference = _class_difference(pooled, y)
+    candidates = difference.topk(min(n_candidates, difference.numel())).indices.tolist()
+    out = []
+    for i in candidates:
+        around = edges[1, edges[0] == i].tolist() + edges[0, edges[1] == i].tolist()
+        out.append((i, [j for j in dict.fromkeys(around) if j != i]))
+    return out
+
+
+# --------------------------------------------------------------------------- calibration, scores
+
+
+def calibrate(negative_scores: Tensor, fpr: float) -> tuple[float, dict]:
+    """The threshold t with #(negatives > t) ≤ floor(fpr·n): t is the (floor(fpr·n)+1)-th largest."""
+    n = negative_scores.numel()
+    if n == 0:
+        raise ValueError("calibration needs held-out negatives; the calibration split has none")
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"target false-positive rate must be in [0, 1), got {fpr}")
+    allowed = int(fpr * n)
+    threshold = float(negative_scores.sort(descending=True).values[allowed])
+    observed = float((negative_scores > threshold).float().mean())
+    return threshold, {"target_fpr": fpr, "n_negatives": n, "fpr": observed, "resolution": 1.0 / n}
+
+
+def auroc(scores: Tensor, y: Tensor) -> float:
+    """Area under the ROC curve: P(score of a random positive > a random negative), ties count ½."""
+    pos, neg = scores[y == 1].double(), scores[y == 0].double()
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("AUROC needs both classes among the labels")
+    ranks = _average_ranks(torch.cat([pos, neg]))
+    return float((ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
+
+
+def _average_ranks(x: Tensor) -> Tensor:  # 1-based ranks, ties share their mean rank
+    order = x.argsort()
+    sorted_x = x[order]
+    first = torch.ones_like(sorted_x, dtype=torch.bool)
+    first[1:] = sorted_x[1:] != sorted_x[:-1]
+    group = first.cumsum(0) - 1
+    positions = torch.arange(1, x.numel() + 1, dtype=torch.float64)
+    n_groups = int(group.max()) + 1
+    sums = torch.zeros(n_groups, dtype=torch.float64).index_add(0, group, positions)
+    mean_rank = sums / torch.bincount(group, minlength=n_groups)
+    ranks = torch.empty_like(positions)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+def accuracy(scores: Tensor, y: Tensor, threshold: float = 0.0) -> float:
+    return float(((scores > threshold).long() == y).float().mean())

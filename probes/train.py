@@ -1,0 +1,259 @@
+"""Training a probe end to end: dataset → activations (+ SAE code) → fit → calibrate → evaluate → save.
+
+    fit_probe(kind, features, y, ...)     one probe of any kind from in-memory features (no threshold)
+    calibrate_probe(probe, features, y)   threshold at the target false-positive rate on negatives
+    evaluate_probe(probe, features, y)    accuracy (at logit 0), AUROC, TPR/FPR at the threshold
+    train_probe(cfg)                      the job behind `python -m probes train`
+
+The training split is cut by group (document, language, word) into a fit part and a calibration
+part, so the threshold is set on negatives the probe never saw; the task's test split is only
+used for the reported metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from probes.activations import (
+    AGGREGATIONS,
+    Features,
+    Ragged,
+    collect,
+    encode,
+    encoder_sha256,
+    load_encoder,
+    pool,
+)
+from probes.fit import (
+    auroc,
+    calibrate,
+    choose_l2,
+    fit_logistic,
+    graph_neighbourhoods,
+    mean_difference,
+    pooled_code,
+    select_features,
+)
+from probes.probe import DENSE_KINDS, KINDS, Kind, Probe, feature_columns
+
+
+@dataclass
+class ProbeTrainConfig:
+    task: str = ""
+    """Built-in task (source, code, language, first_letter) or a dataset with text and label columns
+    (a datasets.save_to_disk directory, .jsonl, .parquet or .csv)."""
+    hook: str = "blocks.15.hook_resid_post"
+    """Hook point the probe reads (TransformerLens name)."""
+    kind: Kind = "linear"
+    """Probe kind."""
+    out: str = ""
+    """Directory for probe.safetensors + probe.json."""
+    model: str = "smollm2-135m"
+    """Model whose activations the probe reads (tiny, smollm2-135m)."""
+    sae: str = ""
+    """SAE or graph autoencoder directory (per hook) for sparse and graph probes."""
+    graph: str = ""
+    """Feature graph for graph probes: a graph autoencoder or co-activation stats directory
+    (default: the --sae directory when it is a graph autoencoder)."""
+    query: str = ""
+    """Graph probe: a fixed comma-separated feature set instead of searching the graph."""
+    k: int = 16
+    """Sparse probe: number of SAE features."""
+    aggregation: str = ""
+    """How token scores become a text score: mean, max or last (default: the task's own)."""
+    n_train: int = 0
+    """Fit on only this many training texts, balanced (0: all of the fit split)."""
+    n_per_class: int = 500
+    """Built-in tasks: texts per class (train + test)."""
+    fpr: float = 0.01
+    """Target false-positive rate of the calibrated threshold."""
+    calibration_fraction: float = 0.2
+    """Share of the training groups held out to calibrate the threshold."""
+    max_tokens: int = 128
+    """Tokens read per text (BOS included); longer texts are truncated."""
+    l2: float = 0.0
+    """L2 strength of logistic fits (0: chosen by 4-fold cross-validation)."""
+    seed: int = 0
+    """Seed of the task build, the calibration split and the n_train subsample."""
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def check_labels(y: Tensor, what: str = "training set") -> None:
+    if y.numel() == 0:
+        raise ValueError(f"the {what} is empty: a probe needs labelled texts")
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"labels of the {what} must be 0 or 1, got values {sorted(set(y.tolist()))[:10]}")
+    if int((y == 1).sum()) == 0 or int((y == 0).sum()) == 0:
+        raise ValueError(f"the {what} has only class {int(y[0])}: a probe needs positive and negative examples")
+
+
+def fit_probe(
+    kind: Kind, features: Features, y: Tensor, *, hook: str, aggregation: str, k: int = 16,
+    edges: Tensor | None = None, query: list[int] | None = None, l2: float = 0.0, **meta,
+) -> Probe:  # fmt: skip
+    """A probe of `kind` fit to texts (features) with labels y [n_texts]; threshold left at 0."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    check_labels(y)
+    acts = features.acts
+    info = meta.pop("info", {})
+    base = dict(kind=kind, hook=hook, d_model=acts.values.shape[1], aggregation=aggregation, **meta)
+    if kind == "linear":
+        l2 = l2 or choose_l2(acts, y, aggregation)
+        weight, bias = fit_logistic(acts, y, aggregation, l2)
+        return Probe(weight=weight, bias=bias, info={**info, "l2": l2}, **base)
+    if kind == "mean_diff":
+        direction = mean_difference(acts, y, aggregation)
+        unit = direction / direction.norm().clamp_min(1e-12)
+        scale, bias = fit_logistic(Ragged(acts.values @ unit[:, None], acts.offsets), y, aggregation, 1e-4)
+        return Probe(weight=unit * scale, bias=bias, direction=direction, info=info, **base)
+    if features.code is None:
+        raise ValueError(f"a {kind} probe reads SAE features: encode the activations with an SAE first")
+    pooled = pooled_code(features.code, acts.offsets, features.n_latents, aggregation)
+    if kind == "sparse":
+        chosen = select_features(pooled, y, k)
+        u = Ragged(feature_columns(features.code, chosen), acts.offsets)
+        l2 = l2 or choose_l2(u, y, aggregation)
+        weight, bias = fit_logistic(u, y, aggregation, l2)
+        return Probe(weight=weight, bias=bias, features=chosen, info={**info, "l2": l2}, **base)
+    chosen, score = (torch.tensor(sorted(query)), None) if query else _best_query(features, pooled, y, edges, aggregation)
+    u = Ragged(feature_columns(features.code, chosen).min(dim=1, keepdim=True).values, acts.offsets)
+    weight, bias = fit_logistic(u, y, aggregation, 1e-4)
+    edge_list = [[int(chosen[0]), int(chosen[1])]] if chosen.numel() == 2 else []
+    return Probe(weight=weight, bias=bias, features=chosen, edges=edge_list,
+                 info={**info, "query_train_auroc": score}, **base)  # fmt: skip
+
+
+def _best_query(
+    features: Features, pooled: Tensor, y: Tensor, edges: Tensor | None, aggregation: str
+) -> tuple[Tensor, float]:
+    """The feature or graph edge whose soft AND (min activation), pooled per text, best ranks y."""
+    if edges is None:
+        raise ValueError("a graph probe needs a feature graph (graph=... or --graph DIR) or a fixed --query")
+    best: tuple[float, int, list[int]] = (-1.0, 0, [])
+    for i, neighbours in graph_neighbourhoods(pooled, y, edges):
+        ids = torch.tensor([i, *neighbours])
+        cols = feature_columns(features.code, ids)  # [n_tokens, 1 + deg]
+        soft_and = torch.minimum(cols[:, :1], cols)  # column 0: {i} alone; column c: {i, ids[c]}
+        text_values = pool(Ragged(soft_and, features.acts.offsets), aggregation)  # [n_texts, 1 + deg]
+        for c in range(ids.numel()):
+            query = [i] if c == 0 else sorted([i, int(ids[c])])
+            candidate = (auroc(text_values[:, c], y), -len(query), query)
+            best = max(best, candidate)  # ties: fewer features
+    return torch.tensor(best[2]), best[0]
+
+
+def calibrate_probe(probe: Probe, features: Features, y: Tensor, fpr: float) -> Probe:
+    negatives = probe.text_scores(features.select((y == 0).nonzero().squeeze(1)))
+    probe.threshold, probe.calibration = calibrate(negatives, fpr)
+    return probe
+
+
+def evaluate_probe(probe: Probe, features: Features, y: Tensor) -> dict:
+    scores = probe.text_scores(features)
+    fired = probe.fires(scores)
+    return {
+        "accuracy": float(((scores > 0).long() == y).float().mean()),
+        "auroc": auroc(scores, y),
+        "tpr_at_threshold": float(fired[y == 1].float().mean()),
+        "fpr_at_threshold": float(fired[y == 0].float().mean()),
+        "n": int(y.numel()),
+    }
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def graph_edges(path: str | Path) -> Tensor:
+    """Edges [2, E] of a graph autoencoder's learned graph or of co-activation candidates."""
+    path = Path(path)
+    if (path / "graph.json").exists():
+        from graphs.io import load_graph
+
+        return load_graph(path).edge_index
+    from graphs.coactivation import CoactivationStats
+
+    stats = CoactivationStats.load(path)
+    return stats.candidates(stats.meta.get("config", {}).get("m", 32))[0]
+
+
+def split_calibration(groups: list[str], fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Row indices (fit, calibration): whole groups go to calibration until `fraction` is reached."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {fraction}")
+    unique = sorted(set(groups))
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {unique[i] for i in order[: max(1, round(fraction * len(unique)))]}
+    is_held = torch.tensor([g in held for g in groups])
+    return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+
+
+def balanced_subset(y: Tensor, n: int, seed: int) -> Tensor:
+    """n indices, half of each class (as far as the classes allow), in a seeded random order."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for label, want in ((1, n // 2), (0, n - n // 2)):
+        members = (y == label).nonzero().squeeze(1)
+        picks.append(members[torch.randperm(members.numel(), generator=generator)[:want]])
+    return torch.cat(picks).sort().values
+
+
+def train_probe(cfg: ProbeTrainConfig) -> Probe:
+    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics inside)."""
+    from probes.tasks import DEFAULT_AGGREGATION, load_task
+    from sae.models import load_model
+
+    if not cfg.task or not cfg.out:
+        raise ValueError("pass --task NAME_OR_PATH and --out DIR")
+    if cfg.kind not in DENSE_KINDS and not cfg.sae:
+        raise ValueError(f"a {cfg.kind} probe reads SAE features: pass --sae DIR (the per-hook SAE directory)")
+    aggregation = cfg.aggregation or DEFAULT_AGGREGATION.get(cfg.task, "mean")
+    encoder = load_encoder(cfg.sae) if cfg.sae else None
+    edges = graph_edges(cfg.graph or cfg.sae) if cfg.kind == "graph" and not cfg.query else None
+    task = load_task(cfg.task, n_per_class=cfg.n_per_class, seed=cfg.seed)
+    train, test = task["train"], task["test"]
+    y_train, y_test = torch.tensor(train["label"]), torch.tensor(test["label"])
+    check_labels(y_train), check_labels(y_test, "test set")
+    model = load_model(cfg.model)
+    if encoder is not None:
+        _check_encoder(encoder, cfg.sae, cfg.hook, model)
+    features = _features(model, encoder, list(train["text"]) + list(test["text"]), cfg)
+    n_train = len(train)
+    fit_rows, calib_rows = split_calibration(list(train["group"]), cfg.calibration_fraction, cfg.seed)
+    if cfg.n_train:
+        fit_rows = fit_rows[balanced_subset(y_train[fit_rows], cfg.n_train, cfg.seed)]
+    meta = dict(sae=str(cfg.sae), sae_sha256=encoder_sha256(cfg.sae) if cfg.sae else "", model=cfg.model,
+                name=Path(cfg.out).name, info={"task": cfg.task, "n_fit": int(fit_rows.numel())})  # fmt: skip
+    query = [int(q) for q in cfg.query.split(",")] if cfg.query else None
+    probe = fit_probe(cfg.kind, features.select(fit_rows), y_train[fit_rows], hook=cfg.hook,
+                      aggregation=aggregation, k=cfg.k, edges=edges, query=query, l2=cfg.l2, **meta)  # fmt: skip
+    calibrate_probe(probe, features.select(calib_rows), y_train[calib_rows], cfg.fpr)
+    probe.metrics = evaluate_probe(probe, features.select(torch.arange(n_train, n_train + len(test))), y_test)
+    probe.save(cfg.out)
+    return probe
+
+
+def _features(model, encoder, texts: list[str], cfg: ProbeTrainConfig) -> Features:
+    acts, _ = collect(model, texts, [cfg.hook], max_tokens=cfg.max_tokens)
+    ragged = acts[cfg.hook]
+    if encoder is None or cfg.kind in DENSE_KINDS:
+        return Features(ragged)
+    code, n_latents = encode(encoder, ragged)
+    return Features(ragged, code, n_latents)
+
+
+def _check_encoder(encoder, path: str, hook: str, model) -> None:
+    if encoder.cfg.d_in != model.d_model:
+        raise ValueError(f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model {model.d_model}; "
+                         "pass an SAE trained on this model")  # fmt: skip
+    if encoder.cfg.hook and encoder.cfg.hook != hook:
+        raise ValueError(f"SAE {path} was trained on {encoder.cfg.hook}, not on --hook {hook}; "
+                         "pass the SAE of that hook or change --hook")  # fmt: skip
