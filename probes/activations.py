@@ -88,6 +88,8 @@ def pool(ragged: Ragged, how: Aggregation) -> Tensor:
     values, offsets = ragged.values, ragged.offsets
     if how == "last":
         return values[offsets[1:] - 1]
+    if ragged.n_texts == 1 and how in ("mean", "max"):  # one text (a generation step): no scatter
+        return values.mean(0, keepdim=True) if how == "mean" else values.amax(0, keepdim=True)
     segments = ragged.segment_ids()
     shape = (ragged.n_texts, *values.shape[1:])
     index = segments.view(-1, *[1] * (values.dim() - 1)).expand_as(values)

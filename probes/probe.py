@@ -142,8 +142,8 @@ def feature_columns(code: SparseCode, features: Tensor) -> Tensor:
     out = code.values.new_zeros(code.n_rows, k)
     if k == 0 or code.values.numel() == 0:
         return out
-    lookup = torch.full((int(max(code.cols.max(), features.max())) + 1,), -1, dtype=torch.long)
-    lookup[features] = torch.arange(k)
-    slot = lookup[code.cols]  # [nnz]: column in `out`, -1 for latents the probe ignores
-    keep = slot >= 0
-    return out.index_put((code.rows[keep], slot[keep]), code.values[keep], accumulate=True)
+    order = features.argsort()
+    ordered = features[order]
+    position = torch.searchsorted(ordered, code.cols).clamp_max(k - 1)  # [nnz]
+    keep = ordered[position] == code.cols  # entries of latents the probe reads
+    return out.index_put((code.rows[keep], order[position[keep]]), code.values[keep], accumulate=True)

@@ -220,7 +220,7 @@ def train_probe(cfg: ProbeTrainConfig) -> Probe:
     edges = graph_edges(cfg.graph or cfg.sae) if cfg.kind == "graph" and not cfg.query else None
     task = load_task(cfg.task, n_per_class=cfg.n_per_class, seed=cfg.seed)
     train, test = task["train"], task["test"]
-    y_train, y_test = torch.tensor(train["label"]), torch.tensor(test["label"])
+    y_train, y_test = torch.tensor(list(train["label"])), torch.tensor(list(test["label"]))
     check_labels(y_train), check_labels(y_test, "test set")
     model = load_model(cfg.model)
     if encoder is not None:
