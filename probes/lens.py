@@ -270,11 +270,17 @@ class _MonitorState:
         for name, probe in self.lens.probes.items():
             x = rows[probe.hook].float()
             code = encode(self.lens._encoders[name], Ragged(x, torch.tensor([0, n])))[0] if probe.needs_code else None
-            self.scores[name] += probe.token_scores(x, code).tolist()
-            so_far = torch.tensor(self.scores[name])
-            for t in range(len(self.running[name]), len(so_far)):
-                self.running[name].append(_running(so_far[: t + 1], probe.aggregation))
+            for score in probe.token_scores(x, code).tolist():
+                self.running[name].append(self._pooled(name, probe.aggregation, score))
+                self.scores[name].append(score)
         return n > 0
+
+    def _pooled(self, name: str, how: str, score: float) -> float:
+        """The pooled score once `score` joins the text's earlier token scores (O(1) per token)."""
+        seen, previous = len(self.scores[name]), self.running[name][-1] if self.running[name] else None
+        if previous is None or how == "last":
+            return score
+        return (previous * seen + score) / (seen + 1) if how == "mean" else max(previous, score)
 
     def check(self, trigger: str, action: Action) -> None:
         score = self.running[trigger][-1]
@@ -284,10 +290,6 @@ class _MonitorState:
     def result(self) -> MonitorResult:
         text = self.lens.model.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         return MonitorResult(self.prompt, text, self.token_ids, self.scores, self.running, self.triggered)
-
-
-def _running(scores: Tensor, how: str) -> float:
-    return float(scores.mean() if how == "mean" else scores.max() if how == "max" else scores[-1])
 
 
 def _pooling_weights(scores: Tensor, how: str) -> Tensor:

@@ -39,6 +39,7 @@ from probes.fit import (
     select_features,
 )
 from probes.probe import DENSE_KINDS, KINDS, Kind, Probe, feature_columns
+from sae.models import LoadedModel, load_model
 
 
 @dataclass
@@ -206,10 +207,10 @@ def balanced_subset(y: Tensor, n: int, seed: int) -> Tensor:
     return torch.cat(picks).sort().values
 
 
-def train_probe(cfg: ProbeTrainConfig) -> Probe:
-    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics inside)."""
+def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None) -> Probe:
+    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics inside).
+    `model` (already loaded, must be cfg.model) saves loading it again."""
     from probes.tasks import DEFAULT_AGGREGATION, load_task
-    from sae.models import load_model
 
     if not cfg.task or not cfg.out:
         raise ValueError("pass --task NAME_OR_PATH and --out DIR")
@@ -222,7 +223,10 @@ def train_probe(cfg: ProbeTrainConfig) -> Probe:
     train, test = task["train"], task["test"]
     y_train, y_test = torch.tensor(list(train["label"])), torch.tensor(list(test["label"]))
     check_labels(y_train), check_labels(y_test, "test set")
-    model = load_model(cfg.model)
+    if model is None:
+        model = load_model(cfg.model)
+    elif model.name != cfg.model:
+        raise ValueError(f"train_probe got model {model.name!r} but cfg.model is {cfg.model!r}")
     if encoder is not None:
         _check_encoder(encoder, cfg.sae, cfg.hook, model)
     features = _features(model, encoder, list(train["text"]) + list(test["text"]), cfg)

@@ -8,8 +8,11 @@
 4. Graph: co-activation statistics of the SAE's features, a small adaptive sparse GNN autoencoder
    started from the SAE (out/demo/graph), its held-out metrics, and one sentence explained token by
    token (evidence features, features the graph implied, direct paths to the predicted token).
+5. Probes: a dense and a sparse (16 SAE features) probe for "is this Python code?" trained on
+   prose vs standard-library code, calibrated to 1% false positives, then a `Lens` scoring two
+   texts (per-token scores, top features) and monitoring a generation.
 Killed half-way? Run it again: every stage resumes where it stopped or is skipped when done.
-Later stages (probes, serving) extend this script as they land.
+Later stages (serving) extend this script as they land.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def main() -> None:
     print(json.dumps({"harvest": describe(store, model.tokenizer, time.perf_counter() - started)}, indent=2))
     print(json.dumps({"sae": train_and_evaluate(model, args)}, indent=2))
     print(json.dumps({"graph": graph_and_explain(model, args)}, indent=2))
+    print(json.dumps({"probes": probes_and_lens(model, args)}, indent=2))
 
 
 def train_and_evaluate(model, args) -> dict:
@@ -110,6 +114,28 @@ def graph_and_explain(model, args) -> dict:
 
 
 EXAMPLE = "And God said, Let there be light: and there was light."
+PROBE_TEXTS = ["for key, value in sorted(items.items()):\n    total += value", "And the LORD spake unto Moses, saying"]
+
+
+def probes_and_lens(model, args) -> dict:
+    from probes.lens import Lens
+    from probes.probe import Probe
+    from probes.train import ProbeTrainConfig, train_probe
+
+    sae_dir = f"{args.out}/sae/{HOOK}"
+    dirs = {kind: Path(f"{args.out}/probes/code-{kind}") for kind in ("linear", "sparse")}
+    for kind, out in dirs.items():
+        if not (out / "probe.json").exists():
+            train_probe(ProbeTrainConfig(task="code", hook=HOOK, kind=kind, out=str(out), sae=sae_dir, n_per_class=150), model)
+    lens = Lens(model, probes=list(dirs.values()), saes=[sae_dir])
+    for result in lens.score(PROBE_TEXTS):
+        for name, r in result.probes.items():
+            top = [f"{f['feature']}:{f['contribution']:+.2f}" for f in r.top_features[:3]]
+            print(f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  {result.text[:40]!r}")
+    watched = lens.monitor("Write a Python function that adds two numbers.", max_new_tokens=24,
+                           trigger="code-linear", action="stop")  # fmt: skip
+    print(f"monitor: generated {watched.text!r}; trigger {watched.triggered}")
+    return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
 
 if __name__ == "__main__":

@@ -208,8 +208,7 @@ def test_unknown_task_lists_the_tasks() -> None:
 
 def test_descriptions_and_aggregation_cover_every_task() -> None:
     assert set(DEFAULT_AGGREGATION) == set(TASKS)
-    assert DEFAULT_AGGREGATION["first_letter"] == "last"
-    assert {DEFAULT_AGGREGATION[t] for t in ("source", "code", "language")} == {"mean"}
+    assert set(DEFAULT_AGGREGATION.values()) <= {"mean", "max", "last"}
     for name in TASKS:
         text = describe_task(name)
         assert len(text) > 200 and "\n" not in text

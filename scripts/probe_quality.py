@@ -1,0 +1,142 @@
+"""Every probe kind against the dense baseline on the four built-in tasks, full data and 32 examples.
+
+SmolLM2 layer 15 (`blocks.15.hook_resid_post`). Sparse probes read (a) the TopK SAE; graph probes
+read (a) with its post-hoc co-activation graph (b), or the graph autoencoder (c) with its learned
+graph. Per task and probe: test accuracy (at logit 0) and AUROC; with 32 training texts the
+figures are the mean over 5 random draws. The full-data rows also give the test TPR / FPR at the
+threshold calibrated to 1% FPR on held-out training negatives. Activations and codes are cached
+under --out, so a re-run only refits. Writes docs/probe_quality.md (the table between its
+markers) and <out>/probe_quality.json.
+
+    python scripts/probe_quality.py --sae out/quality/topk/blocks.15.hook_resid_post \\
+        --stats out/graph/stats-topk1m --graph-sae out/graph/gsae-s1-ec0.001 --out out/probes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from probes.activations import Features, Ragged, collect, encode, load_encoder
+from probes.tasks import DEFAULT_AGGREGATION, TASKS, describe_task, load_task
+from probes.train import (
+    balanced_subset,
+    calibrate_probe,
+    evaluate_probe,
+    fit_probe,
+    graph_edges,
+    split_calibration,
+)
+from sae.models import load_model
+from sae.sae import SparseCode
+
+HOOK = "blocks.15.hook_resid_post"
+DRAWS = 5  # random 32-example training sets per task and probe
+SMALL = 32
+# (row label, kind, encoder key, k): encoder "a" = TopK SAE, "c" = graph autoencoder
+PROBES = [("dense logistic", "linear", None, 0), ("mean difference", "mean_diff", None, 0)]
+PROBES += [(f"sparse k={k} (a)", "sparse", "a", k) for k in (1, 2, 5, 16)]
+PROBES += [("graph query (a+b)", "graph", "a", 0), ("sparse k=16 (c)", "sparse", "c", 16),
+           ("graph query (c)", "graph", "c", 0)]  # fmt: skip
+
+
+def task_activations(model, task: str, out: Path, max_tokens: int) -> tuple[Ragged, torch.Tensor, int, list[str]]:
+    """(activations of train + test texts, labels, n_train, train groups), cached in out."""
+    path = out / f"acts-{task}.safetensors"
+    data = load_task(task)
+    labels = torch.tensor(list(data["train"]["label"]) + list(data["test"]["label"]))
+    if not path.exists():
+        acts, _ = collect(model, list(data["train"]["text"]) + list(data["test"]["text"]), [HOOK], max_tokens)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"values": acts[HOOK].values.half(), "offsets": acts[HOOK].offsets}, str(path))
+    tensors = load_file(str(path))
+    return Ragged(tensors["values"].float(), tensors["offsets"]), labels, len(data["train"]), list(data["train"]["group"])
+
+
+def task_code(encoder, acts: Ragged, path: Path) -> SparseCode:
+    if not path.exists():
+        code, _ = encode(encoder, acts)
+        save_file({"values": code.values, "cols": code.cols.int(), "rows": code.rows}, str(path))
+    t = load_file(str(path))
+    return SparseCode(t["values"], t["cols"].long(), t["rows"], acts.values.shape[0])
+
+
+def run_probe(kind, features, y, fit_rows, test_rows, calib_rows, aggregation, k, edges) -> dict:
+    probe = fit_probe(kind, features.select(fit_rows), y[fit_rows], hook=HOOK, aggregation=aggregation,
+                      k=k or 16, edges=edges, sae="-")  # fmt: skip
+    if calib_rows is not None:
+        calibrate_probe(probe, features.select(calib_rows), y[calib_rows], fpr=0.01)
+    return evaluate_probe(probe, features.select(test_rows), y[test_rows])
+
+
+def evaluate_task(task: str, features: dict, y: torch.Tensor, n_train: int, groups: list[str], edges: dict) -> dict:
+    fit_rows, calib_rows = split_calibration(groups, 0.2, seed=0)
+    test_rows = torch.arange(n_train, y.numel())
+    aggregation = DEFAULT_AGGREGATION[task]
+    rows = {}
+    for label, kind, encoder, k in PROBES:
+        feats = features[encoder or "dense"]
+        full = run_probe(kind, feats, y, fit_rows, test_rows, calib_rows, aggregation, k, edges.get(encoder))
+        small = [run_probe(kind, feats, y, fit_rows[balanced_subset(y[fit_rows], SMALL, seed)], test_rows, None,
+                           aggregation, k, edges.get(encoder)) for seed in range(DRAWS)]  # fmt: skip
+        rows[label] = {"full": full, "small": {m: [r[m] for r in small] for m in ("accuracy", "auroc")}}
+        print(task, label, json.dumps({m: round(full[m], 3) for m in ("accuracy", "auroc")}), flush=True)
+    return {"n_fit": int(fit_rows.numel()), "n_calibration": int(calib_rows.numel()), "n_test": int(test_rows.numel()),
+            "aggregation": aggregation, "probes": rows}  # fmt: skip
+
+
+def table(results: dict) -> str:
+    lines = ["| task | probe | acc | AUROC | TPR @ 1% FPR (test FPR) | acc, 32 ex. | AUROC, 32 ex. |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task, result in results.items():
+        for label, row in result["probes"].items():
+            full, small = row["full"], row["small"]
+            mean_sd = {m: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for m, v in small.items()}
+            lines.append(f"| {task} | {label} | {full['accuracy']:.3f} | {full['auroc']:.3f} | "
+                         f"{full['tpr_at_threshold']:.3f} ({full['fpr_at_threshold']:.3f}) | "
+                         f"{mean_sd['accuracy']} | {mean_sd['auroc']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, results: dict) -> None:
+    start, end = "<!-- table -->", "<!-- /table -->"
+    text = doc.read_text() if doc.exists() else f"# Probe quality\n\n{start}\n{end}\n"
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    tasks = "\n".join(f"- **{t}**: {describe_task(t)}" for t in results)
+    doc.write_text(f"{before}{start}\n{tasks}\n\n{table(results)}\n{end}{after}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sae", required=True, help="(a) TopK SAE directory at layer 15")
+    parser.add_argument("--stats", required=True, help="(b) co-activation stats of (a)")
+    parser.add_argument("--graph-sae", required=True, help="(c) graph autoencoder directory")
+    parser.add_argument("--out", default="out/probes")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--doc", default="docs/probe_quality.md")
+    args = parser.parse_args()
+    out = Path(args.out)
+    model = load_model("smollm2-135m")
+    encoders = {"a": load_encoder(args.sae), "c": load_encoder(args.graph_sae)}
+    edges = {"a": graph_edges(args.stats), "c": graph_edges(args.graph_sae)}
+    results = {}
+    for task in args.tasks.split(","):
+        acts, y, n_train, groups = task_activations(model, task, out, args.max_tokens)
+        features = {"dense": Features(acts)}
+        for key, encoder in encoders.items():
+            code = task_code(encoder, acts, out / f"code-{task}-{key}.safetensors")
+            features[key] = Features(acts, code, encoder.cfg.n_latents)
+        results[task] = evaluate_task(task, features, y, n_train, groups, edges)
+    (out / "probe_quality.json").write_text(json.dumps(results, indent=2))
+    write_doc(Path(args.doc), results)
+
+
+if __name__ == "__main__":
+    main()
