@@ -122,6 +122,8 @@ class BlockManager:
     def admit(self, seq: Sequence, matched: list[PrefixNode]) -> None:
         """Give a waiting sequence the cached prefix blocks (restoring spilled ones)."""
         assert not seq.block_table, "admit() needs a sequence without blocks"
+        for node in matched:  # a fresh stamp voids their LRU entries: restores cannot evict them
+            node.stamp = next(self.clock)
         for node in matched:  # pin device hits first: restoring the others must not evict them
             if node.tier == DEVICE:
                 if self.ref[node.block] == 0:
@@ -191,7 +193,7 @@ class BlockManager:
     def _push(self, tier: str, node: PrefixNode) -> None:
         heapq.heappush(self.lru[tier], (node.stamp, -node.depth, next(self.tiebreak), node))
 
-    def _pop_lru(self, tier: str) -> PrefixNode:
+    def _pop_lru(self, tier: str) -> PrefixNode | None:
         heap = self.lru[tier]
         while heap:
             stamp, _, _, node = heapq.heappop(heap)
@@ -200,18 +202,20 @@ class BlockManager:
             if tier == DEVICE and self.ref[node.block] != 0:
                 continue
             return node
-        raise RuntimeError(f"no evictable block in the {tier} tier (accounting bug)")
+        return None
 
     def _take(self) -> int:
         if self.free_blocks:
             return self.free_blocks.popleft()
         node = self._pop_lru(DEVICE)
+        if node is None:
+            raise RuntimeError("no free or evictable KV block (callers check can_admit / can_append first)")
         block = node.block
         self.owner[block], node.block = None, -1
         self.n_evictable -= 1
         self.stats["evicted"] += 1
-        if self.host_capacity:
-            slot = self._host_slot()
+        slot = self._host_slot() if self.host_capacity else None
+        if slot is not None:
             self.kv.device_to_host(block, slot)
             node.tier, node.host_slot = HOST, slot
             self._push(HOST, node)
@@ -221,10 +225,13 @@ class BlockManager:
             self._drop(node)
         return block
 
-    def _host_slot(self) -> int:
+    def _host_slot(self) -> int | None:
+        """A free host slot, moving the least recently used host block to disk (or dropping it)."""
         if self.host_free:
             return self.host_free.pop()
         node = self._pop_lru(HOST)
+        if node is None:  # every host block is being restored right now
+            return None
         slot = node.host_slot
         if self.disk_capacity:
             name = f"{id(self):x}-{next(self.tiebreak)}"
@@ -233,8 +240,8 @@ class BlockManager:
             self.n_disk += 1
             self._push(DISK, node)
             self.stats["spilled_disk"] += 1
-            while self.n_disk > self.disk_capacity:
-                self._drop(self._pop_lru(DISK))
+            while self.n_disk > self.disk_capacity and (victim := self._pop_lru(DISK)) is not None:
+                self._drop(victim)
         else:
             node.tier, node.host_slot = GONE, -1
             self._drop(node)

@@ -14,6 +14,7 @@ refused when added, so the loop never stalls on them.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,19 @@ class RequestOutput:
     finish_reason: str | None
     text: str = ""  # filled when finished (stop strings cut off)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    handoff: Handoff | None = None  # prefill-only requests: what a decode engine needs to go on
+
+
+@dataclass
+class Handoff:
+    """The state of a prefilled request, for `add_prefilled` on another engine (P/D split)."""
+
+    k: Tensor  # [n_layers, n_blocks, block_size, n_kv_heads, head_dim] KV of the computed tokens
+    v: Tensor
+    num_computed: int  # tokens the KV covers (the prompt)
+    generator_state: Tensor  # the request's sampling generator after its first token
+    params: SamplingParams
+    cache_key: str = ""
 
 
 class LLMEngine:
@@ -59,6 +73,7 @@ class LLMEngine:
         self.runner = ModelRunner(hf, self.kv)
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.imports: deque[tuple[Sequence, Handoff]] = deque()  # handed-over requests waiting for blocks
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     # ------------------------------------------------------------------ requests
@@ -68,7 +83,10 @@ class LLMEngine:
             return self.tokenizer(prompt)["input_ids"]
         return [int(t) for t in prompt]
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, cache_key: str = "") -> Sequence:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, cache_key: str = "", prefill_only: bool = False
+    ) -> Sequence:
+        """Queue a request. prefill_only: stop after the first token and hand the KV over (see Handoff)."""
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
         vocab = self.runner.lm_head.out_features
@@ -86,9 +104,36 @@ class LLMEngine:
         seq = Sequence(ids, params, cache_key=cache_key, arrival_time=time.monotonic())
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + seq.seq_id
         seq.generator = torch.Generator().manual_seed(seed)
+        seq.prefill_only = prefill_only
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def add_prefilled(self, prompt_ids: list[int], output_ids: list[int], handoff: Handoff) -> Sequence:
+        """Continue a request another engine prefilled: import its KV blocks and decode from there."""
+        seq = Sequence(list(prompt_ids), handoff.params, cache_key=handoff.cache_key, output_ids=list(output_ids),
+                       arrival_time=time.monotonic())  # fmt: skip
+        seq.generator = torch.Generator()
+        seq.generator.set_state(handoff.generator_state)
+        seq.first_token_time = seq.arrival_time
+        self.seqs[seq.seq_id] = seq
+        self.imports.append((seq, handoff))
+        self._import_ready()
+        return seq
+
+    def _import_ready(self) -> None:
+        """Move handed-over requests into the running set while the pool has room (oldest first)."""
+        while self.imports:
+            seq, handoff = self.imports[0]
+            n_blocks = handoff.k.shape[1]
+            if n_blocks > self.blocks.num_available:
+                return
+            self.imports.popleft()
+            self.blocks.append(seq, handoff.num_computed)
+            self.kv.scatter(seq.block_table, handoff.k, handoff.v)
+            seq.num_computed = handoff.num_computed
+            self.blocks.commit(seq)  # the imported prefix is now cached here too
+            self.scheduler.start(seq)
 
     def abort(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
@@ -96,11 +141,12 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.imports)
 
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[RequestOutput]:
+        self._import_ready()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -118,10 +164,16 @@ class LLMEngine:
                 seq.first_token_time = time.monotonic()
             seq.output_ids.append(token)
             reason = self._stop_reason(seq, token)
+            handoff = None
+            if reason is None and seq.prefill_only:  # export before the blocks are released
+                k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
+                handoff = Handoff(k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key)
+                reason = "prefilled"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.seqs.pop(seq.seq_id, None)
             outputs.append(self._output(seq, [token]))
+            outputs[-1].handoff = handoff
         decoded = sum(1 for seq, n in scheduled if n == 1 and seq.output_ids)
         self.stats["decode_tokens"] += decoded
         self.stats["prefill_tokens"] += int(ids.numel()) - decoded

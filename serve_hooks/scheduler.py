@@ -59,8 +59,7 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.admit(seq, matched)
             self.blocks.append(seq, n)
-            seq.status = Status.RUNNING
-            bisect.insort(self.running, seq, key=_age)  # kept oldest first, preempted ones included
+            self.start(seq)  # running stays oldest first, preempted requests included
             scheduled.append((seq, n))
             budget -= n
         return scheduled
@@ -73,6 +72,11 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    def start(self, seq: Sequence) -> None:
+        """Run a sequence that already holds its blocks (a request handed over by a prefill engine)."""
+        seq.status = Status.RUNNING
+        bisect.insort(self.running, seq, key=_age)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -72,6 +72,7 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    prefill_only: bool = False  # P/D split: finish after the first token and hand the KV over
 
     @property
     def token_ids(self) -> list[int]:
