@@ -11,8 +11,9 @@
 5. Probes: a dense and a sparse (16 SAE features) probe for "is this Python code?" trained on
    prose vs standard-library code, calibrated to 1% false positives, then a `Lens` scoring two
    texts (per-token scores, top features) and monitoring a generation.
+6. Serve: the split-inference engine (paged KV cache, prefix cache, continuous batching) answers
+   three chat prompts behind one shared system prompt; the later ones reuse its cached KV blocks.
 Killed half-way? Run it again: every stage resumes where it stopped or is skipped when done.
-Later stages (serving) extend this script as they land.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     print(json.dumps({"sae": train_and_evaluate(model, args)}, indent=2))
     print(json.dumps({"graph": graph_and_explain(model, args)}, indent=2))
     print(json.dumps({"probes": probes_and_lens(model, args)}, indent=2))
+    print(json.dumps({"serve": serve(model)}, indent=2))
 
 
 def train_and_evaluate(model, args) -> dict:
@@ -140,3 +142,24 @@ def probes_and_lens(model, args) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def serve(model) -> dict:
+    from serve_hooks.config import EngineConfig
+    from serve_hooks.engine import LLMEngine
+    from serve_hooks.sequence import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_gb=0.25, max_num_batched_tokens=256), model)
+    system = {"role": "system", "content": "You are a concise assistant. Answer in one sentence."}
+    questions = ["What is the capital of France?", "Why is the sky blue?", "What is a prime number?"]
+    chats = [model.tokenizer.apply_chat_template([system, {"role": "user", "content": q}], add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"] for q in questions]  # fmt: skip
+    params = SamplingParams(max_tokens=32)
+    started = time.perf_counter()
+    outputs = engine.generate(chats[:1], params) + engine.generate(chats[1:], params)  # the first warms the cache
+    seconds = time.perf_counter() - started
+    for question, out in zip(questions, outputs, strict=True):
+        print(f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens from the prefix cache)")
+    generated = sum(len(o.token_ids) for o in outputs)
+    return {"generated_tokens": generated, "seconds": round(seconds, 2), "kv_blocks": engine.blocks.num_blocks,
+            "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"], **engine.stats}  # fmt: skip

@@ -22,6 +22,7 @@ import itertools
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serve_hooks.kv_cache import KVCache
@@ -42,6 +43,7 @@ class PrefixNode:
     saved_at: float = 0.0  # wall time the disk file was written (for the TTL)
     stamp: int = 0  # last use on the logical clock
     children: dict[tuple[int, ...], PrefixNode] = field(default_factory=dict)
+    pages: dict[str, object] = field(default_factory=dict)  # per-token data kept beside the KV (hook features)
 
     def subtree(self) -> list[PrefixNode]:
         nodes, stack = [], [self]
@@ -80,6 +82,11 @@ class BlockManager:
         self.clock = itertools.count(1)
         self.tiebreak = itertools.count()
         self.stats: Counter[str] = Counter()
+        # Hooks that keep per-block data beside the KV (serve_hooks.hook): a prefix match stops at
+        # the first node `page_filter` rejects, and they hear about admitted and committed blocks.
+        self.page_filter: Callable[[PrefixNode], bool] | None = None
+        self.on_admit: list[Callable[[Sequence, list[PrefixNode]], None]] = []
+        self.on_commit: list[Callable[[Sequence, int, PrefixNode], None]] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -104,6 +111,8 @@ class BlockManager:
             if node is not None and node.tier == DISK and time.time() - node.saved_at > self.disk_ttl_s:
                 self._drop(node)  # expired: its subtree goes with it
                 node = None
+            if node is not None and self.page_filter is not None and not self.page_filter(node):
+                break  # the KV is cached but not what a hook needs beside it: recompute from here
             if node is not None:
                 found.append(node)
         return found
@@ -139,6 +148,8 @@ class BlockManager:
         if matched:
             self.paths[seq.seq_id] = (len(matched), matched[-1])
         self.stats["prefix_hit_tokens"] += seq.num_prefix_hit
+        for callback in self.on_admit:
+            callback(seq, matched)
 
     def append(self, seq: Sequence, n_new: int) -> None:
         """Blocks for the next n_new tokens of seq (call can_append first)."""
@@ -167,6 +178,8 @@ class BlockManager:
                 child.tier, child.block = DEVICE, block
                 self.owner[block] = child
             child.stamp = next(self.clock)  # a duplicate (child on device already) keeps our block private
+            for callback in self.on_commit:
+                callback(seq, i, child)
             node = child
             done = i + 1
         self.paths[seq.seq_id] = (done, node)

@@ -40,10 +40,21 @@ class StepContext:
     positions: Tensor  # [n_tokens] int64
     slots: Tensor  # [n_tokens] int64 KV slot of each row
     logit_seqs: list[int]  # indices into seqs whose last row yields logits (chunk ends the sequence)
+    plan: AttentionPlan | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.cu_seqlens_q[-1])
+
+
+@dataclass
+class AttentionPlan:
+    """Where each request's keys live, worked out once per step (every layer reuses it)."""
+
+    prefills: list[tuple[int, int, Tensor, Tensor | None]]  # (row start, row end, context slots, mask)
+    decode_rows: Tensor | None  # [n_decode] rows that are single-token continuations
+    decode_slots: Tensor | None  # [n_decode, longest] context slots (0-padded)
+    decode_mask: Tensor | None  # [n_decode, 1, 1, longest] bool
 
 
 class ModelRunner:
@@ -55,6 +66,12 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.kv = kv
         self.hooks: dict[str, list[Hook]] = {}
+        # One GEMM for q, k, v and one for gate, up: fewer, larger matmuls per layer.
+        self.qkv = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in self._attns()]
+        self.gate_up = [torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) for layer in self.model.layers]
+
+    def _attns(self):
+        return [layer.self_attn for layer in self.model.layers]
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +103,32 @@ class ModelRunner:
                 logit_seqs.append(i)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         ctx = StepContext([s for s, _ in scheduled], starts, as_tensor(cu), as_tensor(positions), as_tensor(slots), logit_seqs)
+        ctx.plan = self._plan(ctx, cu)
         return as_tensor(ids), ctx
+
+    def _plan(self, ctx: StepContext, cu: list[int]) -> AttentionPlan:
+        decodes = [i for i in range(len(ctx.seqs)) if cu[i + 1] - cu[i] == 1 and ctx.starts[i] > 0]
+        prefills = []
+        for i in sorted(set(range(len(ctx.seqs))) - set(decodes)):
+            q_len, start = cu[i + 1] - cu[i], ctx.starts[i]
+            mask = None  # a chunk from position 0 is plainly causal
+            if start > 0:  # query j sits at position start + j and sees keys 0..start + j
+                mask = torch.arange(start + q_len, device=self.device)[None] <= (start + torch.arange(q_len, device=self.device))[:, None]
+            prefills.append((cu[i], cu[i + 1], self._context_slots(ctx.seqs[i], start + q_len), mask))
+        if not decodes:
+            return AttentionPlan(prefills, None, None, None)
+        lengths = torch.tensor([ctx.starts[i] + 1 for i in decodes], device=self.device)
+        slots = torch.zeros(len(decodes), int(lengths.max()), dtype=torch.long, device=self.device)
+        for row, i in enumerate(decodes):
+            slots[row, : int(lengths[row])] = self._context_slots(ctx.seqs[i], int(lengths[row]))
+        mask = torch.arange(slots.shape[1], device=self.device)[None] < lengths[:, None]
+        rows = torch.tensor([cu[i] for i in decodes], device=self.device)
+        return AttentionPlan(prefills, rows, slots, mask[:, None, None])
+
+    def _context_slots(self, seq: Sequence, length: int) -> Tensor:
+        bs = self.kv.block_size
+        blocks = torch.tensor(seq.block_table[: (length + bs - 1) // bs], device=self.device)
+        return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:length]
 
     # ------------------------------------------------------------------ forward
 
@@ -97,14 +139,16 @@ class ModelRunner:
         cos, sin = self.model.rotary_emb(h, ctx.positions[None])
         for index, layer in enumerate(self.model.layers):
             h = self._hook(index, "hook_resid_pre", h, ctx)
-            x = layer.input_layernorm(h)
-            attn = layer.self_attn.o_proj(self._attention(layer.self_attn, index, x, cos[0], sin[0], ctx))
+            x = _rms_norm(layer.input_layernorm, h)
+            attn = layer.self_attn.o_proj(self._attention(index, x, cos[0], sin[0], ctx))
             attn = self._hook(index, "hook_attn_out", attn, ctx)
             h = self._hook(index, "hook_resid_mid", h + attn, ctx)
-            mlp = self._hook(index, "hook_mlp_out", layer.mlp(layer.post_attention_layernorm(h)), ctx)
+            gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, h), self.gate_up[index]).chunk(2, dim=-1)
+            mlp = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            mlp = self._hook(index, "hook_mlp_out", mlp, ctx)
             h = self._hook(index, "hook_resid_post", h + mlp, ctx)
         last_rows = ctx.cu_seqlens_q[1:][ctx.logit_seqs] - 1
-        return self.lm_head(self.model.norm(h[last_rows])).float()
+        return self.lm_head(_rms_norm(self.model.norm, h[last_rows])).float()
 
     def _hook(self, layer: int, point: str, value: Tensor, ctx: StepContext) -> Tensor:
         for hook in self.hooks.get(f"blocks.{layer}.{point}", ()):
@@ -113,49 +157,29 @@ class ModelRunner:
                 value = replaced
         return value
 
-    def _attention(self, attn, layer: int, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
-        n = x.shape[0]
-        q = attn.q_proj(x).view(n, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(n, self.n_kv, self.head_dim)
-        v = attn.v_proj(x).view(n, self.n_kv, self.head_dim)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        k_pool = self.kv.k[layer].view(-1, self.n_kv, self.head_dim)  # [num_blocks * block_size, n_kv, hd]
-        v_pool = self.kv.v[layer].view(-1, self.n_kv, self.head_dim)
+    def _attention(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
+        n, hd, scale = x.shape[0], self.head_dim, self.model.layers[layer].self_attn.scaling
+        q, k, v = F.linear(x, self.qkv[layer]).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q, k = apply_rotary_pos_emb(q.view(n, self.n_heads, hd), k.view(n, self.n_kv, hd), cos, sin, unsqueeze_dim=1)
+        k_pool = self.kv.k[layer].view(-1, self.n_kv, hd)  # [num_blocks * block_size, n_kv, hd]
+        v_pool = self.kv.v[layer].view(-1, self.n_kv, hd)
         k_pool[ctx.slots] = k
-        v_pool[ctx.slots] = v
+        v_pool[ctx.slots] = v.view(n, self.n_kv, hd)
         out = torch.empty_like(q)  # [n_tokens, n_heads, hd]
-        cu = ctx.cu_seqlens_q.tolist()
-        decodes = [i for i in range(len(ctx.seqs)) if cu[i + 1] - cu[i] == 1 and ctx.starts[i] > 0]
-        for i in sorted(set(range(len(ctx.seqs))) - set(decodes)):
-            out[cu[i] : cu[i + 1]] = self._prefill_attention(q[cu[i] : cu[i + 1]], k_pool, v_pool, ctx, i, attn.scaling)
-        if decodes:
-            rows = torch.tensor([cu[i] for i in decodes], device=q.device)
-            out[rows] = self._decode_attention(q[rows], k_pool, v_pool, ctx, decodes, attn.scaling)
+        plan = ctx.plan
+        for start, end, slots, mask in plan.prefills:
+            keys, values = k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1)  # [n_kv, ctx, hd]
+            out[start:end] = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys, values, attn_mask=mask,
+                                                            is_causal=mask is None, scale=scale, enable_gqa=True).transpose(0, 1)  # fmt: skip
+        if plan.decode_rows is not None:
+            keys = k_pool[plan.decode_slots].transpose(1, 2)  # [n_decode, n_kv, longest, hd]
+            values = v_pool[plan.decode_slots].transpose(1, 2)
+            out[plan.decode_rows] = F.scaled_dot_product_attention(
+                q[plan.decode_rows][:, :, None], keys, values, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True
+            )[:, :, 0]
         return out.view(n, -1)
 
-    def _context_slots(self, seq: Sequence, length: int) -> Tensor:
-        bs = self.kv.block_size
-        blocks = torch.tensor(seq.block_table[: (length + bs - 1) // bs], device=self.device)
-        return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:length]
 
-    def _prefill_attention(self, q: Tensor, k_pool, v_pool, ctx: StepContext, i: int, scale: float) -> Tensor:
-        q_len, start = q.shape[0], ctx.starts[i]
-        slots = self._context_slots(ctx.seqs[i], start + q_len)
-        k, v = k_pool[slots].transpose(0, 1), v_pool[slots].transpose(0, 1)  # [n_kv, ctx, hd]
-        if start == 0:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # query j sits at position start + j and sees keys 0..start + j
-            mask = torch.arange(start + q_len, device=q.device)[None] <= (start + torch.arange(q_len, device=q.device))[:, None]
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.transpose(0, 1)  # [q_len, n_heads, hd]
-
-    def _decode_attention(self, q: Tensor, k_pool, v_pool, ctx: StepContext, seqs: list[int], scale: float) -> Tensor:
-        lengths = [ctx.starts[i] + 1 for i in seqs]
-        longest = max(lengths)
-        slots = torch.zeros(len(seqs), longest, dtype=torch.long, device=q.device)
-        for row, (i, length) in enumerate(zip(seqs, lengths, strict=True)):
-            slots[row, :length] = self._context_slots(ctx.seqs[i], length)
-        mask = torch.arange(longest, device=q.device)[None] < torch.tensor(lengths, device=q.device)[:, None]
-        k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # [B, n_kv, longest, hd]
-        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale, enable_gqa=True)
-        return out[:, :, 0]  # [B, n_heads, hd]
+def _rms_norm(norm, x: Tensor) -> Tensor:
+    """torch's fused RMSNorm with the HF module's weight and epsilon (bitwise equal in fp32)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)

@@ -24,6 +24,7 @@ class Scheduler:
         self.cfg, self.blocks = cfg, blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,6 +84,7 @@ class Scheduler:
         self.blocks.free(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 

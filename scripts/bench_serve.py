@@ -1,0 +1,272 @@
+"""Serving benchmarks for the engine (JSON on stdout; figures go in docs/benchmarks.md).
+
+    python scripts/bench_serve.py [--only poisson,hf,prefix,long,vllm,load] [--model smollm2-135m]
+
+- poisson  Poisson arrivals at several rates (vLLM's `bench serve` method): TTFT, TPOT, output
+           throughput, and goodput (requests/s meeting TTFT ≤ --slo-ttft and TPOT ≤ --slo-tpot).
+- hf       the same requests, all at once, through transformers `generate` in static batches
+           (left-padded, each batch runs to its longest request) vs the engine: useful output
+           tokens/s ratio.
+- prefix   many requests behind one long system prompt, one at a time: mean TTFT with the prefix
+           cache on ÷ off.
+- long     short prompts, long outputs: the fraction of allocated KV slots that hold live tokens
+           (sampled every step), and how many requests ran at once vs how many a contiguous
+           per-request allocation of the same memory would hold.
+- vllm     16 prompts × 64 tokens through greylens's HTTP server and vLLM's CPU server (side venv,
+           `scripts/_vllm_side.py setup`), same client: output tok/s ratio.
+- load     1000 Poisson requests with a deliberately small block pool vs a roomy one: requests
+           lost and outputs that differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_hooks.config import EngineConfig  # noqa: E402
+from serve_hooks.engine import LLMEngine  # noqa: E402
+from serve_hooks.sequence import SamplingParams  # noqa: E402
+
+VOCAB = [100, 40000]  # token ids drawn for synthetic prompts (main() caps it at the model's vocabulary)
+
+
+def workload(n: int, seed: int, prompt_len=(16, 256), out_len=(16, 128)) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(*VOCAB) for _ in range(rng.randint(*prompt_len))], rng.randint(*out_len)) for _ in range(n)]
+
+
+def warm(engine: LLMEngine) -> None:
+    """One small untimed request: first-touch costs (allocator, KV pages, kernels) are not measured."""
+    engine.generate([list(range(VOCAB[0], VOCAB[0] + 64))], SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def run_arrivals(engine: LLMEngine, requests, arrivals: list[float], on_step=None) -> list[dict]:
+    """Feed requests at their arrival offsets (seconds) and step the engine; per-request timings."""
+    t0 = time.monotonic()
+    pending = sorted(zip(arrivals, range(len(requests)), strict=True))
+    seqs, done = {}, {}
+    while pending or engine.has_unfinished():
+        now = time.monotonic() - t0
+        while pending and pending[0][0] <= now:
+            arrival, i = pending.pop(0)
+            prompt, n_out = requests[i]
+            seq = engine.add_request(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
+            seqs[seq.seq_id] = (i, t0 + arrival, seq)
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, min(0.01, pending[0][0] - now)) if pending else 0.0)
+            continue
+        for out in engine.step():
+            if out.finished:
+                i, arrived, seq = seqs[out.seq_id]
+                end = time.monotonic()
+                ttft = seq.first_token_time - arrived
+                tpot = (end - seq.first_token_time) / max(1, len(out.token_ids) - 1)
+                done[i] = {"ttft": ttft, "tpot": tpot, "end": end - t0, "tokens": out.token_ids,
+                           "cached": out.num_cached_tokens}  # fmt: skip
+        if on_step:
+            on_step(engine)
+    return [done[i] for i in range(len(requests))]
+
+
+def summarize(rows: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
+    makespan = max(r["end"] for r in rows)
+    good = sum(1 for r in rows if r["ttft"] <= slo_ttft and r["tpot"] <= slo_tpot)
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    ttft, tpot = [r["ttft"] for r in rows], [r["tpot"] for r in rows]
+    return {
+        "requests": len(rows), "output_tok_per_s": round(sum(len(r["tokens"]) for r in rows) / makespan, 2),
+        "ttft_mean_s": round(statistics.mean(ttft), 3), "ttft_p90_s": round(pct(ttft, 0.9), 3),
+        "tpot_mean_ms": round(1000 * statistics.mean(tpot), 1), "tpot_p90_ms": round(1000 * pct(tpot, 0.9), 1),
+        "goodput_req_per_s": round(good / makespan, 3), "slo_met": f"{good}/{len(rows)}",
+    }  # fmt: skip
+
+
+def bench_poisson(model, args) -> dict:
+    out = {"slo": {"ttft_s": args.slo_ttft, "tpot_ms": 1000 * args.slo_tpot}}
+    for rate in args.rates:
+        requests = workload(args.n, seed=1, out_len=(16, 64))
+        rng = random.Random(2)
+        arrivals, t = [], 0.0
+        for _ in requests:
+            t += rng.expovariate(rate)
+            arrivals.append(t)
+        engine = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
+        warm(engine)
+        out[f"rate_{rate}"] = summarize(run_arrivals(engine, requests, arrivals), args.slo_ttft, args.slo_tpot)
+        print(json.dumps({f"poisson {rate}/s": out[f"rate_{rate}"]}), file=sys.stderr)
+    return out
+
+
+def bench_hf(model, args) -> dict:
+    requests = workload(args.n, seed=3, out_len=(16, 128))
+    engine = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
+    warm(engine)
+    rows = run_arrivals(engine, requests, [0.0] * len(requests))
+    engine_tps = sum(len(r["tokens"]) for r in rows) / max(r["end"] for r in rows)
+    started, useful = time.monotonic(), 0
+    pad = model.tokenizer.pad_token_id or 0
+    for b in range(0, len(requests), args.hf_batch):
+        batch = requests[b : b + args.hf_batch]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        longest = max(n for _, n in batch)
+        model.fast.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                            do_sample=False, pad_token_id=pad)  # fmt: skip
+        useful += sum(n for _, n in batch)  # tokens past a request's own length are waste
+    hf_tps = useful / (time.monotonic() - started)
+    return {"requests": len(requests), "hf_batch": args.hf_batch, "engine_tok_per_s": round(engine_tps, 2),
+            "hf_tok_per_s": round(hf_tps, 2), "ratio": round(engine_tps / hf_tps, 2)}  # fmt: skip
+
+
+def bench_prefix(model, args) -> dict:
+    rng = random.Random(4)
+    system = [rng.randrange(*VOCAB) for _ in range(args.system_len)]
+    requests = [(system + [rng.randrange(*VOCAB) for _ in range(16)], 8) for _ in range(args.prefix_requests)]
+    result = {"system_prompt_tokens": args.system_len, "requests": len(requests)}
+    for cache in (True, False):
+        engine = LLMEngine(EngineConfig(model=args.model, enable_prefix_cache=cache, max_num_batched_tokens=1024), model)
+        warm(engine)
+        ttfts = []
+        for prompt, n in requests:  # one at a time: TTFT is the prefill of what is not cached
+            ttfts.append(run_arrivals(engine, [(prompt, n)], [0.0])[0]["ttft"])
+        result["on" if cache else "off"] = {"ttft_mean_s": round(statistics.mean(ttfts), 4),
+                                            "ttft_mean_after_first_s": round(statistics.mean(ttfts[1:]), 4)}  # fmt: skip
+    result["ttft_ratio_on_off"] = round(result["on"]["ttft_mean_s"] / result["off"]["ttft_mean_s"], 3)
+    return result
+
+
+def bench_long(model, args) -> dict:
+    requests = workload(args.long_requests, seed=5, prompt_len=(8, 24), out_len=(args.long_out, args.long_out))
+    engine = LLMEngine(EngineConfig(model=args.model, num_blocks=args.long_blocks, max_num_seqs=256,
+                                    max_num_batched_tokens=256), model)  # fmt: skip
+    bs, samples, peak = engine.cfg.block_size, [], [0]
+
+    def observe(e: LLMEngine) -> None:
+        running = e.scheduler.running
+        allocated = sum(len(s.block_table) for s in running) * bs
+        if allocated:
+            samples.append(sum(s.num_computed for s in running) / allocated)
+        peak[0] = max(peak[0], len(running))
+
+    run_arrivals(engine, requests, [0.0] * len(requests), on_step=observe)
+    pool_tokens = args.long_blocks * bs
+    per_request = max(len(p) + n for p, n in requests)
+    return {"requests": len(requests), "pool_tokens": pool_tokens, "block_size": bs,
+            "live_fraction_of_allocated_slots": round(statistics.mean(samples), 4),
+            "peak_concurrent_requests": peak[0],
+            "contiguous_fit_at_request_max_len": pool_tokens // per_request,
+            "contiguous_fit_at_model_max_len": pool_tokens // engine.max_model_len}  # fmt: skip
+
+
+def bench_vllm(args) -> dict:
+    import _vllm_side as side
+
+    result = {}
+    port = 8712
+    proc = subprocess.Popen([sys.executable, "-m", "serve_hooks", "serve", "--model", args.model, "--port", str(port),
+                             "--max-num-batched-tokens", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_health(port)
+        result["greylens"] = _http_workload(side, port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    vllm = side.start_server(8711)
+    try:
+        result["vllm"] = _http_workload(side, 8711)
+    finally:
+        side.stop_server(vllm)
+    result["ratio_greylens_over_vllm"] = round(result["greylens"]["output_tok_per_s"] / result["vllm"]["output_tok_per_s"], 3)
+    return result
+
+
+def _wait_health(port: int, timeout: float = 300.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return
+        except OSError:
+            time.sleep(1.0)
+    raise RuntimeError(f"greylens server on port {port} did not come up")
+
+
+def _http_workload(side, port: int, n: int = 16, max_tokens: int = 64) -> dict:
+    side.complete(port, side.WARMUP_PROMPT, 8)
+    prompts = [side.PROMPTS[i % len(side.PROMPTS)] for i in range(n)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        t0 = time.perf_counter()
+        replies = list(pool.map(lambda p: side.complete(port, p, max_tokens), prompts))
+        seconds = time.perf_counter() - t0
+    tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    return {"output_tokens": tokens, "seconds": round(seconds, 2), "output_tok_per_s": round(tokens / seconds, 2),
+            "first_text": replies[0]["choices"][0]["text"][:80]}  # fmt: skip
+
+
+def bench_load(model, args) -> dict:
+    requests = workload(args.load_requests, seed=6, prompt_len=(8, 64), out_len=(2, 12))
+    rng = random.Random(7)
+    arrivals, t = [], 0.0
+    for _ in requests:
+        t += rng.expovariate(args.load_rate)
+        arrivals.append(t)
+    small = LLMEngine(EngineConfig(model=args.model, num_blocks=args.load_blocks, max_num_batched_tokens=256), model)
+    pressured = run_arrivals(small, requests, arrivals)
+    roomy = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
+    reference = run_arrivals(roomy, requests, [0.0] * len(requests))
+    small.blocks.check()
+    differ = [i for i, (a, b) in enumerate(zip(pressured, reference, strict=True)) if a["tokens"] != b["tokens"]]
+    return {"requests": len(requests), "blocks": args.load_blocks, "lost": len(requests) - len(pressured),
+            "outputs_differing": len(differ), "first_differing": differ[:5],
+            "preemptions": small.scheduler.num_preemptions, "evicted_blocks": small.blocks.stats["evicted"]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="poisson,hf,prefix,long,vllm,load")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n", type=int, default=32, help="requests per Poisson / HF run")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
+    parser.add_argument("--slo-tpot", type=float, default=0.25, help="seconds per output token")
+    parser.add_argument("--hf-batch", type=int, default=8)
+    parser.add_argument("--system-len", type=int, default=1024)
+    parser.add_argument("--prefix-requests", type=int, default=8)
+    parser.add_argument("--long-requests", type=int, default=32)
+    parser.add_argument("--long-out", type=int, default=256)
+    parser.add_argument("--long-blocks", type=int, default=512)
+    parser.add_argument("--load-requests", type=int, default=1000)
+    parser.add_argument("--load-rate", type=float, default=50.0)
+    parser.add_argument("--load-blocks", type=int, default=24)
+    args = parser.parse_args()
+    from sae.models import load_model
+
+    model = load_model(args.model)
+    VOCAB[1] = min(VOCAB[1], model.fast.config.vocab_size)
+    result = {"threads": torch.get_num_threads(), "model": args.model}
+    benches = {"poisson": lambda: bench_poisson(model, args), "hf": lambda: bench_hf(model, args),
+               "prefix": lambda: bench_prefix(model, args), "long": lambda: bench_long(model, args),
+               "vllm": lambda: bench_vllm(args), "load": lambda: bench_load(model, args)}  # fmt: skip
+    for name in args.only.split(","):
+        started = time.monotonic()
+        result[name] = benches[name]()
+        result[name]["bench_seconds"] = round(time.monotonic() - started, 1)
+        print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

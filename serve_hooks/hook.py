@@ -1,0 +1,200 @@
+"""SAE features, probe scores and steering inside the engine, with the KV cache left intact.
+
+    hook = FeatureHook(engine, saes=["out/sae/blocks.15.hook_resid_post"], probes=["out/probes/code"])
+    seq = engine.add_request(ids, params)
+    ... engine.step() ...
+    hook.features(seq.seq_id)   # per-token top-n codes per SAE and scores per probe
+
+Per hooked layer the hook reads the flattened batch once (the runner's hook point), encodes
+every row, and writes each request's rows at their positions (`StepContext` maps rows to
+requests). Writes *overwrite*, so a chunk computed again after preemption by recompute leaves
+no duplicates. Every full KV block that enters the prefix cache gets a feature page beside it
+(keyed by the hook's version: the SAE and probe weights); a prefix hit copies the pages into the
+new request instead of losing those positions, and a cached block without a page for this
+version is not matched at all, so the request recomputes rather than returning holes. Pages
+live on the trie node, so they are evicted with the block and follow it to host memory and disk.
+
+Steering: `steer(vector, hook)` returns a cache key; requests added with it get `vector` added
+to their rows at that hook. The key is a fingerprint of the intervention, so steered and
+unsteered requests never share KV blocks. Read-only use never changes outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from probes.activations import load_encoder
+from probes.probe import Probe
+from serve_hooks.block_manager import PrefixNode
+from serve_hooks.engine import LLMEngine
+from serve_hooks.model_runner import StepContext
+from serve_hooks.sequence import Sequence
+
+
+class RequestFeatures:
+    """Per-token results of one request: codes per SAE hook, scores per probe (grown on demand)."""
+
+    def __init__(self, top_n: int) -> None:
+        self.top_n, self.n = top_n, 0
+        self.codes: dict[str, tuple[Tensor, Tensor]] = {}  # hook -> (indices [cap, top_n], values [cap, top_n])
+        self.scores: dict[str, Tensor] = {}  # probe name -> [cap]
+
+    def _room(self, length: int) -> None:
+        for key, (idx, val) in self.codes.items():
+            if idx.shape[0] < length:
+                self.codes[key] = (_grow(idx, length), _grow(val, length))
+        for key, score in self.scores.items():
+            if score.shape[0] < length:
+                self.scores[key] = _grow(score, length)
+
+    def write_codes(self, hook: str, start: int, idx: Tensor, val: Tensor) -> None:
+        if hook not in self.codes:
+            self.codes[hook] = (torch.zeros(0, self.top_n, dtype=torch.long), torch.zeros(0, self.top_n))
+        self._room(start + idx.shape[0])
+        self.codes[hook][0][start : start + idx.shape[0]] = idx
+        self.codes[hook][1][start : start + idx.shape[0]] = val
+        self.n = max(self.n, start + idx.shape[0])
+
+    def write_scores(self, probe: str, start: int, scores: Tensor) -> None:
+        if probe not in self.scores:
+            self.scores[probe] = torch.zeros(0)
+        self._room(start + scores.shape[0])
+        self.scores[probe][start : start + scores.shape[0]] = scores
+        self.n = max(self.n, start + scores.shape[0])
+
+    def page(self, start: int, end: int) -> dict:
+        return {"codes": {h: (i[start:end].clone(), v[start:end].clone()) for h, (i, v) in self.codes.items()},
+                "scores": {p: s[start:end].clone() for p, s in self.scores.items()}}  # fmt: skip
+
+    def fill(self, start: int, page: dict) -> None:
+        for hook, (idx, val) in page["codes"].items():
+            self.write_codes(hook, start, idx, val)
+        for probe, scores in page["scores"].items():
+            self.write_scores(probe, start, scores)
+
+    def to_json(self) -> dict:
+        return {"codes": {h: {"indices": i[: self.n].tolist(), "values": v[: self.n].tolist()}
+                          for h, (i, v) in self.codes.items()},
+                "probes": {p: s[: self.n].tolist() for p, s in self.scores.items()}}  # fmt: skip
+
+
+def _grow(t: Tensor, length: int) -> Tensor:
+    out = t.new_zeros((max(length, 2 * t.shape[0]), *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+class FeatureHook:
+    def __init__(self, engine: LLMEngine, saes: Seq = (), probes: Seq = (), top_n: int = 8) -> None:
+        self.engine, self.top_n = engine, top_n
+        self.saes = {}  # hook -> encoder
+        for item in saes:
+            encoder = load_encoder(item) if isinstance(item, str | Path) else item
+            self.saes[encoder.cfg.hook] = encoder
+        self.probes = {}
+        for item in probes:
+            probe = item if isinstance(item, Probe) else Probe.load(item)
+            self.probes[probe.name or f"{probe.kind}-{len(self.probes)}"] = probe
+        for probe in self.probes.values():  # a sparse probe reads the SAE attached at its hook
+            if probe.needs_code and probe.hook not in self.saes:
+                self.saes[probe.hook] = load_encoder(probe.sae)
+        self.version = self._fingerprint()
+        self.requests: dict[int, RequestFeatures] = {}
+        self.steering: dict[str, tuple[str, Tensor]] = {}  # cache key -> (hook, vector)
+        self._hooked = set(self.saes) | {p.hook for p in self.probes.values()}
+        self._remove = [engine.runner.add_hook(h, self._reader(h)) for h in sorted(self._hooked)]
+        blocks = engine.blocks
+        blocks.page_filter = lambda node: self.version in node.pages
+        blocks.on_admit.append(self._admitted)
+        blocks.on_commit.append(self._committed)
+
+    def _fingerprint(self) -> str:
+        """Identity of everything that produces pages: SAE weights, probe weights, top_n."""
+        digest = hashlib.sha256(str(self.top_n).encode())
+        for hook, encoder in sorted(self.saes.items()):
+            module = encoder.model if hasattr(encoder, "model") else encoder  # graph autoencoder or SAE
+            digest.update(hook.encode())
+            for name, tensor in sorted(module.state_dict().items()):
+                digest.update(name.encode() + tensor.detach().float().contiguous().numpy().tobytes())
+        for name, probe in sorted(self.probes.items()):
+            digest.update(name.encode() + probe.weight.numpy().tobytes() + probe.features.numpy().tobytes())
+            digest.update(f"{probe.bias}".encode())
+        return digest.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ per step
+
+    def _reader(self, hook: str):
+        def read(rows: Tensor, ctx: StepContext) -> Tensor | None:
+            x = rows.float()
+            code = self.saes[hook].encode(x) if hook in self.saes else None
+            if code is not None:
+                dense = code.to_dense(self.saes[hook].cfg.n_latents)  # [n_tokens, n_latents]
+                top = dense.topk(min(self.top_n, dense.shape[1]), dim=1)
+            scores = {n: p.token_scores(x, code) for n, p in self.probes.items() if p.hook == hook}
+            cu = ctx.cu_seqlens_q.tolist()
+            for i, seq in enumerate(ctx.seqs):
+                state = self.requests.setdefault(seq.seq_id, RequestFeatures(self.top_n))
+                lo, hi, start = cu[i], cu[i + 1], ctx.starts[i]
+                if code is not None:
+                    state.write_codes(hook, start, top.indices[lo:hi], top.values[lo:hi])
+                for name, s in scores.items():
+                    state.write_scores(name, start, s[lo:hi])
+            return self._steer(hook, rows, ctx, cu)
+
+        return read
+
+    def _steer(self, hook: str, rows: Tensor, ctx: StepContext, cu: list[int]) -> Tensor | None:
+        chosen = [(cu[i], cu[i + 1], self.steering[s.cache_key][1]) for i, s in enumerate(ctx.seqs)
+                  if s.cache_key in self.steering and self.steering[s.cache_key][0] == hook]  # fmt: skip
+        if not chosen:
+            return None  # read-only: the runner keeps its own tensor
+        rows = rows.clone()
+        for lo, hi, vector in chosen:
+            rows[lo:hi] += vector.to(rows)
+        return rows
+
+    def _admitted(self, seq: Sequence, matched: list[PrefixNode]) -> None:
+        state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)  # a fresh (re)admission
+        bs = self.engine.blocks.block_size
+        for i, node in enumerate(matched):
+            state.fill(i * bs, node.pages[self.version])
+
+    def _committed(self, seq: Sequence, block_index: int, node: PrefixNode) -> None:
+        if self.version not in node.pages and seq.seq_id in self.requests:
+            bs = self.engine.blocks.block_size
+            node.pages[self.version] = self.requests[seq.seq_id].page(block_index * bs, (block_index + 1) * bs)
+
+    # ------------------------------------------------------------------ API
+
+    def steer(self, vector: Tensor, hook: str) -> str:
+        """A cache key for requests that get `vector` added at `hook` (a fingerprint of both)."""
+        if not hook.endswith(("hook_resid_pre", "hook_resid_post")):
+            raise ValueError(f"steering needs a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}")
+        vector = vector.detach().float()
+        if vector.shape != (self.engine.model.d_model,):
+            raise ValueError(f"steering vector has shape {tuple(vector.shape)}, expected ({self.engine.model.d_model},)")
+        key = "steer:" + hashlib.sha256(hook.encode() + vector.contiguous().numpy().tobytes()).hexdigest()[:16]
+        self.steering[key] = (hook, vector)
+        if hook not in self._hooked:  # read hooks steer too; other points get a steering-only hook
+            self._hooked.add(hook)
+            self._remove.append(self.engine.runner.add_hook(hook, lambda rows, ctx: self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())))
+        return key
+
+    def features(self, seq_id: int) -> RequestFeatures | None:
+        return self.requests.get(seq_id)
+
+    def release(self, seq_id: int) -> RequestFeatures | None:
+        """Drop (and return) a finished or cancelled request's per-token results."""
+        return self.requests.pop(seq_id, None)
+
+    def close(self) -> None:
+        for remove in self._remove:
+            remove()
+        self.engine.blocks.page_filter = None
+        self.engine.blocks.on_admit.remove(self._admitted)
+        self.engine.blocks.on_commit.remove(self._committed)

@@ -1,0 +1,143 @@
+"""The serving hook: features inside the engine equal an offline pass, survive prefix hits,
+chunking, preemption and tier spills, never change outputs, and steering keeps its own KV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probes.activations import Features, Ragged
+from probes.probe import Probe
+from probes.train import fit_probe
+from sae.hooks import capture
+from sae.sae import SAE, SAEConfig
+from serve_hooks.config import EngineConfig
+from serve_hooks.engine import LLMEngine
+from serve_hooks.hook import FeatureHook
+from serve_hooks.sequence import SamplingParams
+from tests.serve_hooks.conftest import prompts
+
+HOOK = "blocks.1.hook_resid_post"
+PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def sae(lively):
+    torch.manual_seed(0)
+    return SAE(SAEConfig(d_in=lively.d_model, n_latents=96, k=6, hook=HOOK, model="tiny"))
+
+
+@pytest.fixture(scope="module")
+def probes(lively, sae):
+    g = torch.Generator().manual_seed(0)
+    linear = Probe("linear", HOOK, lively.d_model, "mean", torch.randn(lively.d_model, generator=g), 0.3, name="dense")
+    x = torch.randn(40, lively.d_model, generator=g)
+    y = torch.arange(8) % 2
+    feats = Features(Ragged(x, torch.arange(0, 41, 5)), sae.encode(x), 96)
+    sparse = fit_probe("sparse", feats, y, hook=HOOK, aggregation="mean", k=4, sae="-", name="sparse", l2=0.1)
+    return [linear, sparse]
+
+
+def engine(model, **settings) -> LLMEngine:
+    base = dict(model="tiny", num_blocks=128, block_size=4, max_num_batched_tokens=64)
+    return LLMEngine(EngineConfig(**{**base, **settings}), model)
+
+
+def run(llm: LLMEngine, cases, params=PARAMS, key=""):
+    seqs = [llm.add_request(p, params, cache_key=key) for p in cases]
+    while llm.has_unfinished():
+        llm.step()
+    return seqs
+
+
+def offline(model, sae, probes, ids: list[int]):
+    """Dense SAE code and probe scores of every token of `ids`, from a plain HF forward."""
+    x = capture(model, torch.tensor([ids]), [HOOK])[HOOK][0]
+    code = sae.encode(x)
+    return code.to_dense(96), {p.name: p.token_scores(x, code) for p in probes}
+
+
+def check_equal(model, sae, probes, hook, seq) -> None:
+    ids = seq.token_ids[:-1]  # the last sampled token was never fed to the model
+    dense, scores = offline(model, sae, probes, ids)
+    got = hook.features(seq.seq_id)
+    assert got is not None and got.n == len(ids)
+    idx, val = got.codes[HOOK]
+    ours = torch.zeros(len(ids), 96).scatter_(1, idx[: len(ids)], val[: len(ids)])
+    top = dense.topk(6, dim=1).values  # the hook keeps top_n = 6 = k: the whole code
+    assert torch.allclose(ours.sort(dim=1, descending=True).values[:, :6], top, atol=1e-4)
+    assert torch.allclose(ours, dense, atol=1e-4)
+    for name, expected in scores.items():
+        assert torch.allclose(got.scores[name][: len(ids)], expected, atol=1e-4), name
+
+
+@pytest.mark.parametrize("settings", [{}, {"max_num_batched_tokens": 5}, {"num_blocks": 20, "max_num_batched_tokens": 32}],
+                         ids=["plain", "chunked", "preempted"])  # fmt: skip
+def test_features_equal_offline_and_outputs_unchanged(lively, sae, probes, settings):
+    cases = prompts(4, seed=8, shared=14) + prompts(3, seed=9)
+    plain = [s.output_ids for s in run(engine(lively, **settings), cases)]
+    llm = engine(lively, **settings)
+    hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
+    first = run(llm, cases[:4])
+    second = run(llm, cases[4:] + cases[:2])  # the last two hit the prefix cache, pages included
+    assert [s.output_ids for s in first + second[:3]] == plain, "read-only hooks never change outputs"
+    assert all(s.num_prefix_hit > 0 for s in second[3:])
+    for seq in first + second:
+        check_equal(lively, sae, probes, hook, seq)
+    if "num_blocks" in settings:
+        assert llm.scheduler.num_preemptions > 0
+
+
+def test_kv_hit_without_pages_recomputes(lively, sae, probes):
+    llm = engine(lively)
+    [shared] = prompts(1, seed=10, shared=20)
+    run(llm, [shared])  # cached KV, but no hook was attached: no feature pages
+    hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
+    [seq] = run(llm, [shared[:-1] + [7]])
+    assert seq.num_prefix_hit == 0, "blocks without this version's pages must not be matched"
+    check_equal(lively, sae, probes, hook, seq)
+    [again] = run(llm, [shared[:-1] + [9]])
+    assert again.num_prefix_hit > 0
+    check_equal(lively, sae, probes, hook, again)
+
+
+def test_pages_follow_blocks_to_host_and_back(lively, sae, probes):
+    llm = engine(lively, num_blocks=20, host_blocks=64)
+    hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
+    [shared] = prompts(1, seed=11, shared=36)
+    run(llm, [shared])
+    run(llm, prompts(4, seed=12))  # pushes the idle prefix out to host memory
+    [seq] = run(llm, [shared[:-2] + [5, 6]])
+    assert llm.blocks.stats["restored_host"] > 0 and seq.num_prefix_hit > 0
+    check_equal(lively, sae, probes, hook, seq)
+
+
+def test_steering_has_its_own_cache_namespace(lively, sae, probes):
+    llm = engine(lively)
+    hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
+    vector = torch.randn(lively.d_model, generator=torch.Generator().manual_seed(3)) * 4
+    key = hook.steer(vector, HOOK)
+    assert key == hook.steer(vector.clone(), HOOK), "the key is a fingerprint of the intervention"
+    [case] = prompts(1, seed=13, shared=12)
+    steered = llm.add_request(case, PARAMS, cache_key=key)
+    plain = llm.add_request(case, PARAMS)
+    llm.step()
+    assert not set(steered.block_table) & set(plain.block_table), "steered and plain requests share no KV block"
+    while llm.has_unfinished():
+        llm.step()
+    reference = _greedy_with_added(lively, case, vector, 6)
+    assert steered.output_ids == reference and plain.output_ids != reference
+    with pytest.raises(ValueError, match="residual"):
+        hook.steer(vector, "blocks.1.hook_attn_out")
+
+
+def _greedy_with_added(model, prompt: list[int], vector: torch.Tensor, n: int) -> list[int]:
+    handle = model.fast.model.layers[1].register_forward_hook(
+        lambda m, a, out: (out[0] + vector, *out[1:]) if isinstance(out, tuple) else out + vector)
+    try:
+        ids = list(prompt)
+        for _ in range(n):
+            ids.append(int(model.fast(torch.tensor([ids])).logits[0, -1].argmax()))
+    finally:
+        handle.remove()
+    return ids[len(prompt):]
