@@ -1,0 +1,36 @@
+"""`python -m serve_hooks serve ...` (a stable contract: scripts call it).
+
+    serve   the OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models,
+            /health, /metrics) on one engine; binds 127.0.0.1 unless --host says otherwise
+
+Example: python -m serve_hooks serve --model tiny --port 8000 --num-blocks 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sae.cli import add_dataclass_args, dataclass_from_args
+from serve_hooks.server import ServerConfig, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_hooks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_dataclass_args(commands.add_parser("serve", help="run the OpenAI-compatible server"), ServerConfig)
+    args = parser.parse_args(argv)
+    try:
+        cfg = dataclass_from_args(ServerConfig, args)
+        if not 0 <= cfg.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {cfg.port}")
+        serve(cfg)
+    except (ValueError, OSError) as error:  # bad settings, a missing model file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
