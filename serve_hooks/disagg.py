@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation: M prefill and N decode engines in separate processes.
 
-    llm = DisaggregatedLLM("smollm2-135m", n_prefill=1, n_decode=2, block_size=16)
-    outs = llm.generate(prompts, SamplingParams(max_tokens=64))
+    llm = DisaggregatedLLM("smollm2-135m", n_prefill=1, n_decode=2, block_size=16,
+                           saes=["out/sae/blocks.15.hook_resid_post"])   # optional: features per token
+    outs = llm.generate(prompts, SamplingParams(max_tokens=64))  # [{tokens, reason, text, features}]
     llm.close()
 
 Ranks of one torch.distributed group (gloo here, NCCL on GPUs): 0 is this process (the router),
@@ -9,7 +10,9 @@ Ranks of one torch.distributed group (gloo here, NCCL on GPUs): 0 is this proces
 which runs it with continuous batching until its first token, then sends the prompt's KV blocks,
 the first token and the request's sampling-generator state to a decode worker (round robin),
 which imports them into its own pool and decodes from exactly there; finished requests go back
-to rank 0. Every message is a small header tensor, a JSON body (no pickle) and optional tensors,
+to rank 0. With SAEs / probes each worker runs a `FeatureHook`; the prompt's feature pages
+travel with its KV blocks and the decode side returns per-token features for the whole text.
+Every message is a small header tensor, a JSON body (no pickle) and optional tensors,
 sent with isend so no process ever blocks on a busy peer.
 """
 
@@ -82,10 +85,15 @@ class Link:
 # --------------------------------------------------------------------------- workers
 
 
-def _worker(index: int, world: int, settings: dict, weights: str, port: int) -> None:
+def _worker(index: int, world: int, settings: dict, weights: str, port: int, hook_spec: dict) -> None:
     rank = index + 1  # start_processes numbers workers from 0; rank 0 is the router
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     engine = _load_engine(settings, weights)
+    hook = None
+    if hook_spec.get("saes") or hook_spec.get("probes"):
+        from serve_hooks.hook import FeatureHook
+
+        hook = FeatureHook(engine, hook_spec.get("saes", ()), hook_spec.get("probes", ()), hook_spec.get("top_n", 8))
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
     dist.init_process_group(_backend(), store=store, rank=rank, world_size=world)
     link = Link(store, rank)
@@ -100,7 +108,8 @@ def _worker(index: int, world: int, settings: dict, weights: str, port: int) -> 
                 routes[seq.seq_id] = (body["id"], body["decode"])
             else:  # "decode": a handed-over request
                 params = SamplingParams(**body["params"])
-                handoff = Handoff(tensors[0], tensors[1], body["computed"], tensors[2], params, body["cache_key"])
+                extras = dict(zip(body["extras"], tensors[3:], strict=True))  # feature pages, if any
+                handoff = Handoff(tensors[0], tensors[1], body["computed"], tensors[2], params, body["cache_key"], extras)
                 seq = engine.add_prefilled(body["prompt"], body["output"], handoff)
                 routes[seq.seq_id] = (body["id"], ROUTER)
         if not engine.has_unfinished():
@@ -108,21 +117,23 @@ def _worker(index: int, world: int, settings: dict, weights: str, port: int) -> 
             continue
         for out in engine.step():
             if out.finished:
-                _forward(link, out, *routes.pop(out.seq_id))
+                features = hook.release(out.seq_id) if hook is not None else None
+                _forward(link, out, *routes.pop(out.seq_id), features.to_json() if features is not None else None)
     link.flush()
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _forward(link: Link, out: RequestOutput, request_id: str, dst: int) -> None:
+def _forward(link: Link, out: RequestOutput, request_id: str, dst: int, features: dict | None) -> None:
     if out.handoff is None:  # finished (EOS, stop, max_tokens) — straight back to the router
         link.send(ROUTER, {"op": "done", "id": request_id, "tokens": out.token_ids, "reason": out.finish_reason,
-                           "text": out.text, "cached": out.num_cached_tokens})  # fmt: skip
+                           "text": out.text, "cached": out.num_cached_tokens, "features": features})  # fmt: skip
         return
     h = out.handoff
     link.send(dst, {"op": "decode", "id": request_id, "prompt": out.prompt_token_ids, "output": out.token_ids,
-                    "params": asdict(h.params), "computed": h.num_computed, "cache_key": h.cache_key},
-              (h.k, h.v, h.generator_state))  # fmt: skip
+                    "params": asdict(h.params), "computed": h.num_computed, "cache_key": h.cache_key,
+                    "extras": list(h.extras)},
+              (h.k, h.v, h.generator_state, *h.extras.values()))  # fmt: skip
 
 
 def _load_engine(settings: dict, weights: str) -> LLMEngine:
@@ -141,7 +152,8 @@ def _load_engine(settings: dict, weights: str) -> LLMEngine:
 
 
 class DisaggregatedLLM:
-    def __init__(self, model: str = "smollm2-135m", n_prefill: int = 1, n_decode: int = 1, weights: str = "", **settings) -> None:
+    def __init__(self, model: str = "smollm2-135m", n_prefill: int = 1, n_decode: int = 1, weights: str = "",
+                 saes: tuple[str, ...] = (), probes: tuple[str, ...] = (), top_n: int = 8, **settings) -> None:  # fmt: skip
         if n_prefill < 1 or n_decode < 1:
             raise ValueError(f"need at least one prefill and one decode worker, got {n_prefill} and {n_decode}")
         self.n_prefill, self.n_decode = n_prefill, n_decode
@@ -151,7 +163,8 @@ class DisaggregatedLLM:
         EngineConfig(**settings)  # bad settings fail here, before any process starts
         store = dist.TCPStore("127.0.0.1", port, self.world, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=STORE_TIMEOUT_S))
-        self.context = mp.start_processes(_worker, args=(self.world, settings, weights, port),
+        hook_spec = {"saes": [str(s) for s in saes], "probes": [str(p) for p in probes], "top_n": top_n}
+        self.context = mp.start_processes(_worker, args=(self.world, settings, weights, port, hook_spec),
                                           nprocs=self.world - 1, join=False, start_method="spawn")  # fmt: skip
         dist.init_process_group(_backend(), store=store, rank=ROUTER, world_size=self.world)
         self.link = Link(store, ROUTER)
@@ -171,7 +184,7 @@ class DisaggregatedLLM:
         done: dict[str, dict] = {}
         while len(done) < len(ids):
             for body, _ in self.link.poll():
-                done[body["id"]] = {k: body[k] for k in ("tokens", "reason", "text", "cached")}
+                done[body["id"]] = {k: body[k] for k in ("tokens", "reason", "text", "cached", "features")}
             if self.context.join(timeout=0.001):
                 raise RuntimeError("a worker exited early")
         return [done[i] for i in ids]

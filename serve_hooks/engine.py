@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,6 +41,7 @@ class RequestOutput:
     text: str = ""  # filled when finished (stop strings cut off)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     handoff: Handoff | None = None  # prefill-only requests: what a decode engine needs to go on
+    features: object | None = None  # per-token features when the LLM runs a FeatureHook
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Handoff:
     generator_state: Tensor  # the request's sampling generator after its first token
     params: SamplingParams
     cache_key: str = ""
+    extras: dict[str, Tensor] = field(default_factory=dict)  # per-token data of hooks (feature pages)
 
 
 class LLMEngine:
@@ -74,6 +77,9 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_id = self.tokenizer.eos_token_id
         self.imports: deque[tuple[Sequence, Handoff]] = deque()  # handed-over requests waiting for blocks
+        # Hooks that keep per-request state add it to a handoff and take it back on import.
+        self.on_handoff: list[Callable[[Sequence, Handoff], None]] = []
+        self.on_import: list[Callable[[Sequence, Handoff], None]] = []
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     # ------------------------------------------------------------------ requests
@@ -132,6 +138,8 @@ class LLMEngine:
             self.blocks.append(seq, handoff.num_computed)
             self.kv.scatter(seq.block_table, handoff.k, handoff.v)
             seq.num_computed = handoff.num_computed
+            for callback in self.on_import:
+                callback(seq, handoff)
             self.blocks.commit(seq)  # the imported prefix is now cached here too
             self.scheduler.start(seq)
 
@@ -168,6 +176,8 @@ class LLMEngine:
             if reason is None and seq.prefill_only:  # export before the blocks are released
                 k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
                 handoff = Handoff(k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key)
+                for callback in self.on_handoff:
+                    callback(seq, handoff)
                 reason = "prefilled"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -203,10 +213,11 @@ class LLMEngine:
             out.text = self._text(seq)
         return out
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 cache_key: str = "") -> list[RequestOutput]:  # fmt: skip
         """Run prompts to completion; outputs in prompt order."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
+        seqs = [self.add_request(p, sp, cache_key) for p, sp in zip(prompts, per_prompt, strict=True)]
         final: dict[int, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
@@ -232,11 +243,32 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
 
 
 class LLM:
-    """`LLM(model, **engine settings).generate(prompts, SamplingParams)` (vLLM's offline API)."""
+    """`LLM(model, **engine settings).generate(prompts, SamplingParams)` (vLLM's offline API).
 
-    def __init__(self, model: str | LoadedModel = "smollm2-135m", **settings) -> None:
+    With `saes` / `probes` a `FeatureHook` runs inside the engine and every output carries
+    `.features` (per-token top-n codes per SAE hook and scores per probe, for every token the
+    model read: the prompt and all generated tokens but the last). `steering=(vector, hook)`
+    adds a vector at a residual hook for that call's requests (they get their own KV namespace).
+    """
+
+    def __init__(self, model: str | LoadedModel = "smollm2-135m", saes=(), probes=(), top_n: int = 8, **settings) -> None:
         name = model if isinstance(model, str) else model.name
         self.engine = LLMEngine(EngineConfig(model=name, **settings), None if isinstance(model, str) else model)
+        self.hook = None
+        if saes or probes:
+            from serve_hooks.hook import FeatureHook  # the hook imports this module
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        return self.engine.generate(prompts if isinstance(prompts, list) else [prompts], params)
+            self.hook = FeatureHook(self.engine, saes, probes, top_n)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 steering: tuple[Tensor, str] | None = None) -> list[RequestOutput]:  # fmt: skip
+        if steering is not None and self.hook is None:
+            from serve_hooks.hook import FeatureHook
+
+            self.hook = FeatureHook(self.engine)
+        key = self.hook.steer(*steering) if steering is not None else ""
+        outs = self.engine.generate(prompts if isinstance(prompts, list) else [prompts], params, cache_key=key)
+        if self.hook is not None:
+            for out in outs:
+                out.features = self.hook.release(out.seq_id)
+        return outs

@@ -112,6 +112,8 @@ class FeatureHook:
         blocks.page_filter = lambda node: self.version in node.pages
         blocks.on_admit.append(self._admitted)
         blocks.on_commit.append(self._committed)
+        engine.on_handoff.append(self._handoff)
+        engine.on_import.append(self._imported)
 
     def _fingerprint(self) -> str:
         """Identity of everything that produces pages: SAE weights, probe weights, top_n."""
@@ -169,6 +171,27 @@ class FeatureHook:
             bs = self.engine.blocks.block_size
             node.pages[self.version] = self.requests[seq.seq_id].page(block_index * bs, (block_index + 1) * bs)
 
+    def _handoff(self, seq: Sequence, handoff) -> None:
+        """Prefill → decode: the prompt's per-token results travel with its KV blocks."""
+        state = self.requests.pop(seq.seq_id, None)
+        if state is None:
+            return
+        page = state.page(0, handoff.num_computed)
+        for hook, (idx, val) in page["codes"].items():
+            handoff.extras[f"codes.indices.{hook}"], handoff.extras[f"codes.values.{hook}"] = idx, val
+        for probe, scores in page["scores"].items():
+            handoff.extras[f"scores.{probe}"] = scores
+
+    def _imported(self, seq: Sequence, handoff) -> None:
+        state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)
+        for name, tensor in handoff.extras.items():
+            kind, _, rest = name.partition(".")
+            if kind == "scores":
+                state.write_scores(rest, 0, tensor)
+            elif rest.startswith("indices."):
+                hook = rest.removeprefix("indices.")
+                state.write_codes(hook, 0, tensor, handoff.extras[f"codes.values.{hook}"])
+
     # ------------------------------------------------------------------ API
 
     def steer(self, vector: Tensor, hook: str) -> str:
@@ -198,3 +221,5 @@ class FeatureHook:
         self.engine.blocks.page_filter = None
         self.engine.blocks.on_admit.remove(self._admitted)
         self.engine.blocks.on_commit.remove(self._committed)
+        self.engine.on_handoff.remove(self._handoff)
+        self.engine.on_import.remove(self._imported)

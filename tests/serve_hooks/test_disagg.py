@@ -47,3 +47,31 @@ def test_bad_split_settings_fail_before_spawning():
         DisaggregatedLLM("tiny", n_prefill=0, n_decode=1)
     with pytest.raises(ValueError, match="block_size"):
         DisaggregatedLLM("tiny", block_size=0)
+
+
+def test_features_travel_with_the_kv(lively, weights, tmp_path):
+    import torch
+
+    from probes.probe import Probe
+    from sae.io import save_sae
+    from sae.sae import SAE, SAEConfig
+    from tests.serve_hooks.test_hook import HOOK, offline
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=lively.d_model, n_latents=96, k=6, hook=HOOK, model="tiny"))
+    sae_dir = save_sae(sae, tmp_path / HOOK)
+    probe = Probe("linear", HOOK, lively.d_model, "mean", torch.randn(lively.d_model), 0.1, name="dense")
+    probe.save(tmp_path / "dense")
+    cases = prompts(3, seed=15)
+    llm = DisaggregatedLLM("tiny", n_prefill=1, n_decode=1, weights=weights, saes=[str(sae_dir)],
+                           probes=[str(tmp_path / "dense")], top_n=6, **SETTINGS)  # fmt: skip
+    try:
+        outs = llm.generate(cases, SamplingParams(max_tokens=5, ignore_eos=True))
+    finally:
+        llm.close()
+    for case, out in zip(cases, outs, strict=True):
+        dense, scores = offline(lively, sae, [probe], case + out["tokens"][:-1])
+        codes = out["features"]["codes"][HOOK]
+        ours = torch.zeros_like(dense).scatter_(1, torch.tensor(codes["indices"]), torch.tensor(codes["values"]))
+        assert torch.allclose(ours, dense, atol=1e-4), "prompt features came from the prefill worker"
+        assert torch.allclose(torch.tensor(out["features"]["probes"]["dense"]), scores["dense"], atol=1e-4)

@@ -141,3 +141,20 @@ def _greedy_with_added(model, prompt: list[int], vector: torch.Tensor, n: int) -
     finally:
         handle.remove()
     return ids[len(prompt):]
+
+
+def test_llm_returns_features_and_steers(lively, sae, probes):
+    from serve_hooks.engine import LLM
+
+    llm = LLM(lively, saes=[sae], probes=probes, top_n=6, num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    cases = prompts(3, seed=14)
+    outs = llm.generate(cases, PARAMS)
+    for case, out in zip(cases, outs, strict=True):
+        dense, scores = offline(lively, sae, probes, case + out.token_ids[:-1])
+        assert out.features.n == len(case) + len(out.token_ids) - 1
+        idx, val = out.features.codes[HOOK]
+        assert torch.allclose(torch.zeros_like(dense).scatter_(1, idx[: out.features.n], val[: out.features.n]), dense, atol=1e-4)
+        assert set(out.features.to_json()["probes"]) == {"dense", "sparse"}
+    vector = torch.randn(lively.d_model, generator=torch.Generator().manual_seed(5)) * 4
+    [steered] = llm.generate(cases[:1], PARAMS, steering=(vector, HOOK))
+    assert steered.token_ids == _greedy_with_added(lively, cases[0], vector, 6)
