@@ -66,14 +66,19 @@ MIN_PIECE_CHARS = 40
 Row = tuple[str, int, str]  # (text, label, group)
 
 
-def load_task(name: str, n_per_class: int = 500, seed: int = 0) -> datasets.DatasetDict:
-    """A task by name (one of TASKS), or a user's task file / `save_to_disk` directory.
+def load_task(
+    name: str | datasets.Dataset | datasets.DatasetDict, n_per_class: int = 500, seed: int = 0
+) -> datasets.DatasetDict:
+    """A task by name (one of TASKS), a user's task file / `save_to_disk` directory, or a
+    `datasets.Dataset` (or train/test `DatasetDict`) in memory.
 
     Built-in tasks hold n_per_class examples of each class in total (fewer, still balanced, if a
     class has fewer) and are cached. A user's file needs `text` and `label` (0/1) columns, may have
     `group` and `split` ("train"/"test"); without `split` it is split ~75/25 by group (by row when
     there is no group). A user's file is used whole: n_per_class does not apply to it.
     """
+    if isinstance(name, datasets.Dataset | datasets.DatasetDict):  # an in-memory dataset
+        return _load_user_task(name, seed)
     if name in TASKS:
         if n_per_class < MIN_PER_CLASS:
             raise ValueError(f"n_per_class={n_per_class} is too small; use >= {MIN_PER_CLASS}")
@@ -345,8 +350,9 @@ def _language_pieces() -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- a user's own task
 
 
-def _load_user_task(path: Path, seed: int) -> datasets.DatasetDict:
-    data = _read_user_file(path)
+def _load_user_task(path: Path | datasets.Dataset | datasets.DatasetDict, seed: int) -> datasets.DatasetDict:
+    data = path if isinstance(path, datasets.Dataset | datasets.DatasetDict) else _read_user_file(path)
+    path = path if isinstance(path, Path) else "the dataset"
     if isinstance(data, datasets.DatasetDict):
         if not {"train", "test"} <= set(data):
             raise ValueError(f"{path} holds splits {sorted(data)}; a task needs 'train' and 'test'")

@@ -207,19 +207,20 @@ def balanced_subset(y: Tensor, n: int, seed: int) -> Tensor:
     return torch.cat(picks).sort().values
 
 
-def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None) -> Probe:
+def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=None) -> Probe:
     """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics inside).
-    `model` (already loaded, must be cfg.model) saves loading it again."""
+    `model` (already loaded, must be cfg.model) saves loading it again; `data` (a datasets.Dataset
+    or DatasetDict with text and label columns) replaces cfg.task."""
     from probes.tasks import DEFAULT_AGGREGATION, load_task
 
-    if not cfg.task or not cfg.out:
+    if not (cfg.task or data is not None) or not cfg.out:
         raise ValueError("pass --task NAME_OR_PATH and --out DIR")
     if cfg.kind not in DENSE_KINDS and not cfg.sae:
         raise ValueError(f"a {cfg.kind} probe reads SAE features: pass --sae DIR (the per-hook SAE directory)")
     aggregation = cfg.aggregation or DEFAULT_AGGREGATION.get(cfg.task, "mean")
     encoder = load_encoder(cfg.sae) if cfg.sae else None
     edges = graph_edges(cfg.graph or cfg.sae) if cfg.kind == "graph" and not cfg.query else None
-    task = load_task(cfg.task, n_per_class=cfg.n_per_class, seed=cfg.seed)
+    task = load_task(cfg.task if data is None else data, n_per_class=cfg.n_per_class, seed=cfg.seed)
     train, test = task["train"], task["test"]
     y_train, y_test = torch.tensor(list(train["label"])), torch.tensor(list(test["label"]))
     check_labels(y_train), check_labels(y_test, "test set")
@@ -235,7 +236,7 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None) -> Prob
     if cfg.n_train:
         fit_rows = fit_rows[balanced_subset(y_train[fit_rows], cfg.n_train, cfg.seed)]
     meta = dict(sae=str(cfg.sae), sae_sha256=encoder_sha256(cfg.sae) if cfg.sae else "", model=cfg.model,
-                name=Path(cfg.out).name, info={"task": cfg.task, "n_fit": int(fit_rows.numel())})  # fmt: skip
+                name=Path(cfg.out).name, info={"task": cfg.task or "in-memory dataset", "n_fit": int(fit_rows.numel())})  # fmt: skip
     query = [int(q) for q in cfg.query.split(",")] if cfg.query else None
     probe = fit_probe(cfg.kind, features.select(fit_rows), y_train[fit_rows], hook=cfg.hook,
                       aggregation=aggregation, k=cfg.k, edges=edges, query=query, l2=cfg.l2, **meta)  # fmt: skip

@@ -63,3 +63,18 @@ def test_bad_input_is_reported_before_work(tmp_path, capsys, tiny_sae_dir):
     assert not (tmp_path / "p").exists(), "nothing is written when the input is bad"
     assert main(["score", "--probe", str(tmp_path / "missing"), "--model", "tiny", "--text", "x"]) == 2
     assert "holds no probe" in capsys.readouterr().err
+
+
+def test_train_probe_from_an_in_memory_dataset(tiny, tmp_path):
+    import datasets
+
+    from probes.train import ProbeTrainConfig, train_probe
+
+    texts, labels = marker_texts(100, seed=7)
+    data = datasets.Dataset.from_dict({"text": texts, "label": labels.tolist()})
+    cfg = ProbeTrainConfig(hook=HOOK, model="tiny", out=str(tmp_path / "p"), kind="mean_diff")
+    probe = train_probe(cfg, tiny, data=data)
+    assert probe.info["task"] == "in-memory dataset" and 20 <= probe.metrics["n"] <= 30  # ~75/25 split by row
+    assert probe.direction is not None and Probe.load(tmp_path / "p").kind == "mean_diff"
+    with pytest.raises(ValueError, match="only label"):
+        train_probe(cfg, tiny, data=datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [0, 0]}))
