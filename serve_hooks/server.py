@@ -281,7 +281,7 @@ def serve(cfg: ServerConfig, engine: LLMEngine | None = None) -> None:
     """Load the model, start the engine thread and serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    async_engine = AsyncEngine(engine or LLMEngine(cfg.engine_config()), cfg.model)
+    async_engine = AsyncEngine(engine or (lambda: LLMEngine(cfg.engine_config())), cfg.model)
     async_engine.start()
     try:
         uvicorn.run(build_app(async_engine), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
