@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--slo-tpot", type=float, default=0.25, help="seconds per output token")
     parser.add_argument("--hf-batch", type=int, default=8)
     parser.add_argument("--system-len", type=int, default=1024)
-    parser.add_argument("--prefix-requests", type=int, default=8)
+    parser.add_argument("--prefix-requests", type=int, default=16)
     parser.add_argument("--long-requests", type=int, default=32)
     parser.add_argument("--long-out", type=int, default=256)
     parser.add_argument("--long-blocks", type=int, default=512)
