@@ -80,6 +80,7 @@ class LLMEngine:
         # Hooks that keep per-request state add it to a handoff and take it back on import.
         self.on_handoff: list[Callable[[Sequence, Handoff], None]] = []
         self.on_import: list[Callable[[Sequence, Handoff], None]] = []
+        self.on_abort: list[Callable[[int], None]] = []  # hooks drop a cancelled request's state
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     # ------------------------------------------------------------------ requests
@@ -147,6 +148,8 @@ class LLMEngine:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+        for callback in self.on_abort:
+            callback(seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.imports)

@@ -114,6 +114,7 @@ class FeatureHook:
         blocks.on_commit.append(self._committed)
         engine.on_handoff.append(self._handoff)
         engine.on_import.append(self._imported)
+        engine.on_abort.append(self.release)
 
     def _fingerprint(self) -> str:
         """Identity of everything that produces pages: SAE weights, probe weights, top_n."""
@@ -223,3 +224,4 @@ class FeatureHook:
         self.engine.blocks.on_commit.remove(self._committed)
         self.engine.on_handoff.remove(self._handoff)
         self.engine.on_import.remove(self._imported)
+        self.engine.on_abort.remove(self.release)

@@ -158,3 +158,13 @@ def test_llm_returns_features_and_steers(lively, sae, probes):
     vector = torch.randn(lively.d_model, generator=torch.Generator().manual_seed(5)) * 4
     [steered] = llm.generate(cases[:1], PARAMS, steering=(vector, HOOK))
     assert steered.token_ids == _greedy_with_added(lively, cases[0], vector, 6)
+
+
+def test_cancelled_requests_leave_no_state(lively, sae, probes):
+    llm = engine(lively)
+    hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
+    seq = llm.add_request(prompts(1, seed=18)[0], PARAMS)
+    llm.step()
+    assert hook.features(seq.seq_id) is not None
+    llm.abort(seq.seq_id)
+    assert hook.features(seq.seq_id) is None and not llm.has_unfinished()

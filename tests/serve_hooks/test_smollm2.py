@@ -27,3 +27,16 @@ def test_smollm2_greedy_equals_hf_with_prefix_cache_and_chunks(smollm2):
     assert [o.token_ids for o in first + second] == expected
     assert second[0].num_cached_tokens >= len(system) // 8 * 8 > 0
     engine.blocks.check()
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_hf_after_forced_preemption(smollm2):
+    tok = smollm2.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("Once upon a time, in a small village,", "The three laws of motion are",
+                                               "To make a cup of tea, first")]  # fmt: skip
+    expected = [hf_greedy(smollm2, p, N_NEW) for p in prompts]
+    # 6 blocks of 8 slots: never room for all three requests at once, so the newest is recomputed
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", num_blocks=6, block_size=8, enable_prefix_cache=False), smollm2)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=N_NEW, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == expected
