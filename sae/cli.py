@@ -18,7 +18,15 @@ T = TypeVar("T")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each annotated field of a dataclass (attribute docstrings)."""
+    """The string literal under each annotated field of a dataclass (attribute docstrings),
+    inherited fields included (a subclass's own docs win)."""
+    docs: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # the class statement's body
     docs: dict[str, str] = {}

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -48,40 +48,18 @@ GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass
-class ServerConfig:
-    model: str = "smollm2-135m"
-    """Model to serve (tiny, smollm2-135m)."""
+class ServerConfig(EngineConfig):
+    """Every engine setting (see EngineConfig) plus where and how the server listens."""
+
     host: str = "127.0.0.1"
     """Address to bind (localhost by default: the server has no authentication)."""
     port: int = 8000
     """TCP port to listen on."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    num_blocks: int = 0
-    """KV blocks in the device pool (0: as many as kv_cache_gb holds)."""
-    kv_cache_gb: float = 1.0
-    """Device memory for the KV pool when num_blocks is 0."""
-    max_num_seqs: int = 64
-    """Requests running at once (continuous batching)."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one engine step."""
-    max_model_len: int = 0
-    """Prompt + output tokens per request (0: the model's context length)."""
-    enable_prefix_cache: bool = True
-    """Reuse KV blocks of earlier requests that share a prefix."""
-    host_blocks: int = 0
-    """KV blocks kept in host memory after eviction from the device pool (0: off)."""
-    disk_dir: str = ""
-    """Directory for KV blocks evicted from host memory ("": off)."""
-    device: str = "cpu"
-    """Device for weights and the KV pool (cpu, cuda, ...)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """How much uvicorn logs."""
 
     def engine_config(self) -> EngineConfig:
-        knobs = ("model", "block_size", "num_blocks", "kv_cache_gb", "max_num_seqs", "max_num_batched_tokens",
-                 "max_model_len", "enable_prefix_cache", "host_blocks", "disk_dir", "device")  # fmt: skip
-        return EngineConfig(**{k: getattr(self, k) for k in knobs})
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
 
 # --------------------------------------------------------------------------- the HTTP app
