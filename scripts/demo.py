@@ -134,14 +134,11 @@ def probes_and_lens(model, args) -> dict:
         for name, r in result.probes.items():
             top = [f"{f['feature']}:{f['contribution']:+.2f}" for f in r.top_features[:3]]
             print(f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  {result.text[:40]!r}")
-    watched = lens.monitor("Write a Python function that adds two numbers.", max_new_tokens=24,
-                           trigger="code-linear", action="stop")  # fmt: skip
-    print(f"monitor: generated {watched.text!r}; trigger {watched.triggered}")
+    for prompt in ("The weather today is", "def add(a, b):"):  # the code probe watches every token
+        watched = lens.monitor(prompt, max_new_tokens=24, trigger="code-linear", action="stop")
+        print(f"monitor {prompt!r}: generated {watched.text!r}; trigger {watched.triggered}")
     return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
-
-if __name__ == "__main__":
-    main()
 
 
 def serve(model) -> dict:
@@ -163,3 +160,7 @@ def serve(model) -> dict:
     generated = sum(len(o.token_ids) for o in outputs)
     return {"generated_tokens": generated, "seconds": round(seconds, 2), "kv_blocks": engine.blocks.num_blocks,
             "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"], **engine.stats}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
