@@ -134,9 +134,12 @@ def probes_and_lens(model, args) -> dict:
         for name, r in result.probes.items():
             top = [f"{f['feature']}:{f['contribution']:+.2f}" for f in r.top_features[:3]]
             print(f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  {result.text[:40]!r}")
+    threshold = lens.probes["code-linear"].threshold  # calibrated on 300-500-character passages
     for prompt in ("The weather today is", "def add(a, b):"):  # the code probe watches every token
-        watched = lens.monitor(prompt, max_new_tokens=24, trigger="code-linear", action="stop")
-        print(f"monitor {prompt!r}: generated {watched.text!r}; trigger {watched.triggered}")
+        watched = lens.monitor(prompt, max_new_tokens=16)
+        peak = max(watched.running["code-linear"])
+        print(f"monitor {prompt!r}: generated {watched.text!r}; peak pooled code score {peak:+.2f} "
+              f"(threshold {threshold:+.2f})")  # fmt: skip
     return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
 
