@@ -182,12 +182,16 @@ class AsyncEngine:
         self._fail_live(APIError(503, "the server shut down before the request finished", "server_error"))
         self._refuse_queued()
 
-    def _drain(self) -> None:
+    def _queued(self):
+        """The commands handlers have queued so far (adds and aborts), in order."""
         while True:
             try:
-                command, handle = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain(self) -> None:
+        for command, handle in self._queued():
             if command == "add":
                 self._admit(handle)
             elif handle.seq_id is not None and self._live.pop(handle.seq_id, None) is not None:
@@ -239,11 +243,7 @@ class AsyncEngine:
 
     def _refuse_queued(self) -> None:
         """Answer requests queued after the loop stopped (shutdown races with submit)."""
-        while True:
-            try:
-                command, handle = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for command, handle in self._queued():
             if command == "add":
                 self._send(handle, APIError(503, "the server is shutting down", "server_error"))
 
