@@ -362,11 +362,11 @@ def pick_letters(labels: Tensor, groups: Tensor | None = None) -> list[int]:
 
 @torch.no_grad()
 def encode_codes(
-    encode: Callable[[Tensor], Tensor | SparseCode], x: Tensor, batch_size: int = 4096
+    encode: Callable[[Tensor], Tensor | SparseCode], x: Tensor, batch_size: int = 4096, progress: bool = True
 ) -> SparseCode:
     """All rows of x encoded batch by batch, kept sparse (a dense 100k x 9216 code is 3.7 GB)."""
     values, cols, rows = [], [], []
-    for start in tqdm(range(0, len(x), batch_size), desc="encode letters", leave=False):
+    for start in tqdm(range(0, len(x), batch_size), desc="encode", leave=False, disable=not progress):
         out = encode(x[start : start + batch_size])
         if not isinstance(out, SparseCode):
             out = out.detach()

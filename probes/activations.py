@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from graphs.letters import encode_codes
 from sae.hooks import capture, validate_hooks
 from sae.io import load_sae
 from sae.models import LoadedModel, sha256_file
@@ -175,10 +176,4 @@ def encoder_sha256(path: str | Path) -> str:
 @torch.no_grad()
 def encode(encoder: SAE, ragged: Ragged, batch_size: int = 4096) -> tuple[SparseCode, int]:
     """Sparse code of every row (in chunks, so a large set never builds a huge dense pre-activation)."""
-    parts, rows_seen = [], 0
-    for start in range(0, ragged.values.shape[0], batch_size):
-        code = encoder.encode(ragged.values[start : start + batch_size])
-        parts.append(SparseCode(code.values, code.cols, code.rows + rows_seen, code.n_rows))
-        rows_seen += code.n_rows
-    code = SparseCode(*(torch.cat([getattr(p, f) for p in parts]) for f in ("values", "cols", "rows")), rows_seen)
-    return code, encoder.cfg.n_latents
+    return encode_codes(encoder.encode, ragged.values, batch_size, progress=False), encoder.cfg.n_latents
