@@ -150,6 +150,16 @@ class Explainer:
             "target_hook": self.target.cfg.hook if self.target is not None else None, "positions": positions,
         }  # fmt: skip
 
+    @torch.no_grad()
+    def predictions(self, code: SparseCode, target: SparseCode | None, predicted: torch.Tensor, rms: torch.Tensor,
+                    top: int = 5) -> list[dict]:  # fmt: skip
+        """Top paths and direct effects toward given tokens, one dict per row of `code` (the serving
+        hook's entry point: it has the codes already and knows which token was sampled)."""
+        paths = self.paths(code, target, predicted, rms) if target is not None else None
+        direct = self.direct(code, predicted, rms)
+        return [{"paths": _top_paths(paths, t, top) if paths is not None else [], "direct": _top_direct(direct, code, t, top)}
+                for t in range(code.n_rows)]  # fmt: skip
+
     def direct(self, code: SparseCode, predicted: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
         """[nnz] a_ti · u_i(y_t) for every active source entry."""
         sae = self.source_sae

@@ -102,14 +102,19 @@ def pool(ragged: Ragged, how: Aggregation) -> Tensor:
     raise ValueError(f"unknown aggregation {how!r}; choose one of {', '.join(AGGREGATIONS)}")
 
 
-def tokenize(tokenizer, texts: list[str], max_tokens: int) -> list[Tensor]:
-    """BOS + at most max_tokens - 1 tokens per text, as the SAEs saw them in training windows."""
+def tokenize(tokenizer, texts: list[str] | list[list[int]], max_tokens: int) -> list[Tensor]:
+    """BOS + at most max_tokens - 1 tokens per text, as the SAEs saw them in training windows.
+    A text may also be a list of token ids (already tokenized, without BOS)."""
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2 (BOS + one token), got {max_tokens}")
-    empty = [i for i, text in enumerate(texts) if not text or not text.strip()]
+    empty = [i for i, text in enumerate(texts) if not text or (isinstance(text, str) and not text.strip())]
     if empty:
         raise ValueError(f"texts {empty[:5]} are empty; every text needs at least one token")
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    encoded = tokenizer([texts[i] for i in strings], add_special_tokens=False)["input_ids"] if strings else []
+    ids = [list(text) for text in texts]
+    for i, row in zip(strings, encoded, strict=True):
+        ids[i] = row
     bos = tokenizer.bos_token_id
     return [torch.tensor([bos, *row[: max_tokens - 1]], dtype=torch.long) for row in ids]
 

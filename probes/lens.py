@@ -61,6 +61,7 @@ class TextResult:
     text: str
     tokens: list[str]
     probes: dict[str, ProbeResult]
+    features: dict[str, dict[str, list[list]]] = field(default_factory=dict)  # hook -> {indices, values} [T][top_n]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,9 +89,10 @@ class Lens:
         max_tokens: int = 256,
         batch_size: int = 8,
         top_features: int = 5,
+        top_n: int = 8,
     ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
-        self.max_tokens, self.batch_size, self.top_features = max_tokens, batch_size, top_features
+        self.max_tokens, self.batch_size, self.top_features, self.top_n = max_tokens, batch_size, top_features, top_n
         self.probes: dict[str, Probe] = {}
         for item in probes:
             probe = item if isinstance(item, Probe) else Probe.load(item)
@@ -137,13 +139,21 @@ class Lens:
     # ------------------------------------------------------------------ offline scoring
 
     @torch.no_grad()
-    def score(self, texts: str | Sequence[str]) -> list[TextResult]:
-        """Per-token and pooled scores of every probe on every text, with top features."""
+    def score(self, texts: str | Sequence[str] | Sequence[list[int]]) -> list[TextResult]:
+        """Per-token and pooled scores of every probe on every text, with top features; each
+        attached SAE adds its per-token top-n code. A text may be a list of token ids (no BOS)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         acts, token_ids = collect(self.model, texts, self.hooks, self.max_tokens, self.batch_size, progress=False)
         probe_codes, sae_codes = self._codes(acts)
-        results = [TextResult(t, self.model.tokenizer.convert_ids_to_tokens(ids.tolist()), {})
+        decode = self.model.tokenizer.decode
+        results = [TextResult(t if isinstance(t, str) else decode(t), self.model.tokenizer.convert_ids_to_tokens(ids.tolist()), {})
                    for t, ids in zip(texts, token_ids, strict=True)]  # fmt: skip
+        offsets = next(iter(acts.values())).offsets.tolist() if acts else []
+        for hook, code in sae_codes.items():
+            ids, values = code.top(self.top_n)  # [n_tokens, top_n]
+            for i, result in enumerate(results):
+                rows = slice(offsets[i], offsets[i + 1])
+                result.features[hook] = {"indices": ids[rows].tolist(), "values": values[rows].tolist()}
         for name, probe in self.probes.items():
             features = Features(acts[probe.hook], probe_codes.get(name))
             token_scores = probe.token_scores(features.acts.values, features.code)  # [n_tokens]

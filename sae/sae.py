@@ -85,6 +85,22 @@ class SparseCode(NamedTuple):
     def l0(self) -> torch.Tensor:
         return (self.values > 0).sum() / max(self.n_rows, 1)
 
+    def top(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's n largest entries, largest first, padded with (0, 0.0) where a row has fewer:
+        (latent ids [n_rows, n] int64, values [n_rows, n]). The values equal
+        `to_dense(n_latents).topk(n)`'s without building the [n_rows, n_latents] matrix."""
+        by_value = self.values.argsort(descending=True, stable=True)
+        order = by_value[self.rows[by_value].argsort(stable=True)]  # by row, then by value descending
+        rows, counts = self.rows[order], torch.bincount(self.rows, minlength=self.n_rows)
+        first = torch.cumsum(counts, 0) - counts  # [n_rows] where each row's entries start in `order`
+        rank = torch.arange(order.numel(), device=rows.device) - first[rows]
+        keep = rank < n
+        ids = torch.zeros(self.n_rows, n, dtype=torch.long, device=rows.device)
+        values = torch.zeros(self.n_rows, n, dtype=self.values.dtype, device=rows.device)
+        ids[rows[keep], rank[keep]] = self.cols[order[keep]]
+        values[rows[keep], rank[keep]] = self.values[order[keep]]
+        return ids, values
+
 
 class SAEOutput(NamedTuple):
     recons: torch.Tensor  # [N, d_in] in the input's (raw) space

@@ -83,8 +83,8 @@ class BlockManager:
         self.tiebreak = itertools.count()
         self.stats: Counter[str] = Counter()
         # Hooks that keep per-block data beside the KV (serve_hooks.hook): a prefix match stops at
-        # the first node `page_filter` rejects, and they hear about admitted and committed blocks.
-        self.page_filter: Callable[[PrefixNode], bool] | None = None
+        # the first node `page_filter(seq, node)` rejects, and they hear about admitted and committed blocks.
+        self.page_filter: Callable[[Sequence, PrefixNode], bool] | None = None
         self.on_admit: list[Callable[[Sequence, list[PrefixNode]], None]] = []
         self.on_commit: list[Callable[[Sequence, int, PrefixNode], None]] = []
 
@@ -111,7 +111,7 @@ class BlockManager:
             if node is not None and node.tier == DISK and time.time() - node.saved_at > self.disk_ttl_s:
                 self._drop(node)  # expired: its subtree goes with it
                 node = None
-            if node is not None and self.page_filter is not None and not self.page_filter(node):
+            if node is not None and self.page_filter is not None and not self.page_filter(seq, node):
                 break  # the KV is cached but not what a hook needs beside it: recompute from here
             if node is not None:
                 found.append(node)

@@ -250,18 +250,21 @@ class LLM:
 
     With `saes` / `probes` a `FeatureHook` runs inside the engine and every output carries
     `.features` (per-token top-n codes per SAE hook and scores per probe, for every token the
-    model read: the prompt and all generated tokens but the last). `steering=(vector, hook)`
+    model read: the prompt and all generated tokens but the last). With `graph` (a graph
+    autoencoder directory, optionally `transition`) `.features.predictions` explains every
+    generated token as reasoning paths (see serve_hooks.paths). `steering=(vector, hook)`
     adds a vector at a residual hook for that call's requests (they get their own KV namespace).
     """
 
-    def __init__(self, model: str | LoadedModel = "smollm2-135m", saes=(), probes=(), top_n: int = 8, **settings) -> None:
+    def __init__(self, model: str | LoadedModel = "smollm2-135m", saes=(), probes=(), top_n: int = 8, graph=None,
+                 transition=None, **settings) -> None:  # fmt: skip
         name = model if isinstance(model, str) else model.name
         self.engine = LLMEngine(EngineConfig(model=name, **settings), None if isinstance(model, str) else model)
         self.hook = None
-        if saes or probes:
+        if saes or probes or graph:
             from serve_hooks.hook import FeatureHook  # the hook imports this module
 
-            self.hook = FeatureHook(self.engine, saes, probes, top_n)
+            self.hook = FeatureHook(self.engine, saes, probes, top_n, graph=graph, transition=transition)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  steering: tuple[Tensor, str] | None = None) -> list[RequestOutput]:  # fmt: skip
@@ -274,4 +277,6 @@ class LLM:
         if self.hook is not None:
             for out in outs:
                 out.features = self.hook.release(out.seq_id)
+                if out.features is not None and self.hook.paths is not None:
+                    out.features.predictions = self.hook.explain(out.features, out.prompt_token_ids + out.token_ids)
         return outs

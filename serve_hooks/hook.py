@@ -14,9 +14,17 @@ new request instead of losing those positions, and a cached block without a page
 version is not matched at all, so the request recomputes rather than returning holes. Pages
 live on the trie node, so they are evicted with the block and follow it to host memory and disk.
 
+Which requests pay: with `watch_all=True` (the offline `LLM`) every request gets features; with
+`watch_all=False` (the HTTP server) only requests passed to `watch(seq_id)` do, the others skip
+the encode entirely and match cached blocks whether or not those carry pages.
+
 Steering: `steer(vector, hook)` returns a cache key; requests added with it get `vector` added
 to their rows at that hook. The key is a fingerprint of the intervention, so steered and
 unsteered requests never share KV blocks. Read-only use never changes outputs.
+
+Reasoning paths: with `graph=` (a graph autoencoder directory, optionally with `transition=`) the
+graph autoencoder is the SAE at its hook, and for every token a watched request generates the
+hook keeps what `graphs.explain` needs to explain that prediction (see `serve_hooks.paths`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from probes.probe import Probe
 from serve_hooks.block_manager import PrefixNode
 from serve_hooks.engine import LLMEngine
 from serve_hooks.model_runner import StepContext
+from serve_hooks.paths import PathRecorder
 from serve_hooks.sequence import Sequence
 
 
@@ -43,6 +52,8 @@ class RequestFeatures:
         self.top_n, self.n = top_n, 0
         self.codes: dict[str, tuple[Tensor, Tensor]] = {}  # hook -> (indices [cap, top_n], values [cap, top_n])
         self.scores: dict[str, Tensor] = {}  # probe name -> [cap]
+        self.path_inputs: dict[int, dict] = {}  # position -> what explaining its prediction needs (with a graph)
+        self.predictions: list[dict] = []  # explained predictions (FeatureHook.explain fills it)
 
     def _room(self, length: int) -> None:
         for key, (idx, val) in self.codes.items():
@@ -90,9 +101,16 @@ def _grow(t: Tensor, length: int) -> Tensor:
 
 
 class FeatureHook:
-    def __init__(self, engine: LLMEngine, saes: Seq = (), probes: Seq = (), top_n: int = 8) -> None:
-        self.engine, self.top_n = engine, top_n
+    def __init__(self, engine: LLMEngine, saes: Seq = (), probes: Seq = (), top_n: int = 8, watch_all: bool = True,
+                 graph: str | Path | None = None, transition: str | Path | None = None) -> None:  # fmt: skip
+        if top_n < 1:
+            raise ValueError(f"top_n must be at least 1, got {top_n}")
+        self.engine, self.top_n, self.watch_all = engine, top_n, watch_all
+        self.watched: set[int] = set()  # requests that get features when watch_all is off
         self.saes = {}  # hook -> encoder
+        self.paths = PathRecorder(engine, graph, transition) if graph is not None else None
+        if self.paths is not None:
+            self.saes[self.paths.source_hook] = self.paths.encoder
         for item in saes:
             encoder = load_encoder(item) if isinstance(item, str | Path) else item
             self.saes[encoder.cfg.hook] = encoder
@@ -108,8 +126,10 @@ class FeatureHook:
         self.steering: dict[str, tuple[str, Tensor]] = {}  # cache key -> (hook, vector)
         self._hooked = set(self.saes) | {p.hook for p in self.probes.values()}
         self._remove = [engine.runner.add_hook(h, self._reader(h)) for h in sorted(self._hooked)]
+        if self.paths is not None:  # the target SAE and the final RMS are read at the prediction rows
+            self._remove += [engine.runner.add_hook(h, self._path_reader(h)) for h in self.paths.extra_hooks]
         blocks = engine.blocks
-        blocks.page_filter = lambda node: self.version in node.pages
+        blocks.page_filter = lambda seq, node: not self.wants(seq) or self.version in node.pages
         blocks.on_admit.append(self._admitted)
         blocks.on_commit.append(self._committed)
         engine.on_handoff.append(self._handoff)
@@ -131,23 +151,57 @@ class FeatureHook:
 
     # ------------------------------------------------------------------ per step
 
+    def wants(self, seq: Sequence) -> bool:
+        return self.watch_all or seq.seq_id in self.watched
+
+    def _rows(self, ctx: StepContext) -> tuple[list[int], Tensor | None, list[int]]:
+        """The watched requests of a step: their indices in ctx.seqs, the rows to encode (None:
+        all of them) and where each one's rows start in those (offsets[j] for chosen[j])."""
+        cu = ctx.cu_seqlens_q.tolist()
+        chosen = [i for i, seq in enumerate(ctx.seqs) if self.wants(seq)]
+        if len(chosen) == len(ctx.seqs):
+            return chosen, None, cu
+        spans = [torch.arange(cu[i], cu[i + 1]) for i in chosen]
+        offsets = [0]
+        for span in spans:
+            offsets.append(offsets[-1] + len(span))
+        return chosen, torch.cat(spans) if spans else None, offsets
+
     def _reader(self, hook: str):
         def read(rows: Tensor, ctx: StepContext) -> Tensor | None:
-            x = rows.float()
-            code = self.saes[hook].encode(x) if hook in self.saes else None
+            chosen, index, offsets = self._rows(ctx)
+            if chosen:
+                x = (rows if index is None else rows[index]).float()  # [n_watched_rows, d_model]
+                self._record(hook, x, ctx, chosen, offsets)
+            return self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())
+
+        return read
+
+    def _record(self, hook: str, x: Tensor, ctx: StepContext, chosen: list[int], offsets: list[int]) -> None:
+        code = None
+        if self.paths is not None and hook == self.paths.source_hook:
+            graph_code = self.paths.source_code(x)
+            code = graph_code.code
+            self.paths.keep_sources(graph_code.code, ctx, chosen, offsets)
+        elif hook in self.saes:
+            code = self.saes[hook].encode(x)
+        if code is not None:
+            indices, values = code.top(self.top_n)  # [n_rows, top_n] each
+        scores = {n: p.token_scores(x, code) for n, p in self.probes.items() if p.hook == hook}
+        for j, i in enumerate(chosen):
+            seq = ctx.seqs[i]
+            state = self.requests.setdefault(seq.seq_id, RequestFeatures(self.top_n))
+            lo, hi, start = offsets[j], offsets[j + 1], ctx.starts[i]
             if code is not None:
-                dense = code.to_dense(self.saes[hook].cfg.n_latents)  # [n_tokens, n_latents]
-                top = dense.topk(min(self.top_n, dense.shape[1]), dim=1)
-            scores = {n: p.token_scores(x, code) for n, p in self.probes.items() if p.hook == hook}
-            cu = ctx.cu_seqlens_q.tolist()
-            for i, seq in enumerate(ctx.seqs):
-                state = self.requests.setdefault(seq.seq_id, RequestFeatures(self.top_n))
-                lo, hi, start = cu[i], cu[i + 1], ctx.starts[i]
-                if code is not None:
-                    state.write_codes(hook, start, top.indices[lo:hi], top.values[lo:hi])
-                for name, s in scores.items():
-                    state.write_scores(name, start, s[lo:hi])
-            return self._steer(hook, rows, ctx, cu)
+                state.write_codes(hook, start, indices[lo:hi], values[lo:hi])
+            for name, s in scores.items():
+                state.write_scores(name, start, s[lo:hi])
+
+    def _path_reader(self, hook: str):
+        def read(rows: Tensor, ctx: StepContext) -> None:
+            chosen, _, _ = self._rows(ctx)
+            if chosen:
+                self.paths.keep_extra(hook, rows, ctx, chosen)
 
         return read
 
@@ -162,7 +216,11 @@ class FeatureHook:
         return rows
 
     def _admitted(self, seq: Sequence, matched: list[PrefixNode]) -> None:
+        if not self.wants(seq):
+            return
         state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)  # a fresh (re)admission
+        if self.paths is not None:
+            self.paths.reset(seq.seq_id)
         bs = self.engine.blocks.block_size
         for i, node in enumerate(matched):
             state.fill(i * bs, node.pages[self.version])
@@ -184,6 +242,9 @@ class FeatureHook:
             handoff.extras[f"scores.{probe}"] = scores
 
     def _imported(self, seq: Sequence, handoff) -> None:
+        if not any(name.startswith(("codes.", "scores.")) for name in handoff.extras):
+            return  # the prefill side did not watch this request
+        self.watched.add(seq.seq_id)
         state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)
         for name, tensor in handoff.extras.items():
             kind, _, rest = name.partition(".")
@@ -209,12 +270,32 @@ class FeatureHook:
             self._remove.append(self.engine.runner.add_hook(hook, lambda rows, ctx: self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())))
         return key
 
+    def watch(self, seq_id: int) -> None:
+        """Compute features for this request (needed only when watch_all is off); call it right
+        after `add_request`, before the next step."""
+        self.watched.add(seq_id)
+
     def features(self, seq_id: int) -> RequestFeatures | None:
         return self.requests.get(seq_id)
 
     def release(self, seq_id: int) -> RequestFeatures | None:
         """Drop (and return) a finished or cancelled request's per-token results."""
-        return self.requests.pop(seq_id, None)
+        self.watched.discard(seq_id)
+        state = self.requests.pop(seq_id, None)
+        if self.paths is not None:
+            inputs = self.paths.release(seq_id)
+            if state is not None:
+                state.path_inputs = inputs
+        return state
+
+    def explain(self, request: int | RequestFeatures, token_ids: list[int], after: int = -1, top: int = 5) -> list[dict]:
+        """Reasoning paths of a request's predictions at positions > `after` whose token is known
+        (token_ids: prompt + generated so far); [] without a graph. `request`: a live request's
+        seq_id, or what `release` returned."""
+        if self.paths is None:
+            return []
+        inputs = request.path_inputs if isinstance(request, RequestFeatures) else self.paths.pending.get(request, {})
+        return self.paths.explain({p: v for p, v in inputs.items() if p > after}, token_ids, top)
 
     def close(self) -> None:
         for remove in self._remove:

@@ -168,3 +168,35 @@ def test_cancelled_requests_leave_no_state(lively, sae, probes):
     assert hook.features(seq.seq_id) is not None
     llm.abort(seq.seq_id)
     assert hook.features(seq.seq_id) is None and not llm.has_unfinished()
+
+
+def test_only_watched_requests_pay(lively, sae, probes):
+    """watch_all=False (the server): unwatched requests encode nothing and use any cached KV;
+    a watched request does not match blocks without pages, then leaves pages others reuse."""
+    llm = engine(lively)
+    hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6, watch_all=False)
+    encoded = []
+    real_encode = sae.encode
+    sae.encode = lambda x: encoded.append(x.shape[0]) or real_encode(x)
+    try:
+        [shared] = prompts(1, seed=20, shared=20)
+        [cold] = run(llm, [shared])
+        assert hook.features(cold.seq_id) is None and encoded == [], "an unwatched request encodes nothing"
+        watched = llm.add_request(shared[:-1] + [11], PARAMS)
+        hook.watch(watched.seq_id)
+        other = llm.add_request(shared[:-1] + [12], PARAMS)  # unwatched, in the same steps
+        while llm.has_unfinished():
+            llm.step()
+        assert watched.num_prefix_hit == 0, "cached blocks without pages are recomputed for a watched request"
+        assert other.num_prefix_hit > 0, "an unwatched request matches them as usual"
+        assert sum(encoded) == len(watched.token_ids) - 1, "only the watched request's rows were encoded"
+        check_equal(lively, sae, probes, hook, watched)
+        assert hook.features(other.seq_id) is None
+        again = llm.add_request(shared[:-1] + [13], PARAMS)
+        hook.watch(again.seq_id)
+        while llm.has_unfinished():
+            llm.step()
+        assert again.num_prefix_hit > 0, "the watched request left pages that the next one reuses"
+        check_equal(lively, sae, probes, hook, again)
+    finally:
+        sae.encode = real_encode
