@@ -52,6 +52,8 @@ def add_dataclass_args(
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         help_text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if kind is bool:
             parser.add_argument(
@@ -62,6 +64,8 @@ def add_dataclass_args(
         if typing.get_origin(kind) is Literal:
             kwargs["choices"] = list(typing.get_args(kind))
             kwargs["type"] = type(kwargs["choices"][0])
+        elif typing.get_origin(kind) is list:  # `--flag A --flag B` or `--flag A B`
+            kwargs["type"], kwargs["nargs"], kwargs["action"] = typing.get_args(kind)[0], "+", "extend"
         else:
             kwargs["type"] = kind
         if f.name in required:

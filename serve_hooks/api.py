@@ -27,6 +27,14 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class GreylensOptions(_Strict):
+    """What a request wants from the hook (see serve_hooks.report for the answer's shape)."""
+
+    features: int | None = Field(None, ge=0)  # top-n latents per token per SAE (0: none; None: the server's --top-n)
+    probes: Annotated[list[str], Field(max_length=256)] | None = None  # probe names (None: every probe)
+    paths: bool = False  # reasoning paths of generated tokens (needs a server started with --graph)
+
+
 class _Sampling(_Strict):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=100.0)  # OpenAI's default; 0 is greedy
@@ -40,6 +48,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: int | None = None
     user: str | None = None  # accepted for compatibility, unused
+    greylens: GreylensOptions | None = None  # extension: per-token features, probe scores, paths
 
     @field_validator("n")
     @classmethod

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from serve_hooks.api import APIError, chat_prompt
+from serve_hooks.api import APIError, GreylensOptions, chat_prompt
 from serve_hooks.engine import LLMEngine, RequestOutput
+from serve_hooks.hook import FeatureHook
+from serve_hooks.report import Reporter
 from serve_hooks.sequence import SamplingParams
 
 log = logging.getLogger("serve_hooks.server")
@@ -31,6 +33,7 @@ log = logging.getLogger("serve_hooks.server")
 class Chunk:
     output: RequestOutput
     delta: str  # new text since the previous chunk (streaming requests only)
+    greylens: dict | None = None  # new per-token results (requests with a greylens field; see report.py)
 
 
 class Detokenizer:
@@ -72,16 +75,25 @@ class Handle:
     prompt_tokens: int = 0
     done: bool = False
     detok: Detokenizer | None = None
+    greylens: GreylensOptions | None = None
+    reporter: Reporter | None = None
 
 
 class AsyncEngine:
     """Owns an `LLMEngine` and the one thread that may call it; handlers talk to it by queue."""
 
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], model_name: str | None = None) -> None:
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], model_name: str | None = None,
+                 hook: FeatureHook | Callable[[LLMEngine], FeatureHook] | None = None) -> None:  # fmt: skip
+        """hook: the FeatureHook that answers `greylens` requests (or a function building it on the
+        engine); it must watch only the requests that ask (watch_all=False)."""
         self._host: tuple[threading.Thread, queue.SimpleQueue] | None = None
         if not isinstance(engine, LLMEngine):  # a factory: build the engine on the thread that will run it
             engine, self._host = _build_on_thread(engine)
         self.engine = engine
+        self.hook = hook(engine) if hook is not None and not isinstance(hook, FeatureHook) else hook
+        if self.hook is not None and self.hook.watch_all:
+            raise ValueError("the server's FeatureHook must have watch_all=False: requests without a greylens "
+                             "field must not pay for features")  # fmt: skip
         self.model_name = model_name or engine.cfg.model
         self.created = int(time.time())
         self.counters: Counter[str] = Counter()
@@ -124,12 +136,15 @@ class AsyncEngine:
     # ------------------------------------------------------------------ handler side (event loop)
 
     async def submit(self, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams, *,
-                     chat: bool = False, fill: bool = False, stream: bool = False) -> Handle:  # fmt: skip
+                     chat: bool = False, fill: bool = False, stream: bool = False,
+                     greylens: GreylensOptions | None = None) -> Handle:  # fmt: skip
         """Queue a request; returns once the engine accepted it, raises APIError if it refused."""
         if self._stopping:
             raise APIError(503, "the server is shutting down", "server_error")
+        if greylens is not None:
+            self.check_greylens(greylens)
         self.start()
-        handle = Handle(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), chat, fill, stream)
+        handle = Handle(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), chat, fill, stream, greylens=greylens)
         self._commands.put(("add", handle))
         self._wake.set()
         try:
@@ -140,6 +155,20 @@ class AsyncEngine:
         if first is not None:
             raise first
         return handle
+
+    def check_greylens(self, options: GreylensOptions) -> None:
+        """Refuse what this server cannot answer, naming how to start it so that it can."""
+        hook = self.hook
+        if hook is None:
+            raise APIError(400, "this server has no SAE, probe or graph attached; start it with --sae DIR, "
+                                "--probe DIR or --graph DIR to answer greylens requests")  # fmt: skip
+        if options.features is not None and options.features > hook.top_n:
+            raise APIError(400, f"greylens.features={options.features} exceeds the server's --top-n {hook.top_n}")
+        unknown = sorted(set(options.probes or ()) - set(hook.probes))
+        if unknown:
+            raise APIError(400, f"unknown probes {unknown}; this server has {sorted(hook.probes) or 'none'}")
+        if options.paths and hook.paths is None:
+            raise APIError(400, "greylens.paths needs a server started with --graph DIR (a graph autoencoder)")
 
     async def results(self, handle: Handle) -> AsyncIterator[Chunk]:
         """The request's outputs, the last one finished. Abort the handle if you stop early."""
@@ -216,6 +245,9 @@ class AsyncEngine:
             return self._send(handle, APIError(500, "the engine failed to admit this request", "server_error"))
         handle.seq_id, handle.prompt_tokens = seq.seq_id, len(ids)
         handle.detok = Detokenizer(tokenizer, params.stop) if handle.stream else None
+        if handle.greylens is not None:
+            self.hook.watch(seq.seq_id)
+            handle.reporter = Reporter(self.hook, tokenizer, handle.greylens, len(ids))
         self._live[seq.seq_id] = handle
         self.count("prompt_tokens", len(ids))
         self._send(handle, None)  # accepted
@@ -230,7 +262,10 @@ class AsyncEngine:
             self.count("generation_tokens", len(out.new_token_ids))
             if out.finished:
                 del self._live[out.seq_id]
-            self._send(handle, Chunk(out, handle.detok.delta(out) if handle.detok else ""))
+            greylens = None
+            if handle.reporter is not None and (handle.stream or out.finished):
+                greylens = handle.reporter.delta(out.seq_id, out.prompt_token_ids + out.token_ids, out.finished)
+            self._send(handle, Chunk(out, handle.detok.delta(out) if handle.detok else "", greylens))
 
     def _fail_live(self, error: APIError) -> None:
         for seq_id, handle in list(self._live.items()):

@@ -6,7 +6,10 @@
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream Server-Sent Events
 ending in `data: [DONE]` when `"stream": true`), `GET /v1/models`, `GET /health`, `GET /metrics`
-(Prometheus text). Extensions to OpenAI's fields: `top_k`, `ignore_eos`, `stop_token_ids`.
+(Prometheus text). Extensions to OpenAI's fields: `top_k`, `ignore_eos`, `stop_token_ids`, and
+`greylens` (per-token SAE features, probe scores and reasoning paths of the prompt and the
+completion, for a server started with --sae / --probe / --graph; see serve_hooks.report).
+Requests without `greylens` run no SAE or probe at all.
 
 The engine is not thread-safe, so `AsyncEngine` gives it exactly one thread: HTTP handlers put
 requests and aborts on a queue; the thread admits them, steps the engine while there is work and
@@ -24,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -40,9 +43,10 @@ from serve_hooks.api import (
     parse_body,
     sampling_params,
 )
-from serve_hooks.async_engine import AsyncEngine, Handle
+from serve_hooks.async_engine import AsyncEngine, Chunk, Handle
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine import LLMEngine, RequestOutput
+from serve_hooks.hook import FeatureHook
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -57,9 +61,28 @@ class ServerConfig(EngineConfig):
     """TCP port to listen on."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """How much uvicorn logs."""
+    sae: list[str] = field(default_factory=list)
+    """SAE directories whose per-token features requests can ask for (one per hook; repeatable)."""
+    probe: list[str] = field(default_factory=list)
+    """Probe directories whose per-token and pooled scores requests can ask for (repeatable)."""
+    graph: str = ""
+    """A graph autoencoder directory: its features at its hook, and reasoning paths of generated tokens."""
+    transition: str = ""
+    """A cross-layer transition directory for the graph (paths then go source -> target -> token)."""
+    top_n: int = 8
+    """Most latents per token per SAE a request may ask for (what the hook keeps)."""
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
+
+    def feature_hook(self, engine: LLMEngine) -> FeatureHook | None:
+        """The hook answering `greylens` requests, if any SAE, probe or graph is attached."""
+        if not (self.sae or self.probe or self.graph):
+            if self.transition:
+                raise ValueError("--transition needs --graph (the graph autoencoder it starts from)")
+            return None
+        return FeatureHook(engine, self.sae, self.probe, self.top_n, watch_all=False, graph=self.graph or None,
+                           transition=self.transition or None)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the HTTP app
@@ -101,15 +124,19 @@ class _Reply:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def full(self, out: RequestOutput, usage: dict[str, int]) -> dict[str, Any]:
+    def full(self, out: RequestOutput, usage: dict[str, int], greylens: dict | None = None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = out.text
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice], "usage": usage}
+        body = {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice], "usage": usage}
+        if greylens is not None:
+            body["greylens"] = greylens
+        return body
 
-    def chunk(self, text: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
+    def chunk(self, text: str | None, finish: str | None, usage: dict[str, int] | None = None,
+              greylens: dict | None = None) -> str:  # fmt: skip
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if self.chat:  # text None: the opening chunk that names the role
             choice["delta"] = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
@@ -119,6 +146,8 @@ class _Reply:
                 "choices": [] if usage else [choice]}  # fmt: skip
         if usage:
             body["usage"] = usage
+        if greylens is not None:
+            body["greylens"] = greylens
         return f"data: {json.dumps(body)}\n\n"
 
 
@@ -133,8 +162,8 @@ async def _stream(engine: AsyncEngine, handle: Handle, reply: _Reply, include_us
             yield reply.chunk(None, None)
         async for chunk in engine.results(handle):
             out = chunk.output
-            if chunk.delta or out.finished:
-                yield reply.chunk(chunk.delta, out.finish_reason if out.finished else None)
+            if chunk.delta or out.finished or chunk.greylens is not None:
+                yield reply.chunk(chunk.delta, out.finish_reason if out.finished else None, greylens=chunk.greylens)
         engine.count("requests_succeeded")
         if include_usage:
             yield reply.chunk(None, None, _usage(handle, out))
@@ -152,13 +181,14 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _final_output(request: Request, engine: AsyncEngine, handle: Handle) -> RequestOutput:
+async def _final_output(request: Request, engine: AsyncEngine, handle: Handle) -> Chunk:
     """Wait for the finished output; abort the request if the client disconnects first."""
 
-    async def last() -> RequestOutput:
-        async for chunk in engine.results(handle):
-            out = chunk.output
-        return out
+    async def last() -> Chunk:
+        final = None
+        async for chunk in engine.results(handle):  # keep only the latest: outputs carry all ids so far
+            final = chunk
+        return final
 
     result, gone = asyncio.ensure_future(last()), asyncio.ensure_future(_client_gone(request))
     try:
@@ -179,14 +209,16 @@ async def _generate(request: Request, engine: AsyncEngine, body: _Sampling, prom
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {engine.model_name!r}",
                        "not_found_error")  # fmt: skip
     params = sampling_params(body, max_tokens, engine.engine.max_model_len)
-    handle = await engine.submit(prompt, params, chat=chat, fill=max_tokens is None, stream=body.stream)
+    handle = await engine.submit(prompt, params, chat=chat, fill=max_tokens is None, stream=body.stream,
+                                 greylens=body.greylens)  # fmt: skip
     reply = _Reply(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", engine.model_name, chat, int(time.time()))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_stream(engine, handle, reply, include_usage), media_type="text/event-stream")
-    out = await _final_output(request, engine, handle)
+    last = await _final_output(request, engine, handle)
     engine.count("requests_succeeded")
-    return Response(json.dumps(reply.full(out, _usage(handle, out))), media_type="application/json")
+    body = reply.full(last.output, _usage(handle, last.output), last.greylens)
+    return Response(json.dumps(body), media_type="application/json")
 
 
 class _CountRequests:
@@ -259,7 +291,7 @@ def serve(cfg: ServerConfig, engine: LLMEngine | None = None) -> None:
     """Load the model, start the engine thread and serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    async_engine = AsyncEngine(engine or (lambda: LLMEngine(cfg.engine_config())), cfg.model)
+    async_engine = AsyncEngine(engine or (lambda: LLMEngine(cfg.engine_config())), cfg.model, cfg.feature_hook)
     async_engine.start()
     try:
         uvicorn.run(build_app(async_engine), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
