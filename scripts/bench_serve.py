@@ -16,6 +16,14 @@
            `scripts/_vllm_side.py setup`), same client: output tok/s ratio.
 - load     1000 Poisson requests with a deliberately small block pool vs a roomy one: requests
            lost and outputs that differ.
+
+    python scripts/bench_serve.py --hooks --sae out/quality/topk/blocks.15.hook_resid_post
+
+- hooks_poisson  the poisson workload (--hook-rate) and the same requests all at once, with a
+           FeatureHook (the SAE + four probes, every request watched) ÷ without: output
+           throughput, TTFT and TPOT ratios; rounds alternate off/on.
+- hooks_prefix   the prefix workload with hooks on and off: TTFT ratio, and the fraction of
+           prefix-cache hit tokens whose features came from feature pages (not recomputed).
 """
 
 from __future__ import annotations
@@ -146,6 +154,70 @@ def bench_prefix(model, args) -> dict:
     return result
 
 
+def _hooked(model, args, on: bool, **settings) -> tuple[LLMEngine, object]:
+    from bench_probes import random_probes
+
+    from serve_hooks.hook import FeatureHook
+
+    engine = LLMEngine(EngineConfig(model=args.model, **settings), model)
+    hook = None
+    if on:
+        cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
+        probes = random_probes(model.d_model, cfg["n_latents"], torch.Generator().manual_seed(0))
+        for probe in probes:  # they read the SAE's hook (sparse and graph probes read its code)
+            probe.hook = cfg["hook"]
+        hook = FeatureHook(engine, [args.sae], probes)
+    warm(engine)
+    return engine, hook
+
+
+def bench_hooks_poisson(model, args) -> dict:
+    requests = workload(args.n, seed=1, out_len=(16, 64))
+    rng, t, arrivals = random.Random(2), 0.0, []
+    for _ in requests:
+        t += rng.expovariate(args.hook_rate)
+        arrivals.append(t)
+    runs = {"poisson": arrivals, "all_at_once": [0.0] * len(requests)}
+    rows: dict[str, dict[str, list[dict]]] = {name: {"off": [], "on": []} for name in runs}
+    for _ in range(args.rounds):
+        for name, times in runs.items():
+            for side in ("off", "on"):
+                engine, _ = _hooked(model, args, side == "on", max_num_batched_tokens=256)
+                rows[name][side].append(summarize(run_arrivals(engine, requests, times), args.slo_ttft, args.slo_tpot))
+                print(json.dumps({f"hooks {name} {side}": rows[name][side][-1]}), file=sys.stderr)
+    out = {"rate": args.hook_rate, "rounds": args.rounds}
+    for name, sides in rows.items():
+        med = {side: {k: statistics.median(r[k] for r in runs_) for k in ("output_tok_per_s", "ttft_mean_s", "tpot_mean_ms")}
+               for side, runs_ in sides.items()}  # fmt: skip
+        out[name] = {"off": med["off"], "on": med["on"],
+                     "throughput_ratio": round(med["on"]["output_tok_per_s"] / med["off"]["output_tok_per_s"], 3),
+                     "ttft_ratio": round(med["on"]["ttft_mean_s"] / med["off"]["ttft_mean_s"], 3),
+                     "tpot_ratio": round(med["on"]["tpot_mean_ms"] / med["off"]["tpot_mean_ms"], 3)}  # fmt: skip
+    return out
+
+
+def bench_hooks_prefix(model, args) -> dict:
+    rng = random.Random(4)
+    system = [rng.randrange(*VOCAB) for _ in range(args.system_len)]
+    requests = [(system + [rng.randrange(*VOCAB) for _ in range(16)], 8) for _ in range(args.prefix_requests)]
+    ttfts: dict[str, list[float]] = {"off": [], "on": []}
+    hits: dict[str, int] = {}
+    for _ in range(args.rounds):
+        for side in ("off", "on"):
+            engine, hook = _hooked(model, args, side == "on", max_num_batched_tokens=1024)
+            before = engine.blocks.stats["prefix_hit_tokens"]
+            reused = hook.stats["reused_tokens"] if hook else 0
+            for prompt, n in requests:
+                ttfts[side].append(run_arrivals(engine, [(prompt, n)], [0.0])[0]["ttft"])
+            hits[side] = engine.blocks.stats["prefix_hit_tokens"] - before
+            if hook is not None:
+                hits["features_reused"] = hook.stats["reused_tokens"] - reused
+    mean = {side: statistics.mean(v) for side, v in ttfts.items()}
+    return {"system_prompt_tokens": args.system_len, "requests": len(requests), "rounds": args.rounds,
+            "ttft_mean_s": {k: round(v, 4) for k, v in mean.items()}, "ttft_ratio_on_off": round(mean["on"] / mean["off"], 3),
+            "prefix_hit_tokens": hits, "feature_reuse_fraction": round(hits["features_reused"] / max(1, hits["off"]), 4)}  # fmt: skip
+
+
 def bench_long(model, args) -> dict:
     requests = workload(args.long_requests, seed=5, prompt_len=(8, 24), out_len=(args.long_out, args.long_out))
     engine = LLMEngine(EngineConfig(model=args.model, num_blocks=args.long_blocks, max_num_seqs=256,
@@ -251,7 +323,15 @@ def main() -> None:
     parser.add_argument("--load-requests", type=int, default=1000)
     parser.add_argument("--load-rate", type=float, default=50.0)
     parser.add_argument("--load-blocks", type=int, default=24)
+    parser.add_argument("--hooks", action="store_true", help="run the hook benchmarks (hooks_poisson,hooks_prefix)")
+    parser.add_argument("--sae", default="out/quality/topk/blocks.15.hook_resid_post", help="SAE for --hooks")
+    parser.add_argument("--hook-rate", type=float, default=2.0, help="Poisson rate of hooks_poisson")
+    parser.add_argument("--rounds", type=int, default=2, help="off/on rounds of the hook benchmarks (medians)")
     args = parser.parse_args()
+    if args.hooks:
+        args.only = "hooks_poisson,hooks_prefix"
+        if not (Path(args.sae) / "cfg.json").exists():
+            parser.error(f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or point --sae at one")
     from sae.models import load_model
 
     model = load_model(args.model)
@@ -259,7 +339,9 @@ def main() -> None:
     result = {"threads": torch.get_num_threads(), "model": args.model}
     benches = {"poisson": lambda: bench_poisson(model, args), "hf": lambda: bench_hf(model, args),
                "prefix": lambda: bench_prefix(model, args), "long": lambda: bench_long(model, args),
-               "vllm": lambda: bench_vllm(args), "load": lambda: bench_load(model, args)}  # fmt: skip
+               "vllm": lambda: bench_vllm(args), "load": lambda: bench_load(model, args),
+               "hooks_poisson": lambda: bench_hooks_poisson(model, args),
+               "hooks_prefix": lambda: bench_hooks_prefix(model, args)}  # fmt: skip
     for name in args.only.split(","):
         started = time.monotonic()
         result[name] = benches[name]()

@@ -30,6 +30,7 @@ hook keeps what `graphs.explain` needs to explain that prediction (see `serve_ho
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -123,6 +124,7 @@ class FeatureHook:
                 self.saes[probe.hook] = load_encoder(probe.sae)
         self.version = self._fingerprint()
         self.requests: dict[int, RequestFeatures] = {}
+        self.stats: Counter[str] = Counter()  # encoded_rows, reused_tokens (from feature pages)
         self.steering: dict[str, tuple[str, Tensor]] = {}  # cache key -> (hook, vector)
         self._hooked = set(self.saes) | {p.hook for p in self.probes.values()}
         self._remove = [engine.runner.add_hook(h, self._reader(h)) for h in sorted(self._hooked)]
@@ -178,6 +180,7 @@ class FeatureHook:
         return read
 
     def _record(self, hook: str, x: Tensor, ctx: StepContext, chosen: list[int], offsets: list[int]) -> None:
+        self.stats["encoded_rows"] += x.shape[0]
         code = None
         if self.paths is not None and hook == self.paths.source_hook:
             graph_code = self.paths.source_code(x)
@@ -224,6 +227,7 @@ class FeatureHook:
         bs = self.engine.blocks.block_size
         for i, node in enumerate(matched):
             state.fill(i * bs, node.pages[self.version])
+        self.stats["reused_tokens"] += len(matched) * bs
 
     def _committed(self, seq: Sequence, block_index: int, node: PrefixNode) -> None:
         if self.version not in node.pages and seq.seq_id in self.requests:
