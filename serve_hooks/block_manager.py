@@ -25,6 +25,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.sequence import Sequence
 
@@ -43,7 +45,9 @@ class PrefixNode:
     saved_at: float = 0.0  # wall time the disk file was written (for the TTL)
     stamp: int = 0  # last use on the logical clock
     children: dict[tuple[int, ...], PrefixNode] = field(default_factory=dict)
-    pages: dict[str, object] = field(default_factory=dict)  # per-token data kept beside the KV (hook features)
+    # Per-token data kept beside the KV (hook feature pages): version -> named tensors. On the disk
+    # tier the tensors live in the block's file and the dict keeps only the versions (values None).
+    pages: dict[str, dict[str, Tensor] | None] = field(default_factory=dict)
 
     def subtree(self) -> list[PrefixNode]:
         nodes, stack = [], [self]
@@ -248,7 +252,9 @@ class BlockManager:
         slot = node.host_slot
         if self.disk_capacity:
             name = f"{id(self):x}-{next(self.tiebreak)}"
-            self.kv.host_to_disk(slot, name)
+            extras = {f"{version}/{key}": t for version, page in node.pages.items() for key, t in page.items()}
+            self.kv.host_to_disk(slot, name, extras)
+            node.pages = dict.fromkeys(node.pages)  # the tensors are in the file now
             node.tier, node.host_slot, node.disk_name, node.saved_at = DISK, -1, name, time.time()
             self.n_disk += 1
             self._push(DISK, node)
@@ -266,7 +272,10 @@ class BlockManager:
             self.kv.host_to_device(node.host_slot, block)
             self.stats["restored_host"] += 1
         else:
-            self.kv.disk_to_device(node.disk_name, block)
+            extras = self.kv.disk_to_device(node.disk_name, block)
+            for version in node.pages:
+                prefix = f"{version}/"
+                node.pages[version] = {k.removeprefix(prefix): t for k, t in extras.items() if k.startswith(prefix)}
             self.stats["restored_disk"] += 1
         self._release_spilled(node)
         node.tier, node.block = DEVICE, block
@@ -280,6 +289,7 @@ class BlockManager:
             self.kv.delete(node.disk_name)
             self.n_disk -= 1
             node.disk_name = ""
+            node.pages = {version: page for version, page in node.pages.items() if page is not None}  # lost with the file
 
     def _drop(self, node: PrefixNode) -> None:
         """Remove a node and its subtree from the trie (their prefixes are no longer cached)."""

@@ -79,15 +79,24 @@ class RequestFeatures:
         self.scores[probe][start : start + scores.shape[0]] = scores
         self.n = max(self.n, start + scores.shape[0])
 
-    def page(self, start: int, end: int) -> dict:
-        return {"codes": {h: (i[start:end].clone(), v[start:end].clone()) for h, (i, v) in self.codes.items()},
-                "scores": {p: s[start:end].clone() for p, s in self.scores.items()}}  # fmt: skip
+    def page(self, start: int, end: int) -> dict[str, Tensor]:
+        """Positions [start, end) as flat named tensors: `codes.indices.<hook>`, `codes.values.<hook>`,
+        `scores.<probe>` (the form feature pages, handoffs and disk files all use)."""
+        page = {}
+        for hook, (idx, val) in self.codes.items():
+            page[f"codes.indices.{hook}"], page[f"codes.values.{hook}"] = idx[start:end].clone(), val[start:end].clone()
+        for probe, scores in self.scores.items():
+            page[f"scores.{probe}"] = scores[start:end].clone()
+        return page
 
-    def fill(self, start: int, page: dict) -> None:
-        for hook, (idx, val) in page["codes"].items():
-            self.write_codes(hook, start, idx, val)
-        for probe, scores in page["scores"].items():
-            self.write_scores(probe, start, scores)
+    def fill(self, start: int, page: dict[str, Tensor]) -> None:
+        for name, tensor in page.items():
+            kind, _, rest = name.partition(".")
+            if kind == "scores":
+                self.write_scores(rest, start, tensor)
+            elif rest.startswith("indices."):
+                hook = rest.removeprefix("indices.")
+                self.write_codes(hook, start, tensor, page[f"codes.values.{hook}"])
 
     def to_json(self) -> dict:
         return {"codes": {h: {"indices": i[: self.n].tolist(), "values": v[: self.n].tolist()}
@@ -237,26 +246,15 @@ class FeatureHook:
     def _handoff(self, seq: Sequence, handoff) -> None:
         """Prefill → decode: the prompt's per-token results travel with its KV blocks."""
         state = self.requests.pop(seq.seq_id, None)
-        if state is None:
-            return
-        page = state.page(0, handoff.num_computed)
-        for hook, (idx, val) in page["codes"].items():
-            handoff.extras[f"codes.indices.{hook}"], handoff.extras[f"codes.values.{hook}"] = idx, val
-        for probe, scores in page["scores"].items():
-            handoff.extras[f"scores.{probe}"] = scores
+        if state is not None:
+            handoff.extras.update(state.page(0, handoff.num_computed))
 
     def _imported(self, seq: Sequence, handoff) -> None:
         if not any(name.startswith(("codes.", "scores.")) for name in handoff.extras):
             return  # the prefill side did not watch this request
         self.watched.add(seq.seq_id)
-        state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)
-        for name, tensor in handoff.extras.items():
-            kind, _, rest = name.partition(".")
-            if kind == "scores":
-                state.write_scores(rest, 0, tensor)
-            elif rest.startswith("indices."):
-                hook = rest.removeprefix("indices.")
-                state.write_codes(hook, 0, tensor, handoff.extras[f"codes.values.{hook}"])
+        self.requests[seq.seq_id] = RequestFeatures(self.top_n)
+        self.requests[seq.seq_id].fill(0, {k: v for k, v in handoff.extras.items() if k.startswith(("codes.", "scores."))})
 
     # ------------------------------------------------------------------ API
 

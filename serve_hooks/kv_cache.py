@@ -57,16 +57,20 @@ class KVCache:
         self.k[:, block].copy_(self.host_k[slot], non_blocking=True)
         self.v[:, block].copy_(self.host_v[slot], non_blocking=True)
 
-    def host_to_disk(self, slot: int, name: str) -> None:
+    def host_to_disk(self, slot: int, name: str, extras: dict[str, Tensor] | None = None) -> None:
+        """One file per block: its K and V, plus `extras` (per-token data kept beside the KV)."""
         path = self._path(name)
         tmp = path.with_suffix(".tmp")
-        save_file({"k": self.host_k[slot].contiguous(), "v": self.host_v[slot].contiguous()}, str(tmp))
+        tensors = {f"extra/{key}": t.contiguous() for key, t in (extras or {}).items()}
+        save_file({**tensors, "k": self.host_k[slot].contiguous(), "v": self.host_v[slot].contiguous()}, str(tmp))
         os.replace(tmp, path)  # a reader never sees half a block
 
-    def disk_to_device(self, name: str, block: int) -> None:
+    def disk_to_device(self, name: str, block: int) -> dict[str, Tensor]:
+        """Load a block's KV into `block`; returns the extras saved with it."""
         tensors = load_file(str(self._path(name)))
         self.k[:, block].copy_(tensors["k"])
         self.v[:, block].copy_(tensors["v"])
+        return {key.removeprefix("extra/"): t for key, t in tensors.items() if key.startswith("extra/")}
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from probes.activations import Features, Ragged
 from probes.probe import Probe
@@ -101,14 +102,20 @@ def test_kv_hit_without_pages_recomputes(lively, sae, probes):
     check_equal(lively, sae, probes, hook, again)
 
 
-def test_pages_follow_blocks_to_host_and_back(lively, sae, probes):
-    llm = engine(lively, num_blocks=20, host_blocks=64)
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier, tmp_path):
+    disk = {"host_blocks": 2, "disk_dir": str(tmp_path)} if tier == "disk" else {"host_blocks": 64}
+    llm = engine(lively, num_blocks=20, **disk)
     hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
     [shared] = prompts(1, seed=11, shared=36)
     run(llm, [shared])
-    run(llm, prompts(4, seed=12))  # pushes the idle prefix out to host memory
+    run(llm, prompts(4, seed=12))  # pushes the idle prefix out of the pool (to host memory, then disk)
+    if tier == "disk":
+        spilled = [n for root in llm.blocks.roots.values() for n in root.subtree() if n.tier == "disk"]
+        assert spilled and all(list(n.pages.values()) == [None] for n in spilled), "page tensors left memory"
+        assert any(k.startswith("extra/") for k in safe_open(next(tmp_path.glob("*.safetensors")), "pt").keys())
     [seq] = run(llm, [shared[:-2] + [5, 6]])
-    assert llm.blocks.stats["restored_host"] > 0 and seq.num_prefix_hit > 0
+    assert llm.blocks.stats[f"restored_{tier}"] > 0 and seq.num_prefix_hit > 0
     check_equal(lively, sae, probes, hook, seq)
 
 
