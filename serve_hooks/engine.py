@@ -250,7 +250,8 @@ class LLM:
 
     With `saes` / `probes` a `FeatureHook` runs inside the engine and every output carries
     `.features` (per-token top-n codes per SAE hook and scores per probe, for every token the
-    model read: the prompt and all generated tokens but the last). With `graph` (a graph
+    model read: the prompt and all generated tokens but the last) and `.features.triggers` (each
+    probe's pooled score and whether it fired). With `graph` (a graph
     autoencoder directory, optionally `transition`) `.features.predictions` explains every
     generated token as reasoning paths (see serve_hooks.paths). `steering=(vector, hook)`
     adds a vector at a residual hook for that call's requests (they get their own KV namespace).
@@ -277,6 +278,8 @@ class LLM:
         if self.hook is not None:
             for out in outs:
                 out.features = self.hook.release(out.seq_id)
-                if out.features is not None and self.hook.paths is not None:
-                    out.features.predictions = self.hook.explain(out.features, out.prompt_token_ids + out.token_ids)
+                if out.features is not None:
+                    ids = out.prompt_token_ids + out.token_ids
+                    out.features.triggers = self.hook.pooled(out.features, ids)
+                    out.features.predictions = self.hook.explain(out.features, ids)
         return outs

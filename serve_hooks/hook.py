@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from probes.activations import load_encoder
+from probes.activations import Ragged, load_encoder, pool
 from probes.probe import Probe
 from serve_hooks.block_manager import PrefixNode
 from serve_hooks.engine import LLMEngine
@@ -55,6 +55,7 @@ class RequestFeatures:
         self.scores: dict[str, Tensor] = {}  # probe name -> [cap]
         self.path_inputs: dict[int, dict] = {}  # position -> what explaining its prediction needs (with a graph)
         self.predictions: list[dict] = []  # explained predictions (FeatureHook.explain fills it)
+        self.triggers: dict[str, dict] = {}  # probe -> pooled score, probability, fired (LLM.generate fills it)
 
     def _room(self, length: int) -> None:
         for key, (idx, val) in self.codes.items():
@@ -289,6 +290,20 @@ class FeatureHook:
             if state is not None:
                 state.path_inputs = inputs
         return state
+
+    def pooled(self, state: RequestFeatures, token_ids: list[int], names: Seq[str] | None = None) -> dict[str, dict]:
+        """Each probe's pooled score over every token the model read but a leading BOS (as Lens
+        pools a text), its probability and whether it fired: {name: {score, probability, fired, threshold}}."""
+        start = 1 if token_ids and token_ids[0] == self.engine.tokenizer.bos_token_id else 0
+        summary = {}
+        for name in self.probes if names is None else names:
+            probe, scores = self.probes[name], state.scores[name][start : state.n]
+            if len(scores) == 0:
+                continue
+            pooled = pool(Ragged(scores, torch.tensor([0, len(scores)])), probe.aggregation)[0]
+            summary[name] = {"score": float(pooled), "probability": float(torch.sigmoid(pooled)),
+                             "fired": bool(probe.fires(pooled)), "threshold": probe.threshold}  # fmt: skip
+        return summary
 
     def explain(self, request: int | RequestFeatures, token_ids: list[int], after: int = -1, top: int = 5) -> list[dict]:
         """Reasoning paths of a request's predictions at positions > `after` whose token is known

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from probes.activations import Ragged, pool
 from serve_hooks.hook import FeatureHook, RequestFeatures
 
 
@@ -74,14 +71,7 @@ class Reporter:
         return item
 
     def _summary(self, state: RequestFeatures | None, token_ids: list[int]) -> dict:
-        """Each probe pooled over every token the model read but a leading BOS, as Lens does."""
-        start = 1 if token_ids and token_ids[0] == self.tokenizer.bos_token_id else 0
-        if state is None or state.n <= start:
+        if state is None:
             return {}
-        summary = {}
-        for name, probe in self.probes.items():
-            scores = state.scores[name][start : state.n]
-            pooled = pool(Ragged(scores, torch.tensor([0, len(scores)])), probe.aggregation)[0]
-            summary[name] = {"score": round(float(pooled), 5), "probability": round(float(torch.sigmoid(pooled)), 5),
-                             "fired": bool(probe.fires(pooled)), "threshold": probe.threshold}  # fmt: skip
-        return summary
+        summary = self.hook.pooled(state, token_ids, list(self.probes))
+        return {name: {k: round(v, 5) if isinstance(v, float) else v for k, v in item.items()} for name, item in summary.items()}

@@ -123,3 +123,16 @@ def test_paths_of_generated_tokens_equal_the_offline_explainer(tiny, tiny_graph)
                 assert all(abs(got[k] - want[k]) <= 1e-3 * max(1.0, abs(want[k])) for k in got), kind
                 n_paths += len(got) if kind == "paths" else 0
     assert n_paths > 0, "the graph produced paths to check"
+
+
+def test_llm_reports_pooled_probe_scores_and_triggers_like_lens(lively, kit):
+    directory, probes, lens = kit
+    llm = LLM(lively, saes=[directory], probes=probes, top_n=6, num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    cases = with_bos(lively, prompts(3, seed=33))
+    for case, out in zip(cases, llm.generate(cases, PARAMS), strict=True):
+        [ref] = lens.score([(case + out.token_ids)[1:-1]])
+        assert set(out.features.triggers) == set(ref.probes)
+        for name, result in ref.probes.items():
+            got = out.features.triggers[name]
+            assert abs(got["score"] - result.score) < 1e-4 and got["fired"] == result.fired
+            assert abs(got["probability"] - result.probability) < 1e-5
