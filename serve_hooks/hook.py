@@ -249,6 +249,8 @@ class FeatureHook:
         state = self.requests.pop(seq.seq_id, None)
         if state is not None:
             handoff.extras.update(state.page(0, handoff.num_computed))
+        if self.paths is not None:  # the prompt's last row predicted the first token
+            handoff.extras.update(self.paths.export(seq.seq_id))
 
     def _imported(self, seq: Sequence, handoff) -> None:
         if not any(name.startswith(("codes.", "scores.")) for name in handoff.extras):
@@ -256,6 +258,8 @@ class FeatureHook:
         self.watched.add(seq.seq_id)
         self.requests[seq.seq_id] = RequestFeatures(self.top_n)
         self.requests[seq.seq_id].fill(0, {k: v for k, v in handoff.extras.items() if k.startswith(("codes.", "scores."))})
+        if self.paths is not None:
+            self.paths.adopt(seq.seq_id, handoff.extras)
 
     # ------------------------------------------------------------------ API
 

@@ -81,6 +81,30 @@ class PathRecorder:
     def release(self, seq_id: int) -> dict[int, dict]:
         return self.pending.pop(seq_id, {})
 
+    def export(self, seq_id: int) -> dict[str, Tensor]:
+        """A request's pending predictions as named tensors (they travel in a P/D handoff)."""
+        out = {}
+        for position, parts in self.release(seq_id).items():
+            for part in ("source", "target"):
+                if part in parts:
+                    out[f"paths.{position}.{part}.cols"], out[f"paths.{position}.{part}.values"] = parts[part]
+            if "rms" in parts:
+                out[f"paths.{position}.rms"] = torch.tensor([parts["rms"]])
+        return out
+
+    def adopt(self, seq_id: int, tensors: dict[str, Tensor]) -> None:
+        """The inverse of `export`, on the engine that continues the request."""
+        pending = self.pending.setdefault(seq_id, {})
+        for name, tensor in tensors.items():
+            if not name.startswith("paths."):
+                continue
+            _, position, part, *rest = name.split(".")
+            parts = pending.setdefault(int(position), {})
+            if part == "rms":
+                parts["rms"] = float(tensor[0])
+            elif rest == ["cols"]:
+                parts[part] = (tensor, tensors[f"paths.{position}.{part}.values"])
+
     def explain(self, pending: dict[int, dict], token_ids: list[int], top: int = 5) -> list[dict]:
         """One entry per prediction whose token is known: position, token id, paths, direct effects.
         token_ids: the request's tokens so far (prompt + generated)."""

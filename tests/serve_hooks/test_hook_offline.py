@@ -98,31 +98,55 @@ def test_features_equal_lens_across_the_prefill_decode_handoff(lively, kit):
     assert_equals_lens(lens, hooks[1].release(seq.seq_id), seq.token_ids[:-1])
 
 
+def assert_paths_equal_offline(hook: FeatureHook, features, ids: list[int], n_prompt: int) -> int:
+    """Every generated token's paths (all of them, not the top 5) equal the Explainer's on the
+    same tokens; returns how many paths were compared."""
+    explainer = hook.paths.explainer
+    ours = hook.explain(features, ids, top=10_000)
+    assert [p["position"] for p in ours] == list(range(n_prompt - 1, len(ids) - 1))
+    result, graph_code, target = explainer.codes(torch.tensor([ids]))  # row r = position r + 1
+    predicted = torch.tensor(ids[2:] + [0])  # row r predicts position r + 2
+    offline = explainer.predictions(graph_code.code, target, predicted, result.final_rms[0, 1:], top=10_000)
+    n_paths = 0
+    for mine in ours:
+        row = mine["position"] - 1
+        assert mine["token_id"] == ids[row + 2]
+        for kind, key in (("paths", ("source", "target")), ("direct", ("feature",))):
+            got = {tuple(e[k] for k in key): e["weight"] for e in mine[kind]}
+            want = {tuple(e[k] for k in key): e["weight"] for e in offline[row][kind]}
+            assert got.keys() == want.keys(), kind
+            assert all(abs(got[k] - want[k]) <= 1e-3 * max(1.0, abs(want[k])) for k in got), kind
+            n_paths += len(got) if kind == "paths" else 0
+    return n_paths
+
+
 def test_paths_of_generated_tokens_equal_the_offline_explainer(tiny, tiny_graph):  # noqa: F811
     llm = LLM(tiny, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4, num_blocks=64, block_size=4,
               max_num_batched_tokens=8)  # fmt: skip
-    explainer = llm.hook.paths.explainer
     cases = with_bos(tiny, prompts(2, seed=32))
-    outs = llm.generate(cases, PARAMS)
     n_paths = 0
-    for case, out in zip(cases, outs, strict=True):
-        ids = case + out.token_ids
-        assert [p["position"] for p in out.features.predictions] == list(range(len(case) - 1, len(ids) - 1))
-        assert all(len(p["paths"]) <= 5 for p in out.features.predictions)
-        ours = llm.hook.explain(out.features, ids, top=10_000)
-        result, graph_code, target = explainer.codes(torch.tensor([ids]))  # row r = position r + 1
-        rows = torch.arange(len(case) - 2, len(ids) - 2)
-        predicted = torch.tensor(ids[2:] + [0])  # row r predicts position r + 2
-        offline = explainer.predictions(graph_code.code, target, predicted, result.final_rms[0, 1:], top=10_000)
-        for mine, row in zip(ours, rows.tolist(), strict=True):
-            assert mine["token_id"] == ids[row + 2]
-            for kind, key in (("paths", ("source", "target")), ("direct", ("feature",))):
-                got = {tuple(e[k] for k in key): e["weight"] for e in mine[kind]}
-                want = {tuple(e[k] for k in key): e["weight"] for e in offline[row][kind]}
-                assert got.keys() == want.keys(), kind
-                assert all(abs(got[k] - want[k]) <= 1e-3 * max(1.0, abs(want[k])) for k in got), kind
-                n_paths += len(got) if kind == "paths" else 0
+    for case, out in zip(cases, llm.generate(cases, PARAMS), strict=True):
+        assert [p["position"] for p in out.features.predictions] == list(range(len(case) - 1, len(case) + 5))
+        assert all(len(p["paths"]) <= 5 for p in out.features.predictions), "LLM keeps the top 5"
+        n_paths += assert_paths_equal_offline(llm.hook, out.features, case + out.token_ids, len(case))
     assert n_paths > 0, "the graph produced paths to check"
+
+
+def test_paths_survive_the_prefill_decode_handoff(tiny, tiny_graph):  # noqa: F811
+    config = EngineConfig(model="tiny", num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    prefill, decode = LLMEngine(config, tiny), LLMEngine(config, tiny)
+    hooks = [FeatureHook(e, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4) for e in (prefill, decode)]
+    [case] = with_bos(tiny, prompts(1, seed=34))
+    prefill.add_request(case, PARAMS, prefill_only=True)
+    outs = []
+    while prefill.has_unfinished():
+        outs += prefill.step()
+    [handed] = [o for o in outs if o.handoff is not None]
+    seq = decode.add_prefilled(case, handed.token_ids, handed.handoff)
+    while decode.has_unfinished():
+        decode.step()
+    features = hooks[1].release(seq.seq_id)
+    assert assert_paths_equal_offline(hooks[1], features, seq.token_ids, len(case)) > 0
 
 
 def test_llm_reports_pooled_probe_scores_and_triggers_like_lens(lively, kit):
