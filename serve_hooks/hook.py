@@ -124,6 +124,9 @@ class FeatureHook:
             self.saes[self.paths.source_hook] = self.paths.encoder
         for item in saes:
             encoder = load_encoder(item) if isinstance(item, str | Path) else item
+            if encoder.cfg.hook in self.saes:
+                raise ValueError(f"two encoders read {encoder.cfg.hook} (an SAE and the graph, or two SAEs): "
+                                 "attach one per hook")  # fmt: skip
             self.saes[encoder.cfg.hook] = encoder
         self.probes = {}
         for item in probes:

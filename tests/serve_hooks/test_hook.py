@@ -207,3 +207,8 @@ def test_only_watched_requests_pay(lively, sae, probes):
         check_equal(lively, sae, probes, hook, again)
     finally:
         sae.encode = real_encode
+
+
+def test_two_encoders_at_one_hook_are_refused(lively, sae):
+    with pytest.raises(ValueError, match="one per hook"):
+        FeatureHook(engine(lively), saes=[sae, sae])
