@@ -79,23 +79,30 @@ def test_features_equal_lens_on_the_full_text(lively, kit, settings):
         assert_equals_lens(lens, hook.release(seq.seq_id), seq.token_ids[:-1])
 
 
-def test_features_equal_lens_across_the_prefill_decode_handoff(lively, kit):
-    directory, probes, lens = kit
+def split_run(model, case: list[int], **hook_settings):
+    """Prefill `case` on one engine, hand it over, decode on another (both hooked, in-process: the
+    same Handoff that serve_hooks.disagg sends between processes). -> (decode hook, seq, extras)."""
     config = EngineConfig(model="tiny", num_blocks=64, block_size=4, max_num_batched_tokens=8)
-    prefill, decode = LLMEngine(config, lively), LLMEngine(config, lively)
-    hooks = [FeatureHook(e, saes=[directory], probes=probes, top_n=6) for e in (prefill, decode)]
-    [case] = with_bos(lively, prompts(1, seed=31))
+    prefill, decode = LLMEngine(config, model), LLMEngine(config, model)
+    hooks = [FeatureHook(e, **hook_settings) for e in (prefill, decode)]
     prefill.add_request(case, PARAMS, prefill_only=True)
     outs = []
     while prefill.has_unfinished():
         outs += prefill.step()
     [handed] = [o for o in outs if o.handoff is not None]
-    assert any(name.startswith("codes.") for name in handed.handoff.extras), "feature pages travel with the KV"
     seq = decode.add_prefilled(case, handed.token_ids, handed.handoff)
     while decode.has_unfinished():
         decode.step()
     assert len(seq.output_ids) == PARAMS.max_tokens
-    assert_equals_lens(lens, hooks[1].release(seq.seq_id), seq.token_ids[:-1])
+    return hooks[1], seq, handed.handoff.extras
+
+
+def test_features_equal_lens_across_the_prefill_decode_handoff(lively, kit):
+    directory, probes, lens = kit
+    [case] = with_bos(lively, prompts(1, seed=31))
+    hook, seq, extras = split_run(lively, case, saes=[directory], probes=probes, top_n=6)
+    assert any(name.startswith("codes.") for name in extras), "feature pages travel with the KV"
+    assert_equals_lens(lens, hook.release(seq.seq_id), seq.token_ids[:-1])
 
 
 def assert_paths_equal_offline(hook: FeatureHook, features, ids: list[int], n_prompt: int) -> int:
@@ -133,20 +140,10 @@ def test_paths_of_generated_tokens_equal_the_offline_explainer(tiny, tiny_graph)
 
 
 def test_paths_survive_the_prefill_decode_handoff(tiny, tiny_graph):  # noqa: F811
-    config = EngineConfig(model="tiny", num_blocks=64, block_size=4, max_num_batched_tokens=8)
-    prefill, decode = LLMEngine(config, tiny), LLMEngine(config, tiny)
-    hooks = [FeatureHook(e, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4) for e in (prefill, decode)]
     [case] = with_bos(tiny, prompts(1, seed=34))
-    prefill.add_request(case, PARAMS, prefill_only=True)
-    outs = []
-    while prefill.has_unfinished():
-        outs += prefill.step()
-    [handed] = [o for o in outs if o.handoff is not None]
-    seq = decode.add_prefilled(case, handed.token_ids, handed.handoff)
-    while decode.has_unfinished():
-        decode.step()
-    features = hooks[1].release(seq.seq_id)
-    assert assert_paths_equal_offline(hooks[1], features, seq.token_ids, len(case)) > 0
+    hook, seq, extras = split_run(tiny, case, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4)
+    assert any(name.startswith("paths.") for name in extras), "the first prediction's inputs travel"
+    assert assert_paths_equal_offline(hook, hook.release(seq.seq_id), seq.token_ids, len(case)) > 0
 
 
 def test_llm_reports_pooled_probe_scores_and_triggers_like_lens(lively, kit):
