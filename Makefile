@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.greylens-installed
 
-.PHONY: install demo test lint bench-harvest saelens-venv clean
+.PHONY: install demo test lint bench-harvest saelens-venv browser clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ saelens-venv:
 	  $(PYTHON) -m venv $(SAELENS_VENV) && \
 	  $(SAELENS_VENV)/bin/python -m pip install -q "$(TORCH)" && \
 	  $(SAELENS_VENV)/bin/python -m pip install -q -c constraints.txt sae-lens==6.54.12 transformer-lens==3.9.0 )
+
+# Headless Chromium for the dashboard's browser test (tests/graphs/test_dashboard.py skips without it).
+# Installed with apt-get when we may (root or passwordless sudo); otherwise say how and carry on.
+SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (sudo -n true 2>/dev/null && echo sudo) || echo none)
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  echo "chromium: $$(command -v chromium || command -v chromium-browser)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$(SUDO)" != none ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; \
+	else \
+	  echo "warning: no chromium and no apt-get/root to install it; the dashboard browser test will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) out

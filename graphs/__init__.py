@@ -11,6 +11,20 @@
     evaluate       graph metrics, the SAE-shaped adapter for splicing, edge Jaccard
     synthetic      planted feature hierarchy (ground truth) and edge-recovery scoring
     letters        first-letter absorption and sparse-probing metrics
+    release        feature-dataset export (release_scan, release_tables, release_build) and load_release
+    dashboard      the release's offline HTML dashboard
 
-Command line: `python -m graphs stats|train|transition|explain|eval`.
+Command line: `python -m graphs stats|train|transition|explain|eval|export|dashboard`.
 """
+
+_RELEASE = ("load_release", "export_release", "ExportConfig", "Release")
+__all__ = list(_RELEASE)
+
+
+def __getattr__(name: str):
+    """`from graphs import load_release` without importing the release machinery on `import graphs`."""
+    if name in _RELEASE:
+        from graphs import release
+
+        return getattr(release, name)
+    raise AttributeError(f"module 'graphs' has no attribute {name!r}")

@@ -1,10 +1,12 @@
-"""`python -m graphs stats|train|transition|explain|eval ...` (a stable contract: scripts call these).
+"""`python -m graphs stats|train|transition|explain|eval|export|dashboard ...` (a stable contract: scripts call these).
 
     stats       co-activation counts and top-m candidate edges of a trained SAE over a store
     train       the adaptive sparse GNN autoencoder, from an SAE and its stats
     transition  a cross-layer transition graph between a source (graph or SAE) and a later SAE
     explain     reasoning paths for a text (JSON)
     eval        reconstruction, L0 before/after propagation, graph size, CE loss recovered (JSON)
+    export      a released feature dataset + dashboard from an SAE, its graph and a store (graphs.release)
+    dashboard   rewrite the offline dashboard of a release
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from graphs.coactivation import StatsConfig, coactivation_stats
 from graphs.crosslayer import TransitionConfig, fit_transition
+from graphs.release import ExportConfig
 from graphs.train import GraphTrainConfig, train_graph
 from sae.cli import add_dataclass_args, dataclass_from_args
 from sae.store import StoreError
@@ -35,6 +38,12 @@ class ExplainConfig:
     """Evidence / implied features listed per token."""
     top_paths: int = 5
     """Paths listed per token."""
+
+
+@dataclass
+class DashboardConfig:
+    release: str = ""
+    """Release directory (`python -m graphs export`) whose dashboard/ is rewritten."""
 
 
 @dataclass
@@ -87,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("store", "source", "target", "out"))  # fmt: skip
     add_dataclass_args(commands.add_parser("explain", help="reasoning paths for a text (JSON)"), ExplainConfig, ("graph", "text"))
     add_dataclass_args(commands.add_parser("eval", help="evaluate a graph autoencoder (JSON)"), GraphEvalConfig, ("graph", "store"))
+    add_dataclass_args(commands.add_parser("export", help="release a feature dataset + dashboard"), ExportConfig,
+                       ("sae", "graph", "store", "out"))  # fmt: skip
+    add_dataclass_args(commands.add_parser("dashboard", help="rewrite a release's dashboard"), DashboardConfig, ("release",))
     args = parser.parse_args(argv)
     try:
         if args.command == "stats":
@@ -104,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_explain(dataclass_from_args(ExplainConfig, args)), indent=2))
         elif args.command == "eval":
             print(json.dumps(run_graph_eval(dataclass_from_args(GraphEvalConfig, args)), indent=2))
+        elif args.command == "export":
+            from graphs.release import export_release
+
+            out = export_release(dataclass_from_args(ExportConfig, args))
+            print(json.dumps({"release": str(out.resolve()), "dashboard": str((out / "dashboard" / "index.html").resolve())}, indent=2))
+        elif args.command == "dashboard":
+            from graphs.dashboard import write_dashboard
+            from graphs.release import load_release
+
+            load_release(args.release)  # only finished releases
+            print(json.dumps({"dashboard": str(write_dashboard(args.release).resolve())}, indent=2))
     except (StoreError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

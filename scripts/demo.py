@@ -13,6 +13,9 @@
    texts (per-token scores, top features) and monitoring a generation.
 6. Serve: the split-inference engine (paged KV cache, prefix cache, continuous batching) answers
    three chat prompts behind one shared system prompt; the later ones reuse its cached KV blocks.
+7. Release: the SAE's features scanned over the held-out store into a feature dataset (parquet +
+   dataset card, SAELens weights, Neuronpedia and circuit JSON) with an offline dashboard under
+   out/demo/release; the last line printed is the dashboard's path.
 Killed half-way? Run it again: every stage resumes where it stopped or is skipped when done.
 """
 
@@ -72,6 +75,8 @@ def main() -> None:
     print(json.dumps({"graph": graph_and_explain(model, args)}, indent=2))
     print(json.dumps({"probes": probes_and_lens(model, args)}, indent=2))
     print(json.dumps({"serve": serve(model)}, indent=2))
+    print(json.dumps({"release": release(model, args)}, indent=2))
+    print(f"dashboard: {(Path(args.out) / 'release' / 'dashboard' / 'index.html').resolve()}")
 
 
 def train_and_evaluate(model, args) -> dict:
@@ -143,7 +148,6 @@ def probes_and_lens(model, args) -> dict:
     return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
 
-
 def serve(model) -> dict:
     from serve_hooks.config import EngineConfig
     from serve_hooks.engine import LLMEngine
@@ -163,6 +167,17 @@ def serve(model) -> dict:
     generated = sum(len(o.token_ids) for o in outputs)
     return {"generated_tokens": generated, "seconds": round(seconds, 2), "kv_blocks": engine.blocks.num_blocks,
             "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"], **engine.stats}  # fmt: skip
+
+
+def release(model, args) -> dict:
+    from graphs.release import ExportConfig, export_release, load_release
+
+    out = export_release(ExportConfig(sae=f"{args.out}/sae/{HOOK}", graph=f"{args.out}/graph", store=f"{args.out}/heldout",
+                                      stats=f"{args.out}/stats", out=f"{args.out}/release", model="smollm2-135m",
+                                      ce_tokens=1024, prompts=f"{EXAMPLE}|{PROBE_TEXTS[0]}"), model)  # fmt: skip
+    card = load_release(out).card
+    keys = ("width", "tokens", "fvu", "l0", "ce_loss_recovered", "dead_fraction")
+    return {"release": str(out.resolve()), **{k: round(v, 4) if isinstance(v, float) else v for k, v in card.items() if k in keys}}
 
 
 if __name__ == "__main__":

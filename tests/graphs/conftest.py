@@ -43,3 +43,22 @@ def tiny_graph(tiny_store: ActivationStore, tmp_path_factory: pytest.TempPathFac
                                     target=str(root / "sae" / TARGET_HOOK), out=str(root / "transition"), m=8,
                                     min_count=2, batch_size=512))  # fmt: skip
     return TinyGraph(tiny_store, root / "sae", root / "stats", root / "graph", root / "transition")
+
+
+def release_config(tiny_graph: TinyGraph, out: Path, **overrides):
+    """Export settings for the tiny pipeline: every input kind, small batches, a short CE run."""
+    from graphs.release import ExportConfig
+
+    fields = dict(sae=str(tiny_graph.sae_dirs / SOURCE_HOOK), graph=str(tiny_graph.graph), store=str(tiny_graph.store.directory),
+                  stats=str(tiny_graph.stats), transition=str(tiny_graph.transition), out=str(out), batch_size=256,
+                  ce_tokens=256)  # fmt: skip
+    fields.update(overrides)
+    return ExportConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tiny_graph: TinyGraph, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished release of the tiny pipeline (dashboard included), built once."""
+    from graphs.release import export_release
+
+    return export_release(release_config(tiny_graph, tmp_path_factory.mktemp("release") / "r"))
