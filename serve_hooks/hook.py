@@ -122,19 +122,27 @@ class FeatureHook:
         self.paths = PathRecorder(engine, graph, transition) if graph is not None else None
         if self.paths is not None:
             self.saes[self.paths.source_hook] = self.paths.encoder
+        sources = {self.paths.source_hook: Path(graph).resolve()} if self.paths is not None else {}  # hook -> dir
         for item in saes:
             encoder = load_encoder(item) if isinstance(item, str | Path) else item
             if encoder.cfg.hook in self.saes:
                 raise ValueError(f"two encoders read {encoder.cfg.hook} (an SAE and the graph, or two SAEs): "
                                  "attach one per hook")  # fmt: skip
             self.saes[encoder.cfg.hook] = encoder
+            if isinstance(item, str | Path):
+                sources[encoder.cfg.hook] = Path(item).resolve()
         self.probes = {}
         for item in probes:
             probe = item if isinstance(item, Probe) else Probe.load(item)
             self.probes[probe.name or f"{probe.kind}-{len(self.probes)}"] = probe
-        for probe in self.probes.values():  # a sparse probe reads the SAE attached at its hook
-            if probe.needs_code and probe.hook not in self.saes:
+        for name, probe in self.probes.items():  # a sparse or graph probe reads the code of its own SAE
+            if not probe.needs_code:
+                continue
+            if probe.hook not in self.saes:
                 self.saes[probe.hook] = load_encoder(probe.sae)
+            elif probe.hook in sources and Path(probe.sae).exists() and Path(probe.sae).resolve() != sources[probe.hook]:
+                raise ValueError(f"probe {name!r} reads the code of {probe.sae}, but {sources[probe.hook]} is attached "
+                                 f"at {probe.hook}: attach the probe's own SAE there or leave the hook free")  # fmt: skip
         self.version = self._fingerprint()
         self.requests: dict[int, RequestFeatures] = {}
         self.stats: Counter[str] = Counter()  # encoded_rows, reused_tokens (from feature pages)

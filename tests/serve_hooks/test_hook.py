@@ -3,6 +3,8 @@ chunking, preemption and tier spills, never change outputs, and steering keeps i
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -212,3 +214,13 @@ def test_only_watched_requests_pay(lively, sae, probes):
 def test_two_encoders_at_one_hook_are_refused(lively, sae):
     with pytest.raises(ValueError, match="one per hook"):
         FeatureHook(engine(lively), saes=[sae, sae])
+
+
+def test_a_sparse_probe_on_another_sae_is_refused(lively, sae, probes, tmp_path):
+    from sae.io import save_sae
+
+    mine, other = save_sae(sae, tmp_path / "mine" / HOOK), save_sae(sae, tmp_path / "other" / HOOK)
+    sparse = dataclasses.replace(probes[1], sae=str(mine))
+    FeatureHook(engine(lively), saes=[mine], probes=[sparse])  # its own SAE: fine
+    with pytest.raises(ValueError, match="probe 'sparse' reads the code of"):
+        FeatureHook(engine(lively), saes=[other], probes=[sparse])
