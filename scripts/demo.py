@@ -12,7 +12,9 @@
    prose vs standard-library code, calibrated to 1% false positives, then a `Lens` scoring two
    texts (per-token scores, top features) and monitoring a generation.
 6. Serve: the split-inference engine (paged KV cache, prefix cache, continuous batching) answers
-   three chat prompts behind one shared system prompt; the later ones reuse its cached KV blocks.
+   three chat prompts behind one shared system prompt; the later ones reuse its cached KV blocks
+   and the feature pages beside them. The feature hook inside reports the code probe's score and
+   explains each answer's first token through the graph autoencoder's features.
 7. Release: the SAE's features scanned over the held-out store into a feature dataset (parquet +
    dataset card, SAELens weights, Neuronpedia and circuit JSON) with an offline dashboard under
    out/demo/release; the last line printed is the dashboard's path.
@@ -74,7 +76,7 @@ def main() -> None:
     print(json.dumps({"sae": train_and_evaluate(model, args)}, indent=2))
     print(json.dumps({"graph": graph_and_explain(model, args)}, indent=2))
     print(json.dumps({"probes": probes_and_lens(model, args)}, indent=2))
-    print(json.dumps({"serve": serve(model)}, indent=2))
+    print(json.dumps({"serve": serve(model, args)}, indent=2))
     print(json.dumps({"release": release(model, args)}, indent=2))
     print(f"dashboard: {(Path(args.out) / 'release' / 'dashboard' / 'index.html').resolve()}")
 
@@ -148,25 +150,33 @@ def probes_and_lens(model, args) -> dict:
     return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
 
-def serve(model) -> dict:
-    from serve_hooks.config import EngineConfig
-    from serve_hooks.engine import LLMEngine
+def serve(model, args) -> dict:
+    from serve_hooks.engine import LLM
     from serve_hooks.sequence import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model="smollm2-135m", kv_cache_gb=0.25, max_num_batched_tokens=256), model)
+    # The engine with the feature hook inside: the graph autoencoder's features and the code probe's
+    # scores for every token, reasoning paths for every generated one, and the KV cache intact.
+    llm = LLM(model, probes=[f"{args.out}/probes/code-linear"], graph=f"{args.out}/graph", top_n=3, kv_cache_gb=0.25,
+              max_num_batched_tokens=256)  # fmt: skip
     system = {"role": "system", "content": "You are a concise assistant. Answer in one sentence."}
     questions = ["What is the capital of France?", "Why is the sky blue?", "What is a prime number?"]
     chats = [model.tokenizer.apply_chat_template([system, {"role": "user", "content": q}], add_generation_prompt=True,
                                                  return_dict=True)["input_ids"] for q in questions]  # fmt: skip
     params = SamplingParams(max_tokens=32)
     started = time.perf_counter()
-    outputs = engine.generate(chats[:1], params) + engine.generate(chats[1:], params)  # the first warms the cache
+    outputs = llm.generate(chats[:1], params) + llm.generate(chats[1:], params)  # the first warms the cache
     seconds = time.perf_counter() - started
     for question, out in zip(questions, outputs, strict=True):
-        print(f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens from the prefix cache)")
+        print(f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens from the prefix cache; "
+              f"code probe {out.features.triggers['code-linear']['score']:+.2f})")  # fmt: skip
+        first = out.features.predictions[0]  # why the first answer token
+        why = [f"{d['feature']}:{d['weight']:+.2f}" for d in first["direct"][:3]]
+        print(f"    first token {model.tokenizer.decode([first['token_id']])!r}: top direct effects {why}")
     generated = sum(len(o.token_ids) for o in outputs)
+    engine = llm.engine
     return {"generated_tokens": generated, "seconds": round(seconds, 2), "kv_blocks": engine.blocks.num_blocks,
-            "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"], **engine.stats}  # fmt: skip
+            "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"],
+            "feature_page_tokens_reused": llm.hook.stats["reused_tokens"], **engine.stats}  # fmt: skip
 
 
 def release(model, args) -> dict:
