@@ -10,7 +10,9 @@ x̂ = x̂_n / input_scale, and differ in how the code `a` is chosen from `pre`:
 |             | with one learned threshold θ (inference), so L0      | running min of kept     |
 |             | adapts per token                                     | activations             |
 | jumprelu    | pre · H(pre − θ_j), θ_j learned by straight-through  | λ · L0 (STE), warmed up |
+|             |                                                      | or set by an L0 target  |
 | relu        | ReLU(pre)                                            | λ · Σ_j a_j ‖W_dec_j‖   |
+|             |                                                      | (λ: same as jumprelu)   |
 | matryoshka  | batchtopk, and each prefix of latents [0, m_g) must  | none                    |
 |             | reconstruct x on its own (loss averaged over groups) |                         |
 
@@ -58,6 +60,7 @@ class SAEConfig:
     max_input_norm: float = 0.0  # rows with a larger raw norm pass through untouched (0: no limit)
     jumprelu_bandwidth: float = 0.05  # width ε of the straight-through rectangle kernel
     jumprelu_init_threshold: float = 0.05
+    sparsity_coeff: float = 0.0  # jumprelu/relu: trainer λ; with a target L0 the integral λ_I (resume state)
     matryoshka_groups: list[int] = field(default_factory=list)  # prefix ends; [] = n/8, n/4, n/2, n
     format_version: int = 1
 
@@ -199,7 +202,7 @@ class SAE(HookedRootModule):
             code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
         else:
             code, recon_loss, sparsity, recons_n = self._dense_losses(x_n, pre, reduce)
-        if sparse and dead is not None and aux_k > 0 and bool(dead.any()):
+        if dead is not None and aux_k > 0 and bool(dead.any()):  # dense archs: the trainer opts in
             aux = self.aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, _detached(code), recon_loss, aux, sparsity)
@@ -242,7 +245,11 @@ class SAE(HookedRootModule):
         return sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
 
     def aux_loss(self, residual, x_c, pre, dead, aux_k, reduce) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the top aux_k dead latents must explain what the code missed."""
+        """AuxK (Gao et al. 2024): the top aux_k dead latents must explain what the code missed.
+
+        Also used for jumprelu/relu: a latent pushed below its threshold gets no gradient from the
+        reconstruction, and this is the only loss that can bring it back. `pre` is read, never
+        differentiated (the kernel recomputes the selected entries' gradients)."""
         k = min(aux_k, int(dead.sum()))
         with torch.no_grad():
             selected = topk_code(pre.masked_fill(~dead, float("-inf")), k)

@@ -3,7 +3,15 @@
     for each batch of the store (seeded shuffle, resumable at any step):
         for each hook:  forward (sparse kernels for the TopK family) -> FVU + AuxK + λ·sparsity
                         -> backward -> drop decoder-parallel grad -> Adam -> unit-norm decoder
+                        [--target-l0: λ = λ_I·(L0/target) from this batch's L0; λ_I integrates]
+                        [--reopen-dead (jumprelu): dead latents' θ back at the k/n quantile]
         every log_every steps: metrics.jsonl + wandb;  every checkpoint_every: checkpoint
+
+JumpReLU at a chosen L0 (docs/sae_quality.md has the measurements): with the defaults, L0 falls
+from k to ~7 within ten steps whatever λ is, because one Adam step moves a pre-activation by more
+than its margin above θ and the kernel width ε, a latent pushed below θ gets no gradient back, and
+log θ moves ~60× slower than the encoder. `--target-l0 K --threshold-lr-scale 10 --dense-aux
+--reopen-dead` reaches and holds L0 ≈ K; each piece is opt-in, the defaults train as before.
 
 Initialisation follows the literature: decoder rows random unit vectors, encoder = decoder
 transpose, b_dec = geometric median of a sample, inputs scaled so E‖x‖ = √d_in (the scale is kept
@@ -63,9 +71,32 @@ class TrainConfig:
     sparsity_coeff: float = 0.0
     """λ of the sparsity term: L1 for relu, L0 for jumprelu (0 picks a default per arch)."""
     sparsity_warmup_frac: float = 0.1
-    """Fraction of steps over which λ rises linearly from 0."""
+    """Fraction of steps over which λ rises linearly from 0 (with --target-l0: over which the
+    controller's integral part waits, since L0 first dips whatever λ is)."""
+    target_l0: float = 0.0
+    """jumprelu/relu: reach and hold this L0. Each step uses λ = λ_I · (L0/target)^gain with the
+    batch's own L0; λ_I starts at --sparsity-coeff (or the default), integrates log(L0/target)
+    after the warm-up, and is saved in the SAE config. 0 keeps the fixed λ schedule with warm-up.
+    For jumprelu also pass --threshold-lr-scale 10 --dense-aux --reopen-dead (docs/sae_quality.md)."""
+    l0_control_rate: float = 0.2
+    """Integral gain of the target-L0 controller: its slow part λ_I changes by at most a factor
+    e^rate per step (reached when L0 is a factor e or more off the target)."""
+    l0_control_gain: float = 1.0
+    """Proportional gain: a step uses λ_I · (L0/target)^gain with this batch's L0 (clamped to ±1 in log)."""
     aux_coeff: float = 1 / 32
-    """Weight of the AuxK dead-latent loss (TopK family)."""
+    """Weight of the AuxK dead-latent loss (TopK family; jumprelu/relu with --dense-aux)."""
+    dense_aux: bool = False
+    """Also apply AuxK to jumprelu/relu: their dead latents (below threshold) get no other gradient."""
+    jumprelu_bandwidth: float = 0.05
+    """jumprelu: width ε of the straight-through kernel, in normalised pre-activation units (there
+    θ starts near 1.8 and a pre-activation's spread across tokens is ~0.7 on SmolLM2 L15)."""
+    reopen_dead: bool = False
+    """jumprelu: put a dead latent's θ back at the (1 − k/n) quantile of its pre-activations on the
+    current batch (the initial rule), so that what AuxK taught it can show; below θ nothing else
+    reaches it."""
+    threshold_lr_scale: float = 1.0
+    """jumprelu: the threshold's (log θ) learning rate is this × the LR of the other weights (at 1,
+    θ moves ~60× less per step than the encoder moves a pre-activation)."""
     dead_tokens: int = 1_000_000
     """A latent that has not fired in this many tokens counts as dead."""
     outlier_ratio: float = 10.0
@@ -115,17 +146,21 @@ def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
     dist = dist or Distributed()
     store, hooks, out = _check_inputs(cfg, dist)
     states = {hook: _init_hook(cfg, store, hook) for hook in hooks}
-    first_step = load_checkpoint(out, states)["step"] if cfg.resume else 0
+    first_step = _resume(out, states) if cfg.resume else 0
     n_steps = max(1, cfg.tokens // cfg.batch_size)
     logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None, enabled=dist.rank == 0)
     bar = tqdm(total=n_steps, initial=first_step, unit="step", desc=f"train {cfg.arch}", disable=dist.rank != 0)
     started = time.perf_counter()
     for step, batch in step_batches(store, cfg, hooks, start_step=first_step, n_steps=n_steps):
         lr = lr_at(cfg, step, n_steps, cfg.expansion * store.d_model)
-        coeff = _sparsity_coeff_at(cfg, step, n_steps)
         for hook, state in states.items():
             x = dist.local(batch[hook]).to(cfg.device)
+            coeff = 0.0 if cfg.target_l0 else _sparsity_coeff_at(cfg, step, n_steps)  # target: set from the batch L0
             row = _train_step(cfg, state, x[~state.sae.passthrough(x)], lr, coeff, dist)
+            if cfg.target_l0 and step >= _sparsity_warmup_steps(cfg, n_steps):  # integrate after the transient
+                state.sae.cfg.sparsity_coeff = adapt_sparsity_coeff(cfg, state.sae.cfg.sparsity_coeff, row["l0"])
+            elif not cfg.target_l0:
+                state.sae.cfg.sparsity_coeff = coeff
             if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
                 tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
                 logger.log(log_row(cfg, state, step, hook, row, lr, tok_s))
@@ -143,6 +178,14 @@ def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
     return {hook: state.sae for hook, state in states.items()}
 
 
+def _resume(out: Path, states: dict[str, HookState]) -> int:
+    """Restore the checkpoint; λ (the target-L0 controller's state) lives in each SAE's config."""
+    meta = load_checkpoint(out, states)
+    for hook, state in states.items():
+        state.sae.cfg.sparsity_coeff = meta["sae_configs"][hook].get("sparsity_coeff", 0.0)
+    return meta["step"]
+
+
 def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore, list[str], Path]:
     """Every refusal happens here, before the first step."""
     if not cfg.store or not cfg.out:
@@ -154,6 +197,10 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
         raise ValueError(f"the store has no {', '.join(missing)}; it holds {', '.join(store.hooks)}")
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
+    if cfg.target_l0 and cfg.arch not in ("jumprelu", "relu"):
+        raise ValueError(f"--target-l0 adapts the sparsity penalty of jumprelu/relu; {cfg.arch} sets L0 with --k")
+    if cfg.target_l0 < 0 or cfg.l0_control_rate <= 0 or cfg.l0_control_gain < 0 or cfg.threshold_lr_scale <= 0:
+        raise ValueError("--target-l0 and --l0-control-gain must be >= 0, --l0-control-rate and --threshold-lr-scale > 0")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
     out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
@@ -171,7 +218,7 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
     sae_cfg = SAEConfig(
         d_in=store.d_model, n_latents=cfg.expansion * store.d_model, arch=cfg.arch, k=cfg.k, hook=hook,
         model=store.manifest.model, weights_sha256=store.manifest.weights_sha256, input_scale=scale,
-        max_input_norm=max_norm,
+        max_input_norm=max_norm, jumprelu_bandwidth=cfg.jumprelu_bandwidth, sparsity_coeff=initial_sparsity_coeff(cfg) if cfg.target_l0 else 0.0,
     )  # fmt: skip
     sae = SAE(sae_cfg)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
@@ -181,9 +228,21 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
             _start_with_k_active(sae, sample[:2048] * scale, cfg.k)
     sae = sae.to(cfg.device)
     n = sae_cfg.n_latents
-    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr(cfg, n), betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(_param_groups(cfg, sae), lr=base_lr(cfg, n), betas=(0.9, 0.999))
     zeros = torch.zeros(n, dtype=torch.int64, device=cfg.device)
     return HookState(sae, optimizer, zeros.clone(), zeros.clone())
+
+
+def _param_groups(cfg: TrainConfig, sae: SAE) -> list[dict]:
+    """One Adam group, or two when the jumprelu threshold gets its own LR multiplier.
+
+    With Adam a parameter moves by about its LR per step whatever its gradient's size, so at the
+    default LR log θ moves by at most ~0.65 over a 244-step run while one encoder step can shift a
+    pre-activation by more than the kernel width: the multiplier lets θ keep up with the encoder."""
+    if cfg.arch != "jumprelu" or cfg.threshold_lr_scale == 1.0:
+        return [{"params": list(sae.parameters()), "lr_scale": 1.0}]
+    others = [p for name, p in sae.named_parameters() if name != "log_threshold"]
+    return [{"params": others, "lr_scale": 1.0}, {"params": [sae.log_threshold], "lr_scale": cfg.threshold_lr_scale}]
 
 
 def _start_with_k_active(sae: SAE, x_n: torch.Tensor, k: int) -> None:
@@ -200,6 +259,27 @@ def _start_with_k_active(sae: SAE, x_n: torch.Tensor, k: int) -> None:
         sae.log_threshold.copy_(quantile.log())
     else:
         sae.b_enc.copy_(-quantile)
+
+
+@torch.no_grad()
+def reopen_thresholds(sae: SAE, x: torch.Tensor, dead: torch.Tensor, k: float, dist: Distributed | None = None) -> None:
+    """jumprelu: θ of each dead latent := the (1 − k/n) quantile of its pre-activations on x (raw
+    [N, d]), the initial rule, so it fires on about k/n of the tokens again. Why: a latent pushed
+    below θ gets no gradient from the reconstruction, and its θ none from the kernel once its
+    pre-activations sit further below than ε/2; AuxK trains its weights, this lets it fire. With
+    several ranks each takes the quantile of its slice and they agree on the mean of log θ."""
+    idx = dead.nonzero().squeeze(1)  # [n_dead]
+    x_c = x.to(sae.W_enc.dtype) * sae.cfg.input_scale - sae.b_dec
+    pre = torch.addmm(sae.b_enc[idx], x_c, sae.W_enc[idx].T)  # [N, n_dead]
+    rank = max(1, math.ceil((1 - k / sae.cfg.n_latents) * pre.shape[0]))
+    # Never below half the live latents' median θ: a dead latent's quantile can be ≤ 0, and a θ
+    # near 0 makes it a ReLU that the encoder turns dense while log θ climbs back ~0.03 per step
+    # (on SmolLM2 L15, 1M tokens: 460 latents firing on > 10% of tokens, L0 260; see the doc).
+    floor = 0.5 * sae.log_threshold[~dead].exp().median() if bool((~dead).any()) else pre.new_tensor(1e-3)
+    log_theta = torch.maximum(pre.kthvalue(rank, dim=0).values, floor.clamp_min(1e-3)).log()  # [n_dead]
+    if dist is not None and dist.world > 1:
+        log_theta = dist.sum(log_theta) / dist.world
+    sae.log_threshold[idx] = log_theta
 
 
 @torch.no_grad()
@@ -257,19 +337,56 @@ def lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:
     return base * factor
 
 
+def initial_sparsity_coeff(cfg: TrainConfig) -> float:
+    return cfg.sparsity_coeff or DEFAULT_SPARSITY_COEFF.get(cfg.arch, 0.0)
+
+
+def _sparsity_warmup_steps(cfg: TrainConfig, n_steps: int) -> int:
+    return max(1, int(cfg.sparsity_warmup_frac * n_steps))
+
+
 def _sparsity_coeff_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
-    final = cfg.sparsity_coeff or DEFAULT_SPARSITY_COEFF.get(cfg.arch, 0.0)
-    warmup = max(1, int(cfg.sparsity_warmup_frac * n_steps))
-    return final * min(1.0, (step + 1) / warmup)
+    """The fixed schedule (no target L0): linear warm-up of λ to its final value."""
+    return initial_sparsity_coeff(cfg) * min(1.0, (step + 1) / _sparsity_warmup_steps(cfg, n_steps))
+
+
+def _l0_error(cfg: TrainConfig, l0: float) -> float:
+    return max(-1.0, min(1.0, math.log(max(l0, 1e-3) / cfg.target_l0)))  # > 0: too dense
+
+
+def adapt_sparsity_coeff(cfg: TrainConfig, coeff: float, l0: float) -> float:
+    """The integral part of the target-L0 controller: λ_I ← λ_I · exp(rate · clamp(log(L0 / target), ±1)).
+
+    Integral control in log λ (the graph trainer's evidence budget is the same idea in k): λ_I grows
+    while the batch L0 is above the target and shrinks below it, by at most e^±rate per step, so it
+    crosses decades in tens of steps and needs no prior guess of its scale. L0 is the global batch
+    L0, so data-parallel ranks all take the same λ. λ_I stays within 10^±6 of where it started.
+    The trainer does not integrate during the sparsity warm-up (anti-windup): early on JumpReLU's
+    L0 dips far below any target whatever λ is (see docs/sae_quality.md), and λ_I would sink by
+    decades that it then takes a hundred steps to climb back."""
+    start = initial_sparsity_coeff(cfg)
+    return min(start * 1e6, max(start * 1e-6, coeff * math.exp(cfg.l0_control_rate * _l0_error(cfg, l0))))
+
+
+def applied_sparsity_coeff(cfg: TrainConfig, integral: float, l0_now: float) -> float:
+    """The λ a step uses under a target L0: λ_I · exp(gain · clamp(log(L0 / target), ±1)), where L0
+    is this very batch's (measured in the forward pass, before the loss): the proportional part,
+    which answers at once to what the slow integral has not caught up with yet."""
+    return integral * math.exp(cfg.l0_control_gain * _l0_error(cfg, l0_now))
 
 
 def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, coeff: float, dist: Distributed) -> dict:
     sae, optimizer = state.sae, state.optimizer
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     dead = state.tokens_since_fired >= cfg.dead_tokens
     reduce = dist.sum if dist.world > 1 else None
-    out = sae.training_forward(x, dead=dead, aux_k=x.shape[1] // 2, reduce=reduce)  # AuxK: k_aux = d/2
+    aux_k = x.shape[1] // 2 if cfg.arch in SPARSE_ARCHS or cfg.dense_aux else 0  # AuxK: k_aux = d/2
+    out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
+    n_tokens = int(dist.sum(torch.tensor(x.shape[0])))  # rows differ per rank after skipping outliers
+    l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / n_tokens
+    if cfg.target_l0:
+        coeff = applied_sparsity_coeff(cfg, sae.cfg.sparsity_coeff, l0)
     loss = out.fvu + cfg.aux_coeff * out.aux_loss + coeff * out.sparsity_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -281,17 +398,17 @@ def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, 
     optimizer.step()
     if cfg.arch != "relu":
         sae.normalize_decoder()
+    if cfg.reopen_dead and cfg.arch == "jumprelu" and bool(dead.any()):
+        reopen_thresholds(sae, x, dead, cfg.target_l0 or cfg.k, dist)
     if cfg.arch in SPARSE_ARCHS[1:] and dist.world > 1:  # one inference threshold for all ranks
         sae.threshold.copy_(dist.sum(sae.threshold.clone()) / dist.world)
-    n_tokens = int(dist.sum(torch.tensor(x.shape[0])))  # rows differ per rank after skipping outliers
     track_firing(state, out.code, n_tokens, dist)
     with torch.no_grad():  # FVU of the whole code (for matryoshka the objective averages prefixes)
         full_fvu = fvu(x.to(out.recons.dtype), out.recons, reduce)
     parts = [loss.detach(), out.fvu.detach(), full_fvu, out.aux_loss.detach(), out.sparsity_loss.detach() / dist.world]
     totals = dist.sum(torch.stack(parts)).tolist()
-    l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / n_tokens
     names = ("loss", "recon_loss", "fvu", "aux_loss", "sparsity_loss")
-    return {**dict(zip(names, totals, strict=True)), "l0": l0}
+    return {**dict(zip(names, totals, strict=True)), "l0": l0, "sparsity_coeff": coeff}
 
 
 def track_firing(state: HookState, code, n_tokens: int, dist: Distributed) -> None:

@@ -5,6 +5,10 @@ on held-out activations (FVU, L0, dead/dense) and by splicing into the model on 
 loss recovered, ΔCE, KL), and writes docs/sae_quality.md plus a JSON beside the runs.
 
     python scripts/sae_quality.py --store out/l15-train-1m --eval-store out/l15-heldout
+
+JumpReLU and ReLU-L1 at the same L0 as TopK k=32 (the controller and fixes in sae/train.py):
+
+    ... --target-l0 32 --threshold-lr-scale 10 --dense-aux --reopen-dead
 """
 
 from __future__ import annotations
@@ -28,11 +32,25 @@ def train_arch(args, arch: str, coeff: float) -> Path:
     out = Path(args.out) / arch
     if (out / HOOK / "sae.safetensors").exists():
         return out / HOOK
+    dense = arch in ("jumprelu", "relu")  # the L0 controller and dense AuxK apply to these two only
     cfg = TrainConfig(store=args.store, out=str(out), hooks=HOOK, arch=arch, k=args.k, expansion=args.expansion,
                       tokens=args.tokens, batch_size=args.batch, sparsity_coeff=coeff, checkpoint_every=25,
-                      dead_tokens=args.dead_tokens, resume=(out / "checkpoint.safetensors").exists())  # fmt: skip
+                      dead_tokens=args.dead_tokens, target_l0=args.target_l0 if dense else 0.0,
+                      dense_aux=args.dense_aux and dense, threshold_lr_scale=args.threshold_lr_scale,
+                      jumprelu_bandwidth=args.jumprelu_bandwidth, reopen_dead=args.reopen_dead,
+                      resume=(out / "checkpoint.safetensors").exists())  # fmt: skip
     train(cfg)
     return out / HOOK
+
+
+def setting(args, arch: str, coeff: float, sae_dir: Path) -> str:
+    """The table's "k / λ" cell: k for the TopK family, else λ (the controller's final λ with a target)."""
+    if arch in ("topk", "batchtopk", "matryoshka"):
+        return f"k={args.k}"
+    if args.target_l0:
+        final = json.loads((sae_dir / "cfg.json").read_text()).get("sparsity_coeff", 0.0)
+        return f"target L0 {args.target_l0:g} (final λ_I={final:.3g})"
+    return f"λ={coeff or 'default'}"
 
 
 def evaluate(args, model, sae_dir: Path, windows) -> dict:
@@ -89,6 +107,12 @@ def main() -> None:
     parser.add_argument("--archs", default="topk,batchtopk,jumprelu,relu")
     parser.add_argument("--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)")
     parser.add_argument("--relu-coeff", type=float, default=0.0, help="λ for the L1 term (0: default)")
+    parser.add_argument("--target-l0", type=float, default=0.0,
+                        help="jumprelu/relu: adapt λ to hold this L0 (0: fixed λ); see TrainConfig.target_l0")
+    parser.add_argument("--threshold-lr-scale", type=float, default=1.0, help="jumprelu: LR multiplier of log θ")
+    parser.add_argument("--jumprelu-bandwidth", type=float, default=0.05, help="jumprelu: straight-through kernel width")
+    parser.add_argument("--dense-aux", action="store_true", help="AuxK for jumprelu/relu dead latents too")
+    parser.add_argument("--reopen-dead", action="store_true", help="jumprelu: dead latents' θ back at the k/n quantile")
     parser.add_argument("--ce-tokens", type=int, default=16_384)
     parser.add_argument("--doc", default="docs/sae_quality.md")
     args = parser.parse_args()
@@ -100,8 +124,7 @@ def main() -> None:
         coeff = {"jumprelu": args.jumprelu_coeff, "relu": args.relu_coeff}.get(arch, 0.0)
         sae_dir = train_arch(args, arch, coeff)
         result = evaluate(args, model, sae_dir, windows)
-        setting = f"k={args.k}" if arch in ("topk", "batchtopk", "matryoshka") else f"λ={coeff or 'default'}"
-        rows.append({"arch": arch, "setting": setting, **result})
+        rows.append({"arch": arch, "setting": setting(args, arch, coeff, sae_dir), **result})
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out, "quality.json").write_text(json.dumps(rows, indent=2))
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)

@@ -166,3 +166,47 @@ def test_sparse_top_n_per_row_equals_dense_topk() -> None:
     assert torch.equal(ids[filled], reference.indices[filled]), "ids of real entries match"
     assert torch.equal(ids[~filled], torch.zeros_like(ids[~filled])), "padding is (0, 0.0)"
     assert torch.equal(dense.gather(1, ids) * filled, top)
+
+
+def _dense_aux_reference(sae: SAE, x: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+    """AuxK written the obvious dense way: the aux_k largest ReLU(pre) among dead latents must
+    reconstruct the (detached) residual the code left."""
+    x_n = x * sae.cfg.input_scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    residual = x_n - (sae.training_forward(x).recons * sae.cfg.input_scale).detach()
+    masked = pre.masked_fill(~dead, float("-inf"))
+    mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, masked.topk(aux_k, dim=1).indices, True)
+    return fvu(residual, (pre.relu() * mask) @ sae.W_dec)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_auxk_on_dense_archs_equals_the_dense_reference_and_reaches_only_dead_latents(arch: str) -> None:
+    dead = torch.zeros(LATENTS, dtype=torch.bool)
+    dead[::3] = True
+    grads = []
+    for use_reference in (False, True):
+        sae, x = _sae(arch, jumprelu_init_threshold=0.5), _x()
+        loss = _dense_aux_reference(sae, x, dead, 6) if use_reference else sae.training_forward(x, dead, 6).aux_loss
+        loss.backward()
+        grads.append((loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}))
+    (fast_loss, fast_grads), (ref_loss, ref_grads) = grads
+    assert fast_loss.item() > 0
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
+    for name in ("W_enc", "b_enc", "W_dec"):
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert fast_grads["W_enc"][~dead].abs().sum() == 0 and fast_grads["W_enc"][dead].abs().sum() > 0
+    assert _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0  # aux_k = 0: no AuxK (the default)
+
+
+def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> None:
+    """The rectangle kernel makes the straight-through dL0/dθ exactly the finite difference
+    (L0(θ + ε/2) − L0(θ − ε/2)) / ε: the count of pre-activations in the window, per token."""
+    eps = 0.3
+    sae, x = _sae("jumprelu", jumprelu_init_threshold=0.6, jumprelu_bandwidth=eps), _x()
+    sae.training_forward(x).sparsity_loss.backward()
+    pre = sae.pre_acts(x * sae.cfg.input_scale).detach()
+    theta = sae.log_threshold.exp().detach()
+    l0_at = lambda t: (pre > t).double().sum(0) / N  # noqa: E731 - per-latent mean L0 at threshold t
+    central = (l0_at(theta + eps / 2) - l0_at(theta - eps / 2)) / eps  # [n_latents]
+    assert central.abs().sum() > 0
+    torch.testing.assert_close(sae.log_threshold.grad, central * theta)  # chain rule: d/dlogθ = θ·d/dθ
