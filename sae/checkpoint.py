@@ -58,11 +58,15 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, H
 FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every")  # do not change results
 
 
-def prepare_run_dir(out: Path, config: dict, resume: bool) -> Path:
+def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None = None) -> Path:
     """A training run's directory: a resume must use the checkpoint's settings (except those that do
-    not change results); a new run must not land on an existing one. Raises before any work."""
+    not change results); a new run must not land on an existing one. Raises before any work.
+
+    defaults: each setting's default. A setting the checkpoint does not record (it was written
+    before the setting existed) counts as its default, since new settings keep the old behaviour at
+    their defaults; so an older checkpoint resumes unless the resume turns a new option on."""
     if resume:
-        saved = read_checkpoint_meta(out)["config"]  # raises with advice if there is nothing to resume
+        saved = {**(defaults or {}), **read_checkpoint_meta(out)["config"]}  # raises if nothing to resume
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.items()
                  if k not in FREE_SETTINGS and saved.get(k) != v]  # fmt: skip
         if diffs:

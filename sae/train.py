@@ -7,11 +7,8 @@
                         [--reopen-dead (jumprelu): dead latents' θ back at the k/n quantile]
         every log_every steps: metrics.jsonl + wandb;  every checkpoint_every: checkpoint
 
-JumpReLU at a chosen L0 (docs/sae_quality.md has the measurements): with the defaults, L0 falls
-from k to ~7 within ten steps whatever λ is, because one Adam step moves a pre-activation by more
-than its margin above θ and the kernel width ε, a latent pushed below θ gets no gradient back, and
-log θ moves ~60× slower than the encoder. `--target-l0 K --threshold-lr-scale 10 --dense-aux
---reopen-dead` reaches and holds L0 ≈ K; each piece is opt-in, the defaults train as before.
+How λ is set for jumprelu/relu (fixed schedule or a target-L0 controller) and their thresholds:
+`sae/sparsity.py`.
 
 Initialisation follows the literature: decoder rows random unit vectors, encoder = decoder
 transpose, b_dec = geometric median of a sample, inputs scaled so E‖x‖ = √d_in (the scale is kept
@@ -37,10 +34,17 @@ from sae.hooks import parse_hooks
 from sae.io import save_sae
 from sae.metrics import dead_fraction, dense_fraction
 from sae.sae import SAE, SPARSE_ARCHS, Architecture, SAEConfig, batch_topk_code, fvu
+from sae.sparsity import (
+    adapt_sparsity_coeff,
+    applied_sparsity_coeff,
+    initial_sparsity_coeff,
+    reopen_thresholds,
+    sparsity_coeff_at,
+    sparsity_warmup_steps,
+    start_with_k_active,
+)
 from sae.store import ActivationStore
 from sae.train_log import TrainLogger
-
-DEFAULT_SPARSITY_COEFF = {"relu": 0.004, "jumprelu": 0.0015}
 
 
 @dataclass
@@ -127,6 +131,14 @@ class Distributed(NamedTuple):
             torch_dist.all_reduce(tensor)
         return tensor
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor (same shape on all), concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
     def local(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous slice of a global batch."""
         size = batch.shape[0] // self.world
@@ -155,9 +167,9 @@ def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
         lr = lr_at(cfg, step, n_steps, cfg.expansion * store.d_model)
         for hook, state in states.items():
             x = dist.local(batch[hook]).to(cfg.device)
-            coeff = 0.0 if cfg.target_l0 else _sparsity_coeff_at(cfg, step, n_steps)  # target: set from the batch L0
+            coeff = 0.0 if cfg.target_l0 else sparsity_coeff_at(cfg, step, n_steps)  # target: set from the batch L0
             row = _train_step(cfg, state, x[~state.sae.passthrough(x)], lr, coeff, dist)
-            if cfg.target_l0 and step >= _sparsity_warmup_steps(cfg, n_steps):  # integrate after the transient
+            if cfg.target_l0 and step >= sparsity_warmup_steps(cfg, n_steps):  # integrate after the transient
                 state.sae.cfg.sparsity_coeff = adapt_sparsity_coeff(cfg, state.sae.cfg.sparsity_coeff, row["l0"])
             elif not cfg.target_l0:
                 state.sae.cfg.sparsity_coeff = coeff
@@ -203,7 +215,7 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
         raise ValueError("--target-l0 and --l0-control-gain must be >= 0, --l0-control-rate and --threshold-lr-scale > 0")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
-    out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
+    out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume, defaults=asdict(TrainConfig()))
     return store, hooks, out
 
 
@@ -225,7 +237,7 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample * scale))
         if cfg.arch in ("jumprelu", "relu"):
-            _start_with_k_active(sae, sample[:2048] * scale, cfg.k)
+            start_with_k_active(sae, sample[:2048] * scale, cfg.k)
     sae = sae.to(cfg.device)
     n = sae_cfg.n_latents
     optimizer = torch.optim.Adam(_param_groups(cfg, sae), lr=base_lr(cfg, n), betas=(0.9, 0.999))
@@ -243,43 +255,6 @@ def _param_groups(cfg: TrainConfig, sae: SAE) -> list[dict]:
         return [{"params": list(sae.parameters()), "lr_scale": 1.0}]
     others = [p for name, p in sae.named_parameters() if name != "log_threshold"]
     return [{"params": others, "lr_scale": 1.0}, {"params": [sae.log_threshold], "lr_scale": cfg.threshold_lr_scale}]
-
-
-def _start_with_k_active(sae: SAE, x_n: torch.Tensor, k: int) -> None:
-    """Dense archs: put each latent's threshold at the (1 − k/n) quantile of its pre-activations.
-
-    With encoder = decoderᵀ and a near-zero threshold about half of all latents fire at first, and
-    the first reconstructions are orders of magnitude too large. Starting from ~k active latents
-    per token (θ for jumprelu, −b_enc for relu) lets the sparsity penalty refine rather than rescue.
-    """
-    pre = sae.pre_acts(x_n)  # [m, n_latents]
-    rank = max(1, math.ceil((1 - k / sae.cfg.n_latents) * pre.shape[0]))
-    quantile = pre.kthvalue(rank, dim=0).values.clamp_min(1e-3)  # [n_latents]
-    if sae.cfg.arch == "jumprelu":
-        sae.log_threshold.copy_(quantile.log())
-    else:
-        sae.b_enc.copy_(-quantile)
-
-
-@torch.no_grad()
-def reopen_thresholds(sae: SAE, x: torch.Tensor, dead: torch.Tensor, k: float, dist: Distributed | None = None) -> None:
-    """jumprelu: θ of each dead latent := the (1 − k/n) quantile of its pre-activations on x (raw
-    [N, d]), the initial rule, so it fires on about k/n of the tokens again. Why: a latent pushed
-    below θ gets no gradient from the reconstruction, and its θ none from the kernel once its
-    pre-activations sit further below than ε/2; AuxK trains its weights, this lets it fire. With
-    several ranks each takes the quantile of its slice and they agree on the mean of log θ."""
-    idx = dead.nonzero().squeeze(1)  # [n_dead]
-    x_c = x.to(sae.W_enc.dtype) * sae.cfg.input_scale - sae.b_dec
-    pre = torch.addmm(sae.b_enc[idx], x_c, sae.W_enc[idx].T)  # [N, n_dead]
-    rank = max(1, math.ceil((1 - k / sae.cfg.n_latents) * pre.shape[0]))
-    # Never below half the live latents' median θ: a dead latent's quantile can be ≤ 0, and a θ
-    # near 0 makes it a ReLU that the encoder turns dense while log θ climbs back ~0.03 per step
-    # (on SmolLM2 L15, 1M tokens: 460 latents firing on > 10% of tokens, L0 260; see the doc).
-    floor = 0.5 * sae.log_threshold[~dead].exp().median() if bool((~dead).any()) else pre.new_tensor(1e-3)
-    log_theta = torch.maximum(pre.kthvalue(rank, dim=0).values, floor.clamp_min(1e-3)).log()  # [n_dead]
-    if dist is not None and dist.world > 1:
-        log_theta = dist.sum(log_theta) / dist.world
-    sae.log_threshold[idx] = log_theta
 
 
 @torch.no_grad()
@@ -335,44 +310,6 @@ def lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:
     if decay and step >= n_steps - decay:
         factor = min(factor, (n_steps - step) / decay)
     return base * factor
-
-
-def initial_sparsity_coeff(cfg: TrainConfig) -> float:
-    return cfg.sparsity_coeff or DEFAULT_SPARSITY_COEFF.get(cfg.arch, 0.0)
-
-
-def _sparsity_warmup_steps(cfg: TrainConfig, n_steps: int) -> int:
-    return max(1, int(cfg.sparsity_warmup_frac * n_steps))
-
-
-def _sparsity_coeff_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
-    """The fixed schedule (no target L0): linear warm-up of λ to its final value."""
-    return initial_sparsity_coeff(cfg) * min(1.0, (step + 1) / _sparsity_warmup_steps(cfg, n_steps))
-
-
-def _l0_error(cfg: TrainConfig, l0: float) -> float:
-    return max(-1.0, min(1.0, math.log(max(l0, 1e-3) / cfg.target_l0)))  # > 0: too dense
-
-
-def adapt_sparsity_coeff(cfg: TrainConfig, coeff: float, l0: float) -> float:
-    """The integral part of the target-L0 controller: λ_I ← λ_I · exp(rate · clamp(log(L0 / target), ±1)).
-
-    Integral control in log λ (the graph trainer's evidence budget is the same idea in k): λ_I grows
-    while the batch L0 is above the target and shrinks below it, by at most e^±rate per step, so it
-    crosses decades in tens of steps and needs no prior guess of its scale. L0 is the global batch
-    L0, so data-parallel ranks all take the same λ. λ_I stays within 10^±6 of where it started.
-    The trainer does not integrate during the sparsity warm-up (anti-windup): early on JumpReLU's
-    L0 dips far below any target whatever λ is (see docs/sae_quality.md), and λ_I would sink by
-    decades that it then takes a hundred steps to climb back."""
-    start = initial_sparsity_coeff(cfg)
-    return min(start * 1e6, max(start * 1e-6, coeff * math.exp(cfg.l0_control_rate * _l0_error(cfg, l0))))
-
-
-def applied_sparsity_coeff(cfg: TrainConfig, integral: float, l0_now: float) -> float:
-    """The λ a step uses under a target L0: λ_I · exp(gain · clamp(log(L0 / target), ±1)), where L0
-    is this very batch's (measured in the forward pass, before the loss): the proportional part,
-    which answers at once to what the slow integral has not caught up with yet."""
-    return integral * math.exp(cfg.l0_control_gain * _l0_error(cfg, l0_now))
 
 
 def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, coeff: float, dist: Distributed) -> dict:

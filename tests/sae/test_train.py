@@ -104,9 +104,16 @@ def test_kill_9_and_resume_ends_with_identical_weights(tiny_store: ActivationSto
     assert steps == sorted(set(steps)) and steps[-1] == 150  # each logged step once
 
 
-def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tiny_store: ActivationStore, tmp_path: Path) -> None:
-    flags = ["--store", str(tiny_store.directory), "--hooks", HOOK, "--arch", "topk", "--k", "8", "--expansion", "4",
-             "--tokens", str(256 * 12), "--batch-size", "256", "--lr", "0.003", "--wandb", "disabled"]  # fmt: skip
+# jumprelu with the target-L0 recipe: the controller reads the global L0, dense AuxK the global
+# residual, and reopened thresholds the global batch's quantile (dead after 2 steps, so it happens)
+JUMPRELU_DDP = ["--arch", "jumprelu", "--target-l0", "6", "--threshold-lr-scale", "10", "--dense-aux", "--reopen-dead",
+                "--dead-tokens", "512", "--sparsity-warmup-frac", "0.3"]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch_flags", [["--arch", "topk"], JUMPRELU_DDP], ids=["topk", "jumprelu-target-l0"])
+def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tiny_store: ActivationStore, tmp_path: Path, arch_flags: list[str]) -> None:
+    flags = ["--store", str(tiny_store.directory), "--hooks", HOOK, *arch_flags, "--k", "8", "--expansion", "4",
+             "--tokens", str(256 * 12), "--batch-size", "256", "--lr", "0.003", "--wandb", "disabled", "--log-every", "1"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29517", str(REPO / "scripts" / "train_ddp.py"), *flags, "--out", str(tmp_path / "two")],
@@ -120,6 +127,8 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(tiny_store: Act
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     rows = _rows(tmp_path / "one")
     assert rows[-1]["fvu"] < rows[0]["fvu"]  # the compared runs really trained
+    if "--reopen-dead" in arch_flags:  # the compared runs really reopened and controlled λ
+        assert any(r["dead_fraction"] > 0 for r in rows) and len({r["sparsity_coeff"] for r in rows}) > 3
 
 
 def test_massive_activations_are_skipped_in_training_and_evaluation(tiny_store: ActivationStore, tmp_path: Path) -> None:
@@ -138,7 +147,7 @@ def test_massive_activations_are_skipped_in_training_and_evaluation(tiny_store: 
 
 
 def test_l0_controller_moves_lambda_towards_the_target_by_a_bounded_factor() -> None:
-    from sae.train import adapt_sparsity_coeff
+    from sae.sparsity import adapt_sparsity_coeff
 
     cfg = TrainConfig(arch="jumprelu", target_l0=32, sparsity_coeff=1e-3, l0_control_rate=0.1)
     assert adapt_sparsity_coeff(cfg, 1e-3, 32.0) == pytest.approx(1e-3)
@@ -191,7 +200,8 @@ def test_jumprelu_without_the_recipe_collapses_and_leaves_dead_latents(tiny_stor
 
 
 def test_reopen_puts_dead_thresholds_at_the_k_over_n_quantile_and_leaves_live_ones(tiny_store: ActivationStore) -> None:
-    from sae.train import _init_hook, reopen_thresholds
+    from sae.sparsity import reopen_thresholds
+    from sae.train import _init_hook
 
     cfg = _config(tiny_store, Path("unused"), arch="jumprelu", k=8)
     sae = _init_hook(cfg, tiny_store, HOOK).sae
@@ -215,7 +225,8 @@ def test_reopen_puts_dead_thresholds_at_the_k_over_n_quantile_and_leaves_live_on
 
 def test_reopen_never_sets_a_threshold_below_half_the_live_median(tiny_store: ActivationStore) -> None:
     """A dead latent whose pre-activations are all negative must not get θ ≈ 0 (it would turn dense)."""
-    from sae.train import _init_hook, reopen_thresholds
+    from sae.sparsity import reopen_thresholds
+    from sae.train import _init_hook
 
     sae = _init_hook(_config(tiny_store, Path("unused"), arch="jumprelu", k=8), tiny_store, HOOK).sae
     x = tiny_store.rows(torch.arange(1024), hooks=[HOOK])[HOOK]
@@ -274,3 +285,39 @@ def test_resume_with_a_target_l0_restores_lambda_and_ends_identical(tiny_store: 
 def test_target_l0_is_refused_for_the_topk_family(tiny_store: ActivationStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--target-l0 adapts the sparsity penalty"):
         train(_config(tiny_store, tmp_path, arch="topk", target_l0=8))
+
+
+def test_a_checkpoint_from_before_the_new_settings_resumes_unless_one_is_turned_on(tiny_store: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written before a setting existed records no value for it: it resumes as that
+    setting's default (new settings keep the old behaviour there), and only a resume that turns one
+    on is refused."""
+    import sae.train as train_module
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    flags = dict(tokens=256 * 20, checkpoint_every=5)
+    train(_config(tiny_store, tmp_path / "ref", **flags))
+    save = train_module.save_checkpoint
+
+    def save_then_stop(out, step, *args):
+        save(out, step, *args)
+        if step == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_store, tmp_path / "old", **flags))
+    monkeypatch.undo()
+    path = tmp_path / "old" / "checkpoint.safetensors"
+    with safe_open(path, framework="pt") as f:  # strip the settings added after format_version 1 shipped
+        tensors, meta = {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["greylens"])
+    newer = ("target_l0", "l0_control_rate", "l0_control_gain", "dense_aux", "jumprelu_bandwidth", "reopen_dead", "threshold_lr_scale")
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in newer}
+    save_file(tensors, path, metadata={"greylens": json.dumps(meta)})
+
+    with pytest.raises(ValueError, match="dense_aux: checkpoint False, now True"):
+        train(_config(tiny_store, tmp_path / "old", resume=True, dense_aux=True, **flags))
+    train(_config(tiny_store, tmp_path / "old", resume=True, **flags))
+    expected, got = load_file(tmp_path / "ref" / HOOK / "sae.safetensors"), load_file(tmp_path / "old" / HOOK / "sae.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
