@@ -28,6 +28,23 @@ def _config(store: ActivationStore, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**fields)
 
 
+def _crash_after_checkpoint(cfg: TrainConfig, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train cfg until the checkpoint of `step` is written, then crash (in-process kill)."""
+    import sae.train as train_module
+
+    save = train_module.save_checkpoint
+
+    def save_then_stop(out, at, *args):
+        save(out, at, *args)
+        if at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+
+
 def _rows(out: Path, hook: str = HOOK) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["hook"] == hook]
 
@@ -259,21 +276,9 @@ def test_dense_aux_trains_dead_jumprelu_latents(tiny_store: ActivationStore, tmp
 
 
 def test_resume_with_a_target_l0_restores_lambda_and_ends_identical(tiny_store: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sae.train as train_module
-
     flags = dict(arch="relu", tokens=256 * 20, target_l0=4, checkpoint_every=5, log_every=1)
     train(_config(tiny_store, tmp_path / "ref", **flags))
-    save = train_module.save_checkpoint
-
-    def save_then_stop(out, step, *args):  # a crash right after the step-10 checkpoint
-        save(out, step, *args)
-        if step == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_store, tmp_path / "cut", **flags))
-    monkeypatch.undo()
+    _crash_after_checkpoint(_config(tiny_store, tmp_path / "cut", **flags), 10, monkeypatch)
     assert read_checkpoint_meta(tmp_path / "cut")["sae_configs"][HOOK]["sparsity_coeff"] > 0
     train(_config(tiny_store, tmp_path / "cut", resume=True, **flags))
     expected, got = load_file(tmp_path / "ref" / HOOK / "sae.safetensors"), load_file(tmp_path / "cut" / HOOK / "sae.safetensors")
@@ -291,23 +296,12 @@ def test_a_checkpoint_from_before_the_new_settings_resumes_unless_one_is_turned_
     """A checkpoint written before a setting existed records no value for it: it resumes as that
     setting's default (new settings keep the old behaviour there), and only a resume that turns one
     on is refused."""
-    import sae.train as train_module
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     flags = dict(tokens=256 * 20, checkpoint_every=5)
     train(_config(tiny_store, tmp_path / "ref", **flags))
-    save = train_module.save_checkpoint
-
-    def save_then_stop(out, step, *args):
-        save(out, step, *args)
-        if step == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_store, tmp_path / "old", **flags))
-    monkeypatch.undo()
+    _crash_after_checkpoint(_config(tiny_store, tmp_path / "old", **flags), 10, monkeypatch)
     path = tmp_path / "old" / "checkpoint.safetensors"
     with safe_open(path, framework="pt") as f:  # strip the settings added after format_version 1 shipped
         tensors, meta = {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["greylens"])
