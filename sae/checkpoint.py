@@ -4,8 +4,9 @@ One file means one atomic rename: a run killed at any moment leaves either the p
 or the new one, never a mix. Nothing is pickled. Contents, per hook `h`:
 
     h/sae.<name>                 every SAE parameter and buffer
-    h/adam.<param>.<key>         the optimizer's state for each parameter (the prefix is historical):
-                                 Adam's exp_avg, exp_avg_sq, step; Signum's momentum_buffer
+    h/adam.<param>.exp_avg       Adam moments and step count for each parameter
+    h/adam.<param>.exp_avg_sq
+    h/adam.<param>.step
     h/tokens_since_fired         dead-latent tracking [n_latents]
     h/fire_counts                firings since the last log [n_latents]
     rng/torch                    the global torch RNG state
@@ -88,7 +89,7 @@ def read_checkpoint_meta(directory: Path) -> dict:
 
 
 def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
-    """Restore every hook's SAE, optimizer state and dead tracking in place; return the JSON state."""
+    """Restore every hook's SAE, Adam state and dead tracking in place; return the JSON state."""
     meta = read_checkpoint_meta(directory)
     with safe_open(directory / CHECKPOINT, framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}

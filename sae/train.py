@@ -2,7 +2,7 @@
 
     for each batch of the store (seeded shuffle, resumable at any step):
         for each hook:  forward (sparse kernels for the TopK family) -> FVU + AuxK + λ·sparsity
-                        -> backward -> drop decoder-parallel grad -> Adam (or Signum) -> unit-norm decoder
+                        -> backward -> drop decoder-parallel grad -> Adam -> unit-norm decoder
                         [--target-l0: λ = λ_I·(L0/target) from this batch's L0; λ_I integrates]
                         [--reopen-dead (jumprelu): dead latents' θ back at the k/n quantile]
         every log_every steps: metrics.jsonl + wandb;  every checkpoint_every: checkpoint
@@ -33,7 +33,6 @@ from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.hooks import parse_hooks
 from sae.io import save_sae
 from sae.metrics import dead_fraction, dense_fraction
-from sae.optim import Signum
 from sae.sae import SAE, SPARSE_ARCHS, Architecture, SAEConfig, batch_topk_code, fvu
 from sae.sparsity import (
     adapt_sparsity_coeff,
@@ -66,12 +65,9 @@ class TrainConfig:
     """Training tokens (the store is re-read in new shuffled epochs if it is smaller)."""
     batch_size: int = 4096
     """Tokens per optimizer step (global, over all ranks)."""
-    optimizer: Literal["adam", "signum"] = "adam"
-    """adam, or signum (sign descent with momentum 0.95, sparsify's default; `sae/optim.py`)."""
     lr: float = 0.0
-    """Learning rate; 0 picks 2e-3 (adam) or 5e-3 (signum) / sqrt(n_latents / 16384). On SmolLM2
-    layer 15 (TopK, 9216 latents, 200k tokens) Adam's FVU was 0.53 at 2.7e-4, 0.33 at 1e-3 and 0.24
-    at 3e-3; higher LRs win short runs but leave many latents dead over 1M tokens (docs/benchmarks.md)."""
+    """Adam learning rate; 0 picks 2e-3 / sqrt(n_latents / 16384). On SmolLM2 layer 15 (TopK,
+    9216 latents, 200k tokens) FVU was 0.53 at 2.7e-4, 0.33 at 1e-3 and 0.24 at 3e-3."""
     warmup_frac: float = 0.05
     """Fraction of steps with linear LR warm-up."""
     decay_frac: float = 0.2
@@ -152,7 +148,7 @@ class Distributed(NamedTuple):
 @dataclass
 class HookState:
     sae: SAE
-    optimizer: torch.optim.Optimizer  # Adam or Signum
+    optimizer: torch.optim.Adam
     tokens_since_fired: torch.Tensor  # [n_latents] int64
     fire_counts: torch.Tensor  # [n_latents] int64, since the last log row
 
@@ -244,14 +240,13 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
             start_with_k_active(sae, sample[:2048] * scale, cfg.k)
     sae = sae.to(cfg.device)
     n = sae_cfg.n_latents
-    groups, lr = _param_groups(cfg, sae), base_lr(cfg, n)
-    optimizer = Signum(groups, lr) if cfg.optimizer == "signum" else torch.optim.Adam(groups, lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(_param_groups(cfg, sae), lr=base_lr(cfg, n), betas=(0.9, 0.999))
     zeros = torch.zeros(n, dtype=torch.int64, device=cfg.device)
     return HookState(sae, optimizer, zeros.clone(), zeros.clone())
 
 
 def _param_groups(cfg: TrainConfig, sae: SAE) -> list[dict]:
-    """One parameter group, or two when the jumprelu threshold gets its own LR multiplier.
+    """One Adam group, or two when the jumprelu threshold gets its own LR multiplier.
 
     With Adam a parameter moves by about its LR per step whatever its gradient's size, so at the
     default LR log θ moves by at most ~0.65 over a 244-step run while one encoder step can shift a
@@ -303,13 +298,8 @@ def step_batches(store: ActivationStore, cfg: TrainConfig, hooks: list[str], sta
             step += 1
 
 
-DEFAULT_LR = {"adam": 2e-3, "signum": 5e-3}  # at 16384 latents, scaled by 1/sqrt(width)
-
-
 def base_lr(cfg: TrainConfig, n_latents: int) -> float:
-    """cfg.lr, or the optimizer's default for this width (a config without `optimizer`, like the
-    graph trainer's, is Adam's)."""
-    return cfg.lr or DEFAULT_LR[getattr(cfg, "optimizer", "adam")] / math.sqrt(n_latents / 16384)
+    return cfg.lr or 2e-3 / math.sqrt(n_latents / 16384)
 
 
 def lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:

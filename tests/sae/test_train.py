@@ -315,22 +315,3 @@ def test_a_checkpoint_from_before_the_new_settings_resumes_unless_one_is_turned_
     expected, got = load_file(tmp_path / "ref" / HOOK / "sae.safetensors"), load_file(tmp_path / "old" / HOOK / "sae.safetensors")
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-
-
-def test_signum_trains_and_resumes_exactly(tiny_store: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sae.optim import Signum
-    from sae.train import _init_hook, base_lr
-
-    flags = dict(optimizer="signum", lr=0.01, tokens=256 * 20, checkpoint_every=5, log_every=1)
-    state = _init_hook(_config(tiny_store, tmp_path / "unused", **flags), tiny_store, HOOK)
-    assert isinstance(state.optimizer, Signum)
-    assert base_lr(_config(tiny_store, tmp_path, **{**flags, "lr": 0.0}), 16384) == pytest.approx(5e-3)  # its default
-    train(_config(tiny_store, tmp_path / "ref", **flags))
-    rows = _rows(tmp_path / "ref")
-    assert rows[-1]["fvu"] < 0.7 * rows[0]["fvu"]
-    _crash_after_checkpoint(_config(tiny_store, tmp_path / "cut", **flags), 10, monkeypatch)
-    assert "momentum_buffer" in " ".join(load_file(tmp_path / "cut" / "checkpoint.safetensors"))
-    train(_config(tiny_store, tmp_path / "cut", resume=True, **flags))
-    expected, got = load_file(tmp_path / "ref" / HOOK / "sae.safetensors"), load_file(tmp_path / "cut" / HOOK / "sae.safetensors")
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
