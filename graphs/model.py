@@ -8,8 +8,9 @@
 An edge i → j (w ≥ 0, gate z ∈ [0, 1]) lets an active feature raise a feature it implies, e.g. a
 child ("snake") raising its parent ("starts with s"): this counters feature absorption, where the
 parent stops firing because the child's decoder has copied its direction. Edges come from a fixed
-candidate set (top-m co-activation neighbours per feature, `graphs.coactivation`); their gates are
-hard-concrete (Louizos et al. 2018) so training drives most of them to exactly zero.
+candidate set (top-m co-activation neighbours per feature, `graphs.coactivation`, optionally joined
+by decoder-geometry neighbours, `graphs.candidates`); their gates are hard-concrete (Louizos et al.
+2018) so training drives most of them to exactly zero.
 
 Sparsity budget: `k` is the target *post-propagation* L0. The evidence budget k_e starts at k and a
 controller lowers it by however many features the graph adds, so models are compared at equal
@@ -40,6 +41,7 @@ class GraphConfig:
     init_log_alpha: float = -1.0  # P(gate open) starts at 0.65, the deterministic gate at 0.22
     init_weight: float = 0.1  # w = softplus(weight_raw) starts here
     evidence_k: float = 0.0  # current evidence budget k_e (0: start at the SAE's k)
+    implied_only: bool = False  # messages reach only features the encoder left inactive (no corrections)
     format_version: int = 1
 
 
@@ -188,10 +190,11 @@ class SparseGraphAutoencoder(nn.Module):
             a_tj    = pre'_tj  if pre'_tj > θ  else 0     (θ: the evidence threshold of this batch)
 
         An implied feature fires only if the messages lift it over the same threshold the evidence
-        had to pass, so sparsity stays adaptive per token. (Messages also add to features already
-        in the evidence. A variant that only let them reach inactive features recovered far fewer
-        planted edges on the synthetic hierarchy: recall 0.03 vs 0.50 at parent-child cos 0.5.) pre: [N, n] (no grad; the values of
-        active nodes are re-gathered with the sparse-backward kernel), strengths: [E] (0 = pruned).
+        had to pass, so sparsity stays adaptive per token. By default messages also add to features
+        already in the evidence (magnitude corrections); with `cfg.implied_only` they reach only
+        features the encoder left inactive, so an edge's only use is an implication. pre: [N, n] (no
+        grad; the values of active nodes are re-gathered with the sparse-backward kernel),
+        strengths: [E] (0 = pruned).
         """
         n_rows, n = pre.shape
         src, dst = self.edge_index[0], self.edge_index[1]
@@ -200,6 +203,9 @@ class SparseGraphAutoencoder(nn.Module):
         edge_id = live[nth_live]  # [T] token edge -> feature edge
         target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
         evidence_key = evidence.rows * n + evidence.cols  # [nnz_e] sorted (row-major codes)
+        if self.cfg.implied_only:  # drop token edges into evidence nodes
+            keep = ~locate(evidence_key, target_key)[1]
+            entry, edge_id, target_key = entry[keep], edge_id[keep], target_key[keep]
         weight = strengths.index_select(0, edge_id)  # (index_select: its backward is a fast index_add)
         with torch.no_grad():
             targets, target_node = torch.unique(target_key, return_inverse=True)  # [n_targets], [T]
@@ -246,8 +252,12 @@ class SparseGraphAutoencoder(nn.Module):
         recons = self.decode_n(self.encode(x).code) / self.sae.cfg.input_scale
         return torch.where(self.sae.passthrough(x)[:, None], x.to(recons.dtype), recons)
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0) -> GraphOutput:
-        """Losses of one batch of raw x: [N, d] (gates sampled, evidence by batch budget k_e)."""
+    def training_forward(
+        self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0, detach_penalty: bool = False
+    ) -> GraphOutput:
+        """Losses of one batch of raw x: [N, d] (gates sampled, evidence by batch budget k_e).
+
+        detach_penalty: the absorption penalty's strengths carry no gradient (see absorption_penalty)."""
         x_n, x_c, pre = self.pre_acts(x)
         evidence = self.evidence(x_c, pre, train=True)
         self.sae.update_threshold(evidence.values.detach())
@@ -261,7 +271,8 @@ class SparseGraphAutoencoder(nn.Module):
             aux = self.sae.aux_loss(x_n - recons_n.detach(), x_c, pre, dead, aux_k, None)
         edge_l0 = self.open_probability().sum() / self.n_latents
         recons = recons_n.detach() / self.sae.cfg.input_scale
-        absorption = self.absorption_penalty(strengths, torch.unique(graph_code.edge_id))
+        penalty_strengths = strengths.detach() if detach_penalty else strengths
+        absorption = self.absorption_penalty(penalty_strengths, torch.unique(graph_code.edge_id))
         return GraphOutput(recons, graph_code, loss, aux, edge_l0, absorption)
 
     def absorption_penalty(self, strengths: torch.Tensor, edges: torch.Tensor, max_edges: int = 8192) -> torch.Tensor:
@@ -269,10 +280,13 @@ class SparseGraphAutoencoder(nn.Module):
 
         If i implies j, j's direction arrives through the edge; a child decoder d_i that still copies
         its parent's d_j would let the child stand in for the parent (absorption). Decoder rows are
-        unit norm, so cos is a dot product. Training passes the edges that fired in the batch: the
-        ones in use, and far fewer than all E (gathering E·d decoder entries would dominate a step);
-        beyond max_edges of them (early in training, when most gates are open) a random subset,
-        scaled up, stands in for all.
+        unit norm, so cos is a dot product. Training can pass detached strengths (`detach_penalty`):
+        with their gradient, the cheapest way to lower the penalty is to close the edges whose
+        decoders overlap, i.e. the very child → parent edges that should exist; detached, the penalty
+        only moves the decoders apart, more so the more an edge carries. Training passes the edges
+        that fired in the batch: the ones in use, and far fewer than all E (gathering E·d decoder
+        entries would dominate a step); beyond max_edges of them (early in training, when most gates
+        are open) a random subset, scaled up, stands in for all.
         """
         scale = 1.0
         if len(edges) > max_edges:  # an unbiased estimate from a random subset bounds the cost

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from graphs.candidates import geometry_candidates, union_edges
 from graphs.coactivation import CoactivationStats
 from graphs.io import save_graph_sae
 from graphs.model import GraphConfig, SparseGraphAutoencoder
@@ -30,7 +31,7 @@ from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.io import load_sae
 from sae.sae import SAE, batch_topk_code, fvu
 from sae.store import ActivationStore
-from sae.train import Distributed, HookState, log_row, lr_at, step_batches, track_firing
+from sae.train import Distributed, HookState, base_lr, log_row, lr_at, step_batches, track_firing
 from sae.train_log import TrainLogger
 
 
@@ -54,8 +55,10 @@ class GraphTrainConfig:
     """Training tokens."""
     batch_size: int = 4096
     """Tokens per step."""
-    lr: float = 5e-4
-    """Adam LR of the SAE weights (they start trained, so lower than from scratch)."""
+    lr: float = 0.0
+    """Adam LR of the SAE weights (0: the SAE trainer's, 2e-3/√(n_latents/16384)). A lower LR because
+    the weights start trained was measured worse: on SmolLM2 L15, 5e-4 left held-out FVU at 0.173,
+    the SAE trainer's 2.67e-3 reached 0.158-0.160 over 3 seeds (docs/graph_quality.md)."""
     graph_lr: float = 0.05
     """Adam LR of the edge weights and gate logits."""
     warmup_frac: float = 0.05
@@ -75,10 +78,26 @@ class GraphTrainConfig:
     step whatever λ is; λ sets how much help an edge must give to stay."""
     absorption_coeff: float = 1.0
     """λ_abs on Σ s_ij relu(cos(d_i, d_j))² over edges in use: a child must not copy its parent."""
+    absorption_detach: bool = False
+    """Detach s_ij in the absorption penalty, so it moves decoders apart instead of closing the
+    child → parent edges whose decoders overlap (the edges that should exist)."""
+    geometry_m: int = 0
+    """Also take each feature's top geometry_m decoder-cosine neighbours as candidates (0: off).
+    Absorbed children rarely co-fire with their parent, so co-activation alone misses their edge."""
+    geometry_min_cos: float = 0.1
+    """Geometry candidates need cos(d_i, d_j) above this."""
+    implied_only: bool = False
+    """Messages reach only features the encoder left inactive: an edge can imply, not correct."""
+    implied_cost: float = 1.0
+    """What an implied feature counts for in the L0 the budget controller steers to k (1: the same
+    as evidence, so budgets are post-propagation; < 1 lets edges save evidence budget, and the
+    post-propagation L0 then ends above k)."""
     aux_coeff: float = 1 / 32
     """Weight of the AuxK dead-latent loss."""
-    dead_tokens: int = 1_000_000
-    """A latent that has not fired in this many tokens counts as dead."""
+    dead_tokens: int = 100_000
+    """A latent that has not fired in this many tokens counts as dead (and gets the AuxK loss). Firing
+    counts start at zero here, so the SAE trainer's 1M would never trigger in a 500k-token run: on
+    SmolLM2 L15 that left 10% of latents silent on held-out data, 100k left 3.8%."""
     checkpoint_every: int = 50
     """Steps between checkpoints (one is also written at the end)."""
     log_every: int = 10
@@ -143,24 +162,30 @@ def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> Sp
     evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k}))
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
     edge_index, _ = stats.candidates(cfg.m, cfg.score, cfg.min_count)
+    if cfg.geometry_m > 0:
+        geometric = geometry_candidates(sae.W_dec, cfg.geometry_m, cfg.geometry_min_cos)
+        edge_index = union_edges(edge_index, geometric, sae.cfg.n_latents)
     if edge_index.shape[1] == 0:
         raise ValueError(f"{cfg.stats} gives no candidate edges at min_count={cfg.min_count}; lower it or use more tokens")
-    return SparseGraphAutoencoder(evidence, edge_index, GraphConfig(sae.cfg.n_latents, edge_index.shape[1], cfg.init_log_alpha, cfg.init_weight))
+    graph_cfg = GraphConfig(sae.cfg.n_latents, edge_index.shape[1], cfg.init_log_alpha, cfg.init_weight,
+                            implied_only=cfg.implied_only)  # fmt: skip
+    return SparseGraphAutoencoder(evidence, edge_index, graph_cfg)
 
 
 def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.optim.Adam:
     graph = [model.weight_raw, model.log_alpha]
-    return torch.optim.Adam([{"params": list(model.sae.parameters()), "lr": cfg.lr, "base_lr": cfg.lr},
+    lr = base_lr(cfg, model.n_latents)
+    return torch.optim.Adam([{"params": list(model.sae.parameters()), "lr": lr, "base_lr": lr},
                              {"params": graph, "lr": cfg.graph_lr, "base_lr": cfg.graph_lr}])  # fmt: skip
 
 
 def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: float) -> dict:
     model, optimizer = state.sae, state.optimizer
-    factor = lr / cfg.lr  # the schedule's warm-up / decay factor, applied to both groups
+    factor = lr / base_lr(cfg, model.n_latents)  # the schedule's warm-up / decay factor, applied to both groups
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     dead = state.tokens_since_fired >= cfg.dead_tokens
-    out = model.training_forward(x, dead=dead, aux_k=x.shape[1] // 2)
+    out = model.training_forward(x, dead=dead, aux_k=x.shape[1] // 2, detach_penalty=cfg.absorption_detach)
     loss = out.fvu + cfg.aux_coeff * out.aux_loss + cfg.edge_coeff * out.edge_l0 + cfg.absorption_coeff * out.absorption
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -169,7 +194,8 @@ def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: fl
     model.sae.normalize_decoder()
     code = out.graph_code.code
     post_l0 = float((code.values > 0).sum()) / x.shape[0]
-    model.adapt_evidence_budget(post_l0)
+    implied = float((~out.graph_code.from_evidence & (code.values > 0)).sum()) / x.shape[0]
+    model.adapt_evidence_budget(post_l0 - (1.0 - cfg.implied_cost) * implied)
     track_firing(state, code, x.shape[0], Distributed())
     with torch.no_grad():
         full_fvu = fvu(x.to(out.recons.dtype), out.recons)

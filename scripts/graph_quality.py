@@ -15,6 +15,8 @@ docs/graph_quality.md and <out>/graph_quality.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from sae.io import load_sae
 from sae.models import load_model
 from sae.store import ActivationStore
 
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2, 3)  # the default of --seeds
 TEXTS = [
     "And God said, Let there be light: and there was light.",
     "To be, or not to be, that is the question.",
@@ -59,13 +61,14 @@ def build(args) -> dict[str, Path]:
     for key, sae in (("stats_a", args.topk), ("stats_base", args.base)):
         if not (dirs[key] / "stats.json").exists():
             coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens))
-    for seed in SEEDS:
+    for seed in args.seeds:
         dirs[f"c{seed}"] = out / f"gsae-s{seed}{args.tag}"
         if not (dirs[f"c{seed}"] / "graph.json").exists():
             train_graph(GraphTrainConfig(store=args.store, stats=str(dirs["stats_base"]), out=str(dirs[f"c{seed}"]),
                                          tokens=args.half_tokens, seed=seed, wandb="disabled", edge_coeff=args.edge_coeff,
-                                         resume=(dirs[f"c{seed}"] / "checkpoint.safetensors").exists()))  # fmt: skip
-    for key, source in (("trans_a", args.topk), ("trans_c", str(dirs["c1"]))):
+                                         resume=(dirs[f"c{seed}"] / "checkpoint.safetensors").exists(),
+                                         **args.graph_opt))  # fmt: skip
+    for key, source in (("trans_a", args.topk), ("trans_c", str(dirs[f"c{args.seeds[0]}"]))):
         dirs[key] = out / (f"transition-{key[-1]}" + (args.tag if key == "trans_c" else ""))
         if not (dirs[key] / "transition.json").exists():
             fit_transition(TransitionConfig(store=args.pair_store, source=source, target=args.target, out=str(dirs[key])))
@@ -77,16 +80,26 @@ def reconstruction(args, dirs, model, windows) -> dict:
     eval_store = ActivationStore(args.eval_store)
     rows = {"a": cached(out / "eval-a.json", lambda: {**reconstruction_metrics(load_sae(args.topk), eval_store),
                                                        **splice_metrics(model, load_sae(args.topk), windows)})}  # fmt: skip
-    for seed in SEEDS:
+    for seed in args.seeds:
         def compute(seed=seed):
             gsae = load_graph_sae(dirs[f"c{seed}"])
             result = graph_metrics(gsae, eval_store)
-            if seed == SEEDS[0]:
+            if seed == args.seeds[0]:
                 result.update(splice_metrics(model, AsSAE(gsae), windows))
             return result
 
         rows[f"c{seed}"] = cached(out / f"eval-c{seed}{args.tag}.json", compute)
+    first = dirs[f"c{args.seeds[0]}"]
+    rows["c_no_edges"] = cached(out / f"eval-c{args.seeds[0]}-no-edges{args.tag}.json",
+                                lambda: graph_metrics(without_edges(load_graph_sae(first)), eval_store))  # fmt: skip
     return rows
+
+
+def without_edges(gsae):
+    """The graph autoencoder with every gate shut: its evidence SAE alone, to see what the edges add."""
+    with torch.no_grad():
+        gsae.log_alpha.fill_(-1e4)
+    return gsae
 
 
 def letters(args, dirs, model) -> dict:
@@ -95,8 +108,11 @@ def letters(args, dirs, model) -> dict:
     data = letter_task_data(ActivationStore(args.eval_store), topk.cfg.hook, model.tokenizer,
                             max_tokens=args.letter_tokens)  # fmt: skip
     result = {"a": cached(out / "letters-a.json", lambda: _json_keys(letter_metrics(topk.encode, data)))}
-    gsae = AsSAE(load_graph_sae(dirs["c1"]))
+    gsae = AsSAE(load_graph_sae(dirs[f"c{args.seeds[0]}"]))
     result["c"] = cached(out / f"letters-c{args.tag}.json", lambda: _json_keys(letter_metrics(gsae.encode, data)))
+    bare = AsSAE(without_edges(load_graph_sae(dirs[f"c{args.seeds[0]}"])))
+    result["c_no_edges"] = cached(out / f"letters-c-no-edges{args.tag}.json",
+                                  lambda: _json_keys(letter_metrics(bare.encode, data)))  # fmt: skip
     return result
 
 
@@ -106,11 +122,13 @@ def _json_keys(value):
     return value
 
 
-def stability(dirs) -> dict:
-    """Pairwise Jaccard of the three seeds' active edges vs the same edge counts with shuffled targets."""
-    graphs = [load_graph_sae(dirs[f"c{s}"]).active_edges()[0] for s in SEEDS]
+def stability(dirs, seeds) -> dict:
+    """Pairwise Jaccard of the seeds' active edges vs the same edge counts with shuffled targets."""
+    graphs = [load_graph_sae(dirs[f"c{s}"]).active_edges()[0] for s in seeds]
     n = 9216
-    pairs = [(0, 1), (0, 2), (1, 2)]
+    pairs = list(itertools.combinations(range(len(seeds)), 2))
+    if not pairs:
+        return {"jaccard": None, "null": None, "edges": [e.shape[1] for e in graphs]}
     observed = [edge_jaccard(graphs[i], graphs[j], n) for i, j in pairs]
     g = torch.Generator().manual_seed(0)
 
@@ -118,7 +136,7 @@ def stability(dirs) -> dict:
         return torch.stack([edges[0], edges[1][torch.randperm(edges.shape[1], generator=g)]])
 
     null = [edge_jaccard(shuffled(graphs[i]), shuffled(graphs[j]), n) for i, j in pairs]
-    return {"jaccard": sum(observed) / 3, "null": sum(null) / 3, "edges": [e.shape[1] for e in graphs]}
+    return {"jaccard": sum(observed) / len(pairs), "null": sum(null) / len(pairs), "edges": [e.shape[1] for e in graphs]}
 
 
 def posthoc_stability(args, n_edges: int) -> dict:
@@ -141,7 +159,7 @@ def faithfulness(args, dirs, model) -> dict:
     from graphs.explain import Explainer
 
     out, result = Path(args.out), {}
-    for key, source in (("a", args.topk), ("c", dirs["c1"])):
+    for key, source in (("a", args.topk), ("c", dirs[f"c{args.seeds[0]}"])):
         def compute(key=key, source=source):
             transition, meta = TransitionGraph.load(dirs[f"trans_{key}"])
             coder = load_sae(source) if key == "a" else load_graph_sae(source)  # a plain SAE: no edges
@@ -154,27 +172,29 @@ def faithfulness(args, dirs, model) -> dict:
 
 
 def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
-    a, c = rows["a"], rows["c1"]
-    cs = [rows[f"c{s}"] for s in SEEDS]
+    a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
+    cs = [rows[f"c{s}"] for s in args.seeds]
     mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
     n_edges = stab["edges"][0]
     def fmt(v, digits=3):
         return "—" if v is None else f"{v:.{digits}f}"
     table = [
-        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder |",
-        "|---|---|---|---|",
-        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) |",
-        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu']) for r in cs)}) |",
-        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} |",
-        f"| first-letter absorption (lower is better) | {fmt(let['a']['absorption'])} | {fmt(let['a']['absorption'])} | {fmt(let['c']['absorption'])} |",
-        *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['c']['sparse_probe'][str(k)])} |" for k in (1, 2, 5)],
-        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} |",
-        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) |",
-        f"| edge stability, Jaccard over 3 seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) |",
-        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) |",
-        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} |",
-        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} |",
-        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} |",
+        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed 1, edges removed |",
+        "|---|---|---|---|---|",
+        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |",
+        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu']) for r in cs)}) | {fmt(bare['fvu'])} |",
+        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |",
+        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |",
+        f"| first-letter absorption (lower is better) | {fmt(let['a']['absorption'])} | {fmt(let['a']['absorption'])} | {fmt(let['c']['absorption'])} | {fmt(lb['absorption'])} |",
+        *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['c']['sparse_probe'][str(k)])} | {fmt(lb['sparse_probe'][str(k)])} |" for k in (1, 2, 5)],
+        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |",
+        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |",
+        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |",
+        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |",
+        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |",
+        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |",
+        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |",
+        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |",
     ]  # fmt: skip
     return "\n".join(table)
 
@@ -189,19 +209,40 @@ def main() -> None:
     parser.add_argument("--doc", default="docs/graph_quality.md")
     parser.add_argument("--edge-coeff", type=float, default=GraphTrainConfig.edge_coeff, help="λ_edge of (c)")
     parser.add_argument("--tag", default="", help="suffix of (c)'s run directories (to compare settings)")
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=list(SEEDS),
+                        help="comma-separated seeds of (c); the first also gets CE, letters, faithfulness")
+    parser.add_argument("--graph-opt", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable; use a new --tag)")
     args = parser.parse_args()
+    args.graph_opt = graph_options(args.graph_opt)
     dirs = build(args)
     model = load_model("smollm2-135m")
     rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
     let = letters(args, dirs, model)
-    stab = stability(dirs)
+    stab = stability(dirs, args.seeds)
     post_stab = cached(Path(args.out) / f"stability-b{args.tag}.json", lambda: posthoc_stability(args, max(stab["edges"][0], 1)))
     faith = faithfulness(args, dirs, model)
-    summary = {"rows": rows, "letters": let, "stability_c": stab, "stability_b": post_stab, "faithfulness": faith}
+    summary = {"graph_opt": args.graph_opt, "seeds": args.seeds, "rows": rows, "letters": let, "stability_c": stab, "stability_b": post_stab, "faithfulness": faith}
     (Path(args.out) / f"graph_quality{args.tag}.json").write_text(json.dumps(summary, indent=2))
     table = markdown(args, rows, let, stab, post_stab, faith, dirs)
     print(table)
     write_table(Path(args.doc), table, args.tag)
+
+
+def graph_options(pairs: list[str]) -> dict:
+    """FIELD=VALUE strings -> GraphTrainConfig keyword arguments, each typed like its field's default."""
+    fields = {f.name: f for f in dataclasses.fields(GraphTrainConfig)}
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in fields or not _:
+            raise SystemExit(f"--graph-opt {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        default = fields[name].default
+        if isinstance(default, bool):
+            options[name] = value.lower() in ("1", "true", "yes")
+        else:
+            options[name] = type(default)(value)
+    return options
 
 
 def write_table(doc: Path, table: str, tag: str) -> None:

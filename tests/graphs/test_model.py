@@ -135,3 +135,35 @@ def test_bad_inputs_are_refused(tmp_path) -> None:
         SparseGraphAutoencoder(sae, torch.tensor([[0], [N_LATENTS]]))
     with pytest.raises(FileNotFoundError, match="graphs train"):
         load_graph_sae(tmp_path)
+
+
+def test_detached_absorption_penalty_moves_decoders_not_gates() -> None:
+    """With strengths detached the penalty cannot close the overlapping edges it is about; the
+    decoders still get its gradient. Without detaching, the gates get it too (the old flaw)."""
+    grads = {}
+    for detach in (True, False):
+        model = _model(seed=4)
+        torch.manual_seed(3)
+        out = model.training_forward(torch.randn(N, D) * 2, detach_penalty=detach)
+        assert out.absorption > 0
+        out.absorption.backward()
+        grads[detach] = {name: p.grad for name, p in model.named_parameters()}
+    assert grads[True]["log_alpha"] is None and grads[True]["weight_raw"] is None
+    assert grads[True]["sae.W_dec"].abs().sum() > 0
+    assert grads[False]["log_alpha"].abs().sum() > 0 and grads[False]["weight_raw"].abs().sum() > 0
+
+
+def test_implied_only_messages_skip_evidence_and_equal_dense_reference() -> None:
+    model = _model(seed=5)
+    model.cfg.implied_only = True
+    x = torch.randn(N, D) * 2
+    with torch.no_grad():
+        model.sae.threshold.fill_(0.8)
+        graph_code = model.encode(x)
+        _, _, pre = model.pre_acts(x)
+        e = pre * (pre > 0.8)
+        lifted = torch.where(e > 0, pre, pre + e @ _dense_strengths(model, model.strengths(sample=False)))
+        expected = lifted * (lifted > 0.8)
+    assert torch.allclose(graph_code.code.to_dense(N_LATENTS), expected, atol=1e-6)
+    assert bool((~graph_code.from_evidence).any())  # some features were implied
+    assert not bool(graph_code.from_evidence[graph_code.edge_dst].any())  # no edge lands on evidence
