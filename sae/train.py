@@ -101,8 +101,11 @@ class TrainConfig:
     threshold_lr_scale: float = 1.0
     """jumprelu: the threshold's (log θ) learning rate is this × the LR of the other weights (at 1,
     θ moves ~60× less per step than the encoder moves a pre-activation)."""
-    dead_tokens: int = 1_000_000
-    """A latent that has not fired in this many tokens counts as dead."""
+    dead_tokens: int = 0
+    """A latent that has not fired in this many tokens counts as dead (and gets the AuxK loss). 0: a
+    fifth of the run's tokens, at most 1M. A fixed 1M never triggered AuxK in a run of 1M tokens or
+    fewer (SmolLM2 L15, TopK, 1M tokens: 12.0% of latents silent on 32k held-out rows with a 1M
+    window, 9.4% with 200k, held-out FVU 0.156 both; docs/benchmarks.md)."""
     outlier_ratio: float = 10.0
     """Rows with a norm above this × the median norm (massive activations) are skipped and passed
     through at inference; 0 keeps every row."""
@@ -302,6 +305,12 @@ def base_lr(cfg: TrainConfig, n_latents: int) -> float:
     return cfg.lr or 2e-3 / math.sqrt(n_latents / 16384)
 
 
+def dead_window(cfg: TrainConfig) -> int:
+    """Tokens without firing after which a latent counts as dead: cfg.dead_tokens, or by default a
+    fifth of the run (at least one batch, at most 1M)."""
+    return cfg.dead_tokens or min(1_000_000, max(cfg.batch_size, cfg.tokens // 5))
+
+
 def lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:
     """Linear warm-up, constant, linear decay to 0 over the last decay_frac of steps."""
     base = base_lr(cfg, n_latents)
@@ -316,7 +325,7 @@ def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, 
     sae, optimizer = state.sae, state.optimizer
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    dead = state.tokens_since_fired >= cfg.dead_tokens
+    dead = state.tokens_since_fired >= dead_window(cfg)
     reduce = dist.sum if dist.world > 1 else None
     aux_k = x.shape[1] // 2 if cfg.arch in SPARSE_ARCHS or cfg.dense_aux else 0  # AuxK: k_aux = d/2
     out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
@@ -363,7 +372,7 @@ def log_row(cfg: TrainConfig, state: HookState, step: int, hook: str, row: dict,
         "tokens": (step + 1) * cfg.batch_size,
         "hook": hook,
         **row,
-        "dead_fraction": dead_fraction(state.tokens_since_fired, cfg.dead_tokens),
+        "dead_fraction": dead_fraction(state.tokens_since_fired, dead_window(cfg)),
         "dense_fraction": dense_fraction(state.fire_counts, tokens_window),
         "lr": lr,
         "tok_s": tok_s,

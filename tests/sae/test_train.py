@@ -315,3 +315,14 @@ def test_a_checkpoint_from_before_the_new_settings_resumes_unless_one_is_turned_
     expected, got = load_file(tmp_path / "ref" / HOOK / "sae.safetensors"), load_file(tmp_path / "old" / HOOK / "sae.safetensors")
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_the_default_dead_window_is_a_fifth_of_the_run_so_auxk_acts_in_short_runs(tiny_store: ActivationStore, tmp_path: Path) -> None:
+    from sae.train import dead_window
+
+    assert dead_window(TrainConfig(tokens=1_000_000)) == 200_000  # a fixed 1M would never trigger here
+    assert dead_window(TrainConfig(tokens=100_000_000)) == 1_000_000
+    assert dead_window(TrainConfig(tokens=1000, batch_size=4096)) == 4096
+    assert dead_window(TrainConfig(tokens=1_000_000, dead_tokens=5000)) == 5000
+    train(_config(tiny_store, tmp_path, dead_tokens=0, expansion=16, log_every=1))  # window 2048 = 8 steps
+    assert any(r["aux_loss"] > 0 for r in _rows(tmp_path))
