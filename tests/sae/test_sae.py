@@ -210,3 +210,24 @@ def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> 
     central = (l0_at(theta + eps / 2) - l0_at(theta - eps / 2)) / eps  # [n_latents]
     assert central.abs().sum() > 0
     torch.testing.assert_close(sae.log_threshold.grad, central * theta)  # chain rule: d/dlogθ = θ·d/dθ
+
+
+def test_training_forward_reuses_its_preactivation_buffer_without_changing_results() -> None:
+    """The sparse path writes pre-activations into one buffer across steps (fewer page faults);
+    a smaller batch uses a view of it, and results equal a fresh SAE's that never reused it."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=16, n_latents=64, arch="topk", k=4, hook="h")
+    sae, fresh = SAE(cfg), SAE(cfg)
+    sae.reset_parameters(torch.Generator().manual_seed(0))
+    fresh.load_state_dict(sae.state_dict())
+    sae.training_forward(torch.randn(50, 16))  # leaves a 50-row buffer
+    buffer = sae._pre_workspace
+    x = torch.randn(40, 16)
+    out, expected = sae.training_forward(x), fresh.training_forward(x)
+    assert sae._pre_workspace is buffer  # reused, not reallocated
+    torch.testing.assert_close(out.recons, expected.recons, rtol=0, atol=0)
+    assert torch.equal(out.code.cols, expected.code.cols)
+    out.fvu.backward()
+    expected.fvu.backward()
+    for a, b in zip(sae.parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
