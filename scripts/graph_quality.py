@@ -179,7 +179,7 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
     def fmt(v, digits=3):
         return "—" if v is None else f"{v:.{digits}f}"
     table = [
-        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed 1, edges removed |",
+        f"| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed {args.seeds[0]}, edges removed |",
         "|---|---|---|---|---|",
         f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |",
         f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu']) for r in cs)}) | {fmt(bare['fvu'])} |",
