@@ -31,7 +31,16 @@ from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.io import load_sae
 from sae.sae import SAE, batch_topk_code, fvu
 from sae.store import ActivationStore
-from sae.train import Distributed, HookState, base_lr, log_row, lr_at, step_batches, track_firing
+from sae.train import (
+    Distributed,
+    HookState,
+    base_lr,
+    dead_window,
+    log_row,
+    lr_at,
+    step_batches,
+    track_firing,
+)
 from sae.train_log import TrainLogger
 
 
@@ -97,7 +106,8 @@ class GraphTrainConfig:
     dead_tokens: int = 100_000
     """A latent that has not fired in this many tokens counts as dead (and gets the AuxK loss). Firing
     counts start at zero here, so the SAE trainer's 1M would never trigger in a 500k-token run: on
-    SmolLM2 L15 that left 10% of latents silent on held-out data, 100k left 3.8%."""
+    SmolLM2 L15 that left 10% of latents silent on held-out data, 100k left 3.8%. 0: the SAE
+    trainer's rule (a fifth of the run, at most 1M)."""
     checkpoint_every: int = 50
     """Steps between checkpoints (one is also written at the end)."""
     log_every: int = 10
@@ -184,7 +194,7 @@ def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: fl
     factor = lr / base_lr(cfg, model.n_latents)  # the schedule's warm-up / decay factor, applied to both groups
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-    dead = state.tokens_since_fired >= cfg.dead_tokens
+    dead = state.tokens_since_fired >= dead_window(cfg)  # the window the logged dead fraction uses
     out = model.training_forward(x, dead=dead, aux_k=x.shape[1] // 2, detach_penalty=cfg.absorption_detach)
     loss = out.fvu + cfg.aux_coeff * out.aux_loss + cfg.edge_coeff * out.edge_l0 + cfg.absorption_coeff * out.absorption
     optimizer.zero_grad(set_to_none=True)
