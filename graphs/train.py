@@ -34,6 +34,7 @@ from sae.store import ActivationStore
 from sae.train import (
     Distributed,
     HookState,
+    adam,
     base_lr,
     dead_window,
     log_row,
@@ -185,8 +186,8 @@ def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> Sp
 def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.optim.Adam:
     graph = [model.weight_raw, model.log_alpha]
     lr = base_lr(cfg, model.n_latents)
-    return torch.optim.Adam([{"params": list(model.sae.parameters()), "lr": lr, "base_lr": lr},
-                             {"params": graph, "lr": cfg.graph_lr, "base_lr": cfg.graph_lr}])  # fmt: skip
+    return adam([{"params": list(model.sae.parameters()), "lr": lr, "base_lr": lr},
+                 {"params": graph, "lr": cfg.graph_lr, "base_lr": cfg.graph_lr}], lr=lr)  # fmt: skip
 
 
 def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: float) -> dict:
