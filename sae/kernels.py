@@ -44,9 +44,9 @@ class _SparseEncode(torch.autograd.Function):
     """Gather pre[rows, cols]; backward scatters only into the selected (row, col) pairs."""
 
     @staticmethod
-    def forward(ctx, pre, x_c, W_enc, b_enc, cols, rows):  # noqa: ARG004 - pre's grad is the sparse path
+    def forward(ctx, pre, x_c, W_enc, b_enc, cols, rows, values):  # noqa: ARG004 - pre's grad is the sparse path
         ctx.save_for_backward(x_c, W_enc, cols, rows)
-        return pre[rows, cols]
+        return pre[rows, cols] if values is None else values.clone()
 
     @staticmethod
     def backward(ctx, grad_values):  # grad_values: [nnz]
@@ -63,18 +63,26 @@ class _SparseEncode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(n_latents, dtype=grad_values.dtype, device=grad_values.device)
             grad_b.index_add_(0, cols, grad_values)
-        return None, grad_x, grad_W, grad_b, None, None
+        return None, grad_x, grad_W, grad_b, None, None, None
 
 
 def sparse_encode(
-    x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor
+    x_c: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    pre: torch.Tensor,
+    cols: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Selected pre-activations with a sparse backward.
 
     x_c: [N, d] centred input; W_enc: [n, d]; b_enc: [n]; pre: [N, n] = x_c @ W_enc.T + b_enc,
     computed without grad by the caller (it needed it to select); cols, rows: [nnz] -> [nnz].
+    values: pre[rows, cols] when the caller has them already (topk returns them), which spares a
+    random-access gather over the [N, n] matrix (5-10 ms at 4096 × 9216 with k = 32).
     """
-    return _SparseEncode.apply(pre, x_c, W_enc, b_enc, cols, rows)
+    return _SparseEncode.apply(pre, x_c, W_enc, b_enc, cols, rows, values)
 
 
 def sparse_encode_reference(

@@ -231,7 +231,8 @@ class SAE(HookedRootModule):
             else:
                 selected = batch_topk_code(pre, self.cfg.k)
                 self.update_threshold(selected.values)
-        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
+        # selected.values = ReLU(pre) at the selected entries: under the ReLU below, the same as pre
+        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, selected.values).relu()
         code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
         if self.cfg.arch != "matryoshka":
             recons_n = self._decode_n(code)
@@ -265,12 +266,21 @@ class SAE(HookedRootModule):
 
         Also used for jumprelu/relu: a latent pushed below its threshold gets no gradient from the
         reconstruction, and this is the only loss that can bring it back. `pre` is read, never
-        differentiated (the kernel recomputes the selected entries' gradients)."""
-        k = min(aux_k, int(dead.sum()))
+        differentiated (the kernel recomputes the selected entries' gradients).
+
+        Only the dead columns of `pre` are searched, and selected entries with pre ≤ 0 are dropped:
+        their ReLU is 0 and gets no gradient, so loss and gradients are unchanged. On SmolLM2 L15
+        only 3-20% of the aux_k = 288 selected entries per token were positive, and the step's AuxK
+        went from 205-568 ms to 24-164 ms (forward and backward, 50-2000 dead latents of 9216)."""
+        dead_ids = dead.nonzero().squeeze(1)  # [n_dead]
+        k = min(aux_k, len(dead_ids))
         with torch.no_grad():
-            selected = topk_code(pre.masked_fill(~dead, float("-inf")), k)
-        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows).relu()
-        guess = sparse_decode(values, selected.cols, selected.rows, self.W_dec, selected.n_rows)
+            top, local = pre.index_select(1, dead_ids).topk(k, dim=1, sorted=False)  # [N, k]
+            positive = (top > 0).flatten()
+            top, cols = top.flatten()[positive], dead_ids[local.flatten()[positive]]
+            rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)[positive]  # still sorted
+        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top)
+        guess = sparse_decode(values, cols, rows, self.W_dec, pre.shape[0])
         return fvu(residual.detach(), guess, reduce)
 
     @torch.no_grad()
@@ -291,8 +301,8 @@ class SAE(HookedRootModule):
         """Drop the gradient component along each decoder row (it would only change the norm)."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # [n], one pass (3 fewer than mul-sum-mul-sub)
+        self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -156,8 +157,11 @@ class HookState:
     fire_counts: torch.Tensor  # [n_latents] int64, since the last log row
 
 
-def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
-    """Train (or resume) one SAE per hook; returns them and writes out/<hook>/ for each."""
+def train(cfg: TrainConfig, dist: Distributed | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, SAE]:
+    """Train (or resume) one SAE per hook; returns them and writes out/<hook>/ for each.
+
+    on_step(step) runs after each optimizer step (every hook updated), before the checkpoint:
+    scripts/bench_train.py uses it to time a GEMM between training steps."""
     dist = dist or Distributed()
     store, hooks, out = _check_inputs(cfg, dist)
     states = {hook: _init_hook(cfg, store, hook) for hook in hooks}
@@ -181,6 +185,8 @@ def train(cfg: TrainConfig, dist: Distributed | None = None) -> dict[str, SAE]:
                 logger.log(log_row(cfg, state, step, hook, row, lr, tok_s))
                 bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}")
         bar.update(1)
+        if on_step is not None:
+            on_step(step)
         if dist.rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps):
             save_checkpoint(out, step + 1, (step + 1) * cfg.batch_size, states, asdict(cfg))
     bar.close()

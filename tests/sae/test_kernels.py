@@ -27,14 +27,18 @@ def _inputs(seed: int):
 
 @pytest.mark.parametrize("select", [lambda p: topk_code(p, K), lambda p: batch_topk_code(p, K)], ids=["topk", "batchtopk"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sparse_encode_then_decode_matches_the_dense_reference(select, seed: int) -> None:
+@pytest.mark.parametrize("pass_values", [False, True], ids=["gathered", "code-values-passed"])
+def test_sparse_encode_then_decode_matches_the_dense_reference(select, seed: int, pass_values: bool) -> None:
+    """pass_values: the fast kernel is handed the code's values (ReLU(pre) at the selected entries,
+    as SAE training does) instead of gathering pre; under the ReLU applied after, the same."""
     results = []
     for encode, decode in ((sparse_encode, sparse_decode), (sparse_encode_reference, sparse_decode_reference)):
         x_c, W_enc, b_enc, W_dec = _inputs(seed)
         with torch.no_grad():
             pre = x_c @ W_enc.T + b_enc
         code = select(pre)
-        values = encode(x_c, W_enc, b_enc, pre, code.cols, code.rows).relu()
+        given = (code.values,) if pass_values and encode is sparse_encode else ()
+        values = encode(x_c, W_enc, b_enc, pre, code.cols, code.rows, *given).relu()
         out = decode(values, code.cols, code.rows, W_dec, N)  # [N, D]
         target = torch.randn(N, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
         ((out - target) ** 2).sum().backward()

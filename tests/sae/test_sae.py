@@ -179,10 +179,15 @@ def _dense_aux_reference(sae: SAE, x: torch.Tensor, dead: torch.Tensor, aux_k: i
     return fvu(residual, (pre.relu() * mask) @ sae.W_dec)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
-def test_auxk_on_dense_archs_equals_the_dense_reference_and_reaches_only_dead_latents(arch: str) -> None:
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_auxk_equals_the_dense_reference_and_reaches_only_dead_latents(arch: str) -> None:
     dead = torch.zeros(LATENTS, dtype=torch.bool)
     dead[::3] = True
+    sae, x = _sae(arch, jumprelu_init_threshold=0.5), _x()
+    with torch.no_grad():  # the fast path drops selected entries with pre ≤ 0: make sure there are some
+        pre = sae.pre_acts(x * sae.cfg.input_scale).masked_fill(~dead, float("-inf"))
+        selected = pre.topk(6, dim=1).values
+    assert (selected > 0).any() and (selected <= 0).any()
     grads = []
     for use_reference in (False, True):
         sae, x = _sae(arch, jumprelu_init_threshold=0.5), _x()
