@@ -4,13 +4,14 @@ One file means one atomic rename: a run killed at any moment leaves either the p
 or the new one, never a mix. Nothing is pickled. Contents, per hook `h`:
 
     h/sae.<name>                 every SAE parameter and buffer
-    h/adam.<param>.exp_avg       Adam moments and step count for each parameter
-    h/adam.<param>.exp_avg_sq
-    h/adam.<param>.step
+    h/adam.<param>.exp_avg       optimizer state of each parameter: Adam's moments and step count,
+    h/adam.<param>.exp_avg_sq    or schedule-free's z and exp_avg_sq (whose scalars, the step count
+    h/adam.<param>.step          and the average's weight sum, go in the JSON)
     h/tokens_since_fired         dead-latent tracking [n_latents]
     h/fire_counts                firings since the last log [n_latents]
     rng/torch                    the global torch RNG state
-    metadata["greylens"]         JSON: format_version, step, tokens seen, train config, SAE configs
+    metadata["greylens"]         JSON: format_version, step, tokens seen, train config, SAE configs,
+                                 optimizer group scalars
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT_VERSION = 1
+GROUP_STATE = ("k", "weight_sum", "lr_max", "train_mode")  # schedule-free's running scalars (Adam has none)
 
 
 def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, HookState], config: dict) -> None:
@@ -48,7 +50,9 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, H
         "tokens": tokens,
         "config": config,
         "sae_configs": {hook: asdict(state.sae.cfg) for hook, state in states.items()},
-    }
+        "optimizer_groups": {hook: [{k: g[k] for k in GROUP_STATE if k in g} for g in state.optimizer.param_groups]
+                             for hook, state in states.items()},
+    }  # fmt: skip
     tmp = directory / f".{CHECKPOINT}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
               metadata={"greylens": json.dumps(meta)})  # fmt: skip
@@ -89,7 +93,7 @@ def read_checkpoint_meta(directory: Path) -> dict:
 
 
 def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
-    """Restore every hook's SAE, Adam state and dead tracking in place; return the JSON state."""
+    """Restore every hook's SAE, optimizer state and dead tracking in place; return the JSON state."""
     meta = read_checkpoint_meta(directory)
     with safe_open(directory / CHECKPOINT, framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -101,6 +105,8 @@ def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
             moments = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             if moments:
                 state.optimizer.state[param] = {k: v.to(param.device) for k, v in moments.items()}
+        for group, saved in zip(state.optimizer.param_groups, meta.get("optimizer_groups", {}).get(hook, []), strict=False):
+            group.update(saved)
         state.tokens_since_fired.copy_(tensors[f"{hook}/tokens_since_fired"])
         state.fire_counts.copy_(tensors[f"{hook}/fire_counts"])
     torch.set_rng_state(tensors["rng/torch"])

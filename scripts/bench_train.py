@@ -37,7 +37,7 @@ from sae.io import load_sae
 from sae.metrics import fvu
 from sae.models import cache_root
 from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
-from sae.train import TrainConfig, base_lr, train
+from sae.train import TrainConfig, base_lr, optimizer_name, train
 
 HOOK = "blocks.15.hook_resid_post"
 SCRIPTS = Path(__file__).parent
@@ -119,7 +119,7 @@ def subset_store(store: ActivationStore, index: torch.Tensor, directory: Path) -
 def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
     train_store = subset_store(ActivationStore(args.store), args.train_index, work / "train-store")
     cfg = TrainConfig(store=str(train_store.directory), out=str(work / "greylens"), hooks=HOOK, arch="topk", k=args.k,
-                      expansion=args.expansion, tokens=args.tokens, batch_size=args.batch, lr=args.lr,
+                      expansion=args.expansion, tokens=args.tokens, batch_size=args.batch, lr=args.lr, optimizer=args.optimizer,
                       wandb="disabled", checkpoint_every=10**9, log_every=10**9, seed=0,
                       **({"dead_tokens": args.dead_tokens} if args.dead_tokens else {}))  # fmt: skip
     clock = StepClock(args.batch, eval_x.shape[1], args.expansion * eval_x.shape[1])
@@ -131,7 +131,7 @@ def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
         fired = torch.bincount(sae.encode(eval_x).cols, minlength=sae.cfg.n_latents) > 0
     tok_per_s = args.batch * len(clock.step_s) / sum(clock.step_s)  # steps 2.. (the GEMM probes excluded)
     return {"library": "greylens", "tok_per_s": tok_per_s, "tokens": last["tokens"], "eval_fvu": fvu(eval_x, recons),
-            "eval_dead_fraction": 1 - fired.float().mean().item(), "lr": base_lr(cfg, sae.cfg.n_latents),
+            "eval_dead_fraction": 1 - fired.float().mean().item(), "lr": base_lr(cfg, sae.cfg.n_latents), "optimizer": optimizer_name(cfg),
             "median_step_s": _median(clock.step_s), "median_gemm_s": _median(clock.gemm_s), "gemms_timed": len(clock.gemm_s)}  # fmt: skip
 
 
@@ -148,12 +148,12 @@ def ensure_venv(library: str) -> Path:
 
 
 def side_lr(library: str, args, d: int) -> float:
-    """SAELens (Adam) gets greylens's Adam LR; sparsify keeps its own default signum LR (its
+    """SAELens (Adam) gets greylens's default Adam LR (or --lr); sparsify keeps its own default signum LR (its
     driver multiplies an Adam-style LR by 25, so pass sparsify's Adam default 2e-4/sqrt(n/2^14))."""
     n_latents = args.expansion * d
     if library == "sparsify":
         return 2e-4 / math.sqrt(n_latents / 16384)
-    return args.lr or base_lr(TrainConfig(), n_latents)
+    return args.lr or base_lr(TrainConfig(optimizer="adam"), n_latents)
 
 
 def run_side(library: str, args, train_file: Path, eval_file: Path, eval_x: torch.Tensor, work: Path) -> dict:
@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--expansion", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.0, help="Adam LR for greylens and SAELens (0: greylens's default)")
+    parser.add_argument("--lr", type=float, default=0.0, help="LR for greylens and SAELens (0: each one's default)")
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "adam", "schedulefree"], help="greylens's optimizer")
     parser.add_argument("--dead-tokens", type=int, default=0, help="greylens's AuxK dead window (0: its default)")
     parser.add_argument("--only", default="greylens,saelens,sparsify")
     args = parser.parse_args()

@@ -37,7 +37,7 @@ def train_arch(args, arch: str, coeff: float) -> Path:
                       tokens=args.tokens, batch_size=args.batch, sparsity_coeff=coeff, checkpoint_every=25,
                       dead_tokens=args.dead_tokens, target_l0=args.target_l0 if dense else 0.0,
                       dense_aux=args.dense_aux and dense, threshold_lr_scale=args.threshold_lr_scale,
-                      jumprelu_bandwidth=args.jumprelu_bandwidth, reopen_dead=args.reopen_dead,
+                      jumprelu_bandwidth=args.jumprelu_bandwidth, reopen_dead=args.reopen_dead, optimizer=args.optimizer,
                       resume=(out / "checkpoint.safetensors").exists())  # fmt: skip
     train(cfg)
     return out / HOOK
@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--dead-tokens", type=int, default=200_000)
     parser.add_argument("--archs", default="topk,batchtopk,jumprelu,relu")
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "adam", "schedulefree"],
+                        help="auto: schedule-free for the TopK family, Adam for jumprelu/relu (the tables before "
+                             "session 6 were trained with Adam for every arch)")  # fmt: skip
     parser.add_argument("--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)")
     parser.add_argument("--relu-coeff", type=float, default=0.0, help="λ for the L1 term (0: default)")
     parser.add_argument("--target-l0", type=float, default=0.0,

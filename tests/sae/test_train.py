@@ -302,22 +302,49 @@ def test_a_checkpoint_from_before_the_new_settings_resumes_unless_one_is_turned_
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    flags = dict(tokens=256 * 20, checkpoint_every=5)
+    flags = dict(tokens=256 * 20, checkpoint_every=5, optimizer="adam")  # before the setting, every run was Adam
     train(_config(tiny_store, tmp_path / "ref", **flags))
     _crash_after_checkpoint(_config(tiny_store, tmp_path / "old", **flags), 10, monkeypatch)
     path = tmp_path / "old" / "checkpoint.safetensors"
     with safe_open(path, framework="pt") as f:  # strip the settings added after format_version 1 shipped
         tensors, meta = {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["greylens"])
-    newer = ("target_l0", "l0_control_rate", "l0_control_gain", "dense_aux", "jumprelu_bandwidth", "reopen_dead", "threshold_lr_scale")
+    newer = ("target_l0", "l0_control_rate", "l0_control_gain", "dense_aux", "jumprelu_bandwidth", "reopen_dead",
+             "threshold_lr_scale", "optimizer")  # fmt: skip
     meta["config"] = {k: v for k, v in meta["config"].items() if k not in newer}
+    del meta["optimizer_groups"]
     save_file(tensors, path, metadata={"greylens": json.dumps(meta)})
 
     with pytest.raises(ValueError, match="dense_aux: checkpoint False, now True"):
         train(_config(tiny_store, tmp_path / "old", resume=True, dense_aux=True, **flags))
+    with pytest.raises(ValueError, match="optimizer: checkpoint 'adam', now 'auto'"):  # auto is schedule-free for topk
+        train(_config(tiny_store, tmp_path / "old", resume=True, **{**flags, "optimizer": "auto"}))
     train(_config(tiny_store, tmp_path / "old", resume=True, **flags))
     expected, got = load_file(tmp_path / "ref" / HOOK / "sae.safetensors"), load_file(tmp_path / "old" / HOOK / "sae.safetensors")
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_the_optimizer_is_schedule_free_for_the_topk_family_and_adam_with_decay_otherwise(tiny_store: ActivationStore, tmp_path: Path) -> None:
+    import schedulefree
+
+    from sae.train import _init_hook, base_lr, lr_at, optimizer_name
+
+    for arch, expected in (("topk", "schedulefree"), ("batchtopk", "schedulefree"), ("matryoshka", "schedulefree"),
+                           ("jumprelu", "adam"), ("relu", "adam")):  # fmt: skip
+        assert optimizer_name(TrainConfig(arch=arch)) == expected
+    sf, adam = TrainConfig(arch="topk"), TrainConfig(arch="topk", optimizer="adam")
+    assert base_lr(sf, 16384) == 5e-3 and base_lr(adam, 16384) == 2e-3 and base_lr(TrainConfig(lr=1e-3), 16384) == 1e-3
+    assert lr_at(sf, 99, 100, 16384) == 5e-3 and lr_at(adam, 99, 100, 16384) == pytest.approx(2e-3 / 20)  # no decay
+    assert lr_at(sf, 0, 100, 16384) == lr_at(adam, 0, 100, 16384) / 2e-3 * 5e-3  # both warm up
+    assert isinstance(_init_hook(_config(tiny_store, tmp_path / "a"), tiny_store, HOOK).optimizer, schedulefree.AdamWScheduleFree)
+    assert isinstance(_init_hook(_config(tiny_store, tmp_path / "b", optimizer="adam"), tiny_store, HOOK).optimizer, torch.optim.Adam)
+    # the saved SAE is the averaged point (not the last iterate the checkpoint holds), renormalised
+    train(_config(tiny_store, tmp_path / "run", tokens=256 * 10, checkpoint_every=10))
+    saved = load_sae(tmp_path / "run" / HOOK)
+    last_iterate = {k.removeprefix(f"{HOOK}/sae."): v for k, v in load_file(tmp_path / "run" / "checkpoint.safetensors").items()
+                    if k.startswith(f"{HOOK}/sae.")}  # fmt: skip
+    assert not torch.allclose(saved.W_enc, last_iterate["W_enc"])
+    torch.testing.assert_close(saved.W_dec.norm(dim=1), torch.ones(saved.cfg.n_latents))
 
 
 def test_the_default_dead_window_is_a_fifth_of_the_run_so_auxk_acts_in_short_runs(tiny_store: ActivationStore, tmp_path: Path) -> None:
