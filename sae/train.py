@@ -70,9 +70,9 @@ class TrainConfig:
     optimizer: Literal["auto", "adam", "schedulefree"] = "auto"
     """adam: Adam with warm-up and a linear decay to 0. schedulefree: schedule-free AdamW (Defazio et
     al. 2024; the `schedulefree` package), β1 0.95, no decay: the saved SAE is its averaged point.
-    auto: schedulefree for the TopK family, adam for jumprelu/relu (their recipes were tuned with
-    it). SmolLM2 L15, TopK, held-out FVU at 200k / 1M tokens: adam 0.258 / 0.156, schedulefree
-    0.227 / 0.153 (docs/benchmarks.md)."""
+    auto: schedulefree for topk, adam for the others. SmolLM2 L15, 1M tokens, held-out FVU / dead:
+    topk adam 0.155 / 4.0%, schedulefree 0.152 / 5.4% (at 200k tokens 0.258 vs 0.227); batchtopk
+    adam 0.167 / 6.5%, schedulefree 0.161 / 25.3%: too many dead latents (docs/sae_quality.md)."""
     lr: float = 0.0
     """Learning rate; 0 picks 2e-3 / sqrt(n_latents / 16384) for adam and 5e-3 / sqrt(...) for
     schedulefree (sparsify's default for its schedule-free sign descent). On SmolLM2 layer 15 (TopK,
@@ -338,7 +338,7 @@ def optimizer_name(cfg) -> str:
     """cfg.optimizer with "auto" resolved; configs without the field (the graph trainer's) use adam."""
     name = getattr(cfg, "optimizer", "adam")
     if name == "auto":
-        return "schedulefree" if cfg.arch in SPARSE_ARCHS else "adam"
+        return "schedulefree" if cfg.arch == "topk" else "adam"
     return name
 
 

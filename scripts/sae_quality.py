@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--dead-tokens", type=int, default=200_000)
     parser.add_argument("--archs", default="topk,batchtopk,jumprelu,relu")
     parser.add_argument("--optimizer", default="auto", choices=["auto", "adam", "schedulefree"],
-                        help="auto: schedule-free for the TopK family, Adam for jumprelu/relu (the tables before "
-                             "session 6 were trained with Adam for every arch)")  # fmt: skip
+                        help="auto: schedule-free for topk, Adam for the others (the tables before session 6 "
+                             "were trained with Adam for every arch)")  # fmt: skip
     parser.add_argument("--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)")
     parser.add_argument("--relu-coeff", type=float, default=0.0, help="λ for the L1 term (0: default)")
     parser.add_argument("--target-l0", type=float, default=0.0,
