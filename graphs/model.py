@@ -178,7 +178,8 @@ class SparseGraphAutoencoder(nn.Module):
             else:
                 rows, cols = (pre > self.sae.threshold).nonzero(as_tuple=True)
                 selected = SparseCode(pre[rows, cols], cols, rows, pre.shape[0])
-        values = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, selected.cols, selected.rows).relu()
+        # selected.values are pre (or its ReLU) at the selected entries: under the ReLU, no re-gather needed
+        values = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, selected.cols, selected.rows, selected.values).relu()
         return selected._replace(values=values)
 
     def propagate(
