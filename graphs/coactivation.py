@@ -13,6 +13,14 @@ both i and j fired (i ≠ j):
     Jaccard    = c_ij / (c_i + c_j − c_ij)
     P(j | i)   = c_ij / c_i                                          directed
 
+With `--residual`, the same pass also counts, per token, which latents the code *missed*
+(`graphs.residual`: silent although the residual points at them): m_j = tokens on which j was
+missed, and the directed c^miss_ij = tokens on which i fired and j was missed. Their lift
+
+    residual(i → j) = c^miss_ij / c_i − m_j / N      how much more often j is missed when i fires
+
+ranks child → parent edges of absorbed features, which rarely co-fire (`--score residual`).
+
 A token with L active latents holds L(L−1)/2 pairs (496 at L = 32), ~5e8 for 1M tokens, spread
 over ~1e7 distinct cells of the n² matrix: too many to keep raw, too sparse to keep dense. Each
 batch's pairs become int keys i·n + j (i < j), sorted and run-length counted into a sorted run,
@@ -23,7 +31,9 @@ times and memory stays O(distinct pairs). Rows the SAE passes through (massive a
 Output directory (format_version 1):
 
     checkpoint.safetensors  while running: feature_counts + the runs; JSON state in the metadata
-    stats.safetensors       feature_counts [n] int64, pair_index [2, P] int32 (i < j), pair_counts [P] int64
+    stats.safetensors       feature_counts [n] int64, pair_index [2, P] int32 (i < j), pair_counts [P] int64;
+                            with --residual also miss_counts [n], miss_index [2, Q] int32 (i active,
+                            j missed), miss_pair_counts [Q]
     candidates.safetensors  edge_index [2, E] int64, scores [E] float32, for cfg.m / score / min_count
     stats.json              format_version, n_tokens, n_latents, sae, hook, config, ...; written
                             last, with "complete": true, so its presence marks a finished run
@@ -46,6 +56,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from graphs.residual import missed_features
 from sae.io import SAE_FILE, load_sae
 from sae.models import sha256_file
 from sae.sae import SAE, SparseCode
@@ -55,10 +66,11 @@ FORMAT_VERSION = 1
 CHECKPOINT, STATS, STATS_JSON, CANDIDATES = (
     "checkpoint.safetensors", "stats.safetensors", "stats.json", "candidates.safetensors"
 )  # fmt: skip
-Score = Literal["npmi", "pmi", "jaccard", "conditional"]
-SCORES: tuple[str, ...] = ("npmi", "pmi", "jaccard", "conditional")
+Score = Literal["npmi", "pmi", "jaccard", "conditional", "residual"]
+SCORES: tuple[str, ...] = ("npmi", "pmi", "jaccard", "conditional", "residual")
 PAIR_BUDGET = 1 << 24  # pair keys built at once (64-128 MB): bounds memory even for dense codes
 FREE_FIELDS = ("store", "sae", "out", "device", "checkpoint_every")  # results don't depend on them
+RESIDUAL_FIELDS = ("residual", "miss_k")  # part of a run's identity only when residual is on
 
 
 @dataclass
@@ -80,9 +92,15 @@ class StatsConfig:
     m: int = 32
     """Candidate neighbours kept per feature."""
     score: Score = "npmi"
-    """How candidate neighbours are ranked: npmi, pmi, jaccard or conditional (P(j | i))."""
+    """How candidate neighbours are ranked: npmi, pmi, jaccard, conditional (P(j | i)) or residual
+    (how much more often j is missed when i fires; needs --residual)."""
     min_count: int = 5
     """Pairs that co-fire on fewer tokens are never candidates."""
+    residual: bool = False
+    """Also count missed features (graphs.residual) and (i active, j missed) pairs: the input of
+    --score residual. Costs one more GEMM per batch and about doubles the counting."""
+    miss_k: int = 16
+    """With --residual: at most this many missed latents per token (those the residual points at most)."""
     checkpoint_every: int = 50
     """Batches between resumable checkpoints."""
     device: str = "cpu"
@@ -97,6 +115,13 @@ class CoactivationStats:
     pair_index: torch.Tensor  # [2, P] int64, i < j, unique, sorted: pairs that co-fired at least once
     pair_counts: torch.Tensor  # [P] int64: tokens on which both fired
     meta: dict = field(default_factory=dict)  # provenance for stats.json (sae, hook, config, ...)
+    miss_counts: torch.Tensor | None = None  # [n_latents] int64: tokens on which each latent was missed
+    miss_index: torch.Tensor | None = None  # [2, Q] int64 (i active, j missed), unique, sorted
+    miss_pair_counts: torch.Tensor | None = None  # [Q] int64: tokens on which i fired and j was missed
+
+    @property
+    def has_residual(self) -> bool:
+        return self.miss_counts is not None
 
     def _counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_i, c_j, c_ij) per pair as float64: exact integers up to 2^53."""
@@ -124,6 +149,14 @@ class CoactivationStats:
         i, j = self.pair_index
         return torch.cat([i, j]), torch.cat([j, i]), torch.cat([c_ij / c_i, c_ij / c_j])
 
+    def residual_lift(self) -> torch.Tensor:
+        """[Q] float64 over miss_index: c^miss_ij / c_i − m_j / N (how much more often j is missed when i fires)."""
+        if not self.has_residual:
+            raise ValueError("these stats hold no missed-feature counts; recompute them with --residual")
+        i, j = self.miss_index
+        return (self.miss_pair_counts.double() / self.feature_counts[i].double()
+                - self.miss_counts[j].double() / self.n_tokens)  # fmt: skip
+
     def directed_scores(self, score: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(src, dst, value) for both directions of each pair under `score`: [2P] each."""
         if score not in SCORES:
@@ -142,12 +175,17 @@ class CoactivationStats:
         """
         if m < 1 or min_count < 1:
             raise ValueError(f"m and min_count must be at least 1 (got m={m}, min_count={min_count})")
-        frequent = self.pair_counts >= min_count  # [P]: most pairs are rare, so filter them first
-        kept = CoactivationStats(self.n_latents, self.n_tokens, self.feature_counts,
-                                 self.pair_index[:, frequent], self.pair_counts[frequent])  # fmt: skip
-        positive = kept.pmi() > 0
-        kept.pair_index, kept.pair_counts = kept.pair_index[:, positive], kept.pair_counts[positive]
-        src, dst, value = kept.directed_scores(score)  # [2P'] each
+        if score == "residual":  # (i active, j missed) pairs seen ≥ min_count times, with positive lift
+            lift = self.residual_lift()
+            keep = (self.miss_pair_counts >= min_count) & (lift > 0)
+            src, dst, value = self.miss_index[0, keep], self.miss_index[1, keep], lift[keep]
+        else:
+            frequent = self.pair_counts >= min_count  # [P]: most pairs are rare, so filter them first
+            kept = CoactivationStats(self.n_latents, self.n_tokens, self.feature_counts,
+                                     self.pair_index[:, frequent], self.pair_counts[frequent])  # fmt: skip
+            positive = kept.pmi() > 0
+            kept.pair_index, kept.pair_counts = kept.pair_index[:, positive], kept.pair_counts[positive]
+            src, dst, value = kept.directed_scores(score)  # [2P'] each
         order = torch.from_numpy(np.lexsort((dst.numpy(), -value.numpy(), src.numpy())))
         src, dst, value = src[order], dst[order], value[order]
         per_source = torch.bincount(src, minlength=self.n_latents)  # [n]
@@ -161,6 +199,9 @@ class CoactivationStats:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"feature_counts": self.feature_counts, "pair_index": self.pair_index.int(),  # ids < 2^31
                    "pair_counts": self.pair_counts}  # fmt: skip
+        if self.has_residual:
+            tensors |= {"miss_counts": self.miss_counts, "miss_index": self.miss_index.int(),
+                        "miss_pair_counts": self.miss_pair_counts}  # fmt: skip
         _atomic(directory / STATS, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         info = {"format_version": FORMAT_VERSION, "n_tokens": self.n_tokens, "n_latents": self.n_latents,
                 "n_pairs": int(self.pair_counts.numel()), **self.meta, "complete": True}  # fmt: skip
@@ -180,8 +221,10 @@ class CoactivationStats:
         tensors = load_file(directory / STATS)
         meta = {k: v for k, v in info.items()
                 if k not in ("format_version", "n_tokens", "n_latents", "n_pairs", "complete")}  # fmt: skip
+        residual = ((tensors["miss_counts"], tensors["miss_index"].long(), tensors["miss_pair_counts"])
+                    if "miss_counts" in tensors else (None, None, None))  # fmt: skip
         return cls(info["n_latents"], info["n_tokens"], tensors["feature_counts"], tensors["pair_index"].long(),
-                   tensors["pair_counts"], meta)  # fmt: skip
+                   tensors["pair_counts"], meta, *residual)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- counting
@@ -247,35 +290,57 @@ def _fold(runs: list[tuple[np.ndarray, np.ndarray]], ratio: float) -> None:
         runs.append(_merge(runs.pop(), last))
 
 
-class CoactivationCounter:
-    """Feature counts and sparse co-counts of sparse codes, added batch by batch (checkpointable).
+def _cross_keys(
+    src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarray], n_rows: int, n_latents: int,
+    budget: int = PAIR_BUDGET,
+) -> Iterator[np.ndarray]:
+    """Yield keys i·n + j of every (src entry i, dst entry j) pair of the same row, ≤ `budget` per chunk.
 
-    Log-structured: each batch's sorted run is appended, and the last run is merged into the one
-    before it while that one is at most twice as long, so run lengths shrink geometrically
-    (O(log batches) runs) and merging stays amortised. The key space is cut into `n_shards`
-    ranges, each with its own runs: merging slices of ~1/n_shards of the pairs keeps the binary
-    searches in cache (3× faster than whole runs, measured); the shards concatenate in order.
+    src, dst: (rows, cols) [nnz] each, sorted by row. Each src entry owns per_dst[row] consecutive
+    output slots, slot s pairing it with dst entry dst_start[row] + s.
+    """
+    (src_rows, src_cols), (dst_rows, dst_cols) = src, dst
+    key_dtype = np.int32 if n_latents * n_latents < 2**31 else np.int64
+    per_src, per_dst = np.bincount(src_rows, minlength=n_rows), np.bincount(dst_rows, minlength=n_rows)  # [N]
+    src_start, dst_start = np.cumsum(per_src) - per_src, np.cumsum(per_dst) - per_dst  # [N]
+    pairs_done = np.cumsum(per_src * per_dst)  # [N] pairs up to each row, inclusive
+    dst_cols = dst_cols.astype(key_dtype)
+    lo = 0
+    while lo < n_rows:
+        before = int(pairs_done[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(pairs_done, before + budget, side="right")))
+        e_lo, e_hi = int(src_start[lo]), int(src_start[hi - 1] + per_src[hi - 1])
+        rows, cols = src_rows[e_lo:e_hi], src_cols[e_lo:e_hi].astype(key_dtype)  # [e]
+        slots = per_dst[rows]  # [e]
+        total = int(slots.sum())
+        if total:
+            within = np.arange(total) - np.repeat(np.cumsum(slots) - slots, slots)  # [total]
+            yield np.repeat(cols * n_latents, slots) + dst_cols[np.repeat(dst_start[rows], slots) + within]
+        lo = hi
+
+
+class _PairRuns:
+    """Sparse counts of int pair keys, added chunk by chunk: sorted runs, merged log-structured.
+
+    Each chunk's sorted run is appended, and the last run is merged into the one before it while
+    that one is at most twice as long, so run lengths shrink geometrically (O(log batches) runs)
+    and merging stays amortised. The key space is cut into `n_shards` ranges, each with its own
+    runs: merging slices of ~1/n_shards of the pairs keeps the binary searches in cache (3× faster
+    than whole runs, measured); the shards concatenate in order.
     """
 
-    def __init__(self, n_latents: int, n_shards: int = 64) -> None:
-        self.n_latents, self.n_tokens = n_latents, 0
-        self.feature_counts = torch.zeros(n_latents, dtype=torch.int64)  # [n]
-        self.edges = np.linspace(0, n_latents * n_latents, n_shards + 1).astype(np.int64)  # [S + 1] key ranges
+    def __init__(self, n_keys: int, n_shards: int = 64) -> None:
+        self.edges = np.linspace(0, n_keys, n_shards + 1).astype(np.int64)  # [S + 1] key ranges
         self.shards: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]  # runs, longest first
 
-    def add(self, code: SparseCode, n_uncounted: int = 0, budget: int = PAIR_BUDGET) -> None:
-        """Count one batch; `n_uncounted` of its rows (passthrough) are left out of N."""
-        rows, cols = _fired_entries(code, self.n_latents)
-        self.feature_counts += torch.from_numpy(np.bincount(cols, minlength=self.n_latents))
-        for keys in _pair_keys(rows, cols, code.n_rows, self.n_latents, budget):
-            keys.sort()
-            starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))  # first of each key
-            counts = np.diff(np.append(starts, len(keys))).astype(np.int64)
-            self._push_run(keys[starts], counts)
-        self.n_tokens += code.n_rows - n_uncounted
+    def add(self, keys: np.ndarray) -> None:
+        """Count each key once per occurrence (sorts `keys` in place)."""
+        keys.sort()
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))  # first of each key
+        self.push(keys[starts], np.diff(np.append(starts, len(keys))).astype(np.int64))
 
-    def _push_run(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        """Split a sorted run by shard and push each slice (copied: it must not pin the whole run)."""
+    def push(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add a sorted run of unique keys, split by shard (slices copied: they must not pin the run)."""
         cuts = np.searchsorted(keys, self.edges)  # [S + 1]
         for shard, lo, hi in zip(self.shards, cuts[:-1], cuts[1:], strict=True):
             if hi > lo:
@@ -291,23 +356,81 @@ class CoactivationCounter:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate([k for k, _ in runs]), np.concatenate([c for _, c in runs])
 
+    def reset(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.shards = [[] for _ in self.shards]
+        self.push(keys, counts)
+
+    def entries(self) -> int:
+        return sum(len(k) for shard in self.shards for k, _ in shard)
+
+
+class CoactivationCounter:
+    """Feature counts and sparse co-counts of sparse codes, added batch by batch (checkpointable).
+
+    With `residual`, also the missed-feature counts and the (i active, j missed) co-counts of the
+    missed codes passed to `add` (`graphs.residual.missed_features`).
+    """
+
+    def __init__(self, n_latents: int, n_shards: int = 64, residual: bool = False) -> None:
+        self.n_latents, self.n_tokens = n_latents, 0
+        self.feature_counts = torch.zeros(n_latents, dtype=torch.int64)  # [n]
+        self.pairs = _PairRuns(n_latents * n_latents, n_shards)  # keys i·n + j, i < j
+        self.miss_counts = torch.zeros(n_latents, dtype=torch.int64) if residual else None  # [n]
+        self.misses = _PairRuns(n_latents * n_latents, n_shards) if residual else None  # keys i·n + j: i on, j missed
+
+    def add(self, code: SparseCode, n_uncounted: int = 0, missed: SparseCode | None = None,
+            budget: int = PAIR_BUDGET) -> None:  # fmt: skip
+        """Count one batch; `n_uncounted` of its rows (passthrough) are left out of N."""
+        if (missed is None) != (self.misses is None):
+            raise ValueError("pass the batch's missed code exactly when the counter was built with residual=True")
+        rows, cols = _fired_entries(code, self.n_latents)
+        self.feature_counts += torch.from_numpy(np.bincount(cols, minlength=self.n_latents))
+        for keys in _pair_keys(rows, cols, code.n_rows, self.n_latents, budget):
+            self.pairs.add(keys)
+        if missed is not None:
+            missed_rows, missed_cols = _fired_entries(missed, self.n_latents)
+            self.miss_counts += torch.from_numpy(np.bincount(missed_cols, minlength=self.n_latents))
+            for keys in _cross_keys((rows, cols), (missed_rows, missed_cols), code.n_rows, self.n_latents, budget):
+                self.misses.add(keys)
+        self.n_tokens += code.n_rows - n_uncounted
+
+    def entries(self) -> int:
+        """Counts held in runs (progress display)."""
+        return self.pairs.entries() + (self.misses.entries() if self.misses else 0)
+
     def stats(self, meta: dict | None = None) -> CoactivationStats:
-        keys, counts = self.merged()
-        keys = torch.from_numpy(keys).long()  # [P]
-        pair_index = torch.stack([keys // self.n_latents, keys % self.n_latents])  # [2, P], i < j
-        return CoactivationStats(self.n_latents, self.n_tokens, self.feature_counts.clone(), pair_index,
-                                 torch.from_numpy(counts), meta or {})  # fmt: skip
+        n = self.n_latents
+
+        def index_and_counts(runs: _PairRuns) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, counts = runs.merged()
+            keys = torch.from_numpy(keys).long()  # [P]
+            return torch.stack([keys // n, keys % n]), torch.from_numpy(counts)  # [2, P], [P]
+
+        residual = (None, None, None)
+        if self.misses is not None:
+            residual = (self.miss_counts.clone(), *index_and_counts(self.misses))
+        return CoactivationStats(n, self.n_tokens, self.feature_counts.clone(), *index_and_counts(self.pairs),
+                                 meta or {}, *residual)  # fmt: skip
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Counts so far; compacts the runs (the result does not depend on how they were merged)."""
-        keys, counts = self.merged()
-        return {"feature_counts": self.feature_counts, "pair_keys": torch.from_numpy(keys),
-                "pair_counts": torch.from_numpy(counts)}  # fmt: skip
+        keys, counts = self.pairs.merged()
+        state = {"feature_counts": self.feature_counts, "pair_keys": torch.from_numpy(keys),
+                 "pair_counts": torch.from_numpy(counts)}  # fmt: skip
+        if self.misses is not None:
+            keys, counts = self.misses.merged()
+            state |= {"miss_counts": self.miss_counts, "miss_keys": torch.from_numpy(keys),
+                      "miss_pair_counts": torch.from_numpy(counts)}  # fmt: skip
+        return state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
+        if ("miss_counts" in tensors) != (self.misses is not None):
+            raise ValueError("the checkpoint's residual setting differs from this counter's")
         self.feature_counts, self.n_tokens = tensors["feature_counts"].clone(), n_tokens
-        self.shards = [[] for _ in self.shards]
-        self._push_run(tensors["pair_keys"].numpy(), tensors["pair_counts"].numpy())
+        self.pairs.reset(tensors["pair_keys"].numpy(), tensors["pair_counts"].numpy())
+        if self.misses is not None:
+            self.miss_counts = tensors["miss_counts"].clone()
+            self.misses.reset(tensors["miss_keys"].numpy(), tensors["miss_pair_counts"].numpy())
 
 
 # ---------------------------------------------------------------------------- the job
@@ -322,7 +445,8 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
         _check_same_run(out, json.loads((out / STATS_JSON).read_text()).get("identity", {}), identity)
         print(f"[greylens] {out} already holds these co-activation stats")
         return CoactivationStats.load(out)
-    counter, state = CoactivationCounter(sae.cfg.n_latents), {"batches_done": 0, "n_passthrough": 0}
+    counter = CoactivationCounter(sae.cfg.n_latents, residual=cfg.residual)
+    state = {"batches_done": 0, "n_passthrough": 0}
     if (out / CHECKPOINT).exists():
         state = _load_checkpoint(out, identity, counter)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,11 +455,12 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
     with tqdm(total=n_batches, initial=state["batches_done"], unit="batch", desc=f"coactivation {hook}") as bar:
         for batch in range(state["batches_done"], n_batches):
             rows = cfg.skip_tokens + torch.arange(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_tokens))  # [B]
-            code, n_passthrough = _encode(sae, store.rows(rows, hooks=[hook])[hook].to(cfg.device))
-            counter.add(code, n_passthrough)
+            code, n_passthrough, missed = _encode(sae, store.rows(rows, hooks=[hook])[hook].to(cfg.device),
+                                                  cfg.miss_k if cfg.residual else 0)  # fmt: skip
+            counter.add(code, n_passthrough, missed)
             state["batches_done"], state["n_passthrough"] = batch + 1, state["n_passthrough"] + n_passthrough
             bar.update(1)
-            bar.set_postfix(run_entries=sum(len(k) for shard in counter.shards for k, _ in shard))
+            bar.set_postfix(run_entries=counter.entries())
             if (batch + 1) % cfg.checkpoint_every == 0 and batch + 1 < n_batches:
                 _save_checkpoint(out, counter, state, identity)
     meta = {"sae": str(Path(cfg.sae).resolve()), "hook": hook, "store": str(Path(cfg.store).resolve()),
@@ -348,23 +473,31 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
     return stats
 
 
-def _encode(sae: SAE, x: torch.Tensor) -> tuple[SparseCode, int]:
-    """The SAE code of x [B, d_model] and how many of its rows were passed through uncoded."""
+def _encode(sae: SAE, x: torch.Tensor, miss_k: int = 0) -> tuple[SparseCode, int, SparseCode | None]:
+    """The SAE code of x [B, d_model], how many of its rows were passed through uncoded, and (with
+    miss_k > 0) the features the code missed (graphs.residual; passthrough rows miss nothing)."""
     with torch.inference_mode():
-        return sae.encode(x), int(sae.passthrough(x).sum())
+        code = sae.encode(x)
+        missed = None
+        if miss_k > 0:
+            x_n = x.to(sae.W_dec.dtype) * sae.cfg.input_scale
+            missed = missed_features(x_n, code, sae.W_dec, sae.b_dec, miss_k)
+        return code, int(sae.passthrough(x).sum()), missed
 
 
 def _check_inputs(cfg: StatsConfig) -> tuple[ActivationStore, SAE, str]:
     """Every refusal happens here, before anything is read or written."""
     if not (cfg.store and cfg.sae and cfg.out):
         raise ValueError("pass --store DIR (an activation store), --sae DIR (a trained SAE) and --out DIR")
-    for name in ("batch_size", "m", "min_count", "checkpoint_every"):
+    for name in ("batch_size", "m", "min_count", "checkpoint_every", "miss_k"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.tokens < 0:
         raise ValueError(f"--tokens must be 0 (the whole store) or positive, got {cfg.tokens}")
     if cfg.score not in SCORES:
         raise ValueError(f"unknown --score {cfg.score!r}; choose one of {', '.join(SCORES)}")
+    if cfg.score == "residual" and not cfg.residual:
+        raise ValueError("--score residual ranks by missed features: pass --residual to count them")
     if not (Path(cfg.store) / MANIFEST).exists():
         raise ValueError(f"--store {cfg.store} is not an activation store (no {MANIFEST}); "
                          "point it at a directory made by `python -m sae harvest`")  # fmt: skip
@@ -405,7 +538,8 @@ def _check_sae_matches_store(sae: SAE, store: ActivationStore) -> None:
 
 def _identity(cfg: StatsConfig, store: ActivationStore, hook: str) -> dict:
     """Everything the results depend on: settings, the SAE's weights and the store's contents."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in FREE_FIELDS}
+    skip = FREE_FIELDS + (() if cfg.residual else RESIDUAL_FIELDS)  # stats made before --residual still match
+    config = {k: v for k, v in asdict(cfg).items() if k not in skip}
     config["hook"] = hook  # "" and the SAE's own hook are the same run
     shards = hashlib.sha256("".join(s.sha256 for s in store.manifest.shards).encode()).hexdigest()
     return {"config": config, "sae_sha256": sha256_file(Path(cfg.sae) / SAE_FILE),
@@ -413,8 +547,9 @@ def _identity(cfg: StatsConfig, store: ActivationStore, hook: str) -> dict:
 
 
 def _check_same_run(out: Path, saved: dict, current: dict) -> None:
-    diffs = [f"{k}: {out} has {saved.get('config', {}).get(k)!r}, this run {v!r}"
-             for k, v in current["config"].items() if saved.get("config", {}).get(k) != v]  # fmt: skip
+    theirs, ours = saved.get("config", {}), current["config"]
+    diffs = [f"{k}: {out} has {theirs.get(k)!r}, this run {ours.get(k)!r}"
+             for k in sorted(ours.keys() | theirs.keys()) if theirs.get(k) != ours.get(k)]  # fmt: skip
     diffs += [f"{k} differs" for k in ("sae_sha256", "store") if saved.get(k) != current[k]]
     if diffs:
         raise ValueError(f"{out} holds a co-activation run with other inputs or settings "

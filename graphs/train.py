@@ -57,8 +57,9 @@ class GraphTrainConfig:
     """Target post-propagation L0 (0: the SAE's k)."""
     m: int = 32
     """Candidate out-edges per feature (at most the stats' m)."""
-    score: Literal["npmi", "pmi", "jaccard", "conditional"] = "npmi"
-    """How candidates are ranked."""
+    score: Literal["npmi", "pmi", "jaccard", "conditional", "residual"] = "npmi"
+    """How candidates are ranked: a co-activation score, or residual (how much more often j is
+    missed when i fires: finds absorbed child → parent edges; needs stats made with --residual)."""
     min_count: int = 5
     """Feature pairs that co-fired fewer times are never candidates."""
     tokens: int = 500_000
@@ -157,6 +158,9 @@ def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationS
     if not (cfg.store and cfg.stats and cfg.out):
         raise ValueError("pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR")
     store, stats = ActivationStore(cfg.store), CoactivationStats.load(cfg.stats)
+    if cfg.score == "residual" and not stats.has_residual:
+        raise ValueError(f"--score residual needs missed-feature counts, and {cfg.stats} has none; recompute "
+                         "them with `python -m graphs stats ... --residual`")  # fmt: skip
     sae = load_sae(stats.meta["sae"])
     if sae.cfg.hook not in store.hooks:
         raise ValueError(f"the SAE reads {sae.cfg.hook} but the store holds {', '.join(store.hooks)}")

@@ -57,10 +57,12 @@ def cached(path: Path, compute):
 def build(args) -> dict[str, Path]:
     """Stats of (a) and of the base SAE, the three graph autoencoders, the two transitions."""
     out = Path(args.out)
-    dirs = {"stats_a": out / "stats-topk1m", "stats_base": out / "stats-l15"}
+    dirs = {"stats_a": out / "stats-topk1m", "stats_base": out / ("stats-l15-residual" if args.residual_stats else "stats-l15")}
     for key, sae in (("stats_a", args.topk), ("stats_base", args.base)):
         if not (dirs[key] / "stats.json").exists():
-            coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens))
+            residual = key == "stats_base" and args.residual_stats
+            coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens,
+                                           residual=residual))  # fmt: skip
     for seed in args.seeds:
         dirs[f"c{seed}"] = out / f"gsae-s{seed}{args.tag}"
         if not (dirs[f"c{seed}"] / "graph.json").exists():
@@ -213,6 +215,8 @@ def main() -> None:
                         help="comma-separated seeds of (c); the first also gets CE, letters, faithfulness")
     parser.add_argument("--graph-opt", action="append", default=[], metavar="FIELD=VALUE",
                         help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable; use a new --tag)")
+    parser.add_argument("--residual-stats", action="store_true",
+                        help="(c)'s stats also count missed features (for --graph-opt score=residual)")
     args = parser.parse_args()
     args.graph_opt = graph_options(args.graph_opt)
     dirs = build(args)

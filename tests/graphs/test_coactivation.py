@@ -96,6 +96,56 @@ def test_checkpointed_counter_state_resumes_exactly() -> None:
     assert_same_counts(stats, *dense_reference(code, 30))
 
 
+def dense_miss_reference(code: SparseCode, missed: SparseCode, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(miss_counts [n], miss_index [2, Q], miss_pair_counts [Q]) from dense bool codes: Dᵀ·M."""
+    on, miss = [(c.to_dense(n) > 0).long() for c in (code, missed)]  # [N, n] each
+    co = on.T @ miss  # [n, n]: fired i, missed j
+    i, j = co.nonzero(as_tuple=True)  # row-major: sorted by (i, j)
+    return miss.sum(0), torch.stack([i, j]), co[i, j]
+
+
+@pytest.mark.parametrize("budget", [1 << 24, 5])
+def test_miss_counts_match_a_dense_reference(budget: int) -> None:
+    n = 40
+    code = random_code(n_rows=300, n_latents=n, max_active=10, seed=1)
+    missed = random_code(n_rows=300, n_latents=n, max_active=6, seed=2)  # overlaps with code: allowed here
+    counter = CoactivationCounter(n, n_shards=4, residual=True)
+    for part, miss_part in zip(split_rows(code, 37), split_rows(missed, 37), strict=True):
+        counter.add(part, missed=miss_part, budget=budget)
+    stats = counter.stats()
+    assert_same_counts(stats, *dense_reference(code, n))  # the co-activation counts are unchanged
+    miss_counts, miss_index, miss_pair_counts = dense_miss_reference(code, missed, n)
+    assert stats.miss_counts.equal(miss_counts) and stats.miss_index.equal(miss_index)
+    assert stats.miss_pair_counts.equal(miss_pair_counts)
+    resumed = CoactivationCounter(n, residual=True)  # a checkpoint carries the miss counts
+    resumed.load_state_dict(counter.state_dict(), counter.n_tokens)
+    assert resumed.stats().miss_pair_counts.equal(miss_pair_counts)
+    with pytest.raises(ValueError, match="missed code exactly when"):
+        counter.add(code)
+    with pytest.raises(ValueError, match="missed code exactly when"):
+        CoactivationCounter(n).add(code, missed=missed)
+    with pytest.raises(ValueError, match="residual setting differs"):
+        CoactivationCounter(n).load_state_dict(counter.state_dict(), counter.n_tokens)
+
+
+def test_residual_lift_and_candidates_on_a_hand_example() -> None:
+    """N = 10, c = (4, 6, 2, 5), m = (0, 1, 5, 2); misses: 0→2 on 4 tokens, 0→3 on 1, 1→2 on 3,
+    3→2 on 2, 1→3 on 1 (c^miss ≥ 2 for min_count 2)."""
+    stats = hand_example()
+    stats.miss_counts = torch.tensor([0, 1, 5, 2])
+    stats.miss_index = torch.tensor([[0, 0, 1, 1, 3], [2, 3, 2, 3, 2]])
+    stats.miss_pair_counts = torch.tensor([4, 1, 3, 1, 2])
+    lift = [4 / 4 - 0.5, 1 / 4 - 0.2, 3 / 6 - 0.5, 1 / 6 - 0.2, 2 / 5 - 0.5]
+    torch.testing.assert_close(stats.residual_lift(), torch.tensor(lift, dtype=torch.float64))
+    edges, scores = stats.candidates(m=2, score="residual", min_count=1)  # lift > 0: 0→2, 0→3
+    assert edges.tolist() == [[0, 0], [2, 3]]
+    torch.testing.assert_close(scores, torch.tensor([0.5, 0.05]))
+    edges, _ = stats.candidates(m=2, score="residual", min_count=2)
+    assert edges.tolist() == [[0], [2]]
+    with pytest.raises(ValueError, match="recompute them with --residual"):
+        hand_example().candidates(score="residual")
+
+
 def hand_example() -> CoactivationStats:
     """N = 10 tokens; c = (4, 6, 2, 5); c_01 = 2, c_02 = 2, c_03 = 4, c_12 = 1, c_13 = 3."""
     return CoactivationStats(
@@ -221,33 +271,37 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.parametrize("residual", [False, True])
 def test_a_killed_run_resumes_to_the_same_result(
-    tiny_store: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_store: ActivationStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, residual: bool
 ) -> None:
     sae_dir = save_random_sae(tiny_store, tmp_path / "sae")
-    reference = coactivation_stats(config(tiny_store, sae_dir, tmp_path / "ref"))
+    reference = coactivation_stats(config(tiny_store, sae_dir, tmp_path / "ref", residual=residual))
+    assert reference.has_residual == residual
+    if residual:
+        assert int(reference.miss_pair_counts.sum()) > 0
     n_batches = math.ceil(len(tiny_store) / 200)
     encode, calls, kill_at = coactivation._encode, [], [8]
 
-    def encode_or_die(sae, x):  # the run is killed while encoding its 8th batch
+    def encode_or_die(sae, x, miss_k=0):  # the run is killed while encoding its 8th batch
         calls.append(len(x))
         if len(calls) == kill_at[0]:
             raise Killed
-        return encode(sae, x)
+        return encode(sae, x, miss_k)
 
     monkeypatch.setattr(coactivation, "_encode", encode_or_die)
     run = tmp_path / "run"
     with pytest.raises(Killed):
-        coactivation_stats(config(tiny_store, sae_dir, run))
+        coactivation_stats(config(tiny_store, sae_dir, run, residual=residual))
     kill_at[0] = 0
     with safe_open(run / CHECKPOINT, framework="pt") as f:
         assert json.loads(f.metadata()["greylens"])["batches_done"] == 6  # the last multiple of 3
     assert not (run / "stats.json").exists()
     with pytest.raises(ValueError, match=r"other inputs or settings \(min_count: .* has 5, this run 2\)"):
-        coactivation_stats(config(tiny_store, sae_dir, run, min_count=2))
+        coactivation_stats(config(tiny_store, sae_dir, run, min_count=2, residual=residual))
     calls.clear()
     # checkpoint_every does not change results, and --hook naming the SAE's own hook is the default
-    resumed = coactivation_stats(config(tiny_store, sae_dir, run, checkpoint_every=4, hook=HOOK))
+    resumed = coactivation_stats(config(tiny_store, sae_dir, run, checkpoint_every=4, hook=HOOK, residual=residual))
     assert len(calls) == n_batches - 6  # nothing repeated, nothing lost
     assert resumed.n_tokens == reference.n_tokens
     assert_same_counts(resumed, reference.feature_counts, reference.pair_index, reference.pair_counts)
@@ -255,10 +309,15 @@ def test_a_killed_run_resumes_to_the_same_result(
         ours, theirs = load_file(run / name), load_file(tmp_path / "ref" / name)
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
     calls.clear()
-    again = coactivation_stats(config(tiny_store, sae_dir, run))  # finished: loaded, not recounted
+    again = coactivation_stats(config(tiny_store, sae_dir, run, residual=residual))  # finished: loaded, not recounted
     assert calls == [] and again.pair_counts.equal(reference.pair_counts)
+    if residual:
+        assert again.miss_pair_counts.equal(reference.miss_pair_counts)
     with pytest.raises(ValueError, match="m: .* has 4, this run 8"):
-        coactivation_stats(config(tiny_store, sae_dir, run, m=8))
+        coactivation_stats(config(tiny_store, sae_dir, run, m=8, residual=residual))
+    other = "residual: .* has True, this run None" if residual else "residual: .* has None, this run True"
+    with pytest.raises(ValueError, match=other):  # stats with and without --residual never mix
+        coactivation_stats(config(tiny_store, sae_dir, run, residual=not residual))
 
 
 @pytest.mark.parametrize(
@@ -271,6 +330,8 @@ def test_a_killed_run_resumes_to_the_same_result(
         (dict(tokens=10**9), "more than the store holds"),
         (dict(batch_size=0), "--batch-size must be at least 1"),
         (dict(score="cosine"), "unknown --score"),
+        (dict(score="residual"), "pass --residual to count them"),
+        (dict(residual=True, miss_k=0), "--miss-k must be at least 1"),
         (dict(sae_d_in=32), "SAE reads d_in 32 but the store holds d_model"),
         (dict(sae_weights_sha256="0" * 64), "use a store of the SAE's model"),
         (dict(sae_model="gpt2", sae_weights_sha256=""), "trained on activations of gpt2"),

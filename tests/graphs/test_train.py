@@ -141,3 +141,19 @@ def test_geometry_candidates_and_implied_cost_options(tiny_graph: TinyGraph, tmp
     rows = [json.loads(line) for line in (tmp_path / "geo" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["implied_per_token"] > 0.5 and rows[-1]["evidence_k"] == pytest.approx(8, abs=0.5)
     assert rows[-1]["l0"] > 8.3
+
+
+def test_residual_candidates_train_and_need_residual_stats(tiny_graph: TinyGraph, tmp_path: Path) -> None:
+    """--score residual takes the (i active, j missed) candidates of stats counted with --residual,
+    and refuses stats without them, naming the fix, before any training."""
+    with pytest.raises(ValueError, match="recompute them with `python -m graphs stats ... --residual`"):
+        train_graph(graph_train_config(tiny_graph.store, tiny_graph.stats, tmp_path / "refused", score="residual"))
+    assert not (tmp_path / "refused").exists()
+    stats_dir = tmp_path / "stats"
+    stats = coactivation_stats(StatsConfig(store=str(tiny_graph.store.directory), out=str(stats_dir), residual=True,
+                                           sae=str(tiny_graph.sae_dirs / SOURCE_HOOK), batch_size=512, m=8, min_count=2))  # fmt: skip
+    graph = train_graph(graph_train_config(tiny_graph.store, stats_dir, tmp_path / "g", min_count=2, score="residual"))
+    expected, _ = stats.candidates(8, "residual", 2)
+    n = graph.n_latents
+    assert expected.shape[1] > 0
+    assert sorted((expected[0] * n + expected[1]).tolist()) == sorted((graph.edge_index[0] * n + graph.edge_index[1]).tolist())
