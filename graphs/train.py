@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from graphs.candidates import geometry_candidates, union_edges
@@ -92,6 +93,9 @@ class GraphTrainConfig:
     absorption_detach: bool = False
     """Detach s_ij in the absorption penalty, so it moves decoders apart instead of closing the
     child → parent edges whose decoders overlap (the edges that should exist)."""
+    edges: str = ""
+    """A safetensors file holding edge_index [2, E] (int64 feature ids): the candidate edges, used
+    instead of the stats' top-m (e.g. edges from outside knowledge, or a ceiling experiment)."""
     geometry_m: int = 0
     """Also take each feature's top geometry_m decoder-cosine neighbours as candidates (0: off).
     Absorbed children rarely co-fire with their parent, so co-activation alone misses their edge."""
@@ -168,6 +172,8 @@ def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationS
         raise ValueError(f"start the graph autoencoder from a topk or batchtopk SAE, not {sae.cfg.arch!r}")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
+    if cfg.edges:
+        load_edges(cfg.edges, sae.cfg.n_latents)  # refuse a bad file before the run directory exists
     out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
     return store, stats, sae, out
 
@@ -176,7 +182,7 @@ def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> Sp
     """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges."""
     evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k}))
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
-    edge_index, _ = stats.candidates(cfg.m, cfg.score, cfg.min_count)
+    edge_index = load_edges(cfg.edges, sae.cfg.n_latents) if cfg.edges else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
     if cfg.geometry_m > 0:
         geometric = geometry_candidates(sae.W_dec, cfg.geometry_m, cfg.geometry_min_cos)
         edge_index = union_edges(edge_index, geometric, sae.cfg.n_latents)
@@ -185,6 +191,20 @@ def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> Sp
     graph_cfg = GraphConfig(sae.cfg.n_latents, edge_index.shape[1], cfg.init_log_alpha, cfg.init_weight,
                             implied_only=cfg.implied_only)  # fmt: skip
     return SparseGraphAutoencoder(evidence, edge_index, graph_cfg)
+
+
+def load_edges(path: str, n_latents: int) -> torch.Tensor:
+    """edge_index [2, E] int64 from a safetensors file, checked against the SAE's width."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--edges {path} is not a file; pass a safetensors file holding edge_index [2, E]")
+    tensors = load_file(path)
+    edge_index = tensors.get("edge_index")
+    if edge_index is None or edge_index.ndim != 2 or edge_index.shape[0] != 2 or edge_index.is_floating_point():
+        raise ValueError(f"--edges {path} must hold an integer tensor edge_index of shape [2, E]; it holds "
+                         f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")  # fmt: skip
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n_latents):
+        raise ValueError(f"--edges {path} names feature ids outside 0..{n_latents - 1} (the SAE's latents)")
+    return edge_index.long()
 
 
 def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.optim.Adam:

@@ -157,3 +157,26 @@ def test_residual_candidates_train_and_need_residual_stats(tiny_graph: TinyGraph
     n = graph.n_latents
     assert expected.shape[1] > 0
     assert sorted((expected[0] * n + expected[1]).tolist()) == sorted((graph.edge_index[0] * n + graph.edge_index[1]).tolist())
+
+
+def test_candidate_edges_from_a_file(tiny_graph: TinyGraph, tmp_path: Path) -> None:
+    """--edges replaces the stats' candidates by the file's edge_index; bad files are refused by name."""
+    from safetensors.torch import save_file
+
+    edges = torch.tensor([[0, 3, 5, 5], [1, 2, 0, 7]])
+    save_file({"edge_index": edges}, tmp_path / "edges.safetensors")
+    graph = train_graph(graph_train_config(tiny_graph.store, tiny_graph.stats, tmp_path / "g",
+                                           edges=str(tmp_path / "edges.safetensors")))  # fmt: skip
+    assert graph.edge_index.tolist() == edges.tolist()  # already sorted by (source, target)
+    for name, tensors, message in [
+        ("missing.safetensors", None, "is not a file"),
+        ("wrong.safetensors", {"edges": edges}, "must hold an integer tensor edge_index"),
+        ("float.safetensors", {"edge_index": edges.float()}, "must hold an integer tensor edge_index"),
+        ("wide.safetensors", {"edge_index": edges * 100}, r"outside 0\.\.255"),
+    ]:
+        if tensors is not None:
+            save_file(tensors, tmp_path / name)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train_graph(graph_train_config(tiny_graph.store, tiny_graph.stats, tmp_path / name.split(".")[0],
+                                           edges=str(tmp_path / name)))  # fmt: skip
+        assert not (tmp_path / name.split(".")[0]).exists()
