@@ -163,18 +163,23 @@ class SparseGraphAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def pre_acts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_n, x_c, pre) for raw x: [N, d]; pre is computed without autograd (sparse backward)."""
+    def pre_acts(self, x: torch.Tensor, reuse_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_n, x_c, pre) for raw x: [N, d]; pre is computed without autograd (sparse backward).
+
+        reuse_buffer: write pre into the SAE's training workspace (`SAE.workspace`) instead of a
+        fresh [N, n_latents] tensor, whose page faults cost ~120 ms a step at 4096 × 9216 (measured);
+        pre is then only valid until the next call."""
         x_n = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
         x_c = x_n - self.sae.b_dec
         with torch.no_grad():
-            pre = torch.addmm(self.sae.b_enc, x_c, self.sae.W_enc.T)  # [N, n_latents]
+            out = self.sae.workspace(x_c.shape[0]) if reuse_buffer else None
+            pre = torch.addmm(self.sae.b_enc, x_c, self.sae.W_enc.T, out=out)  # [N, n_latents]
         return x_n, x_c, pre
 
     def evidence(self, x_c: torch.Tensor, pre: torch.Tensor, train: bool) -> SparseCode:
         with torch.no_grad():
             if train:
-                selected = batch_topk_code(pre, float(self.evidence_k))
+                selected = batch_topk_code(pre, float(self.evidence_k), hint=self.sae.cut_hint())
             else:
                 rows, cols = (pre > self.sae.threshold).nonzero(as_tuple=True)
                 selected = SparseCode(pre[rows, cols], cols, rows, pre.shape[0])
@@ -259,7 +264,7 @@ class SparseGraphAutoencoder(nn.Module):
         """Losses of one batch of raw x: [N, d] (gates sampled, evidence by batch budget k_e).
 
         detach_penalty: the absorption penalty's strengths carry no gradient (see absorption_penalty)."""
-        x_n, x_c, pre = self.pre_acts(x)
+        x_n, x_c, pre = self.pre_acts(x, reuse_buffer=True)
         evidence = self.evidence(x_c, pre, train=True)
         self.sae.update_threshold(evidence.values.detach())
         strengths = self.strengths(sample=True)

@@ -67,10 +67,19 @@ def test_decode_gradcheck_in_float64() -> None:
 
 
 @pytest.mark.parametrize("boost", [0.0, 50.0], ids=["row-topk-prefilter", "one-row-dominates-fallback"])
-def test_batch_topk_equals_a_topk_over_the_flattened_batch(boost: float) -> None:
+@pytest.mark.parametrize("hint_over_cut", [0.0, 0.5, 0.999, 1.001, 100.0], ids=lambda h: f"hint{h}")
+def test_batch_topk_equals_a_topk_over_the_flattened_batch(boost: float, hint_over_cut: float, monkeypatch) -> None:
+    """Any hint gives the exact result: below the cut (0.5, 0.999 × cut) through the hint's own pass,
+    above it (1.001, 100 × cut) through the row-wise method, which the spy counts."""
     pre = torch.randn(64, 200, generator=torch.Generator().manual_seed(4))
     pre[5] += boost  # with the boost row 5 holds more than 4k of the winners: the prefilter can't be used
-    code = batch_topk_code(pre, 3)
+    cut = float(pre.relu().flatten().topk(3 * 64).values.min())
+    row_wise = []
+    topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, *a, **kw: (row_wise.append(t.ndim == 2), topk(t, *a, **kw))[1])
+    code = batch_topk_code(pre, 3, hint=hint_over_cut * cut)
+    monkeypatch.undo()
+    assert any(row_wise) == (hint_over_cut == 0.0 or hint_over_cut > 1)
     values, flat = pre.relu().flatten().topk(3 * 64)
     flat, order = flat.sort()
     assert torch.equal(code.rows, flat // 200) and torch.equal(code.cols, flat % 200)
