@@ -255,11 +255,7 @@ def _pair_keys(
     key_dtype = np.int32 if n_latents * n_latents < 2**31 else np.int64  # int32 halves the sort
     per_row = np.bincount(rows, minlength=n_rows)  # [N] active latents per row
     row_start = np.cumsum(per_row) - per_row  # [N] first entry of each row
-    pairs_done = np.cumsum(per_row * (per_row - 1) // 2)  # [N] pairs up to each row, inclusive
-    lo = 0
-    while lo < n_rows:
-        before = int(pairs_done[lo - 1]) if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(pairs_done, before + budget, side="right")))
+    for lo, hi in _row_chunks(per_row * (per_row - 1) // 2, budget):
         e_lo, e_hi = int(row_start[lo]), int(row_start[hi - 1] + per_row[hi - 1])
         local_rows, local_cols = rows[e_lo:e_hi], cols[e_lo:e_hi].astype(key_dtype)  # [e]
         later = per_row[local_rows] - 1 - (np.arange(e_lo, e_hi) - row_start[local_rows])  # [e]
@@ -268,6 +264,16 @@ def _pair_keys(
             first_slot = np.cumsum(later) - later  # [e]
             jump = np.repeat(first_slot - np.arange(len(later)) - 1, later)  # [total]
             yield np.repeat(local_cols * n_latents, later) + local_cols[np.arange(total) - jump]
+
+
+def _row_chunks(pairs_per_row: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
+    """Consecutive row ranges [lo, hi) holding at most `budget` pairs each (always at least one row)."""
+    pairs_done = np.cumsum(pairs_per_row)  # [N] pairs up to each row, inclusive
+    lo = 0
+    while lo < len(pairs_per_row):
+        before = int(pairs_done[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(pairs_done, before + budget, side="right")))
+        yield lo, hi
         lo = hi
 
 
@@ -303,12 +309,8 @@ def _cross_keys(
     key_dtype = np.int32 if n_latents * n_latents < 2**31 else np.int64
     per_src, per_dst = np.bincount(src_rows, minlength=n_rows), np.bincount(dst_rows, minlength=n_rows)  # [N]
     src_start, dst_start = np.cumsum(per_src) - per_src, np.cumsum(per_dst) - per_dst  # [N]
-    pairs_done = np.cumsum(per_src * per_dst)  # [N] pairs up to each row, inclusive
     dst_cols = dst_cols.astype(key_dtype)
-    lo = 0
-    while lo < n_rows:
-        before = int(pairs_done[lo - 1]) if lo else 0
-        hi = max(lo + 1, int(np.searchsorted(pairs_done, before + budget, side="right")))
+    for lo, hi in _row_chunks(per_src * per_dst, budget):
         e_lo, e_hi = int(src_start[lo]), int(src_start[hi - 1] + per_src[hi - 1])
         rows, cols = src_rows[e_lo:e_hi], src_cols[e_lo:e_hi].astype(key_dtype)  # [e]
         slots = per_dst[rows]  # [e]
@@ -316,7 +318,6 @@ def _cross_keys(
         if total:
             within = np.arange(total) - np.repeat(np.cumsum(slots) - slots, slots)  # [total]
             yield np.repeat(cols * n_latents, slots) + dst_cols[np.repeat(dst_start[rows], slots) + within]
-        lo = hi
 
 
 class _PairRuns:
