@@ -158,17 +158,22 @@ class CoactivationStats:
                 - self.miss_counts[j].double() / self.n_tokens)  # fmt: skip
 
     def directed_scores(self, score: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(src, dst, value) for both directions of each pair under `score`: [2P] each."""
+        """(src, dst, value) for both directions of each pair under `score`: [2P] each (for
+        residual: each (i active, j missed) pair once, [Q])."""
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         if score == "conditional":
             return self.conditional()
+        if score == "residual":  # already directed: (i active, j missed)
+            lift = self.residual_lift()  # first: it names the fix when the stats have no miss counts
+            return self.miss_index[0], self.miss_index[1], lift
         value = {"npmi": self.npmi, "pmi": self.pmi, "jaccard": self.jaccard}[score]()
         i, j = self.pair_index
         return torch.cat([i, j]), torch.cat([j, i]), torch.cat([value, value])
 
     def candidates(self, m: int = 32, score: str = "npmi", min_count: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each feature's top-m neighbours by `score` among pairs with c_ij ≥ min_count and PMI > 0.
+        """Each feature's top-m neighbours by `score` among pairs with c_ij ≥ min_count and PMI > 0
+        (for residual: targets missed on ≥ min_count of the source's tokens, with positive lift).
 
         Returns edge_index [2, E] int64 (row 0 source i, row 1 target j), sorted by source and
         then by descending score (ties: smaller target first), and scores [E] float32.
@@ -176,9 +181,9 @@ class CoactivationStats:
         if m < 1 or min_count < 1:
             raise ValueError(f"m and min_count must be at least 1 (got m={m}, min_count={min_count})")
         if score == "residual":  # (i active, j missed) pairs seen ≥ min_count times, with positive lift
-            lift = self.residual_lift()
-            keep = (self.miss_pair_counts >= min_count) & (lift > 0)
-            src, dst, value = self.miss_index[0, keep], self.miss_index[1, keep], lift[keep]
+            src, dst, value = self.directed_scores(score)
+            keep = (self.miss_pair_counts >= min_count) & (value > 0)
+            src, dst, value = src[keep], dst[keep], value[keep]
         else:
             frequent = self.pair_counts >= min_count  # [P]: most pairs are rare, so filter them first
             kept = CoactivationStats(self.n_latents, self.n_tokens, self.feature_counts,

@@ -137,6 +137,8 @@ def test_residual_lift_and_candidates_on_a_hand_example() -> None:
     stats.miss_pair_counts = torch.tensor([4, 1, 3, 1, 2])
     lift = [4 / 4 - 0.5, 1 / 4 - 0.2, 3 / 6 - 0.5, 1 / 6 - 0.2, 2 / 5 - 0.5]
     torch.testing.assert_close(stats.residual_lift(), torch.tensor(lift, dtype=torch.float64))
+    src, dst, value = stats.directed_scores("residual")  # directed already: each pair once
+    assert src.tolist() == [0, 0, 1, 1, 3] and dst.tolist() == [2, 3, 2, 3, 2] and value.equal(stats.residual_lift())
     edges, scores = stats.candidates(m=2, score="residual", min_count=1)  # lift > 0: 0→2, 0→3
     assert edges.tolist() == [[0, 0], [2, 3]]
     torch.testing.assert_close(scores, torch.tensor([0.5, 0.05]))
