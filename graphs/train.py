@@ -182,7 +182,10 @@ def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> Sp
     """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges."""
     evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k}))
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
-    edge_index = load_edges(cfg.edges, sae.cfg.n_latents) if cfg.edges else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
+    if cfg.edges:
+        edge_index = load_edges(cfg.edges, sae.cfg.n_latents)
+    else:
+        edge_index, _ = stats.candidates(cfg.m, cfg.score, cfg.min_count)
     if cfg.geometry_m > 0:
         geometric = geometry_candidates(sae.W_dec, cfg.geometry_m, cfg.geometry_min_cos)
         edge_index = union_edges(edge_index, geometric, sae.cfg.n_latents)
