@@ -16,16 +16,17 @@ def missed_reference(x_n, code: SparseCode, W_dec, b_dec, max_per_token: int) ->
     """The rule of graphs.residual, one token at a time with a dense code: {(token, latent): p_tj}."""
     unit = W_dec / W_dec.norm(dim=1, keepdim=True)
     dense = code.to_dense(W_dec.shape[0]).relu()  # [N, n]
+    weakest = [float(row[row > 0].min()) for row in dense if bool((row > 0).any())]
+    bar = sum(weakest) / len(weakest)  # the batch's mean weakest active value
     out = {}
     for t in range(code.n_rows):
         active = dense[t] > 0
         if not bool(active.any()):
             continue
         proj = (x_n[t] - dense[t] @ W_dec - b_dec) @ unit.T  # [n]
-        bar = float(dense[t][active].min())
         silent = [(float(proj[j]), j) for j in range(len(proj)) if not bool(active[j])]
         for value, j in sorted(silent, reverse=True)[:max_per_token]:
-            if value >= bar:
+            if value > bar:
                 out[t, j] = value
     return out
 
