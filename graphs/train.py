@@ -130,9 +130,9 @@ class GraphTrainConfig:
 
 def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     """Train (or resume) a SparseGraphAutoencoder; writes cfg.out and returns the model."""
-    store, stats, sae, out = _check_inputs(cfg)
+    store, stats, sae, edges, out = _check_inputs(cfg)
     hook = sae.cfg.hook
-    model = _init_model(cfg, stats, sae).to(cfg.device)
+    model = _init_model(cfg, stats, sae, edges).to(cfg.device)
     state = HookState(model, _optimizer(cfg, model), *[torch.zeros(sae.cfg.n_latents, dtype=torch.int64,
                       device=cfg.device) for _ in range(2)])  # fmt: skip
     torch.manual_seed(cfg.seed)
@@ -158,7 +158,8 @@ def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     return model
 
 
-def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationStats, SAE, Path]:
+def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationStats, SAE, torch.Tensor | None, Path]:
+    """Every refusal happens here, before the run directory exists; edges: cfg.edges's edge_index, if given."""
     if not (cfg.store and cfg.stats and cfg.out):
         raise ValueError("pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR")
     store, stats = ActivationStore(cfg.store), CoactivationStats.load(cfg.stats)
@@ -172,20 +173,17 @@ def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationS
         raise ValueError(f"start the graph autoencoder from a topk or batchtopk SAE, not {sae.cfg.arch!r}")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
-    if cfg.edges:
-        load_edges(cfg.edges, sae.cfg.n_latents)  # refuse a bad file before the run directory exists
+    edges = load_edges(cfg.edges, sae.cfg.n_latents) if cfg.edges else None
     out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
-    return store, stats, sae, out
+    return store, stats, sae, edges, out
 
 
-def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE) -> SparseGraphAutoencoder:
-    """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges."""
+def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE, edges: torch.Tensor | None) -> SparseGraphAutoencoder:
+    """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges
+    (`edges` if given, else the stats' top-m)."""
     evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k}))
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
-    if cfg.edges:
-        edge_index = load_edges(cfg.edges, sae.cfg.n_latents)
-    else:
-        edge_index, _ = stats.candidates(cfg.m, cfg.score, cfg.min_count)
+    edge_index = edges if edges is not None else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
     if cfg.geometry_m > 0:
         geometric = geometry_candidates(sae.W_dec, cfg.geometry_m, cfg.geometry_min_cos)
         edge_index = union_edges(edge_index, geometric, sae.cfg.n_latents)
