@@ -169,8 +169,8 @@ def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationS
     sae = load_sae(stats.meta["sae"])
     if sae.cfg.hook not in store.hooks:
         raise ValueError(f"the SAE reads {sae.cfg.hook} but the store holds {', '.join(store.hooks)}")
-    if sae.cfg.arch not in ("topk", "batchtopk"):
-        raise ValueError(f"start the graph autoencoder from a topk or batchtopk SAE, not {sae.cfg.arch!r}")
+    if sae.cfg.arch not in ("topk", "batchtopk", "matryoshka"):
+        raise ValueError(f"start the graph autoencoder from a topk, batchtopk or matryoshka SAE, not {sae.cfg.arch!r}")
     if len(store) < cfg.batch_size:
         raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
     edges = load_edges(cfg.edges, sae.cfg.n_latents) if cfg.edges else None
@@ -180,8 +180,10 @@ def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationS
 
 def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE, edges: torch.Tensor | None) -> SparseGraphAutoencoder:
     """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges
-    (`edges` if given, else the stats' top-m)."""
-    evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k}))
+    (`edges` if given, else the stats' top-m). A matryoshka SAE is a BatchTopK SAE trained with
+    nested losses: its weights and θ carry over, and training goes on with the whole-code loss."""
+    evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k,
+                                        "matryoshka_groups": []}))  # fmt: skip
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
     edge_index = edges if edges is not None else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
     if cfg.geometry_m > 0:

@@ -193,3 +193,29 @@ def test_candidate_edges_from_a_file(tiny_graph: TinyGraph, tmp_path: Path) -> N
             train_graph(graph_train_config(tiny_graph.store, tiny_graph.stats, tmp_path / name.split(".")[0],
                                            edges=str(tmp_path / name)))  # fmt: skip
         assert not (tmp_path / name.split(".")[0]).exists()
+
+
+def test_matryoshka_base_starts_the_evidence_encoder_and_other_archs_are_refused(tiny_graph: TinyGraph, tmp_path: Path) -> None:
+    """A matryoshka SAE (BatchTopK with nested losses) can be the graph's base: the evidence encoder
+    starts from its weights and θ, as a plain batchtopk SAE; a relu SAE is refused by name."""
+    from graphs.train import _init_model
+
+    store = str(tiny_graph.store.directory)
+    for arch in ("matryoshka", "relu"):
+        train(TrainConfig(store=store, out=str(tmp_path / arch), arch=arch, k=8, expansion=4, tokens=256 * 4,
+                          batch_size=256, wandb="disabled"))  # fmt: skip
+        coactivation_stats(StatsConfig(store=store, sae=str(tmp_path / arch / SOURCE_HOOK), out=str(tmp_path / f"stats-{arch}"),
+                                       batch_size=512, m=8, min_count=2))  # fmt: skip
+    with pytest.raises(ValueError, match="topk, batchtopk or matryoshka SAE, not 'relu'"):
+        train_graph(graph_train_config(tiny_graph.store, tmp_path / "stats-relu", tmp_path / "refused", min_count=2))
+    assert not (tmp_path / "refused").exists()
+    base = load_sae(tmp_path / "matryoshka" / SOURCE_HOOK)
+    assert base.cfg.arch == "matryoshka" and float(base.threshold) > 0
+    cfg = graph_train_config(tiny_graph.store, tmp_path / "stats-matryoshka", tmp_path / "g", min_count=2, tokens=512)
+    start = _init_model(cfg, CoactivationStats.load(cfg.stats), base, None)
+    assert start.sae.cfg.arch == "batchtopk" and start.sae.cfg.matryoshka_groups == []
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(start.sae.state_dict()[name], tensor), name
+    graph = train_graph(cfg)
+    assert graph.sae.cfg.arch == "batchtopk" and (tmp_path / "g" / "graph.json").exists()
+    assert load_graph_sae(tmp_path / "g").sae.cfg.matryoshka_groups == []
