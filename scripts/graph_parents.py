@@ -51,7 +51,7 @@ EDGE_SETS = ("oracle", "cooccurrence")
 
 def letter_counts(sae, store: ActivationStore, labels: torch.Tensor, n_tokens: int) -> dict[str, torch.Tensor]:
     """Per latent, firings on words of each letter (column 26: not a word); per letter, the sum and
-    count of the SAE's centred inputs; the median active value."""
+    count of the SAE's centred inputs; the median active value (over the first 8 batches)."""
     n, d = sae.cfg.n_latents, sae.cfg.d_in
     fires = torch.zeros(n, 27, dtype=torch.int64)
     x_sum, x_count = torch.zeros(27, d, dtype=torch.float64), torch.zeros(27, dtype=torch.float64)
@@ -117,13 +117,13 @@ def cooccurrence_edges(stats: CoactivationStats, slots: torch.Tensor, cut: float
 
 def prepare(args, model) -> tuple[list[int], torch.Tensor, Path]:
     """Steps 1-3 (cached): letters, the SAE with parents, its stats, the edge files."""
-    out = Path(args.out)
-    base_dir, stats_dir = out / "base" / load_sae(args.base).cfg.hook, out / "stats"
-    eval_data = letter_task_data(ActivationStore(args.eval_store), load_sae(args.base).cfg.hook, model.tokenizer,
+    out, sae = Path(args.out), load_sae(args.base).eval()
+    base_dir, stats_dir = out / "base" / sae.cfg.hook, out / "stats"
+    eval_data = letter_task_data(ActivationStore(args.eval_store), sae.cfg.hook, model.tokenizer,
                                  max_tokens=args.letter_tokens)  # fmt: skip
     letters = pick_letters(eval_data.labels, eval_data.token_ids)
     if not (out / "parents.safetensors").exists():
-        sae, store = load_sae(args.base).eval(), ActivationStore(args.store)
+        store = ActivationStore(args.store)
         token_ids = torch.cat([store.shard(s)["token_ids"].long() for s in range(len(store.manifest.shards))])
         n_tokens = min(args.tokens, len(token_ids))
         labels = first_letter_labels(token_ids[:n_tokens], model.tokenizer)
