@@ -74,6 +74,14 @@ def graph_metrics(model: SparseGraphAutoencoder, store: ActivationStore, max_tok
     return result
 
 
+def without_edges(model: SparseGraphAutoencoder) -> SparseGraphAutoencoder:
+    """The graph autoencoder with every gate shut (in place): its evidence SAE alone, to see what the
+    edges add."""
+    with torch.no_grad():
+        model.log_alpha.fill_(-1e4)
+    return model
+
+
 def edge_jaccard(a: torch.Tensor, b: torch.Tensor, n_nodes: int) -> float:
     """|A ∩ B| / |A ∪ B| of two directed edge sets given as [2, E] index tensors."""
     keys_a, keys_b = torch.unique(a[0] * n_nodes + a[1]), torch.unique(b[0] * n_nodes + b[1])

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.evaluate import AsSAE, graph_metrics
+from graphs.evaluate import AsSAE, graph_metrics, without_edges
 from graphs.io import load_graph_sae
 from graphs.letters import (
     LETTERS,
@@ -166,24 +166,17 @@ def evaluate(args, runs: dict[str, Path], model) -> dict:
         if not path.exists():
             result = {}
             for edges in (True, False):
-                gsae = load_graph_sae(run)
-                if not edges:
-                    with torch.no_grad():
-                        gsae.log_alpha.fill_(-1e4)
+                gsae = load_graph_sae(run) if edges else without_edges(load_graph_sae(run))
                 data = data or letter_task_data(eval_store, gsae.sae.cfg.hook, model.tokenizer, max_tokens=args.letter_tokens)
                 recon, letters = graph_metrics(gsae, eval_store), letter_metrics(AsSAE(gsae).encode, data)
                 result["edges" if edges else "no_edges"] = {
                     "fvu": recon["fvu"], "l0": recon["l0"], "implied_per_token": recon["implied_per_token"],
                     "n_edges": int(gsae.active_edges()[0].shape[1]), "absorption": letters["absorption"],
-                    "sparse_probe": letters["sparse_probe"],
+                    "sparse_probe": {str(k): acc for k, acc in letters["sparse_probe"].items()},
                     "per_letter_absorption": {LETTERS[L]: p["absorption"] for L, p in letters["per_letter"].items()}}  # fmt: skip
-            path.write_text(json.dumps(_str_keys(result), indent=2))
+            path.write_text(json.dumps(result, indent=2))
         results[key] = json.loads(path.read_text())
     return results
-
-
-def _str_keys(value):
-    return {str(k): _str_keys(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def markdown(results: dict, seeds: list[int]) -> str:

@@ -24,7 +24,7 @@ import torch
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
 from graphs.crosslayer import TransitionConfig, fit_transition
-from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics
+from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics, without_edges
 from graphs.faithfulness import attribution_correlation, edge_interventions
 from graphs.io import load_graph_sae
 from graphs.letters import letter_metrics, letter_task_data
@@ -95,13 +95,6 @@ def reconstruction(args, dirs, model, windows) -> dict:
     rows["c_no_edges"] = cached(out / f"eval-c{args.seeds[0]}-no-edges{args.tag}.json",
                                 lambda: graph_metrics(without_edges(load_graph_sae(first)), eval_store))  # fmt: skip
     return rows
-
-
-def without_edges(gsae):
-    """The graph autoencoder with every gate shut: its evidence SAE alone, to see what the edges add."""
-    with torch.no_grad():
-        gsae.log_alpha.fill_(-1e4)
-    return gsae
 
 
 def letters(args, dirs, model) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
+from graphs.evaluate import without_edges
 from graphs.io import load_graph, load_graph_sae, save_graph_sae
 from graphs.model import SparseGraphAutoencoder
 from sae.io import load_sae
@@ -81,9 +82,7 @@ def test_training_loss_and_gradients_equal_dense_float64_reference() -> None:
 
 
 def test_without_edges_the_graph_step_is_the_identity() -> None:
-    model = _model(seed=2)
-    with torch.no_grad():
-        model.log_alpha.fill_(-20.0)  # every gate closed
+    model = without_edges(_model(seed=2))  # every gate closed
     x = torch.randn(N, D)
     out = model.training_forward(x)
     code, evidence = out.graph_code.code, out.graph_code.evidence

@@ -214,8 +214,9 @@ def test_matryoshka_base_starts_the_evidence_encoder_and_other_archs_are_refused
     cfg = graph_train_config(tiny_graph.store, tmp_path / "stats-matryoshka", tmp_path / "g", min_count=2, tokens=512)
     start = _init_model(cfg, CoactivationStats.load(cfg.stats), base, None)
     assert start.sae.cfg.arch == "batchtopk" and start.sae.cfg.matryoshka_groups == []
+    started = start.sae.state_dict()
     for name, tensor in base.state_dict().items():
-        assert torch.equal(start.sae.state_dict()[name], tensor), name
+        assert torch.equal(started[name], tensor), name
     graph = train_graph(cfg)
     assert graph.sae.cfg.arch == "batchtopk" and (tmp_path / "g" / "graph.json").exists()
     assert load_graph_sae(tmp_path / "g").sae.cfg.matryoshka_groups == []
