@@ -134,21 +134,34 @@ def test_unfinished_and_mismatched_exports_are_refused(tiny_graph: TinyGraph, ti
     assert not (tmp_path / "wrong.partial").exists()  # refused before anything was written
 
 
+# The export CLI with each scan batch slowed by 0.25 s, so that the kill below lands mid-scan however
+# slowly this process polls on a loaded machine (at full speed the tiny export can finish first).
+_SLOW_EXPORT = ("import sys, time, graphs.release_scan as scan; batch = scan.scan_batch; "
+                "scan.scan_batch = lambda *a, **k: (time.sleep(0.25), batch(*a, **k))[1]; "
+                "from graphs.__main__ import main; main(sys.argv[1:])")  # fmt: skip
+
+
+def _scanned_batches(log: Path) -> int:
+    """Batches the scan has checkpointed so far (a line still being written is skipped)."""
+    text = log.read_text() if log.exists() else ""
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return max((json.loads(line).get("batches", [0, 0])[1] for line in lines), default=0)
+
+
 def _kill_mid_scan(cfg: ExportConfig) -> None:
     """Run the export CLI and SIGKILL it once the scan has checkpointed two batches."""
-    args = [sys.executable, "-m", "graphs", "export"]
+    args = [sys.executable, "-c", _SLOW_EXPORT, "export"]
     for key, value in vars(cfg).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = Path(cfg.out + ".partial") / "export_log.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if log.exists() and any(json.loads(line).get("batches", [0, 0])[1] >= 2 for line in log.read_text().splitlines()[:3]):
-            break
+    while time.monotonic() < deadline and process.poll() is None and _scanned_batches(log) < 2:
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the export finished before it could be killed"
+    assert _scanned_batches(log) >= 2, "the export was killed before the scan checkpointed twice"
 
 
 def test_killed_export_resumes_without_losing_or_repeating_work(tiny_graph: TinyGraph, tmp_path: Path) -> None:
