@@ -14,6 +14,20 @@ Every activation-store row keeps its token id, so labels come from the tokenizer
   the rate is the fraction on which the main latent stays silent (activation <= 0). Chanin et al.
   additionally require an absorbing latent aligned with the probe direction; counting every
   silent case makes this an upper bound on theirs (it includes plain false negatives).
+- Absorption as Chanin et al. measure it (`chanin_absorption`, or `letter_metrics(decoder=...)`),
+  which needs the decoder rows:
+  * main latents: the latents that fire for L, by signed mean difference, are added one at a
+    time while the next one raises the k-sparse probe's train F1 by more than 0.03 (their
+    feature-splitting rule, tau_fs): a letter split over two latents has two main latents;
+  * full absorption: among the same probe-correct test positives, the fraction on which every
+    main latent is silent *and* the active latent that adds most to the probe's logit
+    (a_i d_i . p, p the dense probe's direction in x's space; for a linear probe that is the
+    ablation effect they compute) points along the probe, cos(d_i, p) >= tau_ps;
+  * absorption fraction (after SAEBench's partial absorption): per probe-correct positive, the
+    share of the positive logit contributions carried by non-main latents with cos >= tau_ps.
+  tau_ps is theirs, 0.025 at d_model 2304, scaled by sqrt(2304 / d_model) so that it passes the
+  same share of random directions (~12%) at any width: 0.05 for SmolLM2's 576. Unscaled, 0.025
+  would pass 27% of random directions there.
 
 Judgement calls:
 - Labelled tokens are whole words of ASCII letters after leading whitespace and the 'Ġ' / '▁'
@@ -31,6 +45,7 @@ Judgement calls:
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -49,6 +64,8 @@ MIN_POSITIVES = 50  # letters=None keeps letters with at least this many positiv
 MAX_LETTERS = 10  # ... at most this many, the most frequent first
 MIN_TYPES = 4  # ... and, when splitting by token id, at least this many distinct positive tokens
 MAX_PER_CLASS = 10_000  # per split and class: keeps an L-BFGS probe on 576 dims to seconds
+SPLIT_F1_GAIN = 0.03  # Chanin et al.'s tau_fs: a further main latent must add this much train F1
+MAX_MAIN_LATENTS = 5  # ... and at most this many main latents per letter
 _LEADING = re.compile(r"^[\sĠ▁]+")  # whitespace and the byte-BPE / SentencePiece space markers
 
 Codes = Tensor | SparseCode  # dense [N, n_latents] (non-negative) or row-sorted COO
@@ -253,6 +270,74 @@ def _dense_probe(x: Tensor, split: _Split) -> Tensor:
     return _fit_logistic(x[split.train].float(), split.y_train).predict(x[split.test].float())
 
 
+def chanin_cos_threshold(d_model: int) -> float:
+    """tau_ps: Chanin et al.'s 0.025 at d_model 2304, scaled to keep its share of random cosines."""
+    return 0.025 * math.sqrt(2304 / d_model)
+
+
+def _f1(pred: Tensor, y: Tensor) -> float:
+    tp = int((pred & y).sum())
+    return 2 * tp / max(int(pred.sum()) + int(y.sum()), 1)
+
+
+def _main_latents(codes: Codes, split: _Split) -> Tensor:
+    """[k] the letter's main latents by Chanin et al.'s feature-splitting rule: candidates in order
+    of signed mean difference (latents that fire *for* the letter), added while the next one
+    raises the k-sparse probe's train F1 by more than SPLIT_F1_GAIN."""
+    diff = _mean_difference(codes, split.train, split.y_train)
+    order = torch.sort(diff, descending=True, stable=True).indices[:MAX_MAIN_LATENTS]
+    train_x = _gather(codes, split.train, order)  # [n_train, MAX_MAIN_LATENTS]
+    f1 = [_f1(_fit_logistic(train_x[:, :k], split.y_train).predict(train_x[:, :k]), split.y_train)
+          for k in range(1, len(order) + 1)]  # fmt: skip
+    k = 1
+    while k < len(order) and f1[k] - f1[k - 1] > SPLIT_F1_GAIN:
+        k += 1
+    return order[:k]
+
+
+def _active_entries(codes: Codes, rows: Tensor) -> SparseCode:
+    """The active entries of the given (distinct) rows, re-indexed 0..len(rows)-1."""
+    if not isinstance(codes, SparseCode):
+        sub = codes[rows]
+        r, c = sub.nonzero(as_tuple=True)
+        return SparseCode(sub[r, c].float(), c, r, len(rows))
+    slot = torch.full((codes.n_rows,), -1, dtype=torch.int64)
+    slot[rows] = torch.arange(len(rows))
+    keep = (slot[codes.rows] >= 0) & (codes.values > 0)
+    return SparseCode(codes.values[keep].float(), codes.cols[keep], slot[codes.rows[keep]], len(rows))
+
+
+def _chanin_absorption(
+    codes: Codes, mains: Tensor, probe: _Logistic, known: Tensor, decoder: Tensor, cos_min: float
+) -> tuple[float, float]:
+    """(full absorption, absorption fraction) of one letter over its probe-correct positives
+    `known`; decoder: [n_latents, d_model] rows in x's space (any common scale)."""
+    if len(known) == 0:
+        return float("nan"), float("nan")
+    direction = probe.w / probe.std  # the probe's logit is direction . x + const
+    direction = direction / direction.norm()
+    active = _active_entries(codes, known)
+    rows_dec = decoder.float().index_select(0, active.cols)  # [nnz, d]
+    along = rows_dec @ direction  # [nnz] d_i . p
+    cos = along / rows_dec.norm(dim=1).clamp_min(1e-12)
+    contrib = active.values * along  # [nnz] what each active latent adds to the probe's logit
+    is_main = torch.isin(active.cols, mains)
+    n = len(known)
+    main_fires = torch.zeros(n, dtype=torch.bool).index_fill_(0, active.rows[is_main], True)
+    # the top contributor of each row (Chanin: the latent whose ablation moves the probe most)
+    best = torch.full((n,), -float("inf")).scatter_reduce(0, active.rows, contrib, "amax")
+    top = contrib == best[active.rows]
+    aligned_top = torch.zeros(n, dtype=torch.bool).index_fill_(
+        0, active.rows[top & (cos >= cos_min) & (contrib > 0)], True)  # fmt: skip
+    full = float((~main_fires & aligned_top).float().mean())
+    positive = contrib.clamp_min(0)
+    absorbing = positive * (~is_main & (cos >= cos_min))
+    total = torch.zeros(n).index_add_(0, active.rows, positive)
+    carried = torch.zeros(n).index_add_(0, active.rows, absorbing)
+    fraction = float(torch.where(total > 0, carried / total.clamp_min(1e-12), 0.0).mean())
+    return full, fraction
+
+
 def _absorption(codes: Codes, split: _Split, main: int, dense_pred: Tensor) -> float:
     """Fraction of test positives the dense probe gets right on which the main latent is 0."""
     known = split.test[split.y_test & dense_pred]  # [n_known] rows
@@ -338,6 +423,35 @@ def absorption_rate(
     return {"absorption": _nanmean(rates), "per_letter": per_letter, "main_feature": main_feature}
 
 
+def chanin_absorption(
+    codes: Codes, x: Tensor, labels: Tensor, letters: Sequence[int], decoder: Tensor, seed: int = 0,
+    train_frac: float = 0.7, groups: Tensor | None = None, cos_min: float | None = None,
+) -> dict:  # fmt: skip
+    """{"full_absorption", "absorption_fraction": means over letters, "per_letter": {L: {...}}}.
+
+    Absorption as Chanin et al. measure it (module docstring); decoder: [n_latents, d_model] rows in
+    x's space; cos_min: tau_ps (default `chanin_cos_threshold(d_model)`)."""
+    _check(codes, labels, letters, x=x)
+    cos_min = chanin_cos_threshold(x.shape[1]) if cos_min is None else cos_min
+    per_letter = {L: _chanin_letter(codes, x, _letter_split(labels, L, train_frac, seed, groups), decoder, cos_min)
+                  for L in letters}  # fmt: skip
+    return {"full_absorption": _nanmean([p["full_absorption"] for p in per_letter.values()]),
+            "absorption_fraction": _nanmean([p["absorption_fraction"] for p in per_letter.values()]),
+            "per_letter": per_letter}  # fmt: skip
+
+
+def _chanin_letter(
+    codes: Codes, x: Tensor, split: _Split, decoder: Tensor, cos_min: float, probe: _Logistic | None = None
+) -> dict:
+    if decoder.ndim != 2 or decoder.shape[1] != x.shape[1]:
+        raise ValueError(f"decoder must be [n_latents, d_model={x.shape[1]}] rows in x's space, got {tuple(decoder.shape)}")
+    probe = probe or _fit_logistic(x[split.train].float(), split.y_train)
+    known = split.test[split.y_test & probe.predict(x[split.test].float())]
+    mains = _main_latents(codes, split)
+    full, fraction = _chanin_absorption(codes, mains, probe, known, decoder, cos_min)
+    return {"full_absorption": full, "absorption_fraction": fraction, "main_features": mains.tolist()}
+
+
 def _nanmean(values: list[float]) -> float:
     kept = [v for v in values if v == v]
     return sum(kept) / len(kept) if kept else float("nan")
@@ -381,12 +495,14 @@ def encode_codes(
 def letter_metrics(
     encode: Callable[[Tensor], Tensor | SparseCode], data: LetterTaskData,
     letters: Sequence[int] | None = None, ks: Sequence[int] = (1, 2, 5), batch_size: int = 4096,
-    train_frac: float = 0.7, seed: int = 0,
+    train_frac: float = 0.7, seed: int = 0, decoder: Tensor | None = None,
 ) -> dict:  # fmt: skip
     """Both evaluation columns for one SAE: encode maps raw x [B, d] to codes [B, n_latents].
 
     Returns {"sparse_probe": {k: acc}, "dense_probe": acc, "absorption": rate, "letters": [...],
-    "per_letter": {L: {...}}}; every split is shared between the three measurements."""
+    "per_letter": {L: {...}}}; every split is shared between the measurements. With decoder
+    ([n_latents, d_model] rows in x's space) also Chanin et al.'s "full_absorption" and
+    "absorption_fraction" (`chanin_absorption`) and each letter's "main_features"."""
     groups = data.token_ids
     letters = list(letters) if letters is not None else pick_letters(data.labels, groups)
     codes = encode_codes(encode, data.x, batch_size)
@@ -395,7 +511,8 @@ def letter_metrics(
     for L in letters:
         split = _letter_split(data.labels, L, train_frac, seed, groups)
         sparse, main = _sparse_probe(codes, split, ks)
-        dense_pred = _dense_probe(data.x, split)
+        probe = _fit_logistic(data.x[split.train].float(), split.y_train)
+        dense_pred = probe.predict(data.x[split.test].float())
         per_letter[L] = {
             "sparse_probe": sparse,
             "dense_probe": _accuracy(dense_pred, split.y_test),
@@ -404,11 +521,18 @@ def letter_metrics(
             "n_train": len(split.train),
             "n_test": len(split.test),
         }
+        if decoder is not None:
+            cos_min = chanin_cos_threshold(data.x.shape[1])
+            per_letter[L] |= _chanin_letter(codes, data.x, split, decoder, cos_min, probe)
     rows = list(per_letter.values())
-    return {
+    result = {
         "sparse_probe": {k: sum(p["sparse_probe"][k] for p in rows) / len(rows) for k in ks},
         "dense_probe": sum(p["dense_probe"] for p in rows) / len(rows),
         "absorption": _nanmean([p["absorption"] for p in rows]),
         "letters": letters,
         "per_letter": per_letter,
     }
+    if decoder is not None:
+        for key in ("full_absorption", "absorption_fraction"):
+            result[key] = _nanmean([p[key] for p in rows])
+    return result

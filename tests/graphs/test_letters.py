@@ -8,8 +8,11 @@ import torch
 from graphs.letters import (
     LETTERS,
     LetterTaskData,
+    _fit_logistic,
     _letter_split,
     absorption_rate,
+    chanin_absorption,
+    chanin_cos_threshold,
     dense_probe_accuracy,
     first_letter_labels,
     letter_metrics,
@@ -176,6 +179,93 @@ def test_absorption_recovers_the_planted_fraction() -> None:
     assert result["absorption"] == pytest.approx(0.1, abs=0.02)
 
 
+def _probe_direction(data: LetterTaskData, letter: int) -> torch.Tensor:
+    """The unit direction in x's space of the dense probe the metric fits for this letter."""
+    split = _letter_split(data.labels, letter, 0.7, seed=0, groups=data.token_ids)
+    probe = _fit_logistic(data.x[split.train], split.y_train)
+    direction = probe.w / probe.std
+    return direction / direction.norm()
+
+
+def _decoder(data: LetterTaskData, aligned: list[int], weak: list[int] = ()) -> torch.Tensor:
+    """[N_LATENTS, D] unit rows: the `aligned` latents point along letter 0's probe, the `weak`
+    ones have cos 0.1 with it (below tau_ps = 0.3 at D = 16), every other row is orthogonal to it
+    (so only the planted latents can carry the letter)."""
+    p = _probe_direction(data, 0)
+    rows = torch.randn(N_LATENTS, D, generator=torch.Generator().manual_seed(5))
+    rows -= (rows @ p)[:, None] * p
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    rows[list(weak)] = 0.1 * p + (1 - 0.1**2) ** 0.5 * rows[list(weak)]
+    rows[aligned] = p
+    return rows
+
+
+ABSORBERS = list(range(20, 36))
+
+
+def _spread_absorbed_codes(labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indicator codes where, on `fraction` of letter-0 tokens, one of 16 absorbing latents (each
+    on ~2% of the letter, like token-specific latents) fires instead of main latent 10."""
+    codes = _indicator_codes(labels)
+    codes[:, ABSORBERS] = 0.0  # silent elsewhere, so they carry the letter only where they absorb
+    g = torch.Generator().manual_seed(3)
+    pos = (labels == 0).nonzero().squeeze(1)
+    taken = pos[torch.randperm(len(pos), generator=g)][: round(fraction * len(pos))]
+    absorber = torch.tensor(ABSORBERS)[torch.randint(0, len(ABSORBERS), (len(taken),), generator=g)]
+    codes[taken, absorber] = codes[taken, 10]
+    codes[taken, 10] = 0.0
+    return codes
+
+
+def test_chanin_absorption_counts_only_absorbers_aligned_with_the_probe() -> None:
+    data = _task()
+    codes = _spread_absorbed_codes(data.labels, 0.3)
+    kwargs = dict(groups=data.token_ids)
+    aligned = chanin_absorption(codes, data.x, data.labels, TASK_LETTERS, _decoder(data, [10, *ABSORBERS]), **kwargs)
+    letter = aligned["per_letter"][0]
+    assert letter["main_features"] == [10]
+    assert letter["full_absorption"] == pytest.approx(0.3, abs=0.06)
+    assert letter["absorption_fraction"] == pytest.approx(0.3, abs=0.06)
+    assert aligned["per_letter"][1]["full_absorption"] == aligned["per_letter"][2]["full_absorption"] == 0.0
+    # the same codes, but the absorbers barely point along the probe (cos 0.1 < tau_ps): plain false
+    # negatives of the main latent, which the upper bound counts and Chanin's measure does not
+    weak = _decoder(data, [10], weak=ABSORBERS)
+    plain = chanin_absorption(codes, data.x, data.labels, TASK_LETTERS, weak, **kwargs)
+    assert plain["per_letter"][0]["full_absorption"] == 0.0
+    assert plain["per_letter"][0]["absorption_fraction"] == 0.0
+    upper = absorption_rate(codes, data.x, data.labels, TASK_LETTERS, **kwargs)["per_letter"][0]
+    assert upper == pytest.approx(0.3, abs=0.06)
+
+
+def test_chanin_main_latents_follow_feature_splitting() -> None:
+    """Letter 0 split by token type over latents 10 and 31: two main latents, nothing absorbed,
+    where the single-main-latent upper bound reports half the letter absorbed."""
+    data = _task()
+    codes = _indicator_codes(data.labels)
+    second = (data.labels == 0) & (data.token_ids % 12 == 6)  # half of letter 0's token types
+    codes[second, 31] = codes[second, 10]
+    codes[second, 10] = 0.0
+    decoder = _decoder(data, [10, 31])
+    result = chanin_absorption(codes, data.x, data.labels, [0], decoder, groups=data.token_ids)
+    letter = result["per_letter"][0]
+    assert sorted(letter["main_features"]) == [10, 31]
+    assert letter["full_absorption"] == letter["absorption_fraction"] == 0.0
+    upper = absorption_rate(codes, data.x, data.labels, [0], groups=data.token_ids)["per_letter"][0]
+    assert upper > 0.3
+
+
+def test_chanin_threshold_keeps_the_share_of_random_cosines() -> None:
+    assert chanin_cos_threshold(2304) == pytest.approx(0.025)
+    g = torch.Generator().manual_seed(0)
+    shares = []
+    for d in (64, 576, 2304):
+        a, b = torch.randn(20_000, d, generator=g), torch.randn(20_000, d, generator=g)
+        cos = torch.nn.functional.cosine_similarity(a, b)
+        shares.append(float((cos >= chanin_cos_threshold(d)).float().mean()))
+    assert max(shares) - min(shares) < 0.02, shares
+    assert 0.08 < shares[0] < 0.16
+
+
 def test_bad_inputs_fail_early() -> None:
     data = _task()
     with pytest.raises(ValueError, match="post-activation"):
@@ -186,6 +276,8 @@ def test_bad_inputs_fail_early() -> None:
         dense_probe_accuracy(data.x, data.labels, [26])
     with pytest.raises(ValueError, match="split needs 2"):
         dense_probe_accuracy(data.x, data.labels, [N_LETTERS])  # a letter with no tokens at all
+    with pytest.raises(ValueError, match="rows in x's space"):
+        chanin_absorption(_noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS, D + 1))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -219,6 +311,16 @@ def test_letter_metrics_matches_the_single_metrics() -> None:
     expected = absorption_rate(codes, data.x, data.labels, TASK_LETTERS, **kwargs)
     assert result["absorption"] == pytest.approx(expected["absorption"])
     assert result["per_letter"][0]["main_feature"] == 10
+    assert "full_absorption" not in result  # needs the decoder
+    decoder = _decoder(data, [10, 30])
+    with_decoder = letter_metrics(encode, data, letters=TASK_LETTERS, batch_size=1000, decoder=decoder)
+    chanin = chanin_absorption(codes, data.x, data.labels, TASK_LETTERS, decoder, **kwargs)
+    for key in ("full_absorption", "absorption_fraction"):
+        assert with_decoder[key] == pytest.approx(chanin[key])
+    # one latent on 30% of the letter adds > 0.03 F1: by Chanin's rule a split, not an absorber
+    assert with_decoder["per_letter"][0]["main_features"] == [10, 30]
+    assert with_decoder["full_absorption"] == 0.0
+    assert with_decoder["absorption"] == result["absorption"]
     assert sorted(letter_metrics(encode, data)["letters"]) == list(range(N_LETTERS))  # all 50+
 
 
