@@ -162,16 +162,18 @@ def evaluate(args, runs: dict[str, Path], model) -> dict:
     data = None
     results = {}
     for key, run in runs.items():
-        path = run / "eval-parents.json"
+        path = run / "eval-parents-chanin.json"  # older eval-parents.json lack Chanin-style absorption
         if not path.exists():
             result = {}
             for edges in (True, False):
                 gsae = load_graph_sae(run) if edges else without_edges(load_graph_sae(run))
                 data = data or letter_task_data(eval_store, gsae.sae.cfg.hook, model.tokenizer, max_tokens=args.letter_tokens)
-                recon, letters = graph_metrics(gsae, eval_store), letter_metrics(AsSAE(gsae).encode, data)
+                recon = graph_metrics(gsae, eval_store)
+                letters = letter_metrics(AsSAE(gsae).encode, data, decoder=gsae.sae.W_dec.detach())
                 result["edges" if edges else "no_edges"] = {
                     "fvu": recon["fvu"], "l0": recon["l0"], "implied_per_token": recon["implied_per_token"],
                     "n_edges": int(gsae.active_edges()[0].shape[1]), "absorption": letters["absorption"],
+                    "full_absorption": letters["full_absorption"], "absorption_fraction": letters["absorption_fraction"],
                     "sparse_probe": {str(k): acc for k, acc in letters["sparse_probe"].items()},
                     "per_letter_absorption": {LETTERS[L]: p["absorption"] for L, p in letters["per_letter"].items()}}  # fmt: skip
             path.write_text(json.dumps(result, indent=2))
@@ -186,11 +188,14 @@ def markdown(results: dict, seeds: list[int]) -> str:
             return "; ".join(", ".join(f"{v[k]:.3f}" for k in sorted(v, key=int)) for v in values)
         return ", ".join(f"{v:.4f}" if field == "fvu" else f"{v:.3f}" if isinstance(v, float) else str(v) for v in values)
 
-    lines = [f"| seeds {', '.join(map(str, seeds))} | edges | FVU | L0 | implied / token | absorption (edges removed) | sparse probe k = 1, 2, 5 |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| seeds {', '.join(map(str, seeds))} | edges | FVU | L0 | implied / token | absorption (edges removed) "
+             "| Chanin full absorption (edges removed) | absorption fraction | sparse probe k = 1, 2, 5 |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in ("shut", *EDGE_SETS):
         lines.append(f"| {name} | {cell(name, 'n_edges')} | {cell(name, 'fvu')} | {cell(name, 'l0')} | {cell(name, 'implied_per_token')} "
-                     f"| {cell(name, 'absorption')} ({cell(name, 'absorption', 'no_edges')}) | {cell(name, 'sparse_probe')} |")  # fmt: skip
+                     f"| {cell(name, 'absorption')} ({cell(name, 'absorption', 'no_edges')}) "
+                     f"| {cell(name, 'full_absorption')} ({cell(name, 'full_absorption', 'no_edges')}) | {cell(name, 'absorption_fraction')} "
+                     f"| {cell(name, 'sparse_probe')} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -102,12 +102,13 @@ def letters(args, dirs, model) -> dict:
     topk = load_sae(args.topk)
     data = letter_task_data(ActivationStore(args.eval_store), topk.cfg.hook, model.tokenizer,
                             max_tokens=args.letter_tokens)  # fmt: skip
-    result = {"a": cached(out / "letters-a.json", lambda: _json_keys(letter_metrics(topk.encode, data)))}
-    gsae = AsSAE(load_graph_sae(dirs[f"c{args.seeds[0]}"]))
-    result["c"] = cached(out / f"letters-c{args.tag}.json", lambda: _json_keys(letter_metrics(gsae.encode, data)))
-    bare = AsSAE(without_edges(load_graph_sae(dirs[f"c{args.seeds[0]}"])))
-    result["c_no_edges"] = cached(out / f"letters-c-no-edges{args.tag}.json",
-                                  lambda: _json_keys(letter_metrics(bare.encode, data)))  # fmt: skip
+    # "-chanin": these caches also hold Chanin-style absorption (older ones without it are not reused)
+    result = {"a": cached(out / "letters-chanin-a.json",
+                          lambda: _json_keys(letter_metrics(topk.encode, data, decoder=topk.W_dec.detach())))}  # fmt: skip
+    for key, gsae in (("c", load_graph_sae(dirs[f"c{args.seeds[0]}"])),
+                      ("c_no_edges", without_edges(load_graph_sae(dirs[f"c{args.seeds[0]}"])))):  # fmt: skip
+        name = f"letters-chanin-{key.replace('_', '-')}{args.tag}.json"
+        result[key] = cached(out / name, lambda g=gsae: _json_keys(letter_metrics(AsSAE(g).encode, data, decoder=g.sae.W_dec.detach())))
     return result
 
 
@@ -181,6 +182,8 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
         f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |",
         f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |",
         f"| first-letter absorption (lower is better) | {fmt(let['a']['absorption'])} | {fmt(let['a']['absorption'])} | {fmt(let['c']['absorption'])} | {fmt(lb['absorption'])} |",
+        *[f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {fmt(let['c'][key])} | {fmt(lb[key])} |"
+          for label, key in (("absorption, Chanin et al.'s full rate", "full_absorption"), ("absorption fraction (SAEBench-style)", "absorption_fraction"))],
         *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['c']['sparse_probe'][str(k)])} | {fmt(lb['sparse_probe'][str(k)])} |" for k in (1, 2, 5)],
         f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |",
         f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |",
