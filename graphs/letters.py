@@ -432,6 +432,7 @@ def chanin_absorption(
     Absorption as Chanin et al. measure it (module docstring); decoder: [n_latents, d_model] rows in
     x's space; cos_min: tau_ps (default `chanin_cos_threshold(d_model)`)."""
     _check(codes, labels, letters, x=x)
+    _check_decoder(decoder, x.shape[1], codes)
     cos_min = chanin_cos_threshold(x.shape[1]) if cos_min is None else cos_min
     per_letter = {L: _chanin_letter(codes, x, _letter_split(labels, L, train_frac, seed, groups), decoder, cos_min)
                   for L in letters}  # fmt: skip
@@ -440,11 +441,18 @@ def chanin_absorption(
             "per_letter": per_letter}  # fmt: skip
 
 
+def _check_decoder(decoder: Tensor, d_model: int, codes: Codes | None = None) -> None:
+    if decoder.ndim != 2 or decoder.shape[1] != d_model:
+        raise ValueError(f"decoder must be [n_latents, d_model={d_model}] rows in x's space, got {tuple(decoder.shape)}")
+    if codes is not None:
+        width = (int(codes.cols.max()) + 1 if len(codes.cols) else 0) if isinstance(codes, SparseCode) else codes.shape[1]
+        if width > decoder.shape[0]:
+            raise ValueError(f"the codes use latent {width - 1} but the decoder has {decoder.shape[0]} rows: same SAE?")
+
+
 def _chanin_letter(
     codes: Codes, x: Tensor, split: _Split, decoder: Tensor, cos_min: float, probe: _Logistic | None = None
 ) -> dict:
-    if decoder.ndim != 2 or decoder.shape[1] != x.shape[1]:
-        raise ValueError(f"decoder must be [n_latents, d_model={x.shape[1]}] rows in x's space, got {tuple(decoder.shape)}")
     probe = probe or _fit_logistic(x[split.train].float(), split.y_train)
     known = split.test[split.y_test & probe.predict(x[split.test].float())]
     mains = _main_latents(codes, split)
@@ -505,8 +513,12 @@ def letter_metrics(
     "absorption_fraction" (`chanin_absorption`) and each letter's "main_features"."""
     groups = data.token_ids
     letters = list(letters) if letters is not None else pick_letters(data.labels, groups)
+    if decoder is not None:  # before the encoding pass
+        _check_decoder(decoder, data.x.shape[1])
     codes = encode_codes(encode, data.x, batch_size)
     _check(codes, data.labels, letters, ks, data.x)
+    if decoder is not None:
+        _check_decoder(decoder, data.x.shape[1], codes)
     per_letter = {}
     for L in letters:
         split = _letter_split(data.labels, L, train_frac, seed, groups)

@@ -278,6 +278,14 @@ def test_bad_inputs_fail_early() -> None:
         dense_probe_accuracy(data.x, data.labels, [N_LETTERS])  # a letter with no tokens at all
     with pytest.raises(ValueError, match="rows in x's space"):
         chanin_absorption(_noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS, D + 1))
+    with pytest.raises(ValueError, match="same SAE"):
+        chanin_absorption(_noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS - 1, D))
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a bad decoder must fail before the encoding pass")
+
+    with pytest.raises(ValueError, match="rows in x's space"):
+        letter_metrics(encode, data, letters=TASK_LETTERS, decoder=torch.randn(N_LATENTS, D + 1))
 
 
 # --------------------------------------------------------------------------- end to end
