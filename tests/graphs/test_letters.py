@@ -187,7 +187,7 @@ def _probe_direction(data: LetterTaskData, letter: int) -> torch.Tensor:
     return direction / direction.norm()
 
 
-def _decoder(data: LetterTaskData, aligned: list[int], weak: list[int] = ()) -> torch.Tensor:
+def _decoder(data: LetterTaskData, aligned: list[int], weak: list[int] | None = None) -> torch.Tensor:
     """[N_LATENTS, D] unit rows: the `aligned` latents point along letter 0's probe, the `weak`
     ones have cos 0.1 with it (below tau_ps = 0.3 at D = 16), every other row is orthogonal to it
     (so only the planted latents can carry the letter)."""
@@ -195,7 +195,8 @@ def _decoder(data: LetterTaskData, aligned: list[int], weak: list[int] = ()) -> 
     rows = torch.randn(N_LATENTS, D, generator=torch.Generator().manual_seed(5))
     rows -= (rows @ p)[:, None] * p
     rows = rows / rows.norm(dim=1, keepdim=True)
-    rows[list(weak)] = 0.1 * p + (1 - 0.1**2) ** 0.5 * rows[list(weak)]
+    weak = weak or []
+    rows[weak] = 0.1 * p + (1 - 0.1**2) ** 0.5 * rows[weak]
     rows[aligned] = p
     return rows
 
