@@ -265,9 +265,14 @@ def _sparse_probe(codes: Codes, split: _Split, ks: Sequence[int]) -> tuple[dict[
     return accuracy, int(torch.argmax(diff))
 
 
+def _fit_dense(x: Tensor, split: _Split) -> _Logistic:
+    """The dense probe: a logistic regression on the whole residual, fitted on the train rows."""
+    return _fit_logistic(x[split.train].float(), split.y_train)
+
+
 def _dense_probe(x: Tensor, split: _Split) -> Tensor:
     """[n_test] bool: the dense probe's predictions on the test rows."""
-    return _fit_logistic(x[split.train].float(), split.y_train).predict(x[split.test].float())
+    return _fit_dense(x, split).predict(x[split.test].float())
 
 
 def chanin_cos_threshold(d_model: int) -> float:
@@ -453,7 +458,7 @@ def _check_decoder(decoder: Tensor, d_model: int, codes: Codes | None = None) ->
 def _chanin_letter(
     codes: Codes, x: Tensor, split: _Split, decoder: Tensor, cos_min: float, probe: _Logistic | None = None
 ) -> dict:
-    probe = probe or _fit_logistic(x[split.train].float(), split.y_train)
+    probe = probe or _fit_dense(x, split)
     known = split.test[split.y_test & probe.predict(x[split.test].float())]
     mains = _main_latents(codes, split)
     full, fraction = _chanin_absorption(codes, mains, probe, known, decoder, cos_min)
@@ -523,7 +528,7 @@ def letter_metrics(
     for L in letters:
         split = _letter_split(data.labels, L, train_frac, seed, groups)
         sparse, main = _sparse_probe(codes, split, ks)
-        probe = _fit_logistic(data.x[split.train].float(), split.y_train)
+        probe = _fit_dense(data.x, split)
         dense_pred = probe.predict(data.x[split.test].float())
         per_letter[L] = {
             "sparse_probe": sparse,
