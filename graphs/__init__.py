@@ -11,10 +11,11 @@
     evaluate       graph metrics, the SAE-shaped adapter for splicing, edge Jaccard
     synthetic      planted feature hierarchy (ground truth) and edge-recovery scoring
     letters        first-letter absorption and sparse-probing metrics
+    parents        label-free parent latents (token-mean SAE, cross-cutting pick) and their edges
     release        feature-dataset export (release_scan, release_tables, release_build) and load_release
     dashboard      the release's offline HTML dashboard
 
-Command line: `python -m graphs stats|train|transition|explain|eval|export|dashboard`.
+Command line: `python -m graphs stats|parents|train|transition|explain|eval|export|dashboard`.
 """
 
 _RELEASE = ("load_release", "export_release", "ExportConfig", "Release")

@@ -1,6 +1,7 @@
-"""`python -m graphs stats|train|transition|explain|eval|export|dashboard ...` (a stable contract: scripts call these).
+"""`python -m graphs stats|parents|train|transition|explain|eval|export|dashboard ...` (a stable contract: scripts call these).
 
     stats       co-activation counts and top-m candidate edges of a trained SAE over a store
+    parents     label-free parent latents injected into an SAE, their stats and child -> parent edges
     train       the adaptive sparse GNN autoencoder, from an SAE and its stats
     transition  a cross-layer transition graph between a source (graph or SAE) and a later SAE
     explain     reasoning paths for a text (JSON)
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from graphs.coactivation import StatsConfig, coactivation_stats
 from graphs.crosslayer import TransitionConfig, fit_transition
+from graphs.parents import ParentsConfig, build_parents, train_command
 from graphs.release import ExportConfig
 from graphs.train import GraphTrainConfig, train_graph
 from sae.cli import add_dataclass_args, dataclass_from_args
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m graphs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_dataclass_args(commands.add_parser("stats", help="co-activation statistics of an SAE"), StatsConfig, ("store", "sae", "out"))
+    add_dataclass_args(commands.add_parser("parents", help="label-free parent latents and their edges"), ParentsConfig,
+                       ("store", "sae", "out"))  # fmt: skip
     add_dataclass_args(commands.add_parser("train", help="train the graph autoencoder"), GraphTrainConfig, ("store", "stats", "out"))
     add_dataclass_args(commands.add_parser("transition", help="fit a cross-layer transition graph"), TransitionConfig,
                        ("store", "source", "target", "out"))  # fmt: skip
@@ -104,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stats":
             stats = coactivation_stats(dataclass_from_args(StatsConfig, args))
             print(json.dumps({"out": args.out, "n_tokens": stats.n_tokens, "n_pairs": int(stats.pair_counts.numel())}, indent=2))
+        elif args.command == "parents":
+            cfg = dataclass_from_args(ParentsConfig, args)
+            meta = json.loads((build_parents(cfg) / "parents.json").read_text())
+            print(json.dumps({"out": cfg.out, "picked": meta["picked"], "slots": meta["slots"], "n_edges": meta["n_edges"],
+                              "parents_reached": meta["parents_reached"], "top_tokens": meta["top_tokens"],
+                              "train": train_command(cfg, "GRAPH_DIR"), "control": train_command(cfg, "CONTROL_DIR", shut=True)},
+                             indent=2))  # fmt: skip
         elif args.command == "train":
             cfg = dataclass_from_args(GraphTrainConfig, args)
             model = train_graph(cfg)

@@ -26,11 +26,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
+from graphs.coactivation import StatsConfig, coactivation_stats
 from graphs.evaluate import AsSAE, graph_metrics, without_edges
 from graphs.io import load_graph_sae
 from graphs.letters import (
@@ -40,6 +39,7 @@ from graphs.letters import (
     letter_task_data,
     pick_letters,
 )
+from graphs.parents import GATES_SHUT, HELD_OPEN, install_parents, parent_edges
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae, save_sae
 from sae.models import load_model
@@ -73,21 +73,13 @@ def letter_counts(sae, store: ActivationStore, labels: torch.Tensor, n_tokens: i
     return {"fires": fires, "x_sum": x_sum, "x_count": x_count, "median_value": torch.cat(values).median()}
 
 
-def install_parents(sae, counts: dict[str, torch.Tensor], letters: list[int]) -> torch.Tensor:
+def install_letter_parents(sae, counts: dict[str, torch.Tensor], letters: list[int]) -> torch.Tensor:
     """Turn the len(letters) least-used latents into letter latents (in place); returns their ids."""
     slots = torch.argsort(counts["fires"].sum(1))[: len(letters)]
     x_sum, x_count = counts["x_sum"], counts["x_count"]
-    with torch.no_grad():
-        for L, slot in zip(letters, slots.tolist(), strict=True):
-            mean_l = x_sum[L] / x_count[L]
-            mean_other = (x_sum[:26].sum(0) - x_sum[L]) / (x_count[:26].sum() - x_count[L])
-            u = (mean_l - mean_other).float()
-            u /= u.norm()
-            on, off = float(mean_l.float() @ u), float(mean_other.float() @ u)
-            scale = float(counts["median_value"]) / max((on - off) / 2, 1e-6)
-            sae.W_dec[slot] = u
-            sae.W_enc[slot] = scale * u
-            sae.b_enc[slot] = -scale * (on + off) / 2
+    mean_in = torch.stack([x_sum[L] / x_count[L] for L in letters])
+    mean_out = torch.stack([(x_sum[:26].sum(0) - x_sum[L]) / (x_count[:26].sum() - x_count[L]) for L in letters])
+    install_parents(sae, slots, mean_in, mean_out, float(counts["median_value"]))
     return slots
 
 
@@ -100,19 +92,6 @@ def oracle_edges(fires: torch.Tensor, letters: list[int], slots: torch.Tensor) -
         src.append(children)
         dst.append(torch.full_like(children, slot))
     return torch.stack([torch.cat(src), torch.cat(dst)])
-
-
-def cooccurrence_edges(stats: CoactivationStats, slots: torch.Tensor, cut: float) -> torch.Tensor:
-    """i -> P for P(P fires | i fires) > cut (pairs seen >= MIN_FIRES times), each source's best slot."""
-    src, dst, p = stats.conditional()
-    keep = ((stats.pair_counts.repeat(2) >= MIN_FIRES) & torch.isin(dst, slots) & ~torch.isin(src, slots)
-            & (p > cut))  # fmt: skip
-    src, dst, p = src[keep], dst[keep], p[keep]
-    order = torch.from_numpy(np.lexsort((-p.numpy(), src.numpy())))  # by source, best first
-    src, dst = src[order], dst[order]
-    first = torch.ones_like(src, dtype=torch.bool)
-    first[1:] = src[1:] != src[:-1]
-    return torch.stack([src[first], dst[first]])
 
 
 def prepare(args, model) -> tuple[list[int], torch.Tensor, Path]:
@@ -128,13 +107,13 @@ def prepare(args, model) -> tuple[list[int], torch.Tensor, Path]:
         n_tokens = min(args.tokens, len(token_ids))
         labels = first_letter_labels(token_ids[:n_tokens], model.tokenizer)
         counts = letter_counts(sae, store, labels, n_tokens)
-        slots = install_parents(sae, counts, letters)
+        slots = install_letter_parents(sae, counts, letters)
         save_sae(sae, base_dir)
         save_file({"slots": slots, "edge_index": oracle_edges(counts["fires"], letters, slots).contiguous()},
                   out / "parents.safetensors")  # fmt: skip
     parents = load_file(out / "parents.safetensors")
     stats = coactivation_stats(StatsConfig(store=args.store, sae=str(base_dir), out=str(stats_dir), tokens=args.tokens))
-    for name, edges in (("oracle", parents["edge_index"]), ("cooccurrence", cooccurrence_edges(stats, parents["slots"], args.cut))):
+    for name, edges in (("oracle", parents["edge_index"]), ("cooccurrence", parent_edges(stats, parents["slots"], args.cut, MIN_FIRES))):
         save_file({"edge_index": edges.contiguous()}, out / f"edges-{name}.safetensors")
     return letters, parents["slots"], stats_dir
 
@@ -149,10 +128,8 @@ def train_runs(args, stats_dir: Path) -> dict[str, Path]:
                 continue
             edges = out / f"edges-{'oracle' if name == 'shut' else name}.safetensors"  # shut: any set, never opened
             train_graph(GraphTrainConfig(store=args.store, stats=str(stats_dir), out=str(run), tokens=args.tokens, seed=seed,
-                                         wandb="disabled", edges=str(edges), edge_coeff=0.0, absorption_coeff=100.0,
-                                         absorption_detach=True, implied_only=True, init_weight=0.5,
-                                         init_log_alpha=-20.0 if name == "shut" else 6.0,
-                                         resume=(run / "checkpoint.safetensors").exists()))  # fmt: skip
+                                         wandb="disabled", edges=str(edges), resume=(run / "checkpoint.safetensors").exists(),
+                                         **(GATES_SHUT if name == "shut" else HELD_OPEN)))  # fmt: skip
     return runs
 
 

@@ -28,6 +28,7 @@ from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics, without_edges
 from graphs.faithfulness import attribution_correlation, edge_interventions
 from graphs.io import load_graph_sae
 from graphs.letters import letter_metrics, letter_task_data
+from graphs.parents import GATES_SHUT, HELD_OPEN, ParentsConfig, build_parents
 from graphs.train import GraphTrainConfig, train_graph
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.io import load_sae
@@ -55,21 +56,29 @@ def cached(path: Path, compute):
 
 
 def build(args) -> dict[str, Path]:
-    """Stats of (a) and of the base SAE, the three graph autoencoders, the two transitions."""
+    """Stats of (a) and of the base SAE, the three graph autoencoders (with --parents: the parents,
+    and per seed the gates-shut control too), the two transitions."""
     out = Path(args.out)
-    dirs = {"stats_a": out / "stats-topk1m", "stats_base": out / ("stats-l15-residual" if args.residual_stats else "stats-l15")}
+    dirs = {"stats_a": out / "stats-topk1m"}
+    if args.parents:
+        dirs["parents"] = build_parents(ParentsConfig(store=args.store, sae=args.base, out=str(out / f"parents{args.parents}"),
+                                                      tokens=args.half_tokens, n_parents=args.parents))  # fmt: skip
+        dirs["stats_base"] = dirs["parents"] / "stats"
+    else:
+        dirs["stats_base"] = out / ("stats-l15-residual" if args.residual_stats else "stats-l15")
     for key, sae in (("stats_a", args.topk), ("stats_base", args.base)):
         if not (dirs[key] / "stats.json").exists():
             residual = key == "stats_base" and args.residual_stats
             coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens,
                                            residual=residual))  # fmt: skip
-    for seed in args.seeds:
-        dirs[f"c{seed}"] = out / f"gsae-s{seed}{args.tag}"
-        if not (dirs[f"c{seed}"] / "graph.json").exists():
-            train_graph(GraphTrainConfig(store=args.store, stats=str(dirs["stats_base"]), out=str(dirs[f"c{seed}"]),
-                                         tokens=args.half_tokens, seed=seed, wandb="disabled", edge_coeff=args.edge_coeff,
-                                         resume=(dirs[f"c{seed}"] / "checkpoint.safetensors").exists(),
-                                         **args.graph_opt))  # fmt: skip
+    runs = [("c", "gsae", HELD_OPEN), ("ctl", "gsae-shut", GATES_SHUT)] if args.parents else [("c", "gsae", {})]
+    for seed, (key, name, recipe) in itertools.product(args.seeds, runs):
+        run = dirs[f"{key}{seed}"] = out / f"{name}-s{seed}{args.tag}"
+        if not (run / "graph.json").exists():
+            edges = str(dirs["parents"] / "edges.safetensors") if args.parents else ""
+            train_graph(GraphTrainConfig(store=args.store, stats=str(dirs["stats_base"]), out=str(run), tokens=args.half_tokens,
+                                         seed=seed, wandb="disabled", resume=(run / "checkpoint.safetensors").exists(),
+                                         **{"edge_coeff": args.edge_coeff, "edges": edges, **recipe, **args.graph_opt}))  # fmt: skip
     for key, source in (("trans_a", args.topk), ("trans_c", str(dirs[f"c{args.seeds[0]}"]))):
         dirs[key] = out / (f"transition-{key[-1]}" + (args.tag if key == "trans_c" else ""))
         if not (dirs[key] / "transition.json").exists():
@@ -82,15 +91,16 @@ def reconstruction(args, dirs, model, windows) -> dict:
     eval_store = ActivationStore(args.eval_store)
     rows = {"a": cached(out / "eval-a.json", lambda: {**reconstruction_metrics(load_sae(args.topk), eval_store),
                                                        **splice_metrics(model, load_sae(args.topk), windows)})}  # fmt: skip
-    for seed in args.seeds:
-        def compute(seed=seed):
-            gsae = load_graph_sae(dirs[f"c{seed}"])
+    kinds = ("c", "ctl") if args.parents else ("c",)
+    for key, seed in itertools.product(kinds, args.seeds):
+        def compute(key=key, seed=seed):
+            gsae = load_graph_sae(dirs[f"{key}{seed}"])
             result = graph_metrics(gsae, eval_store)
             if seed == args.seeds[0]:
                 result.update(splice_metrics(model, AsSAE(gsae), windows))
             return result
 
-        rows[f"c{seed}"] = cached(out / f"eval-c{seed}{args.tag}.json", compute)
+        rows[f"{key}{seed}"] = cached(out / f"eval-{key}{seed}{args.tag}.json", compute)
     first = dirs[f"c{args.seeds[0]}"]
     rows["c_no_edges"] = cached(out / f"eval-c{args.seeds[0]}-no-edges{args.tag}.json",
                                 lambda: graph_metrics(without_edges(load_graph_sae(first)), eval_store))  # fmt: skip
@@ -98,17 +108,27 @@ def reconstruction(args, dirs, model, windows) -> dict:
 
 
 def letters(args, dirs, model) -> dict:
+    """Letters of (a), of (c)'s first seed with and without its edges, and with --parents of every
+    seed of (c) and of its control ("c_seeds", "ctl_seeds")."""
     out = Path(args.out)
     topk = load_sae(args.topk)
     data = letter_task_data(ActivationStore(args.eval_store), topk.cfg.hook, model.tokenizer,
                             max_tokens=args.letter_tokens)  # fmt: skip
-    # "-chanin": these caches also hold Chanin-style absorption (older ones without it are not reused)
+
+    def score(name: str, gsae) -> dict:  # "-chanin": also Chanin-style absorption (older caches lack it)
+        return cached(out / f"letters-chanin-{name}.json",
+                      lambda: _json_keys(letter_metrics(AsSAE(gsae).encode, data, decoder=gsae.sae.W_dec.detach())))  # fmt: skip
+
+    first = dirs[f"c{args.seeds[0]}"]
     result = {"a": cached(out / "letters-chanin-a.json",
-                          lambda: _json_keys(letter_metrics(topk.encode, data, decoder=topk.W_dec.detach())))}  # fmt: skip
-    for key, gsae in (("c", load_graph_sae(dirs[f"c{args.seeds[0]}"])),
-                      ("c_no_edges", without_edges(load_graph_sae(dirs[f"c{args.seeds[0]}"])))):  # fmt: skip
-        name = f"letters-chanin-{key.replace('_', '-')}{args.tag}.json"
-        result[key] = cached(out / name, lambda g=gsae: _json_keys(letter_metrics(AsSAE(g).encode, data, decoder=g.sae.W_dec.detach())))
+                          lambda: _json_keys(letter_metrics(topk.encode, data, decoder=topk.W_dec.detach()))),
+              "c": score(f"c{args.tag}", load_graph_sae(first)),
+              "c_no_edges": score(f"c-no-edges{args.tag}", without_edges(load_graph_sae(first)))}  # fmt: skip
+    if args.parents:
+        for key in ("c", "ctl"):
+            result[f"{key}_seeds"] = [result["c"] if (key, seed) == ("c", args.seeds[0])
+                                      else score(f"{key}{seed}{args.tag}", load_graph_sae(dirs[f"{key}{seed}"]))
+                                      for seed in args.seeds]  # fmt: skip
     return result
 
 
@@ -168,31 +188,51 @@ def faithfulness(args, dirs, model) -> dict:
 
 
 def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
+    """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s letter
+    rows as the mean over seeds (each seed in brackets)."""
     a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
     cs = [rows[f"c{s}"] for s in args.seeds]
     mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
     n_edges = stab["edges"][0]
     def fmt(v, digits=3):
         return "—" if v is None else f"{v:.{digits}f}"
+
+    def seeds(values: list[float]) -> str:
+        return fmt(values[0]) if len(values) == 1 else f"{fmt(sum(values) / len(values))} ({', '.join(map(fmt, values))})"
+
+    def letter(key: str, field: str, k: str | None = None) -> str:
+        if f"{key}_seeds" not in let:
+            value = let[key][field]
+            return fmt(value[k] if k else value)
+        return seeds([(r[field][k] if k else r[field]) for r in let[f"{key}_seeds"]])
+
+    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
+    extra = lambda cell: f" {cell} |" if args.parents else ""  # noqa: E731  the control's column
+    head = f"| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed {args.seeds[0]}, edges removed |"
     table = [
-        f"| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed {args.seeds[0]}, edges removed |",
-        "|---|---|---|---|---|",
-        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |",
-        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu']) for r in cs)}) | {fmt(bare['fvu'])} |",
-        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |",
-        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |",
-        f"| first-letter absorption (lower is better) | {fmt(let['a']['absorption'])} | {fmt(let['a']['absorption'])} | {fmt(let['c']['absorption'])} | {fmt(lb['absorption'])} |",
-        *[f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {fmt(let['c'][key])} | {fmt(lb[key])} |"
-          for label, key in (("absorption, Chanin et al.'s full rate", "full_absorption"), ("absorption fraction (SAEBench-style)", "absorption_fraction"))],
-        *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['c']['sparse_probe'][str(k)])} | {fmt(lb['sparse_probe'][str(k)])} |" for k in (1, 2, 5)],
-        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |",
-        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |",
-        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |",
-        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |",
-        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |",
-        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |",
-        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |",
-        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |",
+        head + extra("(c)'s control: same fine-tune, gates shut"),
+        "|---|---|---|---|---|" + extra("---"),
+        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
+        + extra(ctl and fmt(ctl[0]['l0'], 1)),
+        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
+        + extra(ctl and f"{fmt(ctl[0]['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in ctl)})"),
+        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |"
+        + extra(ctl and fmt(ctl[0]['dead_fraction'])),
+        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |"
+        + extra(ctl and fmt(ctl[0].get('ce_loss_recovered'))),
+        *[f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {letter('c', key)} | {fmt(lb[key])} |" + extra(letter("ctl", key))
+          for label, key in (("first-letter absorption (upper bound)", "absorption"), ("absorption, Chanin et al.'s full rate", "full_absorption"),
+                             ("absorption fraction (SAEBench-style)", "absorption_fraction"))],
+        *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | {fmt(lb['sparse_probe'][str(k)])} |"
+          + extra(letter("ctl", "sparse_probe", str(k))) for k in (1, 2, 5)],
+        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |" + extra("—"),
+        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |" + extra(ctl and fmt(ctl[0]['implied_per_token'], 4)),
+        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |" + extra("0"),
+        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |" + extra("—"),
+        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |" + extra("—"),
+        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |" + extra("—"),
+        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |" + extra("—"),
+        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |" + extra("—"),
     ]  # fmt: skip
     return "\n".join(table)
 
@@ -211,6 +251,9 @@ def main() -> None:
                         help="comma-separated seeds of (c); the first also gets CE, letters, faithfulness")
     parser.add_argument("--graph-opt", action="append", default=[], metavar="FIELD=VALUE",
                         help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable; use a new --tag)")
+    parser.add_argument("--parents", type=int, default=0, metavar="N",
+                        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held open, plus "
+                             "its gates-shut control per seed (0: the plain graph autoencoder); use a new --tag")  # fmt: skip
     parser.add_argument("--residual-stats", action="store_true",
                         help="(c)'s stats also count missed features (for --graph-opt score=residual)")
     args = parser.parse_args()
