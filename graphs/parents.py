@@ -189,8 +189,12 @@ def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
-    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
-    if saved.exists() and json.loads(saved.read_text()) != mine:
+    def settings(fields: dict) -> dict:  # what must match for a re-run to continue (paths resolved)
+        kept = {k: v for k, v in fields.items() if k not in ("out", "device")}
+        return {**kept, "store": str(Path(kept["store"]).resolve()), "sae": str(Path(kept["sae"]).resolve())}
+
+    mine = settings(asdict(cfg))
+    if saved.exists() and settings(json.loads(saved.read_text())) != mine:
         raise ValueError(f"{out} holds parents built with other settings ({saved}); pass a new --out")
     saved.write_text(json.dumps(mine, indent=2))
     return store, base.to(cfg.device).eval(), out

@@ -9,6 +9,10 @@ The two are run alternately, `--rounds` times, and the ratios of the medians are
 machine is shared, so only ratios within a run count.
 
     python scripts/bench_graph.py --store out/l15-train-1m --stats out/graph/stats-l15 [--steps 48]
+    python scripts/bench_graph.py --store out/l15-train-1m --parents out/graph/parents20   # (c)'s recipe
+
+With --parents DIR (`python -m graphs parents`) the graph autoencoder trains as in the quality
+table's (c): DIR's SAE, stats and edges, gates held open (graphs.parents.HELD_OPEN).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from graphs.coactivation import CoactivationStats
+from graphs.parents import HELD_OPEN
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae
 from sae.train import TrainConfig, train
@@ -36,11 +41,18 @@ def _speeds(out: Path, batch_size: int) -> tuple[float, float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True)
-    parser.add_argument("--stats", required=True, help="co-activation stats dir (`python -m graphs stats`)")
+    parser.add_argument("--stats", help="co-activation stats dir (`python -m graphs stats`)")
+    parser.add_argument("--parents", help="a `python -m graphs parents` dir: train with its stats, edges and recipe")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if bool(args.stats) == bool(args.parents):
+        parser.error("pass exactly one of --stats DIR and --parents DIR")
+    recipe = {}
+    if args.parents:
+        args.stats = str(Path(args.parents) / "stats")
+        recipe = {**HELD_OPEN, "edges": str(Path(args.parents) / "edges.safetensors")}
     sae = load_sae(CoactivationStats.load(args.stats).meta["sae"])
     tokens = args.steps * args.batch_size
     speeds: dict[str, list[float]] = {"topk": [], "graph": [], "topk_steady": [], "graph_steady": []}
@@ -54,7 +66,7 @@ def main() -> None:
                               log_every=log_every, checkpoint_every=10**9, wandb="disabled"))  # fmt: skip
             train_graph(GraphTrainConfig(store=args.store, stats=args.stats, out=str(graph_out), tokens=tokens,
                                          batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
-                                         wandb="disabled"))  # fmt: skip
+                                         wandb="disabled", **recipe))  # fmt: skip
             for name, out in (("topk", topk_out), ("graph", graph_out)):
                 run, steady, row = _speeds(out, args.batch_size)
                 speeds[name].append(run)
@@ -62,7 +74,7 @@ def main() -> None:
             last_graph_row = row
     median = {name: statistics.median(values) for name, values in speeds.items()}
     print(json.dumps({
-        "store": args.store, "hook": sae.cfg.hook, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
+        "store": args.store, "recipe": "parents (held open)" if args.parents else "default", "hook": sae.cfg.hook, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
         "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
         "topk_tok_s": median["topk"], "graph_tok_s": median["graph"], "ratio": median["graph"] / median["topk"],
         "ratio_steady": median["graph_steady"] / median["topk_steady"], "goal": 0.7,

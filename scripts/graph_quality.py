@@ -211,7 +211,7 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
     head = f"| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed {args.seeds[0]}, edges removed |"
     table = [
         head + extra("(c)'s control: same fine-tune, gates shut"),
-        "|---|---|---|---|---|" + extra("---"),
+        "|---|---|---|---|---|" + ("---|" if args.parents else ""),
         f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
         + extra(ctl and fmt(ctl[0]['l0'], 1)),
         f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
