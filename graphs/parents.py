@@ -112,7 +112,7 @@ def build_parents(cfg: ParentsConfig) -> Path:
     hook = base.cfg.hook
     n_tokens = min(cfg.tokens, len(store)) if cfg.tokens else len(store)
     if not (out / "type_stats.safetensors").exists():
-        _save_type_stats(type_statistics(base, store, n_tokens, cfg.device), out / "type_stats.safetensors")
+        _save_type_stats(type_statistics(base, store, n_tokens, cfg.device), out / "type_stats.safetensors")  # ~1 min / 500k
     types = _load_type_stats(out / "type_stats.safetensors")
     frequent = types.counts >= cfg.min_count
     if int(frequent.sum()) <= cfg.latents:
@@ -122,9 +122,9 @@ def build_parents(cfg: ParentsConfig) -> Path:
         means = token_means(types.sums[frequent], types.counts[frequent])
         sae, fvu = train_tokmean_sae(means, cfg)
         active = _active(sae, means)
-        save_file({"type_ids": types.type_ids[frequent].contiguous(), "active": active.to(torch.uint8),
-                   "W_dec": sae.W_dec.detach().contiguous()}, out / "tokmean-sae.safetensors",
-                  metadata={"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)})  # fmt: skip
+        _save_atomic({"type_ids": types.type_ids[frequent].contiguous(), "active": active.to(torch.uint8),
+                      "W_dec": sae.W_dec.detach().contiguous()}, out / "tokmean-sae.safetensors",
+                     metadata={"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)})  # fmt: skip
     tokmean = load_file(out / "tokmean-sae.safetensors")
     parents_sae = out / "sae" / hook
     if not (out / "parents.json").exists():
@@ -147,23 +147,34 @@ def build_parents(cfg: ParentsConfig) -> Path:
         mean_in, mean_out = set_means(types.sums, types.counts, inside)
         sae = install_parents(load_sae(cfg.sae), slots, mean_in, mean_out, types.median_value)
         save_sae(sae, parents_sae)
-        (out / "parents.json").write_text(json.dumps({
-            "config": asdict(cfg), "n_tokens": n_tokens, "tokmean_fvu": float(tokmean_meta(out)["fvu"]),
+        _write_json(out / "parents.json", {
+            "config": asdict(cfg), "n_tokens": n_tokens, "tokmean_fvu": float(_tokmean_meta(out)["fvu"]),
             "n_types": int(frequent.sum()), "n_candidates": len(candidates), "slots": slots.tolist(),
             "picked": picked.tolist(), "mean_jaccard": crossing[order].tolist(), "freq": freq[picked].tolist(),
-            "top_tokens": _top_tokens(inside, types, tokenizer)}, indent=2))  # fmt: skip
+            "top_tokens": _top_tokens(inside, types, tokenizer)})  # fmt: skip
     meta = json.loads((out / "parents.json").read_text())
     stats = coactivation_stats(StatsConfig(store=cfg.store, sae=str(parents_sae), out=str(out / "stats"), tokens=n_tokens,
                                            device=cfg.device))  # fmt: skip
-    if not (out / "edges.safetensors").exists():
+    if "n_edges" not in meta:  # the edges are cheap: recounted unless parents.json says they were written
         edges = parent_edges(stats, torch.tensor(meta["slots"]), cfg.cut, cfg.min_pair_count)
-        save_file({"edge_index": edges.contiguous()}, out / "edges.safetensors")
+        _save_atomic({"edge_index": edges.contiguous()}, out / "edges.safetensors")
         meta["n_edges"], meta["parents_reached"] = edges.shape[1], int(edges[1].unique().numel())
-        (out / "parents.json").write_text(json.dumps(meta, indent=2))
+        _write_json(out / "parents.json", meta)
     return out
 
 
-def tokmean_meta(out: Path) -> dict[str, str]:
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A file that exists is whole: a kill mid-write leaves only the .tmp behind."""
+    save_file(tensors, path.with_suffix(".tmp"), metadata=metadata)
+    path.with_suffix(".tmp").replace(path)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.with_suffix(".tmp").write_text(json.dumps(value, indent=2))
+    path.with_suffix(".tmp").replace(path)
+
+
+def _tokmean_meta(out: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(out / "tokmean-sae.safetensors"), "pt") as f:
@@ -196,7 +207,7 @@ def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
     mine = settings(asdict(cfg))
     if saved.exists() and settings(json.loads(saved.read_text())) != mine:
         raise ValueError(f"{out} holds parents built with other settings ({saved}); pass a new --out")
-    saved.write_text(json.dumps(mine, indent=2))
+    _write_json(saved, mine)
     return store, base.to(cfg.device).eval(), out
 
 
@@ -227,7 +238,7 @@ def type_statistics(sae: SAE, store: ActivationStore, n_tokens: int, device: str
 
 
 def _save_type_stats(types: TypeStats, path: Path) -> None:
-    save_file({"type_ids": types.type_ids, "sums": types.sums, "counts": types.counts, "fires": types.fires,
+    _save_atomic({"type_ids": types.type_ids, "sums": types.sums, "counts": types.counts, "fires": types.fires,
                "median_value": torch.tensor([types.median_value])}, path)  # fmt: skip
 
 

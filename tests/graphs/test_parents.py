@@ -109,7 +109,7 @@ def test_installed_parents_fire_on_their_set_mean_and_not_on_the_rest():
     for p, slot in enumerate((7, 2)):
         u = (mean_in[p] - mean_out[p]).float()
         torch.testing.assert_close(sae.W_dec[slot].detach(), u / u.norm())
-        w, b = sae.W_enc[slot].detach(), float(sae.b_enc[slot])  # pre-activation in centred-input space
+        w, b = sae.W_enc[slot].detach(), float(sae.b_enc[slot].detach())  # pre-activation in centred-input space
         assert float(w @ mean_in[p].float()) + b == pytest.approx(1.5, abs=1e-4)
         assert float(w @ mean_out[p].float()) + b == pytest.approx(-1.5, abs=1e-4)
     untouched = torch.ones(10, dtype=torch.bool)
@@ -160,6 +160,14 @@ def test_a_rerun_resumes_and_other_settings_are_refused(tiny_graph, tiny_parents
     monkeypatch.setattr(P, "train_tokmean_sae", fail)
     P.build_parents(cfg)
     assert (out / "edges.safetensors").stat().st_mtime_ns == before
+    # killed after the stats, before the edges were recorded: they are recounted, identically
+    edges = load_file(out / "edges.safetensors")["edge_index"]
+    meta = json.loads((out / "parents.json").read_text())
+    (out / "parents.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("n_edges", "parents_reached")}))
+    P.build_parents(cfg)
+    assert json.loads((out / "parents.json").read_text()) == meta
+    assert torch.equal(load_file(out / "edges.safetensors")["edge_index"], edges)
+    assert not list(out.glob("*.tmp"))
     with pytest.raises(ValueError, match="other settings"):
         P.build_parents(tiny_parents_config(tiny_graph, out, n_parents=2))
 
