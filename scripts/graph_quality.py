@@ -3,8 +3,11 @@
 Equal width (9216 latents) and equal training tokens (1M): (a) is a TopK SAE trained on 1M tokens;
 (b) is (a) plus its co-activation candidates cut to (c)'s number of edges; (c) starts from a
 TopK SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds
-1-3). Every step caches its output under --out, so a killed run resumes. Writes
-docs/graph_quality.md and <out>/graph_quality.json.
+1-3). With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE
+with N label-free parents injected (graphs.parents) on their child -> parent edges, gates held
+open, and a fifth column gives the same fine-tune with every gate shut. Every step caches its
+output under --out, so a killed run resumes. Writes docs/graph_quality.md and
+<out>/graph_quality{tag}.json.
 
     python scripts/graph_quality.py --store out/l15-train-1m --eval-store out/l15-heldout \\
         --pair-store out/l15-l18-300k --topk out/quality/topk/blocks.15.hook_resid_post \\
