@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
+from graphs.coactivation import CoactivationStats, StatsConfig, _atomic, coactivation_stats
 from graphs.letters import first_letter_labels
 from sae.io import load_sae, save_sae
 from sae.sae import SAE, SAEConfig
@@ -164,14 +164,11 @@ def build_parents(cfg: ParentsConfig) -> Path:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """A file that exists is whole: a kill mid-write leaves only the .tmp behind."""
-    save_file(tensors, path.with_suffix(".tmp"), metadata=metadata)
-    path.with_suffix(".tmp").replace(path)
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))  # a file that exists is whole
 
 
 def _write_json(path: Path, value: dict) -> None:
-    path.with_suffix(".tmp").write_text(json.dumps(value, indent=2))
-    path.with_suffix(".tmp").replace(path)
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def _tokmean_meta(out: Path) -> dict[str, str]:

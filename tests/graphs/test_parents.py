@@ -168,7 +168,7 @@ def test_a_rerun_resumes_and_other_settings_are_refused(tiny_graph, tiny_parents
     P.build_parents(cfg)
     assert json.loads((out / "parents.json").read_text()) == meta
     assert torch.equal(load_file(out / "edges.safetensors")["edge_index"], edges)
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp"))
     with pytest.raises(ValueError, match="other settings"):
         P.build_parents(tiny_parents_config(tiny_graph, out, n_parents=2))
 
