@@ -145,8 +145,7 @@ def build_parents(cfg: ParentsConfig) -> Path:
         slots = torch.argsort(types.fires, stable=True)[: cfg.n_parents]  # the least-used base latents
         inside = _type_sets(active[:, picked], type_ids, types.type_ids)  # [U, P] bool over all store types
         mean_in, mean_out = set_means(types.sums, types.counts, inside)
-        sae = install_parents(load_sae(cfg.sae), slots, mean_in, mean_out, types.median_value)
-        save_sae(sae, parents_sae)
+        save_sae(install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae)  # base: not used after
         _write_json(out / "parents.json", {
             "config": asdict(cfg), "n_tokens": n_tokens, "tokmean_fvu": float(_tokmean_meta(out)["fvu"]),
             "n_types": int(frequent.sum()), "n_candidates": len(candidates), "slots": slots.tolist(),
