@@ -1,13 +1,13 @@
 """`python -m graphs stats|parents|train|transition|explain|eval|export|dashboard ...` (a stable contract: scripts call these).
 
-    stats       co-activation counts and top-m candidate edges of a trained SAE over a store
-    parents     label-free parent latents injected into an SAE, their stats and child -> parent edges
-    train       the adaptive sparse GNN autoencoder, from an SAE and its stats
-    transition  a cross-layer transition graph between a source (graph or SAE) and a later SAE
-    explain     reasoning paths for a text (JSON)
-    eval        reconstruction, L0 before/after propagation, graph size, CE loss recovered (JSON)
-    export      a released feature dataset + dashboard from an SAE, its graph and a store (graphs.release)
-    dashboard   rewrite the offline dashboard of a release
+stats       co-activation counts and top-m candidate edges of a trained SAE over a store
+parents     label-free parent latents injected into an SAE, their stats and child -> parent edges
+train       the adaptive sparse GNN autoencoder, from an SAE and its stats
+transition  a cross-layer transition graph between a source (graph or SAE) and a later SAE
+explain     reasoning paths for a text (JSON)
+eval        reconstruction, L0 before/after propagation, graph size, CE loss recovered (JSON)
+export      a released feature dataset + dashboard from an SAE, its graph and a store (graphs.release)
+dashboard   rewrite the offline dashboard of a release
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ def run_graph_eval(cfg: GraphEvalConfig) -> dict:
     from sae.store import ActivationStore
 
     model = load_graph_sae(cfg.graph)
-    result = {"graph": cfg.graph, **graph_metrics(model, ActivationStore(cfg.store), cfg.max_store_tokens or None)}
+    result = {
+        "graph": cfg.graph,
+        **graph_metrics(model, ActivationStore(cfg.store), cfg.max_store_tokens or None),
+    }
     if cfg.model:
         from graphs.evaluate import AsSAE
 
@@ -90,36 +93,98 @@ def run_graph_eval(cfg: GraphEvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m graphs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m graphs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(commands.add_parser("stats", help="co-activation statistics of an SAE"), StatsConfig, ("store", "sae", "out"))
-    add_dataclass_args(commands.add_parser("parents", help="label-free parent latents and their edges"), ParentsConfig,
-                       ("store", "sae", "out"))  # fmt: skip
-    add_dataclass_args(commands.add_parser("train", help="train the graph autoencoder"), GraphTrainConfig, ("store", "stats", "out"))
-    add_dataclass_args(commands.add_parser("transition", help="fit a cross-layer transition graph"), TransitionConfig,
-                       ("store", "source", "target", "out"))  # fmt: skip
-    add_dataclass_args(commands.add_parser("explain", help="reasoning paths for a text (JSON)"), ExplainConfig, ("graph", "text"))
-    add_dataclass_args(commands.add_parser("eval", help="evaluate a graph autoencoder (JSON)"), GraphEvalConfig, ("graph", "store"))
-    add_dataclass_args(commands.add_parser("export", help="release a feature dataset + dashboard"), ExportConfig,
-                       ("sae", "graph", "store", "out"))  # fmt: skip
-    add_dataclass_args(commands.add_parser("dashboard", help="rewrite a release's dashboard"), DashboardConfig, ("release",))
+    add_dataclass_args(
+        commands.add_parser("stats", help="co-activation statistics of an SAE"),
+        StatsConfig,
+        ("store", "sae", "out"),
+    )
+    add_dataclass_args(
+        commands.add_parser("parents", help="label-free parent latents and their edges"),
+        ParentsConfig,
+        ("store", "sae", "out"),
+    )
+    add_dataclass_args(
+        commands.add_parser("train", help="train the graph autoencoder"),
+        GraphTrainConfig,
+        ("store", "stats", "out"),
+    )
+    add_dataclass_args(
+        commands.add_parser("transition", help="fit a cross-layer transition graph"),
+        TransitionConfig,
+        ("store", "source", "target", "out"),
+    )
+    add_dataclass_args(
+        commands.add_parser("explain", help="reasoning paths for a text (JSON)"),
+        ExplainConfig,
+        ("graph", "text"),
+    )
+    add_dataclass_args(
+        commands.add_parser("eval", help="evaluate a graph autoencoder (JSON)"),
+        GraphEvalConfig,
+        ("graph", "store"),
+    )
+    add_dataclass_args(
+        commands.add_parser("export", help="release a feature dataset + dashboard"),
+        ExportConfig,
+        ("sae", "graph", "store", "out"),
+    )
+    add_dataclass_args(
+        commands.add_parser("dashboard", help="rewrite a release's dashboard"),
+        DashboardConfig,
+        ("release",),
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "stats":
             stats = coactivation_stats(dataclass_from_args(StatsConfig, args))
-            print(json.dumps({"out": args.out, "n_tokens": stats.n_tokens, "n_pairs": int(stats.pair_counts.numel())}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "out": args.out,
+                        "n_tokens": stats.n_tokens,
+                        "n_pairs": int(stats.pair_counts.numel()),
+                    },
+                    indent=2,
+                )
+            )
         elif args.command == "parents":
             cfg = dataclass_from_args(ParentsConfig, args)
             meta = json.loads((build_parents(cfg) / "parents.json").read_text())
-            print(json.dumps({"out": cfg.out, "picked": meta["picked"], "slots": meta["slots"], "n_edges": meta["n_edges"],
-                              "parents_reached": meta["parents_reached"], "top_tokens": meta["top_tokens"],
-                              "train": train_command(cfg, "GRAPH_DIR"), "control": train_command(cfg, "CONTROL_DIR", shut=True)},
-                             indent=2))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "out": cfg.out,
+                        "picked": meta["picked"],
+                        "slots": meta["slots"],
+                        "n_edges": meta["n_edges"],
+                        "parents_reached": meta["parents_reached"],
+                        "top_tokens": meta["top_tokens"],
+                        "train": train_command(cfg, "GRAPH_DIR"),
+                        "control": train_command(cfg, "CONTROL_DIR", shut=True),
+                    },
+                    indent=2,
+                )
+            )
         elif args.command == "train":
             cfg = dataclass_from_args(GraphTrainConfig, args)
             model = train_graph(cfg)
             edges, _ = model.active_edges()
-            print(json.dumps({"out": cfg.out, "active_edges": edges.shape[1], "evidence_k": float(model.evidence_k)}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "out": cfg.out,
+                        "active_edges": edges.shape[1],
+                        "evidence_k": float(model.evidence_k),
+                    },
+                    indent=2,
+                )
+            )
         elif args.command == "transition":
             _, meta = fit_transition(dataclass_from_args(TransitionConfig, args))
             print(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
@@ -131,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             from graphs.release import export_release
 
             out = export_release(dataclass_from_args(ExportConfig, args))
-            print(json.dumps({"release": str(out.resolve()), "dashboard": str((out / "dashboard" / "index.html").resolve())}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "release": str(out.resolve()),
+                        "dashboard": str((out / "dashboard" / "index.html").resolve()),
+                    },
+                    indent=2,
+                )
+            )
         elif args.command == "dashboard":
             from graphs.dashboard import write_dashboard
             from graphs.release import load_release

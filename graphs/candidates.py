@@ -16,7 +16,9 @@ import torch
 
 
 @torch.no_grad()
-def geometry_candidates(W_dec: torch.Tensor, m: int, min_cos: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+def geometry_candidates(
+    W_dec: torch.Tensor, m: int, min_cos: float = 0.1, chunk: int = 1024
+) -> torch.Tensor:
     """edge_index [2, E] int64: for each feature i its (at most) m targets j ≠ i with the largest
     cos(d_i, d_j) > min_cos. W_dec: [n, d] decoder rows (normalised here, any norm accepted)."""
     if m < 1:

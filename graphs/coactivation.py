@@ -64,8 +64,11 @@ from sae.store import MANIFEST, ActivationStore
 
 FORMAT_VERSION = 1
 CHECKPOINT, STATS, STATS_JSON, CANDIDATES = (
-    "checkpoint.safetensors", "stats.safetensors", "stats.json", "candidates.safetensors"
-)  # fmt: skip
+    "checkpoint.safetensors",
+    "stats.safetensors",
+    "stats.json",
+    "candidates.safetensors",
+)
 Score = Literal["npmi", "pmi", "jaccard", "conditional", "residual"]
 SCORES: tuple[str, ...] = ("npmi", "pmi", "jaccard", "conditional", "residual")
 PAIR_BUDGET = 1 << 24  # pair keys built at once (64-128 MB): bounds memory even for dense codes
@@ -112,12 +115,18 @@ class CoactivationStats:
     n_latents: int
     n_tokens: int
     feature_counts: torch.Tensor  # [n_latents] int64: tokens on which each latent fired
-    pair_index: torch.Tensor  # [2, P] int64, i < j, unique, sorted: pairs that co-fired at least once
+    pair_index: (
+        torch.Tensor
+    )  # [2, P] int64, i < j, unique, sorted: pairs that co-fired at least once
     pair_counts: torch.Tensor  # [P] int64: tokens on which both fired
     meta: dict = field(default_factory=dict)  # provenance for stats.json (sae, hook, config, ...)
-    miss_counts: torch.Tensor | None = None  # [n_latents] int64: tokens on which each latent was missed
+    miss_counts: torch.Tensor | None = (
+        None  # [n_latents] int64: tokens on which each latent was missed
+    )
     miss_index: torch.Tensor | None = None  # [2, Q] int64 (i active, j missed), unique, sorted
-    miss_pair_counts: torch.Tensor | None = None  # [Q] int64: tokens on which i fired and j was missed
+    miss_pair_counts: torch.Tensor | None = (
+        None  # [Q] int64: tokens on which i fired and j was missed
+    )
 
     @property
     def has_residual(self) -> bool:
@@ -152,10 +161,14 @@ class CoactivationStats:
     def residual_lift(self) -> torch.Tensor:
         """[Q] float64 over miss_index: c^miss_ij / c_i − m_j / N (how much more often j is missed when i fires)."""
         if not self.has_residual:
-            raise ValueError("these stats hold no missed-feature counts; recompute them with --residual")
+            raise ValueError(
+                "these stats hold no missed-feature counts; recompute them with --residual"
+            )
         i, j = self.miss_index
-        return (self.miss_pair_counts.double() / self.feature_counts[i].double()
-                - self.miss_counts[j].double() / self.n_tokens)  # fmt: skip
+        return (
+            self.miss_pair_counts.double() / self.feature_counts[i].double()
+            - self.miss_counts[j].double() / self.n_tokens
+        )
 
     def directed_scores(self, score: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(src, dst, value) for both directions of each pair under `score`: [2P] each (for
@@ -165,13 +178,17 @@ class CoactivationStats:
         if score == "conditional":
             return self.conditional()
         if score == "residual":  # already directed: (i active, j missed)
-            lift = self.residual_lift()  # first: it names the fix when the stats have no miss counts
+            lift = (
+                self.residual_lift()
+            )  # first: it names the fix when the stats have no miss counts
             return self.miss_index[0], self.miss_index[1], lift
         value = {"npmi": self.npmi, "pmi": self.pmi, "jaccard": self.jaccard}[score]()
         i, j = self.pair_index
         return torch.cat([i, j]), torch.cat([j, i]), torch.cat([value, value])
 
-    def candidates(self, m: int = 32, score: str = "npmi", min_count: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(
+        self, m: int = 32, score: str = "npmi", min_count: int = 5
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each feature's top-m neighbours by `score` among pairs with c_ij ≥ min_count and PMI > 0
         (for residual: targets missed on ≥ min_count of the source's tokens, with positive lift).
 
@@ -179,17 +196,31 @@ class CoactivationStats:
         then by descending score (ties: smaller target first), and scores [E] float32.
         """
         if m < 1 or min_count < 1:
-            raise ValueError(f"m and min_count must be at least 1 (got m={m}, min_count={min_count})")
-        if score == "residual":  # (i active, j missed) pairs seen ≥ min_count times, with positive lift
+            raise ValueError(
+                f"m and min_count must be at least 1 (got m={m}, min_count={min_count})"
+            )
+        if (
+            score == "residual"
+        ):  # (i active, j missed) pairs seen ≥ min_count times, with positive lift
             src, dst, value = self.directed_scores(score)
             keep = (self.miss_pair_counts >= min_count) & (value > 0)
             src, dst, value = src[keep], dst[keep], value[keep]
         else:
-            frequent = self.pair_counts >= min_count  # [P]: most pairs are rare, so filter them first
-            kept = CoactivationStats(self.n_latents, self.n_tokens, self.feature_counts,
-                                     self.pair_index[:, frequent], self.pair_counts[frequent])  # fmt: skip
+            frequent = (
+                self.pair_counts >= min_count
+            )  # [P]: most pairs are rare, so filter them first
+            kept = CoactivationStats(
+                self.n_latents,
+                self.n_tokens,
+                self.feature_counts,
+                self.pair_index[:, frequent],
+                self.pair_counts[frequent],
+            )
             positive = kept.pmi() > 0
-            kept.pair_index, kept.pair_counts = kept.pair_index[:, positive], kept.pair_counts[positive]
+            kept.pair_index, kept.pair_counts = (
+                kept.pair_index[:, positive],
+                kept.pair_counts[positive],
+            )
             src, dst, value = kept.directed_scores(score)  # [2P'] each
         order = torch.from_numpy(np.lexsort((dst.numpy(), -value.numpy(), src.numpy())))
         src, dst, value = src[order], dst[order], value[order]
@@ -202,14 +233,29 @@ class CoactivationStats:
         """stats.safetensors, then stats.json (last: it marks the directory complete)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"feature_counts": self.feature_counts, "pair_index": self.pair_index.int(),  # ids < 2^31
-                   "pair_counts": self.pair_counts}  # fmt: skip
+        tensors = {
+            "feature_counts": self.feature_counts,
+            "pair_index": self.pair_index.int(),  # ids < 2^31
+            "pair_counts": self.pair_counts,
+        }
         if self.has_residual:
-            tensors |= {"miss_counts": self.miss_counts, "miss_index": self.miss_index.int(),
-                        "miss_pair_counts": self.miss_pair_counts}  # fmt: skip
-        _atomic(directory / STATS, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
-        info = {"format_version": FORMAT_VERSION, "n_tokens": self.n_tokens, "n_latents": self.n_latents,
-                "n_pairs": int(self.pair_counts.numel()), **self.meta, "complete": True}  # fmt: skip
+            tensors |= {
+                "miss_counts": self.miss_counts,
+                "miss_index": self.miss_index.int(),
+                "miss_pair_counts": self.miss_pair_counts,
+            }
+        _atomic(
+            directory / STATS,
+            lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp),
+        )
+        info = {
+            "format_version": FORMAT_VERSION,
+            "n_tokens": self.n_tokens,
+            "n_latents": self.n_latents,
+            "n_pairs": int(self.pair_counts.numel()),
+            **self.meta,
+            "complete": True,
+        }
         _atomic(directory / STATS_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
         return directory
 
@@ -217,19 +263,36 @@ class CoactivationStats:
     def load(cls, directory: str | Path) -> CoactivationStats:
         directory = Path(directory)
         if not (directory / STATS_JSON).exists() or not (directory / STATS).exists():
-            raise FileNotFoundError(f"{directory} holds no finished co-activation stats ({STATS_JSON}, "
-                                    f"{STATS}); run coactivation_stats with --out {directory}")  # fmt: skip
+            raise FileNotFoundError(
+                f"{directory} holds no finished co-activation stats ({STATS_JSON}, "
+                f"{STATS}); run coactivation_stats with --out {directory}"
+            )
         info = json.loads((directory / STATS_JSON).read_text())
         if info.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / STATS_JSON} has format_version {info.get('format_version')}, "
-                             f"this greylens reads {FORMAT_VERSION}; recompute the stats")  # fmt: skip
+            raise ValueError(
+                f"{directory / STATS_JSON} has format_version {info.get('format_version')}, "
+                f"this greylens reads {FORMAT_VERSION}; recompute the stats"
+            )
         tensors = load_file(directory / STATS)
-        meta = {k: v for k, v in info.items()
-                if k not in ("format_version", "n_tokens", "n_latents", "n_pairs", "complete")}  # fmt: skip
-        residual = ((tensors["miss_counts"], tensors["miss_index"].long(), tensors["miss_pair_counts"])
-                    if "miss_counts" in tensors else (None, None, None))  # fmt: skip
-        return cls(info["n_latents"], info["n_tokens"], tensors["feature_counts"], tensors["pair_index"].long(),
-                   tensors["pair_counts"], meta, *residual)  # fmt: skip
+        meta = {
+            k: v
+            for k, v in info.items()
+            if k not in ("format_version", "n_tokens", "n_latents", "n_pairs", "complete")
+        }
+        residual = (
+            (tensors["miss_counts"], tensors["miss_index"].long(), tensors["miss_pair_counts"])
+            if "miss_counts" in tensors
+            else (None, None, None)
+        )
+        return cls(
+            info["n_latents"],
+            info["n_tokens"],
+            tensors["feature_counts"],
+            tensors["pair_index"].long(),
+            tensors["pair_counts"],
+            meta,
+            *residual,
+        )
 
 
 # ---------------------------------------------------------------------------- counting
@@ -242,7 +305,9 @@ def _fired_entries(code: SparseCode, n_latents: int) -> tuple[np.ndarray, np.nda
     made them 2-3× slower (measured) on a shared 2-core machine.
     """
     fired = (code.values > 0).cpu().numpy()
-    flat = code.rows.cpu().numpy()[fired].astype(np.int64) * n_latents + code.cols.cpu().numpy()[fired]
+    flat = (
+        code.rows.cpu().numpy()[fired].astype(np.int64) * n_latents + code.cols.cpu().numpy()[fired]
+    )
     flat.sort()
     flat = flat[np.concatenate([[True], flat[1:] != flat[:-1]])] if len(flat) else flat  # [nnz]
     return flat // n_latents, flat % n_latents
@@ -282,12 +347,16 @@ def _row_chunks(pairs_per_row: np.ndarray, budget: int) -> Iterator[tuple[int, i
         lo = hi
 
 
-def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _merge(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Union of two sorted runs (keys unique within each), adding the counts of shared keys."""
     (a_keys, a_counts), (b_keys, b_counts) = (a, b) if len(a[0]) >= len(b[0]) else (b, a)
     if len(b_keys) == 0:
         return a_keys, a_counts
-    at = np.searchsorted(a_keys, b_keys)  # [|b|] where b's keys sit in a (a is the longer, so not empty)
+    at = np.searchsorted(
+        a_keys, b_keys
+    )  # [|b|] where b's keys sit in a (a is the longer, so not empty)
     shared = a_keys[np.minimum(at, len(a_keys) - 1)] == b_keys  # [|b|]
     a_counts[at[shared]] += b_counts[shared]  # in place: runs own their arrays
     new = ~shared
@@ -302,7 +371,10 @@ def _fold(runs: list[tuple[np.ndarray, np.ndarray]], ratio: float) -> None:
 
 
 def _cross_keys(
-    src: tuple[np.ndarray, np.ndarray], dst: tuple[np.ndarray, np.ndarray], n_rows: int, n_latents: int,
+    src: tuple[np.ndarray, np.ndarray],
+    dst: tuple[np.ndarray, np.ndarray],
+    n_rows: int,
+    n_latents: int,
     budget: int = PAIR_BUDGET,
 ) -> Iterator[np.ndarray]:
     """Yield keys i·n + j of every (src entry i, dst entry j) pair of the same row, ≤ `budget` per chunk.
@@ -312,7 +384,10 @@ def _cross_keys(
     """
     (src_rows, src_cols), (dst_rows, dst_cols) = src, dst
     key_dtype = np.int32 if n_latents * n_latents < 2**31 else np.int64
-    per_src, per_dst = np.bincount(src_rows, minlength=n_rows), np.bincount(dst_rows, minlength=n_rows)  # [N]
+    per_src, per_dst = (
+        np.bincount(src_rows, minlength=n_rows),
+        np.bincount(dst_rows, minlength=n_rows),
+    )  # [N]
     src_start, dst_start = np.cumsum(per_src) - per_src, np.cumsum(per_dst) - per_dst  # [N]
     dst_cols = dst_cols.astype(key_dtype)
     for lo, hi in _row_chunks(per_src * per_dst, budget):
@@ -322,7 +397,10 @@ def _cross_keys(
         total = int(slots.sum())
         if total:
             within = np.arange(total) - np.repeat(np.cumsum(slots) - slots, slots)  # [total]
-            yield np.repeat(cols * n_latents, slots) + dst_cols[np.repeat(dst_start[rows], slots) + within]
+            yield (
+                np.repeat(cols * n_latents, slots)
+                + dst_cols[np.repeat(dst_start[rows], slots) + within]
+            )
 
 
 class _PairRuns:
@@ -337,12 +415,16 @@ class _PairRuns:
 
     def __init__(self, n_keys: int, n_shards: int = 64) -> None:
         self.edges = np.linspace(0, n_keys, n_shards + 1).astype(np.int64)  # [S + 1] key ranges
-        self.shards: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]  # runs, longest first
+        self.shards: list[list[tuple[np.ndarray, np.ndarray]]] = [
+            [] for _ in range(n_shards)
+        ]  # runs, longest first
 
     def add(self, keys: np.ndarray) -> None:
         """Count each key once per occurrence (sorts `keys` in place)."""
         keys.sort()
-        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))  # first of each key
+        starts = np.flatnonzero(
+            np.concatenate([[True], keys[1:] != keys[:-1]])
+        )  # first of each key
         self.push(keys[starts], np.diff(np.append(starts, len(keys))).astype(np.int64))
 
     def push(self, keys: np.ndarray, counts: np.ndarray) -> None:
@@ -382,13 +464,22 @@ class CoactivationCounter:
         self.feature_counts = torch.zeros(n_latents, dtype=torch.int64)  # [n]
         self.pairs = _PairRuns(n_latents * n_latents, n_shards)  # keys i·n + j, i < j
         self.miss_counts = torch.zeros(n_latents, dtype=torch.int64) if residual else None  # [n]
-        self.misses = _PairRuns(n_latents * n_latents, n_shards) if residual else None  # keys i·n + j: i on, j missed
+        self.misses = (
+            _PairRuns(n_latents * n_latents, n_shards) if residual else None
+        )  # keys i·n + j: i on, j missed
 
-    def add(self, code: SparseCode, n_uncounted: int = 0, missed: SparseCode | None = None,
-            budget: int = PAIR_BUDGET) -> None:  # fmt: skip
+    def add(
+        self,
+        code: SparseCode,
+        n_uncounted: int = 0,
+        missed: SparseCode | None = None,
+        budget: int = PAIR_BUDGET,
+    ) -> None:
         """Count one batch; `n_uncounted` of its rows (passthrough) are left out of N."""
         if (missed is None) != (self.misses is None):
-            raise ValueError("pass the batch's missed code exactly when the counter was built with residual=True")
+            raise ValueError(
+                "pass the batch's missed code exactly when the counter was built with residual=True"
+            )
         rows, cols = _fired_entries(code, self.n_latents)
         self.feature_counts += torch.from_numpy(np.bincount(cols, minlength=self.n_latents))
         for keys in _pair_keys(rows, cols, code.n_rows, self.n_latents, budget):
@@ -396,7 +487,9 @@ class CoactivationCounter:
         if missed is not None:
             missed_rows, missed_cols = _fired_entries(missed, self.n_latents)
             self.miss_counts += torch.from_numpy(np.bincount(missed_cols, minlength=self.n_latents))
-            for keys in _cross_keys((rows, cols), (missed_rows, missed_cols), code.n_rows, self.n_latents, budget):
+            for keys in _cross_keys(
+                (rows, cols), (missed_rows, missed_cols), code.n_rows, self.n_latents, budget
+            ):
                 self.misses.add(keys)
         self.n_tokens += code.n_rows - n_uncounted
 
@@ -415,18 +508,30 @@ class CoactivationCounter:
         residual = (None, None, None)
         if self.misses is not None:
             residual = (self.miss_counts.clone(), *index_and_counts(self.misses))
-        return CoactivationStats(n, self.n_tokens, self.feature_counts.clone(), *index_and_counts(self.pairs),
-                                 meta or {}, *residual)  # fmt: skip
+        return CoactivationStats(
+            n,
+            self.n_tokens,
+            self.feature_counts.clone(),
+            *index_and_counts(self.pairs),
+            meta or {},
+            *residual,
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Counts so far; compacts the runs (the result does not depend on how they were merged)."""
         keys, counts = self.pairs.merged()
-        state = {"feature_counts": self.feature_counts, "pair_keys": torch.from_numpy(keys),
-                 "pair_counts": torch.from_numpy(counts)}  # fmt: skip
+        state = {
+            "feature_counts": self.feature_counts,
+            "pair_keys": torch.from_numpy(keys),
+            "pair_counts": torch.from_numpy(counts),
+        }
         if self.misses is not None:
             keys, counts = self.misses.merged()
-            state |= {"miss_counts": self.miss_counts, "miss_keys": torch.from_numpy(keys),
-                      "miss_pair_counts": torch.from_numpy(counts)}  # fmt: skip
+            state |= {
+                "miss_counts": self.miss_counts,
+                "miss_keys": torch.from_numpy(keys),
+                "miss_pair_counts": torch.from_numpy(counts),
+            }
         return state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
@@ -448,7 +553,9 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
     out = Path(cfg.out)
     identity = _identity(cfg, store, hook)
     if (out / STATS_JSON).exists():
-        _check_same_run(out, json.loads((out / STATS_JSON).read_text()).get("identity", {}), identity)
+        _check_same_run(
+            out, json.loads((out / STATS_JSON).read_text()).get("identity", {}), identity
+        )
         print(f"[greylens] {out} already holds these co-activation stats")
         return CoactivationStats.load(out)
     counter = CoactivationCounter(sae.cfg.n_latents, residual=cfg.residual)
@@ -458,28 +565,48 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = cfg.tokens or len(store) - cfg.skip_tokens
     n_batches = math.ceil(n_tokens / cfg.batch_size)
-    with tqdm(total=n_batches, initial=state["batches_done"], unit="batch", desc=f"coactivation {hook}") as bar:
+    with tqdm(
+        total=n_batches, initial=state["batches_done"], unit="batch", desc=f"coactivation {hook}"
+    ) as bar:
         for batch in range(state["batches_done"], n_batches):
-            rows = cfg.skip_tokens + torch.arange(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_tokens))  # [B]
-            code, n_passthrough, missed = _encode(sae, store.rows(rows, hooks=[hook])[hook].to(cfg.device),
-                                                  cfg.miss_k if cfg.residual else 0)  # fmt: skip
+            rows = cfg.skip_tokens + torch.arange(
+                batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_tokens)
+            )  # [B]
+            code, n_passthrough, missed = _encode(
+                sae,
+                store.rows(rows, hooks=[hook])[hook].to(cfg.device),
+                cfg.miss_k if cfg.residual else 0,
+            )
             counter.add(code, n_passthrough, missed)
-            state["batches_done"], state["n_passthrough"] = batch + 1, state["n_passthrough"] + n_passthrough
+            state["batches_done"], state["n_passthrough"] = (
+                batch + 1,
+                state["n_passthrough"] + n_passthrough,
+            )
             bar.update(1)
             bar.set_postfix(run_entries=counter.entries())
             if (batch + 1) % cfg.checkpoint_every == 0 and batch + 1 < n_batches:
                 _save_checkpoint(out, counter, state, identity)
-    meta = {"sae": str(Path(cfg.sae).resolve()), "hook": hook, "store": str(Path(cfg.store).resolve()),
-            "config": asdict(cfg), "identity": identity, "n_passthrough": state["n_passthrough"]}  # fmt: skip
+    meta = {
+        "sae": str(Path(cfg.sae).resolve()),
+        "hook": hook,
+        "store": str(Path(cfg.store).resolve()),
+        "config": asdict(cfg),
+        "identity": identity,
+        "n_passthrough": state["n_passthrough"],
+    }
     stats = counter.stats(meta)
     edge_index, scores = stats.candidates(cfg.m, cfg.score, cfg.min_count)
-    _atomic(out / CANDIDATES, lambda tmp: save_file({"edge_index": edge_index, "scores": scores}, tmp))
+    _atomic(
+        out / CANDIDATES, lambda tmp: save_file({"edge_index": edge_index, "scores": scores}, tmp)
+    )
     stats.save(out)  # stats.json goes last: from here on the run counts as complete
     (out / CHECKPOINT).unlink(missing_ok=True)
     return stats
 
 
-def _encode(sae: SAE, x: torch.Tensor, miss_k: int = 0) -> tuple[SparseCode, int, SparseCode | None]:
+def _encode(
+    sae: SAE, x: torch.Tensor, miss_k: int = 0
+) -> tuple[SparseCode, int, SparseCode | None]:
     """The SAE code of x [B, d_model], how many of its rows were passed through uncoded, and (with
     miss_k > 0) the features the code missed (graphs.residual; passthrough rows miss nothing)."""
     with torch.inference_mode():
@@ -494,10 +621,14 @@ def _encode(sae: SAE, x: torch.Tensor, miss_k: int = 0) -> tuple[SparseCode, int
 def _check_inputs(cfg: StatsConfig) -> tuple[ActivationStore, SAE, str]:
     """Every refusal happens here, before anything is read or written."""
     if not (cfg.store and cfg.sae and cfg.out):
-        raise ValueError("pass --store DIR (an activation store), --sae DIR (a trained SAE) and --out DIR")
+        raise ValueError(
+            "pass --store DIR (an activation store), --sae DIR (a trained SAE) and --out DIR"
+        )
     for name in ("batch_size", "m", "min_count", "checkpoint_every", "miss_k"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
+            )
     if cfg.tokens < 0:
         raise ValueError(f"--tokens must be 0 (the whole store) or positive, got {cfg.tokens}")
     if cfg.score not in SCORES:
@@ -505,77 +636,117 @@ def _check_inputs(cfg: StatsConfig) -> tuple[ActivationStore, SAE, str]:
     if cfg.score == "residual" and not cfg.residual:
         raise ValueError("--score residual ranks by missed features: pass --residual to count them")
     if not (Path(cfg.store) / MANIFEST).exists():
-        raise ValueError(f"--store {cfg.store} is not an activation store (no {MANIFEST}); "
-                         "point it at a directory made by `python -m sae harvest`")  # fmt: skip
+        raise ValueError(
+            f"--store {cfg.store} is not an activation store (no {MANIFEST}); "
+            "point it at a directory made by `python -m sae harvest`"
+        )
     if not (Path(cfg.sae) / SAE_FILE).exists():
-        raise ValueError(f"--sae {cfg.sae} holds no {SAE_FILE}; point it at an SAE directory "
-                         "(cfg.json + sae.safetensors) such as `python -m sae train`'s OUT/<hook>/")  # fmt: skip
+        raise ValueError(
+            f"--sae {cfg.sae} holds no {SAE_FILE}; point it at an SAE directory "
+            "(cfg.json + sae.safetensors) such as `python -m sae train`'s OUT/<hook>/"
+        )
     store, sae = ActivationStore(cfg.store), load_sae(cfg.sae, cfg.device).eval()
     hook = cfg.hook or sae.cfg.hook
     if not hook:
-        raise ValueError(f"{cfg.sae}/cfg.json names no hook; pass --hook (the store holds {', '.join(store.hooks)})")
+        raise ValueError(
+            f"{cfg.sae}/cfg.json names no hook; pass --hook (the store holds {', '.join(store.hooks)})"
+        )
     if hook not in store.hooks:
-        raise ValueError(f"the store has no hook {hook!r} (it holds {', '.join(store.hooks)}); pass --hook "
-                         f"with one of those, or use a store harvested at {hook}")  # fmt: skip
+        raise ValueError(
+            f"the store has no hook {hook!r} (it holds {', '.join(store.hooks)}); pass --hook "
+            f"with one of those, or use a store harvested at {hook}"
+        )
     _check_sae_matches_store(sae, store)
     if len(store) == 0:
         raise ValueError(f"the store {cfg.store} holds no tokens yet; finish its harvest first")
     if cfg.skip_tokens < 0 or cfg.skip_tokens >= len(store):
-        raise ValueError(f"--skip-tokens must be in 0..{len(store) - 1} (the store holds {len(store)}), got {cfg.skip_tokens}")
+        raise ValueError(
+            f"--skip-tokens must be in 0..{len(store) - 1} (the store holds {len(store)}), got {cfg.skip_tokens}"
+        )
     if cfg.tokens + cfg.skip_tokens > len(store):
-        raise ValueError(f"--tokens {cfg.tokens} is more than the store holds ({len(store)}); pass "
-                         f"--tokens {len(store)} or less (0: the whole store), or harvest more")  # fmt: skip
+        raise ValueError(
+            f"--tokens {cfg.tokens} is more than the store holds ({len(store)}); pass "
+            f"--tokens {len(store)} or less (0: the whole store), or harvest more"
+        )
     return store, sae, hook
 
 
 def _check_sae_matches_store(sae: SAE, store: ActivationStore) -> None:
     m = store.manifest
     if sae.cfg.d_in != m.d_model:
-        raise ValueError(f"the SAE reads d_in {sae.cfg.d_in} but the store holds d_model {m.d_model}; "
-                         f"use a store harvested from the SAE's model ({sae.cfg.model or 'unknown'})")  # fmt: skip
+        raise ValueError(
+            f"the SAE reads d_in {sae.cfg.d_in} but the store holds d_model {m.d_model}; "
+            f"use a store harvested from the SAE's model ({sae.cfg.model or 'unknown'})"
+        )
     # an imported SAE may not know its model's weights: then at least the model names must agree
-    same = sae.cfg.weights_sha256 == m.weights_sha256 if sae.cfg.weights_sha256 else sae.cfg.model in ("", m.model)
+    same = (
+        sae.cfg.weights_sha256 == m.weights_sha256
+        if sae.cfg.weights_sha256
+        else sae.cfg.model in ("", m.model)
+    )
     if not same:
-        raise ValueError(f"the SAE was trained on activations of {sae.cfg.model} (weights sha256 "
-                         f"{sae.cfg.weights_sha256[:12] or '?'}…) but the store was harvested from "
-                         f"{m.model} ({m.weights_sha256[:12]}…); use a store of the SAE's model, "
-                         "or an SAE trained on this store")  # fmt: skip
+        raise ValueError(
+            f"the SAE was trained on activations of {sae.cfg.model} (weights sha256 "
+            f"{sae.cfg.weights_sha256[:12] or '?'}…) but the store was harvested from "
+            f"{m.model} ({m.weights_sha256[:12]}…); use a store of the SAE's model, "
+            "or an SAE trained on this store"
+        )
 
 
 def _identity(cfg: StatsConfig, store: ActivationStore, hook: str) -> dict:
     """Everything the results depend on: settings, the SAE's weights and the store's contents."""
-    skip = FREE_FIELDS + (() if cfg.residual else RESIDUAL_FIELDS)  # stats made before --residual still match
+    skip = FREE_FIELDS + (
+        () if cfg.residual else RESIDUAL_FIELDS
+    )  # stats made before --residual still match
     config = {k: v for k, v in asdict(cfg).items() if k not in skip}
     config["hook"] = hook  # "" and the SAE's own hook are the same run
     shards = hashlib.sha256("".join(s.sha256 for s in store.manifest.shards).encode()).hexdigest()
-    return {"config": config, "sae_sha256": sha256_file(Path(cfg.sae) / SAE_FILE),
-            "store": {**store.manifest.identity(), "shards_sha256": shards}}  # fmt: skip
+    return {
+        "config": config,
+        "sae_sha256": sha256_file(Path(cfg.sae) / SAE_FILE),
+        "store": {**store.manifest.identity(), "shards_sha256": shards},
+    }
 
 
 def _check_same_run(out: Path, saved: dict, current: dict) -> None:
     theirs, ours = saved.get("config", {}), current["config"]
-    diffs = [f"{k}: {out} has {theirs.get(k)!r}, this run {ours.get(k)!r}"
-             for k in sorted(ours.keys() | theirs.keys()) if theirs.get(k) != ours.get(k)]  # fmt: skip
+    diffs = [
+        f"{k}: {out} has {theirs.get(k)!r}, this run {ours.get(k)!r}"
+        for k in sorted(ours.keys() | theirs.keys())
+        if theirs.get(k) != ours.get(k)
+    ]
     diffs += [f"{k} differs" for k in ("sae_sha256", "store") if saved.get(k) != current[k]]
     if diffs:
-        raise ValueError(f"{out} holds a co-activation run with other inputs or settings "
-                         f"({'; '.join(diffs)}); re-run with the original ones to resume it, or pick a "
-                         "new --out (other candidates from finished stats: "
-                         "CoactivationStats.load(out).candidates(m, score, min_count))")  # fmt: skip
+        raise ValueError(
+            f"{out} holds a co-activation run with other inputs or settings "
+            f"({'; '.join(diffs)}); re-run with the original ones to resume it, or pick a "
+            "new --out (other candidates from finished stats: "
+            "CoactivationStats.load(out).candidates(m, score, min_count))"
+        )
 
 
 def _save_checkpoint(out: Path, counter: CoactivationCounter, state: dict, identity: dict) -> None:
-    meta = {"format_version": FORMAT_VERSION, **state, "n_tokens": counter.n_tokens, "identity": identity}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **state,
+        "n_tokens": counter.n_tokens,
+        "identity": identity,
+    }
     tensors = {k: v.contiguous() for k, v in counter.state_dict().items()}
-    _atomic(out / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata={"greylens": json.dumps(meta)}))
+    _atomic(
+        out / CHECKPOINT,
+        lambda tmp: save_file(tensors, tmp, metadata={"greylens": json.dumps(meta)}),
+    )
 
 
 def _load_checkpoint(out: Path, identity: dict, counter: CoactivationCounter) -> dict:
     with safe_open(out / CHECKPOINT, framework="pt") as f:
         meta = json.loads(f.metadata()["greylens"])
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{out / CHECKPOINT} has format_version {meta.get('format_version')}, expected "
-                             f"{FORMAT_VERSION}; delete it to start over")  # fmt: skip
+            raise ValueError(
+                f"{out / CHECKPOINT} has format_version {meta.get('format_version')}, expected "
+                f"{FORMAT_VERSION}; delete it to start over"
+            )
         _check_same_run(out, meta["identity"], identity)
         counter.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, meta["n_tokens"])
     return {"batches_done": meta["batches_done"], "n_passthrough": meta["n_passthrough"]}

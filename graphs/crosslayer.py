@@ -45,27 +45,45 @@ class TransitionGraph(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_target))
         self.conv = ImplicationConv()
 
-    def token_edges(self, source: SparseCode) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def token_edges(
+        self, source: SparseCode
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every edge leaving an active source entry: (entry [T], edge_id [T], target key t·n_target + j
         [T], message W_ij s_ti [T]). Only the out-edges of active features are touched."""
         src, dst = self.edge_index
         entry, edge_id = expand_out_edges(src, self.n_source, source.cols)
         target_key = source.rows[entry] * self.n_target + dst[edge_id]
-        return entry, edge_id, target_key, self.weight.index_select(0, edge_id) * source.values[entry]
+        return (
+            entry,
+            edge_id,
+            target_key,
+            self.weight.index_select(0, edge_id) * source.values[entry],
+        )
 
     def forward(self, source: SparseCode) -> torch.Tensor:
         """Predicted target code, dense [N, n_target], from a source code."""
         entry, edge_id, target_key, _ = self.token_edges(source)
         weight = self.weight.index_select(0, edge_id)
-        messages = self.conv(source.values.unsqueeze(1), torch.stack([entry, target_key]), weight,
-                             size=(len(source.values), source.n_rows * self.n_target))  # fmt: skip
+        messages = self.conv(
+            source.values.unsqueeze(1),
+            torch.stack([entry, target_key]),
+            weight,
+            size=(len(source.values), source.n_rows * self.n_target),
+        )
         return (messages.view(source.n_rows, self.n_target) + self.bias).relu()
 
     def save(self, directory: str | Path, meta: dict) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"edge_index": self.edge_index, "weight": self.weight.detach(), "bias": self.bias.detach()}
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, directory / f".{TRANSITION_FILE}.tmp")
+        tensors = {
+            "edge_index": self.edge_index,
+            "weight": self.weight.detach(),
+            "bias": self.bias.detach(),
+        }
+        save_file(
+            {k: v.cpu().contiguous() for k, v in tensors.items()},
+            directory / f".{TRANSITION_FILE}.tmp",
+        )
         (directory / f".{TRANSITION_FILE}.tmp").replace(directory / TRANSITION_FILE)
         meta = {**meta, "n_source": self.n_source, "n_target": self.n_target, "format_version": 1}
         (directory / TRANSITION_JSON).write_text(json.dumps(meta, indent=2))
@@ -75,7 +93,9 @@ class TransitionGraph(nn.Module):
     def load(cls, directory: str | Path) -> tuple[TransitionGraph, dict]:
         directory = Path(directory)
         if not (directory / TRANSITION_JSON).exists():
-            raise FileNotFoundError(f"{directory} holds no {TRANSITION_JSON}; fit one with `python -m graphs transition`")
+            raise FileNotFoundError(
+                f"{directory} holds no {TRANSITION_JSON}; fit one with `python -m graphs transition`"
+            )
         meta = json.loads((directory / TRANSITION_JSON).read_text())
         tensors = load_file(directory / TRANSITION_FILE)
         graph = cls(tensors["edge_index"], meta["n_source"], meta["n_target"])
@@ -130,12 +150,21 @@ def fit_transition(cfg: TransitionConfig) -> tuple[TransitionGraph, dict]:
             loss.backward()
             optimizer.step()
             with torch.no_grad():  # proximal L1: shrink toward 0 and stop there
-                graph.weight.copy_(graph.weight.sign() * (graph.weight.abs() - cfg.lr * cfg.l1).clamp_min(0))
+                graph.weight.copy_(
+                    graph.weight.sign() * (graph.weight.abs() - cfg.lr * cfg.l1).clamp_min(0)
+                )
     with torch.no_grad():
         fvu = sum(_code_fvu(graph(s), t.to_dense(n_t)).item() for s, t in codes) / len(codes)
-    meta = {"config": asdict(cfg), "source_hook": _hook(source), "target_hook": target.cfg.hook,
-            "source": cfg.source, "target": cfg.target, "code_fvu": fvu, "n_candidates": edge_index.shape[1],
-            "n_nonzero": int((graph.weight != 0).sum())}  # fmt: skip
+    meta = {
+        "config": asdict(cfg),
+        "source_hook": _hook(source),
+        "target_hook": target.cfg.hook,
+        "source": cfg.source,
+        "target": cfg.target,
+        "code_fvu": fvu,
+        "n_candidates": edge_index.shape[1],
+        "n_nonzero": int((graph.weight != 0).sum()),
+    }
     graph.save(cfg.out, meta)
     return graph, meta
 
@@ -144,7 +173,11 @@ def load_coder(directory: str | Path) -> SparseGraphAutoencoder | SAE:
     """A graph autoencoder if the directory holds graph.json, else a plain SAE."""
     from graphs.io import GRAPH_JSON, load_graph_sae
 
-    return load_graph_sae(directory) if (Path(directory) / GRAPH_JSON).exists() else load_sae(directory)
+    return (
+        load_graph_sae(directory)
+        if (Path(directory) / GRAPH_JSON).exists()
+        else load_sae(directory)
+    )
 
 
 def sparse_code(coder: SparseGraphAutoencoder | SAE, x: torch.Tensor) -> SparseCode:
@@ -157,7 +190,11 @@ def _hook(coder) -> str:
 
 
 def _n_latents(coder) -> int:
-    return coder.sae.cfg.n_latents if isinstance(coder, SparseGraphAutoencoder) else coder.cfg.n_latents
+    return (
+        coder.sae.cfg.n_latents
+        if isinstance(coder, SparseGraphAutoencoder)
+        else coder.cfg.n_latents
+    )
 
 
 def _check_transition_inputs(cfg: TransitionConfig):
@@ -166,14 +203,20 @@ def _check_transition_inputs(cfg: TransitionConfig):
     store, source, target = ActivationStore(cfg.store), load_coder(cfg.source), load_sae(cfg.target)
     for name, hook in (("source", _hook(source)), ("target", target.cfg.hook)):
         if hook not in store.hooks:
-            raise ValueError(f"the {name} reads {hook}; the store holds {', '.join(store.hooks)}: harvest both hooks")
+            raise ValueError(
+                f"the {name} reads {hook}; the store holds {', '.join(store.hooks)}: harvest both hooks"
+            )
     if hook_layer(target.cfg.hook) <= hook_layer(_hook(source)):
-        raise ValueError(f"the target ({target.cfg.hook}) must be at a later layer than the source ({_hook(source)})")
+        raise ValueError(
+            f"the target ({target.cfg.hook}) must be at a later layer than the source ({_hook(source)})"
+        )
     return source, target, store
 
 
 @torch.no_grad()
-def _cached_codes(source, target, store: ActivationStore, cfg: TransitionConfig) -> list[tuple[SparseCode, SparseCode]]:
+def _cached_codes(
+    source, target, store: ActivationStore, cfg: TransitionConfig
+) -> list[tuple[SparseCode, SparseCode]]:
     """Both codes of every batch (rows passed through by either coder are dropped)."""
     n_tokens = min(len(store), cfg.tokens or len(store))
     hooks, codes = [_hook(source), target.cfg.hook], []
@@ -197,23 +240,41 @@ def _cross_candidates(codes, n_s: int, n_t: int, cfg: TransitionConfig) -> torch
         joint = torch.cat([s.rows * (n_s + n_t) + s.cols, t.rows * (n_s + n_t) + t.cols + n_s])
         joint_values = torch.cat([s.values, t.values])
         order = torch.argsort(joint)
-        counter.add(SparseCode(joint_values[order], joint[order] % (n_s + n_t), joint[order] // (n_s + n_t), s.n_rows))
+        counter.add(
+            SparseCode(
+                joint_values[order],
+                joint[order] % (n_s + n_t),
+                joint[order] // (n_s + n_t),
+                s.n_rows,
+            )
+        )
     stats = counter.stats()
     cross = (stats.pair_index[0] < n_s) & (stats.pair_index[1] >= n_s)
-    stats = CoactivationStats(n_s + n_t, stats.n_tokens, stats.feature_counts, stats.pair_index[:, cross],
-                              stats.pair_counts[cross])  # fmt: skip
+    stats = CoactivationStats(
+        n_s + n_t,
+        stats.n_tokens,
+        stats.feature_counts,
+        stats.pair_index[:, cross],
+        stats.pair_counts[cross],
+    )
     keep = (stats.pair_counts >= cfg.min_count) & (stats.pmi() > 0)
     src, dst, score = stats.pair_index[0, keep], stats.pair_index[1, keep] - n_s, stats.npmi()[keep]
-    order = torch.from_numpy(np.lexsort((src.numpy(), -score.numpy(), dst.numpy())))  # by target, best first
+    order = torch.from_numpy(
+        np.lexsort((src.numpy(), -score.numpy(), dst.numpy()))
+    )  # by target, best first
     src, dst = src[order], dst[order]
     per_target = torch.bincount(dst, minlength=n_t)
     rank = torch.arange(len(dst)) - (torch.cumsum(per_target, 0) - per_target)[dst]
     top = rank < cfg.m
     if not bool(top.any()):
-        raise ValueError(f"no (source, target) pair co-fired {cfg.min_count}+ times; use more tokens or lower --min-count")
+        raise ValueError(
+            f"no (source, target) pair co-fired {cfg.min_count}+ times; use more tokens or lower --min-count"
+        )
     return torch.stack([src[top], dst[top]])
 
 
 def _code_fvu(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Σ(t̂ − t)² / Σ(t − mean t)² over a batch of dense target codes [N, n_t]."""
-    return (predicted - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return (predicted - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(
+        1e-12
+    )

@@ -48,14 +48,20 @@ def write_dashboard(release_dir: str | Path) -> Path:
 def _page(title: str, body: str, depth: int = 0, scripts: tuple[str, ...] = ()) -> str:
     up = "../" * depth
     tags = "".join(f'<script src="{up}{s}"></script>' for s in scripts)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{E(title)}</title>'
-            f'<link rel="stylesheet" href="{up}assets/site.css"></head><body>'
-            f'<nav><a href="{up}index.html">features</a> · <a href="{up}graph.html">graph viewer</a></nav>'
-            f"{body}{tags}</body></html>")  # fmt: skip
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{E(title)}</title>'
+        f'<link rel="stylesheet" href="{up}assets/site.css"></head><body>'
+        f'<nav><a href="{up}index.html">features</a> · <a href="{up}graph.html">graph viewer</a></nav>'
+        f"{body}{tags}</body></html>"
+    )
 
 
 def _card_table(card: dict) -> str:
-    rows = "".join(f"<tr><th>{E(str(k))}</th><td>{E(_fmt(v))}</td></tr>" for k, v in card.items() if k != "title")
+    rows = "".join(
+        f"<tr><th>{E(str(k))}</th><td>{E(_fmt(v))}</td></tr>"
+        for k, v in card.items()
+        if k != "title"
+    )
     return f'<table class="card" id="metric-card">{rows}</table>'
 
 
@@ -71,33 +77,52 @@ def _data_script(path: Path, name: str, payload) -> None:
     path.write_text(f"window.{name} = {text};\n")
 
 
-def _write_index(out: Path, card: dict, features: list[dict], plots: list[str], slugs: list[str]) -> None:
-    rows = [[f["feature"], f["label"], round(f["density"], 6), round(f["max_activation"], 4),
-             round(f["mean_activation"], 4), " ".join(f["top_logit_tokens"][:5])] for f in features]  # fmt: skip
+def _write_index(
+    out: Path, card: dict, features: list[dict], plots: list[str], slugs: list[str]
+) -> None:
+    rows = [
+        [
+            f["feature"],
+            f["label"],
+            round(f["density"], 6),
+            round(f["max_activation"], 4),
+            round(f["mean_activation"], 4),
+            " ".join(f["top_logit_tokens"][:5]),
+        ]
+        for f in features
+    ]
     _data_script(out / "data" / "features.js", "GREYLENS_FEATURES", rows)
     images = "".join(f'<img src="{p}" alt="{E(Path(p).stem)}">' for p in plots)
     prompts = "".join(f'<li><a href="graph.html#{E(s)}">{E(s)}</a></li>' for s in slugs)
-    body = (f"<h1>{E(card['title'])}</h1>{_card_table(card)}<div class=\"plots\">{images}</div>"
-            f"<h2>Explained prompts</h2><ul id=\"prompts\">{prompts}</ul><h2>Features</h2>"
-            '<p class="note">Labels are <span class="heuristic">heuristic</span>: the tokens the top contexts peak on.</p>'
-            '<div class="controls"><input id="search" type="search" placeholder="search labels, logits, ids">'
-            '<select id="sort"><option value="feature">feature id</option><option value="density">density ↓</option>'
-            '<option value="max">max activation ↓</option><option value="mean">mean activation ↓</option>'
-            '<option value="label">label</option></select> <span id="count"></span></div>'
-            '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th><th>max act</th>'
-            "<th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>")  # fmt: skip
-    (out / "index.html").write_text(_page(card["title"], body, scripts=("data/features.js", "assets/index.js")))
+    body = (
+        f'<h1>{E(card["title"])}</h1>{_card_table(card)}<div class="plots">{images}</div>'
+        f'<h2>Explained prompts</h2><ul id="prompts">{prompts}</ul><h2>Features</h2>'
+        '<p class="note">Labels are <span class="heuristic">heuristic</span>: the tokens the top contexts peak on.</p>'
+        '<div class="controls"><input id="search" type="search" placeholder="search labels, logits, ids">'
+        '<select id="sort"><option value="feature">feature id</option><option value="density">density ↓</option>'
+        '<option value="max">max activation ↓</option><option value="mean">mean activation ↓</option>'
+        '<option value="label">label</option></select> <span id="count"></span></div>'
+        '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th><th>max act</th>'
+        "<th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>"
+    )
+    (out / "index.html").write_text(
+        _page(card["title"], body, scripts=("data/features.js", "assets/index.js"))
+    )
 
 
 def _write_graph_viewer(out: Path, card: dict, circuits: dict[str, dict]) -> None:
     _data_script(out / "data" / "circuits.js", "GREYLENS_CIRCUITS", circuits)
-    body = (f"<h1>Reasoning paths · {E(card['hook'])}</h1>"
-            '<div class="controls"><select id="prompt"></select> <span id="prompt-text"></span></div>'
-            '<p class="note">Click a token: its evidence features, the features the graph implied, and the paths to '
-            "the predicted token. Blue links raise, red links lower.</p>"
-            '<div id="tokens"></div><div class="viewer"><div id="paths"></div><div class="svg-scroll">'
-            '<svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div></div>')  # fmt: skip
-    (out / "graph.html").write_text(_page("graph viewer", body, scripts=("data/circuits.js", "assets/graph.js")))
+    body = (
+        f"<h1>Reasoning paths · {E(card['hook'])}</h1>"
+        '<div class="controls"><select id="prompt"></select> <span id="prompt-text"></span></div>'
+        '<p class="note">Click a token: its evidence features, the features the graph implied, and the paths to '
+        "the predicted token. Blue links raise, red links lower.</p>"
+        '<div id="tokens"></div><div class="viewer"><div id="paths"></div><div class="svg-scroll">'
+        '<svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div></div>'
+    )
+    (out / "graph.html").write_text(
+        _page("graph viewer", body, scripts=("data/circuits.js", "assets/graph.js"))
+    )
 
 
 def _summary_plots(release, features: list[dict], out: Path) -> list[str]:
@@ -108,14 +133,22 @@ def _summary_plots(release, features: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    curves = {name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-              for name in ("sae", "graph") if (path := release.path / "training" / f"{name}_metrics.jsonl").exists()}  # fmt: skip
+    curves = {
+        name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for name in ("sae", "graph")
+        if (path := release.path / "training" / f"{name}_metrics.jsonl").exists()
+    }
     if any(curves.values()):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for ax, key in zip(axes, ("l0", "fvu"), strict=True):
             for name, rows in curves.items():
                 points = [(r["tokens"], r[key]) for r in rows if key in r and "tokens" in r]
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 20 else None, label=name)
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker="o" if len(points) < 20 else None,
+                    label=name,
+                )
             ax.set(title=key.upper() + " during training", xlabel="tokens")
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -126,18 +159,31 @@ def _summary_plots(release, features: list[dict], out: Path) -> list[str]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     alive = density[density > 0]
     left.hist(np.log10(alive) if len(alive) else [], bins=40, color="#4c72b0")
-    left.set(title=f"feature density ({int((density == 0).sum())} never fired)", xlabel="log10 firing rate", ylabel="features")
+    left.set(
+        title=f"feature density ({int((density == 0).sum())} never fired)",
+        xlabel="log10 firing rate",
+        ylabel="features",
+    )
     edges = np.array(release.meta["histogram_edges"])
-    total = np.sum([f["hist_counts"] for f in features], axis=0)  # [bins] every feature's activations
+    total = np.sum(
+        [f["hist_counts"] for f in features], axis=0
+    )  # [bins] every feature's activations
     right.bar(edges[:-1], total, width=np.diff(edges), align="edge", color="#dd8452")
-    right.set(xscale="log", title="activations of all features", xlabel="activation", ylabel="(token, feature) pairs")
+    right.set(
+        xscale="log",
+        title="activations of all features",
+        xlabel="activation",
+        ylabel="(token, feature) pairs",
+    )
     fig.tight_layout()
     fig.savefig(out / "features.png", dpi=90)
     plt.close(fig)
     return [*written, "plots/features.png"]
 
 
-def histogram_svg(counts: list[int], edges: list[float], width: int = 340, height: int = 120) -> str:
+def histogram_svg(
+    counts: list[int], edges: list[float], width: int = 340, height: int = 120
+) -> str:
     """A feature's activation histogram as inline SVG (log-spaced bins, the used range only).
 
     Inline vector rather than a matplotlib PNG per feature: those cost ~70 ms each (10 minutes for
@@ -149,65 +195,94 @@ def histogram_svg(counts: list[int], edges: list[float], width: int = 340, heigh
     lo, hi = int(used[0]), int(used[-1]) + 1
     shown, top = counts_a[lo:hi], max(int(counts_a.max()), 1)
     plot_h, bar_w = height - 36, (width - 10) / len(shown)
-    bars = "".join(f'<rect x="{5 + i * bar_w:.1f}" y="{16 + plot_h * (1 - c / top):.1f}" width="{max(bar_w - 1, 1):.1f}" '
-                   f'height="{plot_h * c / top:.1f}"><title>[{edges[lo + i]:.3g}, {edges[lo + i + 1]:.3g}): {c}</title></rect>'
-                   for i, c in enumerate(shown.tolist()))  # fmt: skip
-    return (f'<svg class="hist" role="img" aria-label="activation histogram" width="{width}" height="{height}" '
-            f'xmlns="http://www.w3.org/2000/svg"><g fill="#dd8452">{bars}</g>'
-            f'<line x1="5" x2="{width - 5}" y1="{16 + plot_h}" y2="{16 + plot_h}" stroke="#555"/>'
-            f'<text x="5" y="11">activations (log bins; tallest bin {top} tokens)</text>'
-            f'<text x="5" y="{height - 6}">{edges[lo]:.3g}</text><text x="{width - 5}" y="{height - 6}" text-anchor="end">'
-            f"{edges[hi]:.3g}</text></svg>")  # fmt: skip
+    bars = "".join(
+        f'<rect x="{5 + i * bar_w:.1f}" y="{16 + plot_h * (1 - c / top):.1f}" width="{max(bar_w - 1, 1):.1f}" '
+        f'height="{plot_h * c / top:.1f}"><title>[{edges[lo + i]:.3g}, {edges[lo + i + 1]:.3g}): {c}</title></rect>'
+        for i, c in enumerate(shown.tolist())
+    )
+    return (
+        f'<svg class="hist" role="img" aria-label="activation histogram" width="{width}" height="{height}" '
+        f'xmlns="http://www.w3.org/2000/svg"><g fill="#dd8452">{bars}</g>'
+        f'<line x1="5" x2="{width - 5}" y1="{16 + plot_h}" y2="{16 + plot_h}" stroke="#555"/>'
+        f'<text x="5" y="11">activations (log bins; tallest bin {top} tokens)</text>'
+        f'<text x="5" y="{height - 6}">{edges[lo]:.3g}</text><text x="{width - 5}" y="{height - 6}" text-anchor="end">'
+        f"{edges[hi]:.3g}</text></svg>"
+    )
 
 
 def _feature_pages(out: Path, release, features: list[dict]) -> None:
     examples = release.data["examples"].data.table
     offsets = release.meta["example_offsets"]
     chunk = 256
-    for start in tqdm(range(0, len(features), chunk), desc="dashboard: feature pages", unit="chunk"):
+    for start in tqdm(
+        range(0, len(features), chunk), desc="dashboard: feature pages", unit="chunk"
+    ):
         lo, hi = offsets[start], offsets[min(start + chunk, len(features))]
         contexts = examples.slice(lo, hi - lo).to_pylist()
         for f in features[start : start + chunk]:
             i = f["feature"]
-            page = _feature_body(f, contexts[offsets[i] - lo : offsets[i + 1] - lo], release.card,
-                                 release.meta["histogram_edges"])  # fmt: skip
+            page = _feature_body(
+                f,
+                contexts[offsets[i] - lo : offsets[i + 1] - lo],
+                release.card,
+                release.meta["histogram_edges"],
+            )
             (out / "features" / f"{i}.html").write_text(_page(f"feature {i}", page, depth=1))
 
 
 def _feature_body(f: dict, contexts: list[dict], card: dict, edges: list[float]) -> str:
     i = f["feature"]
-    stats = (f'<table class="card" id="stats"><tr><th>density</th><td>{f["density"]:.3g}</td></tr>'
-             f'<tr><th>fired on</th><td>{f["fire_count"]} tokens</td></tr>'
-             f'<tr><th>mean activation</th><td>{f["mean_activation"]:.4g}</td></tr>'
-             f'<tr><th>max activation</th><td>{f["max_activation"]:.4g}</td></tr></table>')  # fmt: skip
+    stats = (
+        f'<table class="card" id="stats"><tr><th>density</th><td>{f["density"]:.3g}</td></tr>'
+        f"<tr><th>fired on</th><td>{f['fire_count']} tokens</td></tr>"
+        f"<tr><th>mean activation</th><td>{f['mean_activation']:.4g}</td></tr>"
+        f"<tr><th>max activation</th><td>{f['max_activation']:.4g}</td></tr></table>"
+    )
     hist = histogram_svg(f["hist_counts"], edges)
-    logits = "".join(_logit_table(name, f[f"{side}_logit_tokens"], f[f"{side}_logit_values"])
-                     for side, name in (("top", "promotes"), ("bottom", "suppresses")))  # fmt: skip
+    logits = "".join(
+        _logit_table(name, f[f"{side}_logit_tokens"], f[f"{side}_logit_values"])
+        for side, name in (("top", "promotes"), ("bottom", "suppresses"))
+    )
     tops = "".join(_context(c) for c in contexts if c["kind"] == "top")
     quantiles = "".join(_context(c) for c in contexts if c["kind"] == "quantile")
-    return (f'<h1>feature {i} <span class="label" id="label">{E(f["label"])}</span> '
-            f'<span class="heuristic" title="label from the top contexts\' peak tokens, not model-written">heuristic</span></h1>'
-            f'<p class="note">{E(card["model"])} · {E(card["hook"])} · {E(card["architecture"])}</p>'
-            f'<div class="row">{stats}{hist}</div><div class="row">{logits}</div>{_neighbours(f)}'
-            f'<h2>Top activating contexts</h2><div id="top-contexts">{tops or "<p>none</p>"}</div>'
-            f'<h2>Quantile samples</h2><div id="quantile-contexts">{quantiles or "<p>none</p>"}</div>')  # fmt: skip
+    return (
+        f'<h1>feature {i} <span class="label" id="label">{E(f["label"])}</span> '
+        f'<span class="heuristic" title="label from the top contexts\' peak tokens, not model-written">heuristic</span></h1>'
+        f'<p class="note">{E(card["model"])} · {E(card["hook"])} · {E(card["architecture"])}</p>'
+        f'<div class="row">{stats}{hist}</div><div class="row">{logits}</div>{_neighbours(f)}'
+        f'<h2>Top activating contexts</h2><div id="top-contexts">{tops or "<p>none</p>"}</div>'
+        f'<h2>Quantile samples</h2><div id="quantile-contexts">{quantiles or "<p>none</p>"}</div>'
+    )
 
 
 def _logit_table(title: str, tokens: list[str], values: list[float]) -> str:
-    rows = "".join(f"<tr><td><code>{E(repr(t))}</code></td><td>{v:+.3f}</td></tr>" for t, v in zip(tokens, values, strict=True))
+    rows = "".join(
+        f"<tr><td><code>{E(repr(t))}</code></td><td>{v:+.3f}</td></tr>"
+        for t, v in zip(tokens, values, strict=True)
+    )
     return f'<table class="logits"><caption>{title}</caption>{rows}</table>'
 
 
 def _neighbours(f: dict) -> str:
     parts = []
-    for key, title, local in (("graph_out", "implies (graph)", True), ("graph_in", "implied by (graph)", True),
-                              ("coactivation", "co-fires with (NPMI)", True), ("crosslayer_out", "predicts at the later layer", False)):  # fmt: skip
+    for key, title, local in (
+        ("graph_out", "implies (graph)", True),
+        ("graph_in", "implied by (graph)", True),
+        ("coactivation", "co-fires with (NPMI)", True),
+        ("crosslayer_out", "predicts at the later layer", False),
+    ):
         if key not in f:
             continue
-        items = [f'<a href="{j}.html">{j}</a> <small>{w:.3g}</small>' if local else f"{j} <small>{w:.3g}</small>"
-                 for j, w in zip(f[key], f[f"{key}_weight"], strict=True)]  # fmt: skip
-        parts.append(f'<div class="neigh" id="{key}"><b>{title}</b>: {", ".join(items) or "none"}</div>')
-    return f'<h2>Neighbours</h2>{"".join(parts)}'
+        items = [
+            f'<a href="{j}.html">{j}</a> <small>{w:.3g}</small>'
+            if local
+            else f"{j} <small>{w:.3g}</small>"
+            for j, w in zip(f[key], f[f"{key}_weight"], strict=True)
+        ]
+        parts.append(
+            f'<div class="neigh" id="{key}"><b>{title}</b>: {", ".join(items) or "none"}</div>'
+        )
+    return f"<h2>Neighbours</h2>{''.join(parts)}"
 
 
 def _context(c: dict) -> str:
@@ -220,7 +295,13 @@ def _context(c: dict) -> str:
             spans.append(text)
             continue
         cls = "tok focus" if t == c["focus"] else "tok"
-        spans.append(f'<span class="{cls}" style="background:rgba(221,132,82,{min(1.0, act / peak):.2f})" '
-                     f'title="{act:.4g}">{text}</span>')  # fmt: skip
-    band = "" if c["kind"] == "top" else f' · band {c["band"]} [{c["band_min"]:.3g}, {c["band_max"]:.3g}]'
+        spans.append(
+            f'<span class="{cls}" style="background:rgba(221,132,82,{min(1.0, act / peak):.2f})" '
+            f'title="{act:.4g}">{text}</span>'
+        )
+    band = (
+        ""
+        if c["kind"] == "top"
+        else f" · band {c['band']} [{c['band_min']:.3g}, {c['band_max']:.3g}]"
+    )
     return f'<div class="ctx"><span class="act">{c["activation"]:.3g}{band}</span> {"".join(spans)}</div>'

@@ -40,8 +40,12 @@ class AsSAE:
 
 
 @torch.no_grad()
-def graph_metrics(model: SparseGraphAutoencoder, store: ActivationStore, max_tokens: int | None = None,
-                  batch_size: int = 4096) -> dict:  # fmt: skip
+def graph_metrics(
+    model: SparseGraphAutoencoder,
+    store: ActivationStore,
+    max_tokens: int | None = None,
+    batch_size: int = 4096,
+) -> dict:
     hook, n = model.sae.cfg.hook, model.n_latents
     if hook not in store.hooks:
         raise ValueError(f"the store has no {hook} (it holds {', '.join(store.hooks)})")
@@ -64,13 +68,20 @@ def graph_metrics(model: SparseGraphAutoencoder, store: ActivationStore, max_tok
         scored += x.shape[0]
     result = accumulator.result()
     edges, _ = model.active_edges()
-    result.update({
-        "l0_evidence": evidence_total / scored, "implied_per_token": implied_total / scored,
-        "token_edges_per_token": edges_fired / scored, "active_edges": edges.shape[1],
-        "mean_degree": edges.shape[1] / n, "candidate_edges": model.edge_index.shape[1],
-        "dead_fraction": metrics.dead_fraction(torch.where(fired == 0, scored, 0), window=scored),
-        "tokens": scored,
-    })  # fmt: skip
+    result.update(
+        {
+            "l0_evidence": evidence_total / scored,
+            "implied_per_token": implied_total / scored,
+            "token_edges_per_token": edges_fired / scored,
+            "active_edges": edges.shape[1],
+            "mean_degree": edges.shape[1] / n,
+            "candidate_edges": model.edge_index.shape[1],
+            "dead_fraction": metrics.dead_fraction(
+                torch.where(fired == 0, scored, 0), window=scored
+            ),
+            "tokens": scored,
+        }
+    )
     return result
 
 

@@ -27,7 +27,9 @@ from sae.hooks import hook_layer
 from sae.models import LoadedModel
 from sae.sae import SAE, SparseCode
 
-Edit = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq, d] -> same, applied to a layer's output
+Edit = Callable[
+    [torch.Tensor], torch.Tensor
+]  # [batch, seq, d] -> same, applied to a layer's output
 
 
 @dataclass
@@ -37,8 +39,13 @@ class ForwardResult:
     final_rms: torch.Tensor  # [batch, seq] RMS of the residual entering the final norm
 
 
-def run_model(model: LoadedModel, tokens: torch.Tensor, layers: list[int], edits: dict[int, Edit] | None = None,
-              grad: bool = False) -> ForwardResult:  # fmt: skip
+def run_model(
+    model: LoadedModel,
+    tokens: torch.Tensor,
+    layers: list[int],
+    edits: dict[int, Edit] | None = None,
+    grad: bool = False,
+) -> ForwardResult:
     """One forward of the HF twin with resid_post captured at `layers` and optional output edits.
 
     `edits[layer]` rewrites that block's output (an intervention); everything downstream sees it.
@@ -71,8 +78,14 @@ def run_model(model: LoadedModel, tokens: torch.Tensor, layers: list[int], edits
     return ForwardResult({layer: seen[layer] for layer in layers}, logits, seen["rms"])
 
 
-def logit_effects(model: LoadedModel, sae_cfg, W_dec: torch.Tensor, features: torch.Tensor, tokens: torch.Tensor,
-                  rms: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def logit_effects(
+    model: LoadedModel,
+    sae_cfg,
+    W_dec: torch.Tensor,
+    features: torch.Tensor,
+    tokens: torch.Tensor,
+    rms: torch.Tensor,
+) -> torch.Tensor:
     """u_f(y) for paired features [P], predicted tokens [P] and final RMS [P] -> [P]."""
     g = model.fast.model.norm.weight.float()
     W_U = model.fast.lm_head.weight.float()  # [vocab, d]
@@ -98,18 +111,30 @@ class Explainer:
             return self.source.encode(x)
         code = self.source.encode(x)
         none = code.cols[:0]
-        return GraphCode(code, code, torch.ones_like(code.cols, dtype=torch.bool), none, none, none, code.values[:0])
+        return GraphCode(
+            code,
+            code,
+            torch.ones_like(code.cols, dtype=torch.bool),
+            none,
+            none,
+            none,
+            code.values[:0],
+        )
 
     def __post_init__(self) -> None:
         if (self.target is None) != (self.transition is None):
             raise ValueError("pass both target (the layer l+Δ SAE) and transition, or neither")
         d_model = self.model.hf.config.hidden_size
         if self.source_sae.cfg.d_in != d_model:
-            raise ValueError(f"the source reads d_in {self.source_sae.cfg.d_in}, {self.model.name} has d_model {d_model}")
+            raise ValueError(
+                f"the source reads d_in {self.source_sae.cfg.d_in}, {self.model.name} has d_model {d_model}"
+            )
         self.source_layer = hook_layer(self.source_sae.cfg.hook)
         self.target_layer = hook_layer(self.target.cfg.hook) if self.target is not None else None
         if not str(self.source_sae.cfg.hook).endswith("hook_resid_post"):
-            raise ValueError(f"explain reads resid_post hooks; the source is at {self.source_sae.cfg.hook}")
+            raise ValueError(
+                f"explain reads resid_post hooks; the source is at {self.source_sae.cfg.hook}"
+            )
 
     def tokens(self, text: str) -> torch.Tensor:
         if not text.strip():
@@ -121,8 +146,14 @@ class Explainer:
     def codes(self, tokens: torch.Tensor) -> tuple[ForwardResult, GraphCode, SparseCode | None]:
         layers = [self.source_layer] + ([self.target_layer] if self.target is not None else [])
         result = run_model(self.model, tokens, layers)
-        graph_code = self.source_code(result.resid[self.source_layer][0, 1:])  # BOS is never encoded
-        target = self.target.encode(result.resid[self.target_layer][0, 1:]) if self.target is not None else None
+        graph_code = self.source_code(
+            result.resid[self.source_layer][0, 1:]
+        )  # BOS is never encoded
+        target = (
+            self.target.encode(result.resid[self.target_layer][0, 1:])
+            if self.target is not None
+            else None
+        )
         return result, graph_code, target
 
     @torch.no_grad()
@@ -138,35 +169,57 @@ class Explainer:
         decode = self.model.tokenizer.decode
         positions = []
         for t in range(len(predicted)):
-            positions.append({
-                "position": t + 1, "token": decode([int(tokens[0, t + 1])]),
-                "predicted": decode([int(predicted[t])]), "probability": round(float(probs[t, predicted[t]]), 4),
-                **_features_at(graph_code, t, top_features),
-                "paths": _top_paths(paths, t, top_paths) if paths is not None else [],
-                "direct": _top_direct(direct, graph_code.code, t, top_paths),
-            })  # fmt: skip
+            positions.append(
+                {
+                    "position": t + 1,
+                    "token": decode([int(tokens[0, t + 1])]),
+                    "predicted": decode([int(predicted[t])]),
+                    "probability": round(float(probs[t, predicted[t]]), 4),
+                    **_features_at(graph_code, t, top_features),
+                    "paths": _top_paths(paths, t, top_paths) if paths is not None else [],
+                    "direct": _top_direct(direct, graph_code.code, t, top_paths),
+                }
+            )
         return {
-            "text": text, "model": self.model.name, "source_hook": self.source_sae.cfg.hook,
-            "target_hook": self.target.cfg.hook if self.target is not None else None, "positions": positions,
-        }  # fmt: skip
+            "text": text,
+            "model": self.model.name,
+            "source_hook": self.source_sae.cfg.hook,
+            "target_hook": self.target.cfg.hook if self.target is not None else None,
+            "positions": positions,
+        }
 
     @torch.no_grad()
-    def predictions(self, code: SparseCode, target: SparseCode | None, predicted: torch.Tensor, rms: torch.Tensor,
-                    top: int = 5) -> list[dict]:  # fmt: skip
+    def predictions(
+        self,
+        code: SparseCode,
+        target: SparseCode | None,
+        predicted: torch.Tensor,
+        rms: torch.Tensor,
+        top: int = 5,
+    ) -> list[dict]:
         """Top paths and direct effects toward given tokens, one dict per row of `code` (the serving
         hook's entry point: it has the codes already and knows which token was sampled)."""
         paths = self.paths(code, target, predicted, rms) if target is not None else None
         direct = self.direct(code, predicted, rms)
-        return [{"paths": _top_paths(paths, t, top) if paths is not None else [], "direct": _top_direct(direct, code, t, top)}
-                for t in range(code.n_rows)]  # fmt: skip
+        return [
+            {
+                "paths": _top_paths(paths, t, top) if paths is not None else [],
+                "direct": _top_direct(direct, code, t, top),
+            }
+            for t in range(code.n_rows)
+        ]
 
     def direct(self, code: SparseCode, predicted: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
         """[nnz] a_ti · u_i(y_t) for every active source entry."""
         sae = self.source_sae
-        effect = logit_effects(self.model, sae.cfg, sae.W_dec, code.cols, predicted[code.rows], rms[code.rows])
+        effect = logit_effects(
+            self.model, sae.cfg, sae.W_dec, code.cols, predicted[code.rows], rms[code.rows]
+        )
         return code.values * effect
 
-    def paths(self, source: SparseCode, target: SparseCode, predicted: torch.Tensor, rms: torch.Tensor) -> dict:
+    def paths(
+        self, source: SparseCode, target: SparseCode, predicted: torch.Tensor, rms: torch.Tensor
+    ) -> dict:
         """All token edges source i → active target j with their path weights toward y_t."""
         entry, edge_id, target_key, message = self.transition.token_edges(source)
         n_t = self.transition.n_target
@@ -174,14 +227,32 @@ class Explainer:
         order = torch.argsort(active_keys)  # TopK codes are not sorted by column within a row
         pos, hit = locate(active_keys[order], target_key)
         hit &= message != 0  # edges the L1 fit pruned carry nothing
-        entry, edge_id, message, target_entry = entry[hit], edge_id[hit], message[hit], order[pos[hit]]
+        entry, edge_id, message, target_entry = (
+            entry[hit],
+            edge_id[hit],
+            message[hit],
+            order[pos[hit]],
+        )
         rows = source.rows[entry]
-        effect = logit_effects(self.model, self.target.cfg, self.target.W_dec, target.cols[target_entry],
-                               predicted[rows], rms[rows])  # fmt: skip
-        return {"row": rows, "source": source.cols[entry], "target": target.cols[target_entry],
-                "message": message, "target_act": target.values[target_entry], "logit_effect": effect,
-                "weight": message * effect, "edge_weight": self.transition.weight[edge_id],
-                "source_act": source.values[entry]}  # fmt: skip
+        effect = logit_effects(
+            self.model,
+            self.target.cfg,
+            self.target.W_dec,
+            target.cols[target_entry],
+            predicted[rows],
+            rms[rows],
+        )
+        return {
+            "row": rows,
+            "source": source.cols[entry],
+            "target": target.cols[target_entry],
+            "message": message,
+            "target_act": target.values[target_entry],
+            "logit_effect": effect,
+            "weight": message * effect,
+            "edge_weight": self.transition.weight[edge_id],
+            "source_act": source.values[entry],
+        }
 
 
 def _features_at(graph_code: GraphCode, t: int, top: int) -> dict:
@@ -191,12 +262,25 @@ def _features_at(graph_code: GraphCode, t: int, top: int) -> dict:
     code = graph_code.code
     implied_nodes = ((code.rows == t) & ~graph_code.from_evidence).nonzero().squeeze(1)
     implied = []
-    for node in implied_nodes[torch.argsort(code.values[implied_nodes], descending=True)[:top]].tolist():
+    for node in implied_nodes[
+        torch.argsort(code.values[implied_nodes], descending=True)[:top]
+    ].tolist():
         into = (graph_code.edge_dst == node).nonzero().squeeze(1)
-        sources = [[int(evidence.cols[graph_code.edge_src[e]]), round(float(graph_code.message[e]), 4)] for e in into.tolist()]
-        implied.append({"feature": int(code.cols[node]), "activation": round(float(code.values[node]), 4), "from": sources})
+        sources = [
+            [int(evidence.cols[graph_code.edge_src[e]]), round(float(graph_code.message[e]), 4)]
+            for e in into.tolist()
+        ]
+        implied.append(
+            {
+                "feature": int(code.cols[node]),
+                "activation": round(float(code.values[node]), 4),
+                "from": sources,
+            }
+        )
     return {
-        "evidence": [[int(evidence.cols[i]), round(float(evidence.values[i]), 4)] for i in on.tolist()],
+        "evidence": [
+            [int(evidence.cols[i]), round(float(evidence.values[i]), 4)] for i in on.tolist()
+        ],
         "implied": implied,
         "l0_evidence": int(len((evidence.rows == t).nonzero())),
         "l0": int(((code.rows == t) & (code.values > 0)).sum()),
@@ -206,18 +290,36 @@ def _features_at(graph_code: GraphCode, t: int, top: int) -> dict:
 def _top_paths(paths: dict, t: int, top: int) -> list[dict]:
     on = (paths["row"] == t).nonzero().squeeze(1)
     on = on[torch.argsort(paths["weight"][on].abs(), descending=True)[:top]]
-    keys = ("source", "target", "weight", "source_act", "edge_weight", "message", "target_act", "logit_effect")
-    return [{k: (int(paths[k][i]) if k in ("source", "target") else round(float(paths[k][i]), 5)) for k in keys}
-            for i in on.tolist()]  # fmt: skip
+    keys = (
+        "source",
+        "target",
+        "weight",
+        "source_act",
+        "edge_weight",
+        "message",
+        "target_act",
+        "logit_effect",
+    )
+    return [
+        {
+            k: (int(paths[k][i]) if k in ("source", "target") else round(float(paths[k][i]), 5))
+            for k in keys
+        }
+        for i in on.tolist()
+    ]
 
 
 def _top_direct(direct: torch.Tensor, code: SparseCode, t: int, top: int) -> list[dict]:
     on = (code.rows == t).nonzero().squeeze(1)
     on = on[torch.argsort(direct[on].abs(), descending=True)[:top]]
-    return [{"feature": int(code.cols[i]), "weight": round(float(direct[i]), 5)} for i in on.tolist()]
+    return [
+        {"feature": int(code.cols[i]), "weight": round(float(direct[i]), 5)} for i in on.tolist()
+    ]
 
 
-def load_explainer(model: LoadedModel, graph_dir: str, transition_dir: str | None = None) -> Explainer:
+def load_explainer(
+    model: LoadedModel, graph_dir: str, transition_dir: str | None = None
+) -> Explainer:
     """An Explainer from a graph autoencoder directory and, optionally, a transition directory
     (whose transition.json names the target SAE)."""
     from graphs.io import load_graph_sae
@@ -225,22 +327,31 @@ def load_explainer(model: LoadedModel, graph_dir: str, transition_dir: str | Non
 
     source = load_graph_sae(graph_dir)
     if source.sae.cfg.weights_sha256 and source.sae.cfg.weights_sha256 != model.weights_sha256:
-        raise ValueError(f"{graph_dir} was trained on {source.sae.cfg.model}'s activations, not {model.name}'s")
+        raise ValueError(
+            f"{graph_dir} was trained on {source.sae.cfg.model}'s activations, not {model.name}'s"
+        )
     if transition_dir is None:
         return Explainer(model, source)
     transition, meta = TransitionGraph.load(transition_dir)
     if meta["source_hook"] != source.sae.cfg.hook or transition.n_source != source.n_latents:
-        raise ValueError(f"{transition_dir} was fitted from {meta['source_hook']} ({transition.n_source} features), "
-                         f"not from this graph ({source.sae.cfg.hook}, {source.n_latents})")  # fmt: skip
+        raise ValueError(
+            f"{transition_dir} was fitted from {meta['source_hook']} ({transition.n_source} features), "
+            f"not from this graph ({source.sae.cfg.hook}, {source.n_latents})"
+        )
     return Explainer(model, source, load_sae(meta["target"]), transition)
 
 
 @torch.no_grad()
-def top_logits(model: LoadedModel, sae: SAE, features: torch.Tensor, k: int = 10, chunk: int = 512) -> dict:
+def top_logits(
+    model: LoadedModel, sae: SAE, features: torch.Tensor, k: int = 10, chunk: int = 512
+) -> dict:
     """Each feature's direct effect on the logits, (W_dec_f ⊙ g) · W_U, summarised by its top and
     bottom k tokens. features: [F] -> {"top": (values [F, k], ids [F, k]), "bottom": (...)}.
     Chunked over features: the full [n_latents, vocab] matrix would be 1.8 GB for SmolLM2."""
-    g, W_U = model.fast.model.norm.weight.float(), model.fast.lm_head.weight.float()  # [d], [vocab, d]
+    g, W_U = (
+        model.fast.model.norm.weight.float(),
+        model.fast.lm_head.weight.float(),
+    )  # [d], [vocab, d]
     tops, bottoms = [], []
     for start in range(0, len(features), chunk):
         directions = sae.W_dec[features[start : start + chunk]].float() * g  # [c, d]

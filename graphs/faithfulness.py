@@ -22,11 +22,18 @@ from graphs.model import locate
 
 
 @torch.no_grad()
-def edge_interventions(explainer: Explainer, texts: list[str], paths_per_token: int = 3, batch_size: int = 32,
-                       seed: int = 0) -> dict:  # fmt: skip
+def edge_interventions(
+    explainer: Explainer,
+    texts: list[str],
+    paths_per_token: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict:
     """Fractions of top-path edges (and paths) confirmed by ablating their source feature."""
     if explainer.transition is None:
-        raise ValueError("edge interventions need a transition graph (load the explainer with a transition)")
+        raise ValueError(
+            "edge interventions need a transition graph (load the explainer with a transition)"
+        )
     generator = torch.Generator().manual_seed(seed)
     counts = {"edges": 0, "edge_ok": 0, "path_ok": 0, "null": 0, "null_ok": 0}
     for text in texts:
@@ -37,7 +44,17 @@ def edge_interventions(explainer: Explainer, texts: list[str], paths_per_token: 
         chosen = _top_per_row(paths["row"], paths["weight"].abs(), paths_per_token)
         for start in range(0, len(chosen), batch_size):
             picked = chosen[start : start + batch_size]
-            _ablate_and_score(explainer, tokens, result.logits[0], target, paths, picked, predicted, counts, generator)
+            _ablate_and_score(
+                explainer,
+                tokens,
+                result.logits[0],
+                target,
+                paths,
+                picked,
+                predicted,
+                counts,
+                generator,
+            )
     edges = max(counts["edges"], 1)
     return {
         "edges_tested": counts["edges"],
@@ -56,11 +73,15 @@ def _top_per_row(rows: torch.Tensor, score: torch.Tensor, top: int) -> torch.Ten
     return order[rank < top]
 
 
-def _ablate_and_score(explainer, tokens, clean_logits, target_code, paths, picked, predicted, counts, generator) -> None:
+def _ablate_and_score(
+    explainer, tokens, clean_logits, target_code, paths, picked, predicted, counts, generator
+) -> None:
     """One batched forward: copy b removes its path's source feature at its row. clean_logits: [seq, vocab]."""
     rows, sources = paths["row"][picked], paths["source"][picked]
     sae_s = explainer.source_sae
-    deltas = paths["source_act"][picked, None] * sae_s.W_dec[sources] / sae_s.cfg.input_scale  # [B, d]
+    deltas = (
+        paths["source_act"][picked, None] * sae_s.W_dec[sources] / sae_s.cfg.input_scale
+    )  # [B, d]
     batch = tokens.repeat(len(picked), 1)
     positions = rows + 1  # BOS comes first
 
@@ -114,7 +135,9 @@ def attribution_correlation(explainer: Explainer, texts: list[str]) -> dict:
                 score = score.index_add(0, entry, paths["weight"])
         grads = _logit_grads(explainer, tokens, predicted)  # [T, d]
         sae = explainer.source_sae
-        contribution = code.values[:, None] * sae.W_dec[code.cols].detach() / sae.cfg.input_scale  # [nnz, d]
+        contribution = (
+            code.values[:, None] * sae.W_dec[code.cols].detach() / sae.cfg.input_scale
+        )  # [nnz, d]
         attributions.append((grads[code.rows] * contribution).sum(1))
         path_scores.append(score)
     a, s = torch.cat(attributions).double(), torch.cat(path_scores).double()
@@ -131,7 +154,9 @@ def _entry_of(code, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return order[locate(keys[order], rows * n + cols)[0]]
 
 
-def _logit_grads(explainer: Explainer, tokens: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+def _logit_grads(
+    explainer: Explainer, tokens: torch.Tensor, predicted: torch.Tensor
+) -> torch.Tensor:
     """[T, d]: ∂ logit_{y_t}(t) / ∂ resid_l[t] for every position t after BOS."""
     leaf = {}
 
@@ -139,9 +164,13 @@ def _logit_grads(explainer: Explainer, tokens: torch.Tensor, predicted: torch.Te
         leaf["h"] = hidden.detach().requires_grad_(True)
         return leaf["h"]
 
-    result = run_model(explainer.model, tokens, [], edits={explainer.source_layer: capture}, grad=True)
+    result = run_model(
+        explainer.model, tokens, [], edits={explainer.source_layer: capture}, grad=True
+    )
     grads = []
     for t in range(len(predicted)):
-        (g,) = torch.autograd.grad(result.logits[0, t + 1, predicted[t]], leaf["h"], retain_graph=t + 1 < len(predicted))
+        (g,) = torch.autograd.grad(
+            result.logits[0, t + 1, predicted[t]], leaf["h"], retain_graph=t + 1 < len(predicted)
+        )
         grads.append(g[0, t + 1])
     return torch.stack(grads)

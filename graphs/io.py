@@ -27,7 +27,9 @@ from sae.io import load_sae, save_sae
 GRAPH_FILE, GRAPH_JSON = "graph.safetensors", "graph.json"
 
 
-def save_graph_sae(model: SparseGraphAutoencoder, directory: str | Path, source: dict | None = None) -> Path:
+def save_graph_sae(
+    model: SparseGraphAutoencoder, directory: str | Path, source: dict | None = None
+) -> Path:
     directory = Path(directory)
     save_sae(model.sae, directory)
     model.cfg.evidence_k = float(model.evidence_k)
@@ -56,7 +58,9 @@ def save_graph_sae(model: SparseGraphAutoencoder, directory: str | Path, source:
     return directory
 
 
-def load_graph_sae(directory: str | Path, device: str | torch.device = "cpu") -> SparseGraphAutoencoder:
+def load_graph_sae(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> SparseGraphAutoencoder:
     directory = Path(directory)
     meta = _read_meta(directory)
     tensors = load_file(directory / GRAPH_FILE)
@@ -75,15 +79,23 @@ def load_graph(directory: str | Path) -> Data:
     meta = _read_meta(directory)
     tensors = load_file(directory / GRAPH_FILE)
     keep = tensors["strength"] > 0
-    return Data(edge_index=tensors["edge_index"][:, keep], edge_weight=tensors["strength"][keep],
-                num_nodes=meta["n_latents"], hook=meta["hook"])  # fmt: skip
+    return Data(
+        edge_index=tensors["edge_index"][:, keep],
+        edge_weight=tensors["strength"][keep],
+        num_nodes=meta["n_latents"],
+        hook=meta["hook"],
+    )
 
 
 def _read_meta(directory: Path) -> dict:
     if not (directory / GRAPH_JSON).exists():
-        raise FileNotFoundError(f"{directory} holds no {GRAPH_JSON}: not a graph autoencoder (train one with "
-                                "`python -m graphs train`)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{directory} holds no {GRAPH_JSON}: not a graph autoencoder (train one with "
+            "`python -m graphs train`)"
+        )
     meta = json.loads((directory / GRAPH_JSON).read_text())
     if meta.get("format_version") != 1:
-        raise ValueError(f"{directory / GRAPH_JSON} has format_version {meta.get('format_version')}, expected 1")
+        raise ValueError(
+            f"{directory / GRAPH_JSON} has format_version {meta.get('format_version')}, expected 1"
+        )
     return meta

@@ -292,8 +292,10 @@ def _main_latents(codes: Codes, split: _Split) -> Tensor:
     diff = _mean_difference(codes, split.train, split.y_train)
     order = torch.sort(diff, descending=True, stable=True).indices[:MAX_MAIN_LATENTS]
     train_x = _gather(codes, split.train, order)  # [n_train, MAX_MAIN_LATENTS]
-    f1 = [_f1(_fit_logistic(train_x[:, :k], split.y_train).predict(train_x[:, :k]), split.y_train)
-          for k in range(1, len(order) + 1)]  # fmt: skip
+    f1 = [
+        _f1(_fit_logistic(train_x[:, :k], split.y_train).predict(train_x[:, :k]), split.y_train)
+        for k in range(1, len(order) + 1)
+    ]
     k = 1
     while k < len(order) and f1[k] - f1[k - 1] > SPLIT_F1_GAIN:
         k += 1
@@ -309,7 +311,9 @@ def _active_entries(codes: Codes, rows: Tensor) -> SparseCode:
     slot = torch.full((codes.n_rows,), -1, dtype=torch.int64)
     slot[rows] = torch.arange(len(rows))
     keep = (slot[codes.rows] >= 0) & (codes.values > 0)
-    return SparseCode(codes.values[keep].float(), codes.cols[keep], slot[codes.rows[keep]], len(rows))
+    return SparseCode(
+        codes.values[keep].float(), codes.cols[keep], slot[codes.rows[keep]], len(rows)
+    )
 
 
 def _chanin_absorption(
@@ -333,7 +337,8 @@ def _chanin_absorption(
     best = torch.full((n,), -float("inf")).scatter_reduce(0, active.rows, contrib, "amax")
     top = contrib == best[active.rows]
     aligned_top = torch.zeros(n, dtype=torch.bool).index_fill_(
-        0, active.rows[top & (cos >= cos_min) & (contrib > 0)], True)  # fmt: skip
+        0, active.rows[top & (cos >= cos_min) & (contrib > 0)], True
+    )
     full = float((~main_fires & aligned_top).float().mean())
     positive = contrib.clamp_min(0)
     absorbing = positive * (~is_main & (cos >= cos_min))
@@ -388,9 +393,14 @@ def _check(
 
 
 def sparse_probe_accuracy(
-    codes: Codes, labels: Tensor, letters: Sequence[int], ks: Sequence[int] = (1, 2, 5),
-    train_frac: float = 0.7, seed: int = 0, groups: Tensor | None = None,
-) -> dict[int, float]:  # fmt: skip
+    codes: Codes,
+    labels: Tensor,
+    letters: Sequence[int],
+    ks: Sequence[int] = (1, 2, 5),
+    train_frac: float = 0.7,
+    seed: int = 0,
+    groups: Tensor | None = None,
+) -> dict[int, float]:
     """Mean over letters of the balanced held-out accuracy of a k-sparse probe, for each k."""
     _check(codes, labels, letters, ks)
     splits = [_letter_split(labels, L, train_frac, seed, groups) for L in letters]
@@ -399,9 +409,13 @@ def sparse_probe_accuracy(
 
 
 def dense_probe_accuracy(
-    x: Tensor, labels: Tensor, letters: Sequence[int], train_frac: float = 0.7, seed: int = 0,
+    x: Tensor,
+    labels: Tensor,
+    letters: Sequence[int],
+    train_frac: float = 0.7,
+    seed: int = 0,
     groups: Tensor | None = None,
-) -> float:  # fmt: skip
+) -> float:
     """Mean over letters of the balanced held-out accuracy of a logistic probe on the residual."""
     _check(None, labels, letters, x=x)
     accuracies = []
@@ -412,9 +426,14 @@ def dense_probe_accuracy(
 
 
 def absorption_rate(
-    codes: Codes, x: Tensor, labels: Tensor, letters: Sequence[int], seed: int = 0,
-    train_frac: float = 0.7, groups: Tensor | None = None,
-) -> dict:  # fmt: skip
+    codes: Codes,
+    x: Tensor,
+    labels: Tensor,
+    letters: Sequence[int],
+    seed: int = 0,
+    train_frac: float = 0.7,
+    groups: Tensor | None = None,
+) -> dict:
     """{"absorption": mean over letters, "per_letter": {L: rate}, "main_feature": {L: latent}}.
 
     A letter whose dense probe gets no test positive right has rate NaN, left out of the mean."""
@@ -429,9 +448,16 @@ def absorption_rate(
 
 
 def chanin_absorption(
-    codes: Codes, x: Tensor, labels: Tensor, letters: Sequence[int], decoder: Tensor, seed: int = 0,
-    train_frac: float = 0.7, groups: Tensor | None = None, cos_min: float | None = None,
-) -> dict:  # fmt: skip
+    codes: Codes,
+    x: Tensor,
+    labels: Tensor,
+    letters: Sequence[int],
+    decoder: Tensor,
+    seed: int = 0,
+    train_frac: float = 0.7,
+    groups: Tensor | None = None,
+    cos_min: float | None = None,
+) -> dict:
     """{"full_absorption", "absorption_fraction": means over letters, "per_letter": {L: {...}}}.
 
     Absorption as Chanin et al. measure it (module docstring); decoder: [n_latents, d_model] rows in
@@ -439,30 +465,53 @@ def chanin_absorption(
     _check(codes, labels, letters, x=x)
     _check_decoder(decoder, x.shape[1], codes)
     cos_min = chanin_cos_threshold(x.shape[1]) if cos_min is None else cos_min
-    per_letter = {L: _chanin_letter(codes, x, _letter_split(labels, L, train_frac, seed, groups), decoder, cos_min)
-                  for L in letters}  # fmt: skip
-    return {"full_absorption": _nanmean([p["full_absorption"] for p in per_letter.values()]),
-            "absorption_fraction": _nanmean([p["absorption_fraction"] for p in per_letter.values()]),
-            "per_letter": per_letter}  # fmt: skip
+    per_letter = {
+        L: _chanin_letter(
+            codes, x, _letter_split(labels, L, train_frac, seed, groups), decoder, cos_min
+        )
+        for L in letters
+    }
+    return {
+        "full_absorption": _nanmean([p["full_absorption"] for p in per_letter.values()]),
+        "absorption_fraction": _nanmean([p["absorption_fraction"] for p in per_letter.values()]),
+        "per_letter": per_letter,
+    }
 
 
 def _check_decoder(decoder: Tensor, d_model: int, codes: Codes | None = None) -> None:
     if decoder.ndim != 2 or decoder.shape[1] != d_model:
-        raise ValueError(f"decoder must be [n_latents, d_model={d_model}] rows in x's space, got {tuple(decoder.shape)}")
+        raise ValueError(
+            f"decoder must be [n_latents, d_model={d_model}] rows in x's space, got {tuple(decoder.shape)}"
+        )
     if codes is not None:
-        width = (int(codes.cols.max()) + 1 if len(codes.cols) else 0) if isinstance(codes, SparseCode) else codes.shape[1]
+        width = (
+            (int(codes.cols.max()) + 1 if len(codes.cols) else 0)
+            if isinstance(codes, SparseCode)
+            else codes.shape[1]
+        )
         if width > decoder.shape[0]:
-            raise ValueError(f"the codes use latent {width - 1} but the decoder has {decoder.shape[0]} rows: same SAE?")
+            raise ValueError(
+                f"the codes use latent {width - 1} but the decoder has {decoder.shape[0]} rows: same SAE?"
+            )
 
 
 def _chanin_letter(
-    codes: Codes, x: Tensor, split: _Split, decoder: Tensor, cos_min: float, probe: _Logistic | None = None
+    codes: Codes,
+    x: Tensor,
+    split: _Split,
+    decoder: Tensor,
+    cos_min: float,
+    probe: _Logistic | None = None,
 ) -> dict:
     probe = probe or _fit_dense(x, split)
     known = split.test[split.y_test & probe.predict(x[split.test].float())]
     mains = _main_latents(codes, split)
     full, fraction = _chanin_absorption(codes, mains, probe, known, decoder, cos_min)
-    return {"full_absorption": full, "absorption_fraction": fraction, "main_features": mains.tolist()}
+    return {
+        "full_absorption": full,
+        "absorption_fraction": fraction,
+        "main_features": mains.tolist(),
+    }
 
 
 def _nanmean(values: list[float]) -> float:
@@ -489,11 +538,16 @@ def pick_letters(labels: Tensor, groups: Tensor | None = None) -> list[int]:
 
 @torch.no_grad()
 def encode_codes(
-    encode: Callable[[Tensor], Tensor | SparseCode], x: Tensor, batch_size: int = 4096, progress: bool = True
+    encode: Callable[[Tensor], Tensor | SparseCode],
+    x: Tensor,
+    batch_size: int = 4096,
+    progress: bool = True,
 ) -> SparseCode:
     """All rows of x encoded batch by batch, kept sparse (a dense 100k x 9216 code is 3.7 GB)."""
     values, cols, rows = [], [], []
-    for start in tqdm(range(0, len(x), batch_size), desc="encode", leave=False, disable=not progress):
+    for start in tqdm(
+        range(0, len(x), batch_size), desc="encode", leave=False, disable=not progress
+    ):
         out = encode(x[start : start + batch_size])
         if not isinstance(out, SparseCode):
             out = out.detach()
@@ -506,10 +560,15 @@ def encode_codes(
 
 
 def letter_metrics(
-    encode: Callable[[Tensor], Tensor | SparseCode], data: LetterTaskData,
-    letters: Sequence[int] | None = None, ks: Sequence[int] = (1, 2, 5), batch_size: int = 4096,
-    train_frac: float = 0.7, seed: int = 0, decoder: Tensor | None = None,
-) -> dict:  # fmt: skip
+    encode: Callable[[Tensor], Tensor | SparseCode],
+    data: LetterTaskData,
+    letters: Sequence[int] | None = None,
+    ks: Sequence[int] = (1, 2, 5),
+    batch_size: int = 4096,
+    train_frac: float = 0.7,
+    seed: int = 0,
+    decoder: Tensor | None = None,
+) -> dict:
     """Both evaluation columns for one SAE: encode maps raw x [B, d] to codes [B, n_latents].
 
     Returns {"sparse_probe": {k: acc}, "dense_probe": acc, "absorption": rate, "letters": [...],

@@ -41,7 +41,9 @@ class GraphConfig:
     init_log_alpha: float = -1.0  # P(gate open) starts at 0.65, the deterministic gate at 0.22
     init_weight: float = 0.1  # w = softplus(weight_raw) starts here
     evidence_k: float = 0.0  # current evidence budget k_e (0: start at the SAE's k)
-    implied_only: bool = False  # messages reach only features the encoder left inactive (no corrections)
+    implied_only: bool = (
+        False  # messages reach only features the encoder left inactive (no corrections)
+    )
     format_version: int = 1
 
 
@@ -66,7 +68,9 @@ class GraphOutput(NamedTuple):
     absorption: torch.Tensor  # Σ_open edges z·w·relu(cos(d_src, d_dst))² / n_latents
 
 
-def expand_out_edges(edge_src: torch.Tensor, n_nodes: int, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_out_edges(
+    edge_src: torch.Tensor, n_nodes: int, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token edges: every (entry, out-edge) pair for the active entries of a code.
 
     edge_src: [E] source feature of each edge, sorted; cols: [nnz] feature of each active entry.
@@ -76,7 +80,9 @@ def expand_out_edges(edge_src: torch.Tensor, n_nodes: int, cols: torch.Tensor) -
     first = torch.cumsum(out_degree, 0) - out_degree  # CSR start of each feature's edges
     degree = out_degree[cols]  # [nnz]
     entry = torch.repeat_interleave(torch.arange(len(degree), device=cols.device), degree)  # [T]
-    within = torch.arange(len(entry), device=cols.device) - (torch.cumsum(degree, 0) - degree)[entry]
+    within = (
+        torch.arange(len(entry), device=cols.device) - (torch.cumsum(degree, 0) - degree)[entry]
+    )
     return entry, first[cols][entry] + within
 
 
@@ -106,7 +112,11 @@ class ImplicationConv(MessagePassing):
         super().__init__(aggr="sum", flow="source_to_target")
 
     def forward(
-        self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor, size: tuple[int, int]
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_weight: torch.Tensor,
+        size: tuple[int, int],
     ) -> torch.Tensor:
         return self.propagate(edge_index, x=x, edge_weight=edge_weight, size=size)
 
@@ -120,10 +130,18 @@ class SparseGraphAutoencoder(nn.Module):
     def __init__(self, sae: SAE, edge_index: torch.Tensor, cfg: GraphConfig | None = None) -> None:
         super().__init__()
         if sae.cfg.arch != "batchtopk":
-            raise ValueError(f"the evidence SAE must be batchtopk (adaptive L0), got {sae.cfg.arch!r}")
+            raise ValueError(
+                f"the evidence SAE must be batchtopk (adaptive L0), got {sae.cfg.arch!r}"
+            )
         n = sae.cfg.n_latents
-        if edge_index.ndim != 2 or edge_index.shape[0] != 2 or (edge_index.numel() and int(edge_index.max()) >= n):
-            raise ValueError(f"edge_index must be [2, E] with feature ids < {n}, got shape {tuple(edge_index.shape)}")
+        if (
+            edge_index.ndim != 2
+            or edge_index.shape[0] != 2
+            or (edge_index.numel() and int(edge_index.max()) >= n)
+        ):
+            raise ValueError(
+                f"edge_index must be [2, E] with feature ids < {n}, got shape {tuple(edge_index.shape)}"
+            )
         self.sae = sae
         self.cfg = cfg or GraphConfig(n_latents=n, n_edges=edge_index.shape[1])
         if self.cfg.evidence_k <= 0:
@@ -163,7 +181,9 @@ class SparseGraphAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def pre_acts(self, x: torch.Tensor, reuse_buffer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pre_acts(
+        self, x: torch.Tensor, reuse_buffer: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_n, x_c, pre) for raw x: [N, d]; pre is computed without autograd (sparse backward).
 
         reuse_buffer: write pre into the SAE's training workspace (`SAE.workspace`) instead of a
@@ -184,11 +204,18 @@ class SparseGraphAutoencoder(nn.Module):
                 rows, cols = (pre > self.sae.threshold).nonzero(as_tuple=True)
                 selected = SparseCode(pre[rows, cols], cols, rows, pre.shape[0])
         # selected.values are pre (or its ReLU) at the selected entries: under the ReLU, no re-gather needed
-        values = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, selected.cols, selected.rows, selected.values).relu()
+        values = sparse_encode(
+            x_c, self.sae.W_enc, self.sae.b_enc, pre, selected.cols, selected.rows, selected.values
+        ).relu()
         return selected._replace(values=values)
 
     def propagate(
-        self, x_c: torch.Tensor, pre: torch.Tensor, evidence: SparseCode, threshold: torch.Tensor, strengths: torch.Tensor
+        self,
+        x_c: torch.Tensor,
+        pre: torch.Tensor,
+        evidence: SparseCode,
+        threshold: torch.Tensor,
+        strengths: torch.Tensor,
     ) -> GraphCode:
         """The graph step: evidence features raise the pre-activations of the features they imply.
 
@@ -204,7 +231,9 @@ class SparseGraphAutoencoder(nn.Module):
         """
         n_rows, n = pre.shape
         src, dst = self.edge_index[0], self.edge_index[1]
-        live = (strengths > 0).nonzero().squeeze(1)  # [E_live] feature edges that can carry a message
+        live = (
+            (strengths > 0).nonzero().squeeze(1)
+        )  # [E_live] feature edges that can carry a message
         entry, nth_live = expand_out_edges(src[live], n, evidence.cols)
         edge_id = live[nth_live]  # [T] token edge -> feature edge
         target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
@@ -212,31 +241,51 @@ class SparseGraphAutoencoder(nn.Module):
         if self.cfg.implied_only:  # drop token edges into evidence nodes
             keep = ~locate(evidence_key, target_key)[1]
             entry, edge_id, target_key = entry[keep], edge_id[keep], target_key[keep]
-        weight = strengths.index_select(0, edge_id)  # (index_select: its backward is a fast index_add)
+        weight = strengths.index_select(
+            0, edge_id
+        )  # (index_select: its backward is a fast index_add)
         with torch.no_grad():
             targets, target_node = torch.unique(target_key, return_inverse=True)  # [n_targets], [T]
-        messages = self.conv(evidence.values.unsqueeze(1), torch.stack([entry, target_node]), weight,
-                             size=(len(evidence.values), len(targets))).view(-1)  # fmt: skip  [n_targets]
+        messages = self.conv(
+            evidence.values.unsqueeze(1),
+            torch.stack([entry, target_node]),
+            weight,
+            size=(len(evidence.values), len(targets)),
+        ).view(-1)  # [n_targets]
         with torch.no_grad():
             fired = targets[pre.view(-1)[targets] + messages.detach() > threshold]
-            keys = torch.unique(torch.cat([evidence_key, fired]))  # [nnz] sorted: rows non-decreasing
+            keys = torch.unique(
+                torch.cat([evidence_key, fired])
+            )  # [nnz] sorted: rows non-decreasing
             at, received = locate(targets, keys)
         rows, cols = keys // n, keys % n
         pre_active = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, cols, rows)
         if len(targets):
             pre_active = pre_active + messages.index_select(0, at) * received
         values = pre_active.relu()
-        with torch.no_grad():  # which token edges reached an active target (for explain and penalties)
+        with (
+            torch.no_grad()
+        ):  # which token edges reached an active target (for explain and penalties)
             from_evidence = locate(evidence_key, keys)[1]
             hit, reached = locate(keys, target_key)
             edge_fired = reached.nonzero().squeeze(1)
             fired_entry, fired_edge = entry[edge_fired], edge_id[edge_fired]
             message = strengths[fired_edge] * evidence.values[fired_entry]
-        return GraphCode(evidence, SparseCode(values, cols, rows, n_rows), from_evidence, fired_entry,
-                         hit[edge_fired], fired_edge, message)  # fmt: skip
+        return GraphCode(
+            evidence,
+            SparseCode(values, cols, rows, n_rows),
+            from_evidence,
+            fired_entry,
+            hit[edge_fired],
+            fired_edge,
+            message,
+        )
 
     def decode_n(self, code: SparseCode) -> torch.Tensor:  # normalised-space reconstruction [N, d]
-        return sparse_decode(code.values, code.cols, code.rows, self.sae.W_dec, code.n_rows) + self.sae.b_dec
+        return (
+            sparse_decode(code.values, code.cols, code.rows, self.sae.W_dec, code.n_rows)
+            + self.sae.b_dec
+        )
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> GraphCode:
@@ -249,7 +298,9 @@ class SparseGraphAutoencoder(nn.Module):
         skipped = self.sae.passthrough(x)
         if bool(skipped.any()):
             keep = ~skipped[evidence.rows]
-            evidence = SparseCode(evidence.values[keep], evidence.cols[keep], evidence.rows[keep], evidence.n_rows)
+            evidence = SparseCode(
+                evidence.values[keep], evidence.cols[keep], evidence.rows[keep], evidence.n_rows
+            )
         return self.propagate(x_c, pre, evidence, self.sae.threshold, self.strengths(sample=False))
 
     @torch.no_grad()
@@ -259,7 +310,11 @@ class SparseGraphAutoencoder(nn.Module):
         return torch.where(self.sae.passthrough(x)[:, None], x.to(recons.dtype), recons)
 
     def training_forward(
-        self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0, detach_penalty: bool = False
+        self,
+        x: torch.Tensor,
+        dead: torch.Tensor | None = None,
+        aux_k: int = 0,
+        detach_penalty: bool = False,
     ) -> GraphOutput:
         """Losses of one batch of raw x: [N, d] (gates sampled, evidence by batch budget k_e).
 
@@ -281,7 +336,9 @@ class SparseGraphAutoencoder(nn.Module):
         absorption = self.absorption_penalty(penalty_strengths, torch.unique(graph_code.edge_id))
         return GraphOutput(recons, graph_code, loss, aux, edge_l0, absorption)
 
-    def absorption_penalty(self, strengths: torch.Tensor, edges: torch.Tensor, max_edges: int = 8192) -> torch.Tensor:
+    def absorption_penalty(
+        self, strengths: torch.Tensor, edges: torch.Tensor, max_edges: int = 8192
+    ) -> torch.Tensor:
         """Σ over the given edges i → j of s_ij · relu(cos(d_i, d_j))²  / n_latents.
 
         If i implies j, j's direction arrives through the edge; a child decoder d_i that still copies
@@ -299,7 +356,9 @@ class SparseGraphAutoencoder(nn.Module):
             scale = len(edges) / max_edges
             edges = edges[torch.randperm(len(edges), device=edges.device)[:max_edges]]
         src, dst = self.edge_index[0, edges], self.edge_index[1, edges]
-        W_dec = self.sae.W_dec  # index_select: its backward is an index_add, not a sorting index_put
+        W_dec = (
+            self.sae.W_dec
+        )  # index_select: its backward is an index_add, not a sorting index_put
         cos = (W_dec.index_select(0, src) * W_dec.index_select(0, dst)).sum(1)  # [len(edges)]
         return scale * (strengths.index_select(0, edges) * cos.relu().pow(2)).sum() / self.n_latents
 

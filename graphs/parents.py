@@ -49,8 +49,14 @@ from sae.store import ActivationStore
 
 # Graph training with the parents: gates held open (no edge penalty, logit 6), messages only to
 # features the encoder left silent, a strong detached absorption penalty, w0 0.5 (session 8).
-HELD_OPEN = dict(edge_coeff=0.0, absorption_coeff=100.0, absorption_detach=True, implied_only=True,
-                 init_weight=0.5, init_log_alpha=6.0)  # fmt: skip
+HELD_OPEN = dict(
+    edge_coeff=0.0,
+    absorption_coeff=100.0,
+    absorption_detach=True,
+    implied_only=True,
+    init_weight=0.5,
+    init_log_alpha=6.0,
+)
 # The control: the same fine-tune with every gate shut from the start (the graph never acts).
 GATES_SHUT = {**HELD_OPEN, "init_log_alpha": -20.0}
 
@@ -100,7 +106,9 @@ class TypeStats:
     """What one pass of the base SAE over the store gives (step 1)."""
 
     type_ids: torch.Tensor  # [U] int64: every token type in the counted rows
-    sums: torch.Tensor  # [U, d] float64: sum of the SAE's centred input x·s − b_dec over the type's rows
+    sums: (
+        torch.Tensor
+    )  # [U, d] float64: sum of the SAE's centred input x·s − b_dec over the type's rows
     counts: torch.Tensor  # [U] int64
     fires: torch.Tensor  # [n_latents] int64: base latent firings
     median_value: float  # median active value of the base SAE (first 8 batches)
@@ -112,49 +120,90 @@ def build_parents(cfg: ParentsConfig) -> Path:
     hook = base.cfg.hook
     n_tokens = min(cfg.tokens, len(store)) if cfg.tokens else len(store)
     if not (out / "type_stats.safetensors").exists():
-        _save_type_stats(type_statistics(base, store, n_tokens, cfg.device), out / "type_stats.safetensors")  # ~1 min / 500k
+        _save_type_stats(
+            type_statistics(base, store, n_tokens, cfg.device), out / "type_stats.safetensors"
+        )  # ~1 min / 500k
     types = _load_type_stats(out / "type_stats.safetensors")
     frequent = types.counts >= cfg.min_count
     if int(frequent.sum()) <= cfg.latents:
-        raise ValueError(f"only {int(frequent.sum())} token types are seen {cfg.min_count}+ times in {n_tokens} tokens; "
-                         f"the token-mean SAE needs more than its {cfg.latents} latents: pass more --tokens or fewer --latents")  # fmt: skip
+        raise ValueError(
+            f"only {int(frequent.sum())} token types are seen {cfg.min_count}+ times in {n_tokens} tokens; "
+            f"the token-mean SAE needs more than its {cfg.latents} latents: pass more --tokens or fewer --latents"
+        )
     if not (out / "tokmean-sae.safetensors").exists():
         means = token_means(types.sums[frequent], types.counts[frequent])
         sae, fvu = train_tokmean_sae(means, cfg)
         active = _active(sae, means)
-        _save_atomic({"type_ids": types.type_ids[frequent].contiguous(), "active": active.to(torch.uint8),
-                      "W_dec": sae.W_dec.detach().contiguous()}, out / "tokmean-sae.safetensors",
-                     metadata={"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)})  # fmt: skip
+        _save_atomic(
+            {
+                "type_ids": types.type_ids[frequent].contiguous(),
+                "active": active.to(torch.uint8),
+                "W_dec": sae.W_dec.detach().contiguous(),
+            },
+            out / "tokmean-sae.safetensors",
+            metadata={"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)},
+        )
     tokmean = load_file(out / "tokmean-sae.safetensors")
     parents_sae = out / "sae" / hook
     if not (out / "parents.json").exists():
         type_ids, active = tokmean["type_ids"], tokmean["active"].bool()
         type_counts = types.counts[torch.searchsorted(types.type_ids, type_ids)]
-        freq = (active.double() * type_counts[:, None].double()).sum(0) / types.counts.sum()  # [latents]
+        freq = (active.double() * type_counts[:, None].double()).sum(
+            0
+        ) / types.counts.sum()  # [latents]
         candidates = ((freq >= cfg.min_freq) & (freq <= cfg.max_freq)).nonzero().squeeze(1)
         if len(candidates) < cfg.n_parents:
-            raise ValueError(f"{len(candidates)} token-mean latents cover {cfg.min_freq}-{cfg.max_freq} of the tokens, "
-                             f"fewer than --n-parents {cfg.n_parents}: lower --n-parents or widen --min-freq/--max-freq")  # fmt: skip
+            raise ValueError(
+                f"{len(candidates)} token-mean latents cover {cfg.min_freq}-{cfg.max_freq} of the tokens, "
+                f"fewer than --n-parents {cfg.n_parents}: lower --n-parents or widen --min-freq/--max-freq"
+            )
         tokenizer = _tokenizer(cfg, store)
         words = first_letter_labels(type_ids, tokenizer) >= 0
         if int(words.sum()) == 0:
-            raise ValueError("no token type with a mean is a word of letters; the cross-cutting pick needs text")
+            raise ValueError(
+                "no token type with a mean is a word of letters; the cross-cutting pick needs text"
+            )
         crossing = mean_jaccard(active[words][:, candidates])  # [C]
         order = torch.argsort(crossing, descending=True)[: cfg.n_parents]
         picked = candidates[order]
-        slots = torch.argsort(types.fires, stable=True)[: cfg.n_parents]  # the least-used base latents
-        inside = _type_sets(active[:, picked], type_ids, types.type_ids)  # [U, P] bool over all store types
+        slots = torch.argsort(types.fires, stable=True)[
+            : cfg.n_parents
+        ]  # the least-used base latents
+        inside = _type_sets(
+            active[:, picked], type_ids, types.type_ids
+        )  # [U, P] bool over all store types
         mean_in, mean_out = set_means(types.sums, types.counts, inside)
-        save_sae(install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae)  # base: not used after
-        _write_json(out / "parents.json", {
-            "config": asdict(cfg), "n_tokens": n_tokens, "tokmean_fvu": float(_tokmean_meta(out)["fvu"]),
-            "n_types": int(frequent.sum()), "n_candidates": len(candidates), "slots": slots.tolist(),
-            "picked": picked.tolist(), "mean_jaccard": crossing[order].tolist(), "freq": freq[picked].tolist(),
-            "top_tokens": _top_tokens(inside, types, tokenizer)})  # fmt: skip
+        save_sae(
+            install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae
+        )  # base: not used after
+        _write_json(
+            out / "parents.json",
+            {
+                "config": asdict(cfg),
+                "n_tokens": n_tokens,
+                "tokmean_fvu": float(_tokmean_meta(out)["fvu"]),
+                "n_types": int(frequent.sum()),
+                "n_candidates": len(candidates),
+                "slots": slots.tolist(),
+                "picked": picked.tolist(),
+                "mean_jaccard": crossing[order].tolist(),
+                "freq": freq[picked].tolist(),
+                "top_tokens": _top_tokens(inside, types, tokenizer),
+            },
+        )
     meta = json.loads((out / "parents.json").read_text())
-    stats = coactivation_stats(StatsConfig(store=cfg.store, sae=str(parents_sae), out=str(out / "stats"), tokens=n_tokens,
-                                           device=cfg.device))  # fmt: skip
-    if "n_edges" not in meta:  # the edges are cheap: recounted unless parents.json says they were written
+    stats = coactivation_stats(
+        StatsConfig(
+            store=cfg.store,
+            sae=str(parents_sae),
+            out=str(out / "stats"),
+            tokens=n_tokens,
+            device=cfg.device,
+        )
+    )
+    if (
+        "n_edges" not in meta
+    ):  # the edges are cheap: recounted unless parents.json says they were written
         edges = parent_edges(stats, torch.tensor(meta["slots"]), cfg.cut, cfg.min_pair_count)
         _save_atomic({"edge_index": edges.contiguous()}, out / "edges.safetensors")
         meta["n_edges"], meta["parents_reached"] = edges.shape[1], int(edges[1].unique().numel())
@@ -162,8 +211,12 @@ def build_parents(cfg: ParentsConfig) -> Path:
     return out
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))  # a file that exists is whole
+def _save_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    _atomic(
+        path, lambda tmp: save_file(tensors, tmp, metadata=metadata)
+    )  # a file that exists is whole
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -179,39 +232,58 @@ def _tokmean_meta(out: Path) -> dict[str, str]:
 
 def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
     if not cfg.store or not cfg.sae or not cfg.out:
-        raise ValueError("pass --store DIR, --sae DIR (a trained SAE's <hook>/ directory) and --out DIR")
+        raise ValueError(
+            "pass --store DIR, --sae DIR (a trained SAE's <hook>/ directory) and --out DIR"
+        )
     if not 0 < cfg.k <= cfg.latents:
         raise ValueError(f"--k {cfg.k} must be in 1..--latents ({cfg.latents})")
     if cfg.n_parents < 1:
         raise ValueError(f"--n-parents must be at least 1 (got {cfg.n_parents})")
     if not 0 <= cfg.min_freq < cfg.max_freq <= 1:
-        raise ValueError(f"need 0 <= --min-freq < --max-freq <= 1 (got {cfg.min_freq}, {cfg.max_freq})")
+        raise ValueError(
+            f"need 0 <= --min-freq < --max-freq <= 1 (got {cfg.min_freq}, {cfg.max_freq})"
+        )
     if not 0 <= cfg.cut < 1:
         raise ValueError(f"--cut is a probability in [0, 1) (got {cfg.cut})")
     store, base = ActivationStore(cfg.store), load_sae(cfg.sae)
     if base.cfg.hook not in store.hooks:
-        raise ValueError(f"the SAE reads {base.cfg.hook!r} but {cfg.store} holds {store.hooks}: pass the store it was trained on")
+        raise ValueError(
+            f"the SAE reads {base.cfg.hook!r} but {cfg.store} holds {store.hooks}: pass the store it was trained on"
+        )
     if base.cfg.n_latents < cfg.n_parents:
-        raise ValueError(f"the base SAE has {base.cfg.n_latents} latents, fewer than --n-parents {cfg.n_parents}")
+        raise ValueError(
+            f"the base SAE has {base.cfg.n_latents} latents, fewer than --n-parents {cfg.n_parents}"
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
+
     def settings(fields: dict) -> dict:  # what must match for a re-run to continue (paths resolved)
         kept = {k: v for k, v in fields.items() if k not in ("out", "device")}
-        return {**kept, "store": str(Path(kept["store"]).resolve()), "sae": str(Path(kept["sae"]).resolve())}
+        return {
+            **kept,
+            "store": str(Path(kept["store"]).resolve()),
+            "sae": str(Path(kept["sae"]).resolve()),
+        }
 
     mine = settings(asdict(cfg))
     if saved.exists() and settings(json.loads(saved.read_text())) != mine:
-        raise ValueError(f"{out} holds parents built with other settings ({saved}); pass a new --out")
+        raise ValueError(
+            f"{out} holds parents built with other settings ({saved}); pass a new --out"
+        )
     _write_json(saved, mine)
     return store, base.to(cfg.device).eval(), out
 
 
 @torch.no_grad()
-def type_statistics(sae: SAE, store: ActivationStore, n_tokens: int, device: str = "cpu", chunk: int = 8192) -> TypeStats:
+def type_statistics(
+    sae: SAE, store: ActivationStore, n_tokens: int, device: str = "cpu", chunk: int = 8192
+) -> TypeStats:
     """Step 1 over the first n_tokens store rows (rows the SAE passes through are left out)."""
     hook, d = sae.cfg.hook, sae.cfg.d_in
-    ids = torch.cat([store.shard(s)["token_ids"].long() for s in range(len(store.manifest.shards))])[:n_tokens]
+    ids = torch.cat(
+        [store.shard(s)["token_ids"].long() for s in range(len(store.manifest.shards))]
+    )[:n_tokens]
     type_ids, inverse = ids.unique(return_inverse=True)
     sums = torch.zeros(len(type_ids), d, dtype=torch.float64)
     counts = torch.zeros(len(type_ids), dtype=torch.int64)
@@ -234,8 +306,16 @@ def type_statistics(sae: SAE, store: ActivationStore, n_tokens: int, device: str
 
 
 def _save_type_stats(types: TypeStats, path: Path) -> None:
-    _save_atomic({"type_ids": types.type_ids, "sums": types.sums, "counts": types.counts, "fires": types.fires,
-               "median_value": torch.tensor([types.median_value])}, path)  # fmt: skip
+    _save_atomic(
+        {
+            "type_ids": types.type_ids,
+            "sums": types.sums,
+            "counts": types.counts,
+            "fires": types.fires,
+            "median_value": torch.tensor([types.median_value]),
+        },
+        path,
+    )
 
 
 def _load_type_stats(path: Path) -> TypeStats:
@@ -302,26 +382,38 @@ def mean_jaccard(active: torch.Tensor) -> torch.Tensor:
     return jaccard.sum(1) / max(active.shape[1] - 1, 1)
 
 
-def _type_sets(active: torch.Tensor, type_ids: torch.Tensor, all_types: torch.Tensor) -> torch.Tensor:
+def _type_sets(
+    active: torch.Tensor, type_ids: torch.Tensor, all_types: torch.Tensor
+) -> torch.Tensor:
     """[U, P] bool: active [V, P] over the token-mean types, spread onto every store type (others False)."""
     inside = torch.zeros(len(all_types), active.shape[1], dtype=torch.bool)
     inside[torch.searchsorted(all_types, type_ids)] = active
     return inside
 
 
-def set_means(sums: torch.Tensor, counts: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def set_means(
+    sums: torch.Tensor, counts: torch.Tensor, inside: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column of inside [U, P] bool: the token-weighted mean [P, d] of the rows whose type is
     in the set, and of all the other rows."""
     w = inside.double()
     total_sum, total_count = sums.sum(0), counts.sum().double()
     in_sum, in_count = w.T @ sums, w.T @ counts.double()  # [P, d], [P]
     if bool((in_count == 0).any()) or bool((in_count == total_count).any()):
-        raise ValueError("a parent's token set is empty or holds every token: it has no mean difference")
+        raise ValueError(
+            "a parent's token set is empty or holds every token: it has no mean difference"
+        )
     return in_sum / in_count[:, None], (total_sum - in_sum) / (total_count - in_count)[:, None]
 
 
 @torch.no_grad()
-def install_parents(sae: SAE, slots: torch.Tensor, mean_in: torch.Tensor, mean_out: torch.Tensor, median_value: float) -> SAE:
+def install_parents(
+    sae: SAE,
+    slots: torch.Tensor,
+    mean_in: torch.Tensor,
+    mean_out: torch.Tensor,
+    median_value: float,
+) -> SAE:
     """Turn latents `slots` into parents (in place; returns sae). Parent p gets decoder u, the unit
     difference mean_in[p] − mean_out[p] (centred-input space), and encoder c·u with bias −c·mid,
     mid the midpoint of the two means along u and c = median_value / half their distance: its
@@ -338,12 +430,18 @@ def install_parents(sae: SAE, slots: torch.Tensor, mean_in: torch.Tensor, mean_o
     return sae
 
 
-def parent_edges(stats: CoactivationStats, slots: torch.Tensor, cut: float, min_pair_count: int = 20) -> torch.Tensor:
+def parent_edges(
+    stats: CoactivationStats, slots: torch.Tensor, cut: float, min_pair_count: int = 20
+) -> torch.Tensor:
     """edge_index [2, E]: i -> p for P(p fires | i fires) > cut on pairs seen >= min_pair_count
     times, p a parent, i not one; each source keeps only its most likely parent."""
     src, dst, p = stats.conditional()
-    keep = ((stats.pair_counts.repeat(2) >= min_pair_count) & torch.isin(dst, slots) & ~torch.isin(src, slots)
-            & (p > cut))  # fmt: skip
+    keep = (
+        (stats.pair_counts.repeat(2) >= min_pair_count)
+        & torch.isin(dst, slots)
+        & ~torch.isin(src, slots)
+        & (p > cut)
+    )
     src, dst, p = src[keep], dst[keep], p[keep]
     order = torch.from_numpy(np.lexsort((-p.numpy(), src.numpy())))  # by source, most likely first
     src, dst = src[order].long(), dst[order].long()
@@ -356,8 +454,10 @@ def train_command(cfg: ParentsConfig, out: str, shut: bool = False) -> str:
     """The `python -m graphs train` command line of the recipe (or its gates-shut control)."""
     recipe = GATES_SHUT if shut else HELD_OPEN
     flags = " ".join(_flag(k, v) for k, v in recipe.items())
-    return (f"python -m graphs train --store {cfg.store} --stats {Path(cfg.out) / 'stats'} "
-            f"--edges {Path(cfg.out) / 'edges.safetensors'} --tokens {cfg.tokens} {flags} --out {out}")  # fmt: skip
+    return (
+        f"python -m graphs train --store {cfg.store} --stats {Path(cfg.out) / 'stats'} "
+        f"--edges {Path(cfg.out) / 'edges.safetensors'} --tokens {cfg.tokens} {flags} --out {out}"
+    )
 
 
 def _flag(name: str, value) -> str:

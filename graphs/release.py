@@ -103,11 +103,18 @@ def export_release(cfg: ExportConfig, model=None) -> Path:
     if not cfg.out:
         raise ValueError("pass --out DIR for the release")
     if (final / RELEASE_JSON).exists():
-        _check_same(final, json.loads((final / RELEASE_JSON).read_text())["config"], identity(cfg), "is a finished release")
+        _check_same(
+            final,
+            json.loads((final / RELEASE_JSON).read_text())["config"],
+            identity(cfg),
+            "is a finished release",
+        )
         print(f"{final} is already a finished release of these inputs; nothing to do")
         return final
     if final.exists():
-        raise ValueError(f"{final} exists and is not a finished release; pick a new --out or delete it")
+        raise ValueError(
+            f"{final} exists and is not a finished release; pick a new --out or delete it"
+        )
     staging = final.with_name(final.name + ".partial")
     inputs = check_inputs(cfg)  # every input checked before anything is written
     progress = _open_progress(staging, identity(cfg))
@@ -119,8 +126,14 @@ def export_release(cfg: ExportConfig, model=None) -> Path:
         getattr(builder, stage)()
         progress["done"].append(stage)
         _write_json(staging / PROGRESS, progress)
-        _log(staging, {"stage": stage, "done": True, "seconds": round(time.perf_counter() - started, 2)})
-    _write_json(staging / RELEASE_JSON, {**builder.release_meta(), "config": identity(cfg), "complete": True})
+        _log(
+            staging,
+            {"stage": stage, "done": True, "seconds": round(time.perf_counter() - started, 2)},
+        )
+    _write_json(
+        staging / RELEASE_JSON,
+        {**builder.release_meta(), "config": identity(cfg), "complete": True},
+    )
     shutil.rmtree(staging / "work", ignore_errors=True)
     (staging / PROGRESS).unlink()
     staging.rename(final)  # atomic: OUT appears whole or not at all
@@ -141,10 +154,16 @@ def _open_progress(staging: Path, wanted: dict) -> dict:
 
 
 def _check_same(directory: Path, old: dict, new: dict, what: str) -> None:
-    diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [
+        f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
     if diffs:
-        raise ValueError(f"{directory} {what} made with other arguments ({'; '.join(diffs)}); re-run with the "
-                         "original arguments, or pick a new --out")  # fmt: skip
+        raise ValueError(
+            f"{directory} {what} made with other arguments ({'; '.join(diffs)}); re-run with the "
+            "original arguments, or pick a new --out"
+        )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -188,11 +207,17 @@ class Release:
         return json.loads((self.path / "neuronpedia" / f"{feature}.json").read_text())
 
     def circuits(self) -> dict[str, dict]:
-        return {p.stem: json.loads(p.read_text()) for p in sorted((self.path / "circuits").glob("*.json"))}
+        return {
+            p.stem: json.loads(p.read_text())
+            for p in sorted((self.path / "circuits").glob("*.json"))
+        }
 
     def examples_of(self, feature: int) -> datasets.Dataset:
         """The feature's contexts (examples are stored feature-major; offsets in release.json)."""
-        start, end = self.meta["example_offsets"][feature], self.meta["example_offsets"][feature + 1]
+        start, end = (
+            self.meta["example_offsets"][feature],
+            self.meta["example_offsets"][feature + 1],
+        )
         return self.data["examples"].select(range(start, end))
 
 
@@ -201,14 +226,27 @@ def load_release(path: str | Path, require_complete: bool = True) -> Release:
     path = Path(path)
     meta_path = path / RELEASE_JSON
     if require_complete and (not meta_path.exists() or path.name.endswith(".partial")):
-        hint = " (an export still in progress or killed: re-run it with the same arguments to finish)" if (
-            path / PROGRESS).exists() or path.name.endswith(".partial") else ""  # fmt: skip
-        raise FileNotFoundError(f"{path} is not a finished greylens release: no {RELEASE_JSON}{hint}")
+        hint = (
+            " (an export still in progress or killed: re-run it with the same arguments to finish)"
+            if (path / PROGRESS).exists() or path.name.endswith(".partial")
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{path} is not a finished greylens release: no {RELEASE_JSON}{hint}"
+        )
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if require_complete and (meta.get("format_version") != FORMAT_VERSION or not meta.get("complete")):
-        raise ValueError(f"{meta_path} has format_version {meta.get('format_version')} / complete "
-                         f"{meta.get('complete')}; this greylens reads complete releases of version {FORMAT_VERSION}")  # fmt: skip
-    tables = {name: datasets.Dataset(datasets.table.InMemoryTable(pq.read_table(path / "data" / f"{name}.parquet")))
-              for name in TABLES}  # fmt: skip
+    if require_complete and (
+        meta.get("format_version") != FORMAT_VERSION or not meta.get("complete")
+    ):
+        raise ValueError(
+            f"{meta_path} has format_version {meta.get('format_version')} / complete "
+            f"{meta.get('complete')}; this greylens reads complete releases of version {FORMAT_VERSION}"
+        )
+    tables = {
+        name: datasets.Dataset(
+            datasets.table.InMemoryTable(pq.read_table(path / "data" / f"{name}.parquet"))
+        )
+        for name in TABLES
+    }
     readme = (path / "README.md").read_text() if (path / "README.md").exists() else ""
     return Release(path, meta, datasets.DatasetDict(tables), readme)

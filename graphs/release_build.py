@@ -43,7 +43,17 @@ from sae.io import export_saelens, load_sae
 from sae.sae import SAE
 from sae.store import ActivationStore
 
-STAGES = ("scan", "contexts", "logits", "metrics", "tables", "saelens", "neuronpedia", "circuits", "dashboard")
+STAGES = (
+    "scan",
+    "contexts",
+    "logits",
+    "metrics",
+    "tables",
+    "saelens",
+    "neuronpedia",
+    "circuits",
+    "dashboard",
+)
 
 
 @dataclass
@@ -68,48 +78,85 @@ def check_inputs(cfg) -> Inputs:
 
     if not (cfg.sae and cfg.graph and cfg.store):
         raise ValueError("pass --sae DIR, --graph DIR and --store DIR (and --out DIR)")
-    for name in ("batch_size", "top_k", "quantiles", "per_quantile", "reservoir", "bins", "neighbours", "logits", "checkpoint_every"):
+    for name in (
+        "batch_size",
+        "top_k",
+        "quantiles",
+        "per_quantile",
+        "reservoir",
+        "bins",
+        "neighbours",
+        "logits",
+        "checkpoint_every",
+    ):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
+            )
     sae, store = load_sae(cfg.sae), ActivationStore(cfg.store)
     n, hook = sae.cfg.n_latents, sae.cfg.hook
     if hook not in store.hooks:
-        raise ValueError(f"the SAE reads {hook}; {cfg.store} holds {', '.join(store.hooks)}: harvest that hook")
+        raise ValueError(
+            f"the SAE reads {hook}; {cfg.store} holds {', '.join(store.hooks)}: harvest that hook"
+        )
     if sae.cfg.weights_sha256:
         store.check_model(sae.cfg.model, sae.cfg.weights_sha256, sae.cfg.d_in)
     graph = load_graph(cfg.graph)
     if graph.num_nodes != n or graph.hook != hook:
-        raise ValueError(f"{cfg.graph} is a graph over {graph.num_nodes} features at {graph.hook}, the SAE has {n} "
-                         f"at {hook}: pass the graph trained from this SAE")  # fmt: skip
+        raise ValueError(
+            f"{cfg.graph} is a graph over {graph.num_nodes} features at {graph.hook}, the SAE has {n} "
+            f"at {hook}: pass the graph trained from this SAE"
+        )
     coactivation = crosslayer = None
     if cfg.stats:
         stats = CoactivationStats.load(cfg.stats)
         if stats.n_latents != n:
-            raise ValueError(f"{cfg.stats} counts {stats.n_latents} features, the SAE has {n}: pass this SAE's stats")
+            raise ValueError(
+                f"{cfg.stats} counts {stats.n_latents} features, the SAE has {n}: pass this SAE's stats"
+            )
         edge_index, scores = stats.candidates(cfg.neighbours, "npmi", min_count=1)
         coactivation = (edge_index[0], edge_index[1], scores)
     target_hook = ""
     if cfg.transition:
         transition, meta = TransitionGraph.load(cfg.transition)
         if meta["source_hook"] != hook or transition.n_source != n:
-            raise ValueError(f"{cfg.transition} starts from {meta['source_hook']} ({transition.n_source} features), "
-                             f"not from this SAE ({hook}, {n})")  # fmt: skip
+            raise ValueError(
+                f"{cfg.transition} starts from {meta['source_hook']} ({transition.n_source} features), "
+                f"not from this SAE ({hook}, {n})"
+            )
         keep = transition.weight.detach() != 0
-        crosslayer = (transition.edge_index[0, keep], transition.edge_index[1, keep], transition.weight.detach()[keep])
+        crosslayer = (
+            transition.edge_index[0, keep],
+            transition.edge_index[1, keep],
+            transition.weight.detach()[keep],
+        )
         target_hook = meta["target_hook"]
     model_name = cfg.model or sae.cfg.model
     if model_name not in MODEL_NAMES:
-        raise ValueError(f"model {model_name!r} is unknown; pass --model ({', '.join(MODEL_NAMES)})")
+        raise ValueError(
+            f"model {model_name!r} is unknown; pass --model ({', '.join(MODEL_NAMES)})"
+        )
     prompts = [p.strip() for p in cfg.prompts.split("|") if p.strip()]
     n_tokens = min(len(store), cfg.tokens or len(store))
     if n_tokens == 0:
         raise ValueError(f"{cfg.store} holds no tokens")
-    return Inputs(sae, store, n_tokens, model_name, (graph.edge_index[0], graph.edge_index[1], graph.edge_weight),
-                  coactivation, crosslayer, target_hook, prompts)  # fmt: skip
+    return Inputs(
+        sae,
+        store,
+        n_tokens,
+        model_name,
+        (graph.edge_index[0], graph.edge_index[1], graph.edge_weight),
+        coactivation,
+        crosslayer,
+        target_hook,
+        prompts,
+    )
 
 
 class Builder:
-    def __init__(self, cfg, inputs: Inputs, staging: Path, log: Callable[[dict], None], model=None) -> None:
+    def __init__(
+        self, cfg, inputs: Inputs, staging: Path, log: Callable[[dict], None], model=None
+    ) -> None:
         self.cfg, self.inputs, self.staging, self.log = cfg, inputs, staging, log
         self.work = staging / "work"
         self.sae = inputs.sae
@@ -123,7 +170,9 @@ class Builder:
 
             self._model = load_model(self.inputs.model_name)
         if self._model.name != self.inputs.model_name:
-            raise ValueError(f"the export reads {self.inputs.model_name}; the model passed in is {self._model.name}")
+            raise ValueError(
+                f"the export reads {self.inputs.model_name}; the model passed in is {self._model.name}"
+            )
         return self._model
 
     @cached_property
@@ -140,32 +189,65 @@ class Builder:
 
     def scan_state(self) -> ScanState:
         c = self.cfg
-        state = ScanState.empty(self.sae.cfg.n_latents, self.sae.cfg.d_in, c.bins, c.top_k, c.reservoir)
+        state = ScanState.empty(
+            self.sae.cfg.n_latents, self.sae.cfg.d_in, c.bins, c.top_k, c.reservoir
+        )
         state.restore(self.work / SCAN_FILE)
         return state
 
     def examples(self) -> Examples:
         c = self.cfg
-        return choose_examples(self.scan_state(), c.quantiles, c.per_quantile, self.columns["first"], self.columns["last"],
-                               c.context_left, c.context_right)  # fmt: skip
+        return choose_examples(
+            self.scan_state(),
+            c.quantiles,
+            c.per_quantile,
+            self.columns["first"],
+            self.columns["last"],
+            c.context_left,
+            c.context_right,
+        )
 
     # ------------------------------------------------------------------ stages
 
     def scan(self) -> None:
         c = self.cfg
-        run_scan(self.sae, self.inputs.store, self.work / SCAN_FILE, self.inputs.n_tokens, c.batch_size, c.bins, c.top_k,
-                 c.reservoir, c.seed, c.checkpoint_every, self.log)  # fmt: skip
+        run_scan(
+            self.sae,
+            self.inputs.store,
+            self.work / SCAN_FILE,
+            self.inputs.n_tokens,
+            c.batch_size,
+            c.bins,
+            c.top_k,
+            c.reservoir,
+            c.seed,
+            c.checkpoint_every,
+            self.log,
+        )
 
     def contexts(self) -> None:
-        run_contexts(self.sae, self.inputs.store, self.examples(), self.work / CONTEXTS_FILE, self.cfg.batch_size,
-                     self.cfg.checkpoint_every, self.log)  # fmt: skip
+        run_contexts(
+            self.sae,
+            self.inputs.store,
+            self.examples(),
+            self.work / CONTEXTS_FILE,
+            self.cfg.batch_size,
+            self.cfg.checkpoint_every,
+            self.log,
+        )
 
     def logits(self) -> None:
         from graphs.explain import top_logits
 
-        out = top_logits(self.model, self.sae, torch.arange(self.sae.cfg.n_latents), k=self.cfg.logits)
-        tensors = {"top_values": out["top"][0], "top_ids": out["top"][1], "bottom_values": out["bottom"][0],
-                   "bottom_ids": out["bottom"][1]}  # fmt: skip
+        out = top_logits(
+            self.model, self.sae, torch.arange(self.sae.cfg.n_latents), k=self.cfg.logits
+        )
+        tensors = {
+            "top_values": out["top"][0],
+            "top_ids": out["top"][1],
+            "bottom_values": out["bottom"][0],
+            "bottom_ids": out["bottom"][1],
+        }
         save_file({k: v.contiguous() for k, v in tensors.items()}, self.work / "logits.safetensors")
 
     def metrics(self) -> None:
@@ -175,18 +257,29 @@ class Builder:
         manifest = store.manifest
         card = {
             "title": f"greylens {self.inputs.model_name} {sae.cfg.hook} {sae.cfg.arch} {sae.cfg.n_latents}",
-            "model": self.inputs.model_name, "weights_sha256": sae.cfg.weights_sha256 or manifest.weights_sha256,
-            "hook": sae.cfg.hook, "width": sae.cfg.n_latents, "d_in": sae.cfg.d_in,
+            "model": self.inputs.model_name,
+            "weights_sha256": sae.cfg.weights_sha256 or manifest.weights_sha256,
+            "hook": sae.cfg.hook,
+            "width": sae.cfg.n_latents,
+            "d_in": sae.cfg.d_in,
             "architecture": sae.cfg.arch + (f" (k={sae.cfg.k})" if sae.cfg.arch != "relu" else ""),
-            "training_tokens": _training_tokens(Path(self.cfg.sae), sae.cfg.hook), "tokens": scored,
-            "passthrough_tokens": state.passthrough, "fvu": recon["fvu"], "explained_variance": recon["explained_variance"],
+            "training_tokens": _training_tokens(Path(self.cfg.sae), sae.cfg.hook),
+            "tokens": scored,
+            "passthrough_tokens": state.passthrough,
+            "fvu": recon["fvu"],
+            "explained_variance": recon["explained_variance"],
             "l0": recon["l0"],
-            "dead_fraction": metrics.dead_fraction(torch.where(state.fire_counts == 0, scored, 0), window=max(scored, 1)),
+            "dead_fraction": metrics.dead_fraction(
+                torch.where(state.fire_counts == 0, scored, 0), window=max(scored, 1)
+            ),
             "dense_fraction": metrics.dense_fraction(state.fire_counts, scored),
-        }  # fmt: skip
+        }
         card.update(self._ce())
-        card.update(corpus=f"{manifest.corpus} ({manifest.split} split, context {manifest.context_size})",
-                    graph_edges=len(self.inputs.graph_edges[0]), license=self.cfg.license)  # fmt: skip
+        card.update(
+            corpus=f"{manifest.corpus} ({manifest.split} split, context {manifest.context_size})",
+            graph_edges=len(self.inputs.graph_edges[0]),
+            license=self.cfg.license,
+        )
         (self.work / "card.json").write_text(json.dumps(card, indent=2))
 
     def _ce(self) -> dict:
@@ -197,57 +290,119 @@ class Builder:
             return {"ce_loss_recovered": None}
         cols = self.columns
         length = int((cols["last"] - cols["first"]).max()) + 1
-        starts = ((cols["first"] == torch.arange(len(cols["first"]))) & (cols["last"] - cols["first"] + 1 == length)).nonzero().squeeze(1)
+        starts = (
+            (
+                (cols["first"] == torch.arange(len(cols["first"])))
+                & (cols["last"] - cols["first"] + 1 == length)
+            )
+            .nonzero()
+            .squeeze(1)
+        )
         needs_bos = int(cols["positions"][0]) == 1
         n_windows = max(1, -(-self.cfg.ce_tokens // (length + needs_bos - 2)))
         rows = starts[:n_windows, None] + torch.arange(length)  # [w, length]
         windows = cols["token_ids"][rows]
         if needs_bos:
-            windows = torch.cat([torch.full((len(windows), 1), self.model.bos_token_id), windows], 1)
+            windows = torch.cat(
+                [torch.full((len(windows), 1), self.model.bos_token_id), windows], 1
+            )
         result = splice_metrics(self.model, self.sae, windows)
-        return {"ce_loss_recovered": result["ce_loss_recovered"], "delta_ce": result["delta_ce"],
-                "kl": result["kl_spliced"], "ce_tokens": result["predictions"]}  # fmt: skip
+        return {
+            "ce_loss_recovered": result["ce_loss_recovered"],
+            "delta_ce": result["delta_ce"],
+            "kl": result["kl_spliced"],
+            "ce_tokens": result["predictions"],
+        }
 
     def tables(self) -> None:
         examples, state, cols, vocab = self.examples(), self.scan_state(), self.columns, self.vocab
-        acts = run_contexts(self.sae, self.inputs.store, examples, self.work / CONTEXTS_FILE, self.cfg.batch_size,
-                            self.cfg.checkpoint_every, self.log)  # finished: read back, nothing re-encoded  # fmt: skip
+        acts = run_contexts(
+            self.sae,
+            self.inputs.store,
+            examples,
+            self.work / CONTEXTS_FILE,
+            self.cfg.batch_size,
+            self.cfg.checkpoint_every,
+            self.log,
+        )  # finished: read back, nothing re-encoded
         n = self.sae.cfg.n_latents
-        neighbours = {"graph_out": tables.top_per_source(*self.inputs.graph_edges, n, self.cfg.neighbours),
-                      "graph_in": tables.top_per_source(self.inputs.graph_edges[1], self.inputs.graph_edges[0],
-                                                        self.inputs.graph_edges[2], n, self.cfg.neighbours)}  # fmt: skip
-        for name, edges in (("coactivation", self.inputs.coactivation), ("crosslayer_out", self.inputs.crosslayer)):
+        neighbours = {
+            "graph_out": tables.top_per_source(*self.inputs.graph_edges, n, self.cfg.neighbours),
+            "graph_in": tables.top_per_source(
+                self.inputs.graph_edges[1],
+                self.inputs.graph_edges[0],
+                self.inputs.graph_edges[2],
+                n,
+                self.cfg.neighbours,
+            ),
+        }
+        for name, edges in (
+            ("coactivation", self.inputs.coactivation),
+            ("crosslayer_out", self.inputs.crosslayer),
+        ):
             if edges is not None:
                 neighbours[name] = tables.top_per_source(*edges, n, self.cfg.neighbours)
         labels, top_tokens = tables.heuristic_labels(examples, cols["token_ids"], vocab, n)
         data = {
-            "features": tables.features_table(state, load_file(self.work / "logits.safetensors"), vocab, neighbours,
-                                              labels, top_tokens, state.fvu.n),
-            "examples": tables.examples_table(examples, acts, cols["token_ids"], cols["doc_ids"], cols["positions"], vocab),
-            "edges": tables.edges_table(self.inputs.graph_edges, self.inputs.coactivation, self.inputs.crosslayer,
-                                        self.sae.cfg.hook, self.inputs.target_hook),
-        }  # fmt: skip
+            "features": tables.features_table(
+                state,
+                load_file(self.work / "logits.safetensors"),
+                vocab,
+                neighbours,
+                labels,
+                top_tokens,
+                state.fvu.n,
+            ),
+            "examples": tables.examples_table(
+                examples, acts, cols["token_ids"], cols["doc_ids"], cols["positions"], vocab
+            ),
+            "edges": tables.edges_table(
+                self.inputs.graph_edges,
+                self.inputs.coactivation,
+                self.inputs.crosslayer,
+                self.sae.cfg.hook,
+                self.inputs.target_hook,
+            ),
+        }
         (self.staging / "data").mkdir(exist_ok=True)
         for name, dataset in data.items():
             dataset.to_parquet(str(self.staging / "data" / f"{name}.parquet"))
         card = json.loads((self.work / "card.json").read_text())
         counts = {name: len(d) for name, d in data.items()}
         (self.staging / "README.md").write_text(tables.dataset_card(card, counts))
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(torch.bincount(examples.feature, minlength=n), 0)])
-        meta = {"format_version": 1, "complete": False, "card": card, "counts": counts,
-                "histogram_edges": state.edges.tolist(), "example_offsets": offsets.tolist(),
-                "target_hook": self.inputs.target_hook, "label_method": tables.HEURISTIC_LABEL}  # fmt: skip
+        offsets = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.int64),
+                torch.cumsum(torch.bincount(examples.feature, minlength=n), 0),
+            ]
+        )
+        meta = {
+            "format_version": 1,
+            "complete": False,
+            "card": card,
+            "counts": counts,
+            "histogram_edges": state.edges.tolist(),
+            "example_offsets": offsets.tolist(),
+            "target_hook": self.inputs.target_hook,
+            "label_method": tables.HEURISTIC_LABEL,
+        }
         (self.staging / "release.json").write_text(json.dumps(meta, indent=2))
         self._copy_training_metrics()
 
     def _copy_training_metrics(self) -> None:
         out = self.staging / "training"
         out.mkdir(exist_ok=True)
-        for name, candidates in (("sae", [Path(self.cfg.sae), Path(self.cfg.sae).parent]), ("graph", [Path(self.cfg.graph)])):
+        for name, candidates in (
+            ("sae", [Path(self.cfg.sae), Path(self.cfg.sae).parent]),
+            ("graph", [Path(self.cfg.graph)]),
+        ):
             for directory in candidates:
                 if (directory / "metrics.jsonl").exists():
-                    rows = [r for r in (directory / "metrics.jsonl").read_text().splitlines()
-                            if json.loads(r).get("hook", self.sae.cfg.hook) == self.sae.cfg.hook]  # fmt: skip
+                    rows = [
+                        r
+                        for r in (directory / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(r).get("hook", self.sae.cfg.hook) == self.sae.cfg.hook
+                    ]
                     (out / f"{name}_metrics.jsonl").write_text("".join(r + "\n" for r in rows))
                     break
 
@@ -260,18 +415,25 @@ class Builder:
         release = load_release(self.staging, require_complete=False)
         out = self.staging / "neuronpedia"
         out.mkdir(exist_ok=True)
-        features, examples = release.data["features"].data.table, release.data["examples"].data.table
+        features, examples = (
+            release.data["features"].data.table,
+            release.data["examples"].data.table,
+        )
         offsets, edges = release.meta["example_offsets"], release.meta["histogram_edges"]
         source = f"{self.sae.cfg.hook}-greylens-{self.sae.cfg.n_latents}"
         chunk = 256
-        for start in tqdm(range(0, len(features), chunk), desc="release: neuronpedia json", unit="chunk"):
+        for start in tqdm(
+            range(0, len(features), chunk), desc="release: neuronpedia json", unit="chunk"
+        ):
             rows = features.slice(start, chunk).to_pylist()
             lo, hi = offsets[start], offsets[min(start + chunk, len(features))]
             contexts = examples.slice(lo, hi - lo).to_pylist()
             for row in rows:
                 f = row["feature"]
                 mine = contexts[offsets[f] - lo : offsets[f + 1] - lo]
-                payload = tables.neuronpedia_feature(row, mine, self.inputs.model_name, source, edges)
+                payload = tables.neuronpedia_feature(
+                    row, mine, self.inputs.model_name, source, edges
+                )
                 (out / f"{f}.json").write_text(tables.dumps(payload))
 
     def circuits(self) -> None:
@@ -281,8 +443,12 @@ class Builder:
         out.mkdir(exist_ok=True)
         explainer = load_explainer(self.model, self.cfg.graph, self.cfg.transition or None)
         labels = tables_labels(self.staging)
-        for i, prompt in enumerate(tqdm(self.inputs.prompts, desc="release: explain prompts", unit="prompt")):
-            slug = f"{i:02d}-" + (re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt")
+        for i, prompt in enumerate(
+            tqdm(self.inputs.prompts, desc="release: explain prompts", unit="prompt")
+        ):
+            slug = f"{i:02d}-" + (
+                re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+            )
             explained = explainer.explain(prompt, top_features=6, top_paths=4)
             graph = tables.circuit_json(explained, slug, labels, self.model.n_layers)
             graph["greylens_explanation"] = explained
@@ -300,7 +466,11 @@ class Builder:
 def tables_labels(staging: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(staging / "data" / "features.parquet", columns=["label"]).column("label").to_pylist()
+    return (
+        pq.read_table(staging / "data" / "features.parquet", columns=["label"])
+        .column("label")
+        .to_pylist()
+    )
 
 
 def _training_tokens(sae_dir: Path, hook: str) -> int | None:

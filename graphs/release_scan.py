@@ -39,7 +39,9 @@ HASH_MULTIPLIER = 0x9E3779B97F4A7C15 & ((1 << 62) - 1)  # odd: a bijection mod 2
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Atomic checkpoint: temp file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"state": json.dumps(meta)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"state": json.dumps(meta)}
+    )
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -59,29 +61,41 @@ class KeepBest:
         self.rows = torch.full((n, k), -1, dtype=torch.int64)  # [n, K] global store row
         self.values = torch.zeros(n, k)  # [n, K] activation
 
-    def update(self, cols: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    def update(
+        self, cols: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
+    ) -> None:
         """cols, keys, rows, values: [nnz] one entry per (token, feature) of the batch."""
         all_cols = torch.cat([torch.arange(self.n).repeat_interleave(self.k), cols])
         all_keys = torch.cat([self.keys.flatten(), keys.double()])
         by_key = torch.argsort(-all_keys, stable=True)
         order = by_key[torch.argsort(all_cols[by_key], stable=True)]  # by feature, best first
         per_col = torch.bincount(all_cols, minlength=self.n)  # each ≥ K: the table is always full
-        rank = torch.arange(len(order)) - (torch.cumsum(per_col, 0) - per_col).repeat_interleave(per_col)
+        rank = torch.arange(len(order)) - (torch.cumsum(per_col, 0) - per_col).repeat_interleave(
+            per_col
+        )
         keep = order[rank < self.k]  # exactly n·K, feature-major
         self.keys = all_keys[keep].view(self.n, self.k)
         self.rows = torch.cat([self.rows.flatten(), rows])[keep].view(self.n, self.k)
         self.values = torch.cat([self.values.flatten(), values.float()])[keep].view(self.n, self.k)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.keys": self.keys, f"{prefix}.rows": self.rows, f"{prefix}.values": self.values}
+        return {
+            f"{prefix}.keys": self.keys,
+            f"{prefix}.rows": self.rows,
+            f"{prefix}.values": self.values,
+        }
 
     def restore(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        self.keys, self.rows, self.values = (tensors[f"{prefix}.{k}"] for k in ("keys", "rows", "values"))
+        self.keys, self.rows, self.values = (
+            tensors[f"{prefix}.{k}"] for k in ("keys", "rows", "values")
+        )
 
 
 def row_hash(rows: torch.Tensor, cols: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """[nnz] pseudo-random keys in [0, 1) from (row, feature): the reservoir's sampling order."""
-    mixed = ((rows * n + cols + seed * 7919) * HASH_MULTIPLIER) % (1 << 62)  # int64, no overflow issue
+    mixed = ((rows * n + cols + seed * 7919) * HASH_MULTIPLIER) % (
+        1 << 62
+    )  # int64, no overflow issue
     mixed = mixed ^ (mixed >> 29)
     return (mixed % (1 << 52)).double() / float(1 << 52)
 
@@ -103,16 +117,36 @@ class ScanState:
 
     @classmethod
     def empty(cls, n: int, d: int, bins: int, top_k: int, reservoir: int) -> ScanState:
-        return cls(torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.float64), torch.zeros(n),
-                   torch.zeros(n, bins, dtype=torch.int64), torch.zeros(0, dtype=torch.float64),
-                   KeepBest(n, top_k), KeepBest(n, reservoir), FVUAccumulator(d))  # fmt: skip
+        return cls(
+            torch.zeros(n, dtype=torch.int64),
+            torch.zeros(n, dtype=torch.float64),
+            torch.zeros(n),
+            torch.zeros(n, bins, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.float64),
+            KeepBest(n, top_k),
+            KeepBest(n, reservoir),
+            FVUAccumulator(d),
+        )
 
     def save(self, path: Path) -> None:
-        tensors = {"fire_counts": self.fire_counts, "act_sum": self.act_sum, "act_max": self.act_max,
-                   "hist": self.hist, "edges": self.edges, "fvu.sum_x": self.fvu.sum_x, "fvu.sum_x2": self.fvu.sum_x2,
-                   **self.top.state("top"), **self.pool.state("pool")}  # fmt: skip
-        meta = {"batches_done": self.batches_done, "passthrough": self.passthrough, "fvu.n": self.fvu.n,
-                "fvu.sum_err2": self.fvu.sum_err2, "fvu.sum_active": self.fvu.sum_active}  # fmt: skip
+        tensors = {
+            "fire_counts": self.fire_counts,
+            "act_sum": self.act_sum,
+            "act_max": self.act_max,
+            "hist": self.hist,
+            "edges": self.edges,
+            "fvu.sum_x": self.fvu.sum_x,
+            "fvu.sum_x2": self.fvu.sum_x2,
+            **self.top.state("top"),
+            **self.pool.state("pool"),
+        }
+        meta = {
+            "batches_done": self.batches_done,
+            "passthrough": self.passthrough,
+            "fvu.n": self.fvu.n,
+            "fvu.sum_err2": self.fvu.sum_err2,
+            "fvu.sum_active": self.fvu.sum_active,
+        }
         _save(path, tensors, meta)
 
     def restore(self, path: Path) -> None:
@@ -122,7 +156,11 @@ class ScanState:
         self.top.restore(tensors, "top")
         self.pool.restore(tensors, "pool")
         self.fvu.sum_x, self.fvu.sum_x2 = tensors["fvu.sum_x"], tensors["fvu.sum_x2"]
-        self.fvu.n, self.fvu.sum_err2, self.fvu.sum_active = meta["fvu.n"], meta["fvu.sum_err2"], meta["fvu.sum_active"]
+        self.fvu.n, self.fvu.sum_err2, self.fvu.sum_active = (
+            meta["fvu.n"],
+            meta["fvu.sum_err2"],
+            meta["fvu.sum_active"],
+        )
         self.batches_done, self.passthrough = meta["batches_done"], meta["passthrough"]
 
 
@@ -131,7 +169,9 @@ def _histogram_edges(values: torch.Tensor, bins: int) -> torch.Tensor:
     positive = values[values > 0].double()
     lo = float(positive.quantile(0.001)) / 4 if len(positive) else 1e-3
     hi = float(positive.max()) * 4 if len(positive) else 1.0
-    return torch.logspace(np.log10(max(lo, 1e-8)), np.log10(max(hi, lo * 10)), bins + 1, dtype=torch.float64)
+    return torch.logspace(
+        np.log10(max(lo, 1e-8)), np.log10(max(hi, lo * 10)), bins + 1, dtype=torch.float64
+    )
 
 
 @torch.no_grad()
@@ -141,7 +181,11 @@ def scan_batch(state: ScanState, sae: SAE, x: torch.Tensor, first_row: int, seed
     skipped = sae.passthrough(x)  # [b] massive activations get no code
     code = sae.encode(x)
     active = code.values > 0
-    cols, values, rows = code.cols[active], code.values[active], code.rows[active] + first_row  # [nnz]
+    cols, values, rows = (
+        code.cols[active],
+        code.values[active],
+        code.rows[active] + first_row,
+    )  # [nnz]
     state.fvu.update(x[~skipped], sae.decode(code)[~skipped], int(active.sum()))
     state.passthrough += int(skipped.sum())
     if len(state.edges) == 0:
@@ -150,21 +194,40 @@ def scan_batch(state: ScanState, sae: SAE, x: torch.Tensor, first_row: int, seed
     state.act_sum.index_add_(0, cols, values.double())
     state.act_max.scatter_reduce_(0, cols, values.float(), reduce="amax")
     bins = state.hist.shape[1]
-    which = (torch.searchsorted(state.edges, values.double(), right=True) - 1).clamp(0, bins - 1)  # [nnz]
+    which = (torch.searchsorted(state.edges, values.double(), right=True) - 1).clamp(
+        0, bins - 1
+    )  # [nnz]
     state.hist += torch.bincount(cols * bins + which, minlength=n * bins).view(n, bins)
     state.top.update(cols, values, rows, values)
     state.pool.update(cols, row_hash(rows, cols, n, seed), rows, values)
 
 
-def run_scan(sae: SAE, store: ActivationStore, path: Path, n_tokens: int, batch_size: int, bins: int, top_k: int,
-             reservoir: int, seed: int, checkpoint_every: int, log) -> ScanState:  # fmt: skip
+def run_scan(
+    sae: SAE,
+    store: ActivationStore,
+    path: Path,
+    n_tokens: int,
+    batch_size: int,
+    bins: int,
+    top_k: int,
+    reservoir: int,
+    seed: int,
+    checkpoint_every: int,
+    log,
+) -> ScanState:
     """The whole scan, resumed from `path` when a checkpoint is there. `log(entry)` records progress."""
     state = ScanState.empty(sae.cfg.n_latents, sae.cfg.d_in, bins, top_k, reservoir)
     if path.exists():
         state.restore(path)
     n_batches = -(-n_tokens // batch_size)
     first = state.batches_done
-    bar = tqdm(range(first, n_batches), desc="release: scan features", unit="batch", initial=first, total=n_batches)
+    bar = tqdm(
+        range(first, n_batches),
+        desc="release: scan features",
+        unit="batch",
+        initial=first,
+        total=n_batches,
+    )
     for b in bar:
         start = b * batch_size
         rows = torch.arange(start, min(start + batch_size, n_tokens))
@@ -221,13 +284,25 @@ def store_columns(store: ActivationStore, n_tokens: int) -> dict[str, torch.Tens
     return {**columns, "first": first_of[window], "last": last_of[window]}
 
 
-def choose_examples(state: ScanState, quantiles: int, per_quantile: int, first: torch.Tensor, last: torch.Tensor,
-                    left: int, right: int) -> Examples:  # fmt: skip
+def choose_examples(
+    state: ScanState,
+    quantiles: int,
+    per_quantile: int,
+    first: torch.Tensor,
+    last: torch.Tensor,
+    left: int,
+    right: int,
+) -> Examples:
     """Top-k tokens of every feature, plus per_quantile reservoir tokens from each of `quantiles`
     equal-count bands of the reservoir's activations (the feature's activation distribution)."""
-    cols: dict[str, list] = {k: [] for k in ("feature", "kind", "rank", "band", "band_min", "band_max", "row", "activation")}
+    cols: dict[str, list] = {
+        k: []
+        for k in ("feature", "kind", "rank", "band", "band_min", "band_max", "row", "activation")
+    }
 
-    def add(f: int, kind: str, rank: int, band: int, lo: float, hi: float, row: int, act: float) -> None:
+    def add(
+        f: int, kind: str, rank: int, band: int, lo: float, hi: float, row: int, act: float
+    ) -> None:
         for key, value in zip(cols, (f, kind, rank, band, lo, hi, row, act), strict=True):
             cols[key].append(value)
 
@@ -241,7 +316,9 @@ def choose_examples(state: ScanState, quantiles: int, per_quantile: int, first: 
         for band, chunk in enumerate(torch.tensor_split(torch.arange(len(values)), quantiles)):
             if len(chunk) == 0:
                 continue
-            picks = chunk[torch.linspace(0, len(chunk) - 1, min(per_quantile, len(chunk))).round().long()]
+            picks = chunk[
+                torch.linspace(0, len(chunk) - 1, min(per_quantile, len(chunk))).round().long()
+            ]
             lo, hi = float(values[chunk[0]]), float(values[chunk[-1]])
             for i, p in enumerate(picks.tolist()):
                 add(f, "quantile", i, band, lo, hi, int(rows[p]), float(values[p]))
@@ -251,14 +328,30 @@ def choose_examples(state: ScanState, quantiles: int, per_quantile: int, first: 
     lengths = hi - lo + 1  # [E]
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
     within = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lengths)
-    return Examples(torch.tensor(cols["feature"], dtype=torch.int64), cols["kind"], torch.tensor(cols["rank"]),
-                    torch.tensor(cols["band"]), torch.tensor(cols["band_min"]), torch.tensor(cols["band_max"]), row,
-                    torch.tensor(cols["activation"]), offsets, lo.repeat_interleave(lengths) + within)  # fmt: skip
+    return Examples(
+        torch.tensor(cols["feature"], dtype=torch.int64),
+        cols["kind"],
+        torch.tensor(cols["rank"]),
+        torch.tensor(cols["band"]),
+        torch.tensor(cols["band_min"]),
+        torch.tensor(cols["band_max"]),
+        row,
+        torch.tensor(cols["activation"]),
+        offsets,
+        lo.repeat_interleave(lengths) + within,
+    )
 
 
 @torch.no_grad()
-def run_contexts(sae: SAE, store: ActivationStore, examples: Examples, path: Path, batch_size: int,
-                 checkpoint_every: int, log) -> torch.Tensor:  # fmt: skip
+def run_contexts(
+    sae: SAE,
+    store: ActivationStore,
+    examples: Examples,
+    path: Path,
+    batch_size: int,
+    checkpoint_every: int,
+    log,
+) -> torch.Tensor:
     """[sum L] the example's feature's activation on every token of every window.
 
     Only the distinct rows some window needs are encoded (each once); the wanted (row, feature)
@@ -276,14 +369,25 @@ def run_contexts(sae: SAE, store: ActivationStore, examples: Examples, path: Pat
         values, first = tensors["values"], meta["batches_done"]
     n_batches = -(-len(rows_needed) // batch_size)
     done = first
-    for b in tqdm(range(first, n_batches), desc="release: context activations", unit="batch", initial=first,
-                  total=n_batches):  # fmt: skip
+    for b in tqdm(
+        range(first, n_batches),
+        desc="release: context activations",
+        unit="batch",
+        initial=first,
+        total=n_batches,
+    ):
         chunk = rows_needed[b * batch_size : (b + 1) * batch_size]  # [c] sorted store rows
         code = sae.encode(store.rows(chunk, hooks=[sae.cfg.hook])[sae.cfg.hook])
         entry_keys, order = torch.sort(chunk[code.rows] * n + code.cols)
-        lo, hi = torch.searchsorted(wanted, torch.stack([chunk[0] * n, (chunk[-1] + 1) * n])).tolist()
+        lo, hi = torch.searchsorted(
+            wanted, torch.stack([chunk[0] * n, (chunk[-1] + 1) * n])
+        ).tolist()
         at, hit = locate(entry_keys, wanted[lo:hi])
-        values[lo:hi] = torch.where(hit, code.values[order][at] if len(order) else 0.0, 0.0).float().clamp_min(0)
+        values[lo:hi] = (
+            torch.where(hit, code.values[order][at] if len(order) else 0.0, 0.0)
+            .float()
+            .clamp_min(0)
+        )
         done = b + 1
         if done % checkpoint_every == 0 or done == n_batches:
             _save(path, {"values": values}, {"batches_done": done})

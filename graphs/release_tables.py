@@ -35,30 +35,58 @@ def to_dataset(columns: dict[str, pa.Array | list]) -> datasets.Dataset:
     return datasets.Dataset(datasets.table.InMemoryTable(table))
 
 
-def ragged(offsets: torch.Tensor, flat: np.ndarray | list, kind: pa.DataType | None = None) -> pa.Array:
+def ragged(
+    offsets: torch.Tensor, flat: np.ndarray | list, kind: pa.DataType | None = None
+) -> pa.Array:
     """A list column from offsets [R + 1] and flat values [offsets[-1]]."""
-    return pa.ListArray.from_arrays(pa.array(offsets.numpy().astype(np.int32)), pa.array(flat, type=kind))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.numpy().astype(np.int32)), pa.array(flat, type=kind)
+    )
 
 
-def top_per_source(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n: int, top: int,
-                   by_abs: bool = True) -> tuple[pa.Array, pa.Array]:  # fmt: skip
+def top_per_source(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    weight: torch.Tensor,
+    n: int,
+    top: int,
+    by_abs: bool = True,
+) -> tuple[pa.Array, pa.Array]:
     """Each source's `top` edges by |weight| (or weight), as two list columns of length n."""
     key = weight.abs() if by_abs else weight
     by_key = torch.argsort(-key.double(), stable=True)
     order = by_key[torch.argsort(src[by_key], stable=True)]
     per_src = torch.bincount(src, minlength=n)
-    rank = torch.arange(len(order)) - (torch.cumsum(per_src, 0) - per_src).repeat_interleave(per_src)
+    rank = torch.arange(len(order)) - (torch.cumsum(per_src, 0) - per_src).repeat_interleave(
+        per_src
+    )
     keep = order[rank < top]
     counts = torch.bincount(src[keep], minlength=n)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
     return ragged(offsets, dst[keep].numpy()), ragged(offsets, weight[keep].float().numpy())
 
 
-def edges_table(graph: tuple | None, coactivation: tuple | None, crosslayer: tuple | None, hook: str,
-                target_hook: str) -> datasets.Dataset:  # fmt: skip
+def edges_table(
+    graph: tuple | None,
+    coactivation: tuple | None,
+    crosslayer: tuple | None,
+    hook: str,
+    target_hook: str,
+) -> datasets.Dataset:
     """Each argument: (src [E], dst [E], weight [E]) or None."""
-    parts = [(graph, "graph", hook), (coactivation, "coactivation", hook), (crosslayer, "crosslayer", target_hook)]
-    cols: dict[str, list] = {"src": [], "dst": [], "weight": [], "kind": [], "src_hook": [], "dst_hook": []}
+    parts = [
+        (graph, "graph", hook),
+        (coactivation, "coactivation", hook),
+        (crosslayer, "crosslayer", target_hook),
+    ]
+    cols: dict[str, list] = {
+        "src": [],
+        "dst": [],
+        "weight": [],
+        "kind": [],
+        "src_hook": [],
+        "dst_hook": [],
+    }
     for edges, kind, dst_hook in parts:
         if edges is None:
             continue
@@ -70,25 +98,44 @@ def edges_table(graph: tuple | None, coactivation: tuple | None, crosslayer: tup
         cols["src_hook"] += [hook] * len(src)
         cols["dst_hook"] += [dst_hook] * len(src)
     for key in ("src", "dst"):
-        cols[key] = pa.array(np.concatenate(cols[key]) if cols[key] else np.zeros(0, np.int64), type=pa.int64())
-    cols["weight"] = pa.array(np.concatenate(cols["weight"]) if cols["weight"] else np.zeros(0, np.float32))
+        cols[key] = pa.array(
+            np.concatenate(cols[key]) if cols[key] else np.zeros(0, np.int64), type=pa.int64()
+        )
+    cols["weight"] = pa.array(
+        np.concatenate(cols["weight"]) if cols["weight"] else np.zeros(0, np.float32)
+    )
     return to_dataset(cols)
 
 
-def examples_table(examples: Examples, acts: torch.Tensor, token_ids: torch.Tensor, docs: torch.Tensor,
-                   positions: torch.Tensor, vocab: np.ndarray) -> datasets.Dataset:  # fmt: skip
+def examples_table(
+    examples: Examples,
+    acts: torch.Tensor,
+    token_ids: torch.Tensor,
+    docs: torch.Tensor,
+    positions: torch.Tensor,
+    vocab: np.ndarray,
+) -> datasets.Dataset:
     """acts: [sum L] per-window activations; token_ids/docs/positions: [n_tokens] store columns;
     vocab: token id -> decoded string (object array)."""
     window_ids = token_ids[examples.window_rows].numpy()  # [sum L]
-    return to_dataset({
-        "feature": pa.array(examples.feature.numpy()), "kind": examples.kind, "rank": pa.array(examples.rank.numpy()),
-        "band": pa.array(examples.band.numpy()), "band_min": _nullable(examples.band_min),
-        "band_max": _nullable(examples.band_max), "activation": pa.array(examples.activation.float().numpy()),
-        "row": pa.array(examples.row.numpy()), "doc_id": pa.array(docs[examples.row].numpy()),
-        "position": pa.array(positions[examples.row].numpy()), "focus": pa.array(examples.focus.numpy()),
-        "token_ids": ragged(examples.offsets, window_ids), "tokens": ragged(examples.offsets, vocab[window_ids], pa.string()),
-        "activations": ragged(examples.offsets, acts.float().numpy()),
-    })  # fmt: skip
+    return to_dataset(
+        {
+            "feature": pa.array(examples.feature.numpy()),
+            "kind": examples.kind,
+            "rank": pa.array(examples.rank.numpy()),
+            "band": pa.array(examples.band.numpy()),
+            "band_min": _nullable(examples.band_min),
+            "band_max": _nullable(examples.band_max),
+            "activation": pa.array(examples.activation.float().numpy()),
+            "row": pa.array(examples.row.numpy()),
+            "doc_id": pa.array(docs[examples.row].numpy()),
+            "position": pa.array(positions[examples.row].numpy()),
+            "focus": pa.array(examples.focus.numpy()),
+            "token_ids": ragged(examples.offsets, window_ids),
+            "tokens": ragged(examples.offsets, vocab[window_ids], pa.string()),
+            "activations": ragged(examples.offsets, acts.float().numpy()),
+        }
+    )
 
 
 def _nullable(values: torch.Tensor) -> pa.Array:
@@ -96,10 +143,14 @@ def _nullable(values: torch.Tensor) -> pa.Array:
     return pa.array(values.float().numpy(), mask=values.isnan().numpy())
 
 
-def heuristic_labels(examples: Examples, token_ids: torch.Tensor, vocab: np.ndarray, n: int) -> tuple[list[str], list[list[str]]]:
+def heuristic_labels(
+    examples: Examples, token_ids: torch.Tensor, vocab: np.ndarray, n: int
+) -> tuple[list[str], list[list[str]]]:
     """A short label per feature from the tokens its top-k contexts peak on, and those tokens."""
     peaks: list[Counter] = [Counter() for _ in range(n)]
-    for f, kind, row in zip(examples.feature.tolist(), examples.kind, examples.row.tolist(), strict=True):
+    for f, kind, row in zip(
+        examples.feature.tolist(), examples.kind, examples.row.tolist(), strict=True
+    ):
         if kind == "top":
             peaks[f][_readable(vocab[int(token_ids[row])])] += 1
     labels, tops = [], []
@@ -115,8 +166,15 @@ def _readable(token: str) -> str:
     return stripped if stripped else {"\n": "⏎", " ": "␣", "\t": "⇥"}.get(token[:1], "␣")
 
 
-def features_table(scan, logits: dict[str, torch.Tensor], vocab: np.ndarray, neighbours: dict[str, tuple],
-                   labels: list[str], top_tokens: list[list[str]], scored: int) -> datasets.Dataset:  # fmt: skip
+def features_table(
+    scan,
+    logits: dict[str, torch.Tensor],
+    vocab: np.ndarray,
+    neighbours: dict[str, tuple],
+    labels: list[str],
+    top_tokens: list[list[str]],
+    scored: int,
+) -> datasets.Dataset:
     """scan: the finished ScanState; logits: {top_ids, top_values, bottom_ids, bottom_values} [n, k]."""
     n = len(scan.fire_counts)
     fired = scan.fire_counts.clamp_min(1).double()
@@ -142,47 +200,106 @@ def features_table(scan, logits: dict[str, torch.Tensor], vocab: np.ndarray, nei
 
 def dataset_card(card: dict, counts: dict[str, int]) -> str:
     """README.md: YAML header (one config per table) and the metric card."""
-    header = ["---", f"license: {card['license']}", "tags: [sparse-autoencoder, interpretability, greylens]", "configs:"]
+    header = [
+        "---",
+        f"license: {card['license']}",
+        "tags: [sparse-autoencoder, interpretability, greylens]",
+        "configs:",
+    ]
     for name in ("features", "examples", "edges"):
         header += [f"- config_name: {name}", f"  data_files: data/{name}.parquet"]
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in card.items() if k != "title")
-    return "\n".join(header + ["---", "", f"# {card['title']}", "",
-        "Sparse-autoencoder features with their statistics, activating contexts, logits and feature-graph edges, "
-        "released by [greylens](https://github.com/greylens). Load everything with `graphs.load_release(path)`, "
-        "or one table with `datasets.load_dataset('parquet', data_files='data/features.parquet')`.", "",
-        "## Metric card", "", "| field | value |", "|---|---|", rows, "",
-        "## Tables", "", *(f"- `{name}`: {count} rows" for name, count in counts.items()), "",
-        "See `docs/release.md` in greylens for every column. `label` is heuristic: " + HEURISTIC_LABEL + ".", "",
-        "## Other files", "",
-        "- `saelens/<hook>/`: the SAE in SAELens's layout (`SAE.load_from_disk`)",
-        "- `neuronpedia/<feature>.json`: Neuronpedia-style feature JSON",
-        "- `circuits/<slug>.json`: circuit-tracer-style graph JSON of explained prompts",
-        "- `dashboard/index.html`: the offline dashboard (open it in a browser)", ""])  # fmt: skip
+    return "\n".join(
+        header
+        + [
+            "---",
+            "",
+            f"# {card['title']}",
+            "",
+            "Sparse-autoencoder features with their statistics, activating contexts, logits and feature-graph edges, "
+            "released by [greylens](https://github.com/greylens). Load everything with `graphs.load_release(path)`, "
+            "or one table with `datasets.load_dataset('parquet', data_files='data/features.parquet')`.",
+            "",
+            "## Metric card",
+            "",
+            "| field | value |",
+            "|---|---|",
+            rows,
+            "",
+            "## Tables",
+            "",
+            *(f"- `{name}`: {count} rows" for name, count in counts.items()),
+            "",
+            "See `docs/release.md` in greylens for every column. `label` is heuristic: "
+            + HEURISTIC_LABEL
+            + ".",
+            "",
+            "## Other files",
+            "",
+            "- `saelens/<hook>/`: the SAE in SAELens's layout (`SAE.load_from_disk`)",
+            "- `neuronpedia/<feature>.json`: Neuronpedia-style feature JSON",
+            "- `circuits/<slug>.json`: circuit-tracer-style graph JSON of explained prompts",
+            "- `dashboard/index.html`: the offline dashboard (open it in a browser)",
+            "",
+        ]
+    )
 
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def neuronpedia_feature(row: dict, examples: list[dict], model: str, source: str, edges: list[float]) -> dict:
+def neuronpedia_feature(
+    row: dict, examples: list[dict], model: str, source: str, edges: list[float]
+) -> dict:
     """One feature in Neuronpedia's export shape (plus a `greylens` block for what it has no field for)."""
     centres = [float(np.sqrt(a * b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     return {
-        "modelId": model, "layer": source, "index": str(row["feature"]),
-        "maxActApprox": row["max_activation"], "frac_nonzero": row["density"],
-        "pos_str": row["top_logit_tokens"], "pos_values": row["top_logit_values"],
-        "neg_str": row["bottom_logit_tokens"], "neg_values": row["bottom_logit_values"],
-        "freq_hist_data_bar_heights": row["hist_counts"], "freq_hist_data_bar_values": centres,
-        "activations": [{
-            "tokens": e["tokens"], "values": e["activations"], "maxValue": e["activation"],
-            "maxValueTokenIndex": e["focus"], "binMin": -1 if e["kind"] == "top" else e["band_min"],
-            "binMax": -1 if e["kind"] == "top" else e["band_max"], "binContains": e["kind"],
-        } for e in examples],
-        "explanations": [{"description": row["label"], "explanationModelName": "greylens-heuristic-top-tokens",
-                          "typeName": "heuristic"}],
-        "greylens": {k: row[k] for k in ("graph_out", "graph_out_weight", "graph_in", "graph_in_weight", "coactivation",
-                                         "coactivation_weight", "crosslayer_out", "crosslayer_out_weight") if k in row},
-    }  # fmt: skip
+        "modelId": model,
+        "layer": source,
+        "index": str(row["feature"]),
+        "maxActApprox": row["max_activation"],
+        "frac_nonzero": row["density"],
+        "pos_str": row["top_logit_tokens"],
+        "pos_values": row["top_logit_values"],
+        "neg_str": row["bottom_logit_tokens"],
+        "neg_values": row["bottom_logit_values"],
+        "freq_hist_data_bar_heights": row["hist_counts"],
+        "freq_hist_data_bar_values": centres,
+        "activations": [
+            {
+                "tokens": e["tokens"],
+                "values": e["activations"],
+                "maxValue": e["activation"],
+                "maxValueTokenIndex": e["focus"],
+                "binMin": -1 if e["kind"] == "top" else e["band_min"],
+                "binMax": -1 if e["kind"] == "top" else e["band_max"],
+                "binContains": e["kind"],
+            }
+            for e in examples
+        ],
+        "explanations": [
+            {
+                "description": row["label"],
+                "explanationModelName": "greylens-heuristic-top-tokens",
+                "typeName": "heuristic",
+            }
+        ],
+        "greylens": {
+            k: row[k]
+            for k in (
+                "graph_out",
+                "graph_out_weight",
+                "graph_in",
+                "graph_in_weight",
+                "coactivation",
+                "coactivation_weight",
+                "crosslayer_out",
+                "crosslayer_out_weight",
+            )
+            if k in row
+        },
+    }
 
 
 def circuit_json(explanation: dict, slug: str, labels: list[str], n_layers: int) -> dict:
@@ -198,10 +315,21 @@ def circuit_json(explanation: dict, slug: str, labels: list[str], n_layers: int)
 
     def feature(layer: int, f: int, ctx: int, role: str, activation: float | None = None) -> str:
         node_id = f"{layer}_{f}_{ctx}"
-        node = nodes.setdefault(node_id, {"node_id": node_id, "feature": f, "layer": str(layer), "ctx_idx": ctx,
-                                          "feature_type": "sae feature", "jsNodeId": node_id, "role": role,
-                                          "clerp": labels[f] if layer == source and f < len(labels) else "",
-                                          "activation": activation, "is_target_logit": False})  # fmt: skip
+        node = nodes.setdefault(
+            node_id,
+            {
+                "node_id": node_id,
+                "feature": f,
+                "layer": str(layer),
+                "ctx_idx": ctx,
+                "feature_type": "sae feature",
+                "jsNodeId": node_id,
+                "role": role,
+                "clerp": labels[f] if layer == source and f < len(labels) else "",
+                "activation": activation,
+                "is_target_logit": False,
+            },
+        )
         if activation is not None:
             node["activation"] = activation
         return node_id
@@ -209,32 +337,77 @@ def circuit_json(explanation: dict, slug: str, labels: list[str], n_layers: int)
     for p in explanation["positions"]:
         ctx = p["position"]
         emb = f"E_{ctx}"
-        nodes[emb] = {"node_id": emb, "feature": None, "layer": "E", "ctx_idx": ctx, "feature_type": "embedding",
-                      "jsNodeId": emb, "clerp": p["token"], "is_target_logit": False}  # fmt: skip
+        nodes[emb] = {
+            "node_id": emb,
+            "feature": None,
+            "layer": "E",
+            "ctx_idx": ctx,
+            "feature_type": "embedding",
+            "jsNodeId": emb,
+            "clerp": p["token"],
+            "is_target_logit": False,
+        }
         logit = f"{n_layers}_{ctx}"
-        nodes[logit] = {"node_id": logit, "feature": None, "layer": str(n_layers), "ctx_idx": ctx, "feature_type": "logit",
-                        "jsNodeId": logit, "clerp": p["predicted"], "token_prob": p["probability"], "is_target_logit": True}  # fmt: skip
+        nodes[logit] = {
+            "node_id": logit,
+            "feature": None,
+            "layer": str(n_layers),
+            "ctx_idx": ctx,
+            "feature_type": "logit",
+            "jsNodeId": logit,
+            "clerp": p["predicted"],
+            "token_prob": p["probability"],
+            "is_target_logit": True,
+        }
         for f, act in p["evidence"]:
-            links.append({"source": emb, "target": feature(source, f, ctx, "evidence", act), "weight": act})
+            links.append(
+                {"source": emb, "target": feature(source, f, ctx, "evidence", act), "weight": act}
+            )
         for implied in p["implied"]:
             node = feature(source, implied["feature"], ctx, "implied", implied["activation"])
-            links += [{"source": feature(source, s, ctx, "evidence"), "target": node, "weight": m} for s, m in implied["from"]]
+            links += [
+                {"source": feature(source, s, ctx, "evidence"), "target": node, "weight": m}
+                for s, m in implied["from"]
+            ]
         for path in p["paths"]:
             t = feature(target, path["target"], ctx, "target", path["target_act"])
-            links.append({"source": feature(source, path["source"], ctx, "evidence", path["source_act"]), "target": t,
-                          "weight": path["message"]})  # fmt: skip
-            links.append({"source": t, "target": logit, "weight": path["target_act"] * path["logit_effect"]})
-        links += [{"source": feature(source, d["feature"], ctx, "evidence"), "target": logit, "weight": d["weight"]}
-                  for d in p["direct"]]  # fmt: skip
-    unique = {(link["source"], link["target"]): link for link in links}  # a target reached twice: keep the last
+            links.append(
+                {
+                    "source": feature(source, path["source"], ctx, "evidence", path["source_act"]),
+                    "target": t,
+                    "weight": path["message"],
+                }
+            )
+            links.append(
+                {"source": t, "target": logit, "weight": path["target_act"] * path["logit_effect"]}
+            )
+        links += [
+            {
+                "source": feature(source, d["feature"], ctx, "evidence"),
+                "target": logit,
+                "weight": d["weight"],
+            }
+            for d in p["direct"]
+        ]
+    unique = {
+        (link["source"], link["target"]): link for link in links
+    }  # a target reached twice: keep the last
     return {
-        "metadata": {"slug": slug, "scan": f"greylens/{explanation['model']}/{explanation['source_hook']}",
-                     "prompt": explanation["text"], "prompt_tokens": [p["token"] for p in explanation["positions"]],
-                     "info": {"generator": "greylens graphs.explain", "source_hook": explanation["source_hook"],
-                              "target_hook": explanation["target_hook"]}},
+        "metadata": {
+            "slug": slug,
+            "scan": f"greylens/{explanation['model']}/{explanation['source_hook']}",
+            "prompt": explanation["text"],
+            "prompt_tokens": [p["token"] for p in explanation["positions"]],
+            "info": {
+                "generator": "greylens graphs.explain",
+                "source_hook": explanation["source_hook"],
+                "target_hook": explanation["target_hook"],
+            },
+        },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both"},
-        "nodes": list(nodes.values()), "links": list(unique.values()),
-    }  # fmt: skip
+        "nodes": list(nodes.values()),
+        "links": list(unique.values()),
+    }
 
 
 def dumps(payload: dict) -> str:

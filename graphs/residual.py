@@ -38,7 +38,11 @@ from sae.sae import SparseCode
 
 @torch.no_grad()
 def missed_features(
-    x_n: torch.Tensor, code: SparseCode, W_dec: torch.Tensor, b_dec: torch.Tensor, max_per_token: int
+    x_n: torch.Tensor,
+    code: SparseCode,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    max_per_token: int,
 ) -> SparseCode:
     """The missed (token, latent) entries of a batch, row-major, values = p_tj.
 
@@ -54,7 +58,9 @@ def missed_features(
     proj = (x_n - x_hat) @ torch.nn.functional.normalize(W_dec, dim=1).T  # [N, n]
     proj[rows, cols] = -torch.inf  # active latents are not missed
     weakest = torch.full((n_rows,), torch.inf, dtype=proj.dtype, device=proj.device)
-    weakest.scatter_reduce_(0, rows, values.to(proj.dtype), reduce="amin")  # [N]; inf: nothing active
+    weakest.scatter_reduce_(
+        0, rows, values.to(proj.dtype), reduce="amin"
+    )  # [N]; inf: nothing active
     coded = weakest.isfinite()  # [N]
     if not bool(coded.any()):
         return SparseCode(proj.new_zeros(0), rows.new_zeros(0), rows.new_zeros(0), n_rows)

@@ -71,11 +71,15 @@ class PlantedHierarchyConfig:
         if not 1 <= self.max_active_children <= self.children_per_parent:
             problems.append("max_active_children must be in 1..children_per_parent")
         if 2 * self.n_cooc > self.n_free:
-            problems.append(f"n_cooc pairs need 2·n_cooc = {2 * self.n_cooc} ≤ n_free = {self.n_free}")
+            problems.append(
+                f"n_cooc pairs need 2·n_cooc = {2 * self.n_cooc} ≤ n_free = {self.n_free}"
+            )
         if not 0.0 <= self.parent_child_cos < 1.0:
             problems.append("parent_child_cos must be in [0, 1)")
         probs = ("parent_prob", "child_prob_given_parent", "free_prob", "cooc_prob")
-        problems += [f"{p} must be a probability in [0, 1]" for p in probs if not 0 <= getattr(self, p) <= 1]
+        problems += [
+            f"{p} must be a probability in [0, 1]" for p in probs if not 0 <= getattr(self, p) <= 1
+        ]
         if min(self.d_model, self.n_parents, self.children_per_parent) < 1 or self.n_free < 0:
             problems.append("d_model, n_parents, children_per_parent must be ≥ 1 and n_free ≥ 0")
         if problems:
@@ -150,7 +154,9 @@ class PlantedHierarchy:
         # n_kids distinct uniform children: the first n_kids of a random order of the C children
         order = torch.rand(n, P, C, generator=g).argsort(-1)  # [n, P, C] child at each rank
         chosen = torch.arange(C) < n_kids[..., None]  # [n, P, C] is rank r among the first n_kids
-        children = torch.zeros(n, P, C, dtype=torch.bool).scatter_(-1, order, chosen).reshape(n, P * C)
+        children = (
+            torch.zeros(n, P, C, dtype=torch.bool).scatter_(-1, order, chosen).reshape(n, P * C)
+        )
         own = torch.rand(n, cfg.n_free, generator=g) < cfg.free_prob  # [n, F]
         free = own.clone()
         a, b = self.cooc_edge_index[:, : cfg.n_cooc] - P * (1 + C)  # [n_cooc] free-local indices
@@ -174,7 +180,9 @@ def _dictionary(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(cfg.decorrelate_steps):  # descent on Σ cos⁸: pushes hardest on the worst pairs
+        for _ in range(
+            cfg.decorrelate_steps
+        ):  # descent on Σ cos⁸: pushes hardest on the worst pairs
             gram = d @ d.T  # [n_true, n_true]
             gram.fill_diagonal_(0)
             step = gram.pow(7) @ d  # [n_true, d]
@@ -219,11 +227,19 @@ def write_store(
     cfg = hierarchy.config
     config_json = json.dumps(asdict(cfg), sort_keys=True, separators=(",", ":"))
     manifest = StoreManifest(
-        model="synthetic", weights_sha256=hierarchy.weights_sha256(), hooks=[hook],
-        d_model=cfg.d_model, dtype=dtype, context_size=context_size,
-        corpus=CORPUS_PREFIX + config_json, seed=seed, n_tokens_target=n_tokens,
-        windows_per_shard=math.ceil(shard_tokens / (context_size - 1)), keep_bos=False, split=split,
-    )  # fmt: skip
+        model="synthetic",
+        weights_sha256=hierarchy.weights_sha256(),
+        hooks=[hook],
+        d_model=cfg.d_model,
+        dtype=dtype,
+        context_size=context_size,
+        corpus=CORPUS_PREFIX + config_json,
+        seed=seed,
+        n_tokens_target=n_tokens,
+        windows_per_shard=math.ceil(shard_tokens / (context_size - 1)),
+        keep_bos=False,
+        split=split,
+    )
     writer = StoreWriter.open(out_dir, manifest)
     n_shards = math.ceil(n_tokens / shard_tokens)
     # a resumed store continues after its last complete shard; a complete one writes nothing
@@ -233,12 +249,14 @@ def write_store(
         x, codes = hierarchy.sample(n, torch.Generator().manual_seed(shard_seed(seed, index)))
         rows = torch.arange(first, first + n)  # [n] global row index
         strongest = torch.where(codes.amax(1) > 0, codes.argmax(1) + 1, 0)
-        writer.write_shard({
-            hook: x.to(DTYPES[dtype]),
-            "token_ids": strongest.to(torch.int32),
-            "doc_ids": (rows // (context_size - 1)).to(torch.int32),
-            "positions": (1 + rows % (context_size - 1)).to(torch.int32),
-        })  # fmt: skip
+        writer.write_shard(
+            {
+                hook: x.to(DTYPES[dtype]),
+                "token_ids": strongest.to(torch.int32),
+                "doc_ids": (rows // (context_size - 1)).to(torch.int32),
+                "positions": (1 + rows % (context_size - 1)).to(torch.int32),
+            }
+        )
     writer.finish()
     return ActivationStore(out_dir)
 
@@ -248,8 +266,12 @@ def hierarchy_from_store(store: ActivationStore | str | Path) -> PlantedHierarch
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     corpus = store.manifest.corpus
     if not corpus.startswith(CORPUS_PREFIX):
-        raise StoreError(f"{store.directory} was not written by graphs.synthetic.write_store (corpus {corpus[:40]!r})")
-    hierarchy = PlantedHierarchy.build(PlantedHierarchyConfig(**json.loads(corpus[len(CORPUS_PREFIX) :])))
+        raise StoreError(
+            f"{store.directory} was not written by graphs.synthetic.write_store (corpus {corpus[:40]!r})"
+        )
+    hierarchy = PlantedHierarchy.build(
+        PlantedHierarchyConfig(**json.loads(corpus[len(CORPUS_PREFIX) :]))
+    )
     if hierarchy.weights_sha256() != store.manifest.weights_sha256:
         raise StoreError(
             f"rebuilding {store.directory}'s dictionary gave another hash (different torch or "
@@ -262,10 +284,14 @@ def store_codes(hierarchy: PlantedHierarchy, store: ActivationStore) -> torch.Te
     """True codes [len(store), n_true] of every row of a `write_store` store, in row order."""
     hook, seed, parts = store.hooks[0], store.manifest.seed, []
     for index, info in enumerate(store.manifest.shards):
-        x, codes = hierarchy.sample(info.n_tokens, torch.Generator().manual_seed(shard_seed(seed, index)))
+        x, codes = hierarchy.sample(
+            info.n_tokens, torch.Generator().manual_seed(shard_seed(seed, index))
+        )
         stored = store.shard(index)[hook].float()
         if not torch.allclose(stored, x, rtol=1e-2, atol=1e-2):  # float16/bfloat16 rounding
-            raise StoreError(f"shard {index} of {store.directory} does not match this hierarchy's samples")
+            raise StoreError(
+                f"shard {index} of {store.directory} does not match this hierarchy's samples"
+            )
         parts.append(codes)
     return torch.cat(parts)
 
@@ -278,7 +304,9 @@ class LatentMatch(NamedTuple):
     cos: torch.Tensor  # [n_true] float32: cosine of that pair (-1 where latent is -1)
 
 
-def match_latents(W_dec: torch.Tensor, dictionary: torch.Tensor, one_to_one: bool = True) -> LatentMatch:
+def match_latents(
+    W_dec: torch.Tensor, dictionary: torch.Tensor, one_to_one: bool = True
+) -> LatentMatch:
     """Match decoder rows to true features by cosine (signed: codes are non-negative).
 
     one_to_one: greedy global matching, repeatedly taking the best remaining (feature, latent)
@@ -290,7 +318,9 @@ def match_latents(W_dec: torch.Tensor, dictionary: torch.Tensor, one_to_one: boo
             f"W_dec must be [n_latents, {dictionary.shape[1]}], got {list(W_dec.shape)}; "
             "pass the decoder in the dictionary's space ([n_latents, d_model], not its transpose)"
         )
-    sims = _unit(dictionary.detach().float()) @ _unit(W_dec.detach().float().cpu()).T  # [n_true, n_lat]
+    sims = (
+        _unit(dictionary.detach().float()) @ _unit(W_dec.detach().float().cpu()).T
+    )  # [n_true, n_lat]
     if not one_to_one:
         cos, latent = sims.max(dim=1)
         return LatentMatch(latent, cos)
@@ -306,7 +336,9 @@ def match_latents(W_dec: torch.Tensor, dictionary: torch.Tensor, one_to_one: boo
     return LatentMatch(latent, cos)
 
 
-def _edge_scores(src: torch.Tensor, dst: torch.Tensor, hierarchy: PlantedHierarchy) -> dict[str, float]:
+def _edge_scores(
+    src: torch.Tensor, dst: torch.Tensor, hierarchy: PlantedHierarchy
+) -> dict[str, float]:
     """Precision/recall of true-feature edges (src, dst: [E], -1 = unmatched) vs the planted ones."""
     n = hierarchy.n_true
     mapped = (src >= 0) & (dst >= 0) & (src != dst)
@@ -320,8 +352,12 @@ def _edge_scores(src: torch.Tensor, dst: torch.Tensor, hierarchy: PlantedHierarc
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
         "n_mapped": float(len(pairs)),
-        "reversed": float(torch.isin(pairs, hierarchy.edge_index[1] * n + hierarchy.edge_index[0]).sum()),
-        "cooc_hits": float(torch.isin(pairs, hierarchy.cooc_edge_index[0] * n + hierarchy.cooc_edge_index[1]).sum()),
+        "reversed": float(
+            torch.isin(pairs, hierarchy.edge_index[1] * n + hierarchy.edge_index[0]).sum()
+        ),
+        "cooc_hits": float(
+            torch.isin(pairs, hierarchy.cooc_edge_index[0] * n + hierarchy.cooc_edge_index[1]).sum()
+        ),
     }
 
 
@@ -347,7 +383,9 @@ def edge_recovery(
     if learned_edge_index.ndim != 2 or learned_edge_index.shape[0] != 2:
         raise ValueError(f"learned_edge_index must be [2, E], got {list(learned_edge_index.shape)}")
     if learned_weights.shape != (learned_edge_index.shape[1],):
-        raise ValueError(f"learned_weights must be [E] = [{learned_edge_index.shape[1]}], got {list(learned_weights.shape)}")
+        raise ValueError(
+            f"learned_weights must be [E] = [{learned_edge_index.shape[1]}], got {list(learned_weights.shape)}"
+        )
     match = match_latents(W_dec, hierarchy.dictionary)
     good = match.cos >= min_cos  # [n_true]
     true_of = torch.full((W_dec.shape[0],), -1, dtype=torch.int64)  # [n_latents] latent -> feature
@@ -356,7 +394,10 @@ def edge_recovery(
     src, dst = true_of[kept[0]], true_of[kept[1]]
     result = _edge_scores(src, dst, hierarchy)
     g = torch.Generator().manual_seed(null_seed)
-    nulls = [_edge_scores(src, dst[torch.randperm(len(dst), generator=g)], hierarchy) for _ in range(n_null)]
+    nulls = [
+        _edge_scores(src, dst[torch.randperm(len(dst), generator=g)], hierarchy)
+        for _ in range(n_null)
+    ]
     for key in ("precision", "recall", "f1"):
         result[f"null_{key}"] = sum(r[key] for r in nulls) / max(n_null, 1)
     result.update(n_learned=float(kept.shape[1]), n_matched_features=float(good.sum()))
@@ -368,7 +409,9 @@ def edge_recovery(
 
 class OracleStats(NamedTuple):
     freq: torch.Tensor  # [n_true] P(feature active)
-    conditional: torch.Tensor  # [n_true, n_true]: [i, j] = P(j active | i active); nan if i never fired
+    conditional: (
+        torch.Tensor
+    )  # [n_true, n_true]: [i, j] = P(j active | i active); nan if i never fired
     child_to_parent: torch.Tensor  # [P·C] P(parent | child) per planted edge: 1 by construction
     parent_to_child: torch.Tensor  # [P·C] P(child | parent): well below 1, so the edge is directed
     cooc: torch.Tensor  # [2·n_cooc] P(dst | src) per cooc edge
@@ -383,12 +426,17 @@ def oracle_stats(hierarchy: PlantedHierarchy, codes: torch.Tensor) -> OracleStat
     src, dst = hierarchy.edge_index
     csrc, cdst = hierarchy.cooc_edge_index
     return OracleStats(
-        counts / max(codes.shape[0], 1), conditional,
-        conditional[src, dst], conditional[dst, src], conditional[csrc, cdst],
-    )  # fmt: skip
+        counts / max(codes.shape[0], 1),
+        conditional,
+        conditional[src, dst],
+        conditional[dst, src],
+        conditional[csrc, cdst],
+    )
 
 
-def implied_edges(codes: torch.Tensor, min_conditional: float = 0.95, min_count: int = 10) -> torch.Tensor:
+def implied_edges(
+    codes: torch.Tensor, min_conditional: float = 0.95, min_count: int = 10
+) -> torch.Tensor:
     """Edges i -> j [2, E] with P(j | i) ≥ min_conditional over ≥ min_count firings of i: what a
     perfect implication learner reading the true codes would find (a ceiling for graph SAEs)."""
     active = (codes > 0).float()  # [n, n_true]

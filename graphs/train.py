@@ -133,8 +133,11 @@ def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     store, stats, sae, edges, out = _check_inputs(cfg)
     hook = sae.cfg.hook
     model = _init_model(cfg, stats, sae, edges).to(cfg.device)
-    state = HookState(model, _optimizer(cfg, model), *[torch.zeros(sae.cfg.n_latents, dtype=torch.int64,
-                      device=cfg.device) for _ in range(2)])  # fmt: skip
+    state = HookState(
+        model,
+        _optimizer(cfg, model),
+        *[torch.zeros(sae.cfg.n_latents, dtype=torch.int64, device=cfg.device) for _ in range(2)],
+    )
     torch.manual_seed(cfg.seed)
     first_step = load_checkpoint(out, {hook: state})["step"] if cfg.resume else 0
     n_steps = max(1, cfg.tokens // cfg.batch_size)
@@ -143,11 +146,15 @@ def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     started = time.perf_counter()
     for step, batch in step_batches(store, cfg, [hook], start_step=first_step, n_steps=n_steps):
         x = batch[hook].to(cfg.device)
-        row = _train_step(cfg, state, x[~sae.passthrough(x)], lr_at(cfg, step, n_steps, sae.cfg.n_latents))
+        row = _train_step(
+            cfg, state, x[~sae.passthrough(x)], lr_at(cfg, step, n_steps, sae.cfg.n_latents)
+        )
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
             tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
             logger.log(log_row(cfg, state, step, hook, row, row["lr"], tok_s))
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", deg=f"{row['mean_degree']:.2f}")
+            bar.set_postfix(
+                fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", deg=f"{row['mean_degree']:.2f}"
+            )
         bar.update(1)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == n_steps:
             save_checkpoint(out, step + 1, (step + 1) * cfg.batch_size, {hook: state}, asdict(cfg))
@@ -158,73 +165,129 @@ def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     return model
 
 
-def _check_inputs(cfg: GraphTrainConfig) -> tuple[ActivationStore, CoactivationStats, SAE, torch.Tensor | None, Path]:
+def _check_inputs(
+    cfg: GraphTrainConfig,
+) -> tuple[ActivationStore, CoactivationStats, SAE, torch.Tensor | None, Path]:
     """Every refusal happens here, before the run directory exists; edges: cfg.edges's edge_index, if given."""
     if not (cfg.store and cfg.stats and cfg.out):
-        raise ValueError("pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR")
+        raise ValueError(
+            "pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR"
+        )
     store, stats = ActivationStore(cfg.store), CoactivationStats.load(cfg.stats)
     if cfg.score == "residual" and not stats.has_residual:
-        raise ValueError(f"--score residual needs missed-feature counts, and {cfg.stats} has none; recompute "
-                         "them with `python -m graphs stats ... --residual`")  # fmt: skip
+        raise ValueError(
+            f"--score residual needs missed-feature counts, and {cfg.stats} has none; recompute "
+            "them with `python -m graphs stats ... --residual`"
+        )
     sae = load_sae(stats.meta["sae"])
     if sae.cfg.hook not in store.hooks:
-        raise ValueError(f"the SAE reads {sae.cfg.hook} but the store holds {', '.join(store.hooks)}")
+        raise ValueError(
+            f"the SAE reads {sae.cfg.hook} but the store holds {', '.join(store.hooks)}"
+        )
     if sae.cfg.arch not in ("topk", "batchtopk", "matryoshka"):
-        raise ValueError(f"start the graph autoencoder from a topk, batchtopk or matryoshka SAE, not {sae.cfg.arch!r}")
+        raise ValueError(
+            f"start the graph autoencoder from a topk, batchtopk or matryoshka SAE, not {sae.cfg.arch!r}"
+        )
     if len(store) < cfg.batch_size:
-        raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
+        raise ValueError(
+            f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})"
+        )
     edges = load_edges(cfg.edges, sae.cfg.n_latents) if cfg.edges else None
     out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
     return store, stats, sae, edges, out
 
 
-def _init_model(cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE, edges: torch.Tensor | None) -> SparseGraphAutoencoder:
+def _init_model(
+    cfg: GraphTrainConfig, stats: CoactivationStats, sae: SAE, edges: torch.Tensor | None
+) -> SparseGraphAutoencoder:
     """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges
     (`edges` if given, else the stats' top-m). A matryoshka SAE is a BatchTopK SAE trained with
     nested losses: its weights and θ carry over, and training goes on with the whole-code loss."""
-    evidence = SAE(sae.cfg.__class__(**{**asdict(sae.cfg), "arch": "batchtopk", "k": cfg.k or sae.cfg.k,
-                                        "matryoshka_groups": []}))  # fmt: skip
+    evidence = SAE(
+        sae.cfg.__class__(
+            **{
+                **asdict(sae.cfg),
+                "arch": "batchtopk",
+                "k": cfg.k or sae.cfg.k,
+                "matryoshka_groups": [],
+            }
+        )
+    )
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
-    edge_index = edges if edges is not None else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
+    edge_index = (
+        edges if edges is not None else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
+    )
     if cfg.geometry_m > 0:
         geometric = geometry_candidates(sae.W_dec, cfg.geometry_m, cfg.geometry_min_cos)
         edge_index = union_edges(edge_index, geometric, sae.cfg.n_latents)
     if edge_index.shape[1] == 0:
-        raise ValueError(f"{cfg.stats} gives no candidate edges at min_count={cfg.min_count}; lower it or use more tokens")
-    graph_cfg = GraphConfig(sae.cfg.n_latents, edge_index.shape[1], cfg.init_log_alpha, cfg.init_weight,
-                            implied_only=cfg.implied_only)  # fmt: skip
+        raise ValueError(
+            f"{cfg.stats} gives no candidate edges at min_count={cfg.min_count}; lower it or use more tokens"
+        )
+    graph_cfg = GraphConfig(
+        sae.cfg.n_latents,
+        edge_index.shape[1],
+        cfg.init_log_alpha,
+        cfg.init_weight,
+        implied_only=cfg.implied_only,
+    )
     return SparseGraphAutoencoder(evidence, edge_index, graph_cfg)
 
 
 def load_edges(path: str, n_latents: int) -> torch.Tensor:
     """edge_index [2, E] int64 from a safetensors file, checked against the SAE's width."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--edges {path} is not a file; pass a safetensors file holding edge_index [2, E]")
+        raise FileNotFoundError(
+            f"--edges {path} is not a file; pass a safetensors file holding edge_index [2, E]"
+        )
     tensors = load_file(path)
     edge_index = tensors.get("edge_index")
-    if edge_index is None or edge_index.ndim != 2 or edge_index.shape[0] != 2 or edge_index.is_floating_point():
-        raise ValueError(f"--edges {path} must hold an integer tensor edge_index of shape [2, E]; it holds "
-                         f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")  # fmt: skip
+    if (
+        edge_index is None
+        or edge_index.ndim != 2
+        or edge_index.shape[0] != 2
+        or edge_index.is_floating_point()
+    ):
+        raise ValueError(
+            f"--edges {path} must hold an integer tensor edge_index of shape [2, E]; it holds "
+            f"{ {k: tuple(v.shape) for k, v in tensors.items()} }"
+        )
     if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n_latents):
-        raise ValueError(f"--edges {path} names feature ids outside 0..{n_latents - 1} (the SAE's latents)")
+        raise ValueError(
+            f"--edges {path} names feature ids outside 0..{n_latents - 1} (the SAE's latents)"
+        )
     return edge_index.long()
 
 
 def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.optim.Adam:
     graph = [model.weight_raw, model.log_alpha]
     lr = base_lr(cfg, model.n_latents)
-    return adam([{"params": list(model.sae.parameters()), "lr": lr, "base_lr": lr},
-                 {"params": graph, "lr": cfg.graph_lr, "base_lr": cfg.graph_lr}], lr=lr)  # fmt: skip
+    return adam(
+        [
+            {"params": list(model.sae.parameters()), "lr": lr, "base_lr": lr},
+            {"params": graph, "lr": cfg.graph_lr, "base_lr": cfg.graph_lr},
+        ],
+        lr=lr,
+    )
 
 
 def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: float) -> dict:
     model, optimizer = state.sae, state.optimizer
-    factor = lr / base_lr(cfg, model.n_latents)  # the schedule's warm-up / decay factor, applied to both groups
+    factor = lr / base_lr(
+        cfg, model.n_latents
+    )  # the schedule's warm-up / decay factor, applied to both groups
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     dead = state.tokens_since_fired >= dead_window(cfg)  # the window the logged dead fraction uses
-    out = model.training_forward(x, dead=dead, aux_k=x.shape[1] // 2, detach_penalty=cfg.absorption_detach)
-    loss = out.fvu + cfg.aux_coeff * out.aux_loss + cfg.edge_coeff * out.edge_l0 + cfg.absorption_coeff * out.absorption
+    out = model.training_forward(
+        x, dead=dead, aux_k=x.shape[1] // 2, detach_penalty=cfg.absorption_detach
+    )
+    loss = (
+        out.fvu
+        + cfg.aux_coeff * out.aux_loss
+        + cfg.edge_coeff * out.edge_l0
+        + cfg.absorption_coeff * out.absorption
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     model.sae.remove_parallel_decoder_grad()
@@ -238,17 +301,24 @@ def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: fl
     with torch.no_grad():
         full_fvu = fvu(x.to(out.recons.dtype), out.recons)
     return {
-        "loss": loss.item(), "fvu": full_fvu.item(), "aux_loss": out.aux_loss.item(), "l0": post_l0,
-        "l0_evidence": len(out.graph_code.evidence.values) / x.shape[0], "evidence_k": float(model.evidence_k),
-        "edge_l0": out.edge_l0.item(), "absorption": out.absorption.item(), "lr": lr,
+        "loss": loss.item(),
+        "fvu": full_fvu.item(),
+        "aux_loss": out.aux_loss.item(),
+        "l0": post_l0,
+        "l0_evidence": len(out.graph_code.evidence.values) / x.shape[0],
+        "evidence_k": float(model.evidence_k),
+        "edge_l0": out.edge_l0.item(),
+        "absorption": out.absorption.item(),
+        "lr": lr,
         "mean_degree": model.active_edges()[0].shape[1] / model.n_latents,
         "implied_per_token": float((~out.graph_code.from_evidence).sum()) / x.shape[0],
-    }  # fmt: skip
+    }
 
 
 @torch.no_grad()
-def calibrate_graph_threshold(model: SparseGraphAutoencoder, store: ActivationStore, cfg: GraphTrainConfig,
-                              n_batches: int = 8) -> float:  # fmt: skip
+def calibrate_graph_threshold(
+    model: SparseGraphAutoencoder, store: ActivationStore, cfg: GraphTrainConfig, n_batches: int = 8
+) -> float:
     """θ := mean over a few batches of the cut that keeps round(k_e·N) evidence activations."""
     hook, sae, cuts = model.sae.cfg.hook, model.sae, []
     for _, batch in step_batches(store, cfg, [hook], start_step=0, n_steps=n_batches):

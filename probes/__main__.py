@@ -1,7 +1,7 @@
 """`python -m probes train|score ...` (a stable contract: scripts call these).
 
-    train   fit, calibrate and evaluate one probe on a task; prints its summary as JSON
-    score   per-token and pooled scores of saved probes on a text (JSON)
+train   fit, calibrate and evaluate one probe on a task; prints its summary as JSON
+score   per-token and pooled scores of saved probes on a text (JSON)
 """
 
 from __future__ import annotations
@@ -34,18 +34,30 @@ def run_score(cfg: ScoreConfig, probe_dirs: list[str]) -> list[dict]:
 
     if not cfg.text:
         raise ValueError("pass --text '...'")
-    lens = Lens(cfg.model, probes=probe_dirs, saes=[cfg.sae] if cfg.sae else [],
-                max_tokens=cfg.max_tokens, top_features=cfg.top_features)  # fmt: skip
+    lens = Lens(
+        cfg.model,
+        probes=probe_dirs,
+        saes=[cfg.sae] if cfg.sae else [],
+        max_tokens=cfg.max_tokens,
+        top_features=cfg.top_features,
+    )
     return [r.to_json() for r in lens.score([cfg.text])]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m probes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m probes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(commands.add_parser("train", help="train one probe"), ProbeTrainConfig, ("task", "out"))
+    add_dataclass_args(
+        commands.add_parser("train", help="train one probe"), ProbeTrainConfig, ("task", "out")
+    )
     score = commands.add_parser("score", help="score a text with saved probes")
-    score.add_argument("--probe", action="append", required=True, help="probe directory (repeat for several)")
+    score.add_argument(
+        "--probe", action="append", required=True, help="probe directory (repeat for several)"
+    )
     add_dataclass_args(score, ScoreConfig, ("text",))
     args = parser.parse_args(argv)
     try:

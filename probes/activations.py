@@ -43,12 +43,16 @@ class Ragged(NamedTuple):
 
     def segment_ids(self) -> Tensor:  # [n_tokens] int64: the text each row belongs to
         lengths = self.offsets.diff()
-        return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        return torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=lengths.device), lengths
+        )
 
     def rows_of(self, texts: Tensor) -> tuple[Tensor, Tensor]:
         """(rows [m] of the chosen texts in that order, their new offsets [len(texts) + 1])."""
         starts, ends = self.offsets[texts], self.offsets[texts + 1]
-        rows = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+        rows = torch.cat(
+            [torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+        )
         return rows, torch.cat([starts.new_zeros(1), (ends - starts).cumsum(0)])
 
     def select(self, texts: Tensor) -> Ragged:
@@ -81,7 +85,9 @@ def select_code(code: SparseCode, rows: Tensor) -> SparseCode:
     new_rows = new_index[code.rows]
     keep = new_rows >= 0
     order = new_rows[keep].argsort(stable=True)
-    return SparseCode(code.values[keep][order], code.cols[keep][order], new_rows[keep][order], rows.numel())
+    return SparseCode(
+        code.values[keep][order], code.cols[keep][order], new_rows[keep][order], rows.numel()
+    )
 
 
 def pool(ragged: Ragged, how: Aggregation) -> Tensor:
@@ -107,11 +113,19 @@ def tokenize(tokenizer, texts: list[str] | list[list[int]], max_tokens: int) -> 
     A text may also be a list of token ids (already tokenized, without BOS)."""
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be at least 2 (BOS + one token), got {max_tokens}")
-    empty = [i for i, text in enumerate(texts) if not text or (isinstance(text, str) and not text.strip())]
+    empty = [
+        i
+        for i, text in enumerate(texts)
+        if not text or (isinstance(text, str) and not text.strip())
+    ]
     if empty:
         raise ValueError(f"texts {empty[:5]} are empty; every text needs at least one token")
     strings = [i for i, text in enumerate(texts) if isinstance(text, str)]
-    encoded = tokenizer([texts[i] for i in strings], add_special_tokens=False)["input_ids"] if strings else []
+    encoded = (
+        tokenizer([texts[i] for i in strings], add_special_tokens=False)["input_ids"]
+        if strings
+        else []
+    )
     ids = [list(text) for text in texts]
     for i, row in zip(strings, encoded, strict=True):
         ids[i] = row
@@ -166,19 +180,25 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
         return AsSAE(load_graph_sae(path, device))  # duck-typed: cfg, encode, decode
     if not (path / "cfg.json").exists():
-        raise FileNotFoundError(f"{path} is neither an SAE directory (cfg.json + sae.safetensors) nor a "
-                                "graph autoencoder directory (graph.json); pass the per-hook SAE directory")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} is neither an SAE directory (cfg.json + sae.safetensors) nor a "
+            "graph autoencoder directory (graph.json); pass the per-hook SAE directory"
+        )
     return load_sae(path, device)
 
 
 def encoder_sha256(path: str | Path) -> str:
     """Identity of an encoder's weights (the SAE file; for a graph autoencoder also its graph)."""
     path = Path(path)
-    files = [path / "sae.safetensors"] + ([path / "graph.safetensors"] if (path / "graph.json").exists() else [])
+    files = [path / "sae.safetensors"] + (
+        [path / "graph.safetensors"] if (path / "graph.json").exists() else []
+    )
     return "+".join(sha256_file(f)[:16] for f in files)
 
 
 @torch.no_grad()
 def encode(encoder: SAE, ragged: Ragged, batch_size: int = 4096) -> tuple[SparseCode, int]:
     """Sparse code of every row (in chunks, so a large set never builds a huge dense pre-activation)."""
-    return encode_codes(encoder.encode, ragged.values, batch_size, progress=False), encoder.cfg.n_latents
+    return encode_codes(
+        encoder.encode, ragged.values, batch_size, progress=False
+    ), encoder.cfg.n_latents

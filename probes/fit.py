@@ -48,7 +48,10 @@ def fit_logistic(
         optimizer.zero_grad()
         token_logits = z @ w + b
         logits = token_logits if linear_pool else pool(Ragged(token_logits, u.offsets), "max")
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + l2 * w.square().sum()
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+            + l2 * w.square().sum()
+        )
         loss.backward()
         return loss
 
@@ -63,7 +66,9 @@ def _logistic_scores(u: Ragged, w: Tensor, b: float, aggregation: Aggregation) -
     return pool(Ragged(u.values.float() @ w + b, u.offsets), aggregation)
 
 
-def choose_l2(u: Ragged, y: Tensor, aggregation: Aggregation, folds: int = 4, seed: int = 0) -> float:
+def choose_l2(
+    u: Ragged, y: Tensor, aggregation: Aggregation, folds: int = 4, seed: int = 0
+) -> float:
     """The L2 strength in L2_GRID with the lowest cross-validated log-loss (folds stratified by class)."""
     folds = min(folds, int(min((y == 0).sum(), (y == 1).sum())))
     if folds < 2:
@@ -78,10 +83,17 @@ def choose_l2(u: Ragged, y: Tensor, aggregation: Aggregation, folds: int = 4, se
     for l2 in L2_GRID:
         total = 0.0
         for fold in range(folds):
-            train, held = (fold_of != fold).nonzero().squeeze(1), (fold_of == fold).nonzero().squeeze(1)
+            train, held = (
+                (fold_of != fold).nonzero().squeeze(1),
+                (fold_of == fold).nonzero().squeeze(1),
+            )
             w, b = fit_logistic(u.select(train), y[train], aggregation, l2)
             logits = _logistic_scores(u.select(held), w, b, aggregation)
-            total += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y[held].float(), reduction="sum"))
+            total += float(
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, y[held].float(), reduction="sum"
+                )
+            )
         losses.append(total)
     return L2_GRID[int(torch.tensor(losses).argmin())]
 
@@ -95,7 +107,9 @@ def mean_difference(acts: Ragged, y: Tensor, aggregation: Aggregation) -> Tensor
 # --------------------------------------------------------------------------- SAE features
 
 
-def pooled_code(code: SparseCode, offsets: Tensor, n_latents: int, aggregation: Aggregation) -> Tensor:
+def pooled_code(
+    code: SparseCode, offsets: Tensor, n_latents: int, aggregation: Aggregation
+) -> Tensor:
     """[n_texts, n_latents]: each latent's mean / max / last-token activation per text."""
     n_texts = offsets.numel() - 1
     segment = torch.searchsorted(offsets, code.rows, right=True) - 1  # [nnz] text of each entry
@@ -158,7 +172,10 @@ def auroc(scores: Tensor, y: Tensor) -> float:
     if pos.numel() == 0 or neg.numel() == 0:
         raise ValueError("AUROC needs both classes among the labels")
     ranks = _average_ranks(torch.cat([pos, neg]))
-    return float((ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))
+    return float(
+        (ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2)
+        / (pos.numel() * neg.numel())
+    )
 
 
 def _average_ranks(x: Tensor) -> Tensor:  # 1-based ranks, ties share their mean rank

@@ -61,7 +61,9 @@ class TextResult:
     text: str
     tokens: list[str]
     probes: dict[str, ProbeResult]
-    features: dict[str, dict[str, list[list]]] = field(default_factory=dict)  # hook -> {indices, values} [T][top_n]
+    features: dict[str, dict[str, list[list]]] = field(
+        default_factory=dict
+    )  # hook -> {indices, values} [T][top_n]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,7 +94,12 @@ class Lens:
         top_n: int = 8,
     ) -> None:
         self.model = load_model(model) if isinstance(model, str) else model
-        self.max_tokens, self.batch_size, self.top_features, self.top_n = max_tokens, batch_size, top_features, top_n
+        self.max_tokens, self.batch_size, self.top_features, self.top_n = (
+            max_tokens,
+            batch_size,
+            top_features,
+            top_n,
+        )
         self.probes: dict[str, Probe] = {}
         for item in probes:
             probe = item if isinstance(item, Probe) else Probe.load(item)
@@ -112,24 +119,34 @@ class Lens:
         validate_hooks(self.model, self.hooks)
         for name, probe in self.probes.items():
             if probe.d_model != self.model.d_model:
-                raise ValueError(f"probe {name!r} reads width {probe.d_model} at {probe.hook} but {self.model.name} "
-                                 f"has d_model {self.model.d_model}: it was trained on another model")  # fmt: skip
+                raise ValueError(
+                    f"probe {name!r} reads width {probe.d_model} at {probe.hook} but {self.model.name} "
+                    f"has d_model {self.model.d_model}: it was trained on another model"
+                )
             if probe.needs_code:
                 self._encoders[name] = self._encoder_for(name, probe)
         for hook, encoder in self.saes.items():
             if encoder.cfg.d_in != self.model.d_model:
-                raise ValueError(f"SAE for {hook} reads width {encoder.cfg.d_in}, model has {self.model.d_model}")
+                raise ValueError(
+                    f"SAE for {hook} reads width {encoder.cfg.d_in}, model has {self.model.d_model}"
+                )
 
     def _encoder_for(self, name: str, probe: Probe) -> object:
         attached = self.saes.get(probe.hook)
-        if attached is not None and getattr(attached, "_path", None) == str(Path(probe.sae).resolve()):
+        if attached is not None and getattr(attached, "_path", None) == str(
+            Path(probe.sae).resolve()
+        ):
             return attached
         if not Path(probe.sae).exists():
-            raise FileNotFoundError(f"probe {name!r} reads SAE {probe.sae}, which does not exist here; "
-                                    "copy the SAE there or retrain the probe")  # fmt: skip
+            raise FileNotFoundError(
+                f"probe {name!r} reads SAE {probe.sae}, which does not exist here; "
+                "copy the SAE there or retrain the probe"
+            )
         if probe.sae_sha256 and encoder_sha256(probe.sae) != probe.sae_sha256:
-            raise ValueError(f"probe {name!r} was trained on another version of SAE {probe.sae} "
-                             "(weights changed since): retrain the probe")  # fmt: skip
+            raise ValueError(
+                f"probe {name!r} was trained on another version of SAE {probe.sae} "
+                "(weights changed since): retrain the probe"
+            )
         return load_encoder(probe.sae)
 
     @property
@@ -143,32 +160,52 @@ class Lens:
         """Per-token and pooled scores of every probe on every text, with top features; each
         attached SAE adds its per-token top-n code. A text may be a list of token ids (no BOS)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        acts, token_ids = collect(self.model, texts, self.hooks, self.max_tokens, self.batch_size, progress=False)
+        acts, token_ids = collect(
+            self.model, texts, self.hooks, self.max_tokens, self.batch_size, progress=False
+        )
         probe_codes, sae_codes = self._codes(acts)
         decode = self.model.tokenizer.decode
-        results = [TextResult(t if isinstance(t, str) else decode(t), self.model.tokenizer.convert_ids_to_tokens(ids.tolist()), {})
-                   for t, ids in zip(texts, token_ids, strict=True)]  # fmt: skip
+        results = [
+            TextResult(
+                t if isinstance(t, str) else decode(t),
+                self.model.tokenizer.convert_ids_to_tokens(ids.tolist()),
+                {},
+            )
+            for t, ids in zip(texts, token_ids, strict=True)
+        ]
         offsets = next(iter(acts.values())).offsets.tolist() if acts else []
         for hook, code in sae_codes.items():
             ids, values = code.top(self.top_n)  # [n_tokens, top_n]
             for i, result in enumerate(results):
                 rows = slice(offsets[i], offsets[i + 1])
-                result.features[hook] = {"indices": ids[rows].tolist(), "values": values[rows].tolist()}
+                result.features[hook] = {
+                    "indices": ids[rows].tolist(),
+                    "values": values[rows].tolist(),
+                }
         for name, probe in self.probes.items():
             features = Features(acts[probe.hook], probe_codes.get(name))
             token_scores = probe.token_scores(features.acts.values, features.code)  # [n_tokens]
             pooled = probe.text_scores(features)
-            contributions = self._contributions(probe, features, sae_codes.get(probe.hook))  # ([n_tok, F], ids [F])
+            contributions = self._contributions(
+                probe, features, sae_codes.get(probe.hook)
+            )  # ([n_tok, F], ids [F])
             offsets = features.acts.offsets.tolist()
             for i, result in enumerate(results):
                 s, e = offsets[i], offsets[i + 1]
                 top = self._top(probe, token_scores[s:e], contributions, s, e)
-                result.probes[name] = ProbeResult(token_scores[s:e].tolist(), float(pooled[i]),
-                                                  float(torch.sigmoid(pooled[i])), bool(probe.fires(pooled[i])),
-                                                  probe.threshold, top)  # fmt: skip
+                result.probes[name] = ProbeResult(
+                    token_scores[s:e].tolist(),
+                    float(pooled[i]),
+                    float(torch.sigmoid(pooled[i])),
+                    bool(probe.fires(pooled[i])),
+                    probe.threshold,
+                    top,
+                )
         return results
 
-    def _codes(self, acts: dict[str, Ragged]) -> tuple[dict[str, SparseCode], dict[str, SparseCode]]:
+    def _codes(
+        self, acts: dict[str, Ragged]
+    ) -> tuple[dict[str, SparseCode], dict[str, SparseCode]]:
         """({probe: the code it reads}, {hook: the attached SAE's code}); each encoder runs once."""
         done: dict[int, SparseCode] = {}
 
@@ -177,7 +214,9 @@ class Lens:
                 done[id(encoder)] = encode(encoder, acts[hook])[0]
             return done[id(encoder)]
 
-        probe_codes = {name: code_of(enc, self.probes[name].hook) for name, enc in self._encoders.items()}
+        probe_codes = {
+            name: code_of(enc, self.probes[name].hook) for name, enc in self._encoders.items()
+        }
         return probe_codes, {hook: code_of(enc, hook) for hook, enc in self.saes.items()}
 
     def _contributions(
@@ -189,13 +228,18 @@ class Lens:
             return feature_columns(features.code, probe.features) * probe.weight, probe.features
         if sae_code is None:
             return None
-        code, decoder = sae_code, _decoder_rows(self.saes[probe.hook])  # decoder [n_latents, d_model] raw space
+        code, decoder = (
+            sae_code,
+            _decoder_rows(self.saes[probe.hook]),
+        )  # decoder [n_latents, d_model] raw space
         per_latent = decoder @ probe.weight  # [n_latents]: w · d_i
         touched = code.cols.unique()
         lookup = torch.full((decoder.shape[0],), -1, dtype=torch.long)
         lookup[touched] = torch.arange(touched.numel())
         dense = code.values.new_zeros(code.n_rows, touched.numel())
-        dense.index_put_((code.rows, lookup[code.cols]), code.values * per_latent[code.cols], accumulate=True)
+        dense.index_put_(
+            (code.rows, lookup[code.cols]), code.values * per_latent[code.cols], accumulate=True
+        )
         return dense, touched
 
     def _top(self, probe: Probe, scores: Tensor, contributions, start: int, end: int) -> list[dict]:
@@ -205,7 +249,11 @@ class Lens:
         weights = _pooling_weights(scores, probe.aggregation)  # [T]
         pooled = weights @ values[start:end]  # [F]
         order = pooled.abs().argsort(descending=True)[: self.top_features]
-        return [{"feature": int(ids[j]), "contribution": float(pooled[j])} for j in order if float(pooled[j]) != 0.0]
+        return [
+            {"feature": int(ids[j]), "contribution": float(pooled[j])}
+            for j in order
+            if float(pooled[j]) != 0.0
+        ]
 
     # ------------------------------------------------------------------ generation
 
@@ -224,19 +272,26 @@ class Lens:
     ) -> MonitorResult:
         """Generate from `prompt`, scoring every token; on the trigger probe firing, stop or steer."""
         if trigger is not None and trigger not in self.probes:
-            raise ValueError(f"unknown trigger probe {trigger!r}; this lens has {sorted(self.probes)}")
+            raise ValueError(
+                f"unknown trigger probe {trigger!r}; this lens has {sorted(self.probes)}"
+            )
         if action == "steer":
             steering, steering_hook = self._steering(trigger, steering, steering_hook)
         ids = tokenize(self.model.tokenizer, [prompt], self.max_tokens)[0].to(self.model.device)
         generator = torch.Generator().manual_seed(seed)
         state = _MonitorState(self, prompt)
         cache, steer = None, torch.zeros(())
-        with recording(self.model, self.hooks) as latest, _steered(self.model, steering_hook, lambda: steer):
+        with (
+            recording(self.model, self.hooks) as latest,
+            _steered(self.model, steering_hook, lambda: steer),
+        ):
             inputs = ids[None]
             for step in range(max_new_tokens + 1):
                 out = self.model.fast(input_ids=inputs, past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
-                rows = {h: v[0, 1:] if step == 0 else v[0] for h, v in latest().items()}  # drop BOS once
+                rows = {
+                    h: v[0, 1:] if step == 0 else v[0] for h, v in latest().items()
+                }  # drop BOS once
                 if state.add(rows) and trigger is not None and state.triggered is None:
                     state.check(trigger, action)
                     if state.triggered and action == "steer":
@@ -250,17 +305,29 @@ class Lens:
                 inputs = torch.tensor([[token]], device=ids.device)
         return state.result()
 
-    def _steering(self, trigger: str | None, steering: Tensor | None, hook: str | None) -> tuple[Tensor, str]:
+    def _steering(
+        self, trigger: str | None, steering: Tensor | None, hook: str | None
+    ) -> tuple[Tensor, str]:
         probe = self.probes.get(trigger) if trigger else None
         if steering is None:
             if probe is None or probe.direction is None:
-                raise ValueError("action='steer' needs a steering vector: pass steering=... or a mean_diff trigger probe")
+                raise ValueError(
+                    "action='steer' needs a steering vector: pass steering=... or a mean_diff trigger probe"
+                )
             steering = probe.direction
         hook = hook or (probe.hook if probe else None)
-        if hook is None or hook_layer(hook) is None or not hook.endswith(("hook_resid_post", "hook_resid_pre")):
-            raise ValueError(f"steering_hook must be a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}")
+        if (
+            hook is None
+            or hook_layer(hook) is None
+            or not hook.endswith(("hook_resid_post", "hook_resid_pre"))
+        ):
+            raise ValueError(
+                f"steering_hook must be a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}"
+            )
         if steering.shape != (self.model.d_model,):
-            raise ValueError(f"steering vector has shape {tuple(steering.shape)}, expected ({self.model.d_model},)")
+            raise ValueError(
+                f"steering vector has shape {tuple(steering.shape)}, expected ({self.model.d_model},)"
+            )
         return steering.float(), hook
 
 
@@ -279,7 +346,11 @@ class _MonitorState:
         n = next(iter(rows.values())).shape[0] if rows else 0
         for name, probe in self.lens.probes.items():
             x = rows[probe.hook].float()
-            code = encode(self.lens._encoders[name], Ragged(x, torch.tensor([0, n])))[0] if probe.needs_code else None
+            code = (
+                encode(self.lens._encoders[name], Ragged(x, torch.tensor([0, n])))[0]
+                if probe.needs_code
+                else None
+            )
             for score in probe.token_scores(x, code).tolist():
                 self.running[name].append(self._pooled(name, probe.aggregation, score))
                 self.scores[name].append(score)
@@ -287,7 +358,10 @@ class _MonitorState:
 
     def _pooled(self, name: str, how: str, score: float) -> float:
         """The pooled score once `score` joins the text's earlier token scores (O(1) per token)."""
-        seen, previous = len(self.scores[name]), self.running[name][-1] if self.running[name] else None
+        seen, previous = (
+            len(self.scores[name]),
+            self.running[name][-1] if self.running[name] else None,
+        )
         if previous is None or how == "last":
             return score
         return (previous * seen + score) / (seen + 1) if how == "mean" else max(previous, score)
@@ -295,11 +369,18 @@ class _MonitorState:
     def check(self, trigger: str, action: Action) -> None:
         score = self.running[trigger][-1]
         if score > self.lens.probes[trigger].threshold:
-            self.triggered = {"probe": trigger, "token": len(self.running[trigger]) - 1, "score": score, "action": action}
+            self.triggered = {
+                "probe": trigger,
+                "token": len(self.running[trigger]) - 1,
+                "score": score,
+                "action": action,
+            }
 
     def result(self) -> MonitorResult:
         text = self.lens.model.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        return MonitorResult(self.prompt, text, self.token_ids, self.scores, self.running, self.triggered)
+        return MonitorResult(
+            self.prompt, text, self.token_ids, self.scores, self.running, self.triggered
+        )
 
 
 def _pooling_weights(scores: Tensor, how: str) -> Tensor:

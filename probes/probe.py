@@ -46,7 +46,9 @@ class Probe:
     aggregation: Aggregation
     weight: Tensor  # [d_model] (dense kinds), [k] (sparse), [1] (graph)
     bias: float
-    features: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [k] latent ids
+    features: Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )  # [k] latent ids
     edges: list[list[int]] = field(default_factory=list)  # graph: the query's edges [[i, j], ...]
     direction: Tensor | None = None  # mean_diff: μ₊ − μ₋ in raw residual space [d_model]
     threshold: float = 0.0  # on the pooled score S (a logit); fires when S > threshold
@@ -63,7 +65,9 @@ class Probe:
         if self.kind not in KINDS:
             raise ValueError(f"unknown probe kind {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.kind not in DENSE_KINDS and not self.sae:
-            raise ValueError(f"a {self.kind} probe reads SAE features: give it the SAE directory (sae=...)")
+            raise ValueError(
+                f"a {self.kind} probe reads SAE features: give it the SAE directory (sae=...)"
+            )
 
     @property
     def needs_code(self) -> bool:
@@ -75,11 +79,15 @@ class Probe:
         """u_t for each row: [n_tokens, d_model] (dense kinds), [n_tokens, k] or [n_tokens, 1]."""
         if self.kind in DENSE_KINDS:
             if acts.shape[-1] != self.d_model:
-                raise ValueError(f"probe {self.name or self.kind!r} expects d_model {self.d_model} at "
-                                 f"{self.hook}, got activations of width {acts.shape[-1]}")  # fmt: skip
+                raise ValueError(
+                    f"probe {self.name or self.kind!r} expects d_model {self.d_model} at "
+                    f"{self.hook}, got activations of width {acts.shape[-1]}"
+                )
             return acts.float()
         if code is None:
-            raise ValueError(f"a {self.kind} probe needs the SAE code of the activations (encode with {self.sae})")
+            raise ValueError(
+                f"a {self.kind} probe needs the SAE code of the activations (encode with {self.sae})"
+            )
         chosen = feature_columns(code, self.features)  # [n_tokens, k]
         if self.kind == "graph":  # soft AND: positive only on tokens where every feature is active
             return chosen.min(dim=1, keepdim=True).values
@@ -102,13 +110,20 @@ class Probe:
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight.float().contiguous(), "features": self.features.long().contiguous()}
+        tensors = {
+            "weight": self.weight.float().contiguous(),
+            "features": self.features.long().contiguous(),
+        }
         if self.direction is not None:
             tensors["direction"] = self.direction.float().contiguous()
         tmp = directory / (PROBE_FILE + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(directory / PROBE_FILE)
-        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in tensors and f.name != "direction"}
+        meta = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in tensors and f.name != "direction"
+        }
         tmp = directory / (PROBE_JSON + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2))
         tmp.replace(directory / PROBE_JSON)  # last: a directory with probe.json is complete
@@ -118,20 +133,30 @@ class Probe:
     def load(cls, directory: str | Path) -> Probe:
         directory = Path(directory)
         if not (directory / PROBE_JSON).exists() or not (directory / PROBE_FILE).exists():
-            raise FileNotFoundError(f"{directory} holds no probe ({PROBE_JSON} + {PROBE_FILE}); "
-                                    "train one with `python -m probes train ... --out DIR`")  # fmt: skip
+            raise FileNotFoundError(
+                f"{directory} holds no probe ({PROBE_JSON} + {PROBE_FILE}); "
+                "train one with `python -m probes train ... --out DIR`"
+            )
         meta = json.loads((directory / PROBE_JSON).read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / PROBE_JSON} has format_version {meta.get('format_version')}, "
-                             f"this greylens reads {FORMAT_VERSION}")  # fmt: skip
+            raise ValueError(
+                f"{directory / PROBE_JSON} has format_version {meta.get('format_version')}, "
+                f"this greylens reads {FORMAT_VERSION}"
+            )
         tensors = load_file(str(directory / PROBE_FILE))
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in meta.items() if k in known}, weight=tensors["weight"],
-                   features=tensors["features"], direction=tensors.get("direction"))  # fmt: skip
+        return cls(
+            **{k: v for k, v in meta.items() if k in known},
+            weight=tensors["weight"],
+            features=tensors["features"],
+            direction=tensors.get("direction"),
+        )
 
     def summary(self) -> dict:
         """JSON-safe description (no tensors)."""
-        meta = {k: v for k, v in asdict(self).items() if not isinstance(v, Tensor) and v is not None}
+        meta = {
+            k: v for k, v in asdict(self).items() if not isinstance(v, Tensor) and v is not None
+        }
         meta["features"] = self.features.tolist()
         return meta
 
@@ -146,4 +171,6 @@ def feature_columns(code: SparseCode, features: Tensor) -> Tensor:
     ordered = features[order]
     position = torch.searchsorted(ordered, code.cols).clamp_max(k - 1)  # [nnz]
     keep = ordered[position] == code.cols  # entries of latents the probe reads
-    return out.index_put((code.rows[keep], order[position[keep]]), code.values[keep], accumulate=True)
+    return out.index_put(
+        (code.rows[keep], order[position[keep]]), code.values[keep], accumulate=True
+    )

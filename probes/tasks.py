@@ -219,8 +219,10 @@ def _prose_passages(text: str) -> list[tuple[int, str]]:
     return [(i, p) for i, p in enumerate(_chunks(text)) if p and not _is_boilerplate(p)]
 
 
-_CODE_LINE = re.compile(r"[=()\[\]{}]|^(def|class|import|from|return|if|elif|else|for|while|try|"
-                        r"except|finally|with|raise|yield|pass|break|continue|@)\b")  # fmt: skip
+_CODE_LINE = re.compile(
+    r"[=()\[\]{}]|^(def|class|import|from|return|if|elif|else|for|while|try|"
+    r"except|finally|with|raise|yield|pass|break|continue|@)\b"
+)
 
 
 def _looks_like_code(chunk: str) -> bool:
@@ -274,9 +276,11 @@ def _first_letter_rows() -> list[Row]:
 
 
 _BUILDERS: dict[str, Callable[[], list[Row]]] = {
-    "source": _source_rows, "code": _code_rows,
-    "language": _language_rows, "first_letter": _first_letter_rows,
-}  # fmt: skip
+    "source": _source_rows,
+    "code": _code_rows,
+    "language": _language_rows,
+    "first_letter": _first_letter_rows,
+}
 
 
 # --------------------------------------------------------------------------- gflanguages (UDHR)
@@ -284,7 +288,9 @@ _BUILDERS: dict[str, Callable[[], list[Row]]] = {
 
 def _gflanguages_wheel() -> Path:
     """The gflanguages wheel, downloaded once; read as a zip, never installed."""
-    return pypi_file(GFLANGUAGES_WHEEL, "gflanguages-0.7.11-*.whl", "--only-binary", "language samples")
+    return pypi_file(
+        GFLANGUAGES_WHEEL, "gflanguages-0.7.11-*.whl", "--only-binary", "language samples"
+    )
 
 
 _LANGUAGE_FILE = re.compile(r"gflanguages/data/languages/[^/]+\.textproto")
@@ -333,8 +339,12 @@ def _language_pieces() -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- a user's own task
 
 
-def _load_user_task(path: Path | datasets.Dataset | datasets.DatasetDict, seed: int) -> datasets.DatasetDict:
-    data = path if isinstance(path, datasets.Dataset | datasets.DatasetDict) else _read_user_file(path)
+def _load_user_task(
+    path: Path | datasets.Dataset | datasets.DatasetDict, seed: int
+) -> datasets.DatasetDict:
+    data = (
+        path if isinstance(path, datasets.Dataset | datasets.DatasetDict) else _read_user_file(path)
+    )
     path = path if isinstance(path, Path) else "the dataset"
     if isinstance(data, datasets.DatasetDict):
         if not {"train", "test"} <= set(data):
@@ -353,9 +363,11 @@ def _load_user_task(path: Path | datasets.Dataset | datasets.DatasetDict, seed: 
 
 
 _READERS = {
-    ".jsonl": datasets.Dataset.from_json, ".json": datasets.Dataset.from_json,
-    ".parquet": datasets.Dataset.from_parquet, ".csv": datasets.Dataset.from_csv,
-}  # fmt: skip
+    ".jsonl": datasets.Dataset.from_json,
+    ".json": datasets.Dataset.from_json,
+    ".parquet": datasets.Dataset.from_parquet,
+    ".csv": datasets.Dataset.from_csv,
+}
 
 
 def _read_user_file(path: Path) -> datasets.Dataset | datasets.DatasetDict:

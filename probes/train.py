@@ -89,20 +89,35 @@ def check_labels(y: Tensor, what: str = "training set") -> None:
     if y.numel() == 0:
         raise ValueError(f"the {what} is empty: a probe needs labelled texts")
     if not bool(((y == 0) | (y == 1)).all()):
-        raise ValueError(f"labels of the {what} must be 0 or 1, got values {sorted(set(y.tolist()))[:10]}")
+        raise ValueError(
+            f"labels of the {what} must be 0 or 1, got values {sorted(set(y.tolist()))[:10]}"
+        )
     if int((y == 1).sum()) == 0 or int((y == 0).sum()) == 0:
-        raise ValueError(f"the {what} has only class {int(y[0])}: a probe needs positive and negative examples")
+        raise ValueError(
+            f"the {what} has only class {int(y[0])}: a probe needs positive and negative examples"
+        )
 
 
 def fit_probe(
-    kind: Kind, features: Features, y: Tensor, *, hook: str, aggregation: str, k: int = 16,
-    edges: Tensor | None = None, query: list[int] | None = None, l2: float = 0.0, **meta,
-) -> Probe:  # fmt: skip
+    kind: Kind,
+    features: Features,
+    y: Tensor,
+    *,
+    hook: str,
+    aggregation: str,
+    k: int = 16,
+    edges: Tensor | None = None,
+    query: list[int] | None = None,
+    l2: float = 0.0,
+    **meta,
+) -> Probe:
     """A probe of `kind` fit to texts (features) with labels y [n_texts]; threshold left at 0."""
     if kind not in KINDS:
         raise ValueError(f"unknown probe kind {kind!r}; choose one of {', '.join(KINDS)}")
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        raise ValueError(
+            f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+        )
     check_labels(y)
     acts = features.acts
     info = meta.pop("info", {})
@@ -114,10 +129,14 @@ def fit_probe(
     if kind == "mean_diff":
         direction = mean_difference(acts, y, aggregation)
         unit = direction / direction.norm().clamp_min(1e-12)
-        scale, bias = fit_logistic(Ragged(acts.values @ unit[:, None], acts.offsets), y, aggregation, 1e-4)
+        scale, bias = fit_logistic(
+            Ragged(acts.values @ unit[:, None], acts.offsets), y, aggregation, 1e-4
+        )
         return Probe(weight=unit * scale, bias=bias, direction=direction, info=info, **base)
     if features.code is None:
-        raise ValueError(f"a {kind} probe reads SAE features: encode the activations with an SAE first")
+        raise ValueError(
+            f"a {kind} probe reads SAE features: encode the activations with an SAE first"
+        )
     pooled = pooled_code(features.code, acts.offsets, features.n_latents, aggregation)
     if kind == "sparse":
         chosen = select_features(pooled, y, k)
@@ -125,12 +144,22 @@ def fit_probe(
         l2 = l2 or choose_l2(u, y, aggregation)
         weight, bias = fit_logistic(u, y, aggregation, l2)
         return Probe(weight=weight, bias=bias, features=chosen, info={**info, "l2": l2}, **base)
-    chosen, score = (torch.tensor(sorted(query)), None) if query else _best_query(features, pooled, y, edges, aggregation)
+    chosen, score = (
+        (torch.tensor(sorted(query)), None)
+        if query
+        else _best_query(features, pooled, y, edges, aggregation)
+    )
     u = Ragged(feature_columns(features.code, chosen).min(dim=1, keepdim=True).values, acts.offsets)
     weight, bias = fit_logistic(u, y, aggregation, 1e-4)
     edge_list = [[int(chosen[0]), int(chosen[1])]] if chosen.numel() == 2 else []
-    return Probe(weight=weight, bias=bias, features=chosen, edges=edge_list,
-                 info={**info, "query_train_auroc": score}, **base)  # fmt: skip
+    return Probe(
+        weight=weight,
+        bias=bias,
+        features=chosen,
+        edges=edge_list,
+        info={**info, "query_train_auroc": score},
+        **base,
+    )
 
 
 def _best_query(
@@ -138,13 +167,17 @@ def _best_query(
 ) -> tuple[Tensor, float]:
     """The feature or graph edge whose soft AND (min activation), pooled per text, best ranks y."""
     if edges is None:
-        raise ValueError("a graph probe needs a feature graph (graph=... or --graph DIR) or a fixed --query")
+        raise ValueError(
+            "a graph probe needs a feature graph (graph=... or --graph DIR) or a fixed --query"
+        )
     best: tuple[float, int, list[int]] = (-1.0, 0, [])
     for i, neighbours in graph_neighbourhoods(pooled, y, edges):
         ids = torch.tensor([i, *neighbours])
         cols = feature_columns(features.code, ids)  # [n_tokens, 1 + deg]
         soft_and = torch.minimum(cols[:, :1], cols)  # column 0: {i} alone; column c: {i, ids[c]}
-        text_values = pool(Ragged(soft_and, features.acts.offsets), aggregation)  # [n_texts, 1 + deg]
+        text_values = pool(
+            Ragged(soft_and, features.acts.offsets), aggregation
+        )  # [n_texts, 1 + deg]
         for c in range(ids.numel()):
             query = [i] if c == 0 else sorted([i, int(ids[c])])
             candidate = (auroc(text_values[:, c], y), -len(query), query)
@@ -216,7 +249,9 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
     if not (cfg.task or data is not None) or not cfg.out:
         raise ValueError("pass --task NAME_OR_PATH and --out DIR")
     if cfg.kind not in DENSE_KINDS and not cfg.sae:
-        raise ValueError(f"a {cfg.kind} probe reads SAE features: pass --sae DIR (the per-hook SAE directory)")
+        raise ValueError(
+            f"a {cfg.kind} probe reads SAE features: pass --sae DIR (the per-hook SAE directory)"
+        )
     aggregation = cfg.aggregation or DEFAULT_AGGREGATION.get(cfg.task, "mean")
     encoder = load_encoder(cfg.sae) if cfg.sae else None
     edges = graph_edges(cfg.graph or cfg.sae) if cfg.kind == "graph" and not cfg.query else None
@@ -232,16 +267,35 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
         _check_encoder(encoder, cfg.sae, cfg.hook, model)
     features = _features(model, encoder, list(train["text"]) + list(test["text"]), cfg)
     n_train = len(train)
-    fit_rows, calib_rows = split_calibration(list(train["group"]), cfg.calibration_fraction, cfg.seed)
+    fit_rows, calib_rows = split_calibration(
+        list(train["group"]), cfg.calibration_fraction, cfg.seed
+    )
     if cfg.n_train:
         fit_rows = fit_rows[balanced_subset(y_train[fit_rows], cfg.n_train, cfg.seed)]
-    meta = dict(sae=str(cfg.sae), sae_sha256=encoder_sha256(cfg.sae) if cfg.sae else "", model=cfg.model,
-                name=Path(cfg.out).name, info={"task": cfg.task or "in-memory dataset", "n_fit": int(fit_rows.numel())})  # fmt: skip
+    meta = dict(
+        sae=str(cfg.sae),
+        sae_sha256=encoder_sha256(cfg.sae) if cfg.sae else "",
+        model=cfg.model,
+        name=Path(cfg.out).name,
+        info={"task": cfg.task or "in-memory dataset", "n_fit": int(fit_rows.numel())},
+    )
     query = [int(q) for q in cfg.query.split(",")] if cfg.query else None
-    probe = fit_probe(cfg.kind, features.select(fit_rows), y_train[fit_rows], hook=cfg.hook,
-                      aggregation=aggregation, k=cfg.k, edges=edges, query=query, l2=cfg.l2, **meta)  # fmt: skip
+    probe = fit_probe(
+        cfg.kind,
+        features.select(fit_rows),
+        y_train[fit_rows],
+        hook=cfg.hook,
+        aggregation=aggregation,
+        k=cfg.k,
+        edges=edges,
+        query=query,
+        l2=cfg.l2,
+        **meta,
+    )
     calibrate_probe(probe, features.select(calib_rows), y_train[calib_rows], cfg.fpr)
-    probe.metrics = evaluate_probe(probe, features.select(torch.arange(n_train, n_train + len(test))), y_test)
+    probe.metrics = evaluate_probe(
+        probe, features.select(torch.arange(n_train, n_train + len(test))), y_test
+    )
     probe.save(cfg.out)
     return probe
 
@@ -257,8 +311,12 @@ def _features(model, encoder, texts: list[str], cfg: ProbeTrainConfig) -> Featur
 
 def _check_encoder(encoder, path: str, hook: str, model) -> None:
     if encoder.cfg.d_in != model.d_model:
-        raise ValueError(f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model {model.d_model}; "
-                         "pass an SAE trained on this model")  # fmt: skip
+        raise ValueError(
+            f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model {model.d_model}; "
+            "pass an SAE trained on this model"
+        )
     if encoder.cfg.hook and encoder.cfg.hook != hook:
-        raise ValueError(f"SAE {path} was trained on {encoder.cfg.hook}, not on --hook {hook}; "
-                         "pass the SAE of that hook or change --hook")  # fmt: skip
+        raise ValueError(
+            f"SAE {path} was trained on {encoder.cfg.hook}, not on --hook {hook}; "
+            "pass the SAE of that hook or change --hook"
+        )

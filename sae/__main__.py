@@ -36,24 +36,49 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     sae = load_sae(cfg.sae)
     model = load_model(cfg.model) if cfg.model else None
-    if model is not None and sae.cfg.weights_sha256 and sae.cfg.weights_sha256 != model.weights_sha256:
-        raise ValueError(f"{cfg.sae} was trained on {sae.cfg.model}'s activations, not {cfg.model}'s")
-    result = {"sae": cfg.sae, "hook": sae.cfg.hook, "arch": sae.cfg.arch, "n_latents": sae.cfg.n_latents}
-    result.update(reconstruction_metrics(sae, ActivationStore(cfg.store), cfg.max_store_tokens or None))
+    if (
+        model is not None
+        and sae.cfg.weights_sha256
+        and sae.cfg.weights_sha256 != model.weights_sha256
+    ):
+        raise ValueError(
+            f"{cfg.sae} was trained on {sae.cfg.model}'s activations, not {cfg.model}'s"
+        )
+    result = {
+        "sae": cfg.sae,
+        "hook": sae.cfg.hook,
+        "arch": sae.cfg.arch,
+        "n_latents": sae.cfg.n_latents,
+    }
+    result.update(
+        reconstruction_metrics(sae, ActivationStore(cfg.store), cfg.max_store_tokens or None)
+    )
     if model is not None:
-        result.update(splice_metrics(model, sae, heldout_windows(model, cfg.tokens, cfg.context_size)))
+        result.update(
+            splice_metrics(model, sae, heldout_windows(model, cfg.tokens, cfg.context_size))
+        )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(commands.add_parser("harvest", help="collect activations into a store"), HarvestConfig, ("out",))
-    add_dataclass_args(commands.add_parser("train", help="train SAEs on a store"), TrainConfig, ("store", "out"))
-    add_dataclass_args(commands.add_parser("eval", help="evaluate an SAE (JSON)"), EvalConfig, ("sae", "store"))
+    add_dataclass_args(
+        commands.add_parser("harvest", help="collect activations into a store"),
+        HarvestConfig,
+        ("out",),
+    )
+    add_dataclass_args(
+        commands.add_parser("train", help="train SAEs on a store"), TrainConfig, ("store", "out")
+    )
+    add_dataclass_args(
+        commands.add_parser("eval", help="evaluate an SAE (JSON)"), EvalConfig, ("sae", "store")
+    )
     info_parser = commands.add_parser("info", help="print a store's manifest summary as JSON")
     info_parser.add_argument("store", help="activation store directory")
-    info_parser.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    info_parser.add_argument(
+        "--verify", action="store_true", help="also check every shard's sha256"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -62,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             cfg = dataclass_from_args(TrainConfig, args)
             saes = train(cfg)
-            print(json.dumps({"out": cfg.out, "saes": {hook: f"{cfg.out}/{hook}" for hook in saes}}, indent=2))
+            print(
+                json.dumps(
+                    {"out": cfg.out, "saes": {hook: f"{cfg.out}/{hook}" for hook in saes}}, indent=2
+                )
+            )
         elif args.command == "eval":
             print(json.dumps(run_eval(dataclass_from_args(EvalConfig, args)), indent=2))
         elif args.command == "info":

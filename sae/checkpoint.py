@@ -31,10 +31,17 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT_VERSION = 1
-GROUP_STATE = ("k", "weight_sum", "lr_max", "train_mode")  # schedule-free's running scalars (Adam has none)
+GROUP_STATE = (
+    "k",
+    "weight_sum",
+    "lr_max",
+    "train_mode",
+)  # schedule-free's running scalars (Adam has none)
 
 
-def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, HookState], config: dict) -> None:
+def save_checkpoint(
+    directory: Path, step: int, tokens: int, states: dict[str, HookState], config: dict
+) -> None:
     tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
     for hook, state in states.items():
         for name, value in state.sae.state_dict().items():
@@ -50,16 +57,27 @@ def save_checkpoint(directory: Path, step: int, tokens: int, states: dict[str, H
         "tokens": tokens,
         "config": config,
         "sae_configs": {hook: asdict(state.sae.cfg) for hook, state in states.items()},
-        "optimizer_groups": {hook: [{k: g[k] for k in GROUP_STATE if k in g} for g in state.optimizer.param_groups]
-                             for hook, state in states.items()},
-    }  # fmt: skip
+        "optimizer_groups": {
+            hook: [{k: g[k] for k in GROUP_STATE if k in g} for g in state.optimizer.param_groups]
+            for hook, state in states.items()
+        },
+    }
     tmp = directory / f".{CHECKPOINT}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-              metadata={"greylens": json.dumps(meta)})  # fmt: skip
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        tmp,
+        metadata={"greylens": json.dumps(meta)},
+    )
     os.replace(tmp, directory / CHECKPOINT)
 
 
-FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every")  # do not change results
+FREE_SETTINGS = (
+    "resume",
+    "wandb",
+    "device",
+    "log_every",
+    "checkpoint_every",
+)  # do not change results
 
 
 def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None = None) -> Path:
@@ -70,13 +88,23 @@ def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None
     before the setting existed) counts as its default, since new settings keep the old behaviour at
     their defaults; so an older checkpoint resumes unless the resume turns a new option on."""
     if resume:
-        saved = {**(defaults or {}), **read_checkpoint_meta(out)["config"]}  # raises if nothing to resume
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in config.items()
-                 if k not in FREE_SETTINGS and saved.get(k) != v]  # fmt: skip
+        saved = {
+            **(defaults or {}),
+            **read_checkpoint_meta(out)["config"],
+        }  # raises if nothing to resume
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+            for k, v in config.items()
+            if k not in FREE_SETTINGS and saved.get(k) != v
+        ]
         if diffs:
-            raise ValueError(f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags")
+            raise ValueError(
+                f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags"
+            )
     elif (out / CHECKPOINT).exists():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or pick a new --out")
+        raise ValueError(
+            f"{out} already holds a training run; pass --resume to continue it or pick a new --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -84,11 +112,15 @@ def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None
 def read_checkpoint_meta(directory: Path) -> dict:
     path = directory / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {directory}; run without --resume to start")
+        raise FileNotFoundError(
+            f"--resume: no {CHECKPOINT} in {directory}; run without --resume to start"
+        )
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["greylens"])
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -98,14 +130,24 @@ def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
     with safe_open(directory / CHECKPOINT, framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     for hook, state in states.items():
-        sae_state = {k.removeprefix(f"{hook}/sae."): v for k, v in tensors.items() if k.startswith(f"{hook}/sae.")}
+        sae_state = {
+            k.removeprefix(f"{hook}/sae."): v
+            for k, v in tensors.items()
+            if k.startswith(f"{hook}/sae.")
+        }
         state.sae.load_state_dict(sae_state)
         for name, param in state.sae.named_parameters():
             prefix = f"{hook}/adam.{name}."
-            moments = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            moments = {
+                k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
+            }
             if moments:
                 state.optimizer.state[param] = {k: v.to(param.device) for k, v in moments.items()}
-        for group, saved in zip(state.optimizer.param_groups, meta.get("optimizer_groups", {}).get(hook, []), strict=False):
+        for group, saved in zip(
+            state.optimizer.param_groups,
+            meta.get("optimizer_groups", {}).get(hook, []),
+            strict=False,
+        ):
             group.update(saved)
         state.tokens_since_fired.copy_(tensors[f"{hook}/tokens_since_fired"])
         state.fire_counts.copy_(tensors[f"{hook}/fire_counts"])

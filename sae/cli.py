@@ -65,7 +65,11 @@ def add_dataclass_args(
             kwargs["choices"] = list(typing.get_args(kind))
             kwargs["type"] = type(kwargs["choices"][0])
         elif typing.get_origin(kind) is list:  # `--flag A --flag B` or `--flag A B`
-            kwargs["type"], kwargs["nargs"], kwargs["action"] = typing.get_args(kind)[0], "+", "extend"
+            kwargs["type"], kwargs["nargs"], kwargs["action"] = (
+                typing.get_args(kind)[0],
+                "+",
+                "extend",
+            )
         else:
             kwargs["type"] = kind
         if f.name in required:

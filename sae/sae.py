@@ -60,15 +60,24 @@ class SAEConfig:
     max_input_norm: float = 0.0  # rows with a larger raw norm pass through untouched (0: no limit)
     jumprelu_bandwidth: float = 0.05  # width ε of the straight-through rectangle kernel
     jumprelu_init_threshold: float = 0.05
-    sparsity_coeff: float = 0.0  # jumprelu/relu: trainer λ; with a target L0 the integral λ_I (resume state)
+    sparsity_coeff: float = (
+        0.0  # jumprelu/relu: trainer λ; with a target L0 the integral λ_I (resume state)
+    )
     matryoshka_groups: list[int] = field(default_factory=list)  # prefix ends; [] = n/8, n/4, n/2, n
     format_version: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+            raise ValueError(
+                f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}"
+            )
         if self.arch == "matryoshka" and not self.matryoshka_groups:
-            self.matryoshka_groups = [self.n_latents // 8, self.n_latents // 4, self.n_latents // 2, self.n_latents]
+            self.matryoshka_groups = [
+                self.n_latents // 8,
+                self.n_latents // 4,
+                self.n_latents // 2,
+                self.n_latents,
+            ]
         if self.arch in SPARSE_ARCHS and not 0 < self.k <= self.n_latents:
             raise ValueError(f"k must be in 1..n_latents ({self.n_latents}), got {self.k}")
 
@@ -82,7 +91,9 @@ class SparseCode(NamedTuple):
     n_rows: int
 
     def to_dense(self, n_latents: int) -> torch.Tensor:  # [n_rows, n_latents]
-        dense = torch.zeros(self.n_rows, n_latents, dtype=self.values.dtype, device=self.values.device)
+        dense = torch.zeros(
+            self.n_rows, n_latents, dtype=self.values.dtype, device=self.values.device
+        )
         return dense.index_put((self.rows, self.cols), self.values, accumulate=True)
 
     def l0(self) -> torch.Tensor:
@@ -93,9 +104,13 @@ class SparseCode(NamedTuple):
         (latent ids [n_rows, n] int64, values [n_rows, n]). The values equal
         `to_dense(n_latents).topk(n)`'s without building the [n_rows, n_latents] matrix."""
         by_value = self.values.argsort(descending=True, stable=True)
-        order = by_value[self.rows[by_value].argsort(stable=True)]  # by row, then by value descending
+        order = by_value[
+            self.rows[by_value].argsort(stable=True)
+        ]  # by row, then by value descending
         rows, counts = self.rows[order], torch.bincount(self.rows, minlength=self.n_rows)
-        first = torch.cumsum(counts, 0) - counts  # [n_rows] where each row's entries start in `order`
+        first = (
+            torch.cumsum(counts, 0) - counts
+        )  # [n_rows] where each row's entries start in `order`
         rank = torch.arange(order.numel(), device=rows.device) - first[rows]
         keep = rank < n
         ids = torch.zeros(self.n_rows, n, dtype=torch.long, device=rows.device)
@@ -118,15 +133,23 @@ class SAE(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         n, d = cfg.n_latents, cfg.d_in
-        self.W_enc = nn.Parameter(torch.empty(n, d))  # [n_latents, d_in] (SAELens stores the transpose)
+        self.W_enc = nn.Parameter(
+            torch.empty(n, d)
+        )  # [n_latents, d_in] (SAELens stores the transpose)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d))  # [n_latents, d_in], unit-norm rows
         self.b_dec = nn.Parameter(torch.zeros(d))
         if cfg.arch == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((n,), math.log(cfg.jumprelu_init_threshold)))
+            self.log_threshold = nn.Parameter(
+                torch.full((n,), math.log(cfg.jumprelu_init_threshold))
+            )
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk/matryoshka inference θ
-        self._pre_workspace: torch.Tensor | None = None  # training's [N, n_latents] buffer (not state)
-        self._last_cut = 0.0  # the last training batch's BatchTopK cut (not state: only a speed hint)
+        self._pre_workspace: torch.Tensor | None = (
+            None  # training's [N, n_latents] buffer (not state)
+        )
+        self._last_cut = (
+            0.0  # the last training batch's BatchTopK cut (not state: only a speed hint)
+        )
         self.hook_sae_acts_post = HookPoint()
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
@@ -180,14 +203,20 @@ class SAE(HookedRootModule):
         code = self.encode(x)
         acts = self.hook_sae_acts_post(code.to_dense(self.cfg.n_latents))  # [N, n_latents]
         recons = (acts @ self.W_dec + self.b_dec) / self.cfg.input_scale
-        recons = self.hook_sae_recons(torch.where(self.passthrough(x)[:, None], x.to(recons.dtype), recons))
+        recons = self.hook_sae_recons(
+            torch.where(self.passthrough(x)[:, None], x.to(recons.dtype), recons)
+        )
         self.hook_sae_error(x - recons)
         return recons
 
     # ------------------------------------------------------------------ training
 
     def training_forward(
-        self, x: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0, reduce: Reduce | None = None
+        self,
+        x: torch.Tensor,
+        dead: torch.Tensor | None = None,
+        aux_k: int = 0,
+        reduce: Reduce | None = None,
     ) -> SAEOutput:
         """Losses for one batch of raw activations x: [N, d_in]. `dead`: [n_latents] bool.
 
@@ -197,11 +226,17 @@ class SAE(HookedRootModule):
         x_n = x.to(self.W_enc.dtype) * self.cfg.input_scale
         x_c = x_n - self.b_dec  # [N, d_in]
         sparse = self.cfg.arch in SPARSE_ARCHS
-        if sparse:  # no autograd through pre (grads go via the kernels): write it into a reused buffer
+        if (
+            sparse
+        ):  # no autograd through pre (grads go via the kernels): write it into a reused buffer
             with torch.no_grad():
-                pre = torch.addmm(self.b_enc, x_c, self.W_enc.T, out=self.workspace(x_c.shape[0]))  # [N, n_latents]
+                pre = torch.addmm(
+                    self.b_enc, x_c, self.W_enc.T, out=self.workspace(x_c.shape[0])
+                )  # [N, n_latents]
         else:
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)  # [N, n_latents], bias fused into the GEMM
+            pre = torch.addmm(
+                self.b_enc, x_c, self.W_enc.T
+            )  # [N, n_latents], bias fused into the GEMM
         sparsity = aux = x_n.new_zeros(())
         if sparse:
             code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
@@ -220,11 +255,20 @@ class SAE(HookedRootModule):
         the few massive-activation rows skipped, so the buffer keeps the largest row count seen and
         a step uses its first n_rows rows (a contiguous view)."""
         buffer, W = self._pre_workspace, self.W_enc
-        if buffer is None or buffer.shape[0] < n_rows or buffer.dtype != W.dtype or buffer.device != W.device:
-            buffer = self._pre_workspace = torch.empty(n_rows, self.cfg.n_latents, dtype=W.dtype, device=W.device)
+        if (
+            buffer is None
+            or buffer.shape[0] < n_rows
+            or buffer.dtype != W.dtype
+            or buffer.device != W.device
+        ):
+            buffer = self._pre_workspace = torch.empty(
+                n_rows, self.cfg.n_latents, dtype=W.dtype, device=W.device
+            )
         return buffer[:n_rows]
 
-    def _sparse_losses(self, x_n, x_c, pre, reduce) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
+    def _sparse_losses(
+        self, x_n, x_c, pre, reduce
+    ) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
         """(code, reconstruction loss, detached normalised-space reconstruction of the whole code)."""
         with torch.no_grad():
             if self.cfg.arch == "topk":
@@ -233,20 +277,28 @@ class SAE(HookedRootModule):
                 selected = batch_topk_code(pre, self.cfg.k, hint=self.cut_hint())
                 self.update_threshold(selected.values)
         # selected.values = ReLU(pre) at the selected entries: under the ReLU below, the same as pre
-        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, selected.values).relu()
+        values = sparse_encode(
+            x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, selected.values
+        ).relu()
         code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
         if self.cfg.arch != "matryoshka":
             recons_n = self._decode_n(code)
             return code, fvu(x_n, recons_n, reduce), recons_n.detach()
-        prefixes = [self._decode_n(code._replace(values=values * (code.cols < end)))
-                    for end in self.cfg.matryoshka_groups]  # fmt: skip
+        prefixes = [
+            self._decode_n(code._replace(values=values * (code.cols < end)))
+            for end in self.cfg.matryoshka_groups
+        ]
         loss = torch.stack([fvu(x_n, p, reduce) for p in prefixes]).mean()
-        if self.cfg.matryoshka_groups[-1] >= self.cfg.n_latents:  # the last prefix is the whole code
+        if (
+            self.cfg.matryoshka_groups[-1] >= self.cfg.n_latents
+        ):  # the last prefix is the whole code
             return code, loss, prefixes[-1].detach()
         with torch.no_grad():
             return code, loss, self._decode_n(code)
 
-    def _dense_losses(self, x_n, pre, reduce) -> tuple[SparseCode, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _dense_losses(
+        self, x_n, pre, reduce
+    ) -> tuple[SparseCode, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.cfg.arch == "jumprelu":
             threshold = self.log_threshold.exp()
             acts = _JumpReLU.apply(pre, threshold, self.cfg.jumprelu_bandwidth)
@@ -255,12 +307,16 @@ class SAE(HookedRootModule):
             acts = pre.relu()
             sparsity = (acts * self.W_dec.norm(dim=1)).sum()
         n_tokens = x_n.new_tensor(float(x_n.shape[0]))
-        sparsity = sparsity / (reduce(n_tokens) if reduce else n_tokens)  # mean over the global batch
+        sparsity = sparsity / (
+            reduce(n_tokens) if reduce else n_tokens
+        )  # mean over the global batch
         recons_n = acts @ self.W_dec + self.b_dec  # [N, d_in]
         return _dense_to_code(acts), fvu(x_n, recons_n, reduce), sparsity, recons_n.detach()
 
     def _decode_n(self, code: SparseCode) -> torch.Tensor:
-        return sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
+        return (
+            sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
+        )
 
     def aux_loss(self, residual, x_c, pre, dead, aux_k, reduce) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the top aux_k dead latents must explain what the code missed.
@@ -279,7 +335,9 @@ class SAE(HookedRootModule):
             top, local = pre.index_select(1, dead_ids).topk(k, dim=1, sorted=False)  # [N, k]
             positive = (top > 0).flatten()
             top, cols = top.flatten()[positive], dead_ids[local.flatten()[positive]]
-            rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)[positive]  # still sorted
+            rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)[
+                positive
+            ]  # still sorted
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top)
         guess = sparse_decode(values, cols, rows, self.W_dec, pre.shape[0])
         return fvu(residual.detach(), guess, reduce)
@@ -298,7 +356,11 @@ class SAE(HookedRootModule):
             return
         smallest = positive.min()
         self._last_cut = float(smallest)
-        new = smallest if self.threshold == 0 else momentum * self.threshold + (1 - momentum) * smallest
+        new = (
+            smallest
+            if self.threshold == 0
+            else momentum * self.threshold + (1 - momentum) * smallest
+        )
         self.threshold.copy_(new)
 
     @torch.no_grad()
@@ -310,7 +372,9 @@ class SAE(HookedRootModule):
         """Drop the gradient component along each decoder row (it would only change the norm)."""
         if self.W_dec.grad is None:
             return
-        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)  # [n], one pass (3 fewer than mul-sum-mul-sub)
+        parallel = torch.linalg.vecdot(
+            self.W_dec.grad, self.W_dec
+        )  # [n], one pass (3 fewer than mul-sum-mul-sub)
         self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
 
@@ -355,7 +419,9 @@ def batch_topk_code(pre: torch.Tensor, k: float, hint: float = 0.0) -> SparseCod
         flat = (pre.reshape(-1) > hint).nonzero().squeeze(1)  # [C] entries above the hint
         if len(flat) >= n_keep:
             values, picked = pre.reshape(-1)[flat].topk(n_keep, sorted=False)
-            return _row_major_code(values, flat[picked], n_rows, n_latents)  # values > hint > 0: ReLU is a no-op
+            return _row_major_code(
+                values, flat[picked], n_rows, n_latents
+            )  # values > hint > 0: ReLU is a no-op
     per_row = 4 * max(1, math.ceil(k))
     if per_row >= n_latents:
         values, flat = pre.flatten().topk(n_keep, sorted=False)
@@ -377,7 +443,9 @@ def batch_topk_code(pre: torch.Tensor, k: float, hint: float = 0.0) -> SparseCod
     return _row_major_code(values, flat[picked], n_rows, n_latents)
 
 
-def _row_major_code(values: torch.Tensor, flat: torch.Tensor, n_rows: int, n_latents: int) -> SparseCode:
+def _row_major_code(
+    values: torch.Tensor, flat: torch.Tensor, n_rows: int, n_latents: int
+) -> SparseCode:
     flat, order = flat.sort()  # row-major order: rows non-decreasing
     return SparseCode(values[order], flat % n_latents, flat // n_latents, n_rows)
 

@@ -44,7 +44,9 @@ def start_with_k_active(sae: SAE, x_n: torch.Tensor, k: int) -> None:
 
 
 @torch.no_grad()
-def reopen_thresholds(sae: SAE, x: torch.Tensor, dead: torch.Tensor, k: float, dist: Distributed | None = None) -> None:
+def reopen_thresholds(
+    sae: SAE, x: torch.Tensor, dead: torch.Tensor, k: float, dist: Distributed | None = None
+) -> None:
     """jumprelu: θ of each dead latent := the (1 − k/n) quantile of its pre-activations on x (raw
     [N, d]), the initial rule, so it fires on about k/n of the tokens again. Why: a latent pushed
     below θ gets no gradient from the reconstruction, and its θ none from the kernel once its
@@ -66,7 +68,11 @@ def reopen_thresholds(sae: SAE, x: torch.Tensor, dead: torch.Tensor, k: float, d
     # Never below half the live latents' median θ: a dead latent's quantile can be ≤ 0, and a θ
     # near 0 makes it a ReLU that the encoder turns dense while log θ climbs back ~0.03 per step
     # (on SmolLM2 L15, 1M tokens: 460 latents firing on > 10% of tokens, L0 260; see the doc).
-    floor = 0.5 * sae.log_threshold[~dead].exp().median() if bool((~dead).any()) else pre.new_tensor(1e-3)
+    floor = (
+        0.5 * sae.log_threshold[~dead].exp().median()
+        if bool((~dead).any())
+        else pre.new_tensor(1e-3)
+    )
     sae.log_threshold[idx] = torch.maximum(top[-1], floor.clamp_min(1e-3)).log()
 
 
@@ -98,7 +104,9 @@ def adapt_sparsity_coeff(cfg: TrainConfig, coeff: float, l0: float) -> float:
     L0 dips far below any target whatever λ is (see docs/sae_quality.md), and λ_I would sink by
     decades that it then takes a hundred steps to climb back."""
     start = initial_sparsity_coeff(cfg)
-    return min(start * 1e6, max(start * 1e-6, coeff * math.exp(cfg.l0_control_rate * _l0_error(cfg, l0))))
+    return min(
+        start * 1e6, max(start * 1e-6, coeff * math.exp(cfg.l0_control_rate * _l0_error(cfg, l0)))
+    )
 
 
 def applied_sparsity_coeff(cfg: TrainConfig, integral: float, l0_now: float) -> float:
@@ -106,5 +114,3 @@ def applied_sparsity_coeff(cfg: TrainConfig, integral: float, l0_now: float) -> 
     is this very batch's (measured in the forward pass, before the loss): the proportional part,
     which answers at once to what the slow integral has not caught up with yet."""
     return integral * math.exp(cfg.l0_control_gain * _l0_error(cfg, l0_now))
-
-

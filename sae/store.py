@@ -81,9 +81,13 @@ class StoreManifest:
                 f"{FORMAT_VERSION}. Re-harvest, or use the greylens version that wrote it."
             )
         known = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        required = {
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        }
         if missing := sorted(required - raw.keys()):
-            raise StoreError(f"{path} lacks {', '.join(missing)}; it is not a complete greylens manifest")
+            raise StoreError(
+                f"{path} lacks {', '.join(missing)}; it is not a complete greylens manifest"
+            )
         manifest = cls(**{k: v for k, v in raw.items() if k in known})
         manifest.shards = [ShardInfo(**s) for s in raw["shards"]]
         return manifest

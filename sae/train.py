@@ -165,7 +165,9 @@ class HookState:
     fire_counts: torch.Tensor  # [n_latents] int64, since the last log row
 
 
-def train(cfg: TrainConfig, dist: Distributed | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, SAE]:
+def train(
+    cfg: TrainConfig, dist: Distributed | None = None, on_step: Callable[[int], None] | None = None
+) -> dict[str, SAE]:
     """Train (or resume) one SAE per hook; returns them and writes out/<hook>/ for each.
 
     on_step(step) runs after each optimizer step (every hook updated), before the checkpoint:
@@ -175,17 +177,31 @@ def train(cfg: TrainConfig, dist: Distributed | None = None, on_step: Callable[[
     states = {hook: _init_hook(cfg, store, hook) for hook in hooks}
     first_step = _resume(out, states) if cfg.resume else 0
     n_steps = max(1, cfg.tokens // cfg.batch_size)
-    logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None, enabled=dist.rank == 0)
-    bar = tqdm(total=n_steps, initial=first_step, unit="step", desc=f"train {cfg.arch}", disable=dist.rank != 0)
+    logger = TrainLogger(
+        out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None, enabled=dist.rank == 0
+    )
+    bar = tqdm(
+        total=n_steps,
+        initial=first_step,
+        unit="step",
+        desc=f"train {cfg.arch}",
+        disable=dist.rank != 0,
+    )
     started = time.perf_counter()
     for step, batch in step_batches(store, cfg, hooks, start_step=first_step, n_steps=n_steps):
         lr = lr_at(cfg, step, n_steps, cfg.expansion * store.d_model)
         for hook, state in states.items():
             x = dist.local(batch[hook]).to(cfg.device)
-            coeff = 0.0 if cfg.target_l0 else sparsity_coeff_at(cfg, step, n_steps)  # target: set from the batch L0
+            coeff = (
+                0.0 if cfg.target_l0 else sparsity_coeff_at(cfg, step, n_steps)
+            )  # target: set from the batch L0
             row = _train_step(cfg, state, x[~state.sae.passthrough(x)], lr, coeff, dist)
-            if cfg.target_l0 and step >= sparsity_warmup_steps(cfg, n_steps):  # integrate after the transient
-                state.sae.cfg.sparsity_coeff = adapt_sparsity_coeff(cfg, state.sae.cfg.sparsity_coeff, row["l0"])
+            if cfg.target_l0 and step >= sparsity_warmup_steps(
+                cfg, n_steps
+            ):  # integrate after the transient
+                state.sae.cfg.sparsity_coeff = adapt_sparsity_coeff(
+                    cfg, state.sae.cfg.sparsity_coeff, row["l0"]
+                )
             elif not cfg.target_l0:
                 state.sae.cfg.sparsity_coeff = coeff
             if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
@@ -201,7 +217,9 @@ def train(cfg: TrainConfig, dist: Distributed | None = None, on_step: Callable[[
     for state in states.values():
         if isinstance(state.optimizer, schedulefree.AdamWScheduleFree):
             state.optimizer.eval()  # the averaged weights are the trained SAE (checkpoints keep train mode)
-            if cfg.arch != "relu":  # an average of unit rows is not unit (0.92-1.02 on SmolLM2 L15): renormalise;
+            if (
+                cfg.arch != "relu"
+            ):  # an average of unit rows is not unit (0.92-1.02 on SmolLM2 L15): renormalise;
                 state.sae.normalize_decoder()  # held-out FVU 0.22758 as averaged, 0.22745 renormalised
     if dist.rank == 0:
         for hook, state in states.items():
@@ -228,16 +246,32 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
     hooks = parse_hooks(cfg.hooks) if cfg.hooks else list(store.hooks)
     missing = [h for h in hooks if h not in store.hooks]
     if missing:
-        raise ValueError(f"the store has no {', '.join(missing)}; it holds {', '.join(store.hooks)}")
+        raise ValueError(
+            f"the store has no {', '.join(missing)}; it holds {', '.join(store.hooks)}"
+        )
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     if cfg.target_l0 and cfg.arch not in ("jumprelu", "relu"):
-        raise ValueError(f"--target-l0 adapts the sparsity penalty of jumprelu/relu; {cfg.arch} sets L0 with --k")
-    if cfg.target_l0 < 0 or cfg.l0_control_rate <= 0 or cfg.l0_control_gain < 0 or cfg.threshold_lr_scale <= 0:
-        raise ValueError("--target-l0 and --l0-control-gain must be >= 0, --l0-control-rate and --threshold-lr-scale > 0")
+        raise ValueError(
+            f"--target-l0 adapts the sparsity penalty of jumprelu/relu; {cfg.arch} sets L0 with --k"
+        )
+    if (
+        cfg.target_l0 < 0
+        or cfg.l0_control_rate <= 0
+        or cfg.l0_control_gain < 0
+        or cfg.threshold_lr_scale <= 0
+    ):
+        raise ValueError(
+            "--target-l0 and --l0-control-gain must be >= 0, --l0-control-rate and --threshold-lr-scale > 0"
+        )
     if len(store) < cfg.batch_size:
-        raise ValueError(f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})")
-    defaults = {**asdict(TrainConfig()), "optimizer": "adam"}  # checkpoints from before the setting were Adam's
+        raise ValueError(
+            f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})"
+        )
+    defaults = {
+        **asdict(TrainConfig()),
+        "optimizer": "adam",
+    }  # checkpoints from before the setting were Adam's
     out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume, defaults=defaults)
     return store, hooks, out
 
@@ -251,10 +285,18 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
         sample = sample[norms <= max_norm]
     scale = math.sqrt(store.d_model) / sample.norm(dim=1).mean().item()
     sae_cfg = SAEConfig(
-        d_in=store.d_model, n_latents=cfg.expansion * store.d_model, arch=cfg.arch, k=cfg.k, hook=hook,
-        model=store.manifest.model, weights_sha256=store.manifest.weights_sha256, input_scale=scale,
-        max_input_norm=max_norm, jumprelu_bandwidth=cfg.jumprelu_bandwidth, sparsity_coeff=initial_sparsity_coeff(cfg) if cfg.target_l0 else 0.0,
-    )  # fmt: skip
+        d_in=store.d_model,
+        n_latents=cfg.expansion * store.d_model,
+        arch=cfg.arch,
+        k=cfg.k,
+        hook=hook,
+        model=store.manifest.model,
+        weights_sha256=store.manifest.weights_sha256,
+        input_scale=scale,
+        max_input_norm=max_norm,
+        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        sparsity_coeff=initial_sparsity_coeff(cfg) if cfg.target_l0 else 0.0,
+    )
     sae = SAE(sae_cfg)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     with torch.no_grad():
@@ -264,7 +306,9 @@ def _init_hook(cfg: TrainConfig, store: ActivationStore, hook: str) -> HookState
     sae = sae.to(cfg.device)
     n = sae_cfg.n_latents
     if optimizer_name(cfg) == "schedulefree":
-        optimizer = schedulefree.AdamWScheduleFree(_param_groups(cfg, sae), lr=base_lr(cfg, n), betas=(0.95, 0.999))
+        optimizer = schedulefree.AdamWScheduleFree(
+            _param_groups(cfg, sae), lr=base_lr(cfg, n), betas=(0.95, 0.999)
+        )
         optimizer.train()  # parameters hold the point gradients are taken at; .eval() moves them to the average
     else:
         optimizer = adam(_param_groups(cfg, sae), lr=base_lr(cfg, n))
@@ -290,11 +334,16 @@ def _param_groups(cfg: TrainConfig, sae: SAE) -> list[dict]:
     if cfg.arch != "jumprelu" or cfg.threshold_lr_scale == 1.0:
         return [{"params": list(sae.parameters()), "lr_scale": 1.0}]
     others = [p for name, p in sae.named_parameters() if name != "log_threshold"]
-    return [{"params": others, "lr_scale": 1.0}, {"params": [sae.log_threshold], "lr_scale": cfg.threshold_lr_scale}]
+    return [
+        {"params": others, "lr_scale": 1.0},
+        {"params": [sae.log_threshold], "lr_scale": cfg.threshold_lr_scale},
+    ]
 
 
 @torch.no_grad()
-def calibrate_threshold(sae: SAE, store: ActivationStore, hook: str, cfg: TrainConfig, n_batches: int = 8) -> float:
+def calibrate_threshold(
+    sae: SAE, store: ActivationStore, hook: str, cfg: TrainConfig, n_batches: int = 8
+) -> float:
     """Set the batchtopk/matryoshka inference θ so that inference keeps k latents per token on average.
 
     During training θ is an EMA of each batch's smallest kept activation, which lags the moving
@@ -321,7 +370,9 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
     return y
 
 
-def step_batches(store: ActivationStore, cfg: TrainConfig, hooks: list[str], start_step: int, n_steps: int):
+def step_batches(
+    store: ActivationStore, cfg: TrainConfig, hooks: list[str], start_step: int, n_steps: int
+):
     """(step, batch) from start_step on; full batches only, new seeded epoch when one runs out."""
     per_epoch = len(store) // cfg.batch_size
     step = start_step
@@ -364,7 +415,9 @@ def lr_at(cfg: TrainConfig, step: int, n_steps: int, n_latents: int) -> float:
     return base * factor
 
 
-def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, coeff: float, dist: Distributed) -> dict:
+def _train_step(
+    cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, coeff: float, dist: Distributed
+) -> dict:
     sae, optimizer = state.sae, state.optimizer
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -372,7 +425,9 @@ def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, 
     reduce = dist.sum if dist.world > 1 else None
     aux_k = x.shape[1] // 2 if cfg.arch in SPARSE_ARCHS or cfg.dense_aux else 0  # AuxK: k_aux = d/2
     out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
-    n_tokens = int(dist.sum(torch.tensor(x.shape[0])))  # rows differ per rank after skipping outliers
+    n_tokens = int(
+        dist.sum(torch.tensor(x.shape[0]))
+    )  # rows differ per rank after skipping outliers
     l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / n_tokens
     if cfg.target_l0:
         coeff = applied_sparsity_coeff(cfg, sae.cfg.sparsity_coeff, l0)
@@ -394,7 +449,13 @@ def _train_step(cfg: TrainConfig, state: HookState, x: torch.Tensor, lr: float, 
     track_firing(state, out.code, n_tokens, dist)
     with torch.no_grad():  # FVU of the whole code (for matryoshka the objective averages prefixes)
         full_fvu = fvu(x.to(out.recons.dtype), out.recons, reduce)
-    parts = [loss.detach(), out.fvu.detach(), full_fvu, out.aux_loss.detach(), out.sparsity_loss.detach() / dist.world]
+    parts = [
+        loss.detach(),
+        out.fvu.detach(),
+        full_fvu,
+        out.aux_loss.detach(),
+        out.sparsity_loss.detach() / dist.world,
+    ]
     totals = dist.sum(torch.stack(parts)).tolist()
     names = ("loss", "recon_loss", "fvu", "aux_loss", "sparsity_loss")
     return {**dict(zip(names, totals, strict=True)), "l0": l0, "sparsity_coeff": coeff}
@@ -408,7 +469,9 @@ def track_firing(state: HookState, code, n_tokens: int, dist: Distributed) -> No
     state.tokens_since_fired[counts > 0] = 0
 
 
-def log_row(cfg: TrainConfig, state: HookState, step: int, hook: str, row: dict, lr: float, tok_s: float) -> dict:
+def log_row(
+    cfg: TrainConfig, state: HookState, step: int, hook: str, row: dict, lr: float, tok_s: float
+) -> dict:
     tokens_window = cfg.log_every * cfg.batch_size
     logged = {
         "step": step + 1,

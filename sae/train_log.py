@@ -15,7 +15,14 @@ PLOTTED = ("loss", "l0", "fvu", "dead_fraction")
 
 
 class TrainLogger:
-    def __init__(self, out: Path, config: dict, wandb_mode: str, resume_step: int | None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        out: Path,
+        config: dict,
+        wandb_mode: str,
+        resume_step: int | None,
+        enabled: bool = True,
+    ) -> None:
         self.path = Path(out) / METRICS
         self.enabled = enabled
         self.run = None
@@ -24,13 +31,23 @@ class TrainLogger:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if json.loads(line)["step"] <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         if wandb_mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project="greylens", dir=str(out), mode=wandb_mode, config=config,
-                                  name=Path(out).name, resume="allow")  # fmt: skip
+            self.run = wandb.init(
+                project="greylens",
+                dir=str(out),
+                mode=wandb_mode,
+                config=config,
+                name=Path(out).name,
+                resume="allow",
+            )
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -38,7 +55,10 @@ class TrainLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.run is not None:
-            self.run.log({f"{row['hook']}/{k}": v for k, v in row.items() if k not in ("hook", "step")}, step=row["step"])
+            self.run.log(
+                {f"{row['hook']}/{k}": v for k, v in row.items() if k not in ("hook", "step")},
+                step=row["step"],
+            )
 
     def finish(self) -> Path | None:
         if not self.enabled:

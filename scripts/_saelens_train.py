@@ -67,14 +67,22 @@ def main(argv: list[str] | None = None) -> None:
     x, steps = training_rows(args)
     torch.manual_seed(args.seed)
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=x.shape[1], d_sae=args.n_latents, k=args.k, dtype="float32", device="cpu",
+        d_in=x.shape[1],
+        d_sae=args.n_latents,
+        k=args.k,
+        dtype="float32",
+        device="cpu",
         normalize_activations=args.normalize,
-    )  # fmt: skip
+    )
     sae = TopKTrainingSAE(sae_cfg)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * args.batch, train_batch_size_samples=args.batch, lr=args.lr,
-        lr_end=args.lr / 10, device="cpu", logger=LoggingConfig(log_to_wandb=False),
-    )  # fmt: skip
+        total_training_samples=steps * args.batch,
+        train_batch_size_samples=args.batch,
+        lr=args.lr,
+        lr_end=args.lr / 10,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+    )
     trainer = SAETrainer(
         cfg=trainer_cfg, sae=sae, data_provider=batches(x, args.batch, steps, args.seed)
     )
@@ -99,8 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     save_file({"recons": recons.float().contiguous()}, args.out)
 
     tokens = trainer.n_training_samples
-    report = {"library": "saelens", "version": version("sae-lens"), "tokens": tokens, "seconds": round(seconds, 3),
-              "tok_per_s": round(tokens / seconds, 1), "steps": trainer.n_training_steps}  # fmt: skip
+    report = {
+        "library": "saelens",
+        "version": version("sae-lens"),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tok_per_s": round(tokens / seconds, 1),
+        "steps": trainer.n_training_steps,
+    }
     emit(report)
 
 

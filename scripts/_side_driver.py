@@ -29,8 +29,12 @@ def emit(report: dict) -> None:
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--train", type=Path, required=True, help='safetensors with "x": [rows, d] float32')
-    p.add_argument("--eval", type=Path, required=True, help="the same, reconstructed after training")
+    p.add_argument(
+        "--train", type=Path, required=True, help='safetensors with "x": [rows, d] float32'
+    )
+    p.add_argument(
+        "--eval", type=Path, required=True, help="the same, reconstructed after training"
+    )
     p.add_argument("--n-latents", type=int, required=True)
     p.add_argument("--k", type=int, required=True)
     p.add_argument("--batch", type=int, required=True)

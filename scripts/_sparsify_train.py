@@ -67,7 +67,9 @@ EVAL_CHUNK = 8192
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = common_parser(__doc__.splitlines()[0])
     p.add_argument("--optimizer", default="signum", choices=["signum", "adam"])
-    p.add_argument("--warmup-steps", type=int, default=1000, help="adam only (sparsify's lr_warmup_steps)")
+    p.add_argument(
+        "--warmup-steps", type=int, default=1000, help="adam only (sparsify's lr_warmup_steps)"
+    )
     p.add_argument("--auxk-alpha", type=float, default=0.0)
     p.add_argument("--dead-tokens", type=int, default=10_000_000)
     return p.parse_args(argv)
@@ -134,9 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         recons = torch.cat([sae(chunk).sae_out for chunk in x_eval.split(EVAL_CHUNK)])
     save_file({"recons": recons.float().contiguous()}, args.out)
 
-    report = {"library": "sparsify", "version": version("eai-sparsify"), "tokens": tokens,
-              "seconds": round(seconds, 3), "tok_per_s": round(tokens / seconds, 1), "steps": steps,
-              "optimizer": args.optimizer, "lr": lr}  # fmt: skip
+    report = {
+        "library": "sparsify",
+        "version": version("eai-sparsify"),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tok_per_s": round(tokens / seconds, 1),
+        "steps": steps,
+        "optimizer": args.optimizer,
+        "lr": lr,
+    }
     emit(report)
 
 

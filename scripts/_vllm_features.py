@@ -36,24 +36,34 @@ HF_DIR = CACHE / "hf" / "smollm2-135m-instruct"
 def entry_point() -> str:
     """The `name = module:function` line of pyproject's vllm.general_plugins table."""
     text = (REPO / "pyproject.toml").read_text()
-    table = re.search(r'\[project\.entry-points\."vllm\.general_plugins"\]\n((?:[^\[\n].*\n?)+)', text)
+    table = re.search(
+        r'\[project\.entry-points\."vllm\.general_plugins"\]\n((?:[^\[\n].*\n?)+)', text
+    )
     if table is None:
-        raise RuntimeError("pyproject.toml has no [project.entry-points.\"vllm.general_plugins\"] table")
+        raise RuntimeError(
+            'pyproject.toml has no [project.entry-points."vllm.general_plugins"] table'
+        )
     return table[1].strip().splitlines()[0].replace('"', "")
 
 
 def make_discoverable() -> str:
     """A .dist-info with the entry point, on sys.path and PYTHONPATH; returns the plugin's name."""
     site = Path(tempfile.mkdtemp(prefix="greylens-plugin-"))
-    atexit.register(shutil.rmtree, site, True)  # after vLLM's own shutdown (registered later, runs first)
+    atexit.register(
+        shutil.rmtree, site, True
+    )  # after vLLM's own shutdown (registered later, runs first)
     info = site / "greylens_vllm_plugin-0.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: greylens-vllm-plugin\nVersion: 0.0\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: greylens-vllm-plugin\nVersion: 0.0\n"
+    )
     line = entry_point()
     (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{line}\n")
     paths = [str(site), str(REPO)]
     sys.path[:0] = paths
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        paths + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    )
     return line.split("=")[0].strip()
 
 
@@ -71,27 +81,51 @@ def main() -> None:
     args = parser.parse_args()
     name = make_discoverable()
     os.environ.update({"VLLM_PLUGINS": name, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
-    for key, value in {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                       "OMP_NUM_THREADS": "1"}.items():  # fmt: skip
+    for key, value in {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": "1",
+    }.items():
         os.environ.setdefault(key, value)
     from serve_hooks.vllm_plugin import plugin_env
 
     os.environ.update(plugin_env(args.sae, args.sink, args.top_n, args.pages))
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(HF_DIR), dtype="float32", block_size=args.block_size, max_model_len=1024,
-              enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-              max_num_seqs=4, seed=0)  # fmt: skip
+    llm = LLM(
+        model=str(HF_DIR),
+        dtype="float32",
+        block_size=args.block_size,
+        max_model_len=1024,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        max_num_seqs=4,
+        seed=0,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     requests = []
     for prompt in args.prompt:
         (out,) = llm.generate([prompt], params, use_tqdm=False)
-        requests.append({"request_id": out.request_id, "prompt_token_ids": list(out.prompt_token_ids),
-                         "output_token_ids": list(out.outputs[0].token_ids),
-                         "num_cached_tokens": int(out.num_cached_tokens or 0)})  # fmt: skip
+        requests.append(
+            {
+                "request_id": out.request_id,
+                "prompt_token_ids": list(out.prompt_token_ids),
+                "output_token_ids": list(out.outputs[0].token_ids),
+                "num_cached_tokens": int(out.num_cached_tokens or 0),
+            }
+        )
     cc = llm.llm_engine.vllm_config.compilation_config
-    print(json.dumps({"requests": requests, "compilation_mode": str(cc.mode), "backend": cc.backend,
-                      "block_size": llm.llm_engine.vllm_config.cache_config.block_size}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "requests": requests,
+                "compilation_mode": str(cc.mode),
+                "backend": cc.backend,
+                "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

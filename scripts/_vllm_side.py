@@ -141,11 +141,22 @@ def start_server(port: int, timeout: float = 600.0) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     cmd = [
-        str(VENV_PY), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(HF_DIR), "--served-model-name", SERVED_NAME,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--enforce-eager", "--enable-prefix-caching",
-    ]  # fmt: skip
+        str(VENV_PY),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(HF_DIR),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--enable-prefix-caching",
+    ]
     LOG.parent.mkdir(parents=True, exist_ok=True)
     with open(LOG, "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -184,9 +195,12 @@ def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> None:
 def complete(port: int, prompt: str, max_tokens: int) -> dict:
     """One greedy /v1/completions request that always generates exactly max_tokens tokens."""
     body = {
-        "model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens,
-        "temperature": 0.0, "ignore_eos": True,
-    }  # fmt: skip
+        "model": SERVED_NAME,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/completions",
         data=json.dumps(body).encode(),

@@ -39,10 +39,14 @@ def _speeds(out: Path, batch_size: int) -> tuple[float, float, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--store", required=True)
     parser.add_argument("--stats", help="co-activation stats dir (`python -m graphs stats`)")
-    parser.add_argument("--parents", help="a `python -m graphs parents` dir: train with its stats, edges and recipe")
+    parser.add_argument(
+        "--parents", help="a `python -m graphs parents` dir: train with its stats, edges and recipe"
+    )
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2)
@@ -55,32 +59,77 @@ def main() -> None:
         recipe = {**HELD_OPEN, "edges": str(Path(args.parents) / "edges.safetensors")}
     sae = load_sae(CoactivationStats.load(args.stats).meta["sae"])
     tokens = args.steps * args.batch_size
-    speeds: dict[str, list[float]] = {"topk": [], "graph": [], "topk_steady": [], "graph_steady": []}
+    speeds: dict[str, list[float]] = {
+        "topk": [],
+        "graph": [],
+        "topk_steady": [],
+        "graph_steady": [],
+    }
     last_graph_row: dict = {}
     log_every = max(1, args.steps // 4)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             topk_out, graph_out = Path(tmp) / f"topk{r}", Path(tmp) / f"graph{r}"
-            train(TrainConfig(store=args.store, out=str(topk_out), hooks=sae.cfg.hook, arch="topk", k=sae.cfg.k,
-                              expansion=sae.cfg.n_latents // sae.cfg.d_in, tokens=tokens, batch_size=args.batch_size,
-                              log_every=log_every, checkpoint_every=10**9, wandb="disabled"))  # fmt: skip
-            train_graph(GraphTrainConfig(store=args.store, stats=args.stats, out=str(graph_out), tokens=tokens,
-                                         batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
-                                         wandb="disabled", **recipe))  # fmt: skip
+            train(
+                TrainConfig(
+                    store=args.store,
+                    out=str(topk_out),
+                    hooks=sae.cfg.hook,
+                    arch="topk",
+                    k=sae.cfg.k,
+                    expansion=sae.cfg.n_latents // sae.cfg.d_in,
+                    tokens=tokens,
+                    batch_size=args.batch_size,
+                    log_every=log_every,
+                    checkpoint_every=10**9,
+                    wandb="disabled",
+                )
+            )
+            train_graph(
+                GraphTrainConfig(
+                    store=args.store,
+                    stats=args.stats,
+                    out=str(graph_out),
+                    tokens=tokens,
+                    batch_size=args.batch_size,
+                    log_every=log_every,
+                    checkpoint_every=10**9,
+                    wandb="disabled",
+                    **recipe,
+                )
+            )
             for name, out in (("topk", topk_out), ("graph", graph_out)):
                 run, steady, row = _speeds(out, args.batch_size)
                 speeds[name].append(run)
                 speeds[f"{name}_steady"].append(steady)
             last_graph_row = row
     median = {name: statistics.median(values) for name, values in speeds.items()}
-    print(json.dumps({
-        "store": args.store, "recipe": "parents (held open)" if args.parents else "default", "hook": sae.cfg.hook, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
-        "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
-        "topk_tok_s": median["topk"], "graph_tok_s": median["graph"], "ratio": median["graph"] / median["topk"],
-        "ratio_steady": median["graph_steady"] / median["topk_steady"], "goal": 0.7,
-        "graph_last_row": {k: last_graph_row[k] for k in ("l0", "l0_evidence", "mean_degree", "implied_per_token")},
-        "all_tok_s": speeds,
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "store": args.store,
+                "recipe": "parents (held open)" if args.parents else "default",
+                "hook": sae.cfg.hook,
+                "n_latents": sae.cfg.n_latents,
+                "k": sae.cfg.k,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "rounds": args.rounds,
+                "topk_tok_s": median["topk"],
+                "graph_tok_s": median["graph"],
+                "ratio": median["graph"] / median["topk"],
+                "ratio_steady": median["graph_steady"] / median["topk_steady"],
+                "goal": 0.7,
+                "graph_last_row": {
+                    k: last_graph_row[k]
+                    for k in ("l0", "l0_evidence", "mean_degree", "implied_per_token")
+                },
+                "all_tok_s": speeds,
+            },
+            indent=2,
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

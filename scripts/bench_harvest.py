@@ -28,7 +28,10 @@ from sae.models import cache_root, load_model
 HOOK = "blocks.15.hook_resid_post"
 SAELENS_VENV = cache_root() / "venvs" / "saelens"
 SAELENS_DRIVER = Path(__file__).with_name("_saelens_harvest.py")
-SAELENS_PINS = ("sae-lens==6.54.12", "transformer-lens==3.9.0")  # what `pip install sae-lens` gave here
+SAELENS_PINS = (
+    "sae-lens==6.54.12",
+    "transformer-lens==3.9.0",
+)  # what `pip install sae-lens` gave here
 
 
 def full_forward_tok_s(model, windows, batch_size: int) -> float:
@@ -59,7 +62,17 @@ def ensure_saelens_venv() -> Path:
     steps = [
         [sys.executable, "-m", "venv", str(SAELENS_VENV)],
         [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],
-        [str(python), "-m", "pip", "install", "-q", "-c", str(pin), SAELENS_PINS[0], SAELENS_PINS[1]],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            str(pin),
+            SAELENS_PINS[0],
+            SAELENS_PINS[1],
+        ],
     ]
     for step in steps:
         subprocess.run(step, check=True)
@@ -76,10 +89,24 @@ def saelens_tok_s(model, cfg: HarvestConfig) -> dict:
     docs = load_corpus(cfg.corpus, split="train")
     text_file.write_text("\n".join(t.replace("\n", " ") for t in docs["text"]))
     with tempfile.TemporaryDirectory() as out:
-        command = [str(python), str(SAELENS_DRIVER), "--model-dir", str(model.hf.name_or_path),
-                   "--text-file", str(text_file), "--tokens", str(cfg.tokens), "--context-size",
-                   str(cfg.context_size), "--batch", str(cfg.batch_size), "--hook", HOOK,
-                   "--out", out]  # fmt: skip
+        command = [
+            str(python),
+            str(SAELENS_DRIVER),
+            "--model-dir",
+            str(model.hf.name_or_path),
+            "--text-file",
+            str(text_file),
+            "--tokens",
+            str(cfg.tokens),
+            "--context-size",
+            str(cfg.context_size),
+            "--batch",
+            str(cfg.batch_size),
+            "--hook",
+            HOOK,
+            "--out",
+            out,
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -91,7 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=16_384)
     parser.add_argument("--no-saelens", action="store_true")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N runs (the machine is shared)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="best of N runs (the machine is shared)"
+    )
     args = parser.parse_args()
 
     model = load_model("smollm2-135m")

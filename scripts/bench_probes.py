@@ -40,7 +40,13 @@ def random_probes(d_model: int, n_latents: int, generator: torch.Generator) -> l
     return [
         Probe("linear", weight=torch.randn(d_model, generator=generator), **common),
         Probe("mean_diff", weight=torch.randn(d_model, generator=generator), **common),
-        Probe("sparse", weight=torch.randn(16, generator=generator), features=features(16), sae="-", **common),
+        Probe(
+            "sparse",
+            weight=torch.randn(16, generator=generator),
+            features=features(16),
+            sae="-",
+            **common,
+        ),
         Probe("graph", weight=torch.ones(1), features=features(2), sae="-", **common),
     ]
 
@@ -91,7 +97,13 @@ def decode(model, sae, probes, prompt: str, steps: int, repeats: int) -> dict:
         cache.crop(-1)  # drop the token just appended
         return elapsed
 
-    rows = {"forward": [], "hook_recorder": [], "probes": [], "sae_encode": [], **{p.kind: [] for p in probes}}
+    rows = {
+        "forward": [],
+        "hook_recorder": [],
+        "probes": [],
+        "sae_encode": [],
+        **{p.kind: [] for p in probes},
+    }
     for i in range(repeats * steps):
         times = {}
         for mode in ("plain", "recorded") if i % 2 == 0 else ("recorded", "plain"):
@@ -107,7 +119,9 @@ def decode(model, sae, probes, prompt: str, steps: int, repeats: int) -> dict:
         rows["hook_recorder"].append(recorded - plain)
         rows["sae_encode"].append(timed(lambda row=row: encode(sae, row)))
         features = Features(row, encode(sae, row)[0], sae.cfg.n_latents)
-        rows["probes"].append(timed(lambda f=features: score_all(probes, f)) + rows["hook_recorder"][-1])
+        rows["probes"].append(
+            timed(lambda f=features: score_all(probes, f)) + rows["hook_recorder"][-1]
+        )
         for p in probes:
             rows[p.kind].append(timed(lambda p=p, f=features: p.text_scores(f)))
     return _ratios(rows, n_tokens=1)
@@ -118,13 +132,19 @@ def _ratios(rows: dict[str, list[float]], n_tokens: int) -> dict:
     out = {"tokens_per_forward": n_tokens, "forward_ms": 1000 * statistics.median(forward)}
     for key, times in rows.items():
         if key != "forward":
-            out[f"{key}_over_forward"] = statistics.median(t / f for t, f in zip(times, forward, strict=True))
+            out[f"{key}_over_forward"] = statistics.median(
+                t / f for t, f in zip(times, forward, strict=True)
+            )
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", default="", help="SAE directory at layer 15 (default: a random 9216-wide TopK SAE)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sae", default="", help="SAE directory at layer 15 (default: a random 9216-wide TopK SAE)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
@@ -132,7 +152,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model("smollm2-135m")
-    sae = load_encoder(args.sae) if args.sae else SAE(SAEConfig(d_in=model.d_model, n_latents=16 * model.d_model, k=32))
+    sae = (
+        load_encoder(args.sae)
+        if args.sae
+        else SAE(SAEConfig(d_in=model.d_model, n_latents=16 * model.d_model, k=32))
+    )
     probes = random_probes(model.d_model, sae.cfg.n_latents, torch.Generator().manual_seed(0))
     from sae.corpus import load_corpus
 
@@ -142,7 +166,9 @@ def main() -> None:
         "prefill": prefill(model, sae, probes, texts, args.tokens, args.repeats),
         "decode": decode(model, sae, probes, texts[0][:200], args.decode_steps, args.repeats),
     }
-    result["goal_probes_under_1pct"] = all(result[s]["probes_over_forward"] < 0.01 for s in ("prefill", "decode"))
+    result["goal_probes_under_1pct"] = all(
+        result[s]["probes_over_forward"] < 0.01 for s in ("prefill", "decode")
+    )
     print(json.dumps(result, indent=2))
 
 

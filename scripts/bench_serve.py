@@ -45,17 +45,27 @@ from serve_hooks.config import EngineConfig  # noqa: E402
 from serve_hooks.engine import LLMEngine  # noqa: E402
 from serve_hooks.sequence import SamplingParams  # noqa: E402
 
-VOCAB = [100, 40000]  # token ids drawn for synthetic prompts (main() caps it at the model's vocabulary)
+VOCAB = [
+    100,
+    40000,
+]  # token ids drawn for synthetic prompts (main() caps it at the model's vocabulary)
 
 
-def workload(n: int, seed: int, prompt_len=(16, 256), out_len=(16, 128)) -> list[tuple[list[int], int]]:
+def workload(
+    n: int, seed: int, prompt_len=(16, 256), out_len=(16, 128)
+) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [([rng.randrange(*VOCAB) for _ in range(rng.randint(*prompt_len))], rng.randint(*out_len)) for _ in range(n)]
+    return [
+        ([rng.randrange(*VOCAB) for _ in range(rng.randint(*prompt_len))], rng.randint(*out_len))
+        for _ in range(n)
+    ]
 
 
 def warm(engine: LLMEngine) -> None:
     """One small untimed request: first-touch costs (allocator, KV pages, kernels) are not measured."""
-    engine.generate([list(range(VOCAB[0], VOCAB[0] + 64))], SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.generate(
+        [list(range(VOCAB[0], VOCAB[0] + 64))], SamplingParams(max_tokens=4, ignore_eos=True)
+    )
 
 
 def run_arrivals(engine: LLMEngine, requests, arrivals: list[float], on_step=None) -> list[dict]:
@@ -79,8 +89,13 @@ def run_arrivals(engine: LLMEngine, requests, arrivals: list[float], on_step=Non
                 end = time.monotonic()
                 ttft = seq.first_token_time - arrived
                 tpot = (end - seq.first_token_time) / max(1, len(out.token_ids) - 1)
-                done[i] = {"ttft": ttft, "tpot": tpot, "end": end - t0, "tokens": out.token_ids,
-                           "cached": out.num_cached_tokens}  # fmt: skip
+                done[i] = {
+                    "ttft": ttft,
+                    "tpot": tpot,
+                    "end": end - t0,
+                    "tokens": out.token_ids,
+                    "cached": out.num_cached_tokens,
+                }
         if on_step:
             on_step(engine)
     return [done[i] for i in range(len(requests))]
@@ -92,11 +107,15 @@ def summarize(rows: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
     pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
     ttft, tpot = [r["ttft"] for r in rows], [r["tpot"] for r in rows]
     return {
-        "requests": len(rows), "output_tok_per_s": round(sum(len(r["tokens"]) for r in rows) / makespan, 2),
-        "ttft_mean_s": round(statistics.mean(ttft), 3), "ttft_p90_s": round(pct(ttft, 0.9), 3),
-        "tpot_mean_ms": round(1000 * statistics.mean(tpot), 1), "tpot_p90_ms": round(1000 * pct(tpot, 0.9), 1),
-        "goodput_req_per_s": round(good / makespan, 3), "slo_met": f"{good}/{len(rows)}",
-    }  # fmt: skip
+        "requests": len(rows),
+        "output_tok_per_s": round(sum(len(r["tokens"]) for r in rows) / makespan, 2),
+        "ttft_mean_s": round(statistics.mean(ttft), 3),
+        "ttft_p90_s": round(pct(ttft, 0.9), 3),
+        "tpot_mean_ms": round(1000 * statistics.mean(tpot), 1),
+        "tpot_p90_ms": round(1000 * pct(tpot, 0.9), 1),
+        "goodput_req_per_s": round(good / makespan, 3),
+        "slo_met": f"{good}/{len(rows)}",
+    }
 
 
 def bench_poisson(model, args) -> dict:
@@ -110,7 +129,9 @@ def bench_poisson(model, args) -> dict:
             arrivals.append(t)
         engine = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
         warm(engine)
-        out[f"rate_{rate}"] = summarize(run_arrivals(engine, requests, arrivals), args.slo_ttft, args.slo_tpot)
+        out[f"rate_{rate}"] = summarize(
+            run_arrivals(engine, requests, arrivals), args.slo_ttft, args.slo_tpot
+        )
         print(json.dumps({f"poisson {rate}/s": out[f"rate_{rate}"]}), file=sys.stderr)
     return out
 
@@ -129,28 +150,49 @@ def bench_hf(model, args) -> dict:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
         longest = max(n for _, n in batch)
-        model.fast.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                            do_sample=False, pad_token_id=pad)  # fmt: skip
+        model.fast.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         useful += sum(n for _, n in batch)  # tokens past a request's own length are waste
     hf_tps = useful / (time.monotonic() - started)
-    return {"requests": len(requests), "hf_batch": args.hf_batch, "engine_tok_per_s": round(engine_tps, 2),
-            "hf_tok_per_s": round(hf_tps, 2), "ratio": round(engine_tps / hf_tps, 2)}  # fmt: skip
+    return {
+        "requests": len(requests),
+        "hf_batch": args.hf_batch,
+        "engine_tok_per_s": round(engine_tps, 2),
+        "hf_tok_per_s": round(hf_tps, 2),
+        "ratio": round(engine_tps / hf_tps, 2),
+    }
 
 
 def bench_prefix(model, args) -> dict:
     rng = random.Random(4)
     system = [rng.randrange(*VOCAB) for _ in range(args.system_len)]
-    requests = [(system + [rng.randrange(*VOCAB) for _ in range(16)], 8) for _ in range(args.prefix_requests)]
+    requests = [
+        (system + [rng.randrange(*VOCAB) for _ in range(16)], 8)
+        for _ in range(args.prefix_requests)
+    ]
     result = {"system_prompt_tokens": args.system_len, "requests": len(requests)}
     for cache in (True, False):
-        engine = LLMEngine(EngineConfig(model=args.model, enable_prefix_cache=cache, max_num_batched_tokens=1024), model)
+        engine = LLMEngine(
+            EngineConfig(model=args.model, enable_prefix_cache=cache, max_num_batched_tokens=1024),
+            model,
+        )
         warm(engine)
         ttfts = []
         for prompt, n in requests:  # one at a time: TTFT is the prefill of what is not cached
             ttfts.append(run_arrivals(engine, [(prompt, n)], [0.0])[0]["ttft"])
-        result["on" if cache else "off"] = {"ttft_mean_s": round(statistics.mean(ttfts), 4),
-                                            "ttft_mean_after_first_s": round(statistics.mean(ttfts[1:]), 4)}  # fmt: skip
-    result["ttft_ratio_on_off"] = round(result["on"]["ttft_mean_s"] / result["off"]["ttft_mean_s"], 3)
+        result["on" if cache else "off"] = {
+            "ttft_mean_s": round(statistics.mean(ttfts), 4),
+            "ttft_mean_after_first_s": round(statistics.mean(ttfts[1:]), 4),
+        }
+    result["ttft_ratio_on_off"] = round(
+        result["on"]["ttft_mean_s"] / result["off"]["ttft_mean_s"], 3
+    )
     return result
 
 
@@ -183,23 +225,38 @@ def bench_hooks_poisson(model, args) -> dict:
         for name, times in runs.items():
             for side in ("off", "on"):
                 engine, _ = _hooked(model, args, side == "on", max_num_batched_tokens=256)
-                rows[name][side].append(summarize(run_arrivals(engine, requests, times), args.slo_ttft, args.slo_tpot))
+                rows[name][side].append(
+                    summarize(run_arrivals(engine, requests, times), args.slo_ttft, args.slo_tpot)
+                )
                 print(json.dumps({f"hooks {name} {side}": rows[name][side][-1]}), file=sys.stderr)
     out = {"rate": args.hook_rate, "rounds": args.rounds}
     for name, sides in rows.items():
-        med = {side: {k: statistics.median(r[k] for r in runs_) for k in ("output_tok_per_s", "ttft_mean_s", "tpot_mean_ms")}
-               for side, runs_ in sides.items()}  # fmt: skip
-        out[name] = {"off": med["off"], "on": med["on"],
-                     "throughput_ratio": round(med["on"]["output_tok_per_s"] / med["off"]["output_tok_per_s"], 3),
-                     "ttft_ratio": round(med["on"]["ttft_mean_s"] / med["off"]["ttft_mean_s"], 3),
-                     "tpot_ratio": round(med["on"]["tpot_mean_ms"] / med["off"]["tpot_mean_ms"], 3)}  # fmt: skip
+        med = {
+            side: {
+                k: statistics.median(r[k] for r in runs_)
+                for k in ("output_tok_per_s", "ttft_mean_s", "tpot_mean_ms")
+            }
+            for side, runs_ in sides.items()
+        }
+        out[name] = {
+            "off": med["off"],
+            "on": med["on"],
+            "throughput_ratio": round(
+                med["on"]["output_tok_per_s"] / med["off"]["output_tok_per_s"], 3
+            ),
+            "ttft_ratio": round(med["on"]["ttft_mean_s"] / med["off"]["ttft_mean_s"], 3),
+            "tpot_ratio": round(med["on"]["tpot_mean_ms"] / med["off"]["tpot_mean_ms"], 3),
+        }
     return out
 
 
 def bench_hooks_prefix(model, args) -> dict:
     rng = random.Random(4)
     system = [rng.randrange(*VOCAB) for _ in range(args.system_len)]
-    requests = [(system + [rng.randrange(*VOCAB) for _ in range(16)], 8) for _ in range(args.prefix_requests)]
+    requests = [
+        (system + [rng.randrange(*VOCAB) for _ in range(16)], 8)
+        for _ in range(args.prefix_requests)
+    ]
     ttfts: dict[str, list[float]] = {"off": [], "on": []}
     hits: dict[str, int] = {}
     for _ in range(args.rounds):
@@ -213,15 +270,30 @@ def bench_hooks_prefix(model, args) -> dict:
             if hook is not None:
                 hits["features_reused"] = hook.stats["reused_tokens"] - reused
     mean = {side: statistics.mean(v) for side, v in ttfts.items()}
-    return {"system_prompt_tokens": args.system_len, "requests": len(requests), "rounds": args.rounds,
-            "ttft_mean_s": {k: round(v, 4) for k, v in mean.items()}, "ttft_ratio_on_off": round(mean["on"] / mean["off"], 3),
-            "prefix_hit_tokens": hits, "feature_reuse_fraction": round(hits["features_reused"] / max(1, hits["off"]), 4)}  # fmt: skip
+    return {
+        "system_prompt_tokens": args.system_len,
+        "requests": len(requests),
+        "rounds": args.rounds,
+        "ttft_mean_s": {k: round(v, 4) for k, v in mean.items()},
+        "ttft_ratio_on_off": round(mean["on"] / mean["off"], 3),
+        "prefix_hit_tokens": hits,
+        "feature_reuse_fraction": round(hits["features_reused"] / max(1, hits["off"]), 4),
+    }
 
 
 def bench_long(model, args) -> dict:
-    requests = workload(args.long_requests, seed=5, prompt_len=(8, 24), out_len=(args.long_out, args.long_out))
-    engine = LLMEngine(EngineConfig(model=args.model, num_blocks=args.long_blocks, max_num_seqs=256,
-                                    max_num_batched_tokens=256), model)  # fmt: skip
+    requests = workload(
+        args.long_requests, seed=5, prompt_len=(8, 24), out_len=(args.long_out, args.long_out)
+    )
+    engine = LLMEngine(
+        EngineConfig(
+            model=args.model,
+            num_blocks=args.long_blocks,
+            max_num_seqs=256,
+            max_num_batched_tokens=256,
+        ),
+        model,
+    )
     bs, samples, peak = engine.cfg.block_size, [], [0]
 
     def observe(e: LLMEngine) -> None:
@@ -234,11 +306,15 @@ def bench_long(model, args) -> dict:
     run_arrivals(engine, requests, [0.0] * len(requests), on_step=observe)
     pool_tokens = args.long_blocks * bs
     per_request = max(len(p) + n for p, n in requests)
-    return {"requests": len(requests), "pool_tokens": pool_tokens, "block_size": bs,
-            "live_fraction_of_allocated_slots": round(statistics.mean(samples), 4),
-            "peak_concurrent_requests": peak[0],
-            "contiguous_fit_at_request_max_len": pool_tokens // per_request,
-            "contiguous_fit_at_model_max_len": pool_tokens // engine.max_model_len}  # fmt: skip
+    return {
+        "requests": len(requests),
+        "pool_tokens": pool_tokens,
+        "block_size": bs,
+        "live_fraction_of_allocated_slots": round(statistics.mean(samples), 4),
+        "peak_concurrent_requests": peak[0],
+        "contiguous_fit_at_request_max_len": pool_tokens // per_request,
+        "contiguous_fit_at_model_max_len": pool_tokens // engine.max_model_len,
+    }
 
 
 def bench_vllm(args) -> dict:
@@ -246,8 +322,22 @@ def bench_vllm(args) -> dict:
 
     result = {}
     port = 8712
-    proc = subprocess.Popen([sys.executable, "-m", "serve_hooks", "serve", "--model", args.model, "--port", str(port),
-                             "--max-num-batched-tokens", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve_hooks",
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--max-num-batched-tokens",
+            "256",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_health(port)
         result["greylens"] = _http_workload(side, port)
@@ -259,7 +349,9 @@ def bench_vllm(args) -> dict:
         result["vllm"] = _http_workload(side, 8711)
     finally:
         side.stop_server(vllm)
-    result["ratio_greylens_over_vllm"] = round(result["greylens"]["output_tok_per_s"] / result["vllm"]["output_tok_per_s"], 3)
+    result["ratio_greylens_over_vllm"] = round(
+        result["greylens"]["output_tok_per_s"] / result["vllm"]["output_tok_per_s"], 3
+    )
     return result
 
 
@@ -284,8 +376,12 @@ def _http_workload(side, port: int, n: int = 16, max_tokens: int = 64) -> dict:
         replies = list(pool.map(lambda p: side.complete(port, p, max_tokens), prompts))
         seconds = time.perf_counter() - t0
     tokens = sum(r["usage"]["completion_tokens"] for r in replies)
-    return {"output_tokens": tokens, "seconds": round(seconds, 2), "output_tok_per_s": round(tokens / seconds, 2),
-            "first_text": replies[0]["choices"][0]["text"][:80]}  # fmt: skip
+    return {
+        "output_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "output_tok_per_s": round(tokens / seconds, 2),
+        "first_text": replies[0]["choices"][0]["text"][:80],
+    }
 
 
 def bench_load(model, args) -> dict:
@@ -295,19 +391,34 @@ def bench_load(model, args) -> dict:
     for _ in requests:
         t += rng.expovariate(args.load_rate)
         arrivals.append(t)
-    small = LLMEngine(EngineConfig(model=args.model, num_blocks=args.load_blocks, max_num_batched_tokens=256), model)
+    small = LLMEngine(
+        EngineConfig(model=args.model, num_blocks=args.load_blocks, max_num_batched_tokens=256),
+        model,
+    )
     pressured = run_arrivals(small, requests, arrivals)
     roomy = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
     reference = run_arrivals(roomy, requests, [0.0] * len(requests))
     small.blocks.check()
-    differ = [i for i, (a, b) in enumerate(zip(pressured, reference, strict=True)) if a["tokens"] != b["tokens"]]
-    return {"requests": len(requests), "blocks": args.load_blocks, "lost": len(requests) - len(pressured),
-            "outputs_differing": len(differ), "first_differing": differ[:5],
-            "preemptions": small.scheduler.num_preemptions, "evicted_blocks": small.blocks.stats["evicted"]}  # fmt: skip
+    differ = [
+        i
+        for i, (a, b) in enumerate(zip(pressured, reference, strict=True))
+        if a["tokens"] != b["tokens"]
+    ]
+    return {
+        "requests": len(requests),
+        "blocks": args.load_blocks,
+        "lost": len(requests) - len(pressured),
+        "outputs_differing": len(differ),
+        "first_differing": differ[:5],
+        "preemptions": small.scheduler.num_preemptions,
+        "evicted_blocks": small.blocks.stats["evicted"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="poisson,hf,prefix,long,vllm,load")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=32, help="requests per Poisson / HF run")
@@ -323,25 +434,40 @@ def main() -> None:
     parser.add_argument("--load-requests", type=int, default=1000)
     parser.add_argument("--load-rate", type=float, default=50.0)
     parser.add_argument("--load-blocks", type=int, default=24)
-    parser.add_argument("--hooks", action="store_true", help="run the hook benchmarks (hooks_poisson,hooks_prefix)")
-    parser.add_argument("--sae", default="out/quality/topk/blocks.15.hook_resid_post", help="SAE for --hooks")
-    parser.add_argument("--hook-rate", type=float, default=2.0, help="Poisson rate of hooks_poisson")
-    parser.add_argument("--rounds", type=int, default=2, help="off/on rounds of the hook benchmarks (medians)")
+    parser.add_argument(
+        "--hooks", action="store_true", help="run the hook benchmarks (hooks_poisson,hooks_prefix)"
+    )
+    parser.add_argument(
+        "--sae", default="out/quality/topk/blocks.15.hook_resid_post", help="SAE for --hooks"
+    )
+    parser.add_argument(
+        "--hook-rate", type=float, default=2.0, help="Poisson rate of hooks_poisson"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="off/on rounds of the hook benchmarks (medians)"
+    )
     args = parser.parse_args()
     if args.hooks:
         args.only = "hooks_poisson,hooks_prefix"
         if not (Path(args.sae) / "cfg.json").exists():
-            parser.error(f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or point --sae at one")
+            parser.error(
+                f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or point --sae at one"
+            )
     from sae.models import load_model
 
     model = load_model(args.model)
     VOCAB[1] = min(VOCAB[1], model.fast.config.vocab_size)
     result = {"threads": torch.get_num_threads(), "model": args.model}
-    benches = {"poisson": lambda: bench_poisson(model, args), "hf": lambda: bench_hf(model, args),
-               "prefix": lambda: bench_prefix(model, args), "long": lambda: bench_long(model, args),
-               "vllm": lambda: bench_vllm(args), "load": lambda: bench_load(model, args),
-               "hooks_poisson": lambda: bench_hooks_poisson(model, args),
-               "hooks_prefix": lambda: bench_hooks_prefix(model, args)}  # fmt: skip
+    benches = {
+        "poisson": lambda: bench_poisson(model, args),
+        "hf": lambda: bench_hf(model, args),
+        "prefix": lambda: bench_prefix(model, args),
+        "long": lambda: bench_long(model, args),
+        "vllm": lambda: bench_vllm(args),
+        "load": lambda: bench_load(model, args),
+        "hooks_poisson": lambda: bench_hooks_poisson(model, args),
+        "hooks_prefix": lambda: bench_hooks_prefix(model, args),
+    }
     for name in args.only.split(","):
         started = time.monotonic()
         result[name] = benches[name]()

@@ -109,19 +109,36 @@ def export_rows(store: ActivationStore, index: torch.Tensor, path: Path) -> Path
 def subset_store(store: ActivationStore, index: torch.Tensor, directory: Path) -> ActivationStore:
     """A one-shard store holding exactly the rows the side drivers get (the same activations)."""
     rows = store.rows(index)
-    manifest = StoreManifest(**{**store.manifest.identity(), "n_tokens_target": len(rows["token_ids"])})
+    manifest = StoreManifest(
+        **{**store.manifest.identity(), "n_tokens_target": len(rows["token_ids"])}
+    )
     writer = StoreWriter.open(directory, manifest)
-    writer.write_shard({k: (v.to(DTYPES[manifest.dtype]) if k in store.hooks else v) for k, v in rows.items()})
+    writer.write_shard(
+        {k: (v.to(DTYPES[manifest.dtype]) if k in store.hooks else v) for k, v in rows.items()}
+    )
     writer.finish()
     return ActivationStore(directory)
 
 
 def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
     train_store = subset_store(ActivationStore(args.store), args.train_index, work / "train-store")
-    cfg = TrainConfig(store=str(train_store.directory), out=str(work / "greylens"), hooks=HOOK, arch="topk", k=args.k,
-                      expansion=args.expansion, tokens=args.tokens, batch_size=args.batch, lr=args.lr, optimizer=args.optimizer,
-                      wandb="disabled", checkpoint_every=10**9, log_every=10**9, seed=0,
-                      **({"dead_tokens": args.dead_tokens} if args.dead_tokens else {}))  # fmt: skip
+    cfg = TrainConfig(
+        store=str(train_store.directory),
+        out=str(work / "greylens"),
+        hooks=HOOK,
+        arch="topk",
+        k=args.k,
+        expansion=args.expansion,
+        tokens=args.tokens,
+        batch_size=args.batch,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        wandb="disabled",
+        checkpoint_every=10**9,
+        log_every=10**9,
+        seed=0,
+        **({"dead_tokens": args.dead_tokens} if args.dead_tokens else {}),
+    )
     clock = StepClock(args.batch, eval_x.shape[1], args.expansion * eval_x.shape[1])
     train(cfg, on_step=clock)
     last = json.loads((work / "greylens" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -129,10 +146,21 @@ def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
     with torch.no_grad():
         recons = sae(eval_x)
         fired = torch.bincount(sae.encode(eval_x).cols, minlength=sae.cfg.n_latents) > 0
-    tok_per_s = args.batch * len(clock.step_s) / sum(clock.step_s)  # steps 2.. (the GEMM probes excluded)
-    return {"library": "greylens", "tok_per_s": tok_per_s, "tokens": last["tokens"], "eval_fvu": fvu(eval_x, recons),
-            "eval_dead_fraction": 1 - fired.float().mean().item(), "lr": base_lr(cfg, sae.cfg.n_latents), "optimizer": optimizer_name(cfg),
-            "median_step_s": _median(clock.step_s), "median_gemm_s": _median(clock.gemm_s), "gemms_timed": len(clock.gemm_s)}  # fmt: skip
+    tok_per_s = (
+        args.batch * len(clock.step_s) / sum(clock.step_s)
+    )  # steps 2.. (the GEMM probes excluded)
+    return {
+        "library": "greylens",
+        "tok_per_s": tok_per_s,
+        "tokens": last["tokens"],
+        "eval_fvu": fvu(eval_x, recons),
+        "eval_dead_fraction": 1 - fired.float().mean().item(),
+        "lr": base_lr(cfg, sae.cfg.n_latents),
+        "optimizer": optimizer_name(cfg),
+        "median_step_s": _median(clock.step_s),
+        "median_gemm_s": _median(clock.gemm_s),
+        "gemms_timed": len(clock.gemm_s),
+    }
 
 
 def ensure_venv(library: str) -> Path:
@@ -143,7 +171,9 @@ def ensure_venv(library: str) -> Path:
         pin.write_text("torch==2.13.0\n")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(pin), *requirements], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "-c", str(pin), *requirements], check=True
+        )
     return python
 
 
@@ -156,17 +186,42 @@ def side_lr(library: str, args, d: int) -> float:
     return args.lr or base_lr(TrainConfig(optimizer="adam"), n_latents)
 
 
-def run_side(library: str, args, train_file: Path, eval_file: Path, eval_x: torch.Tensor, work: Path) -> dict:
+def run_side(
+    library: str, args, train_file: Path, eval_file: Path, eval_x: torch.Tensor, work: Path
+) -> dict:
     try:
         python = ensure_venv(library)
     except subprocess.CalledProcessError as error:
         return {"library": library, "skipped": f"could not build its venv: {error}"}
     out = work / f"{library}.safetensors"
-    command = [str(python), str(SCRIPTS / f"_{library}_train.py"), "--train", str(train_file), "--eval",
-               str(eval_file), "--n-latents", str(args.expansion * eval_x.shape[1]), "--k", str(args.k),
-               "--batch", str(args.batch), "--tokens", str(args.tokens), "--lr", str(side_lr(library, args, eval_x.shape[1])),
-               "--seed", "0", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    command = [
+        str(python),
+        str(SCRIPTS / f"_{library}_train.py"),
+        "--train",
+        str(train_file),
+        "--eval",
+        str(eval_file),
+        "--n-latents",
+        str(args.expansion * eval_x.shape[1]),
+        "--k",
+        str(args.k),
+        "--batch",
+        str(args.batch),
+        "--tokens",
+        str(args.tokens),
+        "--lr",
+        str(side_lr(library, args, eval_x.shape[1])),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"},
+    )
     if result.returncode != 0:
         return {"library": library, "skipped": f"run failed: {result.stderr.strip()[-800:]}"}
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -182,9 +237,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--expansion", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.0, help="LR for greylens and SAELens (0: each one's default)")
-    parser.add_argument("--optimizer", default="auto", choices=["auto", "adam", "schedulefree"], help="greylens's optimizer")
-    parser.add_argument("--dead-tokens", type=int, default=0, help="greylens's AuxK dead window (0: its default)")
+    parser.add_argument(
+        "--lr", type=float, default=0.0, help="LR for greylens and SAELens (0: each one's default)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=["auto", "adam", "schedulefree"],
+        help="greylens's optimizer",
+    )
+    parser.add_argument(
+        "--dead-tokens", type=int, default=0, help="greylens's AuxK dead window (0: its default)"
+    )
     parser.add_argument("--only", default="greylens,saelens,sparsify")
     args = parser.parse_args()
 
@@ -196,31 +260,52 @@ def main() -> None:
         work = Path(tmp)
         args.train_index = inlier_rows(store, args.tokens)
         train_file = export_rows(store, args.train_index, work / "train.safetensors")
-        eval_file = export_rows(eval_store, inlier_rows(eval_store, 32_768), work / "eval.safetensors")
+        eval_file = export_rows(
+            eval_store, inlier_rows(eval_store, 32_768), work / "eval.safetensors"
+        )
         eval_x = load_file(eval_file)["x"]
         for library in args.only.split(","):
-            results[library] = (run_greylens(args, work, eval_x) if library == "greylens"
-                                else run_side(library, args, train_file, eval_file, eval_x, work))  # fmt: skip
+            results[library] = (
+                run_greylens(args, work, eval_x)
+                if library == "greylens"
+                else run_side(library, args, train_file, eval_file, eval_x, work)
+            )
         peak = gemm_flops(args.batch, d, n_latents)
         peak_fresh = gemm_flops(args.batch, d, n_latents, fresh_output=True)
     executed_per_token = 2 * d * n_latents + 10 * args.k * d
     summary = {
-        "activations": f"SmolLM2-135M {HOOK}", "d_model": d, "n_latents": n_latents, "k": args.k,
-        "batch": args.batch, "tokens": args.tokens, "torch_threads": torch.get_num_threads(),
-        "gemm_flops": round(peak / 1e9, 1), "gemm_flops_fresh_output": round(peak_fresh / 1e9, 1), "results": results,
-    }  # fmt: skip
+        "activations": f"SmolLM2-135M {HOOK}",
+        "d_model": d,
+        "n_latents": n_latents,
+        "k": args.k,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "torch_threads": torch.get_num_threads(),
+        "gemm_flops": round(peak / 1e9, 1),
+        "gemm_flops_fresh_output": round(peak_fresh / 1e9, 1),
+        "results": results,
+    }
     ours = results.get("greylens", {})
     if "tok_per_s" in ours:
         achieved = ours["tok_per_s"] * executed_per_token
-        step_flops, gemm_flops_per_call = args.batch * executed_per_token, 2 * args.batch * d * n_latents
+        step_flops, gemm_flops_per_call = (
+            args.batch * executed_per_token,
+            2 * args.batch * d * n_latents,
+        )
         summary["greylens_gflops"] = round(achieved / 1e9, 1)
-        summary["gemm_flops_interleaved"] = round(gemm_flops_per_call / ours["median_gemm_s"] / 1e9, 1)
-        summary["greylens_flops_over_gemm"] = round(step_flops / ours["median_step_s"] * ours["median_gemm_s"] / gemm_flops_per_call, 2)
+        summary["gemm_flops_interleaved"] = round(
+            gemm_flops_per_call / ours["median_gemm_s"] / 1e9, 1
+        )
+        summary["greylens_flops_over_gemm"] = round(
+            step_flops / ours["median_step_s"] * ours["median_gemm_s"] / gemm_flops_per_call, 2
+        )
         summary["greylens_flops_over_gemm_peak"] = round(achieved / peak, 2)
         summary["greylens_flops_over_gemm_peak_fresh_output"] = round(achieved / peak_fresh, 2)
         for library in ("saelens", "sparsify"):
             if "tok_per_s" in results.get(library, {}):
-                summary[f"greylens_over_{library}"] = round(ours["tok_per_s"] / results[library]["tok_per_s"], 2)
+                summary[f"greylens_over_{library}"] = round(
+                    ours["tok_per_s"] / results[library]["tok_per_s"], 2
+                )
     print(json.dumps(summary, indent=2))
 
 

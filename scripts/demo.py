@@ -57,7 +57,13 @@ def describe(store: ActivationStore, tokenizer, seconds: float) -> dict:
             "max": round(norms.max().item(), 1),
         },
         "largest_dims": acts.abs().mean(0).topk(3).indices.tolist(),  # the massive-activation dims
-        "documents": len({d for i in range(len(store.manifest.shards)) for d in store.shard(i)["doc_ids"].tolist()}),
+        "documents": len(
+            {
+                d
+                for i in range(len(store.manifest.shards))
+                for d in store.shard(i)["doc_ids"].tolist()
+            }
+        ),
         "first_window_text": tokenizer.decode(first_window["token_ids"].tolist())[:200],
     }
 
@@ -69,10 +75,20 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model("smollm2-135m")
-    cfg = HarvestConfig(out=f"{args.out}/store", model="smollm2-135m", hooks=HOOK, tokens=args.tokens, context_size=128)
+    cfg = HarvestConfig(
+        out=f"{args.out}/store",
+        model="smollm2-135m",
+        hooks=HOOK,
+        tokens=args.tokens,
+        context_size=128,
+    )
     started = time.perf_counter()
     store = harvest(cfg, model)
-    print(json.dumps({"harvest": describe(store, model.tokenizer, time.perf_counter() - started)}, indent=2))
+    print(
+        json.dumps(
+            {"harvest": describe(store, model.tokenizer, time.perf_counter() - started)}, indent=2
+        )
+    )
     print(json.dumps({"sae": train_and_evaluate(model, args)}, indent=2))
     print(json.dumps({"graph": graph_and_explain(model, args)}, indent=2))
     print(json.dumps({"probes": probes_and_lens(model, args)}, indent=2))
@@ -85,11 +101,31 @@ def train_and_evaluate(model, args) -> dict:
     sae_dir = f"{args.out}/sae/{HOOK}"
     if not (Path(sae_dir) / "sae.safetensors").exists():
         run = Path(f"{args.out}/sae")
-        train(TrainConfig(store=f"{args.out}/store", out=str(run), hooks=HOOK, arch="topk", k=32, expansion=8,
-                          tokens=args.tokens, batch_size=4096, checkpoint_every=10,
-                          resume=(run / "checkpoint.safetensors").exists()))  # fmt: skip
-    heldout = harvest(HarvestConfig(out=f"{args.out}/heldout", model="smollm2-135m", hooks=HOOK, tokens=16_384,
-                                    context_size=128, split="heldout"), model)  # fmt: skip
+        train(
+            TrainConfig(
+                store=f"{args.out}/store",
+                out=str(run),
+                hooks=HOOK,
+                arch="topk",
+                k=32,
+                expansion=8,
+                tokens=args.tokens,
+                batch_size=4096,
+                checkpoint_every=10,
+                resume=(run / "checkpoint.safetensors").exists(),
+            )
+        )
+    heldout = harvest(
+        HarvestConfig(
+            out=f"{args.out}/heldout",
+            model="smollm2-135m",
+            hooks=HOOK,
+            tokens=16_384,
+            context_size=128,
+            split="heldout",
+        ),
+        model,
+    )
     sae = load_sae(sae_dir)
     windows = heldout_windows(model, n_tokens=2016, seed=1)  # 16 windows of 128
     result = {"sae": sae_dir, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k}
@@ -106,24 +142,39 @@ def graph_and_explain(model, args) -> dict:
     from graphs.train import GraphTrainConfig, train_graph
 
     stats, graph = Path(f"{args.out}/stats"), Path(f"{args.out}/graph")
-    coactivation_stats(StatsConfig(store=f"{args.out}/store", sae=f"{args.out}/sae/{HOOK}", out=str(stats)))
+    coactivation_stats(
+        StatsConfig(store=f"{args.out}/store", sae=f"{args.out}/sae/{HOOK}", out=str(stats))
+    )
     if not (graph / "graph.json").exists():
-        train_graph(GraphTrainConfig(store=f"{args.out}/store", stats=str(stats), out=str(graph), tokens=args.tokens // 2,
-                                     checkpoint_every=10, resume=(graph / "checkpoint.safetensors").exists()))  # fmt: skip
+        train_graph(
+            GraphTrainConfig(
+                store=f"{args.out}/store",
+                stats=str(stats),
+                out=str(graph),
+                tokens=args.tokens // 2,
+                checkpoint_every=10,
+                resume=(graph / "checkpoint.safetensors").exists(),
+            )
+        )
     metrics = graph_metrics(load_graph_sae(graph), ActivationStore(f"{args.out}/heldout"))
     explained = load_explainer(model, str(graph)).explain(EXAMPLE, top_features=3, top_paths=2)
     lines = []
     for p in explained["positions"]:
         implied = [f"{i['feature']}←{[s for s, _ in i['from']]}" for i in p["implied"]]
         direct = [f"{d['feature']}:{d['weight']:+.2f}" for d in p["direct"]]
-        lines.append(f"{p['token']!r:>12} → {p['predicted']!r:<10} evidence {[f for f, _ in p['evidence']]} "
-                     f"implied {implied} direct {direct}")  # fmt: skip
+        lines.append(
+            f"{p['token']!r:>12} → {p['predicted']!r:<10} evidence {[f for f, _ in p['evidence']]} "
+            f"implied {implied} direct {direct}"
+        )
     print("\n".join(["explained: " + EXAMPLE, *lines]))
     return {"graph": str(graph.resolve()), **{k: round(v, 4) for k, v in metrics.items()}}
 
 
 EXAMPLE = "And God said, Let there be light: and there was light."
-PROBE_TEXTS = ["for key, value in sorted(items.items()):\n    total += value", "And the LORD spake unto Moses, saying"]
+PROBE_TEXTS = [
+    "for key, value in sorted(items.items()):\n    total += value",
+    "And the LORD spake unto Moses, saying",
+]
 
 
 def probes_and_lens(model, args) -> dict:
@@ -135,18 +186,27 @@ def probes_and_lens(model, args) -> dict:
     dirs = {kind: Path(f"{args.out}/probes/code-{kind}") for kind in ("linear", "sparse")}
     for kind, out in dirs.items():
         if not (out / "probe.json").exists():
-            train_probe(ProbeTrainConfig(task="code", hook=HOOK, kind=kind, out=str(out), sae=sae_dir, n_per_class=150), model)
+            train_probe(
+                ProbeTrainConfig(
+                    task="code", hook=HOOK, kind=kind, out=str(out), sae=sae_dir, n_per_class=150
+                ),
+                model,
+            )
     lens = Lens(model, probes=list(dirs.values()), saes=[sae_dir])
     for result in lens.score(PROBE_TEXTS):
         for name, r in result.probes.items():
             top = [f"{f['feature']}:{f['contribution']:+.2f}" for f in r.top_features[:3]]
-            print(f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  {result.text[:40]!r}")
+            print(
+                f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  {result.text[:40]!r}"
+            )
     threshold = lens.probes["code-linear"].threshold  # calibrated on 300-500-character passages
     for prompt in ("The weather today is", "def add(a, b):"):  # the code probe watches every token
         watched = lens.monitor(prompt, max_new_tokens=16)
         peak = max(watched.running["code-linear"])
-        print(f"monitor {prompt!r}: generated {watched.text!r}; peak pooled code score {peak:+.2f} "
-              f"(threshold {threshold:+.2f})")  # fmt: skip
+        print(
+            f"monitor {prompt!r}: generated {watched.text!r}; peak pooled code score {peak:+.2f} "
+            f"(threshold {threshold:+.2f})"
+        )
     return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
 
@@ -156,38 +216,76 @@ def serve(model, args) -> dict:
 
     # The engine with the feature hook inside: the graph autoencoder's features and the code probe's
     # scores for every token, reasoning paths for every generated one, and the KV cache intact.
-    llm = LLM(model, probes=[f"{args.out}/probes/code-linear"], graph=f"{args.out}/graph", top_n=3, kv_cache_gb=0.25,
-              max_num_batched_tokens=256)  # fmt: skip
+    llm = LLM(
+        model,
+        probes=[f"{args.out}/probes/code-linear"],
+        graph=f"{args.out}/graph",
+        top_n=3,
+        kv_cache_gb=0.25,
+        max_num_batched_tokens=256,
+    )
     system = {"role": "system", "content": "You are a concise assistant. Answer in one sentence."}
-    questions = ["What is the capital of France?", "Why is the sky blue?", "What is a prime number?"]
-    chats = [model.tokenizer.apply_chat_template([system, {"role": "user", "content": q}], add_generation_prompt=True,
-                                                 return_dict=True)["input_ids"] for q in questions]  # fmt: skip
+    questions = [
+        "What is the capital of France?",
+        "Why is the sky blue?",
+        "What is a prime number?",
+    ]
+    chats = [
+        model.tokenizer.apply_chat_template(
+            [system, {"role": "user", "content": q}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for q in questions
+    ]
     params = SamplingParams(max_tokens=32)
     started = time.perf_counter()
-    outputs = llm.generate(chats[:1], params) + llm.generate(chats[1:], params)  # the first warms the cache
+    outputs = llm.generate(chats[:1], params) + llm.generate(
+        chats[1:], params
+    )  # the first warms the cache
     seconds = time.perf_counter() - started
     for question, out in zip(questions, outputs, strict=True):
-        print(f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens from the prefix cache; "
-              f"code probe {out.features.triggers['code-linear']['score']:+.2f})")  # fmt: skip
+        print(
+            f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens from the prefix cache; "
+            f"code probe {out.features.triggers['code-linear']['score']:+.2f})"
+        )
         first = out.features.predictions[0]  # why the first answer token
         why = [f"{d['feature']}:{d['weight']:+.2f}" for d in first["direct"][:3]]
-        print(f"    first token {model.tokenizer.decode([first['token_id']])!r}: top direct effects {why}")
+        print(
+            f"    first token {model.tokenizer.decode([first['token_id']])!r}: top direct effects {why}"
+        )
     generated = sum(len(o.token_ids) for o in outputs)
     engine = llm.engine
-    return {"generated_tokens": generated, "seconds": round(seconds, 2), "kv_blocks": engine.blocks.num_blocks,
-            "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"],
-            "feature_page_tokens_reused": llm.hook.stats["reused_tokens"], **engine.stats}  # fmt: skip
+    return {
+        "generated_tokens": generated,
+        "seconds": round(seconds, 2),
+        "kv_blocks": engine.blocks.num_blocks,
+        "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"],
+        "feature_page_tokens_reused": llm.hook.stats["reused_tokens"],
+        **engine.stats,
+    }
 
 
 def release(model, args) -> dict:
     from graphs.release import ExportConfig, export_release, load_release
 
-    out = export_release(ExportConfig(sae=f"{args.out}/sae/{HOOK}", graph=f"{args.out}/graph", store=f"{args.out}/heldout",
-                                      stats=f"{args.out}/stats", out=f"{args.out}/release", model="smollm2-135m",
-                                      ce_tokens=1024, prompts=f"{EXAMPLE}|{PROBE_TEXTS[0]}"), model)  # fmt: skip
+    out = export_release(
+        ExportConfig(
+            sae=f"{args.out}/sae/{HOOK}",
+            graph=f"{args.out}/graph",
+            store=f"{args.out}/heldout",
+            stats=f"{args.out}/stats",
+            out=f"{args.out}/release",
+            model="smollm2-135m",
+            ce_tokens=1024,
+            prompts=f"{EXAMPLE}|{PROBE_TEXTS[0]}",
+        ),
+        model,
+    )
     card = load_release(out).card
     keys = ("width", "tokens", "fvu", "l0", "ce_loss_recovered", "dead_fraction")
-    return {"release": str(out.resolve()), **{k: round(v, 4) if isinstance(v, float) else v for k, v in card.items() if k in keys}}
+    return {
+        "release": str(out.resolve()),
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in card.items() if k in keys},
+    }
 
 
 if __name__ == "__main__":

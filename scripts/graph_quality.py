@@ -64,38 +64,77 @@ def build(args) -> dict[str, Path]:
     out = Path(args.out)
     dirs = {"stats_a": out / "stats-topk1m"}
     if args.parents:
-        dirs["parents"] = build_parents(ParentsConfig(store=args.store, sae=args.base, out=str(out / f"parents{args.parents}"),
-                                                      tokens=args.half_tokens, n_parents=args.parents))  # fmt: skip
+        dirs["parents"] = build_parents(
+            ParentsConfig(
+                store=args.store,
+                sae=args.base,
+                out=str(out / f"parents{args.parents}"),
+                tokens=args.half_tokens,
+                n_parents=args.parents,
+            )
+        )
         dirs["stats_base"] = dirs["parents"] / "stats"
     else:
         dirs["stats_base"] = out / ("stats-l15-residual" if args.residual_stats else "stats-l15")
     for key, sae in (("stats_a", args.topk), ("stats_base", args.base)):
         if not (dirs[key] / "stats.json").exists():
             residual = key == "stats_base" and args.residual_stats
-            coactivation_stats(StatsConfig(store=args.store, sae=sae, out=str(dirs[key]), tokens=args.half_tokens,
-                                           residual=residual))  # fmt: skip
-    runs = [("c", "gsae", HELD_OPEN), ("ctl", "gsae-shut", GATES_SHUT)] if args.parents else [("c", "gsae", {})]
+            coactivation_stats(
+                StatsConfig(
+                    store=args.store,
+                    sae=sae,
+                    out=str(dirs[key]),
+                    tokens=args.half_tokens,
+                    residual=residual,
+                )
+            )
+    runs = (
+        [("c", "gsae", HELD_OPEN), ("ctl", "gsae-shut", GATES_SHUT)]
+        if args.parents
+        else [("c", "gsae", {})]
+    )
     for seed, (key, name, recipe) in itertools.product(args.seeds, runs):
         run = dirs[f"{key}{seed}"] = out / f"{name}-s{seed}{args.tag}"
         if not (run / "graph.json").exists():
             edges = str(dirs["parents"] / "edges.safetensors") if args.parents else ""
-            train_graph(GraphTrainConfig(store=args.store, stats=str(dirs["stats_base"]), out=str(run), tokens=args.half_tokens,
-                                         seed=seed, wandb="disabled", resume=(run / "checkpoint.safetensors").exists(),
-                                         **{"edge_coeff": args.edge_coeff, "edges": edges, **recipe, **args.graph_opt}))  # fmt: skip
+            train_graph(
+                GraphTrainConfig(
+                    store=args.store,
+                    stats=str(dirs["stats_base"]),
+                    out=str(run),
+                    tokens=args.half_tokens,
+                    seed=seed,
+                    wandb="disabled",
+                    resume=(run / "checkpoint.safetensors").exists(),
+                    **{"edge_coeff": args.edge_coeff, "edges": edges, **recipe, **args.graph_opt},
+                )
+            )
     for key, source in (("trans_a", args.topk), ("trans_c", str(dirs[f"c{args.seeds[0]}"]))):
         dirs[key] = out / (f"transition-{key[-1]}" + (args.tag if key == "trans_c" else ""))
         if not (dirs[key] / "transition.json").exists():
-            fit_transition(TransitionConfig(store=args.pair_store, source=source, target=args.target, out=str(dirs[key])))
+            fit_transition(
+                TransitionConfig(
+                    store=args.pair_store, source=source, target=args.target, out=str(dirs[key])
+                )
+            )
     return dirs
 
 
 def reconstruction(args, dirs, model, windows) -> dict:
     out = Path(args.out)
     eval_store = ActivationStore(args.eval_store)
-    rows = {"a": cached(out / "eval-a.json", lambda: {**reconstruction_metrics(load_sae(args.topk), eval_store),
-                                                       **splice_metrics(model, load_sae(args.topk), windows)})}  # fmt: skip
+    rows = {
+        "a": cached(
+            out / "eval-a.json",
+            lambda: {
+                **reconstruction_metrics(load_sae(args.topk), eval_store),
+                **splice_metrics(model, load_sae(args.topk), windows),
+            },
+        )
+    }
     kinds = ("c", "ctl") if args.parents else ("c",)
     for key, seed in itertools.product(kinds, args.seeds):
+
         def compute(key=key, seed=seed):
             gsae = load_graph_sae(dirs[f"{key}{seed}"])
             result = graph_metrics(gsae, eval_store)
@@ -105,8 +144,10 @@ def reconstruction(args, dirs, model, windows) -> dict:
 
         rows[f"{key}{seed}"] = cached(out / f"eval-{key}{seed}{args.tag}.json", compute)
     first = dirs[f"c{args.seeds[0]}"]
-    rows["c_no_edges"] = cached(out / f"eval-c{args.seeds[0]}-no-edges{args.tag}.json",
-                                lambda: graph_metrics(without_edges(load_graph_sae(first)), eval_store))  # fmt: skip
+    rows["c_no_edges"] = cached(
+        out / f"eval-c{args.seeds[0]}-no-edges{args.tag}.json",
+        lambda: graph_metrics(without_edges(load_graph_sae(first)), eval_store),
+    )
     return rows
 
 
@@ -115,23 +156,40 @@ def letters(args, dirs, model) -> dict:
     seed of (c) and of its control ("c_seeds", "ctl_seeds")."""
     out = Path(args.out)
     topk = load_sae(args.topk)
-    data = letter_task_data(ActivationStore(args.eval_store), topk.cfg.hook, model.tokenizer,
-                            max_tokens=args.letter_tokens)  # fmt: skip
+    data = letter_task_data(
+        ActivationStore(args.eval_store),
+        topk.cfg.hook,
+        model.tokenizer,
+        max_tokens=args.letter_tokens,
+    )
 
-    def score(name: str, gsae) -> dict:  # "-chanin": also Chanin-style absorption (older caches lack it)
-        return cached(out / f"letters-chanin-{name}.json",
-                      lambda: _json_keys(letter_metrics(AsSAE(gsae).encode, data, decoder=gsae.sae.W_dec.detach())))  # fmt: skip
+    def score(
+        name: str, gsae
+    ) -> dict:  # "-chanin": also Chanin-style absorption (older caches lack it)
+        return cached(
+            out / f"letters-chanin-{name}.json",
+            lambda: _json_keys(
+                letter_metrics(AsSAE(gsae).encode, data, decoder=gsae.sae.W_dec.detach())
+            ),
+        )
 
     first = dirs[f"c{args.seeds[0]}"]
-    result = {"a": cached(out / "letters-chanin-a.json",
-                          lambda: _json_keys(letter_metrics(topk.encode, data, decoder=topk.W_dec.detach()))),
-              "c": score(f"c{args.tag}", load_graph_sae(first)),
-              "c_no_edges": score(f"c-no-edges{args.tag}", without_edges(load_graph_sae(first)))}  # fmt: skip
+    result = {
+        "a": cached(
+            out / "letters-chanin-a.json",
+            lambda: _json_keys(letter_metrics(topk.encode, data, decoder=topk.W_dec.detach())),
+        ),
+        "c": score(f"c{args.tag}", load_graph_sae(first)),
+        "c_no_edges": score(f"c-no-edges{args.tag}", without_edges(load_graph_sae(first))),
+    }
     if args.parents:
         for key in ("c", "ctl"):
-            result[f"{key}_seeds"] = [result["c"] if (key, seed) == ("c", args.seeds[0])
-                                      else score(f"{key}{seed}{args.tag}", load_graph_sae(dirs[f"{key}{seed}"]))
-                                      for seed in args.seeds]  # fmt: skip
+            result[f"{key}_seeds"] = [
+                result["c"]
+                if (key, seed) == ("c", args.seeds[0])
+                else score(f"{key}{seed}{args.tag}", load_graph_sae(dirs[f"{key}{seed}"]))
+                for seed in args.seeds
+            ]
     return result
 
 
@@ -155,7 +213,11 @@ def stability(dirs, seeds) -> dict:
         return torch.stack([edges[0], edges[1][torch.randperm(edges.shape[1], generator=g)]])
 
     null = [edge_jaccard(shuffled(graphs[i]), shuffled(graphs[j]), n) for i, j in pairs]
-    return {"jaccard": sum(observed) / len(pairs), "null": sum(null) / len(pairs), "edges": [e.shape[1] for e in graphs]}
+    return {
+        "jaccard": sum(observed) / len(pairs),
+        "null": sum(null) / len(pairs),
+        "edges": [e.shape[1] for e in graphs],
+    }
 
 
 def posthoc_stability(args, n_edges: int) -> dict:
@@ -164,8 +226,15 @@ def posthoc_stability(args, n_edges: int) -> dict:
     for third in range(3):
         directory = out / f"stats-topk1m-third{third}"
         if not (directory / "stats.json").exists():
-            coactivation_stats(StatsConfig(store=args.store, sae=args.topk, out=str(directory), tokens=args.half_tokens // 3,
-                                           skip_tokens=third * (args.half_tokens // 3)))  # fmt: skip
+            coactivation_stats(
+                StatsConfig(
+                    store=args.store,
+                    sae=args.topk,
+                    out=str(directory),
+                    tokens=args.half_tokens // 3,
+                    skip_tokens=third * (args.half_tokens // 3),
+                )
+            )
         edges, scores = CoactivationStats.load(directory).candidates(32)
         graphs.append(edges[:, torch.argsort(scores, descending=True)[:n_edges]])
     pairs = [(0, 1), (0, 2), (1, 2)]
@@ -179,14 +248,23 @@ def faithfulness(args, dirs, model) -> dict:
 
     out, result = Path(args.out), {}
     for key, source in (("a", args.topk), ("c", dirs[f"c{args.seeds[0]}"])):
+
         def compute(key=key, source=source):
             transition, meta = TransitionGraph.load(dirs[f"trans_{key}"])
-            coder = load_sae(source) if key == "a" else load_graph_sae(source)  # a plain SAE: no edges
+            coder = (
+                load_sae(source) if key == "a" else load_graph_sae(source)
+            )  # a plain SAE: no edges
             explainer = Explainer(model, coder, load_sae(meta["target"]), transition)
-            return {**edge_interventions(explainer, TEXTS), **attribution_correlation(explainer, TEXTS),
-                    "transition_code_fvu": meta["code_fvu"], "transition_nonzero": meta["n_nonzero"]}  # fmt: skip
+            return {
+                **edge_interventions(explainer, TEXTS),
+                **attribution_correlation(explainer, TEXTS),
+                "transition_code_fvu": meta["code_fvu"],
+                "transition_nonzero": meta["n_nonzero"],
+            }
 
-        result[key] = cached(out / f"faithfulness-{key}{args.tag if key == 'c' else ''}.json", compute)
+        result[key] = cached(
+            out / f"faithfulness-{key}{args.tag if key == 'c' else ''}.json", compute
+        )
     return result
 
 
@@ -197,11 +275,16 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
     cs = [rows[f"c{s}"] for s in args.seeds]
     mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
     n_edges = stab["edges"][0]
+
     def fmt(v, digits=3):
         return "—" if v is None else f"{v:.{digits}f}"
 
     def seeds(values: list[float]) -> str:
-        return fmt(values[0]) if len(values) == 1 else f"{fmt(sum(values) / len(values))} ({', '.join(map(fmt, values))})"
+        return (
+            fmt(values[0])
+            if len(values) == 1
+            else f"{fmt(sum(values) / len(values))} ({', '.join(map(fmt, values))})"
+        )
 
     def letter(key: str, field: str, k: str | None = None) -> str:
         if f"{key}_seeds" not in let:
@@ -216,49 +299,91 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
         head + extra("(c)'s control: same fine-tune, gates shut"),
         "|---|---|---|---|---|" + ("---|" if args.parents else ""),
         f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
-        + extra(ctl and fmt(ctl[0]['l0'], 1)),
+        + extra(ctl and fmt(ctl[0]["l0"], 1)),
         f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
-        + extra(ctl and f"{fmt(ctl[0]['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in ctl)})"),
+        + extra(
+            ctl and f"{fmt(ctl[0]['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in ctl)})"
+        ),
         f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |"
-        + extra(ctl and fmt(ctl[0]['dead_fraction'])),
+        + extra(ctl and fmt(ctl[0]["dead_fraction"])),
         f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |"
-        + extra(ctl and fmt(ctl[0].get('ce_loss_recovered'))),
-        *[f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {letter('c', key)} | {fmt(lb[key])} |" + extra(letter("ctl", key))
-          for label, key in (("first-letter absorption (upper bound)", "absorption"), ("absorption, Chanin et al.'s full rate", "full_absorption"),
-                             ("absorption fraction (SAEBench-style)", "absorption_fraction"))],
-        *[f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | {fmt(lb['sparse_probe'][str(k)])} |"
-          + extra(letter("ctl", "sparse_probe", str(k))) for k in (1, 2, 5)],
-        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |" + extra("—"),
-        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |" + extra(ctl and fmt(ctl[0]['implied_per_token'], 4)),
-        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |" + extra("0"),
-        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |" + extra("—"),
-        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |" + extra("—"),
-        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |" + extra("—"),
-        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |" + extra("—"),
-        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |" + extra("—"),
-    ]  # fmt: skip
+        + extra(ctl and fmt(ctl[0].get("ce_loss_recovered"))),
+        *[
+            f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {letter('c', key)} | {fmt(lb[key])} |"
+            + extra(letter("ctl", key))
+            for label, key in (
+                ("first-letter absorption (upper bound)", "absorption"),
+                ("absorption, Chanin et al.'s full rate", "full_absorption"),
+                ("absorption fraction (SAEBench-style)", "absorption_fraction"),
+            )
+        ],
+        *[
+            f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | {fmt(lb['sparse_probe'][str(k)])} |"
+            + extra(letter("ctl", "sparse_probe", str(k)))
+            for k in (1, 2, 5)
+        ],
+        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |"
+        + extra("—"),
+        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |"
+        + extra(ctl and fmt(ctl[0]["implied_per_token"], 4)),
+        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
+        + extra("0"),
+        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |"
+        + extra("—"),
+        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |"
+        + extra("—"),
+        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |"
+        + extra("—"),
+        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |"
+        + extra("—"),
+        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |"
+        + extra("—"),
+    ]
     return "\n".join(table)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for flag in ("store", "eval_store", "pair_store", "topk", "base", "target", "out"):
         parser.add_argument(f"--{flag.replace('_', '-')}", required=True)
     parser.add_argument("--half-tokens", type=int, default=500_000)
     parser.add_argument("--ce-tokens", type=int, default=8192)
     parser.add_argument("--letter-tokens", type=int, default=100_000)
     parser.add_argument("--doc", default="docs/graph_quality.md")
-    parser.add_argument("--edge-coeff", type=float, default=GraphTrainConfig.edge_coeff, help="λ_edge of (c)")
-    parser.add_argument("--tag", default="", help="suffix of (c)'s run directories (to compare settings)")
-    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=list(SEEDS),
-                        help="comma-separated seeds of (c); the first also gets CE, letters, faithfulness")
-    parser.add_argument("--graph-opt", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable; use a new --tag)")
-    parser.add_argument("--parents", type=int, default=0, metavar="N",
-                        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held open, plus "
-                             "its gates-shut control per seed (0: the plain graph autoencoder); use a new --tag")  # fmt: skip
-    parser.add_argument("--residual-stats", action="store_true",
-                        help="(c)'s stats also count missed features (for --graph-opt score=residual)")
+    parser.add_argument(
+        "--edge-coeff", type=float, default=GraphTrainConfig.edge_coeff, help="λ_edge of (c)"
+    )
+    parser.add_argument(
+        "--tag", default="", help="suffix of (c)'s run directories (to compare settings)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=lambda v: [int(s) for s in v.split(",")],
+        default=list(SEEDS),
+        help="comma-separated seeds of (c); the first also gets CE, letters, faithfulness",
+    )
+    parser.add_argument(
+        "--graph-opt",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable; use a new --tag)",
+    )
+    parser.add_argument(
+        "--parents",
+        type=int,
+        default=0,
+        metavar="N",
+        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held open, plus "
+        "its gates-shut control per seed (0: the plain graph autoencoder); use a new --tag",
+    )
+    parser.add_argument(
+        "--residual-stats",
+        action="store_true",
+        help="(c)'s stats also count missed features (for --graph-opt score=residual)",
+    )
     args = parser.parse_args()
     args.graph_opt = graph_options(args.graph_opt)
     dirs = build(args)
@@ -266,9 +391,20 @@ def main() -> None:
     rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
     let = letters(args, dirs, model)
     stab = stability(dirs, args.seeds)
-    post_stab = cached(Path(args.out) / f"stability-b{args.tag}.json", lambda: posthoc_stability(args, max(stab["edges"][0], 1)))
+    post_stab = cached(
+        Path(args.out) / f"stability-b{args.tag}.json",
+        lambda: posthoc_stability(args, max(stab["edges"][0], 1)),
+    )
     faith = faithfulness(args, dirs, model)
-    summary = {"graph_opt": args.graph_opt, "seeds": args.seeds, "rows": rows, "letters": let, "stability_c": stab, "stability_b": post_stab, "faithfulness": faith}
+    summary = {
+        "graph_opt": args.graph_opt,
+        "seeds": args.seeds,
+        "rows": rows,
+        "letters": let,
+        "stability_c": stab,
+        "stability_b": post_stab,
+        "faithfulness": faith,
+    }
     (Path(args.out) / f"graph_quality{args.tag}.json").write_text(json.dumps(summary, indent=2))
     table = markdown(args, rows, let, stab, post_stab, faith, dirs)
     print(table)
@@ -282,7 +418,9 @@ def graph_options(pairs: list[str]) -> dict:
     for pair in pairs:
         name, _, value = pair.partition("=")
         if name not in fields or not _:
-            raise SystemExit(f"--graph-opt {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+            raise SystemExit(
+                f"--graph-opt {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}"
+            )
         default = fields[name].default
         if isinstance(default, bool):
             options[name] = value.lower() in ("1", "true", "yes")
@@ -297,7 +435,9 @@ def write_table(doc: Path, table: str, tag: str) -> None:
     start, end = f"<!-- table{tag} -->", f"<!-- /table{tag} -->"
     text = doc.read_text() if doc.exists() else ""
     if start in text and end in text:
-        text = text[: text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end) :]
+        text = (
+            text[: text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end) :]
+        )
     else:
         text += f"\n{start}\n{table}\n{end}\n"
     doc.write_text(text)

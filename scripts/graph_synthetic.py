@@ -37,12 +37,37 @@ def run(cos: float, tokens: int, root: Path) -> dict:
     root = root / f"cos{cos}"
     store = write_store(hierarchy, root / "store", tokens)
     if not (root / "sae" / HOOK / "cfg.json").exists():
-        train(TrainConfig(store=str(store.directory), out=str(root / "sae"), arch="topk", k=6, expansion=4,
-                          tokens=tokens, batch_size=1024, outlier_ratio=0, wandb="disabled"))  # fmt: skip
-    coactivation_stats(StatsConfig(store=str(store.directory), sae=str(root / "sae" / HOOK), out=str(root / "stats")))
+        train(
+            TrainConfig(
+                store=str(store.directory),
+                out=str(root / "sae"),
+                arch="topk",
+                k=6,
+                expansion=4,
+                tokens=tokens,
+                batch_size=1024,
+                outlier_ratio=0,
+                wandb="disabled",
+            )
+        )
+    coactivation_stats(
+        StatsConfig(
+            store=str(store.directory), sae=str(root / "sae" / HOOK), out=str(root / "stats")
+        )
+    )
     if not (root / "graph" / "graph.json").exists():
-        train_graph(GraphTrainConfig(store=str(store.directory), stats=str(root / "stats"), out=str(root / "graph"),
-                                     m=8, tokens=tokens, batch_size=1024, wandb="disabled", **UNIT_SCALE))  # fmt: skip
+        train_graph(
+            GraphTrainConfig(
+                store=str(store.directory),
+                stats=str(root / "stats"),
+                out=str(root / "graph"),
+                m=8,
+                tokens=tokens,
+                batch_size=1024,
+                wandb="disabled",
+                **UNIT_SCALE,
+            )
+        )
     from graphs.io import load_graph_sae
 
     model = load_graph_sae(root / "graph")
@@ -50,7 +75,9 @@ def run(cos: float, tokens: int, root: Path) -> dict:
     graph = edge_recovery(edges, strengths, model.sae.W_dec.detach(), hierarchy)
     candidates, scores = CoactivationStats.load(root / "stats").candidates(8)
     top = torch.argsort(scores, descending=True)[: edges.shape[1]]
-    posthoc = edge_recovery(candidates[:, top], scores[top], load_sae(root / "sae" / HOOK).W_dec.detach(), hierarchy)
+    posthoc = edge_recovery(
+        candidates[:, top], scores[top], load_sae(root / "sae" / HOOK).W_dec.detach(), hierarchy
+    )
     return {"parent_child_cos": cos, "edges": edges.shape[1], "graph": graph, "posthoc": posthoc}
 
 
@@ -68,15 +95,22 @@ def markdown(results: list[dict], tokens: int) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for name, key in (("(b) post-hoc, same edge count", "posthoc"), ("(c) graph autoencoder", "graph")):
+        for name, key in (
+            ("(b) post-hoc, same edge count", "posthoc"),
+            ("(c) graph autoencoder", "graph"),
+        ):
             m = r[key]
-            lines.append(f"| {r['parent_child_cos']} | {name} | {r['edges']} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                         f"{m['f1']:.3f} | {m['null_precision']:.4f} | {m['null_recall']:.4f} | {int(m['reversed'])} |")  # fmt: skip
+            lines.append(
+                f"| {r['parent_child_cos']} | {name} | {r['edges']} | {m['precision']:.3f} | {m['recall']:.3f} | "
+                f"{m['f1']:.3f} | {m['null_precision']:.4f} | {m['null_recall']:.4f} | {int(m['reversed'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--out", default="out/synthetic")
     parser.add_argument("--doc", default="docs/graph_synthetic.md")

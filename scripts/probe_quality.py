@@ -41,21 +41,33 @@ SMALL = 32
 # (row label, kind, encoder key, k): encoder "a" = TopK SAE, "c" = graph autoencoder
 PROBES = [("dense logistic", "linear", None, 0), ("mean difference", "mean_diff", None, 0)]
 PROBES += [(f"sparse k={k} (a)", "sparse", "a", k) for k in (1, 2, 5, 16)]
-PROBES += [("graph query (a+b)", "graph", "a", 0), ("sparse k=16 (c)", "sparse", "c", 16),
-           ("graph query (c)", "graph", "c", 0)]  # fmt: skip
+PROBES += [
+    ("graph query (a+b)", "graph", "a", 0),
+    ("sparse k=16 (c)", "sparse", "c", 16),
+    ("graph query (c)", "graph", "c", 0),
+]
 
 
-def task_activations(model, task: str, out: Path, max_tokens: int) -> tuple[Ragged, torch.Tensor, int, list[str]]:
+def task_activations(
+    model, task: str, out: Path, max_tokens: int
+) -> tuple[Ragged, torch.Tensor, int, list[str]]:
     """(activations of train + test texts, labels, n_train, train groups), cached in out."""
     path = out / f"acts-{task}.safetensors"
     data = load_task(task)
     labels = torch.tensor(list(data["train"]["label"]) + list(data["test"]["label"]))
     if not path.exists():
-        acts, _ = collect(model, list(data["train"]["text"]) + list(data["test"]["text"]), [HOOK], max_tokens)
+        acts, _ = collect(
+            model, list(data["train"]["text"]) + list(data["test"]["text"]), [HOOK], max_tokens
+        )
         out.mkdir(parents=True, exist_ok=True)
         save_file({"values": acts[HOOK].values.half(), "offsets": acts[HOOK].offsets}, str(path))
     tensors = load_file(str(path))
-    return Ragged(tensors["values"].float(), tensors["offsets"]), labels, len(data["train"]), list(data["train"]["group"])
+    return (
+        Ragged(tensors["values"].float(), tensors["offsets"]),
+        labels,
+        len(data["train"]),
+        list(data["train"]["group"]),
+    )
 
 
 def task_code(encoder, acts: Ragged, path: Path) -> SparseCode:
@@ -67,39 +79,82 @@ def task_code(encoder, acts: Ragged, path: Path) -> SparseCode:
 
 
 def run_probe(kind, features, y, fit_rows, test_rows, calib_rows, aggregation, k, edges) -> dict:
-    probe = fit_probe(kind, features.select(fit_rows), y[fit_rows], hook=HOOK, aggregation=aggregation,
-                      k=k or 16, edges=edges, sae="-")  # fmt: skip
+    probe = fit_probe(
+        kind,
+        features.select(fit_rows),
+        y[fit_rows],
+        hook=HOOK,
+        aggregation=aggregation,
+        k=k or 16,
+        edges=edges,
+        sae="-",
+    )
     if calib_rows is not None:
         calibrate_probe(probe, features.select(calib_rows), y[calib_rows], fpr=0.01)
     return evaluate_probe(probe, features.select(test_rows), y[test_rows])
 
 
-def evaluate_task(task: str, features: dict, y: torch.Tensor, n_train: int, groups: list[str], edges: dict) -> dict:
+def evaluate_task(
+    task: str, features: dict, y: torch.Tensor, n_train: int, groups: list[str], edges: dict
+) -> dict:
     fit_rows, calib_rows = split_calibration(groups, 0.2, seed=0)
     test_rows = torch.arange(n_train, y.numel())
     aggregation = DEFAULT_AGGREGATION[task]
     rows = {}
     for label, kind, encoder, k in PROBES:
         feats = features[encoder or "dense"]
-        full = run_probe(kind, feats, y, fit_rows, test_rows, calib_rows, aggregation, k, edges.get(encoder))
-        small = [run_probe(kind, feats, y, fit_rows[balanced_subset(y[fit_rows], SMALL, seed)], test_rows, None,
-                           aggregation, k, edges.get(encoder)) for seed in range(DRAWS)]  # fmt: skip
-        rows[label] = {"full": full, "small": {m: [r[m] for r in small] for m in ("accuracy", "auroc")}}
-        print(task, label, json.dumps({m: round(full[m], 3) for m in ("accuracy", "auroc")}), flush=True)
-    return {"n_fit": int(fit_rows.numel()), "n_calibration": int(calib_rows.numel()), "n_test": int(test_rows.numel()),
-            "aggregation": aggregation, "probes": rows}  # fmt: skip
+        full = run_probe(
+            kind, feats, y, fit_rows, test_rows, calib_rows, aggregation, k, edges.get(encoder)
+        )
+        small = [
+            run_probe(
+                kind,
+                feats,
+                y,
+                fit_rows[balanced_subset(y[fit_rows], SMALL, seed)],
+                test_rows,
+                None,
+                aggregation,
+                k,
+                edges.get(encoder),
+            )
+            for seed in range(DRAWS)
+        ]
+        rows[label] = {
+            "full": full,
+            "small": {m: [r[m] for r in small] for m in ("accuracy", "auroc")},
+        }
+        print(
+            task,
+            label,
+            json.dumps({m: round(full[m], 3) for m in ("accuracy", "auroc")}),
+            flush=True,
+        )
+    return {
+        "n_fit": int(fit_rows.numel()),
+        "n_calibration": int(calib_rows.numel()),
+        "n_test": int(test_rows.numel()),
+        "aggregation": aggregation,
+        "probes": rows,
+    }
 
 
 def table(results: dict) -> str:
-    lines = ["| task | probe | acc | AUROC | TPR @ 1% FPR (test FPR) | acc, 32 ex. | AUROC, 32 ex. |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| task | probe | acc | AUROC | TPR @ 1% FPR (test FPR) | acc, 32 ex. | AUROC, 32 ex. |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task, result in results.items():
         for label, row in result["probes"].items():
             full, small = row["full"], row["small"]
-            mean_sd = {m: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for m, v in small.items()}
-            lines.append(f"| {task} | {label} | {full['accuracy']:.3f} | {full['auroc']:.3f} | "
-                         f"{full['tpr_at_threshold']:.3f} ({full['fpr_at_threshold']:.3f}) | "
-                         f"{mean_sd['accuracy']} | {mean_sd['auroc']} |")  # fmt: skip
+            mean_sd = {
+                m: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for m, v in small.items()
+            }
+            lines.append(
+                f"| {task} | {label} | {full['accuracy']:.3f} | {full['auroc']:.3f} | "
+                f"{full['tpr_at_threshold']:.3f} ({full['fpr_at_threshold']:.3f}) | "
+                f"{mean_sd['accuracy']} | {mean_sd['auroc']} |"
+            )
     return "\n".join(lines)
 
 
@@ -113,7 +168,9 @@ def write_doc(doc: Path, results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sae", required=True, help="(a) TopK SAE directory at layer 15")
     parser.add_argument("--stats", required=True, help="(b) co-activation stats of (a)")
     parser.add_argument("--graph-sae", required=True, help="(c) graph autoencoder directory")

@@ -18,13 +18,27 @@ from pathlib import Path
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="run directory (every stage's output goes under it)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", required=True, help="run directory (every stage's output goes under it)"
+    )
     parser.add_argument("--model", default="smollm2-135m", help="tiny or smollm2-135m")
-    parser.add_argument("--hook", default="blocks.15.hook_resid_post", help="hook whose SAE is released")
-    parser.add_argument("--target-hook", default="", help="a later hook: also fit a transition for cross-layer edges")
-    parser.add_argument("--tokens", type=int, default=500_000, help="training tokens (SAE and graph)")
-    parser.add_argument("--heldout-tokens", type=int, default=100_000, help="held-out tokens the release scans")
+    parser.add_argument(
+        "--hook", default="blocks.15.hook_resid_post", help="hook whose SAE is released"
+    )
+    parser.add_argument(
+        "--target-hook",
+        default="",
+        help="a later hook: also fit a transition for cross-layer edges",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=500_000, help="training tokens (SAE and graph)"
+    )
+    parser.add_argument(
+        "--heldout-tokens", type=int, default=100_000, help="held-out tokens the release scans"
+    )
     parser.add_argument("--expansion", type=int, default=16, help="SAE width / d_model")
     parser.add_argument("--k", type=int, default=32, help="TopK latents per token")
     parser.add_argument("--context-size", type=int, default=128)
@@ -44,30 +58,90 @@ def main() -> None:
     run = Path(args.out)
     hooks = ",".join(h for h in (args.hook, args.target_hook) if h)
     model = load_model(args.model)
-    harvest(HarvestConfig(out=str(run / "store"), model=args.model, hooks=hooks, tokens=args.tokens,
-                          context_size=args.context_size), model)  # fmt: skip
-    harvest(HarvestConfig(out=str(run / "heldout"), model=args.model, hooks=args.hook, tokens=args.heldout_tokens,
-                          context_size=args.context_size, split="heldout"), model)  # fmt: skip
+    harvest(
+        HarvestConfig(
+            out=str(run / "store"),
+            model=args.model,
+            hooks=hooks,
+            tokens=args.tokens,
+            context_size=args.context_size,
+        ),
+        model,
+    )
+    harvest(
+        HarvestConfig(
+            out=str(run / "heldout"),
+            model=args.model,
+            hooks=args.hook,
+            tokens=args.heldout_tokens,
+            context_size=args.context_size,
+            split="heldout",
+        ),
+        model,
+    )
     sae_dir = run / "sae" / args.hook
-    if not (sae_dir / "sae.safetensors").exists() or (args.target_hook and not (run / "sae" / args.target_hook).exists()):
-        train(TrainConfig(store=str(run / "store"), out=str(run / "sae"), hooks=hooks, arch="topk", k=args.k,
-                          expansion=args.expansion, tokens=args.tokens, wandb=args.wandb,
-                          resume=(run / "sae" / "checkpoint.safetensors").exists()))  # fmt: skip
-    coactivation_stats(StatsConfig(store=str(run / "store"), sae=str(sae_dir), out=str(run / "stats")))
+    if not (sae_dir / "sae.safetensors").exists() or (
+        args.target_hook and not (run / "sae" / args.target_hook).exists()
+    ):
+        train(
+            TrainConfig(
+                store=str(run / "store"),
+                out=str(run / "sae"),
+                hooks=hooks,
+                arch="topk",
+                k=args.k,
+                expansion=args.expansion,
+                tokens=args.tokens,
+                wandb=args.wandb,
+                resume=(run / "sae" / "checkpoint.safetensors").exists(),
+            )
+        )
+    coactivation_stats(
+        StatsConfig(store=str(run / "store"), sae=str(sae_dir), out=str(run / "stats"))
+    )
     if not (run / "graph" / "graph.json").exists():
-        train_graph(GraphTrainConfig(store=str(run / "store"), stats=str(run / "stats"), out=str(run / "graph"),
-                                     tokens=args.tokens // 2, wandb=args.wandb,
-                                     resume=(run / "graph" / "checkpoint.safetensors").exists()))  # fmt: skip
+        train_graph(
+            GraphTrainConfig(
+                store=str(run / "store"),
+                stats=str(run / "stats"),
+                out=str(run / "graph"),
+                tokens=args.tokens // 2,
+                wandb=args.wandb,
+                resume=(run / "graph" / "checkpoint.safetensors").exists(),
+            )
+        )
     transition = ""
     if args.target_hook:
         transition = str(run / "transition")
         if not (run / "transition" / "transition.json").exists():
-            fit_transition(TransitionConfig(store=str(run / "store"), source=str(run / "graph"),
-                                            target=str(run / "sae" / args.target_hook), out=transition))  # fmt: skip
-    release = export_release(ExportConfig(sae=str(sae_dir), graph=str(run / "graph"), store=str(run / "heldout"),
-                                          stats=str(run / "stats"), transition=transition, out=str(run / "release"),
-                                          model=args.model))  # fmt: skip
-    print(json.dumps({"release": str(release.resolve()), "dashboard": str((release / "dashboard" / "index.html").resolve())}, indent=2))
+            fit_transition(
+                TransitionConfig(
+                    store=str(run / "store"),
+                    source=str(run / "graph"),
+                    target=str(run / "sae" / args.target_hook),
+                    out=transition,
+                )
+            )
+    release = export_release(
+        ExportConfig(
+            sae=str(sae_dir),
+            graph=str(run / "graph"),
+            store=str(run / "heldout"),
+            stats=str(run / "stats"),
+            transition=transition,
+            out=str(run / "release"),
+            model=args.model,
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "release": str(release.resolve()),
+                "dashboard": str((release / "dashboard" / "index.html").resolve()),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,18 @@ from sae.store import ActivationStore
 from sae.train import TrainConfig, train
 
 HOOK = "blocks.15.hook_resid_post"
-COLUMNS = ("arch", "k / λ", "L0", "FVU", "explained var.", "CE loss recovered", "ΔCE (nats)", "KL", "dead", "dense")
+COLUMNS = (
+    "arch",
+    "k / λ",
+    "L0",
+    "FVU",
+    "explained var.",
+    "CE loss recovered",
+    "ΔCE (nats)",
+    "KL",
+    "dead",
+    "dense",
+)
 
 
 def train_arch(args, arch: str, coeff: float) -> Path:
@@ -33,12 +44,26 @@ def train_arch(args, arch: str, coeff: float) -> Path:
     if (out / HOOK / "sae.safetensors").exists():
         return out / HOOK
     dense = arch in ("jumprelu", "relu")  # the L0 controller and dense AuxK apply to these two only
-    cfg = TrainConfig(store=args.store, out=str(out), hooks=HOOK, arch=arch, k=args.k, expansion=args.expansion,
-                      tokens=args.tokens, batch_size=args.batch, sparsity_coeff=coeff, checkpoint_every=25,
-                      dead_tokens=args.dead_tokens, target_l0=args.target_l0 if dense else 0.0,
-                      dense_aux=args.dense_aux and dense, threshold_lr_scale=args.threshold_lr_scale,
-                      jumprelu_bandwidth=args.jumprelu_bandwidth, reopen_dead=args.reopen_dead, optimizer=args.optimizer,
-                      resume=(out / "checkpoint.safetensors").exists())  # fmt: skip
+    cfg = TrainConfig(
+        store=args.store,
+        out=str(out),
+        hooks=HOOK,
+        arch=arch,
+        k=args.k,
+        expansion=args.expansion,
+        tokens=args.tokens,
+        batch_size=args.batch,
+        sparsity_coeff=coeff,
+        checkpoint_every=25,
+        dead_tokens=args.dead_tokens,
+        target_l0=args.target_l0 if dense else 0.0,
+        dense_aux=args.dense_aux and dense,
+        threshold_lr_scale=args.threshold_lr_scale,
+        jumprelu_bandwidth=args.jumprelu_bandwidth,
+        reopen_dead=args.reopen_dead,
+        optimizer=args.optimizer,
+        resume=(out / "checkpoint.safetensors").exists(),
+    )
     train(cfg)
     return out / HOOK
 
@@ -85,12 +110,24 @@ def markdown(rows: list[dict], args) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     for r in rows:
-        cells = [r["arch"], r["setting"], f"{r['l0']:.1f}", f"{r['fvu']:.3f}", f"{r['explained_variance']:.3f}",
-                 f"{r['ce_loss_recovered']:.3f}", f"{r['delta_ce']:.3f}", f"{r['kl_spliced']:.3f}",
-                 f"{r['dead_fraction']:.3f}", f"{r['dense_fraction']:.3f}"]  # fmt: skip
+        cells = [
+            r["arch"],
+            r["setting"],
+            f"{r['l0']:.1f}",
+            f"{r['fvu']:.3f}",
+            f"{r['explained_variance']:.3f}",
+            f"{r['ce_loss_recovered']:.3f}",
+            f"{r['delta_ce']:.3f}",
+            f"{r['kl_spliced']:.3f}",
+            f"{r['dead_fraction']:.3f}",
+            f"{r['dense_fraction']:.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     clean = rows[0]
-    lines += ["", f"Clean CE {clean['ce_clean']:.3f} nats; zero-ablated CE {clean['ce_zero_ablated']:.3f} nats."]
+    lines += [
+        "",
+        f"Clean CE {clean['ce_clean']:.3f} nats; zero-ablated CE {clean['ce_zero_ablated']:.3f} nats.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -105,17 +142,42 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--dead-tokens", type=int, default=200_000)
     parser.add_argument("--archs", default="topk,batchtopk,jumprelu,relu")
-    parser.add_argument("--optimizer", default="auto", choices=["auto", "adam", "schedulefree"],
-                        help="auto: schedule-free for topk, Adam for the others (the tables before session 6 "
-                             "were trained with Adam for every arch)")  # fmt: skip
-    parser.add_argument("--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)")
-    parser.add_argument("--relu-coeff", type=float, default=0.0, help="λ for the L1 term (0: default)")
-    parser.add_argument("--target-l0", type=float, default=0.0,
-                        help="jumprelu/relu: adapt λ to hold this L0 (0: fixed λ); see TrainConfig.target_l0")
-    parser.add_argument("--threshold-lr-scale", type=float, default=1.0, help="jumprelu: LR multiplier of log θ")
-    parser.add_argument("--jumprelu-bandwidth", type=float, default=0.05, help="jumprelu: straight-through kernel width")
-    parser.add_argument("--dense-aux", action="store_true", help="AuxK for jumprelu/relu dead latents too")
-    parser.add_argument("--reopen-dead", action="store_true", help="jumprelu: dead latents' θ back at the k/n quantile")
+    parser.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=["auto", "adam", "schedulefree"],
+        help="auto: schedule-free for topk, Adam for the others (the tables before session 6 "
+        "were trained with Adam for every arch)",
+    )
+    parser.add_argument(
+        "--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)"
+    )
+    parser.add_argument(
+        "--relu-coeff", type=float, default=0.0, help="λ for the L1 term (0: default)"
+    )
+    parser.add_argument(
+        "--target-l0",
+        type=float,
+        default=0.0,
+        help="jumprelu/relu: adapt λ to hold this L0 (0: fixed λ); see TrainConfig.target_l0",
+    )
+    parser.add_argument(
+        "--threshold-lr-scale", type=float, default=1.0, help="jumprelu: LR multiplier of log θ"
+    )
+    parser.add_argument(
+        "--jumprelu-bandwidth",
+        type=float,
+        default=0.05,
+        help="jumprelu: straight-through kernel width",
+    )
+    parser.add_argument(
+        "--dense-aux", action="store_true", help="AuxK for jumprelu/relu dead latents too"
+    )
+    parser.add_argument(
+        "--reopen-dead",
+        action="store_true",
+        help="jumprelu: dead latents' θ back at the k/n quantile",
+    )
     parser.add_argument("--ce-tokens", type=int, default=16_384)
     parser.add_argument("--doc", default="docs/sae_quality.md")
     args = parser.parse_args()

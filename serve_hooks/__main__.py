@@ -19,10 +19,15 @@ from serve_hooks.server import ServerConfig, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve_hooks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m serve_hooks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(commands.add_parser("serve", help="run the OpenAI-compatible server"), ServerConfig)
+    add_dataclass_args(
+        commands.add_parser("serve", help="run the OpenAI-compatible server"), ServerConfig
+    )
     args = parser.parse_args(argv)
     try:
         cfg = dataclass_from_args(ServerConfig, args)

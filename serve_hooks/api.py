@@ -30,8 +30,12 @@ class StreamOptions(_Strict):
 class GreylensOptions(_Strict):
     """What a request wants from the hook (see serve_hooks.report for the answer's shape)."""
 
-    features: int | None = Field(None, ge=0)  # top-n latents per token per SAE (0: none; None: the server's --top-n)
-    probes: Annotated[list[str], Field(max_length=256)] | None = None  # probe names (None: every probe)
+    features: int | None = Field(
+        None, ge=0
+    )  # top-n latents per token per SAE (0: none; None: the server's --top-n)
+    probes: Annotated[list[str], Field(max_length=256)] | None = (
+        None  # probe names (None: every probe)
+    )
     paths: bool = False  # reasoning paths of generated tokens (needs a server started with --graph)
 
 
@@ -81,7 +85,9 @@ class Message(_Strict):
     name: str | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
 
 
 class ChatRequest(_Sampling):
@@ -107,23 +113,36 @@ async def parse_body(request: Request, model: type[_Strict]) -> Any:
     and bad UTF-8 all end as a 400 with the reason, like wrong types and unknown fields."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json" and not kind.endswith("+json"):
-        raise APIError(415, f"send the body as JSON with Content-Type: application/json (got {kind or 'none'!r})")
+        raise APIError(
+            415,
+            f"send the body as JSON with Content-Type: application/json (got {kind or 'none'!r})",
+        )
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as error:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:4]]
+        problems = [
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:4]
+        ]
         raise APIError(400, "; ".join(problems)) from None
-
 
 
 def sampling_params(body: _Sampling, max_tokens: int | None, max_model_len: int) -> SamplingParams:
     if max_tokens is not None and max_tokens > max_model_len:
-        raise APIError(400, f"max_tokens={max_tokens} exceeds the context limit of {max_model_len} tokens")
+        raise APIError(
+            400, f"max_tokens={max_tokens} exceeds the context limit of {max_model_len} tokens"
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:  # max_tokens None: a placeholder the engine thread replaces once it knows the prompt length
-        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                              max_tokens=max_tokens or max_model_len, stop=stop,
-                              stop_token_ids=list(body.stop_token_ids), ignore_eos=body.ignore_eos)  # fmt: skip
+        return SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            max_tokens=max_tokens or max_model_len,
+            stop=stop,
+            stop_token_ids=list(body.stop_token_ids),
+            ignore_eos=body.ignore_eos,
+        )
     except ValueError as error:
         raise APIError(400, str(error)) from None
 
@@ -136,9 +155,9 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bo
     "assistant:", tokenized like a plain prompt (BOS first)."""
     if getattr(tokenizer, "chat_template", None):
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            ), False
         except Exception as error:  # templates reject conversations with raise_exception(...)
             raise APIError(400, f"the chat template rejected the messages: {error}") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", True
-
-

@@ -33,7 +33,9 @@ log = logging.getLogger("serve_hooks.server")
 class Chunk:
     output: RequestOutput
     delta: str  # new text since the previous chunk (streaming requests only)
-    greylens: dict | None = None  # new per-token results (requests with a greylens field; see report.py)
+    greylens: dict | None = (
+        None  # new per-token results (requests with a greylens field; see report.py)
+    )
 
 
 class Detokenizer:
@@ -56,7 +58,9 @@ class Detokenizer:
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:  # a guard: the engine finishes a request on the step a stop string appears
             return text[:cut]
-        hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        hold = max(
+            (n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0
+        )
         return text[: len(text) - hold].rstrip("\ufffd")
 
 
@@ -82,18 +86,26 @@ class Handle:
 class AsyncEngine:
     """Owns an `LLMEngine` and the one thread that may call it; handlers talk to it by queue."""
 
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], model_name: str | None = None,
-                 hook: FeatureHook | Callable[[LLMEngine], FeatureHook] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        model_name: str | None = None,
+        hook: FeatureHook | Callable[[LLMEngine], FeatureHook] | None = None,
+    ) -> None:
         """hook: the FeatureHook that answers `greylens` requests (or a function building it on the
         engine); it must watch only the requests that ask (watch_all=False)."""
         self._host: tuple[threading.Thread, queue.SimpleQueue] | None = None
-        if not isinstance(engine, LLMEngine):  # a factory: build the engine on the thread that will run it
+        if not isinstance(
+            engine, LLMEngine
+        ):  # a factory: build the engine on the thread that will run it
             engine, self._host = _build_on_thread(engine)
         self.engine = engine
         self.hook = hook(engine) if hook is not None and not isinstance(hook, FeatureHook) else hook
         if self.hook is not None and self.hook.watch_all:
-            raise ValueError("the server's FeatureHook must have watch_all=False: requests without a greylens "
-                             "field must not pay for features")  # fmt: skip
+            raise ValueError(
+                "the server's FeatureHook must have watch_all=False: requests without a greylens "
+                "field must not pay for features"
+            )
         self.model_name = model_name or engine.cfg.model
         self.created = int(time.time())
         self.counters: Counter[str] = Counter()
@@ -135,21 +147,39 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ handler side (event loop)
 
-    async def submit(self, prompt: str | list[int] | list[dict[str, str]], params: SamplingParams, *,
-                     chat: bool = False, fill: bool = False, stream: bool = False,
-                     greylens: GreylensOptions | None = None) -> Handle:  # fmt: skip
+    async def submit(
+        self,
+        prompt: str | list[int] | list[dict[str, str]],
+        params: SamplingParams,
+        *,
+        chat: bool = False,
+        fill: bool = False,
+        stream: bool = False,
+        greylens: GreylensOptions | None = None,
+    ) -> Handle:
         """Queue a request; returns once the engine accepted it, raises APIError if it refused."""
         if self._stopping:
             raise APIError(503, "the server is shutting down", "server_error")
         if greylens is not None:
             self.check_greylens(greylens)
         self.start()
-        handle = Handle(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), chat, fill, stream, greylens=greylens)
+        handle = Handle(
+            prompt,
+            params,
+            asyncio.get_running_loop(),
+            asyncio.Queue(),
+            chat,
+            fill,
+            stream,
+            greylens=greylens,
+        )
         self._commands.put(("add", handle))
         self._wake.set()
         try:
             first = await handle.queue.get()  # None: accepted, else the refusal
-        except asyncio.CancelledError:  # the handler was cancelled: do not run a request nobody reads
+        except (
+            asyncio.CancelledError
+        ):  # the handler was cancelled: do not run a request nobody reads
             self.abort(handle)
             raise
         if first is not None:
@@ -160,15 +190,25 @@ class AsyncEngine:
         """Refuse what this server cannot answer, naming how to start it so that it can."""
         hook = self.hook
         if hook is None:
-            raise APIError(400, "this server has no SAE, probe or graph attached; start it with --sae DIR, "
-                                "--probe DIR or --graph DIR to answer greylens requests")  # fmt: skip
+            raise APIError(
+                400,
+                "this server has no SAE, probe or graph attached; start it with --sae DIR, "
+                "--probe DIR or --graph DIR to answer greylens requests",
+            )
         if options.features is not None and options.features > hook.top_n:
-            raise APIError(400, f"greylens.features={options.features} exceeds the server's --top-n {hook.top_n}")
+            raise APIError(
+                400,
+                f"greylens.features={options.features} exceeds the server's --top-n {hook.top_n}",
+            )
         unknown = sorted(set(options.probes or ()) - set(hook.probes))
         if unknown:
-            raise APIError(400, f"unknown probes {unknown}; this server has {sorted(hook.probes) or 'none'}")
+            raise APIError(
+                400, f"unknown probes {unknown}; this server has {sorted(hook.probes) or 'none'}"
+            )
         if options.paths and hook.paths is None:
-            raise APIError(400, "greylens.paths needs a server started with --graph DIR (a graph autoencoder)")
+            raise APIError(
+                400, "greylens.paths needs a server started with --graph DIR (a graph autoencoder)"
+            )
 
     async def results(self, handle: Handle) -> AsyncIterator[Chunk]:
         """The request's outputs, the last one finished. Abort the handle if you stop early."""
@@ -208,7 +248,9 @@ class AsyncEngine:
                 self._wake.wait()
             elif stalled:
                 self._wake.wait(0.05)  # do not spin while nothing can run
-        self._fail_live(APIError(503, "the server shut down before the request finished", "server_error"))
+        self._fail_live(
+            APIError(503, "the server shut down before the request finished", "server_error")
+        )
         self._refuse_queued()
 
     def _queued(self):
@@ -229,11 +271,20 @@ class AsyncEngine:
     def _admit(self, handle: Handle) -> None:
         tokenizer = self.engine.tokenizer
         try:
-            prompt, special = chat_prompt(tokenizer, handle.prompt) if handle.chat else (handle.prompt, True)
-            ids = tokenizer(prompt, add_special_tokens=special)["input_ids"] if isinstance(prompt, str) else prompt
+            prompt, special = (
+                chat_prompt(tokenizer, handle.prompt) if handle.chat else (handle.prompt, True)
+            )
+            ids = (
+                tokenizer(prompt, add_special_tokens=special)["input_ids"]
+                if isinstance(prompt, str)
+                else prompt
+            )
             params = handle.params
             if handle.fill:  # the room left after the prompt, in the context and in the pool
-                room = min(self.engine.max_model_len, self.engine.blocks.num_blocks * self.engine.cfg.block_size)
+                room = min(
+                    self.engine.max_model_len,
+                    self.engine.blocks.num_blocks * self.engine.cfg.block_size,
+                )
                 params = replace(params, max_tokens=max(1, room - len(ids)))
             seq = self.engine.add_request(ids, params)
         except ValueError as error:  # the engine's reasons for refusing a prompt
@@ -242,7 +293,9 @@ class AsyncEngine:
             return self._send(handle, error)
         except Exception:  # a bug, not the request's fault: answer this one, the others go on
             log.exception("admitting a request failed")
-            return self._send(handle, APIError(500, "the engine failed to admit this request", "server_error"))
+            return self._send(
+                handle, APIError(500, "the engine failed to admit this request", "server_error")
+            )
         handle.seq_id, handle.prompt_tokens = seq.seq_id, len(ids)
         handle.detok = Detokenizer(tokenizer, params.stop) if handle.stream else None
         if handle.greylens is not None:
@@ -264,8 +317,12 @@ class AsyncEngine:
                 del self._live[out.seq_id]
             greylens = None
             if handle.reporter is not None and (handle.stream or out.finished):
-                greylens = handle.reporter.delta(out.seq_id, out.prompt_token_ids + out.token_ids, out.finished)
-            self._send(handle, Chunk(out, handle.detok.delta(out) if handle.detok else "", greylens))
+                greylens = handle.reporter.delta(
+                    out.seq_id, out.prompt_token_ids + out.token_ids, out.finished
+                )
+            self._send(
+                handle, Chunk(out, handle.detok.delta(out) if handle.detok else "", greylens)
+            )
 
     def _fail_live(self, error: APIError) -> None:
         for seq_id, handle in list(self._live.items()):
@@ -292,11 +349,14 @@ class AsyncEngine:
     def _publish(self) -> None:
         """Engine gauges for /metrics, read here because only this thread may touch the engine."""
         engine, blocks = self.engine, self.engine.blocks
-        self.snapshot = {"requests_running": len(engine.scheduler.running), "requests_waiting": len(engine.scheduler.waiting),
-                         "kv_blocks_total": blocks.num_blocks, "kv_blocks_free": blocks.num_available,
-                         "engine_steps": engine.stats["steps"], "prefix_cache_hit_tokens": blocks.stats["prefix_hit_tokens"]}  # fmt: skip
-
-
+        self.snapshot = {
+            "requests_running": len(engine.scheduler.running),
+            "requests_waiting": len(engine.scheduler.waiting),
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_free": blocks.num_available,
+            "engine_steps": engine.stats["steps"],
+            "prefix_cache_hit_tokens": blocks.stats["prefix_hit_tokens"],
+        }
 
 
 # The engine's torch work should stay on one OS thread: CPU torch runs each thread's ops on that
@@ -306,7 +366,9 @@ class AsyncEngine:
 # thread that later runs its loop.
 
 
-def _build_on_thread(factory: Callable[[], LLMEngine]) -> tuple[LLMEngine, tuple[threading.Thread, queue.SimpleQueue]]:
+def _build_on_thread(
+    factory: Callable[[], LLMEngine],
+) -> tuple[LLMEngine, tuple[threading.Thread, queue.SimpleQueue]]:
     """Build an engine on a new thread that then waits for the loop it should run."""
     ready: queue.SimpleQueue = queue.SimpleQueue()
     work: queue.SimpleQueue = queue.SimpleQueue()

@@ -69,14 +69,22 @@ class BlockManager:
         disk_blocks: int = 0,
         disk_ttl_s: float = 24 * 3600.0,
     ) -> None:
-        self.num_blocks, self.block_size, self.prefix_cache = num_blocks, block_size, enable_prefix_cache
+        self.num_blocks, self.block_size, self.prefix_cache = (
+            num_blocks,
+            block_size,
+            enable_prefix_cache,
+        )
         self.kv = kv
         self.ref = [0] * num_blocks
-        self.owner: list[PrefixNode | None] = [None] * num_blocks  # the trie node a cached block holds
+        self.owner: list[PrefixNode | None] = [
+            None
+        ] * num_blocks  # the trie node a cached block holds
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.n_evictable = 0  # cached blocks with ref 0 (reusable after eviction)
         self.roots: dict[str, PrefixNode] = {}
-        self.paths: dict[int, tuple[int, PrefixNode]] = {}  # seq_id -> (blocks in the trie, last node)
+        self.paths: dict[
+            int, tuple[int, PrefixNode]
+        ] = {}  # seq_id -> (blocks in the trie, last node)
         self.host_capacity = host_blocks if kv is not None else 0
         self.host_free = list(range(self.host_capacity))
         self.disk_capacity = disk_blocks if kv is not None and kv.disk_dir is not None else 0
@@ -112,10 +120,18 @@ class BlockManager:
             if node is None:
                 break
             node = node.children.get(tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
-            if node is not None and node.tier == DISK and time.time() - node.saved_at > self.disk_ttl_s:
+            if (
+                node is not None
+                and node.tier == DISK
+                and time.time() - node.saved_at > self.disk_ttl_s
+            ):
                 self._drop(node)  # expired: its subtree goes with it
                 node = None
-            if node is not None and self.page_filter is not None and not self.page_filter(seq, node):
+            if (
+                node is not None
+                and self.page_filter is not None
+                and not self.page_filter(seq, node)
+            ):
                 break  # the KV is cached but not what a hook needs beside it: recompute from here
             if node is not None:
                 found.append(node)
@@ -128,7 +144,9 @@ class BlockManager:
         return need <= self.num_available - idle_hits
 
     def can_append(self, seq: Sequence, n_new: int) -> bool:
-        return self.blocks_for(seq.num_computed + n_new) - len(seq.block_table) <= self.num_available
+        return (
+            self.blocks_for(seq.num_computed + n_new) - len(seq.block_table) <= self.num_available
+        )
 
     # ------------------------------------------------------------------ allocation
 
@@ -181,7 +199,9 @@ class BlockManager:
                 self._release_spilled(child)
                 child.tier, child.block = DEVICE, block
                 self.owner[block] = child
-            child.stamp = next(self.clock)  # a duplicate (child on device already) keeps our block private
+            child.stamp = next(
+                self.clock
+            )  # a duplicate (child on device already) keeps our block private
             for callback in self.on_commit:
                 callback(seq, i, child)
             node = child
@@ -226,7 +246,9 @@ class BlockManager:
             return self.free_blocks.popleft()
         node = self._pop_lru(DEVICE)
         if node is None:
-            raise RuntimeError("no free or evictable KV block (callers check can_admit / can_append first)")
+            raise RuntimeError(
+                "no free or evictable KV block (callers check can_admit / can_append first)"
+            )
         block = node.block
         self.owner[block], node.block = None, -1
         self.n_evictable -= 1
@@ -252,7 +274,11 @@ class BlockManager:
         slot = node.host_slot
         if self.disk_capacity:
             name = f"{id(self):x}-{next(self.tiebreak)}"
-            extras = {f"{version}/{key}": t for version, page in node.pages.items() for key, t in page.items()}
+            extras = {
+                f"{version}/{key}": t
+                for version, page in node.pages.items()
+                for key, t in page.items()
+            }
             self.kv.host_to_disk(slot, name, extras)
             node.pages = dict.fromkeys(node.pages)  # the tensors are in the file now
             node.tier, node.host_slot, node.disk_name, node.saved_at = DISK, -1, name, time.time()
@@ -275,7 +301,9 @@ class BlockManager:
             extras = self.kv.disk_to_device(node.disk_name, block)
             for version in node.pages:
                 prefix = f"{version}/"
-                node.pages[version] = {k.removeprefix(prefix): t for k, t in extras.items() if k.startswith(prefix)}
+                node.pages[version] = {
+                    k.removeprefix(prefix): t for k, t in extras.items() if k.startswith(prefix)
+                }
             self.stats["restored_disk"] += 1
         self._release_spilled(node)
         node.tier, node.block = DEVICE, block
@@ -289,7 +317,9 @@ class BlockManager:
             self.kv.delete(node.disk_name)
             self.n_disk -= 1
             node.disk_name = ""
-            node.pages = {version: page for version, page in node.pages.items() if page is not None}  # lost with the file
+            node.pages = {
+                version: page for version, page in node.pages.items() if page is not None
+            }  # lost with the file
 
     def _drop(self, node: PrefixNode) -> None:
         """Remove a node and its subtree from the trie (their prefixes are no longer cached)."""
@@ -309,8 +339,12 @@ class BlockManager:
     def check(self) -> None:
         """Accounting invariants (tests call this): every block is free, referenced or evictable."""
         referenced = {b for b in range(self.num_blocks) if self.ref[b] > 0}
-        idle_cached = {b for b in range(self.num_blocks) if self.ref[b] == 0 and self.owner[b] is not None}
+        idle_cached = {
+            b for b in range(self.num_blocks) if self.ref[b] == 0 and self.owner[b] is not None
+        }
         assert len(self.free_blocks) == len(set(self.free_blocks)), "a block is free twice"
         assert not (set(self.free_blocks) & (referenced | idle_cached)), "a free block is in use"
         assert len(idle_cached) == self.n_evictable, "evictable count drifted"
-        assert len(self.free_blocks) + len(referenced) + len(idle_cached) == self.num_blocks, "a block leaked"
+        assert len(self.free_blocks) + len(referenced) + len(idle_cached) == self.num_blocks, (
+            "a block leaked"
+        )

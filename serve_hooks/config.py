@@ -50,7 +50,15 @@ class EngineConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid engine settings: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}")
-        if not self.chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("without chunked prefill a whole prompt must fit one step: set "
-                             "max_num_batched_tokens >= max_model_len or enable chunked_prefill")  # fmt: skip
+            raise ValueError(
+                f"invalid engine settings: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}"
+            )
+        if (
+            not self.chunked_prefill
+            and self.max_model_len
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
+            raise ValueError(
+                "without chunked prefill a whole prompt must fit one step: set "
+                "max_num_batched_tokens >= max_model_len or enable chunked_prefill"
+            )

@@ -48,13 +48,17 @@ class Link:
 
     def __init__(self, store: dist.Store, rank: int) -> None:
         self.store, self.rank, self.seen = store, rank, 0
-        self.pending: list[tuple[object, torch.Tensor]] = []  # isends in flight (buffers kept alive)
+        self.pending: list[
+            tuple[object, torch.Tensor]
+        ] = []  # isends in flight (buffers kept alive)
 
     def send(self, dst: int, body: dict, tensors: tuple[torch.Tensor, ...] = ()) -> None:
         tensors = tuple(t.contiguous() for t in tensors)
         number = self.store.add(f"n/{dst}", 1)
         specs = [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in tensors]
-        self.store.set(f"m/{dst}/{number}", json.dumps({**body, "_src": self.rank, "_tensors": specs}))
+        self.store.set(
+            f"m/{dst}/{number}", json.dumps({**body, "_src": self.rank, "_tensors": specs})
+        )
         for t in tensors:
             self.pending.append((dist.isend(t, dst=dst, tag=number), t))
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
@@ -85,7 +89,9 @@ class Link:
 # --------------------------------------------------------------------------- workers
 
 
-def _worker(index: int, world: int, settings: dict, weights: str, port: int, hook_spec: dict) -> None:
+def _worker(
+    index: int, world: int, settings: dict, weights: str, port: int, hook_spec: dict
+) -> None:
     rank = index + 1  # start_processes numbers workers from 0; rank 0 is the router
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     engine = _load_engine(settings, weights)
@@ -93,8 +99,15 @@ def _worker(index: int, world: int, settings: dict, weights: str, port: int, hoo
     if hook_spec.get("saes") or hook_spec.get("probes"):
         from serve_hooks.hook import FeatureHook
 
-        hook = FeatureHook(engine, hook_spec.get("saes", ()), hook_spec.get("probes", ()), hook_spec.get("top_n", 8))
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+        hook = FeatureHook(
+            engine,
+            hook_spec.get("saes", ()),
+            hook_spec.get("probes", ()),
+            hook_spec.get("top_n", 8),
+        )
+    store = dist.TCPStore(
+        "127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S)
+    )
     dist.init_process_group(_backend(), store=store, rank=rank, world_size=world)
     link = Link(store, rank)
     routes: dict[int, tuple[str, int]] = {}  # local seq_id -> (request id, decode rank)
@@ -104,12 +117,27 @@ def _worker(index: int, world: int, settings: dict, weights: str, port: int, hoo
             if body["op"] == "stop":
                 running = False
             elif body["op"] == "prefill":
-                seq = engine.add_request(body["prompt"], SamplingParams(**body["params"]), body["cache_key"], prefill_only=True)
+                seq = engine.add_request(
+                    body["prompt"],
+                    SamplingParams(**body["params"]),
+                    body["cache_key"],
+                    prefill_only=True,
+                )
                 routes[seq.seq_id] = (body["id"], body["decode"])
             else:  # "decode": a handed-over request
                 params = SamplingParams(**body["params"])
-                extras = dict(zip(body["extras"], tensors[3:], strict=True))  # feature pages, if any
-                handoff = Handoff(tensors[0], tensors[1], body["computed"], tensors[2], params, body["cache_key"], extras)
+                extras = dict(
+                    zip(body["extras"], tensors[3:], strict=True)
+                )  # feature pages, if any
+                handoff = Handoff(
+                    tensors[0],
+                    tensors[1],
+                    body["computed"],
+                    tensors[2],
+                    params,
+                    body["cache_key"],
+                    extras,
+                )
                 seq = engine.add_prefilled(body["prompt"], body["output"], handoff)
                 routes[seq.seq_id] = (body["id"], ROUTER)
         if not engine.has_unfinished():
@@ -118,22 +146,49 @@ def _worker(index: int, world: int, settings: dict, weights: str, port: int, hoo
         for out in engine.step():
             if out.finished:
                 features = hook.release(out.seq_id) if hook is not None else None
-                _forward(link, out, *routes.pop(out.seq_id), features.to_json() if features is not None else None)
+                _forward(
+                    link,
+                    out,
+                    *routes.pop(out.seq_id),
+                    features.to_json() if features is not None else None,
+                )
     link.flush()
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _forward(link: Link, out: RequestOutput, request_id: str, dst: int, features: dict | None) -> None:
+def _forward(
+    link: Link, out: RequestOutput, request_id: str, dst: int, features: dict | None
+) -> None:
     if out.handoff is None:  # finished (EOS, stop, max_tokens) — straight back to the router
-        link.send(ROUTER, {"op": "done", "id": request_id, "tokens": out.token_ids, "reason": out.finish_reason,
-                           "text": out.text, "cached": out.num_cached_tokens, "features": features})  # fmt: skip
+        link.send(
+            ROUTER,
+            {
+                "op": "done",
+                "id": request_id,
+                "tokens": out.token_ids,
+                "reason": out.finish_reason,
+                "text": out.text,
+                "cached": out.num_cached_tokens,
+                "features": features,
+            },
+        )
         return
     h = out.handoff
-    link.send(dst, {"op": "decode", "id": request_id, "prompt": out.prompt_token_ids, "output": out.token_ids,
-                    "params": asdict(h.params), "computed": h.num_computed, "cache_key": h.cache_key,
-                    "extras": list(h.extras)},
-              (h.k, h.v, h.generator_state, *h.extras.values()))  # fmt: skip
+    link.send(
+        dst,
+        {
+            "op": "decode",
+            "id": request_id,
+            "prompt": out.prompt_token_ids,
+            "output": out.token_ids,
+            "params": asdict(h.params),
+            "computed": h.num_computed,
+            "cache_key": h.cache_key,
+            "extras": list(h.extras),
+        },
+        (h.k, h.v, h.generator_state, *h.extras.values()),
+    )
 
 
 def _load_engine(settings: dict, weights: str) -> LLMEngine:
@@ -144,7 +199,9 @@ def _load_engine(settings: dict, weights: str) -> LLMEngine:
     if weights:
         missing, unexpected = model.fast.load_state_dict(load_file(weights), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
-            raise ValueError(f"weights {weights} do not fit {cfg.model}: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"weights {weights} do not fit {cfg.model}: missing {missing}, unexpected {unexpected}"
+            )
     return LLMEngine(cfg, model)
 
 
@@ -152,25 +209,56 @@ def _load_engine(settings: dict, weights: str) -> LLMEngine:
 
 
 class DisaggregatedLLM:
-    def __init__(self, model: str = "smollm2-135m", n_prefill: int = 1, n_decode: int = 1, weights: str = "",
-                 saes: tuple[str, ...] = (), probes: tuple[str, ...] = (), top_n: int = 8, **settings) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        n_prefill: int = 1,
+        n_decode: int = 1,
+        weights: str = "",
+        saes: tuple[str, ...] = (),
+        probes: tuple[str, ...] = (),
+        top_n: int = 8,
+        **settings,
+    ) -> None:
         if n_prefill < 1 or n_decode < 1:
-            raise ValueError(f"need at least one prefill and one decode worker, got {n_prefill} and {n_decode}")
+            raise ValueError(
+                f"need at least one prefill and one decode worker, got {n_prefill} and {n_decode}"
+            )
         self.n_prefill, self.n_decode = n_prefill, n_decode
         self.world = 1 + n_prefill + n_decode
         port = _free_port()
         settings = {**settings, "model": model}
         EngineConfig(**settings)  # bad settings fail here, before any process starts
-        store = dist.TCPStore("127.0.0.1", port, self.world, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=STORE_TIMEOUT_S))
-        hook_spec = {"saes": [str(s) for s in saes], "probes": [str(p) for p in probes], "top_n": top_n}
-        self.context = mp.start_processes(_worker, args=(self.world, settings, weights, port, hook_spec),
-                                          nprocs=self.world - 1, join=False, start_method="spawn")  # fmt: skip
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            self.world,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=STORE_TIMEOUT_S),
+        )
+        hook_spec = {
+            "saes": [str(s) for s in saes],
+            "probes": [str(p) for p in probes],
+            "top_n": top_n,
+        }
+        self.context = mp.start_processes(
+            _worker,
+            args=(self.world, settings, weights, port, hook_spec),
+            nprocs=self.world - 1,
+            join=False,
+            start_method="spawn",
+        )
         dist.init_process_group(_backend(), store=store, rank=ROUTER, world_size=self.world)
         self.link = Link(store, ROUTER)
         self.next_id = 0
 
-    def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None, cache_key: str = "") -> list[dict]:
+    def generate(
+        self,
+        prompts: list[list[int] | str],
+        params: SamplingParams | None = None,
+        cache_key: str = "",
+    ) -> list[dict]:
         """Run prompts through prefill and decode workers; returns {tokens, reason, text} in order."""
         params = params or SamplingParams()
         ids = []
@@ -178,13 +266,24 @@ class DisaggregatedLLM:
             request_id = str(self.next_id)
             self.next_id += 1
             prefill, decode = 1 + i % self.n_prefill, 1 + self.n_prefill + i % self.n_decode
-            self.link.send(prefill, {"op": "prefill", "id": request_id, "prompt": prompt, "params": asdict(params),
-                                     "decode": decode, "cache_key": cache_key})  # fmt: skip
+            self.link.send(
+                prefill,
+                {
+                    "op": "prefill",
+                    "id": request_id,
+                    "prompt": prompt,
+                    "params": asdict(params),
+                    "decode": decode,
+                    "cache_key": cache_key,
+                },
+            )
             ids.append(request_id)
         done: dict[str, dict] = {}
         while len(done) < len(ids):
             for body, _ in self.link.poll():
-                done[body["id"]] = {k: body[k] for k in ("tokens", "reason", "text", "cached", "features")}
+                done[body["id"]] = {
+                    k: body[k] for k in ("tokens", "reason", "text", "cached", "features")
+                }
             if self.context.join(timeout=0.001):
                 raise RuntimeError("a worker exited early")
         return [done[i] for i in ids]

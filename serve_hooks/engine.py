@@ -54,7 +54,9 @@ class Handoff:
     generator_state: Tensor  # the request's sampling generator after its first token
     params: SamplingParams
     cache_key: str = ""
-    extras: dict[str, Tensor] = field(default_factory=dict)  # per-token data of hooks (feature pages)
+    extras: dict[str, Tensor] = field(
+        default_factory=dict
+    )  # per-token data of hooks (feature pages)
 
 
 class LLMEngine:
@@ -64,19 +66,42 @@ class LLMEngine:
         hf = self.model.fast
         config = hf.config
         self.tokenizer = self.model.tokenizer
-        self.max_model_len = min(cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_model_len = min(
+            cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         shape = (config.num_hidden_layers, cfg.block_size, config.num_key_value_heads, head_dim)
-        num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_gb * 2**30) // KVCache.bytes_per_block(*shape))
-        self.kv = KVCache(shape[0], num_blocks, cfg.block_size, shape[2], head_dim, device=self.model.device,
-                          host_blocks=cfg.host_blocks, disk_dir=cfg.disk_dir)  # fmt: skip
-        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_cache, self.kv,
-                                   cfg.host_blocks, cfg.disk_blocks, cfg.disk_ttl_s)  # fmt: skip
+        num_blocks = cfg.num_blocks or max(
+            1, int(cfg.kv_cache_gb * 2**30) // KVCache.bytes_per_block(*shape)
+        )
+        self.kv = KVCache(
+            shape[0],
+            num_blocks,
+            cfg.block_size,
+            shape[2],
+            head_dim,
+            device=self.model.device,
+            host_blocks=cfg.host_blocks,
+            disk_dir=cfg.disk_dir,
+        )
+        self.blocks = BlockManager(
+            num_blocks,
+            cfg.block_size,
+            cfg.enable_prefix_cache,
+            self.kv,
+            cfg.host_blocks,
+            cfg.disk_blocks,
+            cfg.disk_ttl_s,
+        )
         self.scheduler = Scheduler(cfg, self.blocks)
         self.runner = ModelRunner(hf, self.kv)
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_id = self.tokenizer.eos_token_id
-        self.imports: deque[tuple[Sequence, Handoff]] = deque()  # handed-over requests waiting for blocks
+        self.imports: deque[tuple[Sequence, Handoff]] = (
+            deque()
+        )  # handed-over requests waiting for blocks
         # Hooks that keep per-request state add it to a handoff and take it back on import.
         self.on_handoff: list[Callable[[Sequence, Handoff], None]] = []
         self.on_import: list[Callable[[Sequence, Handoff], None]] = []
@@ -91,7 +116,11 @@ class LLMEngine:
         return [int(t) for t in prompt]
 
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, cache_key: str = "", prefill_only: bool = False
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        cache_key: str = "",
+        prefill_only: bool = False,
     ) -> Sequence:
         """Queue a request. prefill_only: stop after the first token and hand the KV over (see Handoff)."""
         params = params or SamplingParams()
@@ -102,12 +131,16 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this engine's context limit is {self.max_model_len} "
-                             "(prompt + at least one generated token)")  # fmt: skip
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this engine's context limit is {self.max_model_len} "
+                "(prompt + at least one generated token)"
+            )
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens = {total} tokens needs {self.blocks.blocks_for(total)} KV blocks, "
-                             f"the pool has {self.blocks.num_blocks}: lower max_tokens or enlarge the pool")  # fmt: skip
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens needs {self.blocks.blocks_for(total)} KV blocks, "
+                f"the pool has {self.blocks.num_blocks}: lower max_tokens or enlarge the pool"
+            )
         seq = Sequence(ids, params, cache_key=cache_key, arrival_time=time.monotonic())
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + seq.seq_id
         seq.generator = torch.Generator().manual_seed(seed)
@@ -116,10 +149,17 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
-    def add_prefilled(self, prompt_ids: list[int], output_ids: list[int], handoff: Handoff) -> Sequence:
+    def add_prefilled(
+        self, prompt_ids: list[int], output_ids: list[int], handoff: Handoff
+    ) -> Sequence:
         """Continue a request another engine prefilled: import its KV blocks and decode from there."""
-        seq = Sequence(list(prompt_ids), handoff.params, cache_key=handoff.cache_key, output_ids=list(output_ids),
-                       arrival_time=time.monotonic())  # fmt: skip
+        seq = Sequence(
+            list(prompt_ids),
+            handoff.params,
+            cache_key=handoff.cache_key,
+            output_ids=list(output_ids),
+            arrival_time=time.monotonic(),
+        )
         seq.generator = torch.Generator()
         seq.generator.set_state(handoff.generator_state)
         seq.first_token_time = seq.arrival_time
@@ -178,7 +218,9 @@ class LLMEngine:
             handoff = None
             if reason is None and seq.prefill_only:  # export before the blocks are released
                 k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
-                handoff = Handoff(k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key)
+                handoff = Handoff(
+                    k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key
+                )
                 for callback in self.on_handoff:
                     callback(seq, handoff)
                 reason = "prefilled"
@@ -210,17 +252,30 @@ class LLMEngine:
         return text if cut < 0 else text[:cut]
 
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
-        out = RequestOutput(seq.seq_id, seq.prompt_ids, list(seq.output_ids), new, seq.is_finished,
-                            seq.finish_reason, num_cached_tokens=seq.num_prefix_hit)  # fmt: skip
+        out = RequestOutput(
+            seq.seq_id,
+            seq.prompt_ids,
+            list(seq.output_ids),
+            new,
+            seq.is_finished,
+            seq.finish_reason,
+            num_cached_tokens=seq.num_prefix_hit,
+        )
         if seq.is_finished:
             out.text = self._text(seq)
         return out
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 cache_key: str = "") -> list[RequestOutput]:  # fmt: skip
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        cache_key: str = "",
+    ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.add_request(p, sp, cache_key) for p, sp in zip(prompts, per_prompt, strict=True)]
+        seqs = [
+            self.add_request(p, sp, cache_key) for p, sp in zip(prompts, per_prompt, strict=True)
+        ]
         final: dict[int, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
@@ -257,24 +312,42 @@ class LLM:
     adds a vector at a residual hook for that call's requests (they get their own KV namespace).
     """
 
-    def __init__(self, model: str | LoadedModel = "smollm2-135m", saes=(), probes=(), top_n: int = 8, graph=None,
-                 transition=None, **settings) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str | LoadedModel = "smollm2-135m",
+        saes=(),
+        probes=(),
+        top_n: int = 8,
+        graph=None,
+        transition=None,
+        **settings,
+    ) -> None:
         name = model if isinstance(model, str) else model.name
-        self.engine = LLMEngine(EngineConfig(model=name, **settings), None if isinstance(model, str) else model)
+        self.engine = LLMEngine(
+            EngineConfig(model=name, **settings), None if isinstance(model, str) else model
+        )
         self.hook = None
         if saes or probes or graph:
             from serve_hooks.hook import FeatureHook  # the hook imports this module
 
-            self.hook = FeatureHook(self.engine, saes, probes, top_n, graph=graph, transition=transition)
+            self.hook = FeatureHook(
+                self.engine, saes, probes, top_n, graph=graph, transition=transition
+            )
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 steering: tuple[Tensor, str] | None = None) -> list[RequestOutput]:  # fmt: skip
+    def generate(
+        self,
+        prompts,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        steering: tuple[Tensor, str] | None = None,
+    ) -> list[RequestOutput]:
         if steering is not None and self.hook is None:
             from serve_hooks.hook import FeatureHook
 
             self.hook = FeatureHook(self.engine)
         key = self.hook.steer(*steering) if steering is not None else ""
-        outs = self.engine.generate(prompts if isinstance(prompts, list) else [prompts], params, cache_key=key)
+        outs = self.engine.generate(
+            prompts if isinstance(prompts, list) else [prompts], params, cache_key=key
+        )
         if self.hook is not None:
             for out in outs:
                 out.features = self.hook.release(out.seq_id)

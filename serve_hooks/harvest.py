@@ -43,19 +43,35 @@ class TrafficHarvester:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         model = engine.model
-        manifest = StoreManifest(model=model.name, weights_sha256=model.weights_sha256, hooks=list(hooks),
-                                 d_model=model.d_model, dtype=dtype, context_size=engine.max_model_len,
-                                 corpus="live-traffic", seed=0, n_tokens_target=0, windows_per_shard=0,
-                                 keep_bos=True)  # fmt: skip
+        manifest = StoreManifest(
+            model=model.name,
+            weights_sha256=model.weights_sha256,
+            hooks=list(hooks),
+            d_model=model.d_model,
+            dtype=dtype,
+            context_size=engine.max_model_len,
+            corpus="live-traffic",
+            seed=0,
+            n_tokens_target=0,
+            windows_per_shard=0,
+            keep_bos=True,
+        )
         self.writer = StoreWriter.open(out, manifest)
-        self.hooks, self.sample, self.shard_tokens, self.dtype = list(hooks), sample, shard_tokens, DTYPES[dtype]
+        self.hooks, self.sample, self.shard_tokens, self.dtype = (
+            list(hooks),
+            sample,
+            shard_tokens,
+            DTYPES[dtype],
+        )
         self.last_hook = max(self.hooks, key=lambda h: (int(h.split(".")[1]), h))
         self.seen: dict[int, int] = {}  # seq_id -> positions already recorded
         self.step_rows: dict[str, Tensor] = {}
         self.buffer: list[dict[str, Tensor]] = []
         self.buffered = 0
         self.jobs: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._write_loop, name="greylens-live-harvest", daemon=True)
+        self.thread = threading.Thread(
+            target=self._write_loop, name="greylens-live-harvest", daemon=True
+        )
         self.thread.start()
         self._remove = [engine.runner.add_hook(h, self._recorder(h)) for h in self.hooks]
 

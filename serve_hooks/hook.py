@@ -51,11 +51,17 @@ class RequestFeatures:
 
     def __init__(self, top_n: int) -> None:
         self.top_n, self.n = top_n, 0
-        self.codes: dict[str, tuple[Tensor, Tensor]] = {}  # hook -> (indices [cap, top_n], values [cap, top_n])
+        self.codes: dict[
+            str, tuple[Tensor, Tensor]
+        ] = {}  # hook -> (indices [cap, top_n], values [cap, top_n])
         self.scores: dict[str, Tensor] = {}  # probe name -> [cap]
-        self.path_inputs: dict[int, dict] = {}  # position -> what explaining its prediction needs (with a graph)
+        self.path_inputs: dict[
+            int, dict
+        ] = {}  # position -> what explaining its prediction needs (with a graph)
         self.predictions: list[dict] = []  # explained predictions (FeatureHook.explain fills it)
-        self.triggers: dict[str, dict] = {}  # probe -> pooled score, probability, fired (LLM.generate fills it)
+        self.triggers: dict[
+            str, dict
+        ] = {}  # probe -> pooled score, probability, fired (LLM.generate fills it)
 
     def _room(self, length: int) -> None:
         for key, (idx, val) in self.codes.items():
@@ -67,7 +73,10 @@ class RequestFeatures:
 
     def write_codes(self, hook: str, start: int, idx: Tensor, val: Tensor) -> None:
         if hook not in self.codes:
-            self.codes[hook] = (torch.zeros(0, self.top_n, dtype=torch.long), torch.zeros(0, self.top_n))
+            self.codes[hook] = (
+                torch.zeros(0, self.top_n, dtype=torch.long),
+                torch.zeros(0, self.top_n),
+            )
         self._room(start + idx.shape[0])
         self.codes[hook][0][start : start + idx.shape[0]] = idx
         self.codes[hook][1][start : start + idx.shape[0]] = val
@@ -85,7 +94,10 @@ class RequestFeatures:
         `scores.<probe>` (the form feature pages, handoffs and disk files all use)."""
         page = {}
         for hook, (idx, val) in self.codes.items():
-            page[f"codes.indices.{hook}"], page[f"codes.values.{hook}"] = idx[start:end].clone(), val[start:end].clone()
+            page[f"codes.indices.{hook}"], page[f"codes.values.{hook}"] = (
+                idx[start:end].clone(),
+                val[start:end].clone(),
+            )
         for probe, scores in self.scores.items():
             page[f"scores.{probe}"] = scores[start:end].clone()
         return page
@@ -100,9 +112,13 @@ class RequestFeatures:
                 self.write_codes(hook, start, tensor, page[f"codes.values.{hook}"])
 
     def to_json(self) -> dict:
-        return {"codes": {h: {"indices": i[: self.n].tolist(), "values": v[: self.n].tolist()}
-                          for h, (i, v) in self.codes.items()},
-                "probes": {p: s[: self.n].tolist() for p, s in self.scores.items()}}  # fmt: skip
+        return {
+            "codes": {
+                h: {"indices": i[: self.n].tolist(), "values": v[: self.n].tolist()}
+                for h, (i, v) in self.codes.items()
+            },
+            "probes": {p: s[: self.n].tolist() for p, s in self.scores.items()},
+        }
 
 
 def _grow(t: Tensor, length: int) -> Tensor:
@@ -112,8 +128,16 @@ def _grow(t: Tensor, length: int) -> Tensor:
 
 
 class FeatureHook:
-    def __init__(self, engine: LLMEngine, saes: Seq = (), probes: Seq = (), top_n: int = 8, watch_all: bool = True,
-                 graph: str | Path | None = None, transition: str | Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: LLMEngine,
+        saes: Seq = (),
+        probes: Seq = (),
+        top_n: int = 8,
+        watch_all: bool = True,
+        graph: str | Path | None = None,
+        transition: str | Path | None = None,
+    ) -> None:
         if top_n < 1:
             raise ValueError(f"top_n must be at least 1, got {top_n}")
         self.engine, self.top_n, self.watch_all = engine, top_n, watch_all
@@ -122,12 +146,16 @@ class FeatureHook:
         self.paths = PathRecorder(engine, graph, transition) if graph is not None else None
         if self.paths is not None:
             self.saes[self.paths.source_hook] = self.paths.encoder
-        sources = {self.paths.source_hook: Path(graph).resolve()} if self.paths is not None else {}  # hook -> dir
+        sources = (
+            {self.paths.source_hook: Path(graph).resolve()} if self.paths is not None else {}
+        )  # hook -> dir
         for item in saes:
             encoder = load_encoder(item) if isinstance(item, str | Path) else item
             if encoder.cfg.hook in self.saes:
-                raise ValueError(f"two encoders read {encoder.cfg.hook} (an SAE and the graph, or two SAEs): "
-                                 "attach one per hook")  # fmt: skip
+                raise ValueError(
+                    f"two encoders read {encoder.cfg.hook} (an SAE and the graph, or two SAEs): "
+                    "attach one per hook"
+                )
             self.saes[encoder.cfg.hook] = encoder
             if isinstance(item, str | Path):
                 sources[encoder.cfg.hook] = Path(item).resolve()
@@ -135,22 +163,35 @@ class FeatureHook:
         for item in probes:
             probe = item if isinstance(item, Probe) else Probe.load(item)
             self.probes[probe.name or f"{probe.kind}-{len(self.probes)}"] = probe
-        for name, probe in self.probes.items():  # a sparse or graph probe reads the code of its own SAE
+        for (
+            name,
+            probe,
+        ) in self.probes.items():  # a sparse or graph probe reads the code of its own SAE
             if not probe.needs_code:
                 continue
             if probe.hook not in self.saes:
                 self.saes[probe.hook] = load_encoder(probe.sae)
-            elif probe.hook in sources and Path(probe.sae).exists() and Path(probe.sae).resolve() != sources[probe.hook]:
-                raise ValueError(f"probe {name!r} reads the code of {probe.sae}, but {sources[probe.hook]} is attached "
-                                 f"at {probe.hook}: attach the probe's own SAE there or leave the hook free")  # fmt: skip
+            elif (
+                probe.hook in sources
+                and Path(probe.sae).exists()
+                and Path(probe.sae).resolve() != sources[probe.hook]
+            ):
+                raise ValueError(
+                    f"probe {name!r} reads the code of {probe.sae}, but {sources[probe.hook]} is attached "
+                    f"at {probe.hook}: attach the probe's own SAE there or leave the hook free"
+                )
         self.version = self._fingerprint()
         self.requests: dict[int, RequestFeatures] = {}
         self.stats: Counter[str] = Counter()  # encoded_rows, reused_tokens (from feature pages)
         self.steering: dict[str, tuple[str, Tensor]] = {}  # cache key -> (hook, vector)
         self._hooked = set(self.saes) | {p.hook for p in self.probes.values()}
         self._remove = [engine.runner.add_hook(h, self._reader(h)) for h in sorted(self._hooked)]
-        if self.paths is not None:  # the target SAE and the final RMS are read at the prediction rows
-            self._remove += [engine.runner.add_hook(h, self._path_reader(h)) for h in self.paths.extra_hooks]
+        if (
+            self.paths is not None
+        ):  # the target SAE and the final RMS are read at the prediction rows
+            self._remove += [
+                engine.runner.add_hook(h, self._path_reader(h)) for h in self.paths.extra_hooks
+            ]
         blocks = engine.blocks
         blocks.page_filter = lambda seq, node: not self.wants(seq) or self.version in node.pages
         blocks.on_admit.append(self._admitted)
@@ -163,12 +204,18 @@ class FeatureHook:
         """Identity of everything that produces pages: SAE weights, probe weights, top_n."""
         digest = hashlib.sha256(str(self.top_n).encode())
         for hook, encoder in sorted(self.saes.items()):
-            module = encoder.model if hasattr(encoder, "model") else encoder  # graph autoencoder or SAE
+            module = (
+                encoder.model if hasattr(encoder, "model") else encoder
+            )  # graph autoencoder or SAE
             digest.update(hook.encode())
             for name, tensor in sorted(module.state_dict().items()):
-                digest.update(name.encode() + tensor.detach().float().contiguous().numpy().tobytes())
+                digest.update(
+                    name.encode() + tensor.detach().float().contiguous().numpy().tobytes()
+                )
         for name, probe in sorted(self.probes.items()):
-            digest.update(name.encode() + probe.weight.numpy().tobytes() + probe.features.numpy().tobytes())
+            digest.update(
+                name.encode() + probe.weight.numpy().tobytes() + probe.features.numpy().tobytes()
+            )
             digest.update(f"{probe.bias}".encode())
         return digest.hexdigest()[:16]
 
@@ -200,7 +247,9 @@ class FeatureHook:
 
         return read
 
-    def _record(self, hook: str, x: Tensor, ctx: StepContext, chosen: list[int], offsets: list[int]) -> None:
+    def _record(
+        self, hook: str, x: Tensor, ctx: StepContext, chosen: list[int], offsets: list[int]
+    ) -> None:
         self.stats["encoded_rows"] += x.shape[0]
         code = None
         if self.paths is not None and hook == self.paths.source_hook:
@@ -230,8 +279,11 @@ class FeatureHook:
         return read
 
     def _steer(self, hook: str, rows: Tensor, ctx: StepContext, cu: list[int]) -> Tensor | None:
-        chosen = [(cu[i], cu[i + 1], self.steering[s.cache_key][1]) for i, s in enumerate(ctx.seqs)
-                  if s.cache_key in self.steering and self.steering[s.cache_key][0] == hook]  # fmt: skip
+        chosen = [
+            (cu[i], cu[i + 1], self.steering[s.cache_key][1])
+            for i, s in enumerate(ctx.seqs)
+            if s.cache_key in self.steering and self.steering[s.cache_key][0] == hook
+        ]
         if not chosen:
             return None  # read-only: the runner keeps its own tensor
         rows = rows.clone()
@@ -253,7 +305,9 @@ class FeatureHook:
     def _committed(self, seq: Sequence, block_index: int, node: PrefixNode) -> None:
         if self.version not in node.pages and seq.seq_id in self.requests:
             bs = self.engine.blocks.block_size
-            node.pages[self.version] = self.requests[seq.seq_id].page(block_index * bs, (block_index + 1) * bs)
+            node.pages[self.version] = self.requests[seq.seq_id].page(
+                block_index * bs, (block_index + 1) * bs
+            )
 
     def _handoff(self, seq: Sequence, handoff) -> None:
         """Prefill → decode: the prompt's per-token results travel with its KV blocks."""
@@ -268,7 +322,9 @@ class FeatureHook:
             return  # the prefill side did not watch this request
         self.watched.add(seq.seq_id)
         self.requests[seq.seq_id] = RequestFeatures(self.top_n)
-        self.requests[seq.seq_id].fill(0, {k: v for k, v in handoff.extras.items() if k.startswith(("codes.", "scores."))})
+        self.requests[seq.seq_id].fill(
+            0, {k: v for k, v in handoff.extras.items() if k.startswith(("codes.", "scores."))}
+        )
         if self.paths is not None:
             self.paths.adopt(seq.seq_id, handoff.extras)
 
@@ -277,15 +333,26 @@ class FeatureHook:
     def steer(self, vector: Tensor, hook: str) -> str:
         """A cache key for requests that get `vector` added at `hook` (a fingerprint of both)."""
         if not hook.endswith(("hook_resid_pre", "hook_resid_post")):
-            raise ValueError(f"steering needs a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}")
+            raise ValueError(
+                f"steering needs a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}"
+            )
         vector = vector.detach().float()
         if vector.shape != (self.engine.model.d_model,):
-            raise ValueError(f"steering vector has shape {tuple(vector.shape)}, expected ({self.engine.model.d_model},)")
-        key = "steer:" + hashlib.sha256(hook.encode() + vector.contiguous().numpy().tobytes()).hexdigest()[:16]
+            raise ValueError(
+                f"steering vector has shape {tuple(vector.shape)}, expected ({self.engine.model.d_model},)"
+            )
+        key = (
+            "steer:"
+            + hashlib.sha256(hook.encode() + vector.contiguous().numpy().tobytes()).hexdigest()[:16]
+        )
         self.steering[key] = (hook, vector)
         if hook not in self._hooked:  # read hooks steer too; other points get a steering-only hook
             self._hooked.add(hook)
-            self._remove.append(self.engine.runner.add_hook(hook, lambda rows, ctx: self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())))
+            self._remove.append(
+                self.engine.runner.add_hook(
+                    hook, lambda rows, ctx: self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())
+                )
+            )
         return key
 
     def watch(self, seq_id: int) -> None:
@@ -306,7 +373,9 @@ class FeatureHook:
                 state.path_inputs = inputs
         return state
 
-    def pooled(self, state: RequestFeatures, token_ids: list[int], names: Seq[str] | None = None) -> dict[str, dict]:
+    def pooled(
+        self, state: RequestFeatures, token_ids: list[int], names: Seq[str] | None = None
+    ) -> dict[str, dict]:
         """Each probe's pooled score over every token the model read but a leading BOS (as Lens
         pools a text), its probability and whether it fired: {name: {score, probability, fired, threshold}}."""
         start = 1 if token_ids and token_ids[0] == self.engine.tokenizer.bos_token_id else 0
@@ -316,17 +385,27 @@ class FeatureHook:
             if len(scores) == 0:
                 continue
             pooled = pool(Ragged(scores, torch.tensor([0, len(scores)])), probe.aggregation)[0]
-            summary[name] = {"score": float(pooled), "probability": float(torch.sigmoid(pooled)),
-                             "fired": bool(probe.fires(pooled)), "threshold": probe.threshold}  # fmt: skip
+            summary[name] = {
+                "score": float(pooled),
+                "probability": float(torch.sigmoid(pooled)),
+                "fired": bool(probe.fires(pooled)),
+                "threshold": probe.threshold,
+            }
         return summary
 
-    def explain(self, request: int | RequestFeatures, token_ids: list[int], after: int = -1, top: int = 5) -> list[dict]:
+    def explain(
+        self, request: int | RequestFeatures, token_ids: list[int], after: int = -1, top: int = 5
+    ) -> list[dict]:
         """Reasoning paths of a request's predictions at positions > `after` whose token is known
         (token_ids: prompt + generated so far); [] without a graph. `request`: a live request's
         seq_id, or what `release` returned."""
         if self.paths is None:
             return []
-        inputs = request.path_inputs if isinstance(request, RequestFeatures) else self.paths.pending.get(request, {})
+        inputs = (
+            request.path_inputs
+            if isinstance(request, RequestFeatures)
+            else self.paths.pending.get(request, {})
+        )
         return self.paths.explain({p: v for p, v in inputs.items() if p > after}, token_ids, top)
 
     def close(self) -> None:

@@ -44,7 +44,9 @@ class KVCache:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def bytes_per_block(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype_bytes: int = 4) -> int:
+    def bytes_per_block(
+        n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype_bytes: int = 4
+    ) -> int:
         return 2 * n_layers * block_size * n_kv_heads * head_dim * dtype_bytes
 
     # ------------------------------------------------------------------ tiers
@@ -62,7 +64,10 @@ class KVCache:
         path = self._path(name)
         tmp = path.with_suffix(".tmp")
         tensors = {f"extra/{key}": t.contiguous() for key, t in (extras or {}).items()}
-        save_file({**tensors, "k": self.host_k[slot].contiguous(), "v": self.host_v[slot].contiguous()}, str(tmp))
+        save_file(
+            {**tensors, "k": self.host_k[slot].contiguous(), "v": self.host_v[slot].contiguous()},
+            str(tmp),
+        )
         os.replace(tmp, path)  # a reader never sees half a block
 
     def disk_to_device(self, name: str, block: int) -> dict[str, Tensor]:
@@ -70,7 +75,9 @@ class KVCache:
         tensors = load_file(str(self._path(name)))
         self.k[:, block].copy_(tensors["k"])
         self.v[:, block].copy_(tensors["v"])
-        return {key.removeprefix("extra/"): t for key, t in tensors.items() if key.startswith("extra/")}
+        return {
+            key.removeprefix("extra/"): t for key, t in tensors.items() if key.startswith("extra/")
+        }
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)

@@ -26,7 +26,13 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.sequence import Sequence
 
-HOOK_POINTS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+HOOK_POINTS = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 Hook = Callable[[Tensor, "StepContext"], Tensor | None]
 
 
@@ -39,7 +45,9 @@ class StepContext:
     cu_seqlens_q: Tensor  # [n_seqs + 1] int64
     positions: Tensor  # [n_tokens] int64
     slots: Tensor  # [n_tokens] int64 KV slot of each row
-    logit_seqs: list[int]  # indices into seqs whose last row yields logits (chunk ends the sequence)
+    logit_seqs: list[
+        int
+    ]  # indices into seqs whose last row yields logits (chunk ends the sequence)
     plan: AttentionPlan | None = None
 
     @property
@@ -51,7 +59,9 @@ class StepContext:
 class AttentionPlan:
     """Where each request's keys live, worked out once per step (every layer reuses it)."""
 
-    prefills: list[tuple[int, int, Tensor, Tensor | None]]  # (row start, row end, context slots, mask)
+    prefills: list[
+        tuple[int, int, Tensor, Tensor | None]
+    ]  # (row start, row end, context slots, mask)
     decode_rows: Tensor | None  # [n_decode] rows that are single-token continuations
     decode_slots: Tensor | None  # [n_decode, longest] context slots (0-padded)
     decode_mask: Tensor | None  # [n_decode, 1, 1, longest] bool
@@ -68,9 +78,15 @@ class ModelRunner:
         self.hooks: dict[str, list[Hook]] = {}
         # One GEMM for q, k, v and one for gate, up: fewer, larger matmuls per layer.
         layers = self.model.layers
-        self.qkv = [Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])) for a in self._attns()]
+        self.qkv = [
+            Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            for a in self._attns()
+        ]
         self.o = [Linear(layer.self_attn.o_proj.weight) for layer in layers]
-        self.gate_up = [Linear(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight])) for layer in layers]
+        self.gate_up = [
+            Linear(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
+            for layer in layers
+        ]
         self.down = [Linear(layer.mlp.down_proj.weight) for layer in layers]
         self.head = Linear(self.lm_head.weight)
 
@@ -83,10 +99,16 @@ class ModelRunner:
 
     def add_hook(self, name: str, hook: Hook) -> Callable[[], None]:
         layer, _, point = name.removeprefix("blocks.").partition(".")
-        if not (name.startswith("blocks.") and layer.isdigit() and point in HOOK_POINTS
-                and int(layer) < len(self.model.layers)):  # fmt: skip
-            raise ValueError(f"unknown engine hook point {name!r}; use blocks.L.<{'|'.join(HOOK_POINTS)}> "
-                             f"with L in 0..{len(self.model.layers) - 1}")  # fmt: skip
+        if not (
+            name.startswith("blocks.")
+            and layer.isdigit()
+            and point in HOOK_POINTS
+            and int(layer) < len(self.model.layers)
+        ):
+            raise ValueError(
+                f"unknown engine hook point {name!r}; use blocks.L.<{'|'.join(HOOK_POINTS)}> "
+                f"with L in 0..{len(self.model.layers) - 1}"
+            )
         self.hooks.setdefault(name, []).append(hook)
         return lambda: self.hooks[name].remove(hook)
 
@@ -106,7 +128,14 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 logit_seqs.append(i)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        ctx = StepContext([s for s, _ in scheduled], starts, as_tensor(cu), as_tensor(positions), as_tensor(slots), logit_seqs)
+        ctx = StepContext(
+            [s for s, _ in scheduled],
+            starts,
+            as_tensor(cu),
+            as_tensor(positions),
+            as_tensor(slots),
+            logit_seqs,
+        )
         ctx.plan = self._plan(ctx, cu)
         return as_tensor(ids), ctx
 
@@ -117,8 +146,13 @@ class ModelRunner:
             q_len, start = cu[i + 1] - cu[i], ctx.starts[i]
             mask = None  # a chunk from position 0 is plainly causal
             if start > 0:  # query j sits at position start + j and sees keys 0..start + j
-                mask = torch.arange(start + q_len, device=self.device)[None] <= (start + torch.arange(q_len, device=self.device))[:, None]
-            prefills.append((cu[i], cu[i + 1], self._context_slots(ctx.seqs[i], start + q_len), mask))
+                mask = (
+                    torch.arange(start + q_len, device=self.device)[None]
+                    <= (start + torch.arange(q_len, device=self.device))[:, None]
+                )
+            prefills.append(
+                (cu[i], cu[i + 1], self._context_slots(ctx.seqs[i], start + q_len), mask)
+            )
         if not decodes:
             return AttentionPlan(prefills, None, None, None)
         lengths = torch.tensor([ctx.starts[i] + 1 for i in decodes], device=self.device)
@@ -147,7 +181,9 @@ class ModelRunner:
             attn = self.o[index](self._attention(index, x, cos[0], sin[0], ctx))
             attn = self._hook(index, "hook_attn_out", attn, ctx)
             h = self._hook(index, "hook_resid_mid", h + attn, ctx)
-            gate, up = self.gate_up[index](_rms_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)
+            gate, up = self.gate_up[index](_rms_norm(layer.post_attention_layernorm, h)).chunk(
+                2, dim=-1
+            )
             mlp = self.down[index](layer.mlp.act_fn(gate) * up)
             mlp = self._hook(index, "hook_mlp_out", mlp, ctx)
             h = self._hook(index, "hook_resid_post", h + mlp, ctx)
@@ -161,25 +197,51 @@ class ModelRunner:
                 value = replaced
         return value
 
-    def _attention(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext) -> Tensor:
+    def _attention(
+        self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, ctx: StepContext
+    ) -> Tensor:
         n, hd, scale = x.shape[0], self.head_dim, self.model.layers[layer].self_attn.scaling
-        q, k, v = self.qkv[layer](x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q, k = apply_rotary_pos_emb(q.view(n, self.n_heads, hd), k.view(n, self.n_kv, hd), cos, sin, unsqueeze_dim=1)
+        q, k, v = self.qkv[layer](x).split(
+            [self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1
+        )
+        q, k = apply_rotary_pos_emb(
+            q.view(n, self.n_heads, hd), k.view(n, self.n_kv, hd), cos, sin, unsqueeze_dim=1
+        )
         k_pool = self.kv.k[layer].view(-1, self.n_kv, hd)  # [num_blocks * block_size, n_kv, hd]
         v_pool = self.kv.v[layer].view(-1, self.n_kv, hd)
         k_pool[ctx.slots] = k
         v_pool[ctx.slots] = v.view(n, self.n_kv, hd)
         out = torch.empty_like(q)  # [n_tokens, n_heads, hd]
         plan = ctx.plan
-        for start, end, slots, mask in plan.prefills:  # 4-D inputs: 3-D ones miss the fused CPU kernel (5x slower)
-            keys, values = k_pool[slots].transpose(0, 1)[None], v_pool[slots].transpose(0, 1)[None]  # [1, n_kv, ctx, hd]
-            out[start:end] = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], keys, values, attn_mask=mask,
-                                                            is_causal=mask is None, scale=scale, enable_gqa=True)[0].transpose(0, 1)  # fmt: skip
+        for (
+            start,
+            end,
+            slots,
+            mask,
+        ) in plan.prefills:  # 4-D inputs: 3-D ones miss the fused CPU kernel (5x slower)
+            keys, values = (
+                k_pool[slots].transpose(0, 1)[None],
+                v_pool[slots].transpose(0, 1)[None],
+            )  # [1, n_kv, ctx, hd]
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1)[None],
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scale,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
         if plan.decode_rows is not None:
             keys = k_pool[plan.decode_slots].transpose(1, 2)  # [n_decode, n_kv, longest, hd]
             values = v_pool[plan.decode_slots].transpose(1, 2)
             out[plan.decode_rows] = F.scaled_dot_product_attention(
-                q[plan.decode_rows][:, :, None], keys, values, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True
+                q[plan.decode_rows][:, :, None],
+                keys,
+                values,
+                attn_mask=plan.decode_mask,
+                scale=scale,
+                enable_gqa=True,
             )[:, :, 0]
         return out.view(n, -1)
 
@@ -203,7 +265,11 @@ class Linear:
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight.detach()
         self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if (
+            weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+        ):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, self.BATCH_HINT)
             except (RuntimeError, AttributeError):  # a torch without these ops: plain GEMM

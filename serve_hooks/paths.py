@@ -37,13 +37,19 @@ class Prediction(NamedTuple):
 
 class PathRecorder:
     def __init__(self, engine, graph: str | Path, transition: str | Path | None = None) -> None:
-        self.explainer = load_explainer(engine.model, str(graph), str(transition) if transition else None)
+        self.explainer = load_explainer(
+            engine.model, str(graph), str(transition) if transition else None
+        )
         self.encoder = AsSAE(self.explainer.source)  # the SAE the hook reports at the source hook
         self.source_hook = self.explainer.source_sae.cfg.hook
-        self.target_hook = self.explainer.target.cfg.hook if self.explainer.target is not None else None
+        self.target_hook = (
+            self.explainer.target.cfg.hook if self.explainer.target is not None else None
+        )
         self.final_hook = f"blocks.{engine.model.fast.config.num_hidden_layers - 1}.hook_resid_post"
         self.eps = engine.model.fast.config.rms_norm_eps
-        self.extra_hooks = sorted({self.final_hook} | ({self.target_hook} if self.target_hook else set()))
+        self.extra_hooks = sorted(
+            {self.final_hook} | ({self.target_hook} if self.target_hook else set())
+        )
         self.pending: dict[int, dict[int, dict]] = {}  # seq_id -> position -> parts of a Prediction
 
     def source_code(self, x: Tensor) -> GraphCode:
@@ -62,10 +68,14 @@ class PathRecorder:
                 row = (offsets[j] if offsets is not None else cu[i]) + n - 1
                 yield ctx.seqs[i].seq_id, ctx.starts[i] + n - 1, row
 
-    def keep_sources(self, code: SparseCode, ctx: StepContext, chosen: list[int], offsets: list[int]) -> None:
+    def keep_sources(
+        self, code: SparseCode, ctx: StepContext, chosen: list[int], offsets: list[int]
+    ) -> None:
         for seq_id, position, row in self._prediction_rows(ctx, chosen, offsets):
             on = code.rows == row
-            self.pending.setdefault(seq_id, {})[position] = {"source": (code.cols[on], code.values[on])}
+            self.pending.setdefault(seq_id, {})[position] = {
+                "source": (code.cols[on], code.values[on])
+            }
 
     def keep_extra(self, hook: str, rows: Tensor, ctx: StepContext, chosen: list[int]) -> None:
         """Target codes and the final RMS at the prediction rows (rows: the whole flattened batch)."""
@@ -87,7 +97,9 @@ class PathRecorder:
         for position, parts in self.release(seq_id).items():
             for part in ("source", "target"):
                 if part in parts:
-                    out[f"paths.{position}.{part}.cols"], out[f"paths.{position}.{part}.values"] = parts[part]
+                    out[f"paths.{position}.{part}.cols"], out[f"paths.{position}.{part}.values"] = (
+                        parts[part]
+                    )
             if "rms" in parts:
                 out[f"paths.{position}.rms"] = torch.tensor([parts["rms"]])
         return out
@@ -116,10 +128,17 @@ class PathRecorder:
         predicted = torch.tensor([token_ids[p + 1] for p in positions])
         rms = torch.tensor([pending[p]["rms"] for p in positions])
         found = self.explainer.predictions(source, target, predicted, rms, top)
-        return [{"position": p, "token_id": token_ids[p + 1], **f} for p, f in zip(positions, found, strict=True)]
+        return [
+            {"position": p, "token_id": token_ids[p + 1], **f}
+            for p, f in zip(positions, found, strict=True)
+        ]
 
 
 def _stack(parts: list[tuple[Tensor, Tensor]]) -> SparseCode:
     """Per-row (cols, values) pairs -> one row-sorted SparseCode with a row per pair."""
-    rows = torch.cat([torch.full((len(cols),), i, dtype=torch.long) for i, (cols, _) in enumerate(parts)])
-    return SparseCode(torch.cat([v for _, v in parts]), torch.cat([c for c, _ in parts]), rows, len(parts))
+    rows = torch.cat(
+        [torch.full((len(cols),), i, dtype=torch.long) for i, (cols, _) in enumerate(parts)]
+    )
+    return SparseCode(
+        torch.cat([v for _, v in parts]), torch.cat([c for c, _ in parts]), rows, len(parts)
+    )

@@ -28,7 +28,12 @@ class Reporter:
     """One request's `greylens` deltas; lives on the engine thread (it reads the hook's state)."""
 
     def __init__(self, hook: FeatureHook, tokenizer: Any, options: Any, prompt_len: int) -> None:
-        self.hook, self.tokenizer, self.options, self.prompt_len = hook, tokenizer, options, prompt_len
+        self.hook, self.tokenizer, self.options, self.prompt_len = (
+            hook,
+            tokenizer,
+            options,
+            prompt_len,
+        )
         names = list(hook.probes) if options.probes is None else options.probes
         self.probes = {name: hook.probes[name] for name in names}
         self.sent = 0  # positions already reported
@@ -38,12 +43,15 @@ class Reporter:
         """What is new since the last call; on the finished call the request's state is released."""
         state = self.hook.release(seq_id) if finished else self.hook.features(seq_id)
         computed = state.n if state is not None else 0
-        end = len(token_ids) if finished else computed  # the last token (never read) closes the list
+        end = (
+            len(token_ids) if finished else computed
+        )  # the last token (never read) closes the list
         out: dict[str, Any] = {"prompt": [], "completion": []}
         for position in range(self.sent, end):
             read = state is not None and position < computed
             out["prompt" if position < self.prompt_len else "completion"].append(
-                self._token(token_ids[position], state if read else None, position))
+                self._token(token_ids[position], state if read else None, position)
+            )
         self.sent = max(self.sent, end)
         if self.options.paths and state is not None:
             source = state if finished else seq_id
@@ -58,7 +66,12 @@ class Reporter:
         return out
 
     def _token(self, token_id: int, state: RequestFeatures | None, position: int) -> dict:
-        item: dict[str, Any] = {"token": self.tokenizer.decode([token_id]), "id": token_id, "features": None, "probes": None}
+        item: dict[str, Any] = {
+            "token": self.tokenizer.decode([token_id]),
+            "id": token_id,
+            "features": None,
+            "probes": None,
+        }
         if state is None:
             return item
         n = self.hook.top_n if self.options.features is None else self.options.features
@@ -66,12 +79,21 @@ class Reporter:
             item["features"] = {}
             for hook, (ids, values) in state.codes.items():
                 row_ids, row_values = ids[position, :n].tolist(), values[position, :n].tolist()
-                item["features"][hook] = [[i, round(v, 5)] for i, v in zip(row_ids, row_values, strict=True) if v != 0]
-        item["probes"] = {name: round(float(state.scores[name][position]), 5) for name in self.probes if name in state.scores}
+                item["features"][hook] = [
+                    [i, round(v, 5)] for i, v in zip(row_ids, row_values, strict=True) if v != 0
+                ]
+        item["probes"] = {
+            name: round(float(state.scores[name][position]), 5)
+            for name in self.probes
+            if name in state.scores
+        }
         return item
 
     def _summary(self, state: RequestFeatures | None, token_ids: list[int]) -> dict:
         if state is None:
             return {}
         summary = self.hook.pooled(state, token_ids, list(self.probes))
-        return {name: {k: round(v, 5) if isinstance(v, float) else v for k, v in item.items()} for name, item in summary.items()}
+        return {
+            name: {k: round(v, 5) if isinstance(v, float) else v for k, v in item.items()}
+            for name, item in summary.items()
+        }

@@ -53,7 +53,10 @@ class Scheduler:
             seq = self.waiting[0]
             matched = self.blocks.match(seq)
             n = min(seq.num_tokens - len(matched) * self.cfg.block_size, budget)
-            if not self.cfg.chunked_prefill and n < seq.num_tokens - len(matched) * self.cfg.block_size:
+            if (
+                not self.cfg.chunked_prefill
+                and n < seq.num_tokens - len(matched) * self.cfg.block_size
+            ):
                 break
             if not self.blocks.can_admit(seq, matched, n):
                 break

@@ -79,10 +79,19 @@ class ServerConfig(EngineConfig):
         """The hook answering `greylens` requests, if any SAE, probe or graph is attached."""
         if not (self.sae or self.probe or self.graph):
             if self.transition:
-                raise ValueError("--transition needs --graph (the graph autoencoder it starts from)")
+                raise ValueError(
+                    "--transition needs --graph (the graph autoencoder it starts from)"
+                )
             return None
-        return FeatureHook(engine, self.sae, self.probe, self.top_n, watch_all=False, graph=self.graph or None,
-                           transition=self.transition or None)  # fmt: skip
+        return FeatureHook(
+            engine,
+            self.sae,
+            self.probe,
+            self.top_n,
+            watch_all=False,
+            graph=self.graph or None,
+            transition=self.transition or None,
+        )
 
 
 # --------------------------------------------------------------------------- the HTTP app
@@ -124,26 +133,43 @@ class _Reply:
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def full(self, out: RequestOutput, usage: dict[str, int], greylens: dict | None = None) -> dict[str, Any]:
+    def full(
+        self, out: RequestOutput, usage: dict[str, int], greylens: dict | None = None
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice["text"] = out.text
-        body = {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice], "usage": usage}
+        body = {
+            **self._head("chat.completion" if self.chat else "text_completion"),
+            "choices": [choice],
+            "usage": usage,
+        }
         if greylens is not None:
             body["greylens"] = greylens
         return body
 
-    def chunk(self, text: str | None, finish: str | None, usage: dict[str, int] | None = None,
-              greylens: dict | None = None) -> str:  # fmt: skip
+    def chunk(
+        self,
+        text: str | None,
+        finish: str | None,
+        usage: dict[str, int] | None = None,
+        greylens: dict | None = None,
+    ) -> str:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if self.chat:  # text None: the opening chunk that names the role
-            choice["delta"] = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            choice["delta"] = (
+                {"role": "assistant", "content": ""}
+                if text is None
+                else ({"content": text} if text else {})
+            )
         else:
             choice["text"] = text or ""
-        body = {**self._head("chat.completion.chunk" if self.chat else "text_completion"),
-                "choices": [] if usage else [choice]}  # fmt: skip
+        body = {
+            **self._head("chat.completion.chunk" if self.chat else "text_completion"),
+            "choices": [] if usage else [choice],
+        }
         if usage:
             body["usage"] = usage
         if greylens is not None:
@@ -153,17 +179,27 @@ class _Reply:
 
 def _usage(handle: Handle, out: RequestOutput) -> dict[str, int]:
     n = len(out.token_ids)
-    return {"prompt_tokens": handle.prompt_tokens, "completion_tokens": n, "total_tokens": handle.prompt_tokens + n}
+    return {
+        "prompt_tokens": handle.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": handle.prompt_tokens + n,
+    }
 
 
-async def _stream(engine: AsyncEngine, handle: Handle, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    engine: AsyncEngine, handle: Handle, reply: _Reply, include_usage: bool
+) -> AsyncIterator[str]:
     try:
         if reply.chat:
             yield reply.chunk(None, None)
         async for chunk in engine.results(handle):
             out = chunk.output
             if chunk.delta or out.finished or chunk.greylens is not None:
-                yield reply.chunk(chunk.delta, out.finish_reason if out.finished else None, greylens=chunk.greylens)
+                yield reply.chunk(
+                    chunk.delta,
+                    out.finish_reason if out.finished else None,
+                    greylens=chunk.greylens,
+                )
         engine.count("requests_succeeded")
         if include_usage:
             yield reply.chunk(None, None, _usage(handle, out))
@@ -186,7 +222,9 @@ async def _final_output(request: Request, engine: AsyncEngine, handle: Handle) -
 
     async def last() -> Chunk:
         final = None
-        async for chunk in engine.results(handle):  # keep only the latest: outputs carry all ids so far
+        async for chunk in engine.results(
+            handle
+        ):  # keep only the latest: outputs carry all ids so far
             final = chunk
         return final
 
@@ -203,18 +241,40 @@ async def _final_output(request: Request, engine: AsyncEngine, handle: Handle) -
     return result.result()
 
 
-async def _generate(request: Request, engine: AsyncEngine, body: _Sampling, prompt: str | list[int] | list[dict],
-                    max_tokens: int | None, chat: bool) -> Response:  # fmt: skip
+async def _generate(
+    request: Request,
+    engine: AsyncEngine,
+    body: _Sampling,
+    prompt: str | list[int] | list[dict],
+    max_tokens: int | None,
+    chat: bool,
+) -> Response:
     if body.model not in (None, engine.model_name):
-        raise APIError(404, f"model {body.model!r} is not served here; this server serves {engine.model_name!r}",
-                       "not_found_error")  # fmt: skip
+        raise APIError(
+            404,
+            f"model {body.model!r} is not served here; this server serves {engine.model_name!r}",
+            "not_found_error",
+        )
     params = sampling_params(body, max_tokens, engine.engine.max_model_len)
-    handle = await engine.submit(prompt, params, chat=chat, fill=max_tokens is None, stream=body.stream,
-                                 greylens=body.greylens)  # fmt: skip
-    reply = _Reply(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", engine.model_name, chat, int(time.time()))
+    handle = await engine.submit(
+        prompt,
+        params,
+        chat=chat,
+        fill=max_tokens is None,
+        stream=body.stream,
+        greylens=body.greylens,
+    )
+    reply = _Reply(
+        f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        engine.model_name,
+        chat,
+        int(time.time()),
+    )
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_stream(engine, handle, reply, include_usage), media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(engine, handle, reply, include_usage), media_type="text/event-stream"
+        )
     last = await _final_output(request, engine, handle)
     engine.count("requests_succeeded")
     body = reply.full(last.output, _usage(handle, last.output), last.greylens)
@@ -266,12 +326,24 @@ def build_app(engine: AsyncEngine) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await parse_body(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await _generate(request, engine, body, messages, body.max_completion_tokens or body.max_tokens, chat=True)
+        return await _generate(
+            request,
+            engine,
+            body,
+            messages,
+            body.max_completion_tokens or body.max_tokens,
+            chat=True,
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "greylens",
-                "max_model_len": engine.engine.max_model_len}  # fmt: skip
+        card = {
+            "id": engine.model_name,
+            "object": "model",
+            "created": engine.created,
+            "owned_by": "greylens",
+            "max_model_len": engine.engine.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -291,10 +363,11 @@ def serve(cfg: ServerConfig, engine: LLMEngine | None = None) -> None:
     """Load the model, start the engine thread and serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    async_engine = AsyncEngine(engine or (lambda: LLMEngine(cfg.engine_config())), cfg.model, cfg.feature_hook)
+    async_engine = AsyncEngine(
+        engine or (lambda: LLMEngine(cfg.engine_config())), cfg.model, cfg.feature_hook
+    )
     async_engine.start()
     try:
         uvicorn.run(build_app(async_engine), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     finally:
         async_engine.shutdown()
-

@@ -47,7 +47,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 ENV_SAES, ENV_SINK, ENV_TOP_N, ENV_PAGES = (
-    "GREYLENS_VLLM_SAES", "GREYLENS_VLLM_SINK", "GREYLENS_VLLM_TOP_N", "GREYLENS_VLLM_PAGES")  # fmt: skip
+    "GREYLENS_VLLM_SAES",
+    "GREYLENS_VLLM_SINK",
+    "GREYLENS_VLLM_TOP_N",
+    "GREYLENS_VLLM_PAGES",
+)
 FORMAT_VERSION = 1
 OP_NAME = "greylens::tap"
 
@@ -65,13 +69,19 @@ class TapEncoder:
     def __init__(self, directory: str | Path) -> None:
         directory = Path(directory)
         if (directory / "graph.json").exists():
-            raise ValueError(f"{directory} is a graph autoencoder; the vLLM plugin takes plain SAE "
-                             "directories (cfg.json + sae.safetensors): pass the per-hook SAE")  # fmt: skip
+            raise ValueError(
+                f"{directory} is a graph autoencoder; the vLLM plugin takes plain SAE "
+                "directories (cfg.json + sae.safetensors): pass the per-hook SAE"
+            )
         if not (directory / "cfg.json").exists() or not (directory / "sae.safetensors").exists():
-            raise FileNotFoundError(f"{directory} is not a greylens SAE directory (cfg.json + sae.safetensors)")
+            raise FileNotFoundError(
+                f"{directory} is not a greylens SAE directory (cfg.json + sae.safetensors)"
+            )
         self.cfg: dict[str, Any] = json.loads((directory / "cfg.json").read_text())
         if self.cfg.get("format_version") != 1:
-            raise ValueError(f"{directory / 'cfg.json'} has format_version {self.cfg.get('format_version')}, expected 1")
+            raise ValueError(
+                f"{directory / 'cfg.json'} has format_version {self.cfg.get('format_version')}, expected 1"
+            )
         w = load_file(directory / "sae.safetensors")
         self.W_enc, self.b_enc, self.b_dec = w["W_enc"], w["b_enc"], w["b_dec"]  # [n, d], [n], [d]
         self.threshold = w["threshold"]  # [] batchtopk/matryoshka θ
@@ -81,7 +91,9 @@ class TapEncoder:
 
     @torch.no_grad()
     def dense(self, x: Tensor) -> Tensor:  # x [N, d_in] raw -> [N, n_latents]
-        pre = torch.addmm(self.b_enc, x.to(self.W_enc.dtype) * self.cfg["input_scale"] - self.b_dec, self.W_enc.T)
+        pre = torch.addmm(
+            self.b_enc, x.to(self.W_enc.dtype) * self.cfg["input_scale"] - self.b_dec, self.W_enc.T
+        )
         arch = self.cfg["arch"]
         if arch == "topk":
             values, cols = pre.topk(int(self.cfg["k"]), dim=1, sorted=False)  # [N, k]
@@ -106,8 +118,10 @@ def layer_of(hook: str) -> int:
     """Decoder layer whose output is `hook` (resid_post of L = output of L; resid_pre of L = of L-1)."""
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
     if match is None or (match[2] == "pre" and match[1] == "0"):
-        raise ValueError(f"the vLLM plugin taps decoder-layer outputs: blocks.L.hook_resid_post or "
-                         f"blocks.L.hook_resid_pre with L >= 1, got {hook!r}")  # fmt: skip
+        raise ValueError(
+            f"the vLLM plugin taps decoder-layer outputs: blocks.L.hook_resid_post or "
+            f"blocks.L.hook_resid_pre with L >= 1, got {hook!r}"
+        )
     return int(match[1]) if match[2] == "post" else int(match[1]) - 1
 
 
@@ -136,7 +150,9 @@ class RequestRows:
 
     def block_hash(self, i: int, block_size: int) -> bytes:
         prev = self.chain[i - 1] if i else b"greylens"
-        return hashlib.sha256(prev + self.tokens[i * block_size : (i + 1) * block_size].numpy().tobytes()).digest()
+        return hashlib.sha256(
+            prev + self.tokens[i * block_size : (i + 1) * block_size].numpy().tobytes()
+        ).digest()
 
 
 class Tap:
@@ -156,8 +172,12 @@ class Tap:
         """After `_prepare_inputs`: remember how rows map to requests; new requests get cached pages."""
         n_reqs = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:n_reqs])
-        qsl = runner.query_start_loc.np[: n_reqs + 1].tolist()  # request i owns rows qsl[i]:qsl[i+1]
-        starts = runner.input_batch.num_computed_tokens_cpu[:n_reqs].tolist()  # position of row qsl[i]
+        qsl = runner.query_start_loc.np[
+            : n_reqs + 1
+        ].tolist()  # request i owns rows qsl[i]:qsl[i+1]
+        starts = runner.input_batch.num_computed_tokens_cpu[
+            :n_reqs
+        ].tolist()  # position of row qsl[i]
         ids = runner.input_ids.cpu[: qsl[-1]].long()  # [n_rows]
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
@@ -220,7 +240,11 @@ class Tap:
         for b in range(len(state.chain), n_done // bs):
             key = state.block_hash(b, bs)
             state.chain.append(key)
-            if self.max_pages <= 0 or key in self.pages or not bool(state.seen[b * bs : (b + 1) * bs].all()):
+            if (
+                self.max_pages <= 0
+                or key in self.pages
+                or not bool(state.seen[b * bs : (b + 1) * bs].all())
+            ):
                 continue
             page = {f"indices.{h}": state.idx[h][b * bs : (b + 1) * bs].clone() for h in self.hooks}
             page |= {f"values.{h}": state.val[h][b * bs : (b + 1) * bs].clone() for h in self.hooks}
@@ -236,9 +260,16 @@ class Tap:
         n = state.n
         tensors = {"computed": state.seen[:n].clone(), "token_ids": state.tokens[:n].clone()}
         for h in self.hooks:
-            tensors[f"indices.{h}"], tensors[f"values.{h}"] = state.idx[h][:n].clone(), state.val[h][:n].clone()
-        meta = {"format_version": str(FORMAT_VERSION), "request_id": req_id, "top_n": str(self.top_n),
-                "hooks": json.dumps(self.hooks)}  # fmt: skip
+            tensors[f"indices.{h}"], tensors[f"values.{h}"] = (
+                state.idx[h][:n].clone(),
+                state.val[h][:n].clone(),
+            )
+        meta = {
+            "format_version": str(FORMAT_VERSION),
+            "request_id": req_id,
+            "top_n": str(self.top_n),
+            "hooks": json.dumps(self.hooks),
+        }
         self.sink.mkdir(parents=True, exist_ok=True)
         tmp = self.sink / f".{req_id}.safetensors.tmp"
         save_file(tensors, tmp, metadata=meta)
@@ -261,7 +292,9 @@ def _register_op() -> None:
         return
     op = torch.library.custom_op(OP_NAME, _op, mutates_args=())
     op.register_fake(lambda rows_a, rows_b, layer: None)
-    torch.fx.node.has_side_effect(torch.ops.greylens.tap.default)  # or Inductor's DCE drops it (no output)
+    torch.fx.node.has_side_effect(
+        torch.ops.greylens.tap.default
+    )  # or Inductor's DCE drops it (no output)
 
 
 def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, Tensor]], None]:
@@ -275,11 +308,16 @@ def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, T
 def _check_cuda_graphs(runner: Any) -> None:
     cc = runner.vllm_config.compilation_config
     mode = str(getattr(cc, "cudagraph_mode", "NONE"))
-    if runner.device.type == "cuda" and "NONE" not in mode and (
-        "FULL" in mode or OP_NAME not in (cc.splitting_ops or [])):  # fmt: skip
-        raise RuntimeError(f"greylens: CUDA graphs ({mode}) would replay without running the feature op; "
-                           f"start vLLM with --enforce-eager, or with cudagraph_mode PIECEWISE and "
-                           f"{OP_NAME!r} added to compilation_config.splitting_ops")  # fmt: skip
+    if (
+        runner.device.type == "cuda"
+        and "NONE" not in mode
+        and ("FULL" in mode or OP_NAME not in (cc.splitting_ops or []))
+    ):
+        raise RuntimeError(
+            f"greylens: CUDA graphs ({mode}) would replay without running the feature op; "
+            f"start vLLM with --enforce-eager, or with cudagraph_mode PIECEWISE and "
+            f"{OP_NAME!r} added to compilation_config.splitting_ops"
+        )
 
 
 def _install(runner: Any) -> None:
@@ -289,19 +327,29 @@ def _install(runner: Any) -> None:
         return
     runner._greylens_tapped = True
     env = os.environ  # read here, in the worker: only the process that runs the model loads SAEs
-    _TAP = Tap([d for d in env[ENV_SAES].split(os.pathsep) if d], Path(env[ENV_SINK]),
-               int(env.get(ENV_TOP_N, "8")), int(env.get(ENV_PAGES, "65536")))  # fmt: skip
+    _TAP = Tap(
+        [d for d in env[ENV_SAES].split(os.pathsep) if d],
+        Path(env[ENV_SINK]),
+        int(env.get(ENV_TOP_N, "8")),
+        int(env.get(ENV_PAGES, "65536")),
+    )
     _check_cuda_graphs(runner)
     if getattr(runner.vllm_config.scheduler_config, "async_scheduling", False):  # CPU forces it off
-        raise RuntimeError("greylens: with async scheduling the runner's CPU input ids lag the sampled tokens; "
-                           "start vLLM with --no-async-scheduling (LLM(..., async_scheduling=False))")  # fmt: skip
+        raise RuntimeError(
+            "greylens: with async scheduling the runner's CPU input ids lag the sampled tokens; "
+            "start vLLM with --no-async-scheduling (LLM(..., async_scheduling=False))"
+        )
     if runner.parallel_config.world_size > 1:
-        raise RuntimeError("greylens: the vLLM plugin supports one worker (tensor/pipeline parallel size 1)")
+        raise RuntimeError(
+            "greylens: the vLLM plugin supports one worker (tensor/pipeline parallel size 1)"
+        )
     _TAP.block_size = int(runner.cache_config.block_size)
     d_model = runner.model_config.get_hidden_size()
     wrong = [e.hook for e in _TAP.encoders if int(e.cfg["d_in"]) != d_model]
     if wrong:
-        raise ValueError(f"greylens: SAEs {wrong} take d_in != {d_model} (this model's hidden size)")
+        raise ValueError(
+            f"greylens: SAEs {wrong} take d_in != {d_model} (this model's hidden size)"
+        )
     layers = runner.model.model.layers
     for layer in sorted(_TAP.layers):
         if layer >= len(layers):
@@ -325,7 +373,11 @@ def _install(runner: Any) -> None:
         finally:
             _TAP.end()
 
-    runner._prepare_inputs, runner._update_states, runner.execute_model = _prepare_inputs, _update_states, execute_model
+    runner._prepare_inputs, runner._update_states, runner.execute_model = (
+        _prepare_inputs,
+        _update_states,
+        execute_model,
+    )
 
 
 def _wrap_load_model(cls: type) -> None:
@@ -348,10 +400,14 @@ def register() -> None:
     if not sae_dirs:
         return
     if not os.environ.get(ENV_SINK):
-        raise RuntimeError(f"greylens: {ENV_SAES} is set but {ENV_SINK} is not; set it to a directory for features")
+        raise RuntimeError(
+            f"greylens: {ENV_SAES} is set but {ENV_SINK} is not; set it to a directory for features"
+        )
     missing = [d for d in sae_dirs if not (Path(d) / "cfg.json").exists()]
     if missing:  # fail in the front end, before vLLM spends minutes starting
-        raise FileNotFoundError(f"greylens: {ENV_SAES} names {missing}, which are not SAE directories (cfg.json)")
+        raise FileNotFoundError(
+            f"greylens: {ENV_SAES} names {missing}, which are not SAE directories (cfg.json)"
+        )
     _register_op()
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -379,13 +435,21 @@ class VLLMFeatures(NamedTuple):
         return (~self.computed).nonzero().flatten().tolist()
 
 
-def plugin_env(saes: list[str | Path], sink: str | Path, top_n: int = 8, max_pages: int = 65536) -> dict[str, str]:
+def plugin_env(
+    saes: list[str | Path], sink: str | Path, top_n: int = 8, max_pages: int = 65536
+) -> dict[str, str]:
     """Environment variables that switch the plugin on for a vLLM process started with them."""
-    return {ENV_SAES: os.pathsep.join(str(s) for s in saes), ENV_SINK: str(sink), ENV_TOP_N: str(top_n),
-            ENV_PAGES: str(max_pages)}  # fmt: skip
+    return {
+        ENV_SAES: os.pathsep.join(str(s) for s in saes),
+        ENV_SINK: str(sink),
+        ENV_TOP_N: str(top_n),
+        ENV_PAGES: str(max_pages),
+    }
 
 
-def read_features(sink: str | Path, request_id: str, timeout: float = 30.0, remove: bool = False) -> VLLMFeatures:
+def read_features(
+    sink: str | Path, request_id: str, timeout: float = 30.0, remove: bool = False
+) -> VLLMFeatures:
     """Features of a finished request by the id vLLM returned (its internal id is `<id>-<8 chars>`).
 
     The worker writes a request's file when the request leaves the batch (the engine's next step),
@@ -394,18 +458,28 @@ def read_features(sink: str | Path, request_id: str, timeout: float = 30.0, remo
     sink = Path(sink)
     deadline = time.monotonic() + timeout
     while True:
-        found = [p for p in sink.glob(f"{glob.escape(request_id)}*.safetensors")
-                 if p.stem == request_id or re.fullmatch(re.escape(request_id) + r"-[^-]{8}", p.stem)]  # fmt: skip
+        found = [
+            p
+            for p in sink.glob(f"{glob.escape(request_id)}*.safetensors")
+            if p.stem == request_id or re.fullmatch(re.escape(request_id) + r"-[^-]{8}", p.stem)
+        ]
         if len(found) > 1:
-            raise ValueError(f"several feature files match request {request_id!r}: {[p.name for p in found]}")
+            raise ValueError(
+                f"several feature files match request {request_id!r}: {[p.name for p in found]}"
+            )
         if found or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     if not found:
-        raise FileNotFoundError(f"no features for request {request_id!r} in {sink} after {timeout:.0f} s "
-                                f"(is the plugin on? {ENV_SAES}, {ENV_SINK} must be set for vLLM)")  # fmt: skip
+        raise FileNotFoundError(
+            f"no features for request {request_id!r} in {sink} after {timeout:.0f} s "
+            f"(is the plugin on? {ENV_SAES}, {ENV_SINK} must be set for vLLM)"
+        )
     with safe_open(str(found[0]), "pt") as f:
-        tensors, hooks = {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {})["hooks"])
+        tensors, hooks = (
+            {k: f.get_tensor(k) for k in f.keys()},
+            json.loads((f.metadata() or {})["hooks"]),
+        )
     if remove:
         found[0].unlink()
     codes = {h: (tensors[f"indices.{h}"], tensors[f"values.{h}"]) for h in hooks}

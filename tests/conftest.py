@@ -51,7 +51,9 @@ def kill_9_after_checkpoint(command: list[str], out: Path, min_step: int, env: d
     return the step the checkpoint holds. Fails if the run finished before it could be killed."""
     from sae.checkpoint import CHECKPOINT, read_checkpoint_meta
 
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if (out / CHECKPOINT).exists() and read_checkpoint_meta(out)["step"] >= min_step:

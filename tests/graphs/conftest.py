@@ -24,9 +24,20 @@ class TinyGraph(NamedTuple):
     transition: Path
 
 
-def graph_train_config(store: ActivationStore, stats: Path, out: Path, **overrides) -> GraphTrainConfig:
-    fields = dict(store=str(store.directory), stats=str(stats), out=str(out), m=8, tokens=256 * 10, batch_size=256,
-                  checkpoint_every=2, log_every=2, wandb="disabled")  # fmt: skip
+def graph_train_config(
+    store: ActivationStore, stats: Path, out: Path, **overrides
+) -> GraphTrainConfig:
+    fields = dict(
+        store=str(store.directory),
+        stats=str(stats),
+        out=str(out),
+        m=8,
+        tokens=256 * 10,
+        batch_size=256,
+        checkpoint_every=2,
+        log_every=2,
+        wandb="disabled",
+    )
     fields.update(overrides)
     return GraphTrainConfig(**fields)
 
@@ -34,14 +45,41 @@ def graph_train_config(store: ActivationStore, stats: Path, out: Path, **overrid
 @pytest.fixture(scope="session")
 def tiny_graph(tiny_store: ActivationStore, tmp_path_factory: pytest.TempPathFactory) -> TinyGraph:
     root = tmp_path_factory.mktemp("graph")
-    train(TrainConfig(store=str(tiny_store.directory), out=str(root / "sae"), arch="topk", k=8, expansion=4,
-                      tokens=256 * 10, batch_size=256, lr=3e-3, wandb="disabled"))  # fmt: skip
-    coactivation_stats(StatsConfig(store=str(tiny_store.directory), sae=str(root / "sae" / SOURCE_HOOK),
-                                   out=str(root / "stats"), batch_size=512, m=8, min_count=2))  # fmt: skip
+    train(
+        TrainConfig(
+            store=str(tiny_store.directory),
+            out=str(root / "sae"),
+            arch="topk",
+            k=8,
+            expansion=4,
+            tokens=256 * 10,
+            batch_size=256,
+            lr=3e-3,
+            wandb="disabled",
+        )
+    )
+    coactivation_stats(
+        StatsConfig(
+            store=str(tiny_store.directory),
+            sae=str(root / "sae" / SOURCE_HOOK),
+            out=str(root / "stats"),
+            batch_size=512,
+            m=8,
+            min_count=2,
+        )
+    )
     train_graph(graph_train_config(tiny_store, root / "stats", root / "graph", min_count=2))
-    fit_transition(TransitionConfig(store=str(tiny_store.directory), source=str(root / "graph"),
-                                    target=str(root / "sae" / TARGET_HOOK), out=str(root / "transition"), m=8,
-                                    min_count=2, batch_size=512))  # fmt: skip
+    fit_transition(
+        TransitionConfig(
+            store=str(tiny_store.directory),
+            source=str(root / "graph"),
+            target=str(root / "sae" / TARGET_HOOK),
+            out=str(root / "transition"),
+            m=8,
+            min_count=2,
+            batch_size=512,
+        )
+    )
     return TinyGraph(tiny_store, root / "sae", root / "stats", root / "graph", root / "transition")
 
 
@@ -49,9 +87,16 @@ def release_config(tiny_graph: TinyGraph, out: Path, **overrides):
     """Export settings for the tiny pipeline: every input kind, small batches, a short CE run."""
     from graphs.release import ExportConfig
 
-    fields = dict(sae=str(tiny_graph.sae_dirs / SOURCE_HOOK), graph=str(tiny_graph.graph), store=str(tiny_graph.store.directory),
-                  stats=str(tiny_graph.stats), transition=str(tiny_graph.transition), out=str(out), batch_size=256,
-                  ce_tokens=256)  # fmt: skip
+    fields = dict(
+        sae=str(tiny_graph.sae_dirs / SOURCE_HOOK),
+        graph=str(tiny_graph.graph),
+        store=str(tiny_graph.store.directory),
+        stats=str(tiny_graph.stats),
+        transition=str(tiny_graph.transition),
+        out=str(out),
+        batch_size=256,
+        ce_tokens=256,
+    )
     fields.update(overrides)
     return ExportConfig(**fields)
 

@@ -28,10 +28,14 @@ from sae.store import ActivationStore
 HOOK = "blocks.1.hook_resid_post"
 
 
-def dense_reference(code: SparseCode, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_reference(
+    code: SparseCode, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(feature_counts [n], pair_index [2, P], pair_counts [P]) from a dense bool code D: DᵀD."""
     fired = code.values > 0
-    used, compact = torch.unique(code.cols[fired], return_inverse=True)  # sorted; keeps D small for huge n
+    used, compact = torch.unique(
+        code.cols[fired], return_inverse=True
+    )  # sorted; keeps D small for huge n
     dense = torch.zeros(code.n_rows, len(used), dtype=torch.int64)  # [N, u]
     dense[code.rows[fired], compact] = 1
     co = dense.T @ dense  # [u, u]: diagonal = counts, off-diagonal = co-counts
@@ -60,7 +64,12 @@ def split_rows(code: SparseCode, size: int) -> list[SparseCode]:
 
 
 def assert_same_counts(stats: CoactivationStats, feature_counts, pair_index, pair_counts) -> None:
-    assert stats.feature_counts.dtype == stats.pair_index.dtype == stats.pair_counts.dtype == torch.int64
+    assert (
+        stats.feature_counts.dtype
+        == stats.pair_index.dtype
+        == stats.pair_counts.dtype
+        == torch.int64
+    )
     assert stats.feature_counts.equal(feature_counts)
     assert stats.pair_index.equal(pair_index)
     assert stats.pair_counts.equal(pair_counts)
@@ -68,7 +77,11 @@ def assert_same_counts(stats: CoactivationStats, feature_counts, pair_index, pai
 
 @pytest.mark.parametrize(
     ("n_latents", "budget"),
-    [(40, 1 << 24), (40, 5), (60_000, 1 << 24)],  # plain; pairs built a few rows at a time; int64 keys
+    [
+        (40, 1 << 24),
+        (40, 5),
+        (60_000, 1 << 24),
+    ],  # plain; pairs built a few rows at a time; int64 keys
 )
 def test_counts_match_a_dense_reference(n_latents: int, budget: int) -> None:
     code = random_code(n_rows=300, n_latents=n_latents, max_active=12, seed=n_latents + budget)
@@ -96,7 +109,9 @@ def test_checkpointed_counter_state_resumes_exactly() -> None:
     assert_same_counts(stats, *dense_reference(code, 30))
 
 
-def dense_miss_reference(code: SparseCode, missed: SparseCode, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_miss_reference(
+    code: SparseCode, missed: SparseCode, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(miss_counts [n], miss_index [2, Q], miss_pair_counts [Q]) from dense bool codes: Dᵀ·M."""
     on, miss = [(c.to_dense(n) > 0).long() for c in (code, missed)]  # [N, n] each
     co = on.T @ miss  # [n, n]: fired i, missed j
@@ -108,7 +123,9 @@ def dense_miss_reference(code: SparseCode, missed: SparseCode, n: int) -> tuple[
 def test_miss_counts_match_a_dense_reference(budget: int) -> None:
     n = 40
     code = random_code(n_rows=300, n_latents=n, max_active=10, seed=1)
-    missed = random_code(n_rows=300, n_latents=n, max_active=6, seed=2)  # overlaps with code: allowed here
+    missed = random_code(
+        n_rows=300, n_latents=n, max_active=6, seed=2
+    )  # overlaps with code: allowed here
     counter = CoactivationCounter(n, n_shards=4, residual=True)
     for part, miss_part in zip(split_rows(code, 37), split_rows(missed, 37), strict=True):
         counter.add(part, missed=miss_part, budget=budget)
@@ -138,7 +155,11 @@ def test_residual_lift_and_candidates_on_a_hand_example() -> None:
     lift = [4 / 4 - 0.5, 1 / 4 - 0.2, 3 / 6 - 0.5, 1 / 6 - 0.2, 2 / 5 - 0.5]
     torch.testing.assert_close(stats.residual_lift(), torch.tensor(lift, dtype=torch.float64))
     src, dst, value = stats.directed_scores("residual")  # directed already: each pair once
-    assert src.tolist() == [0, 0, 1, 1, 3] and dst.tolist() == [2, 3, 2, 3, 2] and value.equal(stats.residual_lift())
+    assert (
+        src.tolist() == [0, 0, 1, 1, 3]
+        and dst.tolist() == [2, 3, 2, 3, 2]
+        and value.equal(stats.residual_lift())
+    )
     edges, scores = stats.candidates(m=2, score="residual", min_count=1)  # lift > 0: 0→2, 0→3
     assert edges.tolist() == [[0, 0], [2, 3]]
     torch.testing.assert_close(scores, torch.tensor([0.5, 0.05]))
@@ -161,19 +182,39 @@ def hand_example() -> CoactivationStats:
 
 def test_scores_equal_hand_computed_values() -> None:
     stats = hand_example()
-    pmi = [math.log(2 * 10 / (4 * 6)), math.log(2 * 10 / (4 * 2)), math.log(4 * 10 / (4 * 5)),
-           math.log(1 * 10 / (6 * 2)), math.log(3 * 10 / (6 * 5))]  # fmt: skip
+    pmi = [
+        math.log(2 * 10 / (4 * 6)),
+        math.log(2 * 10 / (4 * 2)),
+        math.log(4 * 10 / (4 * 5)),
+        math.log(1 * 10 / (6 * 2)),
+        math.log(3 * 10 / (6 * 5)),
+    ]
     npmi = [p / -math.log(c / 10) for p, c in zip(pmi, [2, 2, 4, 1, 3], strict=True)]
     torch.testing.assert_close(stats.pmi(), torch.tensor(pmi, dtype=torch.float64))
     torch.testing.assert_close(stats.npmi(), torch.tensor(npmi, dtype=torch.float64))
     assert stats.npmi()[1].item() == pytest.approx(math.log(2.5) / math.log(5))
     assert stats.pmi()[4].item() == 0
-    torch.testing.assert_close(stats.jaccard(), torch.tensor([2 / 8, 2 / 4, 4 / 5, 1 / 7, 3 / 8], dtype=torch.float64))
+    torch.testing.assert_close(
+        stats.jaccard(), torch.tensor([2 / 8, 2 / 4, 4 / 5, 1 / 7, 3 / 8], dtype=torch.float64)
+    )
     src, dst, p = stats.conditional()
-    assert src.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 2, 3] and dst.tolist() == [1, 2, 3, 2, 3, 0, 0, 0, 1, 1]
+    assert src.tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 2, 3] and dst.tolist() == [
+        1,
+        2,
+        3,
+        2,
+        3,
+        0,
+        0,
+        0,
+        1,
+        1,
+    ]
     expected = [2 / 4, 2 / 4, 4 / 4, 1 / 6, 3 / 6, 2 / 6, 2 / 2, 4 / 5, 1 / 2, 3 / 5]
     torch.testing.assert_close(p, torch.tensor(expected, dtype=torch.float64))
-    always = CoactivationStats(2, 3, torch.tensor([3, 3]), torch.tensor([[0], [1]]), torch.tensor([3]))
+    always = CoactivationStats(
+        2, 3, torch.tensor([3, 3]), torch.tensor([[0], [1]]), torch.tensor([3])
+    )
     assert always.pmi().item() == 0 and always.npmi().item() == 1  # −log p_ij = 0: NPMI's limit
 
 
@@ -205,11 +246,19 @@ def test_candidates_are_the_top_m_by_score(score: str) -> None:
     eligible = (stats.pair_counts[pair] >= min_count) & (stats.pmi()[pair] > 0)
     expected = []
     for i in range(n):
-        mine = sorted((-value[e].item(), dst[e].item()) for e in range(len(src)) if src[e] == i and eligible[e])
+        mine = sorted(
+            (-value[e].item(), dst[e].item())
+            for e in range(len(src))
+            if src[e] == i and eligible[e]
+        )
         expected += [(i, j, -v) for v, j in mine[:m]]
     assert 0 < len(expected) < len(src)  # the filters and the cap both bite
-    assert list(zip(edges[0].tolist(), edges[1].tolist(), strict=True)) == [(i, j) for i, j, _ in expected]
-    torch.testing.assert_close(scores, torch.tensor([v for _, _, v in expected], dtype=torch.float32))
+    assert list(zip(edges[0].tolist(), edges[1].tolist(), strict=True)) == [
+        (i, j) for i, j, _ in expected
+    ]
+    torch.testing.assert_close(
+        scores, torch.tensor([v for _, _, v in expected], dtype=torch.float32)
+    )
     assert torch.bincount(edges[0]).max() <= m
 
 
@@ -217,9 +266,16 @@ def save_random_sae(store: ActivationStore, directory: Path, **overrides) -> Pat
     """A random batchtopk SAE over HOOK: θ at the 85th percentile gives a variable L0 (~7 of 48);
     max_input_norm at the 97th percentile of row norms makes some rows pass through uncoded."""
     x = store.rows(torch.arange(len(store)), hooks=[HOOK])[HOOK]  # [N, d_model]
-    fields = dict(d_in=store.d_model, n_latents=48, arch="batchtopk", k=6, hook=HOOK,
-                  model=store.manifest.model, weights_sha256=store.manifest.weights_sha256,
-                  max_input_norm=float(x.norm(dim=1).quantile(0.97)))  # fmt: skip
+    fields = dict(
+        d_in=store.d_model,
+        n_latents=48,
+        arch="batchtopk",
+        k=6,
+        hook=HOOK,
+        model=store.manifest.model,
+        weights_sha256=store.manifest.weights_sha256,
+        max_input_norm=float(x.norm(dim=1).quantile(0.97)),
+    )
     fields.update(overrides)
     sae = SAE(SAEConfig(**fields))
     sae.reset_parameters(torch.Generator().manual_seed(0))
@@ -230,7 +286,14 @@ def save_random_sae(store: ActivationStore, directory: Path, **overrides) -> Pat
 
 
 def config(store: ActivationStore, sae_dir: Path, out: Path, **overrides) -> StatsConfig:
-    fields = dict(store=str(store.directory), sae=str(sae_dir), out=str(out), batch_size=200, checkpoint_every=3, m=4)
+    fields = dict(
+        store=str(store.directory),
+        sae=str(sae_dir),
+        out=str(out),
+        batch_size=200,
+        checkpoint_every=3,
+        m=4,
+    )
     fields.update(overrides)
     return StatsConfig(**fields)
 
@@ -249,11 +312,19 @@ def test_store_stats_match_a_dense_reference(tiny_store: ActivationStore, tmp_pa
     assert_same_counts(loaded, stats.feature_counts, stats.pair_index, stats.pair_counts)
     info = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert info["format_version"] == 1 and info["complete"] and info["hook"] == HOOK
-    assert (info["n_tokens"], info["n_latents"], info["n_passthrough"]) == (stats.n_tokens, 48, passthrough)
+    assert (info["n_tokens"], info["n_latents"], info["n_passthrough"]) == (
+        stats.n_tokens,
+        48,
+        passthrough,
+    )
     assert info["config"]["m"] == 4 and info["sae"] == str(sae_dir.resolve())
     candidates = load_file(tmp_path / "out" / "candidates.safetensors")
     edges, scores = stats.candidates(4, "npmi", 5)
-    assert candidates["edge_index"].equal(edges) and candidates["scores"].equal(scores) and len(scores) > 0
+    assert (
+        candidates["edge_index"].equal(edges)
+        and candidates["scores"].equal(scores)
+        and len(scores) > 0
+    )
     assert not (tmp_path / "out" / CHECKPOINT).exists()
 
 
@@ -266,7 +337,9 @@ def test_disjoint_slices_add_up_to_the_whole(tiny_store: ActivationStore, tmp_pa
     assert first.n_tokens + rest.n_tokens == whole.n_tokens and 0 < first.n_tokens < whole.n_tokens
     assert torch.equal(first.feature_counts + rest.feature_counts, whole.feature_counts)
     with pytest.raises(ValueError, match="skip-tokens"):
-        coactivation_stats(config(tiny_store, sae_dir, tmp_path / "bad", skip_tokens=len(tiny_store)))
+        coactivation_stats(
+            config(tiny_store, sae_dir, tmp_path / "bad", skip_tokens=len(tiny_store))
+        )
 
 
 class Killed(Exception):
@@ -299,25 +372,37 @@ def test_a_killed_run_resumes_to_the_same_result(
     with safe_open(run / CHECKPOINT, framework="pt") as f:
         assert json.loads(f.metadata()["greylens"])["batches_done"] == 6  # the last multiple of 3
     assert not (run / "stats.json").exists()
-    with pytest.raises(ValueError, match=r"other inputs or settings \(min_count: .* has 5, this run 2\)"):
+    with pytest.raises(
+        ValueError, match=r"other inputs or settings \(min_count: .* has 5, this run 2\)"
+    ):
         coactivation_stats(config(tiny_store, sae_dir, run, min_count=2, residual=residual))
     calls.clear()
     # checkpoint_every does not change results, and --hook naming the SAE's own hook is the default
-    resumed = coactivation_stats(config(tiny_store, sae_dir, run, checkpoint_every=4, hook=HOOK, residual=residual))
+    resumed = coactivation_stats(
+        config(tiny_store, sae_dir, run, checkpoint_every=4, hook=HOOK, residual=residual)
+    )
     assert len(calls) == n_batches - 6  # nothing repeated, nothing lost
     assert resumed.n_tokens == reference.n_tokens
-    assert_same_counts(resumed, reference.feature_counts, reference.pair_index, reference.pair_counts)
+    assert_same_counts(
+        resumed, reference.feature_counts, reference.pair_index, reference.pair_counts
+    )
     for name in ("stats.safetensors", "candidates.safetensors"):
         ours, theirs = load_file(run / name), load_file(tmp_path / "ref" / name)
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
     calls.clear()
-    again = coactivation_stats(config(tiny_store, sae_dir, run, residual=residual))  # finished: loaded, not recounted
+    again = coactivation_stats(
+        config(tiny_store, sae_dir, run, residual=residual)
+    )  # finished: loaded, not recounted
     assert calls == [] and again.pair_counts.equal(reference.pair_counts)
     if residual:
         assert again.miss_pair_counts.equal(reference.miss_pair_counts)
     with pytest.raises(ValueError, match="m: .* has 4, this run 8"):
         coactivation_stats(config(tiny_store, sae_dir, run, m=8, residual=residual))
-    other = "residual: .* has True, this run None" if residual else "residual: .* has None, this run True"
+    other = (
+        "residual: .* has True, this run None"
+        if residual
+        else "residual: .* has None, this run True"
+    )
     with pytest.raises(ValueError, match=other):  # stats with and without --residual never mix
         coactivation_stats(config(tiny_store, sae_dir, run, residual=not residual))
 

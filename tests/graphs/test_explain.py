@@ -29,7 +29,9 @@ def test_transition_forward_equals_dense_reference() -> None:
     dense_source = torch.rand(rows, n_s) * (torch.rand(rows, n_s) < 0.3)
     r, c = dense_source.nonzero(as_tuple=True)
     predicted = graph(SparseCode(dense_source[r, c], c, r, rows))
-    W = torch.zeros(n_s, n_t).index_put((graph.edge_index[0], graph.edge_index[1]), graph.weight.detach())
+    W = torch.zeros(n_s, n_t).index_put(
+        (graph.edge_index[0], graph.edge_index[1]), graph.weight.detach()
+    )
     assert torch.allclose(predicted, (dense_source @ W + graph.bias).relu(), atol=1e-6)
 
 
@@ -37,7 +39,9 @@ def test_fitted_transition_predicts_target_codes(tiny_graph: TinyGraph) -> None:
     graph, meta = TransitionGraph.load(tiny_graph.transition)
     assert meta["source_hook"] == SOURCE_HOOK and meta["target_hook"] == TARGET_HOOK
     assert meta["code_fvu"] < 0.9  # better than predicting each target's mean
-    assert torch.bincount(graph.edge_index[1], minlength=graph.n_target).max() <= 8  # top-m per target
+    assert (
+        torch.bincount(graph.edge_index[1], minlength=graph.n_target).max() <= 8
+    )  # top-m per target
     assert 0 < meta["n_nonzero"] <= meta["n_candidates"]
 
 
@@ -45,17 +49,23 @@ def test_run_model_captures_what_the_harvest_captures(tiny: LoadedModel) -> None
     tokens = torch.tensor([[tiny.tokenizer.bos_token_id, 5, 77, 300, 12]])
     result = run_model(tiny, tokens, [0, 1])
     captured = capture(tiny, tokens, [SOURCE_HOOK, TARGET_HOOK])
-    assert torch.allclose(result.resid[0], captured[SOURCE_HOOK]) and torch.allclose(result.resid[1], captured[TARGET_HOOK])
+    assert torch.allclose(result.resid[0], captured[SOURCE_HOOK]) and torch.allclose(
+        result.resid[1], captured[TARGET_HOOK]
+    )
     assert torch.allclose(result.logits, tiny.fast(tokens).logits.float(), atol=1e-5)
 
 
-def test_explain_paths_are_messages_times_logit_effects(tiny: LoadedModel, tiny_graph: TinyGraph) -> None:
+def test_explain_paths_are_messages_times_logit_effects(
+    tiny: LoadedModel, tiny_graph: TinyGraph
+) -> None:
     explainer = load_explainer(tiny, str(tiny_graph.graph), str(tiny_graph.transition))
     out = explainer.explain(TEXTS[0], top_features=4, top_paths=3)
     json.dumps(out)  # serialisable
     positions = out["positions"]
     assert len(positions) == len(explainer.tokens(TEXTS[0])[0]) - 1
-    assert any(p["paths"] for p in positions) and all(p["l0"] >= p["l0_evidence"] for p in positions)
+    assert any(p["paths"] for p in positions) and all(
+        p["l0"] >= p["l0_evidence"] for p in positions
+    )
     # recompute one path weight by hand
     tokens = explainer.tokens(TEXTS[0])
     result, _, _ = explainer.codes(tokens)
@@ -65,9 +75,15 @@ def test_explain_paths_are_messages_times_logit_effects(tiny: LoadedModel, tiny_
     target = explainer.target
     g, W_U = tiny.fast.model.norm.weight, tiny.fast.lm_head.weight
     with torch.no_grad():
-        effect = float((target.W_dec[path["target"]] / target.cfg.input_scale * g) @ W_U[y] / result.final_rms[0, t + 1])
+        effect = float(
+            (target.W_dec[path["target"]] / target.cfg.input_scale * g)
+            @ W_U[y]
+            / result.final_rms[0, t + 1]
+        )
     assert path["logit_effect"] == pytest.approx(effect, rel=1e-3, abs=1e-5)
-    assert path["weight"] == pytest.approx(path["message"] * path["logit_effect"], rel=1e-2, abs=1e-5)
+    assert path["weight"] == pytest.approx(
+        path["message"] * path["logit_effect"], rel=1e-2, abs=1e-5
+    )
     assert all(p.grad is None for p in explainer.source.parameters())  # no backward pass
 
 
@@ -81,7 +97,9 @@ def test_explainer_refuses_bad_input(tiny: LoadedModel, tiny_graph: TinyGraph, t
         load_explainer(tiny, str(tiny_graph.graph), str(tmp_path))
 
 
-def test_edges_confirmed_by_ablation_beat_the_null_and_track_gradients(tiny: LoadedModel, tiny_graph: TinyGraph) -> None:
+def test_edges_confirmed_by_ablation_beat_the_null_and_track_gradients(
+    tiny: LoadedModel, tiny_graph: TinyGraph
+) -> None:
     explainer = load_explainer(tiny, str(tiny_graph.graph), str(tiny_graph.transition))
     result = edge_interventions(explainer, TEXTS, paths_per_token=2)
     assert result["edges_tested"] > 10 and result["null_tested"] > 0
@@ -97,12 +115,16 @@ def test_top_logits_match_the_full_product(tiny: LoadedModel, tiny_graph: TinyGr
     sae = load_sae(tiny_graph.sae_dirs / SOURCE_HOOK)
     features = torch.tensor([0, 5, 17])
     result = top_logits(tiny, sae, features, k=4, chunk=2)  # chunks of 2: the chunking is exercised
-    full = (sae.W_dec[features] * tiny.fast.model.norm.weight) @ tiny.fast.lm_head.weight.T  # [3, vocab]
+    full = (
+        sae.W_dec[features] * tiny.fast.model.norm.weight
+    ) @ tiny.fast.lm_head.weight.T  # [3, vocab]
     assert torch.allclose(result["top"][0], full.topk(4, dim=1).values, atol=1e-5)
     assert torch.equal(result["bottom"][1], (-full).topk(4, dim=1).indices)
 
 
-def test_a_plain_topk_sae_explains_as_a_graph_without_edges(tiny: LoadedModel, tiny_graph: TinyGraph) -> None:
+def test_a_plain_topk_sae_explains_as_a_graph_without_edges(
+    tiny: LoadedModel, tiny_graph: TinyGraph
+) -> None:
     from graphs.explain import Explainer
     from sae.io import load_sae
 

@@ -187,7 +187,9 @@ def _probe_direction(data: LetterTaskData, letter: int) -> torch.Tensor:
     return direction / direction.norm()
 
 
-def _decoder(data: LetterTaskData, aligned: list[int], weak: list[int] | None = None) -> torch.Tensor:
+def _decoder(
+    data: LetterTaskData, aligned: list[int], weak: list[int] | None = None
+) -> torch.Tensor:
     """[N_LATENTS, D] unit rows: the `aligned` latents point along letter 0's probe, the `weak`
     ones have cos 0.1 with it (below tau_ps = 0.3 at D = 16), every other row is orthogonal to it
     (so only the planted latents can carry the letter)."""
@@ -222,12 +224,18 @@ def test_chanin_absorption_counts_only_absorbers_aligned_with_the_probe() -> Non
     data = _task()
     codes = _spread_absorbed_codes(data.labels, 0.3)
     kwargs = dict(groups=data.token_ids)
-    aligned = chanin_absorption(codes, data.x, data.labels, TASK_LETTERS, _decoder(data, [10, *ABSORBERS]), **kwargs)
+    aligned = chanin_absorption(
+        codes, data.x, data.labels, TASK_LETTERS, _decoder(data, [10, *ABSORBERS]), **kwargs
+    )
     letter = aligned["per_letter"][0]
     assert letter["main_features"] == [10]
     assert letter["full_absorption"] == pytest.approx(0.3, abs=0.06)
     assert letter["absorption_fraction"] == pytest.approx(0.3, abs=0.06)
-    assert aligned["per_letter"][1]["full_absorption"] == aligned["per_letter"][2]["full_absorption"] == 0.0
+    assert (
+        aligned["per_letter"][1]["full_absorption"]
+        == aligned["per_letter"][2]["full_absorption"]
+        == 0.0
+    )
     # the same codes, but the absorbers barely point along the probe (cos 0.1 < tau_ps): plain false
     # negatives of the main latent, which the upper bound counts and Chanin's measure does not
     weak = _decoder(data, [10], weak=ABSORBERS)
@@ -278,9 +286,13 @@ def test_bad_inputs_fail_early() -> None:
     with pytest.raises(ValueError, match="split needs 2"):
         dense_probe_accuracy(data.x, data.labels, [N_LETTERS])  # a letter with no tokens at all
     with pytest.raises(ValueError, match="rows in x's space"):
-        chanin_absorption(_noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS, D + 1))
+        chanin_absorption(
+            _noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS, D + 1)
+        )
     with pytest.raises(ValueError, match="same SAE"):
-        chanin_absorption(_noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS - 1, D))
+        chanin_absorption(
+            _noise_codes(), data.x, data.labels, TASK_LETTERS, torch.randn(N_LATENTS - 1, D)
+        )
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         raise AssertionError("a bad decoder must fail before the encoding pass")
@@ -322,7 +334,9 @@ def test_letter_metrics_matches_the_single_metrics() -> None:
     assert result["per_letter"][0]["main_feature"] == 10
     assert "full_absorption" not in result  # needs the decoder
     decoder = _decoder(data, [10, 30])
-    with_decoder = letter_metrics(encode, data, letters=TASK_LETTERS, batch_size=1000, decoder=decoder)
+    with_decoder = letter_metrics(
+        encode, data, letters=TASK_LETTERS, batch_size=1000, decoder=decoder
+    )
     chanin = chanin_absorption(codes, data.x, data.labels, TASK_LETTERS, decoder, **kwargs)
     for key in ("full_absorption", "absorption_fraction"):
         assert with_decoder[key] == pytest.approx(chanin[key])

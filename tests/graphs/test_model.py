@@ -49,8 +49,12 @@ def test_encode_equals_dense_reference() -> None:
     implied = int((~graph_code.from_evidence).sum())
     assert implied > 0 and implied == int(((expected > 0) & (e == 0)).sum())
     # each fired token edge leaves an evidence entry of its own token and lands on an active node
-    assert torch.equal(graph_code.evidence.rows[graph_code.edge_src], graph_code.code.rows[graph_code.edge_dst])
-    assert torch.equal(model.edge_index[1, graph_code.edge_id], graph_code.code.cols[graph_code.edge_dst])
+    assert torch.equal(
+        graph_code.evidence.rows[graph_code.edge_src], graph_code.code.rows[graph_code.edge_dst]
+    )
+    assert torch.equal(
+        model.edge_index[1, graph_code.edge_id], graph_code.code.cols[graph_code.edge_dst]
+    )
 
 
 def test_training_loss_and_gradients_equal_dense_float64_reference() -> None:
@@ -76,7 +80,14 @@ def test_training_loss_and_gradients_equal_dense_float64_reference() -> None:
     loss = fvu(x_n, recons)
     loss.backward()
     assert torch.allclose(out.fvu, loss, atol=1e-10)
-    assert set(fast) >= {"sae.W_enc", "sae.W_dec", "sae.b_enc", "sae.b_dec", "weight_raw", "log_alpha"}
+    assert set(fast) >= {
+        "sae.W_enc",
+        "sae.W_dec",
+        "sae.b_enc",
+        "sae.b_dec",
+        "weight_raw",
+        "log_alpha",
+    }
     for name, p in model.named_parameters():
         assert torch.allclose(fast[name], p.grad, atol=1e-9), name
 
@@ -128,7 +139,10 @@ def test_save_load_round_trip_and_pyg_data(tmp_path) -> None:
 
 def test_bad_inputs_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="batchtopk"):
-        SparseGraphAutoencoder(SAE(SAEConfig(d_in=D, n_latents=N_LATENTS, arch="topk", k=4)), torch.zeros(2, 1, dtype=torch.long))
+        SparseGraphAutoencoder(
+            SAE(SAEConfig(d_in=D, n_latents=N_LATENTS, arch="topk", k=4)),
+            torch.zeros(2, 1, dtype=torch.long),
+        )
     sae = SAE(SAEConfig(d_in=D, n_latents=N_LATENTS, arch="batchtopk", k=4))
     with pytest.raises(ValueError, match="feature ids"):
         SparseGraphAutoencoder(sae, torch.tensor([[0], [N_LATENTS]]))
@@ -161,8 +175,12 @@ def test_implied_only_messages_skip_evidence_and_equal_dense_reference() -> None
         graph_code = model.encode(x)
         _, _, pre = model.pre_acts(x)
         e = pre * (pre > 0.8)
-        lifted = torch.where(e > 0, pre, pre + e @ _dense_strengths(model, model.strengths(sample=False)))
+        lifted = torch.where(
+            e > 0, pre, pre + e @ _dense_strengths(model, model.strengths(sample=False))
+        )
         expected = lifted * (lifted > 0.8)
     assert torch.allclose(graph_code.code.to_dense(N_LATENTS), expected, atol=1e-6)
     assert bool((~graph_code.from_evidence).any())  # some features were implied
-    assert not bool(graph_code.from_evidence[graph_code.edge_dst].any())  # no edge lands on evidence
+    assert not bool(
+        graph_code.from_evidence[graph_code.edge_dst].any()
+    )  # no edge lands on evidence

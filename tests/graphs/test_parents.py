@@ -19,9 +19,22 @@ from tests.graphs.conftest import SOURCE_HOOK, graph_train_config
 
 
 def tiny_parents_config(tiny_graph, out: Path, **overrides) -> P.ParentsConfig:
-    fields = dict(store=str(tiny_graph.store.directory), sae=str(tiny_graph.sae_dirs / SOURCE_HOOK), out=str(out), tokens=0,
-                  n_parents=3, latents=16, k=2, steps=60, batch_size=64, min_count=2, min_freq=0.0, max_freq=1.0,
-                  cut=0.1, min_pair_count=2)  # fmt: skip
+    fields = dict(
+        store=str(tiny_graph.store.directory),
+        sae=str(tiny_graph.sae_dirs / SOURCE_HOOK),
+        out=str(out),
+        tokens=0,
+        n_parents=3,
+        latents=16,
+        k=2,
+        steps=60,
+        batch_size=64,
+        min_count=2,
+        min_freq=0.0,
+        max_freq=1.0,
+        cut=0.1,
+        min_pair_count=2,
+    )
     fields.update(overrides)
     return P.ParentsConfig(**fields)
 
@@ -42,10 +55,15 @@ def test_type_statistics_match_a_row_by_row_loop(tiny_graph):
         mine = (ids == t).nonzero().squeeze(1)
         u = int(torch.searchsorted(types.type_ids, torch.tensor(t)))
         assert types.type_ids[u] == t and types.counts[u] == len(mine)
-        expected = sum((x[r].double() * sae.cfg.input_scale - sae.b_dec.detach().double()) for r in mine.tolist())
+        expected = sum(
+            (x[r].double() * sae.cfg.input_scale - sae.b_dec.detach().double())
+            for r in mine.tolist()
+        )
         torch.testing.assert_close(types.sums[u], expected, rtol=1e-9, atol=1e-9)
     code = sae.encode(x)
-    assert torch.equal(types.fires, torch.bincount(code.cols[code.values > 0], minlength=sae.cfg.n_latents))
+    assert torch.equal(
+        types.fires, torch.bincount(code.cols[code.values > 0], minlength=sae.cfg.n_latents)
+    )
     assert types.counts.sum() == n
 
 
@@ -103,13 +121,19 @@ def test_set_means_match_direct_means():
 def test_installed_parents_fire_on_their_set_mean_and_not_on_the_rest():
     sae = SAE(SAEConfig(d_in=8, n_latents=10, k=3))
     g = torch.Generator().manual_seed(3)
-    mean_in, mean_out = torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(2, 8, generator=g, dtype=torch.float64)
+    mean_in, mean_out = (
+        torch.randn(2, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 8, generator=g, dtype=torch.float64),
+    )
     before = sae.W_dec.detach().clone()
     P.install_parents(sae, torch.tensor([7, 2]), mean_in, mean_out, median_value=1.5)
     for p, slot in enumerate((7, 2)):
         u = (mean_in[p] - mean_out[p]).float()
         torch.testing.assert_close(sae.W_dec[slot].detach(), u / u.norm())
-        w, b = sae.W_enc[slot].detach(), float(sae.b_enc[slot].detach())  # pre-activation in centred-input space
+        w, b = (
+            sae.W_enc[slot].detach(),
+            float(sae.b_enc[slot].detach()),
+        )  # pre-activation in centred-input space
         assert float(w @ mean_in[p].float()) + b == pytest.approx(1.5, abs=1e-4)
         assert float(w @ mean_out[p].float()) + b == pytest.approx(-1.5, abs=1e-4)
     untouched = torch.ones(10, dtype=torch.bool)
@@ -125,7 +149,9 @@ def test_the_recipe_on_the_tiny_model(tiny_graph, tiny_parents):
     assert len(slots) == len(meta["picked"]) == len(meta["top_tokens"]) == cfg.n_parents
     # only the least-used latents were replaced
     types = P._load_type_stats(out / "type_stats.safetensors")
-    assert torch.equal(slots.sort().values, torch.argsort(types.fires, stable=True)[: cfg.n_parents].sort().values)
+    assert torch.equal(
+        slots.sort().values, torch.argsort(types.fires, stable=True)[: cfg.n_parents].sort().values
+    )
     changed = (parents.W_dec != base.W_dec).any(1).nonzero().squeeze(1)
     assert set(changed.tolist()) <= set(slots.tolist())
     # the picked latents are the candidates with the highest mean Jaccard
@@ -133,7 +159,9 @@ def test_the_recipe_on_the_tiny_model(tiny_graph, tiny_parents):
     tokmean = load_file(out / "tokmean-sae.safetensors")
     assert tokmean["active"].shape == (int((types.counts >= cfg.min_count).sum()), cfg.latents)
     assert (tokmean["active"].sum(1) <= cfg.k).all()
-    assert meta["tokmean_fvu"] < 0.95  # it learned something (0.84 on the tiny model's 162 type means)
+    assert (
+        meta["tokmean_fvu"] < 0.95
+    )  # it learned something (0.84 on the tiny model's 162 type means)
     # every edge: a non-parent into its most likely parent, above the cut, on a pair seen often enough
     edges = load_file(out / "edges.safetensors")["edge_index"]
     assert edges.shape[1] == meta["n_edges"] > 0
@@ -142,7 +170,12 @@ def test_the_recipe_on_the_tiny_model(tiny_graph, tiny_parents):
     seen = stats.pair_counts.repeat(2)
     best = {}
     for s, d, p, c in zip(src.tolist(), dst.tolist(), prob.tolist(), seen.tolist(), strict=True):
-        if d in slots.tolist() and s not in slots.tolist() and p > cfg.cut and c >= cfg.min_pair_count:
+        if (
+            d in slots.tolist()
+            and s not in slots.tolist()
+            and p > cfg.cut
+            and c >= cfg.min_pair_count
+        ):
             if s not in best or p > best[s][1]:
                 best[s] = (d, p)
     assert sorted(edges[0].tolist()) == sorted(best)
@@ -164,7 +197,9 @@ def test_a_rerun_resumes_and_other_settings_are_refused(tiny_graph, tiny_parents
     # killed after the stats, before the edges were recorded: they are recounted, identically
     edges = load_file(out / "edges.safetensors")["edge_index"]
     meta = json.loads((out / "parents.json").read_text())
-    (out / "parents.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("n_edges", "parents_reached")}))
+    (out / "parents.json").write_text(
+        json.dumps({k: v for k, v in meta.items() if k not in ("n_edges", "parents_reached")})
+    )
     P.build_parents(cfg)
     assert json.loads((out / "parents.json").read_text()) == meta
     assert torch.equal(load_file(out / "edges.safetensors")["edge_index"], edges)
@@ -185,18 +220,34 @@ def test_bad_input_is_refused_before_work(tiny_graph, tmp_path):
 
 def test_too_few_candidates_names_the_fix(tiny_graph, tmp_path):
     with pytest.raises(ValueError, match="lower --n-parents or widen"):
-        P.build_parents(tiny_parents_config(tiny_graph, tmp_path / "p", min_freq=0.5, max_freq=0.51))
+        P.build_parents(
+            tiny_parents_config(tiny_graph, tmp_path / "p", min_freq=0.5, max_freq=0.51)
+        )
 
 
 def test_graph_training_with_the_parents_holds_their_edges_open(tiny_graph, tiny_parents, tmp_path):
     cfg, out = tiny_parents
     edges = load_file(out / "edges.safetensors")["edge_index"]
-    model = train_graph(graph_train_config(tiny_graph.store, out / "stats", tmp_path / "g", edges=str(out / "edges.safetensors"),
-                                           **P.HELD_OPEN))  # fmt: skip
+    model = train_graph(
+        graph_train_config(
+            tiny_graph.store,
+            out / "stats",
+            tmp_path / "g",
+            edges=str(out / "edges.safetensors"),
+            **P.HELD_OPEN,
+        )
+    )
     open_edges, _ = model.active_edges()
     assert open_edges.shape[1] == edges.shape[1]
-    control = train_graph(graph_train_config(tiny_graph.store, out / "stats", tmp_path / "c", edges=str(out / "edges.safetensors"),
-                                             **P.GATES_SHUT))  # fmt: skip
+    control = train_graph(
+        graph_train_config(
+            tiny_graph.store,
+            out / "stats",
+            tmp_path / "c",
+            edges=str(out / "edges.safetensors"),
+            **P.GATES_SHUT,
+        )
+    )
     assert control.active_edges()[0].shape[1] == 0
 
 
@@ -205,11 +256,24 @@ def test_the_command_line_prints_the_training_commands(tiny_graph, tiny_parents,
 
     cfg, out = tiny_parents
     args = ["parents", "--store", cfg.store, "--sae", cfg.sae, "--out", str(out)]
-    args += [f"--{k.replace('_', '-')}={v}" for k, v in vars(cfg).items() if k not in ("store", "sae", "out", "model", "device")]
+    args += [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(cfg).items()
+        if k not in ("store", "sae", "out", "model", "device")
+    ]
     assert main(args) == 0
     stdout = capsys.readouterr().out
     printed = json.loads(stdout[stdout.index("{\n") :])  # after the stats' "already holds" line
     assert printed["n_edges"] == json.loads((out / "parents.json").read_text())["n_edges"]
-    assert "--init-log-alpha 6.0" in printed["train"] and "--init-log-alpha -20.0" in printed["control"]
-    assert "--implied-only" in printed["train"] and f"--edges {out / 'edges.safetensors'}" in printed["train"]
-    assert main(["parents", "--store", cfg.store, "--sae", cfg.sae, "--out", str(out), "--k", "99"]) == 2
+    assert (
+        "--init-log-alpha 6.0" in printed["train"]
+        and "--init-log-alpha -20.0" in printed["control"]
+    )
+    assert (
+        "--implied-only" in printed["train"]
+        and f"--edges {out / 'edges.safetensors'}" in printed["train"]
+    )
+    assert (
+        main(["parents", "--store", cfg.store, "--sae", cfg.sae, "--out", str(out), "--k", "99"])
+        == 2
+    )

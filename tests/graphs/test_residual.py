@@ -12,7 +12,9 @@ from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_reco
 from sae.sae import SparseCode
 
 
-def missed_reference(x_n, code: SparseCode, W_dec, b_dec, max_per_token: int) -> dict[tuple[int, int], float]:
+def missed_reference(
+    x_n, code: SparseCode, W_dec, b_dec, max_per_token: int
+) -> dict[tuple[int, int], float]:
     """The rule of graphs.residual, one token at a time with a dense code: {(token, latent): p_tj}."""
     unit = W_dec / W_dec.norm(dim=1, keepdim=True)
     dense = code.to_dense(W_dec.shape[0]).relu()  # [N, n]
@@ -35,7 +37,10 @@ def missed_reference(x_n, code: SparseCode, W_dec, b_dec, max_per_token: int) ->
 def test_missed_features_match_a_per_token_loop(max_per_token: int) -> None:
     g = torch.Generator().manual_seed(0)
     n_rows, n, d = 40, 50, 12
-    W_dec, b_dec = torch.randn(n, d, generator=g) * 2, torch.randn(d, generator=g) * 0.1  # rows not unit norm
+    W_dec, b_dec = (
+        torch.randn(n, d, generator=g) * 2,
+        torch.randn(d, generator=g) * 0.1,
+    )  # rows not unit norm
     x_n = torch.randn(n_rows, d, generator=g) * 3
     per_row = torch.randint(0, 6, (n_rows,), generator=g)  # rows with nothing active miss nothing
     cols = torch.cat([torch.randperm(n, generator=g)[:k] for k in per_row.tolist()])
@@ -44,7 +49,10 @@ def test_missed_features_match_a_per_token_loop(max_per_token: int) -> None:
     values[::7] = 0.0  # in the code but not active: such a latent may be missed
     code = SparseCode(values, cols, rows, n_rows)
     missed = missed_features(x_n, code, W_dec, b_dec, max_per_token)
-    got = {(int(r), int(c)): float(v) for r, c, v in zip(missed.rows, missed.cols, missed.values, strict=True)}
+    got = {
+        (int(r), int(c)): float(v)
+        for r, c, v in zip(missed.rows, missed.cols, missed.values, strict=True)
+    }
     want = missed_reference(x_n, code, W_dec, b_dec, max_per_token)
     assert got.keys() == want.keys() and len(got) > 0
     assert all(abs(got[key] - want[key]) < 1e-4 for key in got)
@@ -66,7 +74,9 @@ def test_residual_candidates_find_absorbed_parents_that_cooccurrence_misses() ->
     x, codes = planted.sample(20_000, torch.Generator().manual_seed(1))
     child, parent = planted.edge_index
     W_dec = planted.dictionary.clone()
-    W_dec[child] = torch.nn.functional.normalize(planted.dictionary[child] + 0.7 * planted.dictionary[parent], dim=1)
+    W_dec[child] = torch.nn.functional.normalize(
+        planted.dictionary[child] + 0.7 * planted.dictionary[parent], dim=1
+    )
     absorbed = codes.clone()
     for c, p in zip(child.tolist(), parent.tolist(), strict=True):
         absorbed[codes[:, c] > 0, p] = 0.0
@@ -75,8 +85,13 @@ def test_residual_candidates_find_absorbed_parents_that_cooccurrence_misses() ->
     counter = CoactivationCounter(planted.n_true, residual=True)
     for lo in range(0, len(x), 4096):  # batch by batch, as the stats job counts
         part = (rows >= lo) & (rows < lo + 4096)
-        batch = SparseCode(code.values[part], code.cols[part], code.rows[part] - lo, len(x[lo : lo + 4096]))
-        counter.add(batch, missed=missed_features(x[lo : lo + 4096], batch, W_dec, torch.zeros(x.shape[1]), 8))
+        batch = SparseCode(
+            code.values[part], code.cols[part], code.rows[part] - lo, len(x[lo : lo + 4096])
+        )
+        counter.add(
+            batch,
+            missed=missed_features(x[lo : lo + 4096], batch, W_dec, torch.zeros(x.shape[1]), 8),
+        )
     stats = counter.stats()
     edges, scores = stats.candidates(m=1, score="residual", min_count=20)
     found = edge_recovery(edges, scores, W_dec, planted)

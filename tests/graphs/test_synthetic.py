@@ -31,13 +31,20 @@ def codes(planted: PlantedHierarchy) -> torch.Tensor:
     return planted.sample(30_000, torch.Generator().manual_seed(5))[1]  # [30000, n_true]
 
 
-def _shuffled_decoder(planted: PlantedHierarchy, n_extra: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def _shuffled_decoder(
+    planted: PlantedHierarchy, n_extra: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A decoder holding every true direction (plus noise) at a random row, among random extras.
 
     Returns (W_dec [n_true + n_extra, d], latent_of [n_true]: the row that holds each feature)."""
     g = torch.Generator().manual_seed(11)
     n, d = planted.dictionary.shape
-    rows = torch.cat([planted.dictionary + 0.02 * torch.randn(n, d, generator=g), torch.randn(n_extra, d, generator=g)])
+    rows = torch.cat(
+        [
+            planted.dictionary + 0.02 * torch.randn(n, d, generator=g),
+            torch.randn(n_extra, d, generator=g),
+        ]
+    )
     perm = torch.randperm(n + n_extra, generator=g)  # rows[i] goes to W_dec[perm[i]]
     W_dec = torch.empty_like(rows)
     W_dec[perm] = rows
@@ -48,7 +55,9 @@ def _shuffled_decoder(planted: PlantedHierarchy, n_extra: int = 64) -> tuple[tor
 
 
 def test_a_child_never_fires_without_its_parent_and_siblings_are_capped() -> None:
-    cfg = PlantedHierarchyConfig(children_per_parent=3, max_active_children=2, child_prob_given_parent=0.9, seed=2)
+    cfg = PlantedHierarchyConfig(
+        children_per_parent=3, max_active_children=2, child_prob_given_parent=0.9, seed=2
+    )
     h = PlantedHierarchy.build(cfg)
     x, codes = h.sample(20_000, torch.Generator().manual_seed(0))
     active = codes > 0
@@ -56,7 +65,9 @@ def test_a_child_never_fires_without_its_parent_and_siblings_are_capped() -> Non
     assert (codes >= 0).all() and x.dtype == codes.dtype == torch.float32
     assert active[:, child].any()  # children do fire, so the next line tests something
     assert not (active[:, child] & ~active[:, parent]).any()  # child ⇒ parent, exactly
-    siblings = active[:, cfg.n_parents : cfg.n_parents * 4].reshape(-1, cfg.n_parents, 3).sum(-1)  # [n, P]
+    siblings = (
+        active[:, cfg.n_parents : cfg.n_parents * 4].reshape(-1, cfg.n_parents, 3).sum(-1)
+    )  # [n, P]
     assert siblings.max() == 2 and (siblings == 2).any()
     assert abs(active[:, : cfg.n_parents].float().mean() - cfg.parent_prob) < 0.005
     one_child = PlantedHierarchy.build(PlantedHierarchyConfig(seed=2)).sample(20_000)[1] > 0
@@ -70,7 +81,9 @@ def test_x_is_the_codes_through_the_dictionary_plus_noise(planted: PlantedHierar
     assert 3 < (codes > 0).sum(1).float().mean() < 6  # L0 of the default mix ≈ 4.2
 
 
-def test_cooc_pairs_fire_together_and_unrelated_free_features_do_not(planted: PlantedHierarchy, codes: torch.Tensor) -> None:
+def test_cooc_pairs_fire_together_and_unrelated_free_features_do_not(
+    planted: PlantedHierarchy, codes: torch.Tensor
+) -> None:
     stats = oracle_stats(planted, codes)
     assert stats.cooc.min() > 0.8  # ≈ cooc_prob + free_prob
     free = torch.arange(128, 192)
@@ -83,14 +96,21 @@ def test_cooc_pairs_fire_together_and_unrelated_free_features_do_not(planted: Pl
 def test_build_and_sample_are_deterministic_per_seed(planted: PlantedHierarchy) -> None:
     again = PlantedHierarchy.build(PlantedHierarchyConfig(seed=1))
     other = PlantedHierarchy.build(PlantedHierarchyConfig(seed=2))
-    assert torch.equal(planted.dictionary, again.dictionary) and torch.equal(planted.edge_index, again.edge_index)
+    assert torch.equal(planted.dictionary, again.dictionary) and torch.equal(
+        planted.edge_index, again.edge_index
+    )
     assert torch.equal(planted.cooc_edge_index, again.cooc_edge_index)
     assert not torch.allclose(planted.dictionary, other.dictionary)
     assert not torch.equal(planted.cooc_edge_index, other.cooc_edge_index)
     assert planted.weights_sha256() == again.weights_sha256() != other.weights_sha256()
-    a, b = planted.sample(500, torch.Generator().manual_seed(9)), again.sample(500, torch.Generator().manual_seed(9))
+    a, b = (
+        planted.sample(500, torch.Generator().manual_seed(9)),
+        again.sample(500, torch.Generator().manual_seed(9)),
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(planted.sample(100)[0], planted.sample(100)[0])  # no generator: seeded by cfg
+    assert torch.equal(
+        planted.sample(100)[0], planted.sample(100)[0]
+    )  # no generator: seeded by cfg
 
 
 def test_edges_dictionary_and_config_checks(planted: PlantedHierarchy) -> None:
@@ -113,27 +133,49 @@ def test_edges_dictionary_and_config_checks(planted: PlantedHierarchy) -> None:
 # ------------------------------------------------------------------------------ activation store
 
 
-def test_store_round_trips_and_rebuilds_its_ground_truth(planted: PlantedHierarchy, tmp_path: Path) -> None:
-    store = write_store(planted, tmp_path / "s", n_tokens=2500, seed=7, shard_tokens=1000, context_size=64)
+def test_store_round_trips_and_rebuilds_its_ground_truth(
+    planted: PlantedHierarchy, tmp_path: Path
+) -> None:
+    store = write_store(
+        planted, tmp_path / "s", n_tokens=2500, seed=7, shard_tokens=1000, context_size=64
+    )
     m = ActivationStore(tmp_path / "s").manifest
-    assert (m.model, m.hooks, m.d_model, m.complete, m.n_tokens) == ("synthetic", [DEFAULT_HOOK], 64, True, 2500)
-    assert [s.n_tokens for s in m.shards] == [1000, 1000, 500] and m.weights_sha256 == planted.weights_sha256()
+    assert (m.model, m.hooks, m.d_model, m.complete, m.n_tokens) == (
+        "synthetic",
+        [DEFAULT_HOOK],
+        64,
+        True,
+        2500,
+    )
+    assert [s.n_tokens for s in m.shards] == [
+        1000,
+        1000,
+        500,
+    ] and m.weights_sha256 == planted.weights_sha256()
     rows = store.rows(torch.arange(2500))
     x1 = planted.sample(1000, torch.Generator().manual_seed(shard_seed(7, 1)))[0]
     assert torch.equal(rows[DEFAULT_HOOK][1000:2000], x1)
     codes = store_codes(planted, store)  # [2500, n_true]
     assert (rows[DEFAULT_HOOK] - codes @ planted.dictionary).std() < 0.03
     strongest = torch.where(codes.amax(1) > 0, codes.argmax(1) + 1, 0)  # 0: nothing fired
-    assert torch.equal(rows["token_ids"].long(), strongest) and (strongest == 0).any() and (strongest > 0).any()
+    assert (
+        torch.equal(rows["token_ids"].long(), strongest)
+        and (strongest == 0).any()
+        and (strongest > 0).any()
+    )
     assert rows["positions"].min() == 1 and rows["positions"].max() == 63
     assert torch.equal(rows["doc_ids"].long(), torch.arange(2500) // 63)
     batches = list(store.batches(256, seed=0))
     assert sum(len(b["token_ids"]) for b in batches) == 2500
-    assert torch.allclose(sum(b[DEFAULT_HOOK].sum(0) for b in batches), rows[DEFAULT_HOOK].sum(0), atol=1e-3)
+    assert torch.allclose(
+        sum(b[DEFAULT_HOOK].sum(0) for b in batches), rows[DEFAULT_HOOK].sum(0), atol=1e-3
+    )
     assert torch.equal(hierarchy_from_store(tmp_path / "s").dictionary, planted.dictionary)
 
 
-def test_store_resumes_refuses_mismatches_and_checks_codes(planted: PlantedHierarchy, tmp_path: Path) -> None:
+def test_store_resumes_refuses_mismatches_and_checks_codes(
+    planted: PlantedHierarchy, tmp_path: Path
+) -> None:
     first = write_store(planted, tmp_path / "s", n_tokens=600, shard_tokens=256)
     shas = [s.sha256 for s in first.manifest.shards]
     again = write_store(planted, tmp_path / "s", n_tokens=600, shard_tokens=256)
@@ -153,9 +195,21 @@ def test_the_sae_trainer_reads_a_synthetic_store(planted: PlantedHierarchy, tmp_
     from sae.train import TrainConfig, train
 
     store = write_store(planted, tmp_path / "s", n_tokens=2048, shard_tokens=1024, dtype="float16")
-    assert store_codes(planted, store).shape == (2048, 192)  # float16 rounding stays within tolerance
-    cfg = TrainConfig(store=str(store.directory), out=str(tmp_path / "sae"), k=8, expansion=4,
-                      tokens=256 * 8, batch_size=256, lr=3e-3, wandb="disabled", log_every=4)  # fmt: skip
+    assert store_codes(planted, store).shape == (
+        2048,
+        192,
+    )  # float16 rounding stays within tolerance
+    cfg = TrainConfig(
+        store=str(store.directory),
+        out=str(tmp_path / "sae"),
+        k=8,
+        expansion=4,
+        tokens=256 * 8,
+        batch_size=256,
+        lr=3e-3,
+        wandb="disabled",
+        log_every=4,
+    )
     sae = train(cfg)[DEFAULT_HOOK]
     assert (sae.cfg.model, sae.cfg.d_in, sae.cfg.n_latents) == ("synthetic", 64, 256)
     assert sae.cfg.weights_sha256 == planted.weights_sha256()
@@ -176,21 +230,35 @@ def test_match_latents_finds_a_permuted_dictionary(planted: PlantedHierarchy) ->
 
 def test_one_to_one_matching_never_shares_a_latent() -> None:
     e = torch.eye(3)
-    W_dec = torch.stack([(e[0] + e[1]) / 2**0.5, e[2]])  # one latent halfway between features 0 and 1
+    W_dec = torch.stack(
+        [(e[0] + e[1]) / 2**0.5, e[2]]
+    )  # one latent halfway between features 0 and 1
     shared = match_latents(W_dec, e[:2], one_to_one=False)
     assert shared.latent.tolist() == [0, 0]
     distinct = match_latents(W_dec, e[:2])
     assert sorted(distinct.latent.tolist()) == [0, 1] and distinct.cos.min() < 0.1
-    assert match_latents(W_dec[:1], e[:2]).latent.tolist().count(-1) == 1  # fewer latents than features
+    assert (
+        match_latents(W_dec[:1], e[:2]).latent.tolist().count(-1) == 1
+    )  # fewer latents than features
 
 
-def test_edge_recovery_is_perfect_for_the_planted_edges_and_chance_for_the_null(planted: PlantedHierarchy) -> None:
+def test_edge_recovery_is_perfect_for_the_planted_edges_and_chance_for_the_null(
+    planted: PlantedHierarchy,
+) -> None:
     W_dec, latent_of = _shuffled_decoder(planted)
     learned = latent_of[planted.edge_index]  # [2, 96] the planted edges, in latent indices
     r = edge_recovery(learned, torch.ones(96), W_dec, planted)
-    assert (r["precision"], r["recall"], r["f1"], r["n_mapped"], r["reversed"]) == (1.0, 1.0, 1.0, 96.0, 0.0)
+    assert (r["precision"], r["recall"], r["f1"], r["n_mapped"], r["reversed"]) == (
+        1.0,
+        1.0,
+        1.0,
+        96.0,
+        0.0,
+    )
     assert r["n_matched_features"] == 192 and r["n_learned"] == 96
-    assert abs(r["null_precision"] - 1 / 32) < 0.015  # a shuffled target is the right parent 1 time in 32
+    assert (
+        abs(r["null_precision"] - 1 / 32) < 0.015
+    )  # a shuffled target is the right parent 1 time in 32
     assert r["null_f1"] < 0.1
 
 
@@ -198,14 +266,25 @@ def test_edge_recovery_counts_what_it_should(planted: PlantedHierarchy) -> None:
     W_dec, latent_of = _shuffled_decoder(planted)
     child, parent = planted.edge_index
     empty = edge_recovery(torch.empty(2, 0, dtype=torch.int64), torch.empty(0), W_dec, planted)
-    assert (empty["precision"], empty["recall"], empty["f1"], empty["n_mapped"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (empty["precision"], empty["recall"], empty["f1"], empty["n_mapped"]) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
     backwards = edge_recovery(latent_of[planted.edge_index.flip(0)], torch.ones(96), W_dec, planted)
     assert (backwards["precision"], backwards["recall"], backwards["reversed"]) == (0.0, 0.0, 96.0)
     half = torch.arange(96) % 2 == 0
-    wrong_parent = torch.where(half, parent, (parent + 1) % 32)  # odd edges point at the next parent
-    mixed = edge_recovery(latent_of[torch.stack([child, wrong_parent])], torch.ones(96), W_dec, planted)
+    wrong_parent = torch.where(
+        half, parent, (parent + 1) % 32
+    )  # odd edges point at the next parent
+    mixed = edge_recovery(
+        latent_of[torch.stack([child, wrong_parent])], torch.ones(96), W_dec, planted
+    )
     assert (mixed["precision"], mixed["recall"]) == (0.5, 0.5)
-    weak = edge_recovery(latent_of[planted.edge_index], half.float(), W_dec, planted)  # 0 weight: dropped
+    weak = edge_recovery(
+        latent_of[planted.edge_index], half.float(), W_dec, planted
+    )  # 0 weight: dropped
     assert (weak["precision"], weak["recall"], weak["n_learned"]) == (1.0, 0.5, 48.0)
     cooc = edge_recovery(latent_of[planted.cooc_edge_index], torch.ones(16), W_dec, planted)
     assert (cooc["precision"], cooc["cooc_hits"]) == (0.0, 16.0)
@@ -215,7 +294,9 @@ def test_edge_recovery_counts_what_it_should(planted: PlantedHierarchy) -> None:
         edge_recovery(planted.edge_index, torch.ones(95), W_dec, planted)
 
 
-def test_oracle_sees_the_planted_implications(planted: PlantedHierarchy, codes: torch.Tensor) -> None:
+def test_oracle_sees_the_planted_implications(
+    planted: PlantedHierarchy, codes: torch.Tensor
+) -> None:
     stats = oracle_stats(planted, codes)
     assert torch.equal(stats.child_to_parent, torch.ones(96))  # P(parent | child) = 1
     assert stats.parent_to_child.max() < 0.4  # ≈ 0.7 / 3: the reverse edge is not implied
@@ -237,11 +318,17 @@ def test_geometry_candidates_contain_planted_child_to_parent_edges() -> None:
     keys = edges[0] * n + edges[1]
     assert bool(torch.isin(planted.edge_index[0] * n + planted.edge_index[1], keys).all())
     assert not bool((edges[0] == edges[1]).any()) and int(torch.bincount(edges[0]).max()) <= 3
-    chunked = geometry_candidates(planted.dictionary, m=3, min_cos=0.3, chunk=7)  # the same set of edges
-    assert torch.equal(torch.sort(chunked[0] * n + chunked[1]).values, torch.sort(keys).values)  # (a parent's
+    chunked = geometry_candidates(
+        planted.dictionary, m=3, min_cos=0.3, chunk=7
+    )  # the same set of edges
+    assert torch.equal(
+        torch.sort(chunked[0] * n + chunked[1]).values, torch.sort(keys).values
+    )  # (a parent's
     # three children tie at cos 0.5, so their order within the row follows floating-point noise)
     # unrelated features stay out: no pair of free features is that close
     free = n - planted.config.n_free
     assert not bool(((edges[0] >= free) & (edges[1] >= free)).any())
     both = union_edges(edges, planted.edge_index, n)
-    assert both.shape[1] == len(torch.unique(torch.cat([keys, planted.edge_index[0] * n + planted.edge_index[1]])))
+    assert both.shape[1] == len(
+        torch.unique(torch.cat([keys, planted.edge_index[0] * n + planted.edge_index[1]]))
+    )

@@ -12,7 +12,12 @@ from tests.probes.conftest import HOOK, marker_texts
 
 
 def write_jsonl(path, texts, labels) -> str:
-    path.write_text("".join(json.dumps({"text": t, "label": int(y)}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    path.write_text(
+        "".join(
+            json.dumps({"text": t, "label": int(y)}) + "\n"
+            for t, y in zip(texts, labels, strict=True)
+        )
+    )
     return str(path)
 
 
@@ -27,8 +32,26 @@ def test_train_then_score(kind, dataset, tiny_sae_dir, tmp_path, capsys):
     out = tmp_path / kind
     extra = ["--sae", str(tiny_sae_dir)] if kind != "linear" else []
     extra += ["--query", "3,5"] if kind == "graph" else []  # a fixed feature set (no graph on disk)
-    code = main(["train", "--task", dataset, "--model", "tiny", "--hook", HOOK, "--kind", kind, "--k", "4",
-                 "--out", str(out), "--fpr", "0.05", *extra])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--task",
+            dataset,
+            "--model",
+            "tiny",
+            "--hook",
+            HOOK,
+            "--kind",
+            kind,
+            "--k",
+            "4",
+            "--out",
+            str(out),
+            "--fpr",
+            "0.05",
+            *extra,
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     probe = Probe.load(out)
@@ -37,7 +60,10 @@ def test_train_then_score(kind, dataset, tiny_sae_dir, tmp_path, capsys):
     assert probe.calibration["target_fpr"] == 0.05 and probe.calibration["fpr"] <= 0.05
     if kind == "linear":  # a marker word is easy even for a random model's residual stream
         assert probe.metrics["auroc"] > 0.9
-    assert main(["score", "--probe", str(out), "--model", "tiny", "--text", "the zebra was green"]) == 0
+    assert (
+        main(["score", "--probe", str(out), "--model", "tiny", "--text", "the zebra was green"])
+        == 0
+    )
     [result] = json.loads(capsys.readouterr().out)
     scores = result["probes"][out.name]
     assert len(scores["token_scores"]) == len(result["tokens"]) > 0
@@ -46,22 +72,89 @@ def test_train_then_score(kind, dataset, tiny_sae_dir, tmp_path, capsys):
 
 def test_bad_input_is_reported_before_work(tmp_path, capsys, tiny_sae_dir):
     one_class = write_jsonl(tmp_path / "one.jsonl", ["a b", "c d", "e f"], [1, 1, 1])
-    assert main(["train", "--task", one_class, "--model", "tiny", "--hook", HOOK, "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                one_class,
+                "--model",
+                "tiny",
+                "--hook",
+                HOOK,
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "only label 1" in capsys.readouterr().err
-    assert main(["train", "--task", "nonsense-task", "--model", "tiny", "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(["train", "--task", "nonsense-task", "--model", "tiny", "--out", str(tmp_path / "p")])
+        == 2
+    )
     assert "nonsense-task" in capsys.readouterr().err
-    assert main(["train", "--task", one_class, "--kind", "sparse", "--model", "tiny", "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                one_class,
+                "--kind",
+                "sparse",
+                "--model",
+                "tiny",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "--sae" in capsys.readouterr().err
     good = write_jsonl(tmp_path / "good.jsonl", *marker_texts(20))
-    assert main(["train", "--task", good, "--model", "tiny", "--hook", "blocks.7.hook_resid_post",
-                 "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                good,
+                "--model",
+                "tiny",
+                "--hook",
+                "blocks.7.hook_resid_post",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "unknown hook point" in capsys.readouterr().err
     other_hook = "blocks.0.hook_resid_post"
-    assert main(["train", "--task", good, "--model", "tiny", "--hook", other_hook, "--kind", "sparse",
-                 "--sae", str(tiny_sae_dir), "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                good,
+                "--model",
+                "tiny",
+                "--hook",
+                other_hook,
+                "--kind",
+                "sparse",
+                "--sae",
+                str(tiny_sae_dir),
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "trained on" in capsys.readouterr().err
     assert not (tmp_path / "p").exists(), "nothing is written when the input is bad"
-    assert main(["score", "--probe", str(tmp_path / "missing"), "--model", "tiny", "--text", "x"]) == 2
+    assert (
+        main(["score", "--probe", str(tmp_path / "missing"), "--model", "tiny", "--text", "x"]) == 2
+    )
     assert "holds no probe" in capsys.readouterr().err
 
 
@@ -74,7 +167,11 @@ def test_train_probe_from_an_in_memory_dataset(tiny, tmp_path):
     data = datasets.Dataset.from_dict({"text": texts, "label": labels.tolist()})
     cfg = ProbeTrainConfig(hook=HOOK, model="tiny", out=str(tmp_path / "p"), kind="mean_diff")
     probe = train_probe(cfg, tiny, data=data)
-    assert probe.info["task"] == "in-memory dataset" and 20 <= probe.metrics["n"] <= 30  # ~75/25 split by row
+    assert (
+        probe.info["task"] == "in-memory dataset" and 20 <= probe.metrics["n"] <= 30
+    )  # ~75/25 split by row
     assert probe.direction is not None and Probe.load(tmp_path / "p").kind == "mean_diff"
     with pytest.raises(ValueError, match="only label"):
-        train_probe(cfg, tiny, data=datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [0, 0]}))
+        train_probe(
+            cfg, tiny, data=datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [0, 0]})
+        )

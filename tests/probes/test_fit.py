@@ -21,7 +21,9 @@ def ragged(lengths: list[int], width: int, seed: int = 0) -> Ragged:
 
 
 def test_pool_matches_hand_values():
-    r = Ragged(torch.tensor([[1.0], [3.0], [-2.0], [5.0], [4.0], [0.0]]), torch.tensor([0, 2, 3, 6]))
+    r = Ragged(
+        torch.tensor([[1.0], [3.0], [-2.0], [5.0], [4.0], [0.0]]), torch.tensor([0, 2, 3, 6])
+    )
     assert pool(r, "mean").squeeze(1).tolist() == [2.0, -2.0, 3.0]
     assert pool(r, "max").squeeze(1).tolist() == [3.0, -2.0, 5.0]  # a negative max survives
     assert pool(r, "last").squeeze(1).tolist() == [3.0, -2.0, 0.0]
@@ -72,7 +74,9 @@ def test_calibrate_hand_example():
 
 
 def test_auroc_hand_example_and_bruteforce_with_ties():
-    assert auroc(torch.tensor([0.9, 0.5, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(0.875)
+    assert auroc(torch.tensor([0.9, 0.5, 0.5, 0.1]), torch.tensor([1, 1, 0, 0])) == pytest.approx(
+        0.875
+    )
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (40,), generator=g).float()  # many ties
     y = torch.randint(0, 2, (40,), generator=g)
@@ -81,7 +85,9 @@ def test_auroc_hand_example_and_bruteforce_with_ties():
     assert auroc(scores, y) == pytest.approx(float(brute))
 
 
-def planted(n_texts: int, width: int, seed: int, spike_only: bool = False) -> tuple[Ragged, torch.Tensor, torch.Tensor]:
+def planted(
+    n_texts: int, width: int, seed: int, spike_only: bool = False
+) -> tuple[Ragged, torch.Tensor, torch.Tensor]:
     """Texts of 3-8 tokens of noise (std 3); positives carry +12·v on one token (spike_only) or +6·v on all."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 9, (n_texts,), generator=g).tolist()
@@ -125,11 +131,22 @@ def test_sparse_and_graph_probes_find_planted_features():
         for j in range(per_text):
             row = t * per_text + j
             noise = torch.randint(10, n_latents, (2,), generator=g).unique().tolist()
-            planted_cols = [3, 7] if (y[t] == 1 and j == 1) else ([3] if j == 1 else [7] if j == 2 else [])
+            planted_cols = (
+                [3, 7] if (y[t] == 1 and j == 1) else ([3] if j == 1 else [7] if j == 2 else [])
+            )
             for c in planted_cols + noise:
-                rows.append(row), cols.append(c), values.append(1.0 + float(torch.rand((), generator=g)))
+                (
+                    rows.append(row),
+                    cols.append(c),
+                    values.append(1.0 + float(torch.rand((), generator=g))),
+                )
     order = torch.tensor(rows).argsort(stable=True)
-    code = SparseCode(torch.tensor(values)[order], torch.tensor(cols)[order], torch.tensor(rows)[order], n_texts * per_text)
+    code = SparseCode(
+        torch.tensor(values)[order],
+        torch.tensor(cols)[order],
+        torch.tensor(rows)[order],
+        n_texts * per_text,
+    )
     offsets = torch.arange(0, n_texts * per_text + 1, per_text)
     features = Features(Ragged(torch.zeros(n_texts * per_text, 4), offsets), code, n_latents)
     pooled = pooled_code(code, offsets, n_latents, "max")
@@ -147,7 +164,10 @@ def test_dense_kinds_and_label_checks():
     linear = fit_probe("linear", Features(train), y, hook="h", aggregation="mean")
     mean_diff = fit_probe("mean_diff", Features(train), y, hook="h", aggregation="mean")
     assert torch.nn.functional.cosine_similarity(mean_diff.direction, v, dim=0) > 0.8
-    assert torch.allclose(mean_diff.direction, pool(train, "mean")[y == 1].mean(0) - pool(train, "mean")[y == 0].mean(0))
+    assert torch.allclose(
+        mean_diff.direction,
+        pool(train, "mean")[y == 1].mean(0) - pool(train, "mean")[y == 0].mean(0),
+    )
     test, y_test, _ = planted(120, 8, seed=4)
     for probe in (linear, mean_diff):
         assert evaluate_probe(probe, Features(test), y_test)["auroc"] > 0.95

@@ -21,7 +21,16 @@ def probes(marker_task, tiny_sae_dir, tmp_path_factory):
     texts, y, features = marker_task
     out = {}
     for kind, aggregation in (("linear", "mean"), ("mean_diff", "max"), ("sparse", "last")):
-        probe = fit_probe(kind, features, y, hook=HOOK, aggregation=aggregation, k=5, sae=str(tiny_sae_dir), name=kind)
+        probe = fit_probe(
+            kind,
+            features,
+            y,
+            hook=HOOK,
+            aggregation=aggregation,
+            k=5,
+            sae=str(tiny_sae_dir),
+            name=kind,
+        )
         calibrate_probe(probe, features, y, fpr=0.1)
         out[kind] = probe
     return out
@@ -45,18 +54,26 @@ def test_score_equals_manual_forward(tiny, probes, tiny_sae_dir):
             expected = probe.token_scores(x, code)
             got = result.probes[name]
             assert torch.allclose(torch.tensor(got.token_scores), expected, atol=1e-5)
-            pooled = float(pool(Ragged(expected[:, None], torch.tensor([0, x.shape[0]])), probe.aggregation))
+            pooled = float(
+                pool(Ragged(expected[:, None], torch.tensor([0, x.shape[0]])), probe.aggregation)
+            )
             assert got.score == pytest.approx(pooled, abs=1e-5)
             assert got.fired == (pooled > probe.threshold)
-            assert got.probability == pytest.approx(float(torch.sigmoid(torch.tensor(pooled))), abs=1e-6)
+            assert got.probability == pytest.approx(
+                float(torch.sigmoid(torch.tensor(pooled))), abs=1e-6
+            )
         # sparse: contributions are w_i z_i at the last token and add up to S - b
         sparse = result.probes["sparse"]
-        assert sum(f["contribution"] for f in sparse.top_features) == pytest.approx(sparse.score - probes["sparse"].bias, abs=1e-4)
+        assert sum(f["contribution"] for f in sparse.top_features) == pytest.approx(
+            sparse.score - probes["sparse"].bias, abs=1e-4
+        )
         # linear (mean pooling) through the SAE: Σ_i z_i (w · d_i) == w · mean_t(x̂_t - b_dec)
         linear, probe = result.probes["linear"], probes["linear"]
         code = sae.encode(x)
         no_bias = (sae.decode(code) - sae.b_dec / sae.cfg.input_scale).mean(0)
-        assert sum(f["contribution"] for f in linear.top_features) == pytest.approx(float(no_bias.detach() @ probe.weight), rel=1e-3, abs=1e-4)
+        assert sum(f["contribution"] for f in linear.top_features) == pytest.approx(
+            float(no_bias.detach() @ probe.weight), rel=1e-3, abs=1e-4
+        )
 
 
 def test_score_json_and_saved_probes(tiny, probes, tmp_path):
@@ -68,7 +85,9 @@ def test_score_json_and_saved_probes(tiny, probes, tmp_path):
     as_json = json.loads(json.dumps(loaded.to_json()))  # JSON-safe
     assert as_json["tokens"] == in_memory.tokens and set(as_json["probes"]) == set(probes)
     for name, result in in_memory.probes.items():  # the saved probe scores like the one in memory
-        assert as_json["probes"][name]["token_scores"] == pytest.approx(result.token_scores, rel=1e-5, abs=1e-5)
+        assert as_json["probes"][name]["token_scores"] == pytest.approx(
+            result.token_scores, rel=1e-5, abs=1e-5
+        )
         assert as_json["probes"][name]["fired"] == result.fired
 
 
@@ -125,18 +144,24 @@ def test_monitor_without_trigger_is_plain_greedy_generation(tiny, probes):
     assert len(result.scores["linear"]) == n_prompt + 8  # every prompt and generated token scored
     # the score of each token equals an offline score of the text up to it
     offline = lens.score(tiny.tokenizer.decode(result.token_ids[:3]).join([PROMPT, ""]))[0]
-    assert offline.probes["linear"].token_scores[: n_prompt + 3] == pytest.approx(result.scores["linear"][: n_prompt + 3], abs=1e-4)
+    assert offline.probes["linear"].token_scores[: n_prompt + 3] == pytest.approx(
+        result.scores["linear"][: n_prompt + 3], abs=1e-4
+    )
 
 
 def test_monitor_stops_where_the_running_score_first_crosses(tiny, probes):
     probe = Probe(**probes["linear"].__dict__)
     free = Lens(tiny, probes=[probe]).monitor(PROMPT, max_new_tokens=8)
     running = free.running["linear"]
-    n_prompt = len(running) - 8  # non-BOS prompt tokens; the trigger is checked from index n_prompt - 1 on
+    n_prompt = (
+        len(running) - 8
+    )  # non-BOS prompt tokens; the trigger is checked from index n_prompt - 1 on
     checks = list(range(n_prompt - 1, len(running)))
     probe.threshold = sorted(running[i] for i in checks)[len(checks) // 2]  # the median check
     first = next(i for i in checks if running[i] > probe.threshold)
-    stopped = Lens(tiny, probes=[probe]).monitor(PROMPT, max_new_tokens=8, trigger="linear", action="stop")
+    stopped = Lens(tiny, probes=[probe]).monitor(
+        PROMPT, max_new_tokens=8, trigger="linear", action="stop"
+    )
     assert stopped.triggered["token"] == first
     assert stopped.token_ids == free.token_ids[: first - (n_prompt - 1)]
     assert stopped.running["linear"] == pytest.approx(running[: first + 1], abs=1e-5)
@@ -147,11 +172,23 @@ def test_monitor_steering_matches_a_hooked_reference(tiny, probes):
     probe.threshold = -1e9  # fires on the prompt: steer every generated token
     vector = probe.direction / probe.direction.norm() * 40
     lens = Lens(tiny, probes=[probe])
-    steered = lens.monitor(PROMPT, max_new_tokens=6, trigger="mean_diff", action="steer", steering=vector)
-    assert steered.triggered["token"] == len(tokenize(tiny.tokenizer, [PROMPT], 256)[0]) - 2  # last prompt token
+    steered = lens.monitor(
+        PROMPT, max_new_tokens=6, trigger="mean_diff", action="steer", steering=vector
+    )
+    assert (
+        steered.triggered["token"] == len(tokenize(tiny.tokenizer, [PROMPT], 256)[0]) - 2
+    )  # last prompt token
     assert steered.token_ids == greedy_reference(tiny, 6, add=vector)
-    assert steered.token_ids != greedy_reference(tiny, 6), "a vector of norm 40 should change the continuation"
-    zero = lens.monitor(PROMPT, max_new_tokens=6, trigger="mean_diff", action="steer", steering=torch.zeros_like(vector))
+    assert steered.token_ids != greedy_reference(tiny, 6), (
+        "a vector of norm 40 should change the continuation"
+    )
+    zero = lens.monitor(
+        PROMPT,
+        max_new_tokens=6,
+        trigger="mean_diff",
+        action="steer",
+        steering=torch.zeros_like(vector),
+    )
     assert zero.token_ids == greedy_reference(tiny, 6)
 
 

@@ -13,13 +13,23 @@ HOOK = "blocks.15.hook_resid_post"
 @pytest.mark.slow
 def test_code_probe_separates_code_from_prose(smollm2, tmp_path):
     probes = [
-        train_probe(ProbeTrainConfig(task="code", hook=HOOK, kind=kind, out=str(tmp_path / kind), n_per_class=40), smollm2)
+        train_probe(
+            ProbeTrainConfig(
+                task="code", hook=HOOK, kind=kind, out=str(tmp_path / kind), n_per_class=40
+            ),
+            smollm2,
+        )
         for kind in ("linear", "mean_diff")
     ]
-    for probe in probes:  # 20 held-out texts per class: prose and stdlib code are far apart at layer 15
+    for (
+        probe
+    ) in probes:  # 20 held-out texts per class: prose and stdlib code are far apart at layer 15
         assert probe.metrics["auroc"] > 0.95, probe.metrics
     code, prose = Lens(smollm2, probes=[tmp_path / "linear", tmp_path / "mean_diff"]).score(
-        ["import os\nfor name in os.listdir(path):\n    print(name)", "Now is the winter of our discontent"]
+        [
+            "import os\nfor name in os.listdir(path):\n    print(name)",
+            "Now is the winter of our discontent",
+        ]
     )
     for name in ("linear", "mean_diff"):
         assert code.probes[name].fired and code.probes[name].probability > 0.9

@@ -69,8 +69,12 @@ def test_source_task_passages(built: dict) -> None:
         letters = [c for c in r["text"] if c.isalpha()]
         assert sum(c.isupper() for c in letters) <= 0.5 * len(letters)
     milton = {r["group"].split("/")[1] for r in rows if r["label"] == 1}
-    assert milton <= {"areopagitica", "lallegro_il_penseroso_comus_and_lycidas",
-                      "paradise_lost_(no_introduction)", "paradise_regained"}  # fmt: skip
+    assert milton <= {
+        "areopagitica",
+        "lallegro_il_penseroso_comus_and_lycidas",
+        "paradise_lost_(no_introduction)",
+        "paradise_regained",
+    }
 
 
 def test_passages_cut_at_blank_lines_and_skip_boilerplate() -> None:
@@ -167,8 +171,9 @@ def test_task_cache_is_written_once_then_reused(
 ) -> None:
     first = load_task("first_letter", n_per_class=N)
     assert sorted(p.name for p in (private_cache / f"first_letter{N}-0").iterdir()) == [
-        "test.parquet", "train.parquet",
-    ]  # fmt: skip
+        "test.parquet",
+        "train.parquet",
+    ]
 
     def must_not_rebuild() -> list:
         raise AssertionError("the cached task was rebuilt")
@@ -245,8 +250,10 @@ def test_user_split_column_and_other_formats(tmp_path: Path) -> None:
     datasets.Dataset.from_list(no_group).to_parquet(str(tmp_path / "task.parquet"))
     by_row = load_task(str(tmp_path / "task.parquet"))
     assert len(by_row["test"]) == 10  # split by row when there is no group
-    saved = datasets.DatasetDict(train=datasets.Dataset.from_list(no_group[:30]),
-                                 test=datasets.Dataset.from_list(no_group[30:]))  # fmt: skip
+    saved = datasets.DatasetDict(
+        train=datasets.Dataset.from_list(no_group[:30]),
+        test=datasets.Dataset.from_list(no_group[30:]),
+    )
     saved.save_to_disk(str(tmp_path / "saved"))
     assert len(load_task(str(tmp_path / "saved"))["test"]) == 10
 

@@ -20,7 +20,16 @@ HOOK = "blocks.1.hook_resid_post"
 def _identity_sae(model: LoadedModel) -> SAE:
     """ReLU SAE with latents [x, −x]: relu(x) − relu(−x) = x, an exact reconstruction."""
     d = model.d_model
-    sae = SAE(SAEConfig(d_in=d, n_latents=2 * d, arch="relu", hook=HOOK, model=model.name, weights_sha256=model.weights_sha256))
+    sae = SAE(
+        SAEConfig(
+            d_in=d,
+            n_latents=2 * d,
+            arch="relu",
+            hook=HOOK,
+            model=model.name,
+            weights_sha256=model.weights_sha256,
+        )
+    )
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye]))
@@ -29,7 +38,9 @@ def _identity_sae(model: LoadedModel) -> SAE:
 
 
 def _windows(model: LoadedModel) -> torch.Tensor:
-    body = torch.randint(0, len(model.tokenizer), (4, 23), generator=torch.Generator().manual_seed(0))
+    body = torch.randint(
+        0, len(model.tokenizer), (4, 23), generator=torch.Generator().manual_seed(0)
+    )
     return torch.cat([torch.full((4, 1), model.bos_token_id), body], dim=1)
 
 
@@ -50,7 +61,9 @@ def test_zero_reconstruction_recovers_none(tiny: LoadedModel) -> None:
     assert result["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
 
 
-def test_reconstruction_metrics_equal_the_one_shot_definitions(tiny: LoadedModel, tiny_store: ActivationStore) -> None:
+def test_reconstruction_metrics_equal_the_one_shot_definitions(
+    tiny: LoadedModel, tiny_store: ActivationStore
+) -> None:
     sae = _identity_sae(tiny)
     with torch.no_grad():
         sae.W_enc[:5] = 0  # five latents never fire; the rest reconstruct all but 5 coordinates
@@ -62,10 +75,25 @@ def test_reconstruction_metrics_equal_the_one_shot_definitions(tiny: LoadedModel
     assert result["dead_fraction"] == pytest.approx(5 / sae.cfg.n_latents)
 
 
-def test_eval_command_prints_json(tiny: LoadedModel, tiny_store: ActivationStore, tmp_path: Path, capsys) -> None:
+def test_eval_command_prints_json(
+    tiny: LoadedModel, tiny_store: ActivationStore, tmp_path: Path, capsys
+) -> None:
     save_sae(_identity_sae(tiny), tmp_path / "sae")
-    args = ["eval", "--sae", str(tmp_path / "sae"), "--store", str(tiny_store.directory), "--model", "tiny",
-            "--tokens", "200", "--context-size", "32"]  # fmt: skip
+    args = [
+        "eval",
+        "--sae",
+        str(tmp_path / "sae"),
+        "--store",
+        str(tiny_store.directory),
+        "--model",
+        "tiny",
+        "--tokens",
+        "200",
+        "--context-size",
+        "32",
+    ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["fvu"] == pytest.approx(0.0, abs=1e-9) and result["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert result["fvu"] == pytest.approx(0.0, abs=1e-9) and result[
+        "ce_loss_recovered"
+    ] == pytest.approx(1.0, abs=1e-4)

@@ -73,10 +73,30 @@ def test_kill_9_and_resume_ends_identical_to_an_uninterrupted_run(
     reference = harvest(tiny_harvest_config(tmp_path / "reference", **args), tiny).manifest
     killed = tmp_path / "killed"
     cfg = tiny_harvest_config(killed, **args)
-    command = [sys.executable, "-m", "sae", "harvest", "--out", str(killed), "--model", "tiny",
-               "--hooks", cfg.hooks, "--tokens", str(cfg.tokens), "--context-size", str(cfg.context_size),
-               "--shard-tokens", str(cfg.shard_tokens), "--batch-size", "1", "--dtype", cfg.dtype,
-               "--seed", str(cfg.seed)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "sae",
+        "harvest",
+        "--out",
+        str(killed),
+        "--model",
+        "tiny",
+        "--hooks",
+        cfg.hooks,
+        "--tokens",
+        str(cfg.tokens),
+        "--context-size",
+        str(cfg.context_size),
+        "--shard-tokens",
+        str(cfg.shard_tokens),
+        "--batch-size",
+        "1",
+        "--dtype",
+        cfg.dtype,
+        "--seed",
+        str(cfg.seed),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for kill_after in (2, 7):  # two kills, each mid-run, then a run to completion
         process = subprocess.Popen(
@@ -148,33 +168,48 @@ def test_float16_overflow_is_an_error_that_names_the_fix() -> None:
     assert _shard_tensors([batch], [hook], "bfloat16")[hook].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("point", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"])
+@pytest.mark.parametrize(
+    "point",
+    ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"],
+)
 def test_fast_capture_equals_the_transformerlens_bridge(tiny: LoadedModel, point: str) -> None:
-    tokens = torch.randint(0, len(tiny.tokenizer), (2, 20), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(
+        0, len(tiny.tokenizer), (2, 20), generator=torch.Generator().manual_seed(5)
+    )
     names = [f"blocks.{layer}.{point}" for layer in range(tiny.n_layers)]
     fast = capture(tiny, tokens, names)
     with torch.inference_mode():
-        _, reference = tiny.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+        _, reference = tiny.bridge.run_with_cache(
+            tokens, names_filter=names, return_cache_object=False
+        )
     for name in names:
         torch.testing.assert_close(fast[name], reference[name], rtol=0, atol=0)
 
 
 def test_other_hook_names_fall_back_to_the_bridge(tiny: LoadedModel) -> None:
-    tokens = torch.randint(0, len(tiny.tokenizer), (1, 12), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(
+        0, len(tiny.tokenizer), (1, 12), generator=torch.Generator().manual_seed(6)
+    )
     names = ["blocks.1.ln2.hook_normalized", "blocks.0.hook_resid_post"]
     got = capture(tiny, tokens, names)
     with torch.inference_mode():
-        _, reference = tiny.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+        _, reference = tiny.bridge.run_with_cache(
+            tokens, names_filter=names, return_cache_object=False
+        )
     for name in names:
         torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0)
 
 
 @pytest.mark.slow
 def test_smollm2_fast_capture_equals_the_bridge(smollm2: LoadedModel) -> None:
-    tokens = smollm2.tokenizer(["Now is the winter of our discontent"], return_tensors="pt").input_ids
+    tokens = smollm2.tokenizer(
+        ["Now is the winter of our discontent"], return_tensors="pt"
+    ).input_ids
     names = ["blocks.15.hook_resid_post", "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out"]
     fast = capture(smollm2, tokens, names)
     with torch.inference_mode():
-        _, reference = smollm2.bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+        _, reference = smollm2.bridge.run_with_cache(
+            tokens, names_filter=names, return_cache_object=False
+        )
     for name in names:
         torch.testing.assert_close(fast[name], reference[name], rtol=0, atol=0)

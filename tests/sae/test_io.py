@@ -19,7 +19,17 @@ SAELENS_PYTHON = cache_root() / "venvs" / "saelens" / "bin" / "python"
 def _trained_like_sae(arch: str) -> SAE:
     """An SAE with non-trivial biases, scale and threshold, as training would leave it."""
     g = torch.Generator().manual_seed(0)
-    sae = SAE(SAEConfig(d_in=16, n_latents=64, arch=arch, k=6, input_scale=0.37, hook="blocks.1.hook_resid_post", model="tiny"))
+    sae = SAE(
+        SAEConfig(
+            d_in=16,
+            n_latents=64,
+            arch=arch,
+            k=6,
+            input_scale=0.37,
+            hook="blocks.1.hook_resid_post",
+            model="tiny",
+        )
+    )
     sae.reset_parameters(g)
     with torch.no_grad():
         sae.b_enc.normal_(generator=g, std=0.3)
@@ -43,14 +53,22 @@ def test_save_and_load_round_trip(arch: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_saelens_export_computes_the_same_code_and_reconstruction(arch: str, tmp_path: Path) -> None:
+def test_saelens_export_computes_the_same_code_and_reconstruction(
+    arch: str, tmp_path: Path
+) -> None:
     sae = _trained_like_sae(arch)
     export_saelens(sae, tmp_path / "lens")
     cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
     weights = load_file(tmp_path / "lens" / "sae_weights.safetensors")
-    assert weights["W_enc"].shape == (16, 64) and cfg["d_sae"] == 64 and cfg["hook_name"] == sae.cfg.hook
+    assert (
+        weights["W_enc"].shape == (16, 64)
+        and cfg["d_sae"] == 64
+        and cfg["hook_name"] == sae.cfg.hook
+    )
     back = import_saelens(tmp_path / "lens")
-    assert back.cfg.arch == arch and back.cfg.input_scale == 1.0  # the scale now lives in the weights
+    assert (
+        back.cfg.arch == arch and back.cfg.input_scale == 1.0
+    )  # the scale now lives in the weights
     x = _x()
     torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-5)
     ours, theirs = sae.encode(x).to_dense(64), back.encode(x).to_dense(64)
@@ -76,7 +94,9 @@ for directory in sys.argv[2:]:
 """
 
 
-@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="no SAELens side venv (scripts/bench_harvest.py creates it)")
+@pytest.mark.skipif(
+    not SAELENS_PYTHON.exists(), reason="no SAELens side venv (scripts/bench_harvest.py creates it)"
+)
 def test_saelens_itself_loads_our_exports(tmp_path: Path) -> None:
     saes = {arch: _trained_like_sae(arch) for arch in ["topk", "batchtopk", "jumprelu", "relu"]}
     for arch, sae in saes.items():
@@ -84,10 +104,19 @@ def test_saelens_itself_loads_our_exports(tmp_path: Path) -> None:
     save_file({"x": _x()}, tmp_path / "x.safetensors")
     script = tmp_path / "run.py"
     script.write_text(_SAELENS_SCRIPT)
-    args = [str(SAELENS_PYTHON), str(script), str(tmp_path / "x.safetensors"), *(str(tmp_path / a) for a in saes)]
-    result = subprocess.run(args, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    args = [
+        str(SAELENS_PYTHON),
+        str(script),
+        str(tmp_path / "x.safetensors"),
+        *(str(tmp_path / a) for a in saes),
+    ]
+    result = subprocess.run(
+        args, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    )
     assert result.returncode == 0, result.stderr[-1500:]
     for arch, sae in saes.items():
         out = load_file(tmp_path / arch / "out.safetensors")
         torch.testing.assert_close(out["recons"], sae(_x()), rtol=1e-4, atol=1e-4, msg=arch)
-        torch.testing.assert_close(out["acts"], sae.encode(_x()).to_dense(64), rtol=1e-4, atol=1e-4, msg=arch)
+        torch.testing.assert_close(
+            out["acts"], sae.encode(_x()).to_dense(64), rtol=1e-4, atol=1e-4, msg=arch
+        )

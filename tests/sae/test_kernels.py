@@ -25,14 +25,23 @@ def _inputs(seed: int):
     return x_c, W_enc, b_enc, W_dec
 
 
-@pytest.mark.parametrize("select", [lambda p: topk_code(p, K), lambda p: batch_topk_code(p, K)], ids=["topk", "batchtopk"])
+@pytest.mark.parametrize(
+    "select",
+    [lambda p: topk_code(p, K), lambda p: batch_topk_code(p, K)],
+    ids=["topk", "batchtopk"],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("pass_values", [False, True], ids=["gathered", "code-values-passed"])
-def test_sparse_encode_then_decode_matches_the_dense_reference(select, seed: int, pass_values: bool) -> None:
+def test_sparse_encode_then_decode_matches_the_dense_reference(
+    select, seed: int, pass_values: bool
+) -> None:
     """pass_values: the fast kernel is handed the code's values (ReLU(pre) at the selected entries,
     as SAE training does) instead of gathering pre; under the ReLU applied after, the same."""
     results = []
-    for encode, decode in ((sparse_encode, sparse_decode), (sparse_encode_reference, sparse_decode_reference)):
+    for encode, decode in (
+        (sparse_encode, sparse_decode),
+        (sparse_encode_reference, sparse_decode_reference),
+    ):
         x_c, W_enc, b_enc, W_dec = _inputs(seed)
         with torch.no_grad():
             pre = x_c @ W_enc.T + b_enc
@@ -63,20 +72,32 @@ def test_decode_gradcheck_in_float64() -> None:
     x_c, W_enc, b_enc, W_dec = _inputs(2)
     code = topk_code((x_c @ W_enc.T + b_enc).detach(), K)
     values = code.values.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, code.cols, code.rows, w, N), (values, W_dec))
+    assert torch.autograd.gradcheck(
+        lambda v, w: sparse_decode(v, code.cols, code.rows, w, N), (values, W_dec)
+    )
 
 
-@pytest.mark.parametrize("boost", [0.0, 50.0], ids=["row-topk-prefilter", "one-row-dominates-fallback"])
+@pytest.mark.parametrize(
+    "boost", [0.0, 50.0], ids=["row-topk-prefilter", "one-row-dominates-fallback"]
+)
 @pytest.mark.parametrize("hint_over_cut", [0.0, 0.5, 0.999, 1.001, 100.0], ids=lambda h: f"hint{h}")
-def test_batch_topk_equals_a_topk_over_the_flattened_batch(boost: float, hint_over_cut: float, monkeypatch) -> None:
+def test_batch_topk_equals_a_topk_over_the_flattened_batch(
+    boost: float, hint_over_cut: float, monkeypatch
+) -> None:
     """Any hint gives the exact result: below the cut (0.5, 0.999 × cut) through the hint's own pass,
     above it (1.001, 100 × cut) through the row-wise method, which the spy counts."""
     pre = torch.randn(64, 200, generator=torch.Generator().manual_seed(4))
-    pre[5] += boost  # with the boost row 5 holds more than 4k of the winners: the prefilter can't be used
+    pre[5] += (
+        boost  # with the boost row 5 holds more than 4k of the winners: the prefilter can't be used
+    )
     cut = float(pre.relu().flatten().topk(3 * 64).values.min())
     row_wise = []
     topk = torch.Tensor.topk
-    monkeypatch.setattr(torch.Tensor, "topk", lambda t, *a, **kw: (row_wise.append(t.ndim == 2), topk(t, *a, **kw))[1])
+    monkeypatch.setattr(
+        torch.Tensor,
+        "topk",
+        lambda t, *a, **kw: (row_wise.append(t.ndim == 2), topk(t, *a, **kw))[1],
+    )
     code = batch_topk_code(pre, 3, hint=hint_over_cut * cut)
     monkeypatch.undo()
     assert any(row_wise) == (hint_over_cut == 0.0 or hint_over_cut > 1)

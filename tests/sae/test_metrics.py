@@ -45,7 +45,9 @@ def test_dead_and_dense_fractions() -> None:
 
 
 def test_ce_loss_recovered_and_kl_by_hand() -> None:
-    assert metrics.ce_loss_recovered(ce_clean=2.0, ce_spliced=2.5, ce_zero=7.0) == pytest.approx(0.9)
+    assert metrics.ce_loss_recovered(ce_clean=2.0, ce_spliced=2.5, ce_zero=7.0) == pytest.approx(
+        0.9
+    )
     p = torch.tensor([[math.log(0.5), math.log(0.5)]])
     q = torch.tensor([[math.log(0.25), math.log(0.75)]])
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)

@@ -11,7 +11,9 @@ D, LATENTS, K, N = 12, 48, 4, 64
 
 
 def _sae(arch: str, seed: int = 0, **overrides) -> SAE:
-    sae = SAE(SAEConfig(d_in=D, n_latents=LATENTS, arch=arch, k=K, input_scale=0.5, **overrides)).double()
+    sae = SAE(
+        SAEConfig(d_in=D, n_latents=LATENTS, arch=arch, k=K, input_scale=0.5, **overrides)
+    ).double()
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.b_dec.normal_(generator=torch.Generator().manual_seed(seed + 1))
@@ -20,7 +22,10 @@ def _sae(arch: str, seed: int = 0, **overrides) -> SAE:
 
 
 def _x(seed: int = 0) -> torch.Tensor:
-    return torch.randn(N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3 + 1
+    return (
+        torch.randn(N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+        + 1
+    )
 
 
 def _dense_reference_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +36,11 @@ def _dense_reference_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(K, dim=1).indices, True)
     else:
         flat = pre.relu().flatten()
-        mask = torch.zeros_like(flat, dtype=torch.bool).scatter(0, flat.topk(K * N).indices, True).view_as(pre)
+        mask = (
+            torch.zeros_like(flat, dtype=torch.bool)
+            .scatter(0, flat.topk(K * N).indices, True)
+            .view_as(pre)
+        )
     acts = pre.relu() * mask
     if sae.cfg.arch != "matryoshka":
         return fvu(x_n, acts @ sae.W_dec + sae.b_dec)
@@ -51,7 +60,9 @@ def test_sparse_training_path_equals_the_dense_reference(arch: str) -> None:
     (fast_loss, fast_grads), (ref_loss, ref_grads) = grads
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
     for name in ref_grads:
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(
+            fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name
+        )
 
 
 def test_topk_code_has_k_latents_per_token_and_decode_inverts_scale() -> None:
@@ -120,7 +131,9 @@ def test_fvu_with_a_reduce_over_ranks_equals_the_whole_batch() -> None:
     halves = [(x[:32], x_hat[:32]), (x[32:], x_hat[32:])]
     stats = []
 
-    def collect(tensor: torch.Tensor) -> torch.Tensor:  # records each half's stats; sums them on replay
+    def collect(
+        tensor: torch.Tensor,
+    ) -> torch.Tensor:  # records each half's stats; sums them on replay
         stats.append(tensor.clone())
         return tensor
 
@@ -175,7 +188,9 @@ def _dense_aux_reference(sae: SAE, x: torch.Tensor, dead: torch.Tensor, aux_k: i
     pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
     residual = x_n - (sae.training_forward(x).recons * sae.cfg.input_scale).detach()
     masked = pre.masked_fill(~dead, float("-inf"))
-    mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, masked.topk(aux_k, dim=1).indices, True)
+    mask = torch.zeros_like(pre, dtype=torch.bool).scatter(
+        1, masked.topk(aux_k, dim=1).indices, True
+    )
     return fvu(residual, (pre.relu() * mask) @ sae.W_dec)
 
 
@@ -184,23 +199,38 @@ def test_auxk_equals_the_dense_reference_and_reaches_only_dead_latents(arch: str
     dead = torch.zeros(LATENTS, dtype=torch.bool)
     dead[::3] = True
     sae, x = _sae(arch, jumprelu_init_threshold=0.5), _x()
-    with torch.no_grad():  # the fast path drops selected entries with pre ≤ 0: make sure there are some
+    with (
+        torch.no_grad()
+    ):  # the fast path drops selected entries with pre ≤ 0: make sure there are some
         pre = sae.pre_acts(x * sae.cfg.input_scale).masked_fill(~dead, float("-inf"))
         selected = pre.topk(6, dim=1).values
     assert (selected > 0).any() and (selected <= 0).any()
     grads = []
     for use_reference in (False, True):
         sae, x = _sae(arch, jumprelu_init_threshold=0.5), _x()
-        loss = _dense_aux_reference(sae, x, dead, 6) if use_reference else sae.training_forward(x, dead, 6).aux_loss
+        loss = (
+            _dense_aux_reference(sae, x, dead, 6)
+            if use_reference
+            else sae.training_forward(x, dead, 6).aux_loss
+        )
         loss.backward()
-        grads.append((loss.detach(), {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}))
+        grads.append(
+            (
+                loss.detach(),
+                {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None},
+            )
+        )
     (fast_loss, fast_grads), (ref_loss, ref_grads) = grads
     assert fast_loss.item() > 0
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-12)
     for name in ("W_enc", "b_enc", "W_dec"):
-        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(
+            fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name
+        )
     assert fast_grads["W_enc"][~dead].abs().sum() == 0 and fast_grads["W_enc"][dead].abs().sum() > 0
-    assert _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0  # aux_k = 0: no AuxK (the default)
+    assert (
+        _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0
+    )  # aux_k = 0: no AuxK (the default)
 
 
 def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> None:
@@ -214,7 +244,9 @@ def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> 
     l0_at = lambda t: (pre > t).double().sum(0) / N  # noqa: E731 - per-latent mean L0 at threshold t
     central = (l0_at(theta + eps / 2) - l0_at(theta - eps / 2)) / eps  # [n_latents]
     assert central.abs().sum() > 0
-    torch.testing.assert_close(sae.log_threshold.grad, central * theta)  # chain rule: d/dlogθ = θ·d/dθ
+    torch.testing.assert_close(
+        sae.log_threshold.grad, central * theta
+    )  # chain rule: d/dlogθ = θ·d/dθ
 
 
 def test_training_forward_reuses_its_preactivation_buffer_without_changing_results() -> None:

@@ -96,7 +96,9 @@ def test_not_a_store(tmp_path: Path) -> None:
         ActivationStore(tmp_path)
 
 
-def test_manifest_missing_fields_is_a_clear_error(tiny_store: ActivationStore, tmp_path: Path) -> None:
+def test_manifest_missing_fields_is_a_clear_error(
+    tiny_store: ActivationStore, tmp_path: Path
+) -> None:
     import json
 
     copy = tmp_path / "copy"

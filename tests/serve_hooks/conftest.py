@@ -18,7 +18,15 @@ def lively() -> LoadedModel:
     with torch.no_grad():
         for layer in model.fast.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            for linear in (
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                attn.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            ):
                 linear.weight.normal_(0, linear.weight.shape[1] ** -0.5, generator=generator)
     return model
 
@@ -28,7 +36,9 @@ def hf_greedy(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
     config = copy.deepcopy(model.fast.generation_config)
     never = model.fast.config.vocab_size  # an id no step can produce (None would fall back to EOS)
     config.eos_token_id = config.pad_token_id = never
-    out = model.fast.generate(torch.tensor([prompt]), generation_config=config, max_new_tokens=n, do_sample=False)
+    out = model.fast.generate(
+        torch.tensor([prompt]), generation_config=config, max_new_tokens=n, do_sample=False
+    )
     assert out.shape[1] == len(prompt) + n, "the reference stopped early"
     return out[0, len(prompt) :].tolist()
 
@@ -37,5 +47,10 @@ def prompts(n: int, seed: int = 0, shared: int = 0, vocab: int = 500) -> list[li
     """n random prompts of 3-40 tokens; the first `shared` tokens are common to all."""
     g = torch.Generator().manual_seed(seed)
     head = torch.randint(3, vocab, (shared,), generator=g).tolist()
-    return [head + torch.randint(3, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]  # fmt: skip
+    return [
+        head
+        + torch.randint(
+            3, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n)
+    ]

@@ -17,7 +17,9 @@ from serve_hooks.sequence import SamplingParams, Sequence
 from tests.serve_hooks.conftest import hf_greedy, prompts
 
 
-def fake_run(scheduler: Scheduler, blocks: BlockManager, rng: random.Random, cancel_rate: float) -> int:
+def fake_run(
+    scheduler: Scheduler, blocks: BlockManager, rng: random.Random, cancel_rate: float
+) -> int:
     """Drive the scheduler without a model: each chunk 'computes', finishing chunks emit a token."""
     steps = 0
     while scheduler.has_work():
@@ -46,16 +48,26 @@ def test_no_block_leaks_under_random_workloads(seed):
     num_blocks = rng.randint(24, 80)
     host = rng.choice([0, 8])
     kv = KVCache(2, num_blocks, block_size, 1, 2, host_blocks=host) if host else None
-    blocks = BlockManager(num_blocks, block_size, enable_prefix_cache=rng.random() < 0.8, kv=kv, host_blocks=host)
-    cfg = EngineConfig(block_size=block_size, max_num_seqs=rng.randint(1, 8),
-                       max_num_batched_tokens=rng.randint(4, 48), chunked_prefill=True)  # fmt: skip
+    blocks = BlockManager(
+        num_blocks, block_size, enable_prefix_cache=rng.random() < 0.8, kv=kv, host_blocks=host
+    )
+    cfg = EngineConfig(
+        block_size=block_size,
+        max_num_seqs=rng.randint(1, 8),
+        max_num_batched_tokens=rng.randint(4, 48),
+        chunked_prefill=True,
+    )
     scheduler = Scheduler(cfg, blocks)
     heads = [[rng.randrange(3, 40) for _ in range(rng.randint(0, 20))] for _ in range(3)]
     for i in range(rng.randint(10, 40)):
         prompt = rng.choice(heads) + [rng.randrange(3, 40) for _ in range(rng.randint(1, 15))]
         params = SamplingParams(max_tokens=rng.randint(1, 12))
         if blocks.blocks_for(len(prompt) + params.max_tokens) <= num_blocks:
-            scheduler.add(Sequence(prompt, params, cache_key=rng.choice(["", "", "steer"]), arrival_time=float(i)))
+            scheduler.add(
+                Sequence(
+                    prompt, params, cache_key=rng.choice(["", "", "steer"]), arrival_time=float(i)
+                )
+            )
     fake_run(scheduler, blocks, rng, cancel_rate=0.05)
     assert all(r == 0 for r in blocks.ref), "a finished workload holds no references"
     assert blocks.num_available == num_blocks
@@ -79,7 +91,11 @@ def flood(llm: LLMEngine, seed: int) -> None:
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
 def test_spilled_prefix_is_restored_not_recomputed(lively, tier, tmp_path):
-    settings = {"host_blocks": 64} if tier == "host" else {"host_blocks": 2, "disk_dir": str(tmp_path / "kv")}
+    settings = (
+        {"host_blocks": 64}
+        if tier == "host"
+        else {"host_blocks": 2, "disk_dir": str(tmp_path / "kv")}
+    )
     llm = engine(lively, **settings)
     [prompt] = prompts(1, seed=5, shared=40)
     expected = hf_greedy(lively, prompt, 6)
@@ -87,7 +103,9 @@ def test_spilled_prefix_is_restored_not_recomputed(lively, tier, tmp_path):
     assert llm.generate([prompt], params)[0].token_ids == expected
     flood(llm, seed=6)
     tiers = {n.tier for n in _nodes(llm.blocks) if len(n.tokens)}
-    assert (HOST if tier == "host" else DISK) in tiers, f"the flood should have spilled blocks to {tier}"
+    assert (HOST if tier == "host" else DISK) in tiers, (
+        f"the flood should have spilled blocks to {tier}"
+    )
     again = llm.generate([prompt], params)[0]
     assert again.token_ids == expected, "restored KV must give the same continuation"
     assert again.num_cached_tokens >= 40

@@ -17,7 +17,11 @@ SETTINGS = dict(num_blocks=96, block_size=4, max_num_batched_tokens=32)
 @pytest.fixture(scope="module")
 def weights(lively, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("weights") / "lively.safetensors"
-    state = {k: v.contiguous().clone() for k, v in lively.fast.state_dict().items() if k != "lm_head.weight"}  # tied
+    state = {
+        k: v.contiguous().clone()
+        for k, v in lively.fast.state_dict().items()
+        if k != "lm_head.weight"
+    }  # tied
     save_file(state, str(path))
     return str(path)
 
@@ -29,7 +33,9 @@ def test_split_equals_one_engine(lively, weights, n_prefill, n_decode):
     sampled = SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.8, top_p=0.95, seed=11)
     single = LLMEngine(EngineConfig(model="tiny", **SETTINGS), lively)
     expected_sampled = [o.token_ids for o in single.generate(cases[:3], sampled)]
-    llm = DisaggregatedLLM("tiny", n_prefill=n_prefill, n_decode=n_decode, weights=weights, **SETTINGS)
+    llm = DisaggregatedLLM(
+        "tiny", n_prefill=n_prefill, n_decode=n_decode, weights=weights, **SETTINGS
+    )
     try:
         outs = llm.generate(cases, greedy)
         assert [o["tokens"] for o in outs] == [hf_greedy(lively, p, 10) for p in cases]
@@ -60,11 +66,21 @@ def test_features_travel_with_the_kv(lively, weights, tmp_path):
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=lively.d_model, n_latents=96, k=6, hook=HOOK, model="tiny"))
     sae_dir = save_sae(sae, tmp_path / HOOK)
-    probe = Probe("linear", HOOK, lively.d_model, "mean", torch.randn(lively.d_model), 0.1, name="dense")
+    probe = Probe(
+        "linear", HOOK, lively.d_model, "mean", torch.randn(lively.d_model), 0.1, name="dense"
+    )
     probe.save(tmp_path / "dense")
     cases = prompts(3, seed=15)
-    llm = DisaggregatedLLM("tiny", n_prefill=1, n_decode=1, weights=weights, saes=[str(sae_dir)],
-                           probes=[str(tmp_path / "dense")], top_n=6, **SETTINGS)  # fmt: skip
+    llm = DisaggregatedLLM(
+        "tiny",
+        n_prefill=1,
+        n_decode=1,
+        weights=weights,
+        saes=[str(sae_dir)],
+        probes=[str(tmp_path / "dense")],
+        top_n=6,
+        **SETTINGS,
+    )
     try:
         outs = llm.generate(cases, SamplingParams(max_tokens=5, ignore_eos=True))
     finally:
@@ -72,6 +88,12 @@ def test_features_travel_with_the_kv(lively, weights, tmp_path):
     for case, out in zip(cases, outs, strict=True):
         dense, scores = offline(lively, sae, [probe], case + out["tokens"][:-1])
         codes = out["features"]["codes"][HOOK]
-        ours = torch.zeros_like(dense).scatter_(1, torch.tensor(codes["indices"]), torch.tensor(codes["values"]))
-        assert torch.allclose(ours, dense, atol=1e-4), "prompt features came from the prefill worker"
-        assert torch.allclose(torch.tensor(out["features"]["probes"]["dense"]), scores["dense"], atol=1e-4)
+        ours = torch.zeros_like(dense).scatter_(
+            1, torch.tensor(codes["indices"]), torch.tensor(codes["values"])
+        )
+        assert torch.allclose(ours, dense, atol=1e-4), (
+            "prompt features came from the prefill worker"
+        )
+        assert torch.allclose(
+            torch.tensor(out["features"]["probes"]["dense"]), scores["dense"], atol=1e-4
+        )

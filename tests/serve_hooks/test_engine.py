@@ -41,12 +41,16 @@ def test_greedy_equals_hf_generate(lively, references, settings):
     outs = llm.generate(cases, GREEDY)
     assert [o.token_ids for o in outs] == expected
     llm.blocks.check()
-    assert llm.blocks.num_available == llm.blocks.num_blocks, "every block is free or evictable at the end"
+    assert llm.blocks.num_available == llm.blocks.num_blocks, (
+        "every block is free or evictable at the end"
+    )
 
 
 def test_forced_preemption_keeps_outputs(lively, references):
     cases, expected = references
-    llm = engine(lively, num_blocks=24, max_num_batched_tokens=32)  # 96 slots for 10 requests of up to 88 tokens
+    llm = engine(
+        lively, num_blocks=24, max_num_batched_tokens=32
+    )  # 96 slots for 10 requests of up to 88 tokens
     seqs = [llm.add_request(p, GREEDY) for p in cases]
     done = {}
     while llm.has_unfinished():
@@ -71,14 +75,22 @@ def test_prefix_cache_hits_and_namespaces(lively, references):
         llm.step()
     assert other_key.num_prefix_hit == 0, "a different cache key must never reuse these blocks"
     whole = llm.generate([cases[6]], GREEDY)[0]  # fully cached prompt: the last block is recomputed
-    assert whole.num_cached_tokens == (len(cases[6]) - 1) // 4 * 4 and whole.token_ids == expected[6]
+    assert (
+        whole.num_cached_tokens == (len(cases[6]) - 1) // 4 * 4 and whole.token_ids == expected[6]
+    )
 
 
 def test_sampling_is_seeded_and_batch_independent(lively, references):
     cases, _ = references
-    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=123, ignore_eos=True
+    )
     alone = engine(lively).generate([cases[0]], params)[0].token_ids
-    crowded = engine(lively, max_num_batched_tokens=9).generate(cases[:5], [params] + [GREEDY] * 4)[0].token_ids
+    crowded = (
+        engine(lively, max_num_batched_tokens=9)
+        .generate(cases[:5], [params] + [GREEDY] * 4)[0]
+        .token_ids
+    )
     assert alone == crowded
     other_seed = SamplingParams(**{**params.__dict__, "seed": 7})
     assert engine(lively).generate([cases[0]], other_seed)[0].token_ids != alone
@@ -91,7 +103,10 @@ def test_sample_filters():
 
     logits = torch.tensor([0.0, 5.0, 4.9, -2.0])
     g = torch.Generator().manual_seed(0)
-    assert {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)} == {1, 2}
+    assert {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)} == {
+        1,
+        2,
+    }
     assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.3), g) for _ in range(50)} == {1}
     assert sample(logits, SamplingParams(), g) == 1
 
@@ -100,12 +115,19 @@ def test_stop_conditions(lively, references):
     cases, expected = references
     llm = engine(lively)
     stop_id = expected[0][3]
-    out = llm.generate([cases[0]], SamplingParams(max_tokens=N_NEW, stop_token_ids=[stop_id], ignore_eos=True))[0]
-    assert out.token_ids == expected[0][: expected[0].index(stop_id) + 1] and out.finish_reason == "stop"
+    out = llm.generate(
+        [cases[0]], SamplingParams(max_tokens=N_NEW, stop_token_ids=[stop_id], ignore_eos=True)
+    )[0]
+    assert (
+        out.token_ids == expected[0][: expected[0].index(stop_id) + 1]
+        and out.finish_reason == "stop"
+    )
     full_text = llm.tokenizer.decode(expected[0], skip_special_tokens=True)
     needle = llm.tokenizer.decode(expected[0][7:9], skip_special_tokens=True)  # appears mid-output
     assert needle and needle in full_text
-    out = llm.generate([cases[0]], SamplingParams(max_tokens=N_NEW, stop=[needle], ignore_eos=True))[0]
+    out = llm.generate(
+        [cases[0]], SamplingParams(max_tokens=N_NEW, stop=[needle], ignore_eos=True)
+    )[0]
     assert out.finish_reason == "stop" and needle not in out.text and full_text.startswith(out.text)
     out = llm.generate([cases[0]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
     assert out.token_ids == expected[0][:3] and out.finish_reason == "length"
@@ -121,7 +143,13 @@ def test_bad_requests_are_refused_up_front(lively):
         llm.add_request(list(range(3, 20)), SamplingParams(max_tokens=40))
     with pytest.raises(ValueError, match="token ids"):
         llm.add_request([5, 10**9])
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_tokens": 0}, {"stop": [""]}):
+    for bad in (
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_k": -2},
+        {"max_tokens": 0},
+        {"stop": [""]},
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="block_size"):

@@ -16,7 +16,9 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 
 def test_live_traffic_store_matches_offline_capture(lively, tmp_path):
-    engine = LLMEngine(EngineConfig(model="tiny", num_blocks=14, block_size=4, max_num_batched_tokens=16), lively)
+    engine = LLMEngine(
+        EngineConfig(model="tiny", num_blocks=14, block_size=4, max_num_batched_tokens=16), lively
+    )
     harvester = TrafficHarvester(engine, tmp_path / "live", HOOKS, shard_tokens=50, dtype="float32")
     cases = prompts(6, seed=16)
     outs = engine.generate(cases, SamplingParams(max_tokens=5, ignore_eos=True))
@@ -45,5 +47,9 @@ def test_sampling_keeps_a_subset(lively, tmp_path):
     harvester = TrafficHarvester(engine, tmp_path / "live", HOOKS[:1], sample=0.5, dtype="float32")
     outs = engine.generate(prompts(20, seed=17), SamplingParams(max_tokens=2, ignore_eos=True))
     harvester.close()
-    kept = set(ActivationStore(tmp_path / "live").rows(torch.arange(len(ActivationStore(tmp_path / "live"))))["doc_ids"].tolist())
+    kept = set(
+        ActivationStore(tmp_path / "live")
+        .rows(torch.arange(len(ActivationStore(tmp_path / "live"))))["doc_ids"]
+        .tolist()
+    )
     assert 0 < len(kept) < len(outs) and kept <= {o.seq_id for o in outs}

@@ -33,11 +33,21 @@ def sae(lively):
 @pytest.fixture(scope="module")
 def probes(lively, sae):
     g = torch.Generator().manual_seed(0)
-    linear = Probe("linear", HOOK, lively.d_model, "mean", torch.randn(lively.d_model, generator=g), 0.3, name="dense")
+    linear = Probe(
+        "linear",
+        HOOK,
+        lively.d_model,
+        "mean",
+        torch.randn(lively.d_model, generator=g),
+        0.3,
+        name="dense",
+    )
     x = torch.randn(40, lively.d_model, generator=g)
     y = torch.arange(8) % 2
     feats = Features(Ragged(x, torch.arange(0, 41, 5)), sae.encode(x), 96)
-    sparse = fit_probe("sparse", feats, y, hook=HOOK, aggregation="mean", k=4, sae="-", name="sparse", l2=0.1)
+    sparse = fit_probe(
+        "sparse", feats, y, hook=HOOK, aggregation="mean", k=4, sae="-", name="sparse", l2=0.1
+    )
     return [linear, sparse]
 
 
@@ -74,8 +84,11 @@ def check_equal(model, sae, probes, hook, seq) -> None:
         assert torch.allclose(got.scores[name][: len(ids)], expected, atol=1e-4), name
 
 
-@pytest.mark.parametrize("settings", [{}, {"max_num_batched_tokens": 5}, {"num_blocks": 20, "max_num_batched_tokens": 32}],
-                         ids=["plain", "chunked", "preempted"])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"max_num_batched_tokens": 5}, {"num_blocks": 20, "max_num_batched_tokens": 32}],
+    ids=["plain", "chunked", "preempted"],
+)
 def test_features_equal_offline_and_outputs_unchanged(lively, sae, probes, settings):
     cases = prompts(4, seed=8, shared=14) + prompts(3, seed=9)
     plain = [s.output_ids for s in run(engine(lively, **settings), cases)]
@@ -83,7 +96,9 @@ def test_features_equal_offline_and_outputs_unchanged(lively, sae, probes, setti
     hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
     first = run(llm, cases[:4])
     second = run(llm, cases[4:] + cases[:2])  # the last two hit the prefix cache, pages included
-    assert [s.output_ids for s in first + second[:3]] == plain, "read-only hooks never change outputs"
+    assert [s.output_ids for s in first + second[:3]] == plain, (
+        "read-only hooks never change outputs"
+    )
     assert all(s.num_prefix_hit > 0 for s in second[3:])
     for seq in first + second:
         check_equal(lively, sae, probes, hook, seq)
@@ -111,11 +126,20 @@ def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier
     hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
     [shared] = prompts(1, seed=11, shared=36)
     run(llm, [shared])
-    run(llm, prompts(4, seed=12))  # pushes the idle prefix out of the pool (to host memory, then disk)
+    run(
+        llm, prompts(4, seed=12)
+    )  # pushes the idle prefix out of the pool (to host memory, then disk)
     if tier == "disk":
-        spilled = [n for root in llm.blocks.roots.values() for n in root.subtree() if n.tier == "disk"]
-        assert spilled and all(list(n.pages.values()) == [None] for n in spilled), "page tensors left memory"
-        assert any(k.startswith("extra/") for k in safe_open(next(tmp_path.glob("*.safetensors")), "pt").keys())
+        spilled = [
+            n for root in llm.blocks.roots.values() for n in root.subtree() if n.tier == "disk"
+        ]
+        assert spilled and all(list(n.pages.values()) == [None] for n in spilled), (
+            "page tensors left memory"
+        )
+        assert any(
+            k.startswith("extra/")
+            for k in safe_open(next(tmp_path.glob("*.safetensors")), "pt").keys()
+        )
     [seq] = run(llm, [shared[:-2] + [5, 6]])
     assert llm.blocks.stats[f"restored_{tier}"] > 0 and seq.num_prefix_hit > 0
     check_equal(lively, sae, probes, hook, seq)
@@ -131,7 +155,9 @@ def test_steering_has_its_own_cache_namespace(lively, sae, probes):
     steered = llm.add_request(case, PARAMS, cache_key=key)
     plain = llm.add_request(case, PARAMS)
     llm.step()
-    assert not set(steered.block_table) & set(plain.block_table), "steered and plain requests share no KV block"
+    assert not set(steered.block_table) & set(plain.block_table), (
+        "steered and plain requests share no KV block"
+    )
     while llm.has_unfinished():
         llm.step()
     reference = _greedy_with_added(lively, case, vector, 6)
@@ -142,27 +168,40 @@ def test_steering_has_its_own_cache_namespace(lively, sae, probes):
 
 def _greedy_with_added(model, prompt: list[int], vector: torch.Tensor, n: int) -> list[int]:
     handle = model.fast.model.layers[1].register_forward_hook(
-        lambda m, a, out: (out[0] + vector, *out[1:]) if isinstance(out, tuple) else out + vector)
+        lambda m, a, out: (out[0] + vector, *out[1:]) if isinstance(out, tuple) else out + vector
+    )
     try:
         ids = list(prompt)
         for _ in range(n):
             ids.append(int(model.fast(torch.tensor([ids])).logits[0, -1].argmax()))
     finally:
         handle.remove()
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_llm_returns_features_and_steers(lively, sae, probes):
     from serve_hooks.engine import LLM
 
-    llm = LLM(lively, saes=[sae], probes=probes, top_n=6, num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    llm = LLM(
+        lively,
+        saes=[sae],
+        probes=probes,
+        top_n=6,
+        num_blocks=64,
+        block_size=4,
+        max_num_batched_tokens=16,
+    )
     cases = prompts(3, seed=14)
     outs = llm.generate(cases, PARAMS)
     for case, out in zip(cases, outs, strict=True):
         dense, scores = offline(lively, sae, probes, case + out.token_ids[:-1])
         assert out.features.n == len(case) + len(out.token_ids) - 1
         idx, val = out.features.codes[HOOK]
-        assert torch.allclose(torch.zeros_like(dense).scatter_(1, idx[: out.features.n], val[: out.features.n]), dense, atol=1e-4)
+        assert torch.allclose(
+            torch.zeros_like(dense).scatter_(1, idx[: out.features.n], val[: out.features.n]),
+            dense,
+            atol=1e-4,
+        )
         assert set(out.features.to_json()["probes"]) == {"dense", "sparse"}
     vector = torch.randn(lively.d_model, generator=torch.Generator().manual_seed(5)) * 4
     [steered] = llm.generate(cases[:1], PARAMS, steering=(vector, HOOK))
@@ -190,15 +229,21 @@ def test_only_watched_requests_pay(lively, sae, probes):
     try:
         [shared] = prompts(1, seed=20, shared=20)
         [cold] = run(llm, [shared])
-        assert hook.features(cold.seq_id) is None and encoded == [], "an unwatched request encodes nothing"
+        assert hook.features(cold.seq_id) is None and encoded == [], (
+            "an unwatched request encodes nothing"
+        )
         watched = llm.add_request(shared[:-1] + [11], PARAMS)
         hook.watch(watched.seq_id)
         other = llm.add_request(shared[:-1] + [12], PARAMS)  # unwatched, in the same steps
         while llm.has_unfinished():
             llm.step()
-        assert watched.num_prefix_hit == 0, "cached blocks without pages are recomputed for a watched request"
+        assert watched.num_prefix_hit == 0, (
+            "cached blocks without pages are recomputed for a watched request"
+        )
         assert other.num_prefix_hit > 0, "an unwatched request matches them as usual"
-        assert sum(encoded) == len(watched.token_ids) - 1, "only the watched request's rows were encoded"
+        assert sum(encoded) == len(watched.token_ids) - 1, (
+            "only the watched request's rows were encoded"
+        )
         check_equal(lively, sae, probes, hook, watched)
         assert hook.features(other.seq_id) is None
         again = llm.add_request(shared[:-1] + [13], PARAMS)

@@ -31,11 +31,28 @@ def kit(lively, tmp_path_factory):
     sae = SAE(SAEConfig(d_in=lively.d_model, n_latents=96, k=6, hook=HOOK, model="tiny"))
     directory = save_sae(sae, tmp_path_factory.mktemp("sae") / HOOK)
     g = torch.Generator().manual_seed(0)
-    dense = Probe("linear", HOOK, lively.d_model, "mean", torch.randn(lively.d_model, generator=g), 0.3, name="dense")
+    dense = Probe(
+        "linear",
+        HOOK,
+        lively.d_model,
+        "mean",
+        torch.randn(lively.d_model, generator=g),
+        0.3,
+        name="dense",
+    )
     x = torch.randn(40, lively.d_model, generator=g)
     feats = Features(Ragged(x, torch.arange(0, 41, 5)), sae.encode(x), 96)
-    sparse = fit_probe("sparse", feats, torch.arange(8) % 2, hook=HOOK, aggregation="mean", k=4, sae=str(directory),
-                       name="sparse", l2=0.1)  # fmt: skip
+    sparse = fit_probe(
+        "sparse",
+        feats,
+        torch.arange(8) % 2,
+        hook=HOOK,
+        aggregation="mean",
+        k=4,
+        sae=str(directory),
+        name="sparse",
+        l2=0.1,
+    )
     lens = Lens(lively, probes=[dense, sparse], saes=[directory], top_n=6)
     return directory, [dense, sparse], lens
 
@@ -51,25 +68,43 @@ def assert_equals_lens(lens: Lens, features, ids: list[int]) -> None:
     assert features is not None and features.n == len(ids)
     idx, val = features.codes[HOOK]
     ours = torch.zeros(n, 96).scatter_(1, idx[1 : n + 1], val[1 : n + 1])
-    theirs = torch.zeros(n, 96).scatter_(1, torch.tensor(ref.features[HOOK]["indices"]),
-                                         torch.tensor(ref.features[HOOK]["values"]))  # fmt: skip
+    theirs = torch.zeros(n, 96).scatter_(
+        1, torch.tensor(ref.features[HOOK]["indices"]), torch.tensor(ref.features[HOOK]["values"])
+    )
     assert theirs.count_nonzero() > 0 and torch.allclose(ours, theirs, atol=1e-4)
     for name, result in ref.probes.items():
-        assert torch.allclose(features.scores[name][1 : n + 1], torch.tensor(result.token_scores), atol=1e-4), name
+        assert torch.allclose(
+            features.scores[name][1 : n + 1], torch.tensor(result.token_scores), atol=1e-4
+        ), name
 
 
-@pytest.mark.parametrize("settings", [{}, {"max_num_batched_tokens": 5}, {"num_blocks": 24, "max_num_batched_tokens": 32}],
-                         ids=["prefix-hits", "chunked", "preempted"])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"max_num_batched_tokens": 5}, {"num_blocks": 24, "max_num_batched_tokens": 32}],
+    ids=["prefix-hits", "chunked", "preempted"],
+)
 def test_features_equal_lens_on_the_full_text(lively, kit, settings):
     directory, probes, lens = kit
-    llm = LLMEngine(EngineConfig(**{"model": "tiny", "num_blocks": 128, "block_size": 4, "max_num_batched_tokens": 64,
-                                    **settings}), lively)  # fmt: skip
+    llm = LLMEngine(
+        EngineConfig(
+            **{
+                "model": "tiny",
+                "num_blocks": 128,
+                "block_size": 4,
+                "max_num_batched_tokens": 64,
+                **settings,
+            }
+        ),
+        lively,
+    )
     hook = FeatureHook(llm, saes=[directory], probes=probes, top_n=6)
     cases = with_bos(lively, prompts(6, seed=30, shared=14))
     seqs = [llm.add_request(c, PARAMS) for c in cases[:2]]
     while llm.has_unfinished():
         llm.step()
-    seqs += [llm.add_request(c, PARAMS) for c in cases[2:]]  # all at once: they hit the prefix and crowd the pool
+    seqs += [
+        llm.add_request(c, PARAMS) for c in cases[2:]
+    ]  # all at once: they hit the prefix and crowd the pool
     while llm.has_unfinished():
         llm.step()
     assert all(s.num_prefix_hit > 0 for s in seqs[2:])
@@ -113,7 +148,9 @@ def assert_paths_equal_offline(hook: FeatureHook, features, ids: list[int], n_pr
     assert [p["position"] for p in ours] == list(range(n_prompt - 1, len(ids) - 1))
     result, graph_code, target = explainer.codes(torch.tensor([ids]))  # row r = position r + 1
     predicted = torch.tensor(ids[2:] + [0])  # row r predicts position r + 2
-    offline = explainer.predictions(graph_code.code, target, predicted, result.final_rms[0, 1:], top=10_000)
+    offline = explainer.predictions(
+        graph_code.code, target, predicted, result.final_rms[0, 1:], top=10_000
+    )
     n_paths = 0
     for mine in ours:
         row = mine["position"] - 1
@@ -128,27 +165,48 @@ def assert_paths_equal_offline(hook: FeatureHook, features, ids: list[int], n_pr
 
 
 def test_paths_of_generated_tokens_equal_the_offline_explainer(tiny, tiny_graph):  # noqa: F811
-    llm = LLM(tiny, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4, num_blocks=64, block_size=4,
-              max_num_batched_tokens=8)  # fmt: skip
+    llm = LLM(
+        tiny,
+        graph=tiny_graph.graph,
+        transition=tiny_graph.transition,
+        top_n=4,
+        num_blocks=64,
+        block_size=4,
+        max_num_batched_tokens=8,
+    )
     cases = with_bos(tiny, prompts(2, seed=32))
     n_paths = 0
     for case, out in zip(cases, llm.generate(cases, PARAMS), strict=True):
-        assert [p["position"] for p in out.features.predictions] == list(range(len(case) - 1, len(case) + 5))
+        assert [p["position"] for p in out.features.predictions] == list(
+            range(len(case) - 1, len(case) + 5)
+        )
         assert all(len(p["paths"]) <= 5 for p in out.features.predictions), "LLM keeps the top 5"
-        n_paths += assert_paths_equal_offline(llm.hook, out.features, case + out.token_ids, len(case))
+        n_paths += assert_paths_equal_offline(
+            llm.hook, out.features, case + out.token_ids, len(case)
+        )
     assert n_paths > 0, "the graph produced paths to check"
 
 
 def test_paths_survive_the_prefill_decode_handoff(tiny, tiny_graph):  # noqa: F811
     [case] = with_bos(tiny, prompts(1, seed=34))
-    hook, seq, extras = split_run(tiny, case, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4)
+    hook, seq, extras = split_run(
+        tiny, case, graph=tiny_graph.graph, transition=tiny_graph.transition, top_n=4
+    )
     assert any(name.startswith("paths.") for name in extras), "the first prediction's inputs travel"
     assert assert_paths_equal_offline(hook, hook.release(seq.seq_id), seq.token_ids, len(case)) > 0
 
 
 def test_llm_reports_pooled_probe_scores_and_triggers_like_lens(lively, kit):
     directory, probes, lens = kit
-    llm = LLM(lively, saes=[directory], probes=probes, top_n=6, num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    llm = LLM(
+        lively,
+        saes=[directory],
+        probes=probes,
+        top_n=6,
+        num_blocks=64,
+        block_size=4,
+        max_num_batched_tokens=8,
+    )
     cases = with_bos(lively, prompts(3, seed=33))
     for case, out in zip(cases, llm.generate(cases, PARAMS), strict=True):
         [ref] = lens.score([(case + out.token_ids)[1:-1]])

@@ -71,7 +71,9 @@ def events(response: httpx.Response) -> list[dict]:
 def metrics(client: TestClient) -> dict[str, float]:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    rows = [line.split() for line in response.text.splitlines() if line and not line.startswith("#")]
+    rows = [
+        line.split() for line in response.text.splitlines() if line and not line.startswith("#")
+    ]
     return {name: float(value) for name, value in rows}
 
 
@@ -83,16 +85,30 @@ def test_completion_equals_engine_generate(client, lively):
     params = SamplingParams(max_tokens=12)
     expected = reference(lively, cases, params)
     for prompt, ref in zip(cases, expected, strict=True):
-        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0}).json()
-        assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+        body = client.post(
+            "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0}
+        ).json()
+        assert (
+            body["object"] == "text_completion"
+            and body["model"] == "tiny"
+            and body["id"].startswith("cmpl-")
+        )
         assert isinstance(body["created"], int)
-        assert body["choices"] == [{"index": 0, "text": ref.text, "finish_reason": ref.finish_reason, "logprobs": None}]
+        assert body["choices"] == [
+            {"index": 0, "text": ref.text, "finish_reason": ref.finish_reason, "logprobs": None}
+        ]
         n = len(ref.token_ids)
-        assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+        assert body["usage"] == {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": n,
+            "total_tokens": len(prompt) + n,
+        }
     # a text prompt is tokenized the engine's way (BOS first)
     text = "To be, or not to be"
     ref = reference(lively, [text], params)[0]
-    body = client.post("/v1/completions", json={"prompt": text, "max_tokens": 12, "temperature": 0.0}).json()
+    body = client.post(
+        "/v1/completions", json={"prompt": text, "max_tokens": 12, "temperature": 0.0}
+    ).json()
     assert body["choices"][0]["text"] == ref.text
     assert body["usage"]["prompt_tokens"] == len(ref.prompt_token_ids)
 
@@ -102,20 +118,35 @@ def test_streamed_completion_equals_the_answer_and_respects_stop(client, lively)
     free = reference(lively, [prompt], SamplingParams(max_tokens=16, ignore_eos=True))[0].text
     stop = free[len(free) // 2 : len(free) // 2 + 3]
     assert stop.strip() and free.find(stop) > 0, f"pick another prompt: {free!r}"
-    request = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    request = {
+        "prompt": prompt,
+        "max_tokens": 16,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stop": [stop],
+    }
     whole = client.post("/v1/completions", json=request).json()["choices"][0]
     assert whole["text"] == free[: free.find(stop)] and whole["finish_reason"] == "stop"
     chunks = events(client.post("/v1/completions", json={**request, "stream": True}))
     assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
-    assert not any(stop in c["choices"][0]["text"] for c in chunks), "text past a stop string was sent"
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert not any(stop in c["choices"][0]["text"] for c in chunks), (
+        "text past a stop string was sent"
+    )
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [
+        "stop"
+    ]
     assert len(chunks) > 2, "one chunk per token, not one at the end"
 
 
 def test_chat_completion_and_stream(client, lively):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Friends, Romans"}]
-    fallback = "system: Be brief.\nuser: Friends, Romans\nassistant:"  # the tiny tokenizer has no template
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Friends, Romans"},
+    ]
+    fallback = (
+        "system: Be brief.\nuser: Friends, Romans\nassistant:"  # the tiny tokenizer has no template
+    )
     ref = reference(lively, [fallback], SamplingParams(max_tokens=10))[0]
     request = {"messages": messages, "max_tokens": 10, "temperature": 0}
     body = client.post("/v1/chat/completions", json=request).json()
@@ -140,7 +171,11 @@ def test_chat_completion_and_stream(client, lively):
 
 
 def test_chat_without_max_tokens_fills_the_context(client):
-    request = {"messages": [{"role": "user", "content": "Once"}], "temperature": 0, "ignore_eos": True}
+    request = {
+        "messages": [{"role": "user", "content": "Once"}],
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     body = client.post("/v1/chat/completions", json=request).json()
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["total_tokens"] == CONTEXT
@@ -150,7 +185,10 @@ def test_detokenizer_holds_back_partial_characters_and_stop_prefixes(lively):
     tokenizer = lively.tokenizer
 
     def feed(detok: Detokenizer, ids: list[int], final: str) -> list[str]:
-        outs = [RequestOutput(0, [], ids[: i + 1], [t], i == len(ids) - 1, None) for i, t in enumerate(ids)]
+        outs = [
+            RequestOutput(0, [], ids[: i + 1], [t], i == len(ids) - 1, None)
+            for i, t in enumerate(ids)
+        ]
         outs[-1].text = final
         return [detok.delta(o) for o in outs]
 
@@ -171,14 +209,27 @@ def test_health_models_and_metrics_move(client):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     assert models["data"][0]["max_model_len"] == CONTEXT
     before = metrics(client)
-    for name in ("requests_received", "requests_succeeded", "requests_failed", "requests_aborted", "prompt_tokens",
-                 "generation_tokens", "engine_steps", "prefix_cache_hit_tokens"):  # fmt: skip
+    for name in (
+        "requests_received",
+        "requests_succeeded",
+        "requests_failed",
+        "requests_aborted",
+        "prompt_tokens",
+        "generation_tokens",
+        "engine_steps",
+        "prefix_cache_hit_tokens",
+    ):
         assert f"greylens_{name}_total" in before
     for name in ("requests_running", "requests_waiting", "kv_blocks_total", "kv_blocks_free"):
         assert f"greylens_{name}" in before
     prompt = prompts(1, seed=11, shared=20)[0]
     for _ in range(2):  # the second run finds the prompt's full blocks in the prefix cache
-        assert client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "ignore_eos": True}).status_code == 200
+        assert (
+            client.post(
+                "/v1/completions", json={"prompt": prompt, "max_tokens": 5, "ignore_eos": True}
+            ).status_code
+            == 200
+        )
     assert client.post("/v1/completions", json={"prompt": ""}).status_code == 400
     after = metrics(client)
     moved = {k: after[k] - before[k] for k in after}
@@ -213,16 +264,56 @@ BAD_FIELDS: dict[str, list] = {
     "user": [5, [], {}],
     "stream_options": [{"include_usage": "yes"}, {"other": 1}, "x", 1],
 }
-UNKNOWN_FIELDS = ["frobnicate", "logit_bias", "best_of", "echo", "Prompt", "max_token", "suffix", "functions"]
-BAD_PROMPTS = ["", [], [-1], [537], [10**30], ["a", "b"], [1.5], [True], None, 5, {"text": "x"}, [[1, 2]],
-               list(range(3, 3 + CONTEXT + 40)), "word " * 400]  # fmt: skip
-BAD_MESSAGES = [[], None, "hi", [{"role": "robot", "content": "x"}], [{"role": "user"}], [{"content": "x"}],
-                [{"role": "user", "content": 5}], [{"role": "user", "content": "x", "extra": 1}],
-                [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
-                [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": None}],
-                [{"role": "user", "content": "word " * 400}], [["user", "hi"]], [{"role": 1, "content": "x"}]]  # fmt: skip
-CONTENT_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "",
-                 "application/xml", "json"]  # fmt: skip
+UNKNOWN_FIELDS = [
+    "frobnicate",
+    "logit_bias",
+    "best_of",
+    "echo",
+    "Prompt",
+    "max_token",
+    "suffix",
+    "functions",
+]
+BAD_PROMPTS = [
+    "",
+    [],
+    [-1],
+    [537],
+    [10**30],
+    ["a", "b"],
+    [1.5],
+    [True],
+    None,
+    5,
+    {"text": "x"},
+    [[1, 2]],
+    list(range(3, 3 + CONTEXT + 40)),
+    "word " * 400,
+]
+BAD_MESSAGES = [
+    [],
+    None,
+    "hi",
+    [{"role": "robot", "content": "x"}],
+    [{"role": "user"}],
+    [{"content": "x"}],
+    [{"role": "user", "content": 5}],
+    [{"role": "user", "content": "x", "extra": 1}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+    [{"role": "user", "content": [{"type": "text"}]}],
+    [{"role": "user", "content": None}],
+    [{"role": "user", "content": "word " * 400}],
+    [["user", "hi"]],
+    [{"role": 1, "content": "x"}],
+]
+CONTENT_TYPES = [
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "",
+    "application/xml",
+    "json",
+]
 JSON = {"content-type": "application/json"}
 
 
@@ -238,14 +329,27 @@ def malformed_requests(rng: random.Random) -> list[tuple[str, str, bytes, dict[s
     for path, valid in endpoints:
         for name, values in BAD_FIELDS.items():
             for value in values:
-                post(path, {**valid, name: value, "stream": rng.random() < 0.3} if name != "stream" else {**valid, name: value})
+                post(
+                    path,
+                    {**valid, name: value, "stream": rng.random() < 0.3}
+                    if name != "stream"
+                    else {**valid, name: value},
+                )
         for name in UNKNOWN_FIELDS:
             post(path, {**valid, name: 1})
         for kind in CONTENT_TYPES:
             post(path, valid, {"content-type": kind} if kind else {})
         for top in ([], 1, "x", None, True, [valid]):
             post(path, top)
-        for text in (b"", b"{", b"[" * 5000, b'{"prompt": "\xff\xfe"}', b'{"prompt": "\\ud800"}', b"\xef\xbb\xbf{}", b"NaN"):
+        for text in (
+            b"",
+            b"{",
+            b"[" * 5000,
+            b'{"prompt": "\xff\xfe"}',
+            b'{"prompt": "\\ud800"}',
+            b"\xef\xbb\xbf{}",
+            b"NaN",
+        ):
             post(path, text)
         post(path, json.dumps({**valid, "temperature": 0.5}).replace("0.5", "NaN").encode())
         post(path, json.dumps({**valid, "top_p": 0.5}).replace("0.5", "Infinity").encode())
@@ -260,7 +364,9 @@ def malformed_requests(rng: random.Random) -> list[tuple[str, str, bytes, dict[s
     post("/v1/chat/completions", COMPLETION)  # a completion body on the chat endpoint
     post("/v1/completions", CHAT)
     post("/v1/complete", COMPLETION)  # no such route
-    while len(cases) < 400:  # random damage: garbage bytes, truncated bodies, several bad fields at once
+    while (
+        len(cases) < 400
+    ):  # random damage: garbage bytes, truncated bodies, several bad fields at once
         path, valid = rng.choice(endpoints)
         roll = rng.random()
         if roll < 0.3:
@@ -297,10 +403,14 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(client):
         for method, path, body, headers in cases:
             response = client.request(method, path, content=body, headers=headers)
             if not 400 <= response.status_code < 500:
-                problems.append(f"{response.status_code} for {method} {path} {body[:80]!r}: {response.text[:200]}")
+                problems.append(
+                    f"{response.status_code} for {method} {path} {body[:80]!r}: {response.text[:200]}"
+                )
                 continue
             error = response.json().get("error", {})
-            if not (isinstance(error.get("message"), str) and error["message"] and error.get("type")):
+            if not (
+                isinstance(error.get("message"), str) and error["message"] and error.get("type")
+            ):
                 problems.append(f"no error message for {body[:80]!r}: {response.text[:200]}")
         return problems
 
@@ -308,16 +418,24 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(client):
     assert not problems, f"{len(problems)} bad answers, e.g.\n" + "\n".join(problems[:8])
     ok = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
-    to_generate = sum(1 for _, path, _, _ in cases if path in ("/v1/completions", "/v1/chat/completions"))
+    to_generate = sum(
+        1 for _, path, _, _ in cases if path in ("/v1/completions", "/v1/chat/completions")
+    )
     after = metrics(client)
-    assert after["greylens_requests_failed_total"] - before["greylens_requests_failed_total"] == to_generate
+    assert (
+        after["greylens_requests_failed_total"] - before["greylens_requests_failed_total"]
+        == to_generate
+    )
     assert after["greylens_requests_running"] == 0 and after["greylens_kv_blocks_free"] == 96
 
 
 def test_error_messages_say_what_is_wrong(client):
     def message(path: str, body: dict) -> str:
         response = client.post(path, json=body)
-        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+        assert (
+            response.status_code == 400
+            and response.json()["error"]["type"] == "invalid_request_error"
+        )
         return response.json()["error"]["message"]
 
     assert "temperature" in message("/v1/completions", {**COMPLETION, "temperature": 101})
@@ -327,7 +445,9 @@ def test_error_messages_say_what_is_wrong(client):
     assert "empty" in message("/v1/completions", {**COMPLETION, "prompt": ""})
     assert "messages" in message("/v1/chat/completions", {**CHAT, "messages": []})
     assert "stop" in message("/v1/completions", {**COMPLETION, "stop": ""})
-    response = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    response = client.post(
+        "/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"}
+    )
     assert response.status_code == 415 and "application/json" in response.json()["error"]["message"]
 
 
@@ -356,14 +476,23 @@ def test_concurrent_requests_are_batched_and_correct(client, lively):
     cases = prompts(8, seed=21, shared=9)
     greedy = SamplingParams(max_tokens=20, ignore_eos=True)
     sampled = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.8, top_k=50, seed=3)
-    params = [sampled if i % 4 == 3 else greedy for i in range(len(cases))]  # a seed makes sampling reproducible
+    params = [
+        sampled if i % 4 == 3 else greedy for i in range(len(cases))
+    ]  # a seed makes sampling reproducible
     expected = [o.text for o in reference(lively, cases, params)]
     before = metrics(client)
 
     def ask(i: int) -> str:
         p = params[i]
-        body = {"prompt": cases[i], "max_tokens": 20, "ignore_eos": True, "temperature": p.temperature,
-                "top_k": p.top_k, "seed": p.seed, "stream": i % 2 == 1}  # fmt: skip
+        body = {
+            "prompt": cases[i],
+            "max_tokens": 20,
+            "ignore_eos": True,
+            "temperature": p.temperature,
+            "top_k": p.top_k,
+            "seed": p.seed,
+            "stream": i % 2 == 1,
+        }
         response = client.post("/v1/completions", json=body)
         if body["stream"]:
             return "".join(c["choices"][0]["text"] for c in events(response))
@@ -391,7 +520,9 @@ def test_an_engine_failure_fails_the_requests_in_flight_and_serving_goes_on(serv
     monkeypatch.setattr(engine.engine, "step", step_failing_once)
     broken = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
     assert broken.status_code == 500 and broken.json()["error"]["type"] == "server_error"
-    assert client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3}).status_code == 200
+    )
     assert metrics(client)["greylens_kv_blocks_free"] == 96
 
 
@@ -412,10 +543,15 @@ def wait_until(condition, seconds: float = 10.0) -> None:
 def test_shutdown_answers_503_also_to_requests_in_flight(lively, monkeypatch):
     engine = AsyncEngine(slowed(new_engine(lively), monkeypatch))
     with TestClient(build_app(engine)) as client:
-        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        assert (
+            client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code
+            == 200
+        )
         long = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True}
         answers: list[httpx.Response] = []
-        thread = threading.Thread(target=lambda: answers.append(client.post("/v1/completions", json=long)))
+        thread = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/completions", json=long))
+        )
         thread.start()
         wait_until(lambda: engine.snapshot.get("requests_running") == 1)
         engine.shutdown()
@@ -459,17 +595,33 @@ def test_client_disconnect_aborts_the_request(lively, monkeypatch):
     body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True}
     try:
         with live_server(engine) as base:
-            with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=10) as response:
+            with httpx.stream(
+                "POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=10
+            ) as response:
                 assert response.status_code == 200
                 next(line for line in response.iter_lines() if line.startswith("data: "))
             # hung up after the first chunk: the engine drops the request and frees its blocks
-            wait_until(lambda: engine.counters["requests_aborted"] == 1 and engine.snapshot["requests_running"] == 0)
+            wait_until(
+                lambda: (
+                    engine.counters["requests_aborted"] == 1
+                    and engine.snapshot["requests_running"] == 0
+                )
+            )
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{base}/v1/completions", json=body, timeout=0.3)
-            wait_until(lambda: engine.counters["requests_aborted"] == 2 and engine.snapshot["requests_running"] == 0)
+            wait_until(
+                lambda: (
+                    engine.counters["requests_aborted"] == 2
+                    and engine.snapshot["requests_running"] == 0
+                )
+            )
             assert engine.snapshot["kv_blocks_free"] == 96
-            assert engine.engine.stats["decode_tokens"] < 100, "the engine stopped computing the aborted requests"
-            ok = httpx.post(f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=10)
+            assert engine.engine.stats["decode_tokens"] < 100, (
+                "the engine stopped computing the aborted requests"
+            )
+            ok = httpx.post(
+                f"{base}/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=10
+            )
             assert ok.status_code == 200
     finally:
         engine.shutdown()
@@ -477,11 +629,27 @@ def test_client_disconnect_aborts_the_request(lively, monkeypatch):
 
 def test_command_line_serves_over_a_socket(tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "serve_hooks", "serve", "--model", "tiny", "--port", str(port),
-               "--num-blocks", "64", "--block-size", "4", "--log-level", "warning"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "serve_hooks",
+        "serve",
+        "--model",
+        "tiny",
+        "--port",
+        str(port),
+        "--num-blocks",
+        "64",
+        "--block-size",
+        "4",
+        "--log-level",
+        "warning",
+    ]
     log = tmp_path / "server.log"
     with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink, stderr=sink)
+        process = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink, stderr=sink
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -493,12 +661,23 @@ def test_command_line_serves_over_a_socket(tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        answer = httpx.post(f"{base}/v1/completions", json={"prompt": "hello world", "max_tokens": 5, "temperature": 0}, timeout=30)
+        answer = httpx.post(
+            f"{base}/v1/completions",
+            json={"prompt": "hello world", "max_tokens": 5, "temperature": 0},
+            timeout=30,
+        )
         assert answer.status_code == 200
-        assert answer.json()["choices"][0]["text"] == " world" * 5  # the plain tiny model repeats its last token
-        assert httpx.post(f"{base}/v1/completions", json={"prompt": ""}, timeout=30).status_code == 400
-        streamed = httpx.post(f"{base}/v1/chat/completions", timeout=30,
-                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True})  # fmt: skip
+        assert (
+            answer.json()["choices"][0]["text"] == " world" * 5
+        )  # the plain tiny model repeats its last token
+        assert (
+            httpx.post(f"{base}/v1/completions", json={"prompt": ""}, timeout=30).status_code == 400
+        )
+        streamed = httpx.post(
+            f"{base}/v1/chat/completions",
+            timeout=30,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+        )
         assert len(events(streamed)) == 1 + 3  # the role chunk, then one chunk per token
     finally:
         process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
@@ -515,6 +694,14 @@ def test_command_line_help_comes_from_the_config(capsys):
         main(["serve", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--host", "--port", "--num-blocks", "--max-model-len", "--enable-prefix-cache", "--disk-dir"):
+    for flag in (
+        "--model",
+        "--host",
+        "--port",
+        "--num-blocks",
+        "--max-model-len",
+        "--enable-prefix-cache",
+        "--disk-dir",
+    ):
         assert flag in text
     assert "localhost by default" in text and ServerConfig().host == "127.0.0.1"

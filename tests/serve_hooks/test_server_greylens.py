@@ -23,7 +23,10 @@ from tests.serve_hooks.test_server import events, new_engine
 @pytest.fixture(scope="module")
 def served(lively, kit):  # noqa: F811
     directory, probes, lens = kit
-    engine = AsyncEngine(new_engine(lively), hook=lambda e: FeatureHook(e, [directory], probes, top_n=6, watch_all=False))
+    engine = AsyncEngine(
+        new_engine(lively),
+        hook=lambda e: FeatureHook(e, [directory], probes, top_n=6, watch_all=False),
+    )
     with TestClient(build_app(engine)) as client:
         yield client, engine, lens
     engine.shutdown()
@@ -31,23 +34,35 @@ def served(lively, kit):  # noqa: F811
 
 def request(lively, seed: int, **greylens) -> dict:
     [case] = prompts(1, seed=seed)
-    return {"prompt": [lively.tokenizer.bos_token_id, *case], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
-            "greylens": greylens}  # fmt: skip
+    return {
+        "prompt": [lively.tokenizer.bos_token_id, *case],
+        "max_tokens": 5,
+        "temperature": 0,
+        "ignore_eos": True,
+        "greylens": greylens,
+    }
 
 
 def test_answer_carries_features_and_scores_equal_to_lens(served, lively):
     client, _, lens = served
     body = client.post("/v1/completions", json=request(lively, 40, features=4)).json()
     prompt, grey = body_ids(body, lively), body["greylens"]
-    assert len(grey["prompt"]) == len(prompt) and len(grey["completion"]) == body["usage"]["completion_tokens"] == 5
+    assert (
+        len(grey["prompt"]) == len(prompt)
+        and len(grey["completion"]) == body["usage"]["completion_tokens"] == 5
+    )
     tokens = grey["prompt"] + grey["completion"]
     assert [t["id"] for t in grey["prompt"]] == prompt
     assert grey["completion"][-1]["features"] is None, "the last token was never read"
-    [ref] = lens.score([[t["id"] for t in tokens[1:-1]]])  # Lens adds BOS; the engine read BOS .. last-but-one
+    [ref] = lens.score(
+        [[t["id"] for t in tokens[1:-1]]]
+    )  # Lens adds BOS; the engine read BOS .. last-but-one
     for t, item in enumerate(tokens[1:-1]):
         ids, values = ref.features[HOOK]["indices"][t][:4], ref.features[HOOK]["values"][t][:4]
         got = item["features"][HOOK]
-        assert [i for i, _ in got] == ids and torch.allclose(torch.tensor([v for _, v in got]), torch.tensor(values), atol=1e-4)
+        assert [i for i, _ in got] == ids and torch.allclose(
+            torch.tensor([v for _, v in got]), torch.tensor(values), atol=1e-4
+        )
         for name, result in ref.probes.items():
             assert abs(item["probes"][name] - result.token_scores[t]) < 1e-4
     for name, result in ref.probes.items():
@@ -63,7 +78,10 @@ def test_stream_chunks_add_up_to_the_answer(served, lively):
     client, _, _ = served
     asked = request(lively, 41, features=3, probes=["dense"])
     whole = client.post("/v1/completions", json=asked).json()["greylens"]
-    chunks = [c["greylens"] for c in events(client.post("/v1/completions", json={**asked, "stream": True}))]
+    chunks = [
+        c["greylens"]
+        for c in events(client.post("/v1/completions", json={**asked, "stream": True}))
+    ]
     assert len(chunks) > 2, "results arrive per step, not at the end"
     joined = {part: [t for c in chunks for t in c[part]] for part in ("prompt", "completion")}
     for part, items in joined.items():
@@ -72,8 +90,13 @@ def test_stream_chunks_add_up_to_the_answer(served, lively):
             assert (a["features"] is None) == (b["features"] is None)
             if a["features"] is not None:
                 assert [i for i, _ in a["features"][HOOK]] == [i for i, _ in b["features"][HOOK]]
-                assert set(a["probes"]) == {"dense"} and abs(a["probes"]["dense"] - b["probes"]["dense"]) < 1e-4
-    assert [c for c in chunks if "probes" in c] == [chunks[-1]] and set(chunks[-1]["probes"]) == {"dense"}
+                assert (
+                    set(a["probes"]) == {"dense"}
+                    and abs(a["probes"]["dense"] - b["probes"]["dense"]) < 1e-4
+                )
+    assert [c for c in chunks if "probes" in c] == [chunks[-1]] and set(chunks[-1]["probes"]) == {
+        "dense"
+    }
 
 
 def test_requests_without_the_field_encode_nothing(served, lively):
@@ -91,11 +114,20 @@ def test_requests_without_the_field_encode_nothing(served, lively):
         assert calls, "the same prompt with the field does encode"
     finally:
         encoder.encode = real
-    assert engine.hook.requests == {} and engine.hook.watched == set(), "finished requests leave no state"
+    assert engine.hook.requests == {} and engine.hook.watched == set(), (
+        "finished requests leave no state"
+    )
 
 
-@pytest.mark.parametrize(("greylens", "message"), [({"features": 7}, "--top-n 6"), ({"probes": ["nope"]}, "unknown probes"),
-                                                   ({"paths": True}, "--graph"), ({"features": -1}, "greater than")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("greylens", "message"),
+    [
+        ({"features": 7}, "--top-n 6"),
+        ({"probes": ["nope"]}, "unknown probes"),
+        ({"paths": True}, "--graph"),
+        ({"features": -1}, "greater than"),
+    ],
+)
 def test_what_the_server_cannot_answer_is_refused(served, lively, greylens, message):
     client, _, _ = served
     response = client.post("/v1/completions", json=request(lively, 43, **greylens))
@@ -103,8 +135,12 @@ def test_what_the_server_cannot_answer_is_refused(served, lively, greylens, mess
 
 
 def test_paths_for_generated_tokens_with_a_graph(tiny, tiny_graph):  # noqa: F811
-    engine = AsyncEngine(new_engine(tiny), hook=ServerConfig(graph=str(tiny_graph.graph),
-                                                             transition=str(tiny_graph.transition)).feature_hook)  # fmt: skip
+    engine = AsyncEngine(
+        new_engine(tiny),
+        hook=ServerConfig(
+            graph=str(tiny_graph.graph), transition=str(tiny_graph.transition)
+        ).feature_hook,
+    )
     with TestClient(build_app(engine)) as client:
         body = client.post("/v1/completions", json=request(tiny, 44, features=2, paths=True)).json()
         plain = AsyncEngine(new_engine(tiny))
@@ -123,7 +159,10 @@ def test_paths_for_generated_tokens_with_a_graph(tiny, tiny_graph):  # noqa: F81
 def test_command_line_takes_repeatable_hook_flags():
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, ServerConfig)
-    cfg = dataclass_from_args(ServerConfig, parser.parse_args(["--sae", "a", "--sae", "b", "--probe", "p", "q", "--top-n", "4"]))
+    cfg = dataclass_from_args(
+        ServerConfig,
+        parser.parse_args(["--sae", "a", "--sae", "b", "--probe", "p", "q", "--top-n", "4"]),
+    )
     assert cfg.sae == ["a", "b"] and cfg.probe == ["p", "q"] and cfg.top_n == 4 and cfg.graph == ""
     assert dataclass_from_args(ServerConfig, parser.parse_args([])).sae == []
     with pytest.raises(ValueError, match="--graph"):

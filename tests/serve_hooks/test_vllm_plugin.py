@@ -94,11 +94,18 @@ class FakeRunner:
     def step(self, batch: list[tuple[str, int, list[int]]]) -> None:
         """batch: (req_id, num_computed_tokens, token ids fed this step)."""
         lengths = [len(ids) for _, _, ids in batch]
-        self.input_batch = SimpleNamespace(num_reqs=len(batch), req_ids=[r for r, _, _ in batch],
-                                           num_computed_tokens_cpu=np.array([c for _, c, _ in batch]))  # fmt: skip
-        self.query_start_loc = SimpleNamespace(np=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        self.input_batch = SimpleNamespace(
+            num_reqs=len(batch),
+            req_ids=[r for r, _, _ in batch],
+            num_computed_tokens_cpu=np.array([c for _, c, _ in batch]),
+        )
+        self.query_start_loc = SimpleNamespace(
+            np=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        )
         flat = [t for _, _, ids in batch for t in ids]
-        self.input_ids = SimpleNamespace(cpu=torch.tensor(flat + [0] * 5, dtype=torch.int32))  # padded
+        self.input_ids = SimpleNamespace(
+            cpu=torch.tensor(flat + [0] * 5, dtype=torch.int32)
+        )  # padded
 
 
 def residual(tokens: list[int], d: int) -> torch.Tensor:
@@ -141,9 +148,15 @@ def test_rows_map_to_requests_and_prefix_pages(tap_setup):
     full = {"A-aaaaaaaa": a + [7, 8, 9], "B-bbbbbbbb": b + [5, 6], "C-cccccccc": a + [11, 12]}
     runner = FakeRunner({"A-aaaaaaaa": a, "B-bbbbbbbb": b, "C-cccccccc": a})
     run_step(tap, runner, [("A-aaaaaaaa", 0, a[:12])], full, 32)  # chunked prefill
-    run_step(tap, runner, [("A-aaaaaaaa", 12, a[12:]), ("B-bbbbbbbb", 0, b)], full, 32)  # batched with B
-    run_step(tap, runner, [("B-bbbbbbbb", 11, [5]), ("A-aaaaaaaa", 20, [7])], full, 32)  # decode, other order
-    run_step(tap, runner, [("A-aaaaaaaa", 0, full["A-aaaaaaaa"][:21])], full, 32)  # preempted, recomputed
+    run_step(
+        tap, runner, [("A-aaaaaaaa", 12, a[12:]), ("B-bbbbbbbb", 0, b)], full, 32
+    )  # batched with B
+    run_step(
+        tap, runner, [("B-bbbbbbbb", 11, [5]), ("A-aaaaaaaa", 20, [7])], full, 32
+    )  # decode, other order
+    run_step(
+        tap, runner, [("A-aaaaaaaa", 0, full["A-aaaaaaaa"][:21])], full, 32
+    )  # preempted, recomputed
     run_step(tap, runner, [("A-aaaaaaaa", 21, [8]), ("B-bbbbbbbb", 12, [6])], full, 32)
     # C: vLLM served 16 tokens (two blocks of A) from its cache; the hook only sees the rest
     run_step(tap, runner, [("C-cccccccc", 16, full["C-cccccccc"][16:21])], full, 32)
@@ -179,8 +192,14 @@ def test_read_features_matches_external_ids_only(tmp_path):
     from safetensors.torch import save_file
 
     for name in ("1-abcdefgh", "11-abcdefgh"):
-        save_file({"computed": torch.ones(2, dtype=torch.bool), "token_ids": torch.zeros(2, dtype=torch.long)},
-                  tmp_path / f"{name}.safetensors", metadata={"hooks": "[]"})  # fmt: skip
+        save_file(
+            {
+                "computed": torch.ones(2, dtype=torch.bool),
+                "token_ids": torch.zeros(2, dtype=torch.long),
+            },
+            tmp_path / f"{name}.safetensors",
+            metadata={"hooks": "[]"},
+        )
     assert read_features(tmp_path, "1", timeout=0).request_id == "1-abcdefgh"
     assert read_features(tmp_path, "11-abcdefgh", timeout=0).request_id == "11-abcdefgh"
     with pytest.raises(FileNotFoundError, match="no features for request '2'"):
@@ -190,7 +209,9 @@ def test_read_features_matches_external_ids_only(tmp_path):
 def test_op_survives_inductor_dead_code_elimination(tap_setup, monkeypatch):
     """The op returns nothing; Inductor's DCE keeps it only because it is marked side-effectful."""
     seen: list[torch.Tensor] = []
-    monkeypatch.setattr(vllm_plugin, "_TAP", SimpleNamespace(record=lambda layer, rows: seen.append(rows.clone())))
+    monkeypatch.setattr(
+        vllm_plugin, "_TAP", SimpleNamespace(record=lambda layer, rows: seen.append(rows.clone()))
+    )
 
     class Layer(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,17 +228,35 @@ def test_op_survives_inductor_dead_code_elimination(tap_setup, monkeypatch):
 
 # --------------------------------------------------------------------------- vLLM (side venv)
 
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, "
-          "a goldsmith from Mainz, combined several existing technologies into a practical system for "
-          "printing books with movable metal type.")  # fmt: skip
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, "
+    "a goldsmith from Mainz, combined several existing technologies into a practical system for "
+    "printing books with movable metal type."
+)
 TOP_N = 8
 
 
 def run_vllm(sae_dir: Path, sink: Path, *extra: str) -> dict:
     """The same prompt twice (the second hits vLLM's prefix cache), greedy, 4 tokens."""
-    cmd = [str(VENV_PY), str(REPO / "scripts" / "_vllm_features.py"), "--sae", str(sae_dir), "--sink", str(sink),
-           "--top-n", str(TOP_N), "--max-tokens", "4", "--block-size", "32", "--prompt", PROMPT, "--prompt", PROMPT,
-           *extra]  # fmt: skip
+    cmd = [
+        str(VENV_PY),
+        str(REPO / "scripts" / "_vllm_features.py"),
+        "--sae",
+        str(sae_dir),
+        "--sink",
+        str(sink),
+        "--top-n",
+        str(TOP_N),
+        "--max-tokens",
+        "4",
+        "--block-size",
+        "32",
+        "--prompt",
+        PROMPT,
+        "--prompt",
+        PROMPT,
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"requests"')]
@@ -231,7 +270,9 @@ def assert_codes_match(idx, val, ref_idx, ref_val, rel: float) -> float:
     n = idx.shape[1]
     scale = ref_val.abs().amax(1, keepdim=True).clamp_min(1e-6)  # [rows, 1]
     err, tol = (val - ref_val[:, :n]).abs() / scale, rel * scale  # [rows, n], [rows, 1]
-    assert bool((err <= rel).all()), f"values differ by up to {err.max():.3g} of the row scale (allowed {rel})"
+    assert bool((err <= rel).all()), (
+        f"values differ by up to {err.max():.3g} of the row scale (allowed {rel})"
+    )
     gaps = ref_val[:, :-1] - ref_val[:, 1:]  # [rows, n]: gap below each slot
     tied = gaps[:, :n] <= 2 * tol  # near-tied with the slot below (or with latent n+1)
     tied[:, 1:] |= gaps[:, : n - 1] <= 2 * tol  # near-tied with the slot above
@@ -241,13 +282,17 @@ def assert_codes_match(idx, val, ref_idx, ref_val, rel: float) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not VENV_PY.exists() or not (HF_DIR / "config.json").exists(),
-                    reason="no vLLM side venv / HF SmolLM2 copy: run `python scripts/_vllm_side.py setup`")  # fmt: skip
+@pytest.mark.skipif(
+    not VENV_PY.exists() or not (HF_DIR / "config.json").exists(),
+    reason="no vLLM side venv / HF SmolLM2 copy: run `python scripts/_vllm_side.py setup`",
+)
 def test_vllm_features_equal_greylens_engine(tmp_path):
     from serve_hooks.engine import LLM
     from serve_hooks.sequence import SamplingParams
 
-    sae = random_sae(576, 1024, "topk", input_scale=0.01)  # input scale as fitted on SmolLM2 L15 (order)
+    sae = random_sae(
+        576, 1024, "topk", input_scale=0.01
+    )  # input scale as fitted on SmolLM2 L15 (order)
     save_sae(sae, tmp_path / "sae")
     # vLLM's default mode (torch.compile), the one where plain forward hooks silently never fire.
     # Eager mode and pages off were also checked by hand (see docs/vllm_plugin.md); the missing-
@@ -265,7 +310,9 @@ def test_vllm_features_equal_greylens_engine(tmp_path):
     for run, sink in ((compiled, "sink"),):
         for i, req in enumerate(run["requests"]):
             assert req["prompt_token_ids"] == ids
-            assert req["output_token_ids"] == out.token_ids, "greedy tokens differ: positions not comparable"
+            assert req["output_token_ids"] == out.token_ids, (
+                "greedy tokens differ: positions not comparable"
+            )
             assert req["num_cached_tokens"] == (32 if i else 0)
             got = read_features(tmp_path / sink, str(i), timeout=60)
             idx, val = got.codes[HOOK]
@@ -274,4 +321,7 @@ def test_vllm_features_equal_greylens_engine(tmp_path):
             assert got.missing == [], "the cached prefix was filled from feature pages"
             keep = got.computed
             worst = assert_codes_match(idx[keep], val[keep], ref_idx[keep], ref_val[keep], rel)
-            print(f"[{sink} request {i}] max |Δvalue| / row scale = {worst:.3g} (allowed {rel})", file=sys.stderr)
+            print(
+                f"[{sink} request {i}] max |Δvalue| / row scale = {worst:.3g} (allowed {rel})",
+                file=sys.stderr,
+            )
