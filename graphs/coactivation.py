@@ -44,8 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,10 +52,11 @@ from typing import Literal
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from graphs.residual import missed_features
+from sae.atomic import atomic_save_tensors, atomic_write_json
 from sae.io import SAE_FILE, load_sae
 from sae.models import sha256_file
 from sae.sae import SAE, SparseCode
@@ -244,10 +244,7 @@ class CoactivationStats:
                 "miss_index": self.miss_index.int(),
                 "miss_pair_counts": self.miss_pair_counts,
             }
-        _atomic(
-            directory / STATS,
-            lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp),
-        )
+        atomic_save_tensors(directory / STATS, tensors)
         info = {
             "format_version": FORMAT_VERSION,
             "n_tokens": self.n_tokens,
@@ -256,7 +253,7 @@ class CoactivationStats:
             **self.meta,
             "complete": True,
         }
-        _atomic(directory / STATS_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+        atomic_write_json(directory / STATS_JSON, info)
         return directory
 
     @classmethod
@@ -596,9 +593,7 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
     }
     stats = counter.stats(meta)
     edge_index, scores = stats.candidates(cfg.m, cfg.score, cfg.min_count)
-    _atomic(
-        out / CANDIDATES, lambda tmp: save_file({"edge_index": edge_index, "scores": scores}, tmp)
-    )
+    atomic_save_tensors(out / CANDIDATES, {"edge_index": edge_index, "scores": scores})
     stats.save(out)  # stats.json goes last: from here on the run counts as complete
     (out / CHECKPOINT).unlink(missing_ok=True)
     return stats
@@ -732,11 +727,7 @@ def _save_checkpoint(out: Path, counter: CoactivationCounter, state: dict, ident
         "n_tokens": counter.n_tokens,
         "identity": identity,
     }
-    tensors = {k: v.contiguous() for k, v in counter.state_dict().items()}
-    _atomic(
-        out / CHECKPOINT,
-        lambda tmp: save_file(tensors, tmp, metadata={"greylens": json.dumps(meta)}),
-    )
+    atomic_save_tensors(out / CHECKPOINT, counter.state_dict(), {"greylens": json.dumps(meta)})
 
 
 def _load_checkpoint(out: Path, identity: dict, counter: CoactivationCounter) -> dict:
@@ -750,12 +741,3 @@ def _load_checkpoint(out: Path, identity: dict, counter: CoactivationCounter) ->
         _check_same_run(out, meta["identity"], identity)
         counter.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, meta["n_tokens"])
     return {"batches_done": meta["batches_done"], "n_passthrough": meta["n_passthrough"]}
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """write(temp file), fsync, rename: a run killed at any moment leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

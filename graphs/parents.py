@@ -38,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from graphs.coactivation import CoactivationStats, StatsConfig, _atomic, coactivation_stats
+from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
 from graphs.letters import first_letter_labels
+from sae.atomic import atomic_save_tensors, atomic_write_json
 from sae.io import load_sae, save_sae
 from sae.sae import SAE, SAEConfig
 from sae.store import ActivationStore
@@ -134,13 +135,13 @@ def build_parents(cfg: ParentsConfig) -> Path:
         means = token_means(types.sums[frequent], types.counts[frequent])
         sae, fvu = train_tokmean_sae(means, cfg)
         active = _active(sae, means)
-        _save_atomic(
-            {
-                "type_ids": types.type_ids[frequent].contiguous(),
-                "active": active.to(torch.uint8),
-                "W_dec": sae.W_dec.detach().contiguous(),
-            },
+        atomic_save_tensors(
             out / "tokmean-sae.safetensors",
+            {
+                "type_ids": types.type_ids[frequent],
+                "active": active.to(torch.uint8),
+                "W_dec": sae.W_dec,
+            },
             metadata={"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)},
         )
     tokmean = load_file(out / "tokmean-sae.safetensors")
@@ -176,7 +177,7 @@ def build_parents(cfg: ParentsConfig) -> Path:
         save_sae(
             install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae
         )  # base: not used after
-        _write_json(
+        atomic_write_json(
             out / "parents.json",
             {
                 "config": asdict(cfg),
@@ -205,22 +206,10 @@ def build_parents(cfg: ParentsConfig) -> Path:
         "n_edges" not in meta
     ):  # the edges are cheap: recounted unless parents.json says they were written
         edges = parent_edges(stats, torch.tensor(meta["slots"]), cfg.cut, cfg.min_pair_count)
-        _save_atomic({"edge_index": edges.contiguous()}, out / "edges.safetensors")
+        atomic_save_tensors(out / "edges.safetensors", {"edge_index": edges})
         meta["n_edges"], meta["parents_reached"] = edges.shape[1], int(edges[1].unique().numel())
-        _write_json(out / "parents.json", meta)
+        atomic_write_json(out / "parents.json", meta)
     return out
-
-
-def _save_atomic(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    _atomic(
-        path, lambda tmp: save_file(tensors, tmp, metadata=metadata)
-    )  # a file that exists is whole
-
-
-def _write_json(path: Path, value: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
 
 
 def _tokmean_meta(out: Path) -> dict[str, str]:
@@ -271,7 +260,7 @@ def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
         raise ValueError(
             f"{out} holds parents built with other settings ({saved}); pass a new --out"
         )
-    _write_json(saved, mine)
+    atomic_write_json(saved, mine)
     return store, base.to(cfg.device).eval(), out
 
 
@@ -306,7 +295,8 @@ def type_statistics(
 
 
 def _save_type_stats(types: TypeStats, path: Path) -> None:
-    _save_atomic(
+    atomic_save_tensors(
+        path,
         {
             "type_ids": types.type_ids,
             "sums": types.sums,
@@ -314,7 +304,6 @@ def _save_type_stats(types: TypeStats, path: Path) -> None:
             "fires": types.fires,
             "median_value": torch.tensor([types.median_value]),
         },
-        path,
     )
 
 

@@ -17,34 +17,22 @@ killed export resumes at the last checkpoint and redoes only the batches after i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from graphs.model import locate
+from sae.atomic import atomic_save_tensors
 from sae.metrics import FVUAccumulator
 from sae.sae import SAE
 from sae.store import ActivationStore
 
 SCAN_FILE, CONTEXTS_FILE = "scan.safetensors", "contexts.safetensors"
 HASH_MULTIPLIER = 0x9E3779B97F4A7C15 & ((1 << 62) - 1)  # odd: a bijection mod 2^62
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Atomic checkpoint: temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"state": json.dumps(meta)}
-    )
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -147,7 +135,7 @@ class ScanState:
             "fvu.sum_err2": self.fvu.sum_err2,
             "fvu.sum_active": self.fvu.sum_active,
         }
-        _save(path, tensors, meta)
+        atomic_save_tensors(path, tensors, {"state": json.dumps(meta)})
 
     def restore(self, path: Path) -> None:
         tensors, meta = _load(path)
@@ -390,7 +378,9 @@ def run_contexts(
         )
         done = b + 1
         if done % checkpoint_every == 0 or done == n_batches:
-            _save(path, {"values": values}, {"batches_done": done})
+            atomic_save_tensors(
+                path, {"values": values}, {"state": json.dumps({"batches_done": done})}
+            )
             log({"stage": "contexts", "batches": [first, done]})
             first = done
     return values[torch.searchsorted(wanted, keys)]

@@ -17,14 +17,14 @@ or the new one, never a mix. Nothing is pickled. Contents, per hook `h`:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from sae.atomic import atomic_save_tensors
 
 if TYPE_CHECKING:
     from sae.train import HookState
@@ -62,13 +62,7 @@ def save_checkpoint(
             for hook, state in states.items()
         },
     }
-    tmp = directory / f".{CHECKPOINT}.tmp"
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        tmp,
-        metadata={"greylens": json.dumps(meta)},
-    )
-    os.replace(tmp, directory / CHECKPOINT)
+    atomic_save_tensors(directory / CHECKPOINT, tensors, {"greylens": json.dumps(meta)})
 
 
 FREE_SETTINGS = (

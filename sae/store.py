@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
+
+from sae.atomic import atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,16 +94,7 @@ class StoreManifest:
         return manifest
 
     def save(self, directory: Path) -> None:
-        _atomic_write(Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2).encode())
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        atomic_write_bytes(Path(directory) / MANIFEST, json.dumps(asdict(self), indent=2).encode())
 
 
 class StoreWriter:
@@ -141,7 +133,7 @@ class StoreWriter:
         index = len(self.manifest.shards)
         name = f"shard-{index:05d}.safetensors"
         payload = save({k: v.contiguous() for k, v in tensors.items()})
-        _atomic_write(self.directory / name, payload)
+        atomic_write_bytes(self.directory / name, payload)
         n_tokens = int(tensors["token_ids"].shape[0])
         self.manifest.shards.append(ShardInfo(name, n_tokens, hashlib.sha256(payload).hexdigest()))
         self.manifest.save(self.directory)

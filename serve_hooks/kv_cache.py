@@ -10,12 +10,13 @@ where is the block manager's policy.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from sae.atomic import atomic_save_tensors
 
 
 class KVCache:
@@ -61,14 +62,9 @@ class KVCache:
 
     def host_to_disk(self, slot: int, name: str, extras: dict[str, Tensor] | None = None) -> None:
         """One file per block: its K and V, plus `extras` (per-token data kept beside the KV)."""
-        path = self._path(name)
-        tmp = path.with_suffix(".tmp")
-        tensors = {f"extra/{key}": t.contiguous() for key, t in (extras or {}).items()}
-        save_file(
-            {**tensors, "k": self.host_k[slot].contiguous(), "v": self.host_v[slot].contiguous()},
-            str(tmp),
-        )
-        os.replace(tmp, path)  # a reader never sees half a block
+        tensors = {f"extra/{key}": t for key, t in (extras or {}).items()}
+        tensors |= {"k": self.host_k[slot], "v": self.host_v[slot]}
+        atomic_save_tensors(self._path(name), tensors)  # a reader never sees half a block
 
     def disk_to_device(self, name: str, block: int) -> dict[str, Tensor]:
         """Load a block's KV into `block`; returns the extras saved with it."""
