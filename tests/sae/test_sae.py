@@ -162,25 +162,6 @@ def test_rows_above_max_input_norm_get_no_code_and_pass_through() -> None:
     torch.testing.assert_close(recons[4], sae(x[4:5])[0])
 
 
-def test_sparse_top_n_per_row_equals_dense_topk() -> None:
-    from sae.sae import SparseCode
-
-    g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([5, 0, 2, 9, 1])  # uneven rows, one empty, some with fewer than n
-    rows = torch.repeat_interleave(torch.arange(5), counts)
-    cols = torch.cat([torch.randperm(40, generator=g)[: int(c)] for c in counts])
-    values = torch.rand(len(rows), generator=g) + 0.1
-    code = SparseCode(values, cols, rows, 5)
-    ids, top = code.top(3)
-    dense = code.to_dense(40)
-    reference = dense.topk(3, dim=1)
-    assert torch.equal(top, reference.values)
-    filled = top > 0
-    assert torch.equal(ids[filled], reference.indices[filled]), "ids of real entries match"
-    assert torch.equal(ids[~filled], torch.zeros_like(ids[~filled])), "padding is (0, 0.0)"
-    assert torch.equal(dense.gather(1, ids) * filled, top)
-
-
 def _dense_aux_reference(sae: SAE, x: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
     """AuxK written the obvious dense way: the aux_k largest ReLU(pre) among dead latents must
     reconstruct the (detached) residual the code left."""
