@@ -111,5 +111,6 @@ def base_lr(cfg: TrainConfig, n_latents: int) -> float:
 
 
 def lr_decay_frac(cfg: TrainConfig) -> float:
-    """cfg.decay_frac for Adam; 0 for schedule-free, whose averaged weights play the decay's part."""
+    """cfg.decay_frac for Adam; 0 for schedule-free, whose averaged weights play the decay's
+    part."""
     return cfg.decay_frac if optimizer_name(cfg) == "adam" else 0.0
