@@ -209,9 +209,8 @@ def test_auxk_equals_the_dense_reference_and_reaches_only_dead_latents(arch: str
             fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name
         )
     assert fast_grads["W_enc"][~dead].abs().sum() == 0 and fast_grads["W_enc"][dead].abs().sum() > 0
-    assert (
-        _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0
-    )  # aux_k = 0: no AuxK (the default)
+    # aux_k = 0: no AuxK (the default)
+    assert _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0
 
 
 def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> None:
@@ -222,12 +221,12 @@ def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> 
     sae.training_forward(x).sparsity_loss.backward()
     pre = sae.pre_acts(x * sae.cfg.input_scale).detach()
     theta = sae.log_threshold.exp().detach()
-    l0_at = lambda t: (pre > t).double().sum(0) / N  # noqa: E731 - per-latent mean L0 at threshold t
+    # per-latent mean L0 at threshold t
+    l0_at = lambda t: (pre > t).double().sum(0) / N  # noqa: E731
     central = (l0_at(theta + eps / 2) - l0_at(theta - eps / 2)) / eps  # [n_latents]
     assert central.abs().sum() > 0
-    torch.testing.assert_close(
-        sae.log_threshold.grad, central * theta
-    )  # chain rule: d/dlogθ = θ·d/dθ
+    # chain rule: d/dlogθ = θ·d/dθ
+    torch.testing.assert_close(sae.log_threshold.grad, central * theta)
 
 
 def test_training_forward_reuses_its_preactivation_buffer_without_changing_results() -> None:

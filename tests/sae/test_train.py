@@ -88,37 +88,10 @@ def test_refusals_happen_before_training(tiny_store: ActivationStore, tmp_path: 
 
 
 def _cli(store: ActivationStore, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "sae",
-        "train",
-        "--store",
-        str(store.directory),
-        "--out",
-        str(out),
-        "--hooks",
-        HOOK,
-        "--arch",
-        "topk",
-        "--k",
-        "8",
-        "--expansion",
-        "16",
-        "--tokens",
-        str(512 * 150),
-        "--batch-size",
-        "512",
-        "--lr",
-        "0.003",
-        "--checkpoint-every",
-        "2",
-        "--wandb",
-        "disabled",
-        "--dead-tokens",
-        "4096",
-        *extra,
-    ]
+    flags = f"""--hooks {HOOK} --arch topk --k 8 --expansion 16 --tokens {512 * 150}
+        --batch-size 512 --lr 0.003 --checkpoint-every 2 --wandb disabled --dead-tokens 4096"""
+    command = [sys.executable, "-m", "sae", "train", "--store", str(store.directory)]
+    return [*command, "--out", str(out), *flags.split(), *extra]
 
 
 def test_kill_9_and_resume_ends_with_identical_weights(
@@ -152,20 +125,8 @@ def test_kill_9_and_resume_ends_with_identical_weights(
 # The runs stay within one epoch (11 batches of the 3000-token store): a reopened θ equals one
 # token's pre-activation, so when that token came back in the next epoch it sat exactly at θ and
 # 1 vs 2 ranks became a coin flip on rounding (seen at step 12, identically in float64).
-JUMPRELU_DDP = [
-    "--arch",
-    "jumprelu",
-    "--target-l0",
-    "6",
-    "--threshold-lr-scale",
-    "10",
-    "--dense-aux",
-    "--reopen-dead",
-    "--dead-tokens",
-    "512",
-    "--sparsity-warmup-frac",
-    "0.3",
-]
+JUMPRELU_DDP = """--arch jumprelu --target-l0 6 --threshold-lr-scale 10 --dense-aux --reopen-dead
+    --dead-tokens 512 --sparsity-warmup-frac 0.3""".split()
 
 
 @pytest.mark.parametrize(
@@ -175,44 +136,15 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(
     tiny_store: ActivationStore, tmp_path: Path, arch_flags: list[str]
 ) -> None:
     flags = [
-        "--store",
-        str(tiny_store.directory),
-        "--hooks",
-        HOOK,
-        *arch_flags,
-        "--k",
-        "8",
-        "--expansion",
-        "4",
-        "--tokens",
-        str(256 * 11),
-        "--batch-size",
-        "256",
-        "--lr",
-        "0.003",
-        "--wandb",
-        "disabled",
-        "--log-every",
-        "1",
+        *["--store", str(tiny_store.directory), "--hooks", HOOK, *arch_flags],
+        *f"--k 8 --expansion 4 --tokens {256 * 11} --batch-size 256 --lr 0.003".split(),
+        *"--wandb disabled --log-every 1".split(),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    ddp = [*torchrun, "--master_port", "29517", str(REPO / "scripts" / "train_ddp.py")]
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(REPO / "scripts" / "train_ddp.py"),
-            *flags,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+        [*ddp, *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True
     )
     assert two.returncode == 0, two.stderr[-2000:]
     one = subprocess.run(
@@ -222,10 +154,8 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(
         text=True,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    a, b = (
-        load_file(tmp_path / "one" / HOOK / "sae.safetensors"),
-        load_file(tmp_path / "two" / HOOK / "sae.safetensors"),
-    )
+    a = load_file(tmp_path / "one" / HOOK / "sae.safetensors")
+    b = load_file(tmp_path / "two" / HOOK / "sae.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
     rows = metric_rows(tmp_path / "one")
