@@ -9,8 +9,8 @@
         k_e ← k_e + 0.1 (k − post-propagation L0)        (budgets are post-propagation)
     finally: calibrate the inference threshold θ, write the model directory.
 
-Checkpoints and logs are the SAE trainer's (`sae.checkpoint`, `sae.train_log`): kill -9 and
-`--resume` continue exactly.
+The training pieces are the SAE trainer's (batch stepping, LR schedule, Adam, firing tracker,
+per-hook state, checkpoints and logs from `sae/`): kill -9 and `--resume` continue exactly.
 """
 
 from __future__ import annotations
@@ -28,22 +28,17 @@ from graphs.candidates import geometry_candidates, union_edges
 from graphs.coactivation import CoactivationStats
 from graphs.io import save_graph_sae
 from graphs.model import GraphConfig, SparseGraphAutoencoder
+from sae.batches import step_batches
 from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
+from sae.codes import batch_topk_code
+from sae.firing import FiringTracker, dead_window
 from sae.io import load_sae
-from sae.sae import SAE, batch_topk_code, fvu
+from sae.optim import adam, default_lr
+from sae.sae import SAE, SAEConfig, fvu
+from sae.schedule import lr_at
+from sae.state import HookState
 from sae.store import ActivationStore
-from sae.train import (
-    Distributed,
-    HookState,
-    adam,
-    base_lr,
-    dead_window,
-    log_row,
-    lr_at,
-    step_batches,
-    track_firing,
-)
-from sae.train_log import TrainLogger
+from sae.train_log import TrainLogger, metrics_row
 
 
 @dataclass
@@ -51,9 +46,11 @@ class GraphTrainConfig:
     store: str = ""
     """Activation store directory (the one the SAE was trained on, or more of the same)."""
     stats: str = ""
-    """Co-activation statistics directory from `python -m graphs stats` (names the SAE it describes)."""
+    """Co-activation statistics directory from `python -m graphs stats` (names the SAE it
+    describes)."""
     out: str = ""
-    """Output directory: the graph autoencoder (cfg.json, sae.safetensors, graph.safetensors, graph.json)."""
+    """Output directory: the graph autoencoder (cfg.json, sae.safetensors, graph.safetensors,
+    graph.json)."""
     k: int = 0
     """Target post-propagation L0 (0: the SAE's k)."""
     m: int = 32
@@ -68,9 +65,8 @@ class GraphTrainConfig:
     batch_size: int = 4096
     """Tokens per step."""
     lr: float = 0.0
-    """Adam LR of the SAE weights (0: the SAE trainer's, 2e-3/√(n_latents/16384)). A lower LR because
-    the weights start trained was measured worse: on SmolLM2 L15, 5e-4 left held-out FVU at 0.173,
-    the SAE trainer's 2.67e-3 reached 0.158-0.160 over 3 seeds (docs/graph_quality.md)."""
+    """Adam LR of the SAE weights (0: the SAE trainer's Adam default, 2e-3/√(n_latents/16384)).
+    Lowering it because the weights start trained reconstructs worse, not better."""
     graph_lr: float = 0.05
     """Adam LR of the edge weights and gate logits."""
     warmup_frac: float = 0.05
@@ -80,8 +76,8 @@ class GraphTrainConfig:
     init_weight: float = 0.05
     """Initial edge weight w. Too small and no message lifts a target over θ (an edge whose target
     never fires gets no reconstruction gradient); too large and implied features flood the budget
-    (SmolLM2 L15 at 0.5: 19 implied per token at step 10, FVU 0.59). 0.05 suits SmolLM2's scaled
-    activations; the unit-magnitude synthetic hierarchy needs ~0.5."""
+    from the first steps. 0.05 suits SmolLM2's scaled activations; the unit-magnitude synthetic
+    hierarchy needs ~0.5."""
     init_log_alpha: float = -2.0
     """Initial gate logit (−2: a gate is open in 40% of samples, deterministic gate 0.04)."""
     edge_coeff: float = 0.01
@@ -110,10 +106,9 @@ class GraphTrainConfig:
     aux_coeff: float = 1 / 32
     """Weight of the AuxK dead-latent loss."""
     dead_tokens: int = 100_000
-    """A latent that has not fired in this many tokens counts as dead (and gets the AuxK loss). Firing
-    counts start at zero here, so the SAE trainer's 1M would never trigger in a 500k-token run: on
-    SmolLM2 L15 that left 10% of latents silent on held-out data, 100k left 3.8%. 0: the SAE
-    trainer's rule (a fifth of the run, at most 1M)."""
+    """A latent that has not fired in this many tokens counts as dead (and gets the AuxK loss).
+    Firing counts start at zero here, so a 1M window would never trigger in a 500k-token run and
+    leave more latents silent. 0: the SAE trainer's rule (a fifth of the run, at most 1M)."""
     checkpoint_every: int = 50
     """Steps between checkpoints (one is also written at the end)."""
     log_every: int = 10
@@ -133,25 +128,24 @@ def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     store, stats, sae, edges, out = _check_inputs(cfg)
     hook = sae.cfg.hook
     model = _init_model(cfg, stats, sae, edges).to(cfg.device)
-    state = HookState(
-        model,
-        _optimizer(cfg, model),
-        *[torch.zeros(sae.cfg.n_latents, dtype=torch.int64, device=cfg.device) for _ in range(2)],
-    )
+    firing = FiringTracker.zeros(sae.cfg.n_latents, cfg.device)
+    state = HookState(model, _optimizer(cfg, model), firing)
     torch.manual_seed(cfg.seed)
     first_step = load_checkpoint(out, {hook: state})["step"] if cfg.resume else 0
     n_steps = max(1, cfg.tokens // cfg.batch_size)
+    base = _base_lr(cfg, sae.cfg.n_latents)
     logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None)
     bar = tqdm(total=n_steps, initial=first_step, unit="step", desc="train graph")
     started = time.perf_counter()
-    for step, batch in step_batches(store, cfg, [hook], start_step=first_step, n_steps=n_steps):
+    batches = step_batches(store, cfg.batch_size, cfg.seed, [hook], first_step, n_steps)
+    for step, batch in batches:
         x = batch[hook].to(cfg.device)
-        row = _train_step(
-            cfg, state, x[~sae.passthrough(x)], lr_at(cfg, step, n_steps, sae.cfg.n_latents)
-        )
+        lr = lr_at(base, step, n_steps, cfg.warmup_frac, cfg.decay_frac)
+        row = _train_step(cfg, state, x[~sae.passthrough(x)], lr)
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
             tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
-            logger.log(log_row(cfg, state, step, hook, row, row["lr"], tok_s))
+            fractions = firing.log_fractions(_dead_window(cfg), cfg.log_every * cfg.batch_size)
+            logger.log(metrics_row(step, cfg.batch_size, hook, row, fractions, row["lr"], tok_s))
             bar.set_postfix(
                 fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", deg=f"{row['mean_degree']:.2f}"
             )
@@ -165,10 +159,20 @@ def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     return model
 
 
+def _base_lr(cfg: GraphTrainConfig, n_latents: int) -> float:
+    """The SAE weights' LR: cfg.lr, or the SAE trainer's Adam default for this width."""
+    return cfg.lr or default_lr(n_latents)
+
+
+def _dead_window(cfg: GraphTrainConfig) -> int:
+    return dead_window(cfg.dead_tokens, cfg.tokens, cfg.batch_size)
+
+
 def _check_inputs(
     cfg: GraphTrainConfig,
 ) -> tuple[ActivationStore, CoactivationStats, SAE, torch.Tensor | None, Path]:
-    """Every refusal happens here, before the run directory exists; edges: cfg.edges's edge_index, if given."""
+    """Every refusal happens here, before the run directory exists; edges: cfg.edges's
+    edge_index, if given."""
     if not (cfg.store and cfg.stats and cfg.out):
         raise ValueError(
             "pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR"
@@ -186,7 +190,8 @@ def _check_inputs(
         )
     if sae.cfg.arch not in ("topk", "batchtopk", "matryoshka"):
         raise ValueError(
-            f"start the graph autoencoder from a topk, batchtopk or matryoshka SAE, not {sae.cfg.arch!r}"
+            "start the graph autoencoder from a topk, batchtopk or matryoshka SAE, "
+            f"not {sae.cfg.arch!r}"
         )
     if len(store) < cfg.batch_size:
         raise ValueError(
@@ -203,26 +208,20 @@ def _init_model(
     """The SAE's weights as a BatchTopK evidence encoder at budget k, plus its candidate edges
     (`edges` if given, else the stats' top-m). A matryoshka SAE is a BatchTopK SAE trained with
     nested losses: its weights and θ carry over, and training goes on with the whole-code loss."""
-    evidence = SAE(
-        sae.cfg.__class__(
-            **{
-                **asdict(sae.cfg),
-                "arch": "batchtopk",
-                "k": cfg.k or sae.cfg.k,
-                "matryoshka_groups": [],
-            }
-        )
-    )
+    batchtopk = {"arch": "batchtopk", "k": cfg.k or sae.cfg.k, "matryoshka_groups": []}
+    evidence = SAE(SAEConfig(**{**asdict(sae.cfg), **batchtopk}))
     evidence.load_state_dict(sae.state_dict(), strict=False)  # topk SAEs hold θ = 0: set below
-    edge_index = (
-        edges if edges is not None else stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
-    )
+    if edges is not None:
+        edge_index = edges
+    else:
+        edge_index = stats.candidates(cfg.m, cfg.score, cfg.min_count)[0]
     if cfg.geometry_m > 0:
         geometric = geometry_candidates(sae.W_dec, cfg.geometry_m, cfg.geometry_min_cos)
         edge_index = union_edges(edge_index, geometric, sae.cfg.n_latents)
     if edge_index.shape[1] == 0:
         raise ValueError(
-            f"{cfg.stats} gives no candidate edges at min_count={cfg.min_count}; lower it or use more tokens"
+            f"{cfg.stats} gives no candidate edges at min_count={cfg.min_count}; "
+            "lower it or use more tokens"
         )
     graph_cfg = GraphConfig(
         sae.cfg.n_latents,
@@ -261,7 +260,7 @@ def load_edges(path: str, n_latents: int) -> torch.Tensor:
 
 def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.optim.Adam:
     graph = [model.weight_raw, model.log_alpha]
-    lr = base_lr(cfg, model.n_latents)
+    lr = _base_lr(cfg, model.n_latents)
     return adam(
         [
             {"params": list(model.sae.parameters()), "lr": lr, "base_lr": lr},
@@ -271,14 +270,17 @@ def _optimizer(cfg: GraphTrainConfig, model: SparseGraphAutoencoder) -> torch.op
     )
 
 
-def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: float) -> dict:
+def _train_step(
+    cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: float
+) -> dict[str, float]:
+    """One step on x: [N, d] (massive rows already skipped): losses, Adam, the evidence budget's
+    controller and the firing tracker; returns the step's log row."""
     model, optimizer = state.sae, state.optimizer
-    factor = lr / base_lr(
-        cfg, model.n_latents
-    )  # the schedule's warm-up / decay factor, applied to both groups
+    # the schedule's warm-up / decay factor, applied to both groups
+    factor = lr / _base_lr(cfg, model.n_latents)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-    dead = state.tokens_since_fired >= dead_window(cfg)  # the window the logged dead fraction uses
+    dead = state.firing.dead(_dead_window(cfg))  # the window the logged dead fraction uses
     out = model.training_forward(
         x, dead=dead, aux_k=x.shape[1] // 2, detach_penalty=cfg.absorption_detach
     )
@@ -297,7 +299,7 @@ def _train_step(cfg: GraphTrainConfig, state: HookState, x: torch.Tensor, lr: fl
     post_l0 = float((code.values > 0).sum()) / x.shape[0]
     implied = float((~out.graph_code.from_evidence & (code.values > 0)).sum()) / x.shape[0]
     model.adapt_evidence_budget(post_l0 - (1.0 - cfg.implied_cost) * implied)
-    track_firing(state, code, x.shape[0], Distributed())
+    state.firing.update(code, x.shape[0])
     with torch.no_grad():
         full_fvu = fvu(x.to(out.recons.dtype), out.recons)
     return {
@@ -321,7 +323,7 @@ def calibrate_graph_threshold(
 ) -> float:
     """θ := mean over a few batches of the cut that keeps round(k_e·N) evidence activations."""
     hook, sae, cuts = model.sae.cfg.hook, model.sae, []
-    for _, batch in step_batches(store, cfg, [hook], start_step=0, n_steps=n_batches):
+    for _, batch in step_batches(store, cfg.batch_size, cfg.seed, [hook], 0, n_batches):
         x = batch[hook].to(cfg.device)
         _, _, pre = model.pre_acts(x[~sae.passthrough(x)])
         cuts.append(batch_topk_code(pre, float(model.evidence_k)).values.min())

@@ -8,7 +8,10 @@ import sys
 from dataclasses import dataclass
 
 from sae.cli import add_dataclass_args, dataclass_from_args
+from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.harvest import HarvestConfig, harvest
+from sae.io import load_sae
+from sae.models import load_model
 from sae.store import ActivationStore, StoreError
 from sae.train import TrainConfig, train
 
@@ -30,10 +33,7 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
-    from sae.io import load_sae
-    from sae.models import load_model
-
+    """Reconstruction metrics of an SAE on a store, and splice metrics when a model is given."""
     sae = load_sae(cfg.sae)
     model = load_model(cfg.model) if cfg.model else None
     if (

@@ -1,4 +1,5 @@
-"""Files that appear whole: write a temp file beside the target, fsync it, rename it over the target.
+"""Files that appear whole: write a temp file beside the target, fsync it, rename it over the
+target.
 
 A process killed at any moment leaves either the old file or the new one, never half of one; the
 rename is atomic on POSIX file systems when the temp file sits in the same directory.

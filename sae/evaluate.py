@@ -1,7 +1,8 @@
 """SAE evaluation: reconstruction metrics over a store, and CE/KL by splicing into the model.
 
-    reconstruction_metrics(sae, store)      FVU, explained variance, MSE, L0, dead and dense fractions
-    splice_metrics(model, sae, tokens)      CE clean / spliced / zero-ablated, CE loss recovered, ΔCE, KL
+    reconstruction_metrics(sae, store)   FVU, explained variance, MSE, L0, dead and dense fractions
+    splice_metrics(model, sae, tokens)   CE clean / spliced / zero-ablated, CE loss recovered, ΔCE,
+                                         KL
 
 Splicing replaces the hook's activation by the SAE reconstruction (or by zeros) at every position
 but BOS, which the SAE never saw in training, and scores next-token CE from the position after
@@ -16,9 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sae import metrics
+from sae.corpus import load_corpus
 from sae.models import LoadedModel
 from sae.sae import SAE
 from sae.store import ActivationStore
+from sae.windows import make_windows
 
 
 @torch.no_grad()
@@ -93,10 +96,8 @@ def splice_metrics(model: LoadedModel, sae: SAE, tokens: torch.Tensor, batch_siz
 def heldout_windows(
     model: LoadedModel, n_tokens: int, context_size: int = 128, seed: int = 0
 ) -> torch.Tensor:
-    """[n_windows, context_size] BOS-first windows of held-out documents, enough to score n_tokens."""
-    from sae.corpus import load_corpus
-    from sae.windows import make_windows
-
+    """[n_windows, context_size] BOS-first windows of held-out documents, enough to score
+    n_tokens."""
     n_windows = -(
         -n_tokens // (context_size - 2)
     )  # each window scores context_size - 2 predictions

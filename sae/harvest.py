@@ -152,7 +152,8 @@ def _stream(
 
 
 def harvest(cfg: HarvestConfig, model: LoadedModel | None = None) -> ActivationStore:
-    """Write (or resume) the store at cfg.out; a killed run re-run with the same cfg ends identical."""
+    """Write (or resume) the store at cfg.out; a killed run re-run with the same cfg ends
+    identical."""
     if not cfg.out:
         raise ValueError("no output directory: pass --out DIR")
     model = model or load_model(cfg.model, cfg.device)

@@ -2,7 +2,8 @@
 
 greylens layout (one directory per hook):
     cfg.json          SAEConfig as JSON (format_version, arch, k, input_scale, hook, model, ...)
-    sae.safetensors   W_enc [n, d], b_enc [n], W_dec [n, d], b_dec [d], threshold [], (log_threshold [n])
+    sae.safetensors   W_enc [n, d], b_enc [n], W_dec [n, d], b_dec [d], threshold [],
+                      (log_threshold [n])
 
 SAELens layout:
     cfg.json                 {"architecture": "topk" | "jumprelu" | "standard", "d_in", "d_sae",
@@ -10,9 +11,10 @@ SAELens layout:
     sae_weights.safetensors  W_enc [d, n], b_enc [n], W_dec [n, d], b_dec [d], (threshold [n])
 
 SAELens has no input scale, so export folds it into the weights: with s = input_scale,
-pre = (x·s − b) W_encᵀ + c = (x − b/s)(s·W_enc)ᵀ + c and x̂ = (a W_dec + b)/s, i.e. W_enc' = s·W_enc,
-b_dec' = b/s, W_dec' = W_dec/s — the exported SAE computes the same code and reconstruction on
-raw activations. (Import keeps the unit-norm-free decoder as is, with input_scale 1.)
+pre = (x·s − b) W_encᵀ + c = (x − b/s)(s·W_enc)ᵀ + c and x̂ = (a W_dec + b)/s, i.e.
+W_enc' = s·W_enc, b_dec' = b/s, W_dec' = W_dec/s — the exported SAE computes the same code and
+reconstruction on raw activations. (Import keeps the unit-norm-free decoder as is, with
+input_scale 1.)
 SAELens has no inference class for BatchTopK: like SAELens itself, we export batchtopk and
 matryoshka as `jumprelu` with the learned threshold θ for every latent (the same rule, pre > θ),
 and import restores the original arch from our metadata.
@@ -123,11 +125,13 @@ def import_saelens(directory: str | Path) -> SAE:
     arch = raw.get("architecture", "standard")
     if arch not in _FROM_SAELENS_ARCH:
         raise ValueError(
-            f"can't import SAELens architecture {arch!r}; supported: {', '.join(_FROM_SAELENS_ARCH)}"
+            f"can't import SAELens architecture {arch!r}; "
+            f"supported: {', '.join(_FROM_SAELENS_ARCH)}"
         )
     if raw.get("normalize_activations", "none") not in ("none", None):
         raise ValueError(
-            f"SAELens normalize_activations={raw['normalize_activations']!r} is not supported; fold it first"
+            f"SAELens normalize_activations={raw['normalize_activations']!r} is not supported; "
+            "fold it first"
         )
     if not raw.get("apply_b_dec_to_input", True):
         raise ValueError("SAELens SAEs with apply_b_dec_to_input=False are not supported")

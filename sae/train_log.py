@@ -14,7 +14,32 @@ METRICS = "metrics.jsonl"
 PLOTTED = ("loss", "l0", "fvu", "dead_fraction")
 
 
+def metrics_row(
+    step: int,
+    batch_size: int,
+    hook: str,
+    row: dict[str, float],
+    firing: dict[str, float],
+    lr: float,
+    tok_s: float,
+) -> dict:
+    """One metrics.jsonl row: after `step` (0-based) of `batch_size` tokens, the step's `row`, the
+    firing tracker's fractions, the LR and the throughput so far."""
+    return {
+        "step": step + 1,
+        "tokens": (step + 1) * batch_size,
+        "hook": hook,
+        **row,
+        **firing,
+        "lr": lr,
+        "tok_s": tok_s,
+    }
+
+
 class TrainLogger:
+    """Appends metric rows to out/metrics.jsonl and wandb; `finish` plots them. Only rank 0 logs
+    (enabled=False on the others)."""
+
     def __init__(
         self,
         out: Path,
@@ -38,7 +63,7 @@ class TrainLogger:
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         if wandb_mode != "disabled":
-            import wandb
+            import wandb  # imported only when used: it is slow to import and optional at run time
 
             self.run = wandb.init(
                 project="greylens",
@@ -72,7 +97,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     """Loss, L0, FVU and dead fraction against tokens, one line per hook."""
     if not metrics_path.exists():
         return None
-    import matplotlib
+    import matplotlib  # imported only to plot, once at the end of a run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,7 +17,8 @@ What runs is SAELens's own code path, as its LLM runner would run it, minus the 
   `rescale_acts_by_decoder_norm=True` (TopK on pre-activations × decoder row norms, no explicit
   decoder renormalisation), decoder rows initialised at norm 0.1, encoder = decoder transpose,
   b_dec = 0 (SAELens 6 has no data-dependent b_dec init, so on activations with a large mean,
-  like SmolLM2's, early steps are spent learning the mean), loss = per-token squared error summed over d, averaged over the batch.
+  like SmolLM2's, early steps are spent learning the mean), loss = per-token squared error summed
+  over d, averaged over the batch.
 - `SAETrainer(...).fit()` with an iterator of activation batches as its data provider: Adam
   (0.9, 0.999) at --lr with SAELens's default constant schedule (no warm-up, no decay), gradient
   norm clipped to 1, no wandb, no checkpoints.

@@ -16,7 +16,8 @@ import torch
 
 
 def redirect_stdout() -> None:
-    """Keep the real stdout for the one JSON line; everything else (library prints) goes to stderr."""
+    """Keep the real stdout for the one JSON line; everything else (library prints) goes to
+    stderr."""
     global _JSON_OUT
     _JSON_OUT = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)

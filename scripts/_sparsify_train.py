@@ -3,8 +3,9 @@
 Runs INSIDE the side venv /root/.cache/greylens/venvs/sparsify (eai-sparsify 1.3.3, torch CPU),
 never in greylens's own venv. CPU, fp32, torch's default thread count.
 
-    python _sparsify_train.py --train TRAIN.safetensors --eval EVAL.safetensors --n-latents N --k K \
-        --batch B --tokens T --lr LR --seed S --out OUT.safetensors [--optimizer signum|adam]
+    python _sparsify_train.py --train TRAIN.safetensors --eval EVAL.safetensors \
+        --n-latents N --k K --batch B --tokens T --lr LR --seed S --out OUT.safetensors \
+        [--optimizer signum|adam]
 
 TRAIN/EVAL hold one tensor "x": [rows, d] float32. Trains T // B steps of B rows, taken from one
 seeded permutation of TRAIN's rows (repeated when T exceeds the row count), then writes

@@ -28,10 +28,8 @@ from sae.models import cache_root, load_model
 HOOK = "blocks.15.hook_resid_post"
 SAELENS_VENV = cache_root() / "venvs" / "saelens"
 SAELENS_DRIVER = Path(__file__).with_name("_saelens_harvest.py")
-SAELENS_PINS = (
-    "sae-lens==6.54.12",
-    "transformer-lens==3.9.0",
-)  # what `pip install sae-lens` gave here
+# what `pip install sae-lens` gave here
+SAELENS_PINS = ("sae-lens==6.54.12", "transformer-lens==3.9.0")
 
 
 def full_forward_tok_s(model, windows, batch_size: int) -> float:
@@ -53,7 +51,8 @@ def harvest_tok_s(model, cfg: HarvestConfig) -> float:
 
 
 def ensure_saelens_venv() -> Path:
-    """Create the side venv once: CPU torch pinned first, then sae-lens (which pins transformer-lens 3)."""
+    """Create the side venv once: CPU torch pinned first, then sae-lens (which pins
+    transformer-lens 3)."""
     python = SAELENS_VENV / "bin" / "python"
     if python.exists():
         return python

@@ -15,7 +15,8 @@ step is followed by one timed GEMM (into a reused buffer, as the trainer does), 
 compares the median step (data loading included) with the median GEMM. The ratios against the
 best of 5 GEMMs after training (a quiet-moment peak, against the run's mean tok/s) are printed too.
 
-    python scripts/bench_train.py --store out/l15-train-1m --eval-store out/l15-heldout [--tokens 204800]
+    python scripts/bench_train.py --store out/l15-train-1m --eval-store out/l15-heldout \
+        [--tokens 204800]
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.config import TrainConfig, base_lr, optimizer_name
 from sae.io import load_sae
 from sae.metrics import fvu
 from sae.models import cache_root
+from sae.optim import default_lr
 from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
-from sae.train import TrainConfig, base_lr, optimizer_name, train
+from sae.train import train
 
 HOOK = "blocks.15.hook_resid_post"
 SCRIPTS = Path(__file__).parent
@@ -89,7 +92,8 @@ def _timed(fn) -> float:
 
 
 def inlier_rows(store: ActivationStore, n_rows: int) -> torch.Tensor:
-    """Indices of the first n_rows rows whose norm is within 10x the median (no massive activations).
+    """Indices of the first n_rows rows whose norm is within 10x the median (no massive
+    activations).
 
     greylens passes massive activations through its SAE untouched; SAELens and sparsify would have
     to reconstruct them. Dropping them from every library's train and eval data keeps the
@@ -146,9 +150,8 @@ def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
     with torch.no_grad():
         recons = sae(eval_x)
         fired = torch.bincount(sae.encode(eval_x).cols, minlength=sae.cfg.n_latents) > 0
-    tok_per_s = (
-        args.batch * len(clock.step_s) / sum(clock.step_s)
-    )  # steps 2.. (the GEMM probes excluded)
+    # steps 2.. (the GEMM probes excluded)
+    tok_per_s = args.batch * len(clock.step_s) / sum(clock.step_s)
     return {
         "library": "greylens",
         "tok_per_s": tok_per_s,
@@ -178,12 +181,13 @@ def ensure_venv(library: str) -> Path:
 
 
 def side_lr(library: str, args, d: int) -> float:
-    """SAELens (Adam) gets greylens's default Adam LR (or --lr); sparsify keeps its own default signum LR (its
-    driver multiplies an Adam-style LR by 25, so pass sparsify's Adam default 2e-4/sqrt(n/2^14))."""
+    """SAELens (Adam) gets greylens's default Adam LR (or --lr); sparsify keeps its own default
+    signum LR (its driver multiplies an Adam-style LR by 25, so pass sparsify's Adam default
+    2e-4/sqrt(n/2^14))."""
     n_latents = args.expansion * d
     if library == "sparsify":
         return 2e-4 / math.sqrt(n_latents / 16384)
-    return args.lr or base_lr(TrainConfig(optimizer="adam"), n_latents)
+    return args.lr or default_lr(n_latents, "adam")
 
 
 def run_side(
@@ -229,7 +233,7 @@ def run_side(
     return report
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", default="out/l15-train-1m")
     parser.add_argument("--eval-store", default="out/l15-heldout")
@@ -250,8 +254,35 @@ def main() -> None:
         "--dead-tokens", type=int, default=0, help="greylens's AuxK dead window (0: its default)"
     )
     parser.add_argument("--only", default="greylens,saelens,sparsify")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def efficiency(args: argparse.Namespace, results: dict, d: int, peaks: tuple[float, float]) -> dict:
+    """greylens's achieved FLOP/s against the GEMM's (see the module docstring), and its speed
+    against the other libraries'."""
+    ours, (peak, peak_fresh) = results["greylens"], peaks
+    n_latents = args.expansion * d
+    executed_per_token = 2 * d * n_latents + 10 * args.k * d
+    achieved = ours["tok_per_s"] * executed_per_token
+    step_flops = args.batch * executed_per_token
+    gemm_flops_per_call = 2 * args.batch * d * n_latents
+    median_ratio = step_flops / ours["median_step_s"] * ours["median_gemm_s"] / gemm_flops_per_call
+    summary = {
+        "greylens_gflops": round(achieved / 1e9, 1),
+        "gemm_flops_interleaved": round(gemm_flops_per_call / ours["median_gemm_s"] / 1e9, 1),
+        "greylens_flops_over_gemm": round(median_ratio, 2),
+        "greylens_flops_over_gemm_peak": round(achieved / peak, 2),
+        "greylens_flops_over_gemm_peak_fresh_output": round(achieved / peak_fresh, 2),
+    }
+    for library in ("saelens", "sparsify"):
+        if "tok_per_s" in results.get(library, {}):
+            speedup = ours["tok_per_s"] / results[library]["tok_per_s"]
+            summary[f"greylens_over_{library}"] = round(speedup, 2)
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
     store, eval_store = ActivationStore(args.store), ActivationStore(args.eval_store)
     d = store.d_model
     n_latents = args.expansion * d
@@ -260,19 +291,16 @@ def main() -> None:
         work = Path(tmp)
         args.train_index = inlier_rows(store, args.tokens)
         train_file = export_rows(store, args.train_index, work / "train.safetensors")
-        eval_file = export_rows(
-            eval_store, inlier_rows(eval_store, 32_768), work / "eval.safetensors"
-        )
+        eval_index = inlier_rows(eval_store, 32_768)
+        eval_file = export_rows(eval_store, eval_index, work / "eval.safetensors")
         eval_x = load_file(eval_file)["x"]
         for library in args.only.split(","):
-            results[library] = (
-                run_greylens(args, work, eval_x)
-                if library == "greylens"
-                else run_side(library, args, train_file, eval_file, eval_x, work)
-            )
+            if library == "greylens":
+                results[library] = run_greylens(args, work, eval_x)
+            else:
+                results[library] = run_side(library, args, train_file, eval_file, eval_x, work)
         peak = gemm_flops(args.batch, d, n_latents)
         peak_fresh = gemm_flops(args.batch, d, n_latents, fresh_output=True)
-    executed_per_token = 2 * d * n_latents + 10 * args.k * d
     summary = {
         "activations": f"SmolLM2-135M {HOOK}",
         "d_model": d,
@@ -285,27 +313,8 @@ def main() -> None:
         "gemm_flops_fresh_output": round(peak_fresh / 1e9, 1),
         "results": results,
     }
-    ours = results.get("greylens", {})
-    if "tok_per_s" in ours:
-        achieved = ours["tok_per_s"] * executed_per_token
-        step_flops, gemm_flops_per_call = (
-            args.batch * executed_per_token,
-            2 * args.batch * d * n_latents,
-        )
-        summary["greylens_gflops"] = round(achieved / 1e9, 1)
-        summary["gemm_flops_interleaved"] = round(
-            gemm_flops_per_call / ours["median_gemm_s"] / 1e9, 1
-        )
-        summary["greylens_flops_over_gemm"] = round(
-            step_flops / ours["median_step_s"] * ours["median_gemm_s"] / gemm_flops_per_call, 2
-        )
-        summary["greylens_flops_over_gemm_peak"] = round(achieved / peak, 2)
-        summary["greylens_flops_over_gemm_peak_fresh_output"] = round(achieved / peak_fresh, 2)
-        for library in ("saelens", "sparsify"):
-            if "tok_per_s" in results.get(library, {}):
-                summary[f"greylens_over_{library}"] = round(
-                    ours["tok_per_s"] / results[library]["tok_per_s"], 2
-                )
+    if "tok_per_s" in results.get("greylens", {}):
+        summary.update(efficiency(args, results, d, (peak, peak_fresh)))
     print(json.dumps(summary, indent=2))
 
 

@@ -6,7 +6,7 @@ loss recovered, ΔCE, KL), and writes docs/sae_quality.md plus a JSON beside the
 
     python scripts/sae_quality.py --store out/l15-train-1m --eval-store out/l15-heldout
 
-JumpReLU and ReLU-L1 at the same L0 as TopK k=32 (the controller and fixes in sae/train.py):
+JumpReLU and ReLU-L1 at the same L0 as TopK k=32 (the controller and fixes in sae/sparsity.py):
 
     ... --target-l0 32 --threshold-lr-scale 10 --dense-aux --reopen-dead
 """
@@ -69,7 +69,8 @@ def train_arch(args, arch: str, coeff: float) -> Path:
 
 
 def setting(args, arch: str, coeff: float, sae_dir: Path) -> str:
-    """The table's "k / λ" cell: k for the TopK family, else λ (the controller's final λ with a target)."""
+    """The table's "k / λ" cell: k for the TopK family, else λ (the controller's final λ with a
+    target)."""
     if arch in ("topk", "batchtopk", "matryoshka"):
         return f"k={args.k}"
     if args.target_l0:
@@ -94,11 +95,11 @@ def markdown(rows: list[dict], args) -> str:
     lines = [
         "# SAE quality on SmolLM2-135M-Instruct, `blocks.15.hook_resid_post`",
         "",
-        f"Width {args.expansion}× ({args.expansion * 576} latents), {args.tokens:,} training tokens (batch "
-        f"{args.batch}), default corpus train split; metrics on held-out documents: reconstruction over "
-        f"`{args.eval_store}`, CE/KL from splicing the SAE into the model on {args.ce_tokens:,} held-out "
-        "tokens (BOS left clean). Definitions: `sae/metrics.py`. Dead: never fired on the held-out set; "
-        "dense: fires on > 10% of held-out tokens.",
+        f"Width {args.expansion}× ({args.expansion * 576} latents), {args.tokens:,} training "
+        f"tokens (batch {args.batch}), default corpus train split; metrics on held-out documents: "
+        f"reconstruction over `{args.eval_store}`, CE/KL from splicing the SAE into the model on "
+        f"{args.ce_tokens:,} held-out tokens (BOS left clean). Definitions: `sae/metrics.py`. "
+        "Dead: never fired on the held-out set; dense: fires on > 10% of held-out tokens.",
         "",
         "Produced by:",
         "",
@@ -126,12 +127,13 @@ def markdown(rows: list[dict], args) -> str:
     clean = rows[0]
     lines += [
         "",
-        f"Clean CE {clean['ce_clean']:.3f} nats; zero-ablated CE {clean['ce_zero_ablated']:.3f} nats.",
+        f"Clean CE {clean['ce_clean']:.3f} nats; "
+        f"zero-ablated CE {clean['ce_zero_ablated']:.3f} nats.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", default="out/l15-train-1m")
     parser.add_argument("--eval-store", default="out/l15-heldout")
@@ -146,8 +148,7 @@ def main() -> None:
         "--optimizer",
         default="auto",
         choices=["auto", "adam", "schedulefree"],
-        help="auto: schedule-free for topk, Adam for the others (the tables before session 6 "
-        "were trained with Adam for every arch)",
+        help="auto: schedule-free for topk, Adam for the others",
     )
     parser.add_argument(
         "--jumprelu-coeff", type=float, default=0.0, help="λ for the L0 term (0: default)"
@@ -180,8 +181,11 @@ def main() -> None:
     )
     parser.add_argument("--ce-tokens", type=int, default=16_384)
     parser.add_argument("--doc", default="docs/sae_quality.md")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     model = load_model("smollm2-135m")
     windows = heldout_windows(model, args.ce_tokens)
     rows = []

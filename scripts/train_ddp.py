@@ -1,6 +1,7 @@
 """Data-parallel SAE training under torchrun (gloo on CPU, NCCL on GPU).
 
-    torchrun --nproc_per_node 2 scripts/train_ddp.py --store DIR --out DIR [any `python -m sae train` flag]
+    torchrun --nproc_per_node 2 scripts/train_ddp.py --store DIR --out DIR \
+        [any `python -m sae train` flag]
 
 Every rank reads the same global batch from the store and trains on its slice; losses use
 global denominators and gradients are summed, so the run takes the same steps as one process
@@ -16,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from sae.cli import add_dataclass_args, dataclass_from_args
-from sae.train import Distributed, TrainConfig, train
+from sae.config import TrainConfig
+from sae.distributed import Distributed
+from sae.train import train
 
 
 def main() -> None:

@@ -60,15 +60,11 @@ def test_saelens_export_computes_the_same_code_and_reconstruction(
     export_saelens(sae, tmp_path / "lens")
     cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
     weights = load_file(tmp_path / "lens" / "sae_weights.safetensors")
-    assert (
-        weights["W_enc"].shape == (16, 64)
-        and cfg["d_sae"] == 64
-        and cfg["hook_name"] == sae.cfg.hook
-    )
+    assert weights["W_enc"].shape == (16, 64)
+    assert cfg["d_sae"] == 64 and cfg["hook_name"] == sae.cfg.hook
     back = import_saelens(tmp_path / "lens")
-    assert (
-        back.cfg.arch == arch and back.cfg.input_scale == 1.0
-    )  # the scale now lives in the weights
+    # the scale now lives in the weights
+    assert back.cfg.arch == arch and back.cfg.input_scale == 1.0
     x = _x()
     torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-5)
     ours, theirs = sae.encode(x).to_dense(64), back.encode(x).to_dense(64)
@@ -90,7 +86,8 @@ x = load_file(sys.argv[1])["x"]
 for directory in sys.argv[2:]:
     sae = SAE.load_from_disk(directory, device="cpu")
     with torch.no_grad():
-        save_file({"recons": sae(x), "acts": sae.encode(x)}, str(Path(directory) / "out.safetensors"))
+        outputs = {"recons": sae(x), "acts": sae.encode(x)}
+        save_file(outputs, str(Path(directory) / "out.safetensors"))
 """
 
 

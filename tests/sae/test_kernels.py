@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae.codes import batch_topk_code, topk_code
 from sae.kernels import (
     sparse_decode,
     sparse_decode_reference,
     sparse_encode,
     sparse_encode_reference,
 )
-from sae.sae import batch_topk_code, topk_code
 
 N, D, LATENTS, K = 37, 16, 96, 5
 
@@ -57,17 +57,6 @@ def test_sparse_encode_then_decode_matches_the_dense_reference(
     assert results[0][2].abs().sum() > 0  # gradients really flowed
 
 
-def test_batch_topk_gives_variable_counts_per_token_and_sorted_rows() -> None:
-    pre = torch.randn(N, LATENTS, generator=torch.Generator().manual_seed(3))
-    pre[0] += 5  # one token with many strong latents
-    code = batch_topk_code(pre, K)
-    counts = torch.bincount(code.rows, minlength=N)
-    assert counts.sum() == K * N and counts[0] > K and counts.min() < K
-    assert (code.rows[1:] >= code.rows[:-1]).all()
-    dense = pre.relu()
-    assert code.values.min() >= dense.flatten().topk(K * N).values.min()
-
-
 def test_decode_gradcheck_in_float64() -> None:
     x_c, W_enc, b_enc, W_dec = _inputs(2)
     code = topk_code((x_c @ W_enc.T + b_enc).detach(), K)
@@ -75,34 +64,3 @@ def test_decode_gradcheck_in_float64() -> None:
     assert torch.autograd.gradcheck(
         lambda v, w: sparse_decode(v, code.cols, code.rows, w, N), (values, W_dec)
     )
-
-
-@pytest.mark.parametrize(
-    "boost", [0.0, 50.0], ids=["row-topk-prefilter", "one-row-dominates-fallback"]
-)
-@pytest.mark.parametrize("hint_over_cut", [0.0, 0.5, 0.999, 1.001, 100.0], ids=lambda h: f"hint{h}")
-def test_batch_topk_equals_a_topk_over_the_flattened_batch(
-    boost: float, hint_over_cut: float, monkeypatch
-) -> None:
-    """Any hint gives the exact result: below the cut (0.5, 0.999 × cut) through the hint's own pass,
-    above it (1.001, 100 × cut) through the row-wise method, which the spy counts."""
-    pre = torch.randn(64, 200, generator=torch.Generator().manual_seed(4))
-    pre[5] += (
-        boost  # with the boost row 5 holds more than 4k of the winners: the prefilter can't be used
-    )
-    cut = float(pre.relu().flatten().topk(3 * 64).values.min())
-    row_wise = []
-    topk = torch.Tensor.topk
-    monkeypatch.setattr(
-        torch.Tensor,
-        "topk",
-        lambda t, *a, **kw: (row_wise.append(t.ndim == 2), topk(t, *a, **kw))[1],
-    )
-    code = batch_topk_code(pre, 3, hint=hint_over_cut * cut)
-    monkeypatch.undo()
-    assert any(row_wise) == (hint_over_cut == 0.0 or hint_over_cut > 1)
-    values, flat = pre.relu().flatten().topk(3 * 64)
-    flat, order = flat.sort()
-    assert torch.equal(code.rows, flat // 200) and torch.equal(code.cols, flat % 200)
-    assert torch.equal(code.values, values[order])
-    assert (int((code.rows == 5).sum()) > 12) == (boost > 0)

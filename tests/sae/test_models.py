@@ -10,7 +10,8 @@ from sae.models import SMOLLM2_INSTALL, LoadedModel, load_model
 
 
 def _hooks_match_hf(model: LoadedModel, tokens: torch.Tensor) -> None:
-    """blocks.{L}.hook_resid_post == HF hidden_states[L+1]; HF's last entry is after the final norm."""
+    """blocks.{L}.hook_resid_post == HF hidden_states[L+1]; HF's last entry is after the final
+    norm."""
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
     with torch.inference_mode():
         hf_out = model.hf(tokens, output_hidden_states=True)
@@ -79,7 +80,10 @@ def test_smollm2_hook_names_equal_hf_hidden_states(smollm2: LoadedModel) -> None
 @pytest.mark.slow
 def test_smollm2_predicts_sensible_text(smollm2: LoadedModel) -> None:
     """The dequantized weights are a working model, not noise: low loss on plain English."""
-    text = "The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid."
+    text = (
+        "The capital of France is Paris. The capital of Italy is Rome. "
+        "The capital of Spain is Madrid."
+    )
     ids = torch.tensor(
         [[smollm2.bos_token_id, *smollm2.tokenizer(text, add_special_tokens=False).input_ids]]
     )

@@ -162,25 +162,6 @@ def test_rows_above_max_input_norm_get_no_code_and_pass_through() -> None:
     torch.testing.assert_close(recons[4], sae(x[4:5])[0])
 
 
-def test_sparse_top_n_per_row_equals_dense_topk() -> None:
-    from sae.sae import SparseCode
-
-    g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([5, 0, 2, 9, 1])  # uneven rows, one empty, some with fewer than n
-    rows = torch.repeat_interleave(torch.arange(5), counts)
-    cols = torch.cat([torch.randperm(40, generator=g)[: int(c)] for c in counts])
-    values = torch.rand(len(rows), generator=g) + 0.1
-    code = SparseCode(values, cols, rows, 5)
-    ids, top = code.top(3)
-    dense = code.to_dense(40)
-    reference = dense.topk(3, dim=1)
-    assert torch.equal(top, reference.values)
-    filled = top > 0
-    assert torch.equal(ids[filled], reference.indices[filled]), "ids of real entries match"
-    assert torch.equal(ids[~filled], torch.zeros_like(ids[~filled])), "padding is (0, 0.0)"
-    assert torch.equal(dense.gather(1, ids) * filled, top)
-
-
 def _dense_aux_reference(sae: SAE, x: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
     """AuxK written the obvious dense way: the aux_k largest ReLU(pre) among dead latents must
     reconstruct the (detached) residual the code left."""
@@ -228,9 +209,8 @@ def test_auxk_equals_the_dense_reference_and_reaches_only_dead_latents(arch: str
             fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name
         )
     assert fast_grads["W_enc"][~dead].abs().sum() == 0 and fast_grads["W_enc"][dead].abs().sum() > 0
-    assert (
-        _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0
-    )  # aux_k = 0: no AuxK (the default)
+    # aux_k = 0: no AuxK (the default)
+    assert _sae(arch).training_forward(_x(), dead, 0).aux_loss.item() == 0
 
 
 def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> None:
@@ -241,12 +221,12 @@ def test_jumprelu_l0_gradient_is_the_central_difference_over_the_bandwidth() -> 
     sae.training_forward(x).sparsity_loss.backward()
     pre = sae.pre_acts(x * sae.cfg.input_scale).detach()
     theta = sae.log_threshold.exp().detach()
-    l0_at = lambda t: (pre > t).double().sum(0) / N  # noqa: E731 - per-latent mean L0 at threshold t
+    # per-latent mean L0 at threshold t
+    l0_at = lambda t: (pre > t).double().sum(0) / N  # noqa: E731
     central = (l0_at(theta + eps / 2) - l0_at(theta - eps / 2)) / eps  # [n_latents]
     assert central.abs().sum() > 0
-    torch.testing.assert_close(
-        sae.log_threshold.grad, central * theta
-    )  # chain rule: d/dlogθ = θ·d/dθ
+    # chain rule: d/dlogθ = θ·d/dθ
+    torch.testing.assert_close(sae.log_threshold.grad, central * theta)
 
 
 def test_training_forward_reuses_its_preactivation_buffer_without_changing_results() -> None:
