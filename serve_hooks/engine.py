@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from probes.sampling import sample_token
 from sae.models import LoadedModel, load_model
 from serve_hooks.block_manager import BlockManager
 from serve_hooks.config import EngineConfig
@@ -210,7 +211,10 @@ class LLMEngine:
         outputs = []
         for row, i in enumerate(ctx.logit_seqs):
             seq = ctx.seqs[i]
-            token = sample(logits[row], seq.params, seq.generator)
+            params = seq.params
+            token = sample_token(
+                logits[row], seq.generator, params.temperature, params.top_k, params.top_p
+            )
             if seq.first_token_time is None:
                 seq.first_token_time = time.monotonic()
             seq.output_ids.append(token)
@@ -282,22 +286,6 @@ class LLMEngine:
                 if out.finished:
                     final[out.seq_id] = out
         return [final[s.seq_id] for s in seqs]
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a logits row: greedy at temperature 0, else temperature, top-k, top-p."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    scaled = logits.float().cpu() / params.temperature
-    if params.top_k and params.top_k < scaled.numel():
-        kth = scaled.topk(params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = scaled.sort(descending=True)
-        probs = ordered.softmax(-1)
-        outside = probs.cumsum(-1) - probs > params.top_p  # keep the smallest head reaching top_p
-        scaled[order[outside]] = float("-inf")
-    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
 
 
 class LLM:

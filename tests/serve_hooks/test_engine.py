@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve_hooks.config import EngineConfig
-from serve_hooks.engine import LLMEngine, sample
+from serve_hooks.engine import LLMEngine
 from serve_hooks.sequence import SamplingParams
 from tests.serve_hooks.conftest import hf_greedy, prompts
 
@@ -96,19 +96,6 @@ def test_sampling_is_seeded_and_batch_independent(lively, references):
     assert engine(lively).generate([cases[0]], other_seed)[0].token_ids != alone
     top1 = SamplingParams(max_tokens=N_NEW, temperature=1.0, top_k=1, ignore_eos=True, seed=0)
     assert engine(lively).generate([cases[1]], top1)[0].token_ids == references[1][1]
-
-
-def test_sample_filters():
-    import torch
-
-    logits = torch.tensor([0.0, 5.0, 4.9, -2.0])
-    g = torch.Generator().manual_seed(0)
-    assert {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)} == {
-        1,
-        2,
-    }
-    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.3), g) for _ in range(50)} == {1}
-    assert sample(logits, SamplingParams(), g) == 1
 
 
 def test_stop_conditions(lively, references):
