@@ -211,7 +211,7 @@ def probes_and_lens(model, args) -> dict:
 
 
 def serve(model, args) -> dict:
-    from serve_hooks.engine import LLM
+    from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
     # The engine with the feature hook inside: the graph autoencoder's features and the code probe's

@@ -29,8 +29,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from sae.models import load_model
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine import Handoff, LLMEngine, RequestOutput
+from serve_hooks.hook import FeatureHook
 from serve_hooks.sequence import SamplingParams
 
 ROUTER = 0
@@ -97,8 +99,6 @@ def _worker(
     engine = _load_engine(settings, weights)
     hook = None
     if hook_spec.get("saes") or hook_spec.get("probes"):
-        from serve_hooks.hook import FeatureHook
-
         hook = FeatureHook(
             engine,
             hook_spec.get("saes", ()),
@@ -192,8 +192,6 @@ def _forward(
 
 
 def _load_engine(settings: dict, weights: str) -> LLMEngine:
-    from sae.models import load_model
-
     cfg = EngineConfig(**settings)
     model = load_model(cfg.model, cfg.device)
     if weights:

@@ -1,8 +1,9 @@
-"""The engine loop: add requests, `step()` until done. `LLM` is the one-call facade.
+"""The engine loop: add requests, `step()` until done (`serve_hooks.llm.LLM` wraps it in one call).
 
-    llm = LLM("smollm2-135m", max_num_batched_tokens=256)
-    outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))
-    outs[0].text, outs[0].token_ids, outs[0].finish_reason
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", max_num_batched_tokens=256))
+    seq = engine.add_request("Once upon a time", SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...   # RequestOutput per request that produced a token
 
 A step: the scheduler picks chunks → the runner computes them in one flattened forward → new full
 blocks enter the prefix cache → each request whose chunk reached its last token samples one token
@@ -286,61 +287,3 @@ class LLMEngine:
                 if out.finished:
                     final[out.seq_id] = out
         return [final[s.seq_id] for s in seqs]
-
-
-class LLM:
-    """`LLM(model, **engine settings).generate(prompts, SamplingParams)` (vLLM's offline API).
-
-    With `saes` / `probes` a `FeatureHook` runs inside the engine and every output carries
-    `.features` (per-token top-n codes per SAE hook and scores per probe, for every token the
-    model read: the prompt and all generated tokens but the last) and `.features.triggers` (each
-    probe's pooled score and whether it fired). With `graph` (a graph
-    autoencoder directory, optionally `transition`) `.features.predictions` explains every
-    generated token as reasoning paths (see serve_hooks.paths). `steering=(vector, hook)`
-    adds a vector at a residual hook for that call's requests (they get their own KV namespace).
-    """
-
-    def __init__(
-        self,
-        model: str | LoadedModel = "smollm2-135m",
-        saes=(),
-        probes=(),
-        top_n: int = 8,
-        graph=None,
-        transition=None,
-        **settings,
-    ) -> None:
-        name = model if isinstance(model, str) else model.name
-        self.engine = LLMEngine(
-            EngineConfig(model=name, **settings), None if isinstance(model, str) else model
-        )
-        self.hook = None
-        if saes or probes or graph:
-            from serve_hooks.hook import FeatureHook  # the hook imports this module
-
-            self.hook = FeatureHook(
-                self.engine, saes, probes, top_n, graph=graph, transition=transition
-            )
-
-    def generate(
-        self,
-        prompts,
-        params: SamplingParams | list[SamplingParams] | None = None,
-        steering: tuple[Tensor, str] | None = None,
-    ) -> list[RequestOutput]:
-        if steering is not None and self.hook is None:
-            from serve_hooks.hook import FeatureHook
-
-            self.hook = FeatureHook(self.engine)
-        key = self.hook.steer(*steering) if steering is not None else ""
-        outs = self.engine.generate(
-            prompts if isinstance(prompts, list) else [prompts], params, cache_key=key
-        )
-        if self.hook is not None:
-            for out in outs:
-                out.features = self.hook.release(out.seq_id)
-                if out.features is not None:
-                    ids = out.prompt_token_ids + out.token_ids
-                    out.features.triggers = self.hook.pooled(out.features, ids)
-                    out.features.predictions = self.hook.explain(out.features, ids)
-        return outs

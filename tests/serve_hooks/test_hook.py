@@ -14,6 +14,7 @@ from probes.probe import Probe
 from probes.train import fit_probe
 from sae.hooks import capture
 from sae.sae import SAE, SAEConfig
+from serve_hooks import LLM
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine import LLMEngine
 from serve_hooks.hook import FeatureHook
@@ -180,8 +181,6 @@ def _greedy_with_added(model, prompt: list[int], vector: torch.Tensor, n: int) -
 
 
 def test_llm_returns_features_and_steers(lively, sae, probes):
-    from serve_hooks.engine import LLM
-
     llm = LLM(
         lively,
         saes=[sae],

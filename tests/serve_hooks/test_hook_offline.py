@@ -13,8 +13,9 @@ from probes.probe import Probe
 from probes.train import fit_probe
 from sae.io import save_sae
 from sae.sae import SAE, SAEConfig
+from serve_hooks import LLM
 from serve_hooks.config import EngineConfig
-from serve_hooks.engine import LLM, LLMEngine
+from serve_hooks.engine import LLMEngine
 from serve_hooks.hook import FeatureHook
 from serve_hooks.sequence import SamplingParams
 from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: a trained tiny graph)

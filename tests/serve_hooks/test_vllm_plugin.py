@@ -287,7 +287,7 @@ def assert_codes_match(idx, val, ref_idx, ref_val, rel: float) -> float:
     reason="no vLLM side venv / HF SmolLM2 copy: run `python scripts/_vllm_side.py setup`",
 )
 def test_vllm_features_equal_greylens_engine(tmp_path):
-    from serve_hooks.engine import LLM
+    from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
     sae = random_sae(
