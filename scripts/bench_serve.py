@@ -262,11 +262,11 @@ def bench_hooks_prefix(model, args) -> dict:
     for _ in range(args.rounds):
         for side in ("off", "on"):
             engine, hook = _hooked(model, args, side == "on", max_num_batched_tokens=1024)
-            before = engine.blocks.stats["prefix_hit_tokens"]
+            before = engine.cache.stats["prefix_hit_tokens"]
             reused = hook.stats["reused_tokens"] if hook else 0
             for prompt, n in requests:
                 ttfts[side].append(run_arrivals(engine, [(prompt, n)], [0.0])[0]["ttft"])
-            hits[side] = engine.blocks.stats["prefix_hit_tokens"] - before
+            hits[side] = engine.cache.stats["prefix_hit_tokens"] - before
             if hook is not None:
                 hits["features_reused"] = hook.stats["reused_tokens"] - reused
     mean = {side: statistics.mean(v) for side, v in ttfts.items()}
@@ -398,7 +398,7 @@ def bench_load(model, args) -> dict:
     pressured = run_arrivals(small, requests, arrivals)
     roomy = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
     reference = run_arrivals(roomy, requests, [0.0] * len(requests))
-    small.blocks.check()
+    small.cache.check()
     differ = [
         i
         for i, (a, b) in enumerate(zip(pressured, reference, strict=True))
@@ -411,7 +411,7 @@ def bench_load(model, args) -> dict:
         "outputs_differing": len(differ),
         "first_differing": differ[:5],
         "preemptions": small.scheduler.num_preemptions,
-        "evicted_blocks": small.blocks.stats["evicted"],
+        "evicted_blocks": small.cache.stats["evicted"],
     }
 
 

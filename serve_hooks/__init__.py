@@ -10,7 +10,8 @@ The engine, one module per stage (nano-vllm's layout):
 
     config         EngineConfig: every knob in one dataclass
     sequence       Sequence (a request in flight) and SamplingParams
-    block_manager  BlockManager: KV blocks, reference counts and the prefix trie with its tiers
+    block_manager  BlockManager: device KV blocks, free list and reference counts
+    prefix_cache   PrefixCache: token trie over full blocks, host/disk tiers, LRU, feature pages
     kv_cache       KVCache: the bytes of the device pool and of the host and disk tiers
     scheduler      continuous batching under a token budget, chunked prefill, preemption
     model_runner   the flattened forward with paged attention and TransformerLens hook points

@@ -355,7 +355,7 @@ class AsyncEngine:
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_free": blocks.num_available,
             "engine_steps": engine.stats["steps"],
-            "prefix_cache_hit_tokens": blocks.stats["prefix_hit_tokens"],
+            "prefix_cache_hit_tokens": engine.cache.stats["prefix_hit_tokens"],
         }
 
 

@@ -28,6 +28,7 @@ from serve_hooks.block_manager import BlockManager
 from serve_hooks.config import EngineConfig
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.model_runner import ModelRunner
+from serve_hooks.prefix_cache import PrefixCache
 from serve_hooks.scheduler import Scheduler
 from serve_hooks.sequence import SamplingParams, Sequence
 
@@ -88,16 +89,16 @@ class LLMEngine:
             host_blocks=cfg.host_blocks,
             disk_dir=cfg.disk_dir,
         )
-        self.blocks = BlockManager(
-            num_blocks,
-            cfg.block_size,
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.cache = PrefixCache(
+            self.blocks,
             cfg.enable_prefix_cache,
             self.kv,
             cfg.host_blocks,
             cfg.disk_blocks,
             cfg.disk_ttl_s,
         )
-        self.scheduler = Scheduler(cfg, self.blocks)
+        self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(hf, self.kv)
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -183,7 +184,7 @@ class LLMEngine:
             seq.num_computed = handoff.num_computed
             for callback in self.on_import:
                 callback(seq, handoff)
-            self.blocks.commit(seq)  # the imported prefix is now cached here too
+            self.cache.commit(seq)  # the imported prefix is now cached here too
             self.scheduler.start(seq)
 
     def abort(self, seq_id: int) -> None:
@@ -207,7 +208,7 @@ class LLMEngine:
         logits = self.runner.forward(ids, ctx)  # [len(ctx.logit_seqs), vocab]
         for seq, n in scheduled:
             seq.num_computed += n
-            self.blocks.commit(seq)
+            self.cache.commit(seq)
         self.stats["steps"] += 1
         outputs = []
         for row, i in enumerate(ctx.logit_seqs):

@@ -39,10 +39,10 @@ from torch import Tensor
 
 from probes.activations import Ragged, load_encoder, pool
 from probes.probe import Probe
-from serve_hooks.block_manager import PrefixNode
 from serve_hooks.engine import LLMEngine
 from serve_hooks.model_runner import StepContext
 from serve_hooks.paths import PathRecorder
+from serve_hooks.prefix_cache import PrefixNode
 from serve_hooks.sequence import Sequence
 
 
@@ -192,7 +192,7 @@ class FeatureHook:
             self._remove += [
                 engine.runner.add_hook(h, self._path_reader(h)) for h in self.paths.extra_hooks
             ]
-        blocks = engine.blocks
+        blocks = engine.cache
         blocks.page_filter = lambda seq, node: not self.wants(seq) or self.version in node.pages
         blocks.on_admit.append(self._admitted)
         blocks.on_commit.append(self._committed)
@@ -411,9 +411,9 @@ class FeatureHook:
     def close(self) -> None:
         for remove in self._remove:
             remove()
-        self.engine.blocks.page_filter = None
-        self.engine.blocks.on_admit.remove(self._admitted)
-        self.engine.blocks.on_commit.remove(self._committed)
+        self.engine.cache.page_filter = None
+        self.engine.cache.on_admit.remove(self._admitted)
+        self.engine.cache.on_commit.remove(self._committed)
         self.engine.on_handoff.remove(self._handoff)
         self.engine.on_import.remove(self._imported)
         self.engine.on_abort.remove(self.release)

@@ -40,7 +40,7 @@ def test_greedy_equals_hf_generate(lively, references, settings):
     llm = engine(lively, **settings)
     outs = llm.generate(cases, GREEDY)
     assert [o.token_ids for o in outs] == expected
-    llm.blocks.check()
+    llm.cache.check()
     assert llm.blocks.num_available == llm.blocks.num_blocks, (
         "every block is free or evictable at the end"
     )
@@ -57,7 +57,7 @@ def test_forced_preemption_keeps_outputs(lively, references):
         for out in llm.step():
             if out.finished:
                 done[out.seq_id] = out.token_ids
-        llm.blocks.check()
+        llm.cache.check()
     assert sum(s.num_preemptions for s in seqs) > 0, "the pool was meant to be too small"
     assert [done[s.seq_id] for s in seqs] == expected
 
@@ -153,5 +153,5 @@ def test_abort_frees_blocks(lively, references):
     while llm.has_unfinished():
         llm.step()
     assert keep.is_finished and drop.finish_reason == "abort"
-    llm.blocks.check()
+    llm.cache.check()
     assert llm.blocks.num_available == llm.blocks.num_blocks

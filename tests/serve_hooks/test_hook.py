@@ -132,7 +132,7 @@ def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier
     )  # pushes the idle prefix out of the pool (to host memory, then disk)
     if tier == "disk":
         spilled = [
-            n for root in llm.blocks.roots.values() for n in root.subtree() if n.tier == "disk"
+            n for root in llm.cache.roots.values() for n in root.subtree() if n.tier == "disk"
         ]
         assert spilled and all(list(n.pages.values()) == [None] for n in spilled), (
             "page tensors left memory"
@@ -142,7 +142,7 @@ def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier
             for k in safe_open(next(tmp_path.glob("*.safetensors")), "pt").keys()
         )
     [seq] = run(llm, [shared[:-2] + [5, 6]])
-    assert llm.blocks.stats[f"restored_{tier}"] > 0 and seq.num_prefix_hit > 0
+    assert llm.cache.stats[f"restored_{tier}"] > 0 and seq.num_prefix_hit > 0
     check_equal(lively, sae, probes, hook, seq)
 
 

@@ -35,7 +35,7 @@ def test_smollm2_greedy_equals_hf_with_prefix_cache_and_chunks(smollm2):
     second = engine.generate(prompts[2:], params)  # hits the cached system prompt
     assert [o.token_ids for o in first + second] == expected
     assert second[0].num_cached_tokens >= len(system) // 8 * 8 > 0
-    engine.blocks.check()
+    engine.cache.check()
 
 
 @pytest.mark.slow
