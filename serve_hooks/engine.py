@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +25,7 @@ from probes.sampling import sample_token
 from sae.models import LoadedModel, load_model
 from serve_hooks.block_manager import BlockManager
 from serve_hooks.config import EngineConfig
+from serve_hooks.engine_hook import EngineHook
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.model_runner import ModelRunner
 from serve_hooks.prefix_cache import PrefixCache
@@ -57,9 +57,8 @@ class Handoff:
     generator_state: Tensor  # the request's sampling generator after its first token
     params: SamplingParams
     cache_key: str = ""
-    extras: dict[str, Tensor] = field(
-        default_factory=dict
-    )  # per-token data of hooks (feature pages)
+    # Per-token data of hooks (feature pages), from `EngineHook.on_handoff`.
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -89,6 +88,8 @@ class LLMEngine:
             host_blocks=cfg.host_blocks,
             disk_dir=cfg.disk_dir,
         )
+        # Attached hooks, in call order; the runner and the prefix cache share this list.
+        self.hooks: list[EngineHook] = []
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.cache = PrefixCache(
             self.blocks,
@@ -97,19 +98,25 @@ class LLMEngine:
             cfg.host_blocks,
             cfg.disk_blocks,
             cfg.disk_ttl_s,
+            self.hooks,
         )
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
-        self.runner = ModelRunner(hf, self.kv)
+        self.runner = ModelRunner(hf, self.kv, self.hooks)
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_id = self.tokenizer.eos_token_id
-        self.imports: deque[tuple[Sequence, Handoff]] = (
-            deque()
-        )  # handed-over requests waiting for blocks
-        # Hooks that keep per-request state add it to a handoff and take it back on import.
-        self.on_handoff: list[Callable[[Sequence, Handoff], None]] = []
-        self.on_import: list[Callable[[Sequence, Handoff], None]] = []
-        self.on_abort: list[Callable[[int], None]] = []  # hooks drop a cancelled request's state
+        self.imports: deque[tuple[Sequence, Handoff]] = deque()  # handed over, waiting for blocks
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # ------------------------------------------------------------------ hooks
+
+    def attach(self, hook: EngineHook) -> None:
+        """Run `hook` inside this engine from the next step on (see serve_hooks.engine_hook)."""
+        for point in sorted(hook.points):
+            self.runner.check_point(point)
+        self.hooks.append(hook)
+
+    def detach(self, hook: EngineHook) -> None:
+        self.hooks.remove(hook)
 
     # ------------------------------------------------------------------ requests
 
@@ -182,8 +189,8 @@ class LLMEngine:
             self.blocks.append(seq, handoff.num_computed)
             self.kv.scatter(seq.block_table, handoff.k, handoff.v)
             seq.num_computed = handoff.num_computed
-            for callback in self.on_import:
-                callback(seq, handoff)
+            for hook in self.hooks:
+                hook.on_import(seq, handoff.extras)
             self.cache.commit(seq)  # the imported prefix is now cached here too
             self.scheduler.start(seq)
 
@@ -191,8 +198,8 @@ class LLMEngine:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
-        for callback in self.on_abort:
-            callback(seq_id)
+        for hook in self.hooks:
+            hook.on_abort(seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.imports)
@@ -227,8 +234,8 @@ class LLMEngine:
                 handoff = Handoff(
                     k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key
                 )
-                for callback in self.on_handoff:
-                    callback(seq, handoff)
+                for hook in self.hooks:
+                    handoff.extras.update(hook.on_handoff(seq))
                 reason = "prefilled"
             if reason is not None:
                 self.scheduler.finish(seq, reason)

@@ -24,7 +24,7 @@ from graphs.evaluate import AsSAE
 from graphs.explain import load_explainer
 from graphs.model import GraphCode
 from sae.sae import SparseCode
-from serve_hooks.model_runner import StepContext
+from serve_hooks.context import StepContext
 
 
 class Prediction(NamedTuple):

@@ -16,7 +16,11 @@ with its subtree. A prefix hit on a spilled node restores its bytes into a fresh
 recomputing them. Policy is here; `KVCache` moves the bytes.
 
 Feature pages: a node also keeps per-token data of hooks beside its KV (`pages`: version ->
-named tensors), which moves with the node between tiers (on disk, inside the block's file).
+named tensors), which moves with the node between tiers (on disk, inside the block's file). The
+engine's `EngineHook`s say which version a request needs (`page_version`: a match stops at the
+first block without it, so the request recomputes rather than missing data), fill a page when a
+block enters the cache (`block_page`) and get the pages of the blocks a request starts on
+(`on_admit`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from serve_hooks.block_manager import BlockManager
+from serve_hooks.engine_hook import EngineHook
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.sequence import Sequence
 
@@ -71,6 +75,7 @@ class PrefixCache:
         host_blocks: int = 0,
         disk_blocks: int = 0,
         disk_ttl_s: float = 24 * 3600.0,
+        hooks: list[EngineHook] | None = None,
     ) -> None:
         self.blocks, self.block_size, self.enabled, self.kv = (
             blocks,
@@ -93,12 +98,7 @@ class PrefixCache:
         self.clock = itertools.count(1)
         self.tiebreak = itertools.count()
         self.stats: Counter[str] = Counter()
-        # Hooks that keep per-block data beside the KV (serve_hooks.hook): a prefix match stops
-        # at the first node `page_filter(seq, node)` rejects, and they hear about admitted and
-        # committed blocks.
-        self.page_filter: Callable[[Sequence, PrefixNode], bool] | None = None
-        self.on_admit: list[Callable[[Sequence, list[PrefixNode]], None]] = []
-        self.on_commit: list[Callable[[Sequence, int, PrefixNode], None]] = []
+        self.hooks = hooks if hooks is not None else []  # the engine's: they keep feature pages
 
     # ------------------------------------------------------------------ lookup
 
@@ -109,6 +109,7 @@ class PrefixCache:
             return []
         bs = self.block_size
         node, found, tokens = self.roots.get(seq.cache_key), [], seq.token_ids
+        versions = [v for hook in self.hooks if (v := hook.page_version(seq)) is not None]
         for i in range((seq.num_tokens - 1) // bs):
             if node is None:
                 break
@@ -116,7 +117,7 @@ class PrefixCache:
             if node is not None and node.tier == DISK and self._expired(node):
                 self._drop(node)  # its subtree goes with it
                 node = None
-            if node is not None and self.page_filter and not self.page_filter(seq, node):
+            if node is not None and any(v not in node.pages for v in versions):
                 break  # the KV is cached but not what a hook needs beside it: recompute from here
             if node is not None:
                 found.append(node)
@@ -149,8 +150,9 @@ class PrefixCache:
         if matched:
             self.paths[seq.seq_id] = (len(matched), matched[-1])
         self.stats["prefix_hit_tokens"] += seq.num_prefix_hit
-        for callback in self.on_admit:
-            callback(seq, matched)
+        for hook in self.hooks:
+            version = hook.page_version(seq)
+            hook.on_admit(seq, [] if version is None else [node.pages[version] for node in matched])
 
     def commit(self, seq: Sequence) -> None:
         """Enter the sequence's newly computed full blocks into the trie (after a step)."""
@@ -173,11 +175,20 @@ class PrefixCache:
                 self._hold(child, block)
             # A duplicate (child on device already) leaves our block private.
             child.stamp = next(self.clock)
-            for callback in self.on_commit:
-                callback(seq, i, child)
+            self._add_pages(seq, i, child)
             node = child
             done = i + 1
         self.paths[seq.seq_id] = (done, node)
+
+    def _add_pages(self, seq: Sequence, index: int, node: PrefixNode) -> None:
+        """Hooks' pages for block `index` of seq, unless the node has that version already."""
+        for hook in self.hooks:
+            version = hook.page_version(seq)
+            if version is None or version in node.pages:
+                continue
+            page = hook.block_page(seq, index * self.block_size, (index + 1) * self.block_size)
+            if page is not None:
+                node.pages[version] = page
 
     def free(self, seq: Sequence) -> None:
         """Release a finished or preempted sequence's blocks (kept ones stay until evicted)."""

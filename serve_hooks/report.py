@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_hooks.hook import FeatureHook, RequestFeatures
+from serve_hooks.features import RequestFeatures
+from serve_hooks.hook import FeatureHook
 
 
 class Reporter:
@@ -43,9 +44,8 @@ class Reporter:
         """What is new since the last call; on the finished call the request's state is released."""
         state = self.hook.release(seq_id) if finished else self.hook.features(seq_id)
         computed = state.n if state is not None else 0
-        end = (
-            len(token_ids) if finished else computed
-        )  # the last token (never read) closes the list
+        # The last token (never read) closes the list.
+        end = len(token_ids) if finished else computed
         out: dict[str, Any] = {"prompt": [], "completion": []}
         for position in range(self.sent, end):
             read = state is not None and position < computed
