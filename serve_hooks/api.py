@@ -30,9 +30,8 @@ class StreamOptions(_Strict):
 class GreylensOptions(_Strict):
     """What a request wants from the hook (see serve_hooks.report for the answer's shape)."""
 
-    features: int | None = Field(
-        None, ge=0
-    )  # top-n latents per token per SAE (0: none; None: the server's --top-n)
+    # Top-n latents per token per SAE (0: none; None: the server's --top-n).
+    features: int | None = Field(None, ge=0)
     probes: Annotated[list[str], Field(max_length=256)] | None = (
         None  # probe names (None: every probe)
     )

@@ -95,9 +95,8 @@ class AsyncEngine:
         """hook: the FeatureHook that answers `greylens` requests (or a function building it on the
         engine); it must watch only the requests that ask (watch_all=False)."""
         self._host: tuple[threading.Thread, queue.SimpleQueue] | None = None
-        if not isinstance(
-            engine, LLMEngine
-        ):  # a factory: build the engine on the thread that will run it
+        # A factory: build the engine on the thread that will run it.
+        if not isinstance(engine, LLMEngine):
             engine, self._host = _build_on_thread(engine)
         self.engine = engine
         self.hook = hook(engine) if hook is not None and not isinstance(hook, FeatureHook) else hook
@@ -177,9 +176,8 @@ class AsyncEngine:
         self._wake.set()
         try:
             first = await handle.queue.get()  # None: accepted, else the refusal
-        except (
-            asyncio.CancelledError
-        ):  # the handler was cancelled: do not run a request nobody reads
+        except asyncio.CancelledError:
+            # The handler was cancelled: do not run a request nobody reads.
             self.abort(handle)
             raise
         if first is not None:

@@ -50,9 +50,7 @@ class Link:
 
     def __init__(self, store: dist.Store, rank: int) -> None:
         self.store, self.rank, self.seen = store, rank, 0
-        self.pending: list[
-            tuple[object, torch.Tensor]
-        ] = []  # isends in flight (buffers kept alive)
+        self.pending: list[tuple[object, torch.Tensor]] = []  # isends in flight (kept alive)
 
     def send(self, dst: int, body: dict, tensors: tuple[torch.Tensor, ...] = ()) -> None:
         tensors = tuple(t.contiguous() for t in tensors)
@@ -126,9 +124,8 @@ def _worker(
                 routes[seq.seq_id] = (body["id"], body["decode"])
             else:  # "decode": a handed-over request
                 params = SamplingParams(**body["params"])
-                extras = dict(
-                    zip(body["extras"], tensors[3:], strict=True)
-                )  # feature pages, if any
+                # Feature pages, if any.
+                extras = dict(zip(body["extras"], tensors[3:], strict=True))
                 handoff = Handoff(
                     tensors[0],
                     tensors[1],

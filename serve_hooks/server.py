@@ -222,9 +222,8 @@ async def _final_output(request: Request, engine: AsyncEngine, handle: Handle) -
 
     async def last() -> Chunk:
         final = None
-        async for chunk in engine.results(
-            handle
-        ):  # keep only the latest: outputs carry all ids so far
+        # Keep only the latest: outputs carry all ids so far.
+        async for chunk in engine.results(handle):
             final = chunk
         return final
 

@@ -172,12 +172,10 @@ class Tap:
         """After `_prepare_inputs`: remember how rows map to requests; new requests get cached pages."""
         n_reqs = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:n_reqs])
-        qsl = runner.query_start_loc.np[
-            : n_reqs + 1
-        ].tolist()  # request i owns rows qsl[i]:qsl[i+1]
-        starts = runner.input_batch.num_computed_tokens_cpu[
-            :n_reqs
-        ].tolist()  # position of row qsl[i]
+        # Request i owns rows qsl[i]:qsl[i+1].
+        qsl = runner.query_start_loc.np[: n_reqs + 1].tolist()
+        # Position of row qsl[i], per request.
+        starts = runner.input_batch.num_computed_tokens_cpu[:n_reqs].tolist()
         ids = runner.input_ids.cpu[: qsl[-1]].long()  # [n_rows]
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
@@ -292,9 +290,8 @@ def _register_op() -> None:
         return
     op = torch.library.custom_op(OP_NAME, _op, mutates_args=())
     op.register_fake(lambda rows_a, rows_b, layer: None)
-    torch.fx.node.has_side_effect(
-        torch.ops.greylens.tap.default
-    )  # or Inductor's DCE drops it (no output)
+    # Or Inductor's dead-code elimination drops it (the op has no output).
+    torch.fx.node.has_side_effect(torch.ops.greylens.tap.default)
 
 
 def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, Tensor]], None]:
