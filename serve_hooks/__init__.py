@@ -2,7 +2,8 @@
 reasoning paths inside the forward pass it serves, with its KV cache left intact.
 
     from serve_hooks import LLM, SamplingParams
-    llm = LLM("smollm2-135m", saes=["out/sae/blocks.15.hook_resid_post"], probes=["out/probes/code"])
+    llm = LLM("smollm2-135m", saes=["out/sae/blocks.15.hook_resid_post"],
+              probes=["out/probes/code"])
     out = llm.generate(["def f(x):"], SamplingParams(max_tokens=32))[0]
     out.text, out.features.codes, out.features.triggers
 
@@ -14,12 +15,14 @@ The engine, one module per stage (nano-vllm's layout):
     prefix_cache   PrefixCache: token trie over full blocks, host/disk tiers, LRU, feature pages
     kv_cache       KVCache: the bytes of the device pool and of the host and disk tiers
     scheduler      continuous batching under a token budget, chunked prefill, preemption
+    context        StepContext: which rows of a step's flattened batch belong to which request
     model_runner   the flattened forward with paged attention and TransformerLens hook points
     engine         LLMEngine: add requests, step until done; P/D handoff and import
+    engine_hook    EngineHook: the one interface through which code runs inside the engine
     llm            LLM: the engine in one call (vLLM's offline API)
 
 What runs inside it: `hook.FeatureHook` (SAE codes, probe scores, steering, feature pages
-beside cached KV, a request's per-token results), `paths`
+beside cached KV), `features.RequestFeatures` (a request's per-token results), `paths`
 (reasoning paths of generated tokens), `harvest.TrafficHarvester` (an activation store from live
 traffic). Around it: `disagg` (prefill and decode engines in separate processes), `server` and
 `async_engine` (an OpenAI-compatible HTTP server: `python -m serve_hooks serve`), and
@@ -40,6 +43,7 @@ _EXPORTS = {
     "RequestOutput": "serve_hooks.engine",
     "EngineConfig": "serve_hooks.config",
     "SamplingParams": "serve_hooks.sequence",
+    "EngineHook": "serve_hooks.engine_hook",
     "FeatureHook": "serve_hooks.hook",
 }
 __all__ = sorted(_EXPORTS)

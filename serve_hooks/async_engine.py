@@ -359,9 +359,8 @@ class AsyncEngine:
 
 # The engine's torch work should stay on one OS thread: CPU torch runs each thread's ops on that
 # thread's own OpenMP team, and a second team (the one that loaded the model on the main thread)
-# spins on the same cores. Loading on the main thread and stepping on another cost ~25% of decode
-# throughput here (85 vs 116 tok/s), so `serve` passes a factory and the engine is built on the
-# thread that later runs its loop.
+# spins on the same cores and slows decoding. So `serve` passes a factory and the engine is built
+# on the thread that later runs its loop.
 
 
 def _build_on_thread(

@@ -220,10 +220,9 @@ class Linear:
     """y = x Wᵀ with the weight prepacked for oneDNN on CPU (when torch has it), else F.linear.
 
     Decode steps multiply a few rows by every weight of the model, which makes them memory-bound;
-    oneDNN's blocked weight layout streams the weights ~3x faster than `F.linear` here (a whole
-    SmolLM2 step at 16 rows: 40 ms of matmuls instead of 147 ms). Results differ from `F.linear`
-    in the last bits (another summation order); the greedy-equality tests against transformers
-    hold with it."""
+    oneDNN's blocked weight layout streams the weights several times faster than `F.linear` on
+    CPU. Results differ from `F.linear` in the last bits (another summation order); the
+    greedy-equality tests against transformers hold with it."""
 
     BATCH_HINT = 16  # rows the packing is tuned for; any row count works
 

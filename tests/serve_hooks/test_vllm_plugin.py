@@ -82,7 +82,7 @@ def test_layer_of():
             layer_of(bad)
 
 
-# --------------------------------------------------------------------------- bookkeeping (fake runner)
+# ------------------------------------------------------------------ bookkeeping (fake runner)
 
 
 class FakeRunner:
@@ -295,8 +295,8 @@ def test_vllm_features_equal_greylens_engine(tmp_path):
     )  # input scale as fitted on SmolLM2 L15 (order)
     save_sae(sae, tmp_path / "sae")
     # vLLM's default mode (torch.compile), the one where plain forward hooks silently never fire.
-    # Eager mode and pages off were also checked by hand (see docs/vllm_plugin.md); the missing-
-    # position report is tested on the fake runner above. One vLLM start here costs ~3 min.
+    # The missing-position report is tested on the fake runner above. One vLLM start costs
+    # minutes.
     compiled = run_vllm(tmp_path / "sae", tmp_path / "sink")
     assert compiled["backend"] == "inductor"
     ids = compiled["requests"][0]["prompt_token_ids"]
