@@ -6,9 +6,9 @@ it writes a throwaway `.dist-info` whose `entry_points.txt` holds the `vllm.gene
 entry from pyproject.toml, and puts it and the repository on sys.path / PYTHONPATH (inherited by
 vLLM's engine-core process). Nothing is written to the repository or the side venv.
 
-    <side venv>/bin/python scripts/_vllm_features.py --sae DIR --sink DIR --prompt "..." [--prompt ...]
-        [--top-n 8] [--max-tokens 4] [--block-size 32] [--pages 65536] [--no-prefix-caching]
-        [--enforce-eager]
+    <side venv>/bin/python scripts/_vllm_features.py --sae DIR --sink DIR --prompt "..."
+        [--prompt ...] [--top-n 8] [--max-tokens 4] [--block-size 32] [--pages 65536]
+        [--no-prefix-caching] [--enforce-eager]
 
 Each prompt is sent in its own `generate` call, in order, so a repeated prompt hits the prefix
 cache. Output: {"requests": [{"request_id", "prompt_token_ids", "output_token_ids",

@@ -89,7 +89,8 @@ def setup() -> None:
         print(f"[vllm-side] HF copy ready: {HF_DIR}")
     else:
         write_hf_copy(HF_DIR)
-    # The server's transformers must find the chat template (it may be saved as chat_template.jinja).
+    # The server's transformers must find the chat template (it may be saved as
+    # chat_template.jinja).
     check = (
         f"from transformers import AutoTokenizer as T; assert T.from_pretrained({str(HF_DIR)!r})"
     )
@@ -98,7 +99,7 @@ def setup() -> None:
 
 
 def write_hf_copy(out: Path) -> None:
-    """Save the GGUF-derived SmolLM2 as a plain HF directory vLLM can load (atomic: tmp + rename)."""
+    """Save the GGUF-derived SmolLM2 as a plain HF directory vLLM can load (tmp + rename)."""
     import torch
     from safetensors.torch import save_file
 

@@ -62,7 +62,8 @@ def workload(
 
 
 def warm(engine: LLMEngine) -> None:
-    """One small untimed request: first-touch costs (allocator, KV pages, kernels) are not measured."""
+    """One small untimed request, so first-touch costs (allocator, KV pages, kernels) stay out of
+    the timings."""
     engine.generate(
         [list(range(VOCAB[0], VOCAB[0] + 64))], SamplingParams(max_tokens=4, ignore_eos=True)
     )
@@ -451,7 +452,8 @@ def main() -> None:
         args.only = "hooks_poisson,hooks_prefix"
         if not (Path(args.sae) / "cfg.json").exists():
             parser.error(
-                f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or point --sae at one"
+                f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or "
+                "point --sae at one"
             )
     from sae.models import load_model
 

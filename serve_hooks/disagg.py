@@ -1,8 +1,9 @@
 """Prefill/decode disaggregation: M prefill and N decode engines in separate processes.
 
     llm = DisaggregatedLLM("smollm2-135m", n_prefill=1, n_decode=2, block_size=16,
-                           saes=["out/sae/blocks.15.hook_resid_post"])   # optional: features per token
-    outs = llm.generate(prompts, SamplingParams(max_tokens=64))  # [{tokens, reason, text, features}]
+                           saes=["out/sae/blocks.15.hook_resid_post"])  # optional: features
+    outs = llm.generate(prompts, SamplingParams(max_tokens=64))
+    outs[0]   # {tokens, reason, text, features}
     llm.close()
 
 Ranks of one torch.distributed group (gloo here, NCCL on GPUs): 0 is this process (the router),
@@ -195,7 +196,8 @@ def _load_engine(settings: dict, weights: str) -> LLMEngine:
         missing, unexpected = model.fast.load_state_dict(load_file(weights), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(
-                f"weights {weights} do not fit {cfg.model}: missing {missing}, unexpected {unexpected}"
+                f"weights {weights} do not fit {cfg.model}: missing {missing}, "
+                f"unexpected {unexpected}"
             )
     return LLMEngine(cfg, model)
 
@@ -254,7 +256,8 @@ class DisaggregatedLLM:
         params: SamplingParams | None = None,
         cache_key: str = "",
     ) -> list[dict]:
-        """Run prompts through prefill and decode workers; returns {tokens, reason, text} in order."""
+        """Run prompts through prefill and decode workers; returns {tokens, reason, text} per
+        prompt, in order."""
         params = params or SamplingParams()
         ids = []
         for i, prompt in enumerate(prompts):

@@ -132,7 +132,8 @@ class LLMEngine:
         cache_key: str = "",
         prefill_only: bool = False,
     ) -> Sequence:
-        """Queue a request. prefill_only: stop after the first token and hand the KV over (see Handoff)."""
+        """Queue a request. prefill_only: stop after the first token and hand the KV over (see
+        Handoff)."""
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
         vocab = self.runner.lm_head.out_features
@@ -142,14 +143,15 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
-                f"the prompt has {len(ids)} tokens; this engine's context limit is {self.max_model_len} "
-                "(prompt + at least one generated token)"
+                f"the prompt has {len(ids)} tokens; this engine's context limit is "
+                f"{self.max_model_len} (prompt + at least one generated token)"
             )
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
             raise ValueError(
-                f"prompt + max_tokens = {total} tokens needs {self.blocks.blocks_for(total)} KV blocks, "
-                f"the pool has {self.blocks.num_blocks}: lower max_tokens or enlarge the pool"
+                f"prompt + max_tokens = {total} tokens needs {self.blocks.blocks_for(total)} KV "
+                f"blocks, the pool has {self.blocks.num_blocks}: lower max_tokens or enlarge "
+                "the pool"
             )
         seq = Sequence(ids, params, cache_key=cache_key, arrival_time=time.monotonic())
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + seq.seq_id
@@ -162,7 +164,7 @@ class LLMEngine:
     def add_prefilled(
         self, prompt_ids: list[int], output_ids: list[int], handoff: Handoff
     ) -> Sequence:
-        """Continue a request another engine prefilled: import its KV blocks and decode from there."""
+        """Continue a request another engine prefilled: import its KV blocks, decode from there."""
         seq = Sequence(
             list(prompt_ids),
             handoff.params,

@@ -1,6 +1,8 @@
 """Harvest from live traffic: residual streams of served requests into an activation store.
 
-    harvester = TrafficHarvester(engine, "out/live-store", hooks=["blocks.15.hook_resid_post"], sample=0.1)
+    harvester = TrafficHarvester(
+        engine, "out/live-store", hooks=["blocks.15.hook_resid_post"], sample=0.1
+    )
     ... serve ...
     harvester.close()   # last partial shard, manifest marked complete
 

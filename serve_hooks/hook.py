@@ -1,6 +1,8 @@
 """SAE features, probe scores and steering inside the engine, with the KV cache left intact.
 
-    hook = FeatureHook(engine, saes=["out/sae/blocks.15.hook_resid_post"], probes=["out/probes/code"])
+    hook = FeatureHook(
+        engine, saes=["out/sae/blocks.15.hook_resid_post"], probes=["out/probes/code"]
+    )
     seq = engine.add_request(ids, params)
     ... engine.step() ...
     hook.features(seq.seq_id)   # per-token top-n codes per SAE and scores per probe

@@ -60,7 +60,8 @@ class PathRecorder:
         self.pending[seq_id] = {}
 
     def _prediction_rows(self, ctx: StepContext, chosen: list[int], offsets: list[int] | None):
-        """(seq_id, position, row in the given rows) of each chosen request whose chunk yields logits."""
+        """(seq_id, position, row in the given rows) of each chosen request whose chunk yields
+        logits."""
         cu, logit = ctx.cu_seqlens_q.tolist(), set(ctx.logit_seqs)
         for j, i in enumerate(chosen):
             if i in logit:
@@ -78,7 +79,8 @@ class PathRecorder:
             }
 
     def keep_extra(self, hook: str, rows: Tensor, ctx: StepContext, chosen: list[int]) -> None:
-        """Target codes and the final RMS at the prediction rows (rows: the whole flattened batch)."""
+        """Target codes and the final RMS at the prediction rows (rows: the whole flattened
+        batch)."""
         for seq_id, position, row in self._prediction_rows(ctx, chosen, None):
             parts = self.pending.setdefault(seq_id, {}).setdefault(position, {})
             x = rows[row : row + 1].float()  # [1, d_model]

@@ -259,7 +259,7 @@ class PrefixCache:
         return slot
 
     def _to_disk(self, node: PrefixNode) -> None:
-        """Write a host node's KV and feature pages to one file; the oldest files go past capacity."""
+        """Write a host node's KV and feature pages to one file; past capacity the oldest go."""
         name = f"{id(self):x}-{next(self.tiebreak)}"
         extras = {
             f"{version}/{key}": t for version, page in node.pages.items() for key, t in page.items()

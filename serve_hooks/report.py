@@ -4,12 +4,14 @@ A request opts in with `"greylens": {"features": top_n, "probes": [...], "paths"
 answer carries, beside the OpenAI fields,
 
     "greylens": {
-      "prompt":     [{"token", "id", "features": {hook: [[latent, value], ...]}, "probes": {name: s_t}}, ...],
+      "prompt":     [{"token", "id", "features": {hook: [[latent, value], ...]},
+                      "probes": {name: s_t}}, ...],
       "completion": [... one per generated token; the last has "features"/"probes" null: the
                      model never read it ...],
       "paths":      [{"position", "token", "token_id", "paths": [...], "direct": [...]}, ...]
                     one per generated token (only with "paths": true and a --graph),
-      "probes":     {name: {"score", "probability", "fired", "threshold"}}   (once the request finished)
+      "probes":     {name: {"score", "probability", "fired", "threshold"}}
+                    (once the request finished)
     }
 
 Streaming chunks carry the same object with only what is new since the previous chunk: the

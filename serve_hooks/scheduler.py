@@ -79,7 +79,8 @@ class Scheduler:
         return True
 
     def start(self, seq: Sequence) -> None:
-        """Run a sequence that already holds its blocks (a request handed over by a prefill engine)."""
+        """Run a sequence that already holds its blocks (a request handed over by a prefill
+        engine)."""
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=_age)
 

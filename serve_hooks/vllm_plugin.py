@@ -80,7 +80,8 @@ class TapEncoder:
         self.cfg: dict[str, Any] = json.loads((directory / "cfg.json").read_text())
         if self.cfg.get("format_version") != 1:
             raise ValueError(
-                f"{directory / 'cfg.json'} has format_version {self.cfg.get('format_version')}, expected 1"
+                f"{directory / 'cfg.json'} has format_version "
+                f"{self.cfg.get('format_version')}, expected 1"
             )
         w = load_file(directory / "sae.safetensors")
         self.W_enc, self.b_enc, self.b_dec = w["W_enc"], w["b_enc"], w["b_dec"]  # [n, d], [n], [d]
@@ -115,7 +116,8 @@ class TapEncoder:
 
 
 def layer_of(hook: str) -> int:
-    """Decoder layer whose output is `hook` (resid_post of L = output of L; resid_pre of L = of L-1)."""
+    """Decoder layer whose output is `hook` (resid_post of L = output of L; resid_pre of L = output
+    of L-1)."""
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
     if match is None or (match[2] == "pre" and match[1] == "0"):
         raise ValueError(
@@ -169,7 +171,8 @@ class Tap:
         self.pages: OrderedDict[bytes, dict[str, Tensor]] = OrderedDict()  # LRU, per full block
 
     def begin(self, runner: Any) -> None:
-        """After `_prepare_inputs`: remember how rows map to requests; new requests get cached pages."""
+        """After `_prepare_inputs`: remember how rows map to requests; new requests get cached
+        pages."""
         n_reqs = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:n_reqs])
         # Request i owns rows qsl[i]:qsl[i+1].
@@ -420,7 +423,8 @@ def register() -> None:
 
 
 class VLLMFeatures(NamedTuple):
-    """One request's features: rows are positions 0..n-1 of prompt + generated tokens (the last excluded)."""
+    """One request's features: rows are positions 0..n-1 of prompt + generated tokens (the last
+    excluded)."""
 
     request_id: str  # vLLM's internal id
     codes: dict[str, tuple[Tensor, Tensor]]  # hook -> (indices [n, top_n] int64, values [n, top_n])

@@ -1,4 +1,5 @@
-"""Lens on the tiny model: offline scores equal a hand-run forward, monitor equals plain generation."""
+"""Lens on the tiny model: offline scores equal a hand-run forward, monitor equals plain
+generation (greedy, steered, and seeded sampling)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def lively() -> LoadedModel:
 
 
 def hf_greedy(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
-    """transformers' own greedy `generate`, exactly n tokens (EOS does not stop it, as ignore_eos)."""
+    """transformers' own greedy `generate`, exactly n tokens (EOS does not stop it: ignore_eos)."""
     config = copy.deepcopy(model.fast.generation_config)
     never = model.fast.config.vocab_size  # an id no step can produce (None would fall back to EOS)
     config.eos_token_id = config.pad_token_id = never

@@ -1,4 +1,5 @@
-"""Prefill/decode split across processes (gloo): the decode side continues exactly where prefill stopped."""
+"""Prefill/decode split across processes (gloo): the decode side continues exactly where
+prefill stopped."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from serve_hooks.config import EngineConfig
 from serve_hooks.engine import LLMEngine
 from serve_hooks.hook import FeatureHook
 from serve_hooks.sequence import SamplingParams
-from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: a trained tiny graph)
+from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: trained graph)
 from tests.serve_hooks.conftest import prompts
 
 HOOK = "blocks.1.hook_resid_post"

@@ -404,7 +404,8 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(client):
             response = client.request(method, path, content=body, headers=headers)
             if not 400 <= response.status_code < 500:
                 problems.append(
-                    f"{response.status_code} for {method} {path} {body[:80]!r}: {response.text[:200]}"
+                    f"{response.status_code} for {method} {path} {body[:80]!r}: "
+                    f"{response.text[:200]}"
                 )
                 continue
             error = response.json().get("error", {})
@@ -451,7 +452,7 @@ def test_error_messages_say_what_is_wrong(client):
     assert response.status_code == 415 and "application/json" in response.json()["error"]["message"]
 
 
-# --------------------------------------------------------------------------- concurrency and failures
+# ------------------------------------------------------------------ concurrency and failures
 
 
 def in_threads(fn, n: int, seconds: float) -> list:

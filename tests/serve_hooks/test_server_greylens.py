@@ -14,7 +14,7 @@ from sae.cli import add_dataclass_args, dataclass_from_args
 from serve_hooks.async_engine import AsyncEngine
 from serve_hooks.hook import FeatureHook
 from serve_hooks.server import ServerConfig, build_app
-from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: a trained tiny graph)
+from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: trained graph)
 from tests.serve_hooks.conftest import prompts
 from tests.serve_hooks.test_hook_offline import HOOK, kit  # noqa: F401  (SAE dir, probes, Lens)
 from tests.serve_hooks.test_server import events, new_engine

@@ -1,4 +1,5 @@
-"""The engine on the real model (slow): greedy outputs token-identical to transformers `generate`."""
+"""The engine on the real model (slow): greedy outputs token-identical to transformers
+`generate`."""
 
 from __future__ import annotations
 
