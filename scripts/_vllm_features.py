@@ -49,9 +49,8 @@ def entry_point() -> str:
 def make_discoverable() -> str:
     """A .dist-info with the entry point, on sys.path and PYTHONPATH; returns the plugin's name."""
     site = Path(tempfile.mkdtemp(prefix="greylens-plugin-"))
-    atexit.register(
-        shutil.rmtree, site, True
-    )  # after vLLM's own shutdown (registered later, runs first)
+    # Runs after vLLM's own shutdown (registered later, so it runs first).
+    atexit.register(shutil.rmtree, site, True)
     info = site / "greylens_vllm_plugin-0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(

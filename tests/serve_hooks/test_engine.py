@@ -48,9 +48,8 @@ def test_greedy_equals_hf_generate(lively, references, settings):
 
 def test_forced_preemption_keeps_outputs(lively, references):
     cases, expected = references
-    llm = engine(
-        lively, num_blocks=24, max_num_batched_tokens=32
-    )  # 96 slots for 10 requests of up to 88 tokens
+    # 96 slots for 10 requests of up to 88 tokens.
+    llm = engine(lively, num_blocks=24, max_num_batched_tokens=32)
     seqs = [llm.add_request(p, GREEDY) for p in cases]
     done = {}
     while llm.has_unfinished():

@@ -127,9 +127,8 @@ def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier
     hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
     [shared] = prompts(1, seed=11, shared=36)
     run(llm, [shared])
-    run(
-        llm, prompts(4, seed=12)
-    )  # pushes the idle prefix out of the pool (to host memory, then disk)
+    # Push the idle prefix out of the pool (to host memory, then disk).
+    run(llm, prompts(4, seed=12))
     if tier == "disk":
         spilled = [
             n for root in llm.cache.roots.values() for n in root.subtree() if n.tier == "disk"

@@ -103,9 +103,8 @@ def test_features_equal_lens_on_the_full_text(lively, kit, settings):
     seqs = [llm.add_request(c, PARAMS) for c in cases[:2]]
     while llm.has_unfinished():
         llm.step()
-    seqs += [
-        llm.add_request(c, PARAMS) for c in cases[2:]
-    ]  # all at once: they hit the prefix and crowd the pool
+    # All at once: they hit the prefix and crowd the pool.
+    seqs += [llm.add_request(c, PARAMS) for c in cases[2:]]
     while llm.has_unfinished():
         llm.step()
     assert all(s.num_prefix_hit > 0 for s in seqs[2:])

@@ -364,9 +364,8 @@ def malformed_requests(rng: random.Random) -> list[tuple[str, str, bytes, dict[s
     post("/v1/chat/completions", COMPLETION)  # a completion body on the chat endpoint
     post("/v1/completions", CHAT)
     post("/v1/complete", COMPLETION)  # no such route
-    while (
-        len(cases) < 400
-    ):  # random damage: garbage bytes, truncated bodies, several bad fields at once
+    # Random damage: garbage bytes, truncated bodies, several bad fields at once.
+    while len(cases) < 400:
         path, valid = rng.choice(endpoints)
         roll = rng.random()
         if roll < 0.3:
@@ -477,9 +476,8 @@ def test_concurrent_requests_are_batched_and_correct(client, lively):
     cases = prompts(8, seed=21, shared=9)
     greedy = SamplingParams(max_tokens=20, ignore_eos=True)
     sampled = SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.8, top_k=50, seed=3)
-    params = [
-        sampled if i % 4 == 3 else greedy for i in range(len(cases))
-    ]  # a seed makes sampling reproducible
+    # A seed makes sampling reproducible.
+    params = [sampled if i % 4 == 3 else greedy for i in range(len(cases))]
     expected = [o.text for o in reference(lively, cases, params)]
     before = metrics(client)
 
@@ -668,9 +666,8 @@ def test_command_line_serves_over_a_socket(tmp_path):
             timeout=30,
         )
         assert answer.status_code == 200
-        assert (
-            answer.json()["choices"][0]["text"] == " world" * 5
-        )  # the plain tiny model repeats its last token
+        # The plain tiny model repeats its last token.
+        assert answer.json()["choices"][0]["text"] == " world" * 5
         assert (
             httpx.post(f"{base}/v1/completions", json={"prompt": ""}, timeout=30).status_code == 400
         )

@@ -54,9 +54,8 @@ def test_answer_carries_features_and_scores_equal_to_lens(served, lively):
     tokens = grey["prompt"] + grey["completion"]
     assert [t["id"] for t in grey["prompt"]] == prompt
     assert grey["completion"][-1]["features"] is None, "the last token was never read"
-    [ref] = lens.score(
-        [[t["id"] for t in tokens[1:-1]]]
-    )  # Lens adds BOS; the engine read BOS .. last-but-one
+    # Lens adds BOS; the engine read BOS .. last-but-one.
+    [ref] = lens.score([[t["id"] for t in tokens[1:-1]]])
     for t, item in enumerate(tokens[1:-1]):
         ids, values = ref.features[HOOK]["indices"][t][:4], ref.features[HOOK]["values"][t][:4]
         got = item["features"][HOOK]

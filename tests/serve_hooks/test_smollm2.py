@@ -30,9 +30,8 @@ def test_smollm2_greedy_equals_hf_with_prefix_cache_and_chunks(smollm2):
         smollm2,
     )
     params = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
-    first = engine.generate(
-        prompts[:2], params
-    )  # chunked prefill (24-token budget) mixed with decodes
+    # Chunked prefill (24-token budget) mixed with decodes.
+    first = engine.generate(prompts[:2], params)
     second = engine.generate(prompts[2:], params)  # hits the cached system prompt
     assert [o.token_ids for o in first + second] == expected
     assert second[0].num_cached_tokens >= len(system) // 8 * 8 > 0

@@ -103,9 +103,8 @@ class FakeRunner:
             np=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         )
         flat = [t for _, _, ids in batch for t in ids]
-        self.input_ids = SimpleNamespace(
-            cpu=torch.tensor(flat + [0] * 5, dtype=torch.int32)
-        )  # padded
+        # Padded past the batch, as vLLM's persistent buffers are.
+        self.input_ids = SimpleNamespace(cpu=torch.tensor(flat + [0] * 5, dtype=torch.int32))
 
 
 def residual(tokens: list[int], d: int) -> torch.Tensor:
@@ -148,15 +147,12 @@ def test_rows_map_to_requests_and_prefix_pages(tap_setup):
     full = {"A-aaaaaaaa": a + [7, 8, 9], "B-bbbbbbbb": b + [5, 6], "C-cccccccc": a + [11, 12]}
     runner = FakeRunner({"A-aaaaaaaa": a, "B-bbbbbbbb": b, "C-cccccccc": a})
     run_step(tap, runner, [("A-aaaaaaaa", 0, a[:12])], full, 32)  # chunked prefill
-    run_step(
-        tap, runner, [("A-aaaaaaaa", 12, a[12:]), ("B-bbbbbbbb", 0, b)], full, 32
-    )  # batched with B
-    run_step(
-        tap, runner, [("B-bbbbbbbb", 11, [5]), ("A-aaaaaaaa", 20, [7])], full, 32
-    )  # decode, other order
-    run_step(
-        tap, runner, [("A-aaaaaaaa", 0, full["A-aaaaaaaa"][:21])], full, 32
-    )  # preempted, recomputed
+    batched_with_b = [("A-aaaaaaaa", 12, a[12:]), ("B-bbbbbbbb", 0, b)]
+    run_step(tap, runner, batched_with_b, full, 32)
+    decode_other_order = [("B-bbbbbbbb", 11, [5]), ("A-aaaaaaaa", 20, [7])]
+    run_step(tap, runner, decode_other_order, full, 32)
+    preempted_recomputed = [("A-aaaaaaaa", 0, full["A-aaaaaaaa"][:21])]
+    run_step(tap, runner, preempted_recomputed, full, 32)
     run_step(tap, runner, [("A-aaaaaaaa", 21, [8]), ("B-bbbbbbbb", 12, [6])], full, 32)
     # C: vLLM served 16 tokens (two blocks of A) from its cache; the hook only sees the rest
     run_step(tap, runner, [("C-cccccccc", 16, full["C-cccccccc"][16:21])], full, 32)
@@ -290,9 +286,8 @@ def test_vllm_features_equal_greylens_engine(tmp_path):
     from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
-    sae = random_sae(
-        576, 1024, "topk", input_scale=0.01
-    )  # input scale as fitted on SmolLM2 L15 (order)
+    # Input scale of the order fitted on SmolLM2 L15.
+    sae = random_sae(576, 1024, "topk", input_scale=0.01)
     save_sae(sae, tmp_path / "sae")
     # vLLM's default mode (torch.compile), the one where plain forward hooks silently never fire.
     # The missing-position report is tested on the fake runner above. One vLLM start costs
