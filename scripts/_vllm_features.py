@@ -13,7 +13,7 @@ vLLM's engine-core process). Nothing is written to the repository or the side ve
 Each prompt is sent in its own `generate` call, in order, so a repeated prompt hits the prefix
 cache. Output: {"requests": [{"request_id", "prompt_token_ids", "output_token_ids",
 "num_cached_tokens"}], "compilation_mode", "block_size"}; features are in the sink
-(read them with `serve_hooks.vllm_plugin.read_features`).
+(read them with `serve_hooks.vllm_features.read_features`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
     }.items():
         os.environ.setdefault(key, value)
-    from serve_hooks.vllm_plugin import plugin_env
+    from serve_hooks.vllm_features import plugin_env
 
     os.environ.update(plugin_env(args.sae, args.sink, args.top_n, args.pages))
     from vllm import LLM, SamplingParams

@@ -99,9 +99,9 @@ class PathRecorder:
         for position, parts in self.release(seq_id).items():
             for part in ("source", "target"):
                 if part in parts:
-                    out[f"paths.{position}.{part}.cols"], out[f"paths.{position}.{part}.values"] = (
-                        parts[part]
-                    )
+                    cols, values = parts[part]
+                    out[f"paths.{position}.{part}.cols"] = cols
+                    out[f"paths.{position}.{part}.values"] = values
             if "rms" in parts:
                 out[f"paths.{position}.rms"] = torch.tensor([parts["rms"]])
         return out

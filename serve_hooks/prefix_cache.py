@@ -77,12 +77,7 @@ class PrefixCache:
         disk_ttl_s: float = 24 * 3600.0,
         hooks: list[EngineHook] | None = None,
     ) -> None:
-        self.blocks, self.block_size, self.enabled, self.kv = (
-            blocks,
-            blocks.block_size,
-            enabled,
-            kv,
-        )
+        self.blocks, self.block_size, self.enabled, self.kv = blocks, blocks.block_size, enabled, kv
         blocks.evictor = self  # the pool asks us for an idle block when its free list is empty
         # The trie node a kept device block holds, per block.
         self.owner: list[PrefixNode | None] = [None] * blocks.num_blocks

@@ -31,12 +31,8 @@ class Reporter:
     """One request's `greylens` deltas; lives on the engine thread (it reads the hook's state)."""
 
     def __init__(self, hook: FeatureHook, tokenizer: Any, options: Any, prompt_len: int) -> None:
-        self.hook, self.tokenizer, self.options, self.prompt_len = (
-            hook,
-            tokenizer,
-            options,
-            prompt_len,
-        )
+        self.hook, self.tokenizer, self.options = hook, tokenizer, options
+        self.prompt_len = prompt_len
         names = list(hook.probes) if options.probes is None else options.probes
         self.probes = {name: hook.probes[name] for name in names}
         self.sent = 0  # positions already reported

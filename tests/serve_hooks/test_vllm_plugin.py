@@ -1,6 +1,7 @@
 """The vLLM plugin: its encoder equals greylens's, its bookkeeping maps flattened rows to requests
 and positions (chunks, batches, recompute, prefix pages, missing positions), its op survives
-torch.compile, and — with the vLLM side venv — features from vLLM equal greylens's own engine."""
+torch.compile, and — with the vLLM side venv — features from vLLM equal greylens's own engine.
+Reading the sink is tested in test_vllm_features."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from sae.io import save_sae
 from sae.sae import SAE, SAEConfig
 from serve_hooks import vllm_plugin
-from serve_hooks.vllm_plugin import Tap, TapEncoder, layer_of, read_features
+from serve_hooks.vllm_features import read_features
+from serve_hooks.vllm_plugin import Tap, TapEncoder, layer_of
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("GREYLENS_CACHE") or Path.home() / ".cache" / "greylens")
@@ -182,24 +184,6 @@ def test_prefix_without_pages_is_reported_missing(tap_setup):
     assert got.computed[16:].all() and got.codes[HOOK][0].shape == (20, 4)
     ref_idx, _ = reference_top(sae, residual(a, 32), 4)
     assert torch.equal(got.codes[HOOK][0][16:], ref_idx[16:])
-
-
-def test_read_features_matches_external_ids_only(tmp_path):
-    from safetensors.torch import save_file
-
-    for name in ("1-abcdefgh", "11-abcdefgh"):
-        save_file(
-            {
-                "computed": torch.ones(2, dtype=torch.bool),
-                "token_ids": torch.zeros(2, dtype=torch.long),
-            },
-            tmp_path / f"{name}.safetensors",
-            metadata={"hooks": "[]"},
-        )
-    assert read_features(tmp_path, "1", timeout=0).request_id == "1-abcdefgh"
-    assert read_features(tmp_path, "11-abcdefgh", timeout=0).request_id == "11-abcdefgh"
-    with pytest.raises(FileNotFoundError, match="no features for request '2'"):
-        read_features(tmp_path, "2", timeout=0)
 
 
 def test_op_survives_inductor_dead_code_elimination(tap_setup, monkeypatch):
