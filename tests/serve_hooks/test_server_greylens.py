@@ -15,9 +15,8 @@ from serve_hooks.async_engine import AsyncEngine
 from serve_hooks.hook import FeatureHook
 from serve_hooks.server import ServerConfig, build_app
 from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: trained graph)
-from tests.serve_hooks.conftest import prompts
+from tests.serve_hooks.conftest import events, new_engine, prompts
 from tests.serve_hooks.test_hook_offline import HOOK, kit  # noqa: F401  (SAE dir, probes, Lens)
-from tests.serve_hooks.test_server import events, new_engine
 
 
 @pytest.fixture(scope="module")
