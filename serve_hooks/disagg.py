@@ -113,31 +113,7 @@ def _worker(
     running = True
     while running or engine.has_unfinished():
         for body, tensors in link.poll():
-            if body["op"] == "stop":
-                running = False
-            elif body["op"] == "prefill":
-                seq = engine.add_request(
-                    body["prompt"],
-                    SamplingParams(**body["params"]),
-                    body["cache_key"],
-                    prefill_only=True,
-                )
-                routes[seq.seq_id] = (body["id"], body["decode"])
-            else:  # "decode": a handed-over request
-                params = SamplingParams(**body["params"])
-                # Feature pages, if any.
-                extras = dict(zip(body["extras"], tensors[3:], strict=True))
-                handoff = Handoff(
-                    tensors[0],
-                    tensors[1],
-                    body["computed"],
-                    tensors[2],
-                    params,
-                    body["cache_key"],
-                    extras,
-                )
-                seq = engine.add_prefilled(body["prompt"], body["output"], handoff)
-                routes[seq.seq_id] = (body["id"], ROUTER)
+            running = _receive(engine, body, tensors, routes) and running
         if not engine.has_unfinished():
             time.sleep(0.001)
             continue
@@ -153,6 +129,27 @@ def _worker(
     link.flush()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _receive(
+    engine: LLMEngine, body: dict, tensors: list[torch.Tensor], routes: dict[int, tuple[str, int]]
+) -> bool:
+    """Act on one message from the router or a prefill worker; False when told to stop."""
+    if body["op"] == "stop":
+        return False
+    if body["op"] == "prefill":
+        params = SamplingParams(**body["params"])
+        seq = engine.add_request(body["prompt"], params, body["cache_key"], prefill_only=True)
+        routes[seq.seq_id] = (body["id"], body["decode"])
+        return True
+    # "decode": a handed-over request; its KV, generator state, then feature pages if any.
+    k, v, generator_state, *pages = tensors
+    extras = dict(zip(body["extras"], pages, strict=True))
+    params = SamplingParams(**body["params"])
+    handoff = Handoff(k, v, body["computed"], generator_state, params, body["cache_key"], extras)
+    seq = engine.add_prefilled(body["prompt"], body["output"], handoff)
+    routes[seq.seq_id] = (body["id"], ROUTER)
+    return True
 
 
 def _forward(
