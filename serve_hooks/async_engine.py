@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -251,7 +251,7 @@ class AsyncEngine:
         )
         self._refuse_queued()
 
-    def _queued(self):
+    def _queued(self) -> Iterator[tuple[str, Any]]:
         """The commands handlers have queued so far (adds and aborts), in order."""
         while True:
             try:

@@ -232,13 +232,7 @@ class LLMEngine:
             reason = self._stop_reason(seq, token)
             handoff = None
             if reason is None and seq.prefill_only:  # export before the blocks are released
-                k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
-                handoff = Handoff(
-                    k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key
-                )
-                for hook in self.hooks:
-                    handoff.extras.update(hook.on_handoff(seq))
-                reason = "prefilled"
+                handoff, reason = self._handoff(seq), "prefilled"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.seqs.pop(seq.seq_id, None)
@@ -248,6 +242,16 @@ class LLMEngine:
         self.stats["decode_tokens"] += decoded
         self.stats["prefill_tokens"] += int(ids.numel()) - decoded
         return outputs
+
+    def _handoff(self, seq: Sequence) -> Handoff:
+        """What a decode engine needs to continue a prefilled request: its KV, generator state
+        and every hook's per-request tensors."""
+        k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
+        state = seq.generator.get_state()
+        handoff = Handoff(k, v, seq.num_computed, state, seq.params, seq.cache_key)
+        for hook in self.hooks:
+            handoff.extras.update(hook.on_handoff(seq))
+        return handoff
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from serve_hooks.context import AttentionPlan, StepContext
@@ -36,7 +37,9 @@ HOOK_POINTS = (
 
 
 class ModelRunner:
-    def __init__(self, hf_model, kv: KVCache, hooks: list[EngineHook] | None = None) -> None:
+    def __init__(
+        self, hf_model: PreTrainedModel, kv: KVCache, hooks: list[EngineHook] | None = None
+    ) -> None:
         self.model = hf_model.model  # LlamaModel (plain HF modules)
         self.lm_head = hf_model.lm_head
         config = hf_model.config
@@ -58,7 +61,7 @@ class ModelRunner:
         self.down = [Linear(layer.mlp.down_proj.weight) for layer in layers]
         self.head = Linear(self.lm_head.weight)
 
-    def _attns(self):
+    def _attns(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
     @property
@@ -211,7 +214,7 @@ class ModelRunner:
         return out.view(n, -1)
 
 
-def _rms_norm(norm, x: Tensor) -> Tensor:
+def _rms_norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
     """torch's fused RMSNorm with the HF module's weight and epsilon (bitwise equal in fp32)."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 

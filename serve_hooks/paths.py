@@ -14,6 +14,7 @@ top paths source → target → y and the direct effects source → y, exactly w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +26,7 @@ from graphs.explain import load_explainer
 from graphs.model import GraphCode
 from sae.sae import SparseCode
 from serve_hooks.context import StepContext
+from serve_hooks.engine import LLMEngine
 
 
 class Prediction(NamedTuple):
@@ -36,7 +38,9 @@ class Prediction(NamedTuple):
 
 
 class PathRecorder:
-    def __init__(self, engine, graph: str | Path, transition: str | Path | None = None) -> None:
+    def __init__(
+        self, engine: LLMEngine, graph: str | Path, transition: str | Path | None = None
+    ) -> None:
         self.explainer = load_explainer(
             engine.model, str(graph), str(transition) if transition else None
         )
@@ -59,7 +63,9 @@ class PathRecorder:
         """A (re)admitted request starts over: rows computed again overwrite, never append."""
         self.pending[seq_id] = {}
 
-    def _prediction_rows(self, ctx: StepContext, chosen: list[int], offsets: list[int] | None):
+    def _prediction_rows(
+        self, ctx: StepContext, chosen: list[int], offsets: list[int] | None
+    ) -> Iterator[tuple[int, int, int]]:
         """(seq_id, position, row in the given rows) of each chosen request whose chunk yields
         logits."""
         cu, logit = ctx.cu_seqlens_q.tolist(), set(ctx.logit_seqs)
