@@ -39,6 +39,7 @@ from probes.activations import (
     tokenize,
 )
 from probes.probe import Probe, feature_columns
+from probes.sampling import sample_token
 from sae.hooks import hook_layer, recording, validate_hooks
 from sae.models import LoadedModel, load_model
 from sae.sae import SparseCode
@@ -298,7 +299,7 @@ class Lens:
                         steer = alpha * steering.to(inputs.device)
                 if step == max_new_tokens or (state.triggered and action == "stop"):
                     break
-                token = _sample(out.logits[0, -1], temperature, generator)
+                token = sample_token(out.logits[0, -1], generator, temperature)
                 state.token_ids.append(token)
                 if token == self.model.tokenizer.eos_token_id:
                     break
@@ -395,13 +396,6 @@ def _pooling_weights(scores: Tensor, how: str) -> Tensor:
 def _decoder_rows(encoder) -> Tensor:
     sae = encoder.model.sae if hasattr(encoder, "model") else encoder
     return sae.W_dec.detach() / sae.cfg.input_scale
-
-
-def _sample(logits: Tensor, temperature: float, generator: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @contextmanager

@@ -6,14 +6,14 @@ it writes a throwaway `.dist-info` whose `entry_points.txt` holds the `vllm.gene
 entry from pyproject.toml, and puts it and the repository on sys.path / PYTHONPATH (inherited by
 vLLM's engine-core process). Nothing is written to the repository or the side venv.
 
-    <side venv>/bin/python scripts/_vllm_features.py --sae DIR --sink DIR --prompt "..." [--prompt ...]
-        [--top-n 8] [--max-tokens 4] [--block-size 32] [--pages 65536] [--no-prefix-caching]
-        [--enforce-eager]
+    <side venv>/bin/python scripts/_vllm_features.py --sae DIR --sink DIR --prompt "..."
+        [--prompt ...] [--top-n 8] [--max-tokens 4] [--block-size 32] [--pages 65536]
+        [--no-prefix-caching] [--enforce-eager]
 
 Each prompt is sent in its own `generate` call, in order, so a repeated prompt hits the prefix
 cache. Output: {"requests": [{"request_id", "prompt_token_ids", "output_token_ids",
 "num_cached_tokens"}], "compilation_mode", "block_size"}; features are in the sink
-(read them with `serve_hooks.vllm_plugin.read_features`).
+(read them with `serve_hooks.vllm_features.read_features`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ def entry_point() -> str:
 def make_discoverable() -> str:
     """A .dist-info with the entry point, on sys.path and PYTHONPATH; returns the plugin's name."""
     site = Path(tempfile.mkdtemp(prefix="greylens-plugin-"))
-    atexit.register(
-        shutil.rmtree, site, True
-    )  # after vLLM's own shutdown (registered later, runs first)
+    # Runs after vLLM's own shutdown (registered later, so it runs first).
+    atexit.register(shutil.rmtree, site, True)
     info = site / "greylens_vllm_plugin-0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(
@@ -87,7 +86,7 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
     }.items():
         os.environ.setdefault(key, value)
-    from serve_hooks.vllm_plugin import plugin_env
+    from serve_hooks.vllm_features import plugin_env
 
     os.environ.update(plugin_env(args.sae, args.sink, args.top_n, args.pages))
     from vllm import LLM, SamplingParams

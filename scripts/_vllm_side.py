@@ -18,7 +18,9 @@ MAIN venv's python, drives it as a subprocess server over HTTP.
         max_tokens tokens, all at once from N threads to /v1/completions. Times first send to last
         response, prints one JSON line on stdout, stops the server.
 
-`start_server(port)` / `stop_server(proc)` are importable for other benchmarks. The server runs
+`start_server(port)` / `stop_server(proc)` / `run_workload(...)` are importable for other
+benchmarks; `compare_with_greylens(model)` runs the workload through greylens's server and
+vLLM's (`scripts/bench_serve.py --only vllm`). The server runs
 `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails to find its own
 package metadata) with --dtype float32 --enforce-eager --enable-prefix-caching and
 VLLM_CPU_KVCACHE_SPACE=4 (GiB); its log goes to `<cache>/vllm-server.log`.
@@ -89,7 +91,8 @@ def setup() -> None:
         print(f"[vllm-side] HF copy ready: {HF_DIR}")
     else:
         write_hf_copy(HF_DIR)
-    # The server's transformers must find the chat template (it may be saved as chat_template.jinja).
+    # The server's transformers must find the chat template (it may be saved as
+    # chat_template.jinja).
     check = (
         f"from transformers import AutoTokenizer as T; assert T.from_pretrained({str(HF_DIR)!r})"
     )
@@ -98,7 +101,7 @@ def setup() -> None:
 
 
 def write_hf_copy(out: Path) -> None:
-    """Save the GGUF-derived SmolLM2 as a plain HF directory vLLM can load (atomic: tmp + rename)."""
+    """Save the GGUF-derived SmolLM2 as a plain HF directory vLLM can load (tmp + rename)."""
     import torch
     from safetensors.torch import save_file
 
@@ -210,17 +213,24 @@ def complete(port: int, prompt: str, max_tokens: int) -> dict:
         return json.load(resp)
 
 
+def run_workload(port: int, n_prompts: int, max_tokens: int) -> tuple[list[str], list[dict], float]:
+    """One untimed warm-up request, then n_prompts from PROMPTS (cycled) at once from as many
+    threads; returns the prompts, the replies and the seconds from first send to last reply."""
+    complete(port, WARMUP_PROMPT, 8)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]
+    with ThreadPoolExecutor(max_workers=n_prompts) as pool:
+        t0 = time.perf_counter()
+        replies = list(pool.map(lambda p: complete(port, p, max_tokens), prompts))
+        seconds = time.perf_counter() - t0
+    return prompts, replies, seconds
+
+
 def bench(n_prompts: int, max_tokens: int, port: int) -> dict:
     started = time.perf_counter()
     proc = start_server(port)
     startup_s = time.perf_counter() - started
     try:
-        complete(port, WARMUP_PROMPT, 8)
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_prompts)]
-        with ThreadPoolExecutor(max_workers=n_prompts) as pool:
-            t0 = time.perf_counter()
-            replies = list(pool.map(lambda p: complete(port, p, max_tokens), prompts))
-            seconds = time.perf_counter() - t0
+        prompts, replies, seconds = run_workload(port, n_prompts, max_tokens)
     finally:
         stop_server(proc)
     out_tokens = [r["usage"]["completion_tokens"] for r in replies]
@@ -237,6 +247,52 @@ def bench(n_prompts: int, max_tokens: int, port: int) -> dict:
         "kvcache_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
         "sample": prompts[0] + replies[0]["choices"][0]["text"],
     }
+
+
+def compare_with_greylens(model: str, port: int = 8712, vllm_port: int = 8711) -> dict:
+    """The same workload (16 prompts x 64 tokens, one client) through greylens's HTTP server
+    (`python -m serve_hooks serve`, run with this python) and vLLM's: output tok/s of each."""
+    result = {}
+    serve = [sys.executable, "-m", "serve_hooks", "serve", "--model", model, "--port", str(port)]
+    serve += ["--max-num-batched-tokens", "256"]
+    proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_health(port)
+        result["greylens"] = _throughput(port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    vllm = start_server(vllm_port)
+    try:
+        result["vllm"] = _throughput(vllm_port)
+    finally:
+        stop_server(vllm)
+    result["ratio_greylens_over_vllm"] = round(
+        result["greylens"]["output_tok_per_s"] / result["vllm"]["output_tok_per_s"], 3
+    )
+    return result
+
+
+def _throughput(port: int, n: int = 16, max_tokens: int = 64) -> dict:
+    _, replies, seconds = run_workload(port, n, max_tokens)
+    tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+    return {
+        "output_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "output_tok_per_s": round(tokens / seconds, 2),
+        "first_text": replies[0]["choices"][0]["text"][:80],
+    }
+
+
+def _wait_health(port: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return
+        except OSError:
+            time.sleep(1.0)
+    raise RuntimeError(f"greylens server on port {port} did not come up")
 
 
 def _run(cmd: list[str]) -> None:

@@ -32,23 +32,21 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _vllm_side  # noqa: E402
+
 from serve_hooks.config import EngineConfig  # noqa: E402
 from serve_hooks.engine import LLMEngine  # noqa: E402
 from serve_hooks.sequence import SamplingParams  # noqa: E402
 
-VOCAB = [
-    100,
-    40000,
-]  # token ids drawn for synthetic prompts (main() caps it at the model's vocabulary)
+# Token ids drawn for synthetic prompts (main() caps it at the model's vocabulary).
+VOCAB = [100, 40000]
 
 
 def workload(
@@ -62,7 +60,8 @@ def workload(
 
 
 def warm(engine: LLMEngine) -> None:
-    """One small untimed request: first-touch costs (allocator, KV pages, kernels) are not measured."""
+    """One small untimed request, so first-touch costs (allocator, KV pages, kernels) stay out of
+    the timings."""
     engine.generate(
         [list(range(VOCAB[0], VOCAB[0] + 64))], SamplingParams(max_tokens=4, ignore_eos=True)
     )
@@ -262,11 +261,11 @@ def bench_hooks_prefix(model, args) -> dict:
     for _ in range(args.rounds):
         for side in ("off", "on"):
             engine, hook = _hooked(model, args, side == "on", max_num_batched_tokens=1024)
-            before = engine.blocks.stats["prefix_hit_tokens"]
+            before = engine.cache.stats["prefix_hit_tokens"]
             reused = hook.stats["reused_tokens"] if hook else 0
             for prompt, n in requests:
                 ttfts[side].append(run_arrivals(engine, [(prompt, n)], [0.0])[0]["ttft"])
-            hits[side] = engine.blocks.stats["prefix_hit_tokens"] - before
+            hits[side] = engine.cache.stats["prefix_hit_tokens"] - before
             if hook is not None:
                 hits["features_reused"] = hook.stats["reused_tokens"] - reused
     mean = {side: statistics.mean(v) for side, v in ttfts.items()}
@@ -317,73 +316,6 @@ def bench_long(model, args) -> dict:
     }
 
 
-def bench_vllm(args) -> dict:
-    import _vllm_side as side
-
-    result = {}
-    port = 8712
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve_hooks",
-            "serve",
-            "--model",
-            args.model,
-            "--port",
-            str(port),
-            "--max-num-batched-tokens",
-            "256",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_health(port)
-        result["greylens"] = _http_workload(side, port)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    vllm = side.start_server(8711)
-    try:
-        result["vllm"] = _http_workload(side, 8711)
-    finally:
-        side.stop_server(vllm)
-    result["ratio_greylens_over_vllm"] = round(
-        result["greylens"]["output_tok_per_s"] / result["vllm"]["output_tok_per_s"], 3
-    )
-    return result
-
-
-def _wait_health(port: int, timeout: float = 300.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except OSError:
-            time.sleep(1.0)
-    raise RuntimeError(f"greylens server on port {port} did not come up")
-
-
-def _http_workload(side, port: int, n: int = 16, max_tokens: int = 64) -> dict:
-    side.complete(port, side.WARMUP_PROMPT, 8)
-    prompts = [side.PROMPTS[i % len(side.PROMPTS)] for i in range(n)]
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        t0 = time.perf_counter()
-        replies = list(pool.map(lambda p: side.complete(port, p, max_tokens), prompts))
-        seconds = time.perf_counter() - t0
-    tokens = sum(r["usage"]["completion_tokens"] for r in replies)
-    return {
-        "output_tokens": tokens,
-        "seconds": round(seconds, 2),
-        "output_tok_per_s": round(tokens / seconds, 2),
-        "first_text": replies[0]["choices"][0]["text"][:80],
-    }
-
-
 def bench_load(model, args) -> dict:
     requests = workload(args.load_requests, seed=6, prompt_len=(8, 64), out_len=(2, 12))
     rng = random.Random(7)
@@ -398,7 +330,7 @@ def bench_load(model, args) -> dict:
     pressured = run_arrivals(small, requests, arrivals)
     roomy = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
     reference = run_arrivals(roomy, requests, [0.0] * len(requests))
-    small.blocks.check()
+    small.cache.check()
     differ = [
         i
         for i, (a, b) in enumerate(zip(pressured, reference, strict=True))
@@ -411,7 +343,7 @@ def bench_load(model, args) -> dict:
         "outputs_differing": len(differ),
         "first_differing": differ[:5],
         "preemptions": small.scheduler.num_preemptions,
-        "evicted_blocks": small.blocks.stats["evicted"],
+        "evicted_blocks": small.cache.stats["evicted"],
     }
 
 
@@ -451,7 +383,8 @@ def main() -> None:
         args.only = "hooks_poisson,hooks_prefix"
         if not (Path(args.sae) / "cfg.json").exists():
             parser.error(
-                f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or point --sae at one"
+                f"--sae {args.sae} holds no cfg.json: train an SAE (python -m sae train) or "
+                "point --sae at one"
             )
     from sae.models import load_model
 
@@ -463,7 +396,7 @@ def main() -> None:
         "hf": lambda: bench_hf(model, args),
         "prefix": lambda: bench_prefix(model, args),
         "long": lambda: bench_long(model, args),
-        "vllm": lambda: bench_vllm(args),
+        "vllm": lambda: _vllm_side.compare_with_greylens(args.model),
         "load": lambda: bench_load(model, args),
         "hooks_poisson": lambda: bench_hooks_poisson(model, args),
         "hooks_prefix": lambda: bench_hooks_prefix(model, args),

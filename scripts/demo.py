@@ -211,7 +211,7 @@ def probes_and_lens(model, args) -> dict:
 
 
 def serve(model, args) -> dict:
-    from serve_hooks.engine import LLM
+    from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
     # The engine with the feature hook inside: the graph autoencoder's features and the code probe's
@@ -258,7 +258,7 @@ def serve(model, args) -> dict:
         "generated_tokens": generated,
         "seconds": round(seconds, 2),
         "kv_blocks": engine.blocks.num_blocks,
-        "prefix_hit_tokens": engine.blocks.stats["prefix_hit_tokens"],
+        "prefix_hit_tokens": engine.cache.stats["prefix_hit_tokens"],
         "feature_page_tokens_reused": llm.hook.stats["reused_tokens"],
         **engine.stats,
     }

@@ -4,8 +4,9 @@
             /health, /metrics) on one engine; binds 127.0.0.1 unless --host says otherwise
 
 Example: python -m serve_hooks serve --model tiny --port 8000 --num-blocks 256
-With features: python -m serve_hooks serve --model smollm2-135m --sae out/sae/blocks.15.hook_resid_post \
-    --probe out/probes/code --graph out/graph/l15 --port 8000
+With features: python -m serve_hooks serve --model smollm2-135m \
+    --sae out/sae/blocks.15.hook_resid_post --probe out/probes/code --graph out/graph/l15 \
+    --port 8000
   then send {"prompt": ..., "greylens": {"features": 4, "probes": ["code"], "paths": true}}
 """
 

@@ -19,7 +19,8 @@ from serve_hooks.sequence import SamplingParams
 
 
 class _Strict(BaseModel):
-    # strict: "5" is not a number and 1 is not a bool; forbid: a misspelt field is an error, not ignored
+    # strict: "5" is not a number and 1 is not a bool; forbid: a misspelt field is an error, not
+    # ignored.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
@@ -30,9 +31,8 @@ class StreamOptions(_Strict):
 class GreylensOptions(_Strict):
     """What a request wants from the hook (see serve_hooks.report for the answer's shape)."""
 
-    features: int | None = Field(
-        None, ge=0
-    )  # top-n latents per token per SAE (0: none; None: the server's --top-n)
+    # Top-n latents per token per SAE (0: none; None: the server's --top-n).
+    features: int | None = Field(None, ge=0)
     probes: Annotated[list[str], Field(max_length=256)] | None = (
         None  # probe names (None: every probe)
     )
@@ -132,7 +132,8 @@ def sampling_params(body: _Sampling, max_tokens: int | None, max_model_len: int)
             400, f"max_tokens={max_tokens} exceeds the context limit of {max_model_len} tokens"
         )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:  # max_tokens None: a placeholder the engine thread replaces once it knows the prompt length
+    # max_tokens None: a placeholder the engine thread replaces once it knows the prompt length.
+    try:
         return SamplingParams(
             temperature=body.temperature,
             top_p=body.top_p,

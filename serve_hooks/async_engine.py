@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,9 +95,8 @@ class AsyncEngine:
         """hook: the FeatureHook that answers `greylens` requests (or a function building it on the
         engine); it must watch only the requests that ask (watch_all=False)."""
         self._host: tuple[threading.Thread, queue.SimpleQueue] | None = None
-        if not isinstance(
-            engine, LLMEngine
-        ):  # a factory: build the engine on the thread that will run it
+        # A factory: build the engine on the thread that will run it.
+        if not isinstance(engine, LLMEngine):
             engine, self._host = _build_on_thread(engine)
         self.engine = engine
         self.hook = hook(engine) if hook is not None and not isinstance(hook, FeatureHook) else hook
@@ -177,9 +176,8 @@ class AsyncEngine:
         self._wake.set()
         try:
             first = await handle.queue.get()  # None: accepted, else the refusal
-        except (
-            asyncio.CancelledError
-        ):  # the handler was cancelled: do not run a request nobody reads
+        except asyncio.CancelledError:
+            # The handler was cancelled: do not run a request nobody reads.
             self.abort(handle)
             raise
         if first is not None:
@@ -253,7 +251,7 @@ class AsyncEngine:
         )
         self._refuse_queued()
 
-    def _queued(self):
+    def _queued(self) -> Iterator[tuple[str, Any]]:
         """The commands handlers have queued so far (adds and aborts), in order."""
         while True:
             try:
@@ -355,15 +353,14 @@ class AsyncEngine:
             "kv_blocks_total": blocks.num_blocks,
             "kv_blocks_free": blocks.num_available,
             "engine_steps": engine.stats["steps"],
-            "prefix_cache_hit_tokens": blocks.stats["prefix_hit_tokens"],
+            "prefix_cache_hit_tokens": engine.cache.stats["prefix_hit_tokens"],
         }
 
 
 # The engine's torch work should stay on one OS thread: CPU torch runs each thread's ops on that
 # thread's own OpenMP team, and a second team (the one that loaded the model on the main thread)
-# spins on the same cores. Loading on the main thread and stepping on another cost ~25% of decode
-# throughput here (85 vs 116 tok/s), so `serve` passes a factory and the engine is built on the
-# thread that later runs its loop.
+# spins on the same cores and slows decoding. So `serve` passes a factory and the engine is built
+# on the thread that later runs its loop.
 
 
 def _build_on_thread(

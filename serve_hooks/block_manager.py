@@ -1,350 +1,116 @@
-"""Paged KV accounting: a block pool with reference counts and a prefix trie over full blocks.
+"""Paged KV accounting: which device blocks are free, and how many sequences use each one.
 
-Every full block a sequence computes becomes a node of a token trie (one trie per cache key, so
-namespaces such as steering fingerprints never share KV): a node's key is its block's tokens and
-its parent is the block before it, so a walk from the root along a prompt's blocks is a
-longest-prefix match. A node's KV lives in one tier:
+A block of the device pool is in one of three states:
 
-    device  a block of the pool (shared by every sequence using it; ref-counted)
-    host    a slot of host memory        (when the pool evicted it and host_blocks > 0)
-    disk    a file under disk_dir        (when host memory evicted it; dropped after disk_ttl_s)
+    free    on the free list; holds nothing anyone needs
+    used    in the block tables of `ref[block]` running sequences
+    idle    used by no sequence, but kept by the prefix cache: its KV may serve a later prompt,
+            so it is not free until the cache evicts it
 
-Unreferenced cached blocks stay in the pool until a new block is needed; then the least recently
-used goes (deepest first on ties, so a prefix outlives its extensions) — spilled to the next tier
-if there is one, else dropped with its subtree. A prefix hit on a spilled node restores its bytes
-into a fresh block instead of recomputing them. Policy is here; `KVCache` moves the bytes.
+Free and idle blocks are both available for a new chunk. `take` prefers a free block; when none
+is left it asks the evictor (the prefix cache) to give an idle one back. Which block that is and
+where its bytes go (host memory, disk, nowhere) is the cache's policy (`serve_hooks.prefix_cache`);
+this module only counts.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
-import time
-from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import deque
+from typing import Protocol
 
-from torch import Tensor
-
-from serve_hooks.kv_cache import KVCache
 from serve_hooks.sequence import Sequence
 
-DEVICE, HOST, DISK, GONE, ROOT = "device", "host", "disk", "gone", "root"
 
+class Evictor(Protocol):
+    """What keeps idle blocks (the prefix cache): asked for one back when the free list is empty."""
 
-@dataclass(eq=False)
-class PrefixNode:
-    tokens: tuple[int, ...]
-    parent: PrefixNode | None
-    depth: int
-    tier: str = DEVICE
-    block: int = -1  # device tier
-    host_slot: int = -1  # host tier
-    disk_name: str = ""  # disk tier
-    saved_at: float = 0.0  # wall time the disk file was written (for the TTL)
-    stamp: int = 0  # last use on the logical clock
-    children: dict[tuple[int, ...], PrefixNode] = field(default_factory=dict)
-    # Per-token data kept beside the KV (hook feature pages): version -> named tensors. On the disk
-    # tier the tensors live in the block's file and the dict keeps only the versions (values None).
-    pages: dict[str, dict[str, Tensor] | None] = field(default_factory=dict)
-
-    def subtree(self) -> list[PrefixNode]:
-        nodes, stack = [], [self]
-        while stack:
-            node = stack.pop()
-            nodes.append(node)
-            stack.extend(node.children.values())
-        return nodes
+    def evict(self) -> None:
+        """Stop keeping one idle block (`BlockManager.let_go`), so the free list gets it."""
 
 
 class BlockManager:
-    def __init__(
-        self,
-        num_blocks: int,
-        block_size: int,
-        enable_prefix_cache: bool = True,
-        kv: KVCache | None = None,
-        host_blocks: int = 0,
-        disk_blocks: int = 0,
-        disk_ttl_s: float = 24 * 3600.0,
-    ) -> None:
-        self.num_blocks, self.block_size, self.prefix_cache = (
-            num_blocks,
-            block_size,
-            enable_prefix_cache,
-        )
-        self.kv = kv
-        self.ref = [0] * num_blocks
-        self.owner: list[PrefixNode | None] = [
-            None
-        ] * num_blocks  # the trie node a cached block holds
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref = [0] * num_blocks  # sequences whose block table holds the block
+        self.kept = [False] * num_blocks  # the prefix cache keeps the block's KV
         self.free_blocks: deque[int] = deque(range(num_blocks))
-        self.n_evictable = 0  # cached blocks with ref 0 (reusable after eviction)
-        self.roots: dict[str, PrefixNode] = {}
-        self.paths: dict[
-            int, tuple[int, PrefixNode]
-        ] = {}  # seq_id -> (blocks in the trie, last node)
-        self.host_capacity = host_blocks if kv is not None else 0
-        self.host_free = list(range(self.host_capacity))
-        self.disk_capacity = disk_blocks if kv is not None and kv.disk_dir is not None else 0
-        self.disk_ttl_s = disk_ttl_s
-        self.lru = {DEVICE: [], HOST: [], DISK: []}  # heaps of (stamp, -depth, tiebreak, node)
-        self.n_disk = 0
-        self.clock = itertools.count(1)
-        self.tiebreak = itertools.count()
-        self.stats: Counter[str] = Counter()
-        # Hooks that keep per-block data beside the KV (serve_hooks.hook): a prefix match stops at
-        # the first node `page_filter(seq, node)` rejects, and they hear about admitted and committed blocks.
-        self.page_filter: Callable[[Sequence, PrefixNode], bool] | None = None
-        self.on_admit: list[Callable[[Sequence, list[PrefixNode]], None]] = []
-        self.on_commit: list[Callable[[Sequence, int, PrefixNode], None]] = []
+        self.n_idle = 0  # kept blocks that no sequence uses (available once evicted)
+        self.evictor: Evictor | None = None
 
     # ------------------------------------------------------------------ queries
 
     @property
     def num_available(self) -> int:
-        return len(self.free_blocks) + self.n_evictable
+        return len(self.free_blocks) + self.n_idle
 
     def blocks_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.block_size)
 
-    def match(self, seq: Sequence) -> list[PrefixNode]:
-        """Trie nodes of the longest cached prefix of full blocks, leaving at least one token to compute."""
-        if not self.prefix_cache:
-            return []
-        limit = (seq.num_tokens - 1) // self.block_size
-        node, found = self.roots.get(seq.cache_key), []
-        tokens = seq.token_ids
-        for i in range(limit):
-            if node is None:
-                break
-            node = node.children.get(tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
-            if (
-                node is not None
-                and node.tier == DISK
-                and time.time() - node.saved_at > self.disk_ttl_s
-            ):
-                self._drop(node)  # expired: its subtree goes with it
-                node = None
-            if (
-                node is not None
-                and self.page_filter is not None
-                and not self.page_filter(seq, node)
-            ):
-                break  # the KV is cached but not what a hook needs beside it: recompute from here
-            if node is not None:
-                found.append(node)
-        return found
-
-    def can_admit(self, seq: Sequence, matched: list[PrefixNode], n_new: int) -> bool:
-        on_device = [m for m in matched if m.tier == DEVICE]
-        idle_hits = sum(1 for m in on_device if self.ref[m.block] == 0)  # leave the evictable set
-        need = self.blocks_for(len(matched) * self.block_size + n_new) - len(on_device)
-        return need <= self.num_available - idle_hits
-
     def can_append(self, seq: Sequence, n_new: int) -> bool:
-        return (
-            self.blocks_for(seq.num_computed + n_new) - len(seq.block_table) <= self.num_available
-        )
+        need = self.blocks_for(seq.num_computed + n_new) - len(seq.block_table)
+        return need <= self.num_available
 
-    # ------------------------------------------------------------------ allocation
-
-    def admit(self, seq: Sequence, matched: list[PrefixNode]) -> None:
-        """Give a waiting sequence the cached prefix blocks (restoring spilled ones)."""
-        assert not seq.block_table, "admit() needs a sequence without blocks"
-        for node in matched:  # a fresh stamp voids their LRU entries: restores cannot evict them
-            node.stamp = next(self.clock)
-        for node in matched:  # pin device hits first: restoring the others must not evict them
-            if node.tier == DEVICE:
-                if self.ref[node.block] == 0:
-                    self.n_evictable -= 1
-                self.ref[node.block] += 1
-                self.stats["hit_device"] += 1
-        for node in matched:
-            if node.tier != DEVICE:
-                self._restore(node)
-            node.stamp = next(self.clock)
-            seq.block_table.append(node.block)
-        seq.num_computed = seq.num_prefix_hit = len(matched) * self.block_size
-        if matched:
-            self.paths[seq.seq_id] = (len(matched), matched[-1])
-        self.stats["prefix_hit_tokens"] += seq.num_prefix_hit
-        for callback in self.on_admit:
-            callback(seq, matched)
+    # ------------------------------------------------------------------ per sequence
 
     def append(self, seq: Sequence, n_new: int) -> None:
         """Blocks for the next n_new tokens of seq (call can_append first)."""
         for _ in range(self.blocks_for(seq.num_computed + n_new) - len(seq.block_table)):
-            block = self._take()
-            self.ref[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self.take())
 
-    def commit(self, seq: Sequence) -> None:
-        """Enter the sequence's newly computed full blocks into the trie (after a step)."""
-        if not self.prefix_cache:
-            return
-        done, node = self.paths.get(seq.seq_id, (0, None))
-        if node is None:
-            node = self.roots.setdefault(seq.cache_key, PrefixNode((), None, 0, tier=ROOT))
-        tokens = seq.token_ids
-        for i in range(done, seq.num_computed // self.block_size):
-            key = tuple(tokens[i * self.block_size : (i + 1) * self.block_size])
-            block, child = seq.block_table[i], node.children.get(key)
-            if child is None:
-                child = PrefixNode(key, node, node.depth + 1, block=block)
-                node.children[key] = child
-                self.owner[block] = child
-            elif child.tier != DEVICE:  # we recomputed a spilled block: ours becomes the copy
-                self._release_spilled(child)
-                child.tier, child.block = DEVICE, block
-                self.owner[block] = child
-            child.stamp = next(
-                self.clock
-            )  # a duplicate (child on device already) keeps our block private
-            for callback in self.on_commit:
-                callback(seq, i, child)
-            node = child
-            done = i + 1
-        self.paths[seq.seq_id] = (done, node)
-
-    def free(self, seq: Sequence) -> None:
-        """Release a finished or preempted sequence's blocks (cached ones stay until evicted)."""
-        stamp = next(self.clock)
+    def free(self, seq: Sequence) -> list[int]:
+        """Drop a sequence's references, last block first; returns the blocks that went idle
+        (kept by the cache, used by nobody now) in that order. The others are free again."""
+        idle = []
         for block in reversed(seq.block_table):
             self.ref[block] -= 1
             if self.ref[block] > 0:
                 continue
-            node = self.owner[block]
-            if node is None:
-                self.free_blocks.append(block)
+            if self.kept[block]:
+                self.n_idle += 1
+                idle.append(block)
             else:
-                node.stamp = stamp
-                self.n_evictable += 1
-                self._push(DEVICE, node)
+                self.free_blocks.append(block)
         seq.block_table = []
-        self.paths.pop(seq.seq_id, None)
+        return idle
 
-    # ------------------------------------------------------------------ eviction and tiers
+    # ------------------------------------------------------------------ per block
 
-    def _push(self, tier: str, node: PrefixNode) -> None:
-        heapq.heappush(self.lru[tier], (node.stamp, -node.depth, next(self.tiebreak), node))
-
-    def _pop_lru(self, tier: str) -> PrefixNode | None:
-        heap = self.lru[tier]
-        while heap:
-            stamp, _, _, node = heapq.heappop(heap)
-            if node.tier != tier or node.stamp != stamp:
-                continue  # stale entry: the node was used, moved or dropped since
-            if tier == DEVICE and self.ref[node.block] != 0:
-                continue
-            return node
-        return None
-
-    def _take(self) -> int:
-        if self.free_blocks:
-            return self.free_blocks.popleft()
-        node = self._pop_lru(DEVICE)
-        if node is None:
+    def take(self) -> int:
+        """A fresh block with one reference: a free one, else an idle one the evictor gives up."""
+        if not self.free_blocks and self.n_idle and self.evictor is not None:
+            self.evictor.evict()
+        if not self.free_blocks:
             raise RuntimeError(
                 "no free or evictable KV block (callers check can_admit / can_append first)"
             )
-        block = node.block
-        self.owner[block], node.block = None, -1
-        self.n_evictable -= 1
-        self.stats["evicted"] += 1
-        slot = self._host_slot() if self.host_capacity else None
-        if slot is not None:
-            self.kv.device_to_host(block, slot)
-            node.tier, node.host_slot = HOST, slot
-            self._push(HOST, node)
-            self.stats["spilled_host"] += 1
-        else:
-            node.tier = GONE
-            self._drop(node)
+        block = self.free_blocks.popleft()
+        self.ref[block] = 1
         return block
 
-    def _host_slot(self) -> int | None:
-        """A free host slot, moving the least recently used host block to disk (or dropping it)."""
-        if self.host_free:
-            return self.host_free.pop()
-        node = self._pop_lru(HOST)
-        if node is None:  # every host block is being restored right now
-            return None
-        slot = node.host_slot
-        if self.disk_capacity:
-            name = f"{id(self):x}-{next(self.tiebreak)}"
-            extras = {
-                f"{version}/{key}": t
-                for version, page in node.pages.items()
-                for key, t in page.items()
-            }
-            self.kv.host_to_disk(slot, name, extras)
-            node.pages = dict.fromkeys(node.pages)  # the tensors are in the file now
-            node.tier, node.host_slot, node.disk_name, node.saved_at = DISK, -1, name, time.time()
-            self.n_disk += 1
-            self._push(DISK, node)
-            self.stats["spilled_disk"] += 1
-            while self.n_disk > self.disk_capacity and (victim := self._pop_lru(DISK)) is not None:
-                self._drop(victim)
-        else:
-            node.tier, node.host_slot = GONE, -1
-            self._drop(node)
-        return slot
+    def share(self, block: int) -> None:
+        """One more sequence uses a kept block (a prefix hit); an idle one is in use again."""
+        if self.ref[block] == 0:
+            self.n_idle -= 1
+        self.ref[block] += 1
 
-    def _restore(self, node: PrefixNode) -> None:
-        block = self._take()
-        if node.tier == HOST:
-            self.kv.host_to_device(node.host_slot, block)
-            self.stats["restored_host"] += 1
-        else:
-            extras = self.kv.disk_to_device(node.disk_name, block)
-            for version in node.pages:
-                prefix = f"{version}/"
-                node.pages[version] = {
-                    k.removeprefix(prefix): t for k, t in extras.items() if k.startswith(prefix)
-                }
-            self.stats["restored_disk"] += 1
-        self._release_spilled(node)
-        node.tier, node.block = DEVICE, block
-        self.owner[block], self.ref[block] = node, 1
+    def keep(self, block: int) -> None:
+        """The prefix cache keeps this block's KV (the block is in use now)."""
+        self.kept[block] = True
 
-    def _release_spilled(self, node: PrefixNode) -> None:
-        if node.tier == HOST:
-            self.host_free.append(node.host_slot)
-            node.host_slot = -1
-        elif node.tier == DISK:
-            self.kv.delete(node.disk_name)
-            self.n_disk -= 1
-            node.disk_name = ""
-            node.pages = {
-                version: page for version, page in node.pages.items() if page is not None
-            }  # lost with the file
-
-    def _drop(self, node: PrefixNode) -> None:
-        """Remove a node and its subtree from the trie (their prefixes are no longer cached)."""
-        if node.parent is not None:
-            node.parent.children.pop(node.tokens, None)
-        for member in node.subtree():
-            if member.tier == DEVICE:
-                self.owner[member.block] = None
-                if self.ref[member.block] == 0:  # idle cached block: plainly free now
-                    self.n_evictable -= 1
-                    self.free_blocks.append(member.block)
-            else:
-                self._release_spilled(member)
-            member.tier = GONE
-        self.stats["dropped"] += 1
+    def let_go(self, block: int) -> None:
+        """The prefix cache stops keeping this block: idle, it is plainly free now."""
+        self.kept[block] = False
+        if self.ref[block] == 0:
+            self.n_idle -= 1
+            self.free_blocks.append(block)
 
     def check(self) -> None:
-        """Accounting invariants (tests call this): every block is free, referenced or evictable."""
-        referenced = {b for b in range(self.num_blocks) if self.ref[b] > 0}
-        idle_cached = {
-            b for b in range(self.num_blocks) if self.ref[b] == 0 and self.owner[b] is not None
-        }
-        assert len(self.free_blocks) == len(set(self.free_blocks)), "a block is free twice"
-        assert not (set(self.free_blocks) & (referenced | idle_cached)), "a free block is in use"
-        assert len(idle_cached) == self.n_evictable, "evictable count drifted"
-        assert len(self.free_blocks) + len(referenced) + len(idle_cached) == self.num_blocks, (
-            "a block leaked"
-        )
+        """Accounting invariants (tests call this): every block is free, used or idle."""
+        used = {b for b in range(self.num_blocks) if self.ref[b] > 0}
+        idle = {b for b in range(self.num_blocks) if self.ref[b] == 0 and self.kept[b]}
+        free = set(self.free_blocks)
+        assert len(self.free_blocks) == len(free), "a block is free twice"
+        assert not (free & (used | idle)), "a free block is in use"
+        assert len(idle) == self.n_idle, "idle count drifted"
+        assert len(free) + len(used) + len(idle) == self.num_blocks, "a block leaked"

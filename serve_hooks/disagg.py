@@ -1,8 +1,9 @@
 """Prefill/decode disaggregation: M prefill and N decode engines in separate processes.
 
     llm = DisaggregatedLLM("smollm2-135m", n_prefill=1, n_decode=2, block_size=16,
-                           saes=["out/sae/blocks.15.hook_resid_post"])   # optional: features per token
-    outs = llm.generate(prompts, SamplingParams(max_tokens=64))  # [{tokens, reason, text, features}]
+                           saes=["out/sae/blocks.15.hook_resid_post"])  # optional: features
+    outs = llm.generate(prompts, SamplingParams(max_tokens=64))
+    outs[0]   # {tokens, reason, text, features}
     llm.close()
 
 Ranks of one torch.distributed group (gloo here, NCCL on GPUs): 0 is this process (the router),
@@ -29,8 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from sae.models import load_model
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine import Handoff, LLMEngine, RequestOutput
+from serve_hooks.hook import FeatureHook
 from serve_hooks.sequence import SamplingParams
 
 ROUTER = 0
@@ -48,9 +51,7 @@ class Link:
 
     def __init__(self, store: dist.Store, rank: int) -> None:
         self.store, self.rank, self.seen = store, rank, 0
-        self.pending: list[
-            tuple[object, torch.Tensor]
-        ] = []  # isends in flight (buffers kept alive)
+        self.pending: list[tuple[object, torch.Tensor]] = []  # isends in flight (kept alive)
 
     def send(self, dst: int, body: dict, tensors: tuple[torch.Tensor, ...] = ()) -> None:
         tensors = tuple(t.contiguous() for t in tensors)
@@ -97,8 +98,6 @@ def _worker(
     engine = _load_engine(settings, weights)
     hook = None
     if hook_spec.get("saes") or hook_spec.get("probes"):
-        from serve_hooks.hook import FeatureHook
-
         hook = FeatureHook(
             engine,
             hook_spec.get("saes", ()),
@@ -114,32 +113,7 @@ def _worker(
     running = True
     while running or engine.has_unfinished():
         for body, tensors in link.poll():
-            if body["op"] == "stop":
-                running = False
-            elif body["op"] == "prefill":
-                seq = engine.add_request(
-                    body["prompt"],
-                    SamplingParams(**body["params"]),
-                    body["cache_key"],
-                    prefill_only=True,
-                )
-                routes[seq.seq_id] = (body["id"], body["decode"])
-            else:  # "decode": a handed-over request
-                params = SamplingParams(**body["params"])
-                extras = dict(
-                    zip(body["extras"], tensors[3:], strict=True)
-                )  # feature pages, if any
-                handoff = Handoff(
-                    tensors[0],
-                    tensors[1],
-                    body["computed"],
-                    tensors[2],
-                    params,
-                    body["cache_key"],
-                    extras,
-                )
-                seq = engine.add_prefilled(body["prompt"], body["output"], handoff)
-                routes[seq.seq_id] = (body["id"], ROUTER)
+            running = _receive(engine, body, tensors, routes) and running
         if not engine.has_unfinished():
             time.sleep(0.001)
             continue
@@ -155,6 +129,27 @@ def _worker(
     link.flush()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _receive(
+    engine: LLMEngine, body: dict, tensors: list[torch.Tensor], routes: dict[int, tuple[str, int]]
+) -> bool:
+    """Act on one message from the router or a prefill worker; False when told to stop."""
+    if body["op"] == "stop":
+        return False
+    if body["op"] == "prefill":
+        params = SamplingParams(**body["params"])
+        seq = engine.add_request(body["prompt"], params, body["cache_key"], prefill_only=True)
+        routes[seq.seq_id] = (body["id"], body["decode"])
+        return True
+    # "decode": a handed-over request; its KV, generator state, then feature pages if any.
+    k, v, generator_state, *pages = tensors
+    extras = dict(zip(body["extras"], pages, strict=True))
+    params = SamplingParams(**body["params"])
+    handoff = Handoff(k, v, body["computed"], generator_state, params, body["cache_key"], extras)
+    seq = engine.add_prefilled(body["prompt"], body["output"], handoff)
+    routes[seq.seq_id] = (body["id"], ROUTER)
+    return True
 
 
 def _forward(
@@ -192,15 +187,14 @@ def _forward(
 
 
 def _load_engine(settings: dict, weights: str) -> LLMEngine:
-    from sae.models import load_model
-
     cfg = EngineConfig(**settings)
     model = load_model(cfg.model, cfg.device)
     if weights:
         missing, unexpected = model.fast.load_state_dict(load_file(weights), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(
-                f"weights {weights} do not fit {cfg.model}: missing {missing}, unexpected {unexpected}"
+                f"weights {weights} do not fit {cfg.model}: missing {missing}, "
+                f"unexpected {unexpected}"
             )
     return LLMEngine(cfg, model)
 
@@ -259,7 +253,8 @@ class DisaggregatedLLM:
         params: SamplingParams | None = None,
         cache_key: str = "",
     ) -> list[dict]:
-        """Run prompts through prefill and decode workers; returns {tokens, reason, text} in order."""
+        """Run prompts through prefill and decode workers; returns {tokens, reason, text} per
+        prompt, in order."""
         params = params or SamplingParams()
         ids = []
         for i, prompt in enumerate(prompts):

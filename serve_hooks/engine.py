@@ -1,8 +1,9 @@
-"""The engine loop: add requests, `step()` until done. `LLM` is the one-call facade.
+"""The engine loop: add requests, `step()` until done (`serve_hooks.llm.LLM` wraps it in one call).
 
-    llm = LLM("smollm2-135m", max_num_batched_tokens=256)
-    outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))
-    outs[0].text, outs[0].token_ids, outs[0].finish_reason
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", max_num_batched_tokens=256))
+    seq = engine.add_request("Once upon a time", SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...   # RequestOutput per request that produced a token
 
 A step: the scheduler picks chunks → the runner computes them in one flattened forward → new full
 blocks enter the prefix cache → each request whose chunk reached its last token samples one token
@@ -15,17 +16,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from probes.sampling import sample_token
 from sae.models import LoadedModel, load_model
 from serve_hooks.block_manager import BlockManager
 from serve_hooks.config import EngineConfig
+from serve_hooks.engine_hook import EngineHook
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.model_runner import ModelRunner
+from serve_hooks.prefix_cache import PrefixCache
 from serve_hooks.scheduler import Scheduler
 from serve_hooks.sequence import SamplingParams, Sequence
 
@@ -54,9 +57,8 @@ class Handoff:
     generator_state: Tensor  # the request's sampling generator after its first token
     params: SamplingParams
     cache_key: str = ""
-    extras: dict[str, Tensor] = field(
-        default_factory=dict
-    )  # per-token data of hooks (feature pages)
+    # Per-token data of hooks (feature pages), from `EngineHook.on_handoff`.
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -86,27 +88,35 @@ class LLMEngine:
             host_blocks=cfg.host_blocks,
             disk_dir=cfg.disk_dir,
         )
-        self.blocks = BlockManager(
-            num_blocks,
-            cfg.block_size,
+        # Attached hooks, in call order; the runner and the prefix cache share this list.
+        self.hooks: list[EngineHook] = []
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.cache = PrefixCache(
+            self.blocks,
             cfg.enable_prefix_cache,
             self.kv,
             cfg.host_blocks,
             cfg.disk_blocks,
             cfg.disk_ttl_s,
+            self.hooks,
         )
-        self.scheduler = Scheduler(cfg, self.blocks)
-        self.runner = ModelRunner(hf, self.kv)
+        self.scheduler = Scheduler(cfg, self.blocks, self.cache)
+        self.runner = ModelRunner(hf, self.kv, self.hooks)
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_id = self.tokenizer.eos_token_id
-        self.imports: deque[tuple[Sequence, Handoff]] = (
-            deque()
-        )  # handed-over requests waiting for blocks
-        # Hooks that keep per-request state add it to a handoff and take it back on import.
-        self.on_handoff: list[Callable[[Sequence, Handoff], None]] = []
-        self.on_import: list[Callable[[Sequence, Handoff], None]] = []
-        self.on_abort: list[Callable[[int], None]] = []  # hooks drop a cancelled request's state
+        self.imports: deque[tuple[Sequence, Handoff]] = deque()  # handed over, waiting for blocks
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # ------------------------------------------------------------------ hooks
+
+    def attach(self, hook: EngineHook) -> None:
+        """Run `hook` inside this engine from the next step on (see serve_hooks.engine_hook)."""
+        for point in sorted(hook.points):
+            self.runner.check_point(point)
+        self.hooks.append(hook)
+
+    def detach(self, hook: EngineHook) -> None:
+        self.hooks.remove(hook)
 
     # ------------------------------------------------------------------ requests
 
@@ -122,7 +132,8 @@ class LLMEngine:
         cache_key: str = "",
         prefill_only: bool = False,
     ) -> Sequence:
-        """Queue a request. prefill_only: stop after the first token and hand the KV over (see Handoff)."""
+        """Queue a request. prefill_only: stop after the first token and hand the KV over (see
+        Handoff)."""
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
         vocab = self.runner.lm_head.out_features
@@ -132,14 +143,15 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
-                f"the prompt has {len(ids)} tokens; this engine's context limit is {self.max_model_len} "
-                "(prompt + at least one generated token)"
+                f"the prompt has {len(ids)} tokens; this engine's context limit is "
+                f"{self.max_model_len} (prompt + at least one generated token)"
             )
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
             raise ValueError(
-                f"prompt + max_tokens = {total} tokens needs {self.blocks.blocks_for(total)} KV blocks, "
-                f"the pool has {self.blocks.num_blocks}: lower max_tokens or enlarge the pool"
+                f"prompt + max_tokens = {total} tokens needs {self.blocks.blocks_for(total)} KV "
+                f"blocks, the pool has {self.blocks.num_blocks}: lower max_tokens or enlarge "
+                "the pool"
             )
         seq = Sequence(ids, params, cache_key=cache_key, arrival_time=time.monotonic())
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + seq.seq_id
@@ -152,7 +164,7 @@ class LLMEngine:
     def add_prefilled(
         self, prompt_ids: list[int], output_ids: list[int], handoff: Handoff
     ) -> Sequence:
-        """Continue a request another engine prefilled: import its KV blocks and decode from there."""
+        """Continue a request another engine prefilled: import its KV blocks, decode from there."""
         seq = Sequence(
             list(prompt_ids),
             handoff.params,
@@ -179,17 +191,17 @@ class LLMEngine:
             self.blocks.append(seq, handoff.num_computed)
             self.kv.scatter(seq.block_table, handoff.k, handoff.v)
             seq.num_computed = handoff.num_computed
-            for callback in self.on_import:
-                callback(seq, handoff)
-            self.blocks.commit(seq)  # the imported prefix is now cached here too
+            for hook in self.hooks:
+                hook.on_import(seq, handoff.extras)
+            self.cache.commit(seq)  # the imported prefix is now cached here too
             self.scheduler.start(seq)
 
     def abort(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
-        for callback in self.on_abort:
-            callback(seq_id)
+        for hook in self.hooks:
+            hook.on_abort(seq_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self.imports)
@@ -205,25 +217,22 @@ class LLMEngine:
         logits = self.runner.forward(ids, ctx)  # [len(ctx.logit_seqs), vocab]
         for seq, n in scheduled:
             seq.num_computed += n
-            self.blocks.commit(seq)
+            self.cache.commit(seq)
         self.stats["steps"] += 1
         outputs = []
         for row, i in enumerate(ctx.logit_seqs):
             seq = ctx.seqs[i]
-            token = sample(logits[row], seq.params, seq.generator)
+            params = seq.params
+            token = sample_token(
+                logits[row], seq.generator, params.temperature, params.top_k, params.top_p
+            )
             if seq.first_token_time is None:
                 seq.first_token_time = time.monotonic()
             seq.output_ids.append(token)
             reason = self._stop_reason(seq, token)
             handoff = None
             if reason is None and seq.prefill_only:  # export before the blocks are released
-                k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
-                handoff = Handoff(
-                    k, v, seq.num_computed, seq.generator.get_state(), seq.params, seq.cache_key
-                )
-                for callback in self.on_handoff:
-                    callback(seq, handoff)
-                reason = "prefilled"
+                handoff, reason = self._handoff(seq), "prefilled"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.seqs.pop(seq.seq_id, None)
@@ -233,6 +242,16 @@ class LLMEngine:
         self.stats["decode_tokens"] += decoded
         self.stats["prefill_tokens"] += int(ids.numel()) - decoded
         return outputs
+
+    def _handoff(self, seq: Sequence) -> Handoff:
+        """What a decode engine needs to continue a prefilled request: its KV, generator state
+        and every hook's per-request tensors."""
+        k, v = self.kv.gather(seq.block_table[: self.blocks.blocks_for(seq.num_computed)])
+        state = seq.generator.get_state()
+        handoff = Handoff(k, v, seq.num_computed, state, seq.params, seq.cache_key)
+        for hook in self.hooks:
+            handoff.extras.update(hook.on_handoff(seq))
+        return handoff
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -282,77 +301,3 @@ class LLMEngine:
                 if out.finished:
                     final[out.seq_id] = out
         return [final[s.seq_id] for s in seqs]
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a logits row: greedy at temperature 0, else temperature, top-k, top-p."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    scaled = logits.float().cpu() / params.temperature
-    if params.top_k and params.top_k < scaled.numel():
-        kth = scaled.topk(params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = scaled.sort(descending=True)
-        probs = ordered.softmax(-1)
-        outside = probs.cumsum(-1) - probs > params.top_p  # keep the smallest head reaching top_p
-        scaled[order[outside]] = float("-inf")
-    return int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
-
-
-class LLM:
-    """`LLM(model, **engine settings).generate(prompts, SamplingParams)` (vLLM's offline API).
-
-    With `saes` / `probes` a `FeatureHook` runs inside the engine and every output carries
-    `.features` (per-token top-n codes per SAE hook and scores per probe, for every token the
-    model read: the prompt and all generated tokens but the last) and `.features.triggers` (each
-    probe's pooled score and whether it fired). With `graph` (a graph
-    autoencoder directory, optionally `transition`) `.features.predictions` explains every
-    generated token as reasoning paths (see serve_hooks.paths). `steering=(vector, hook)`
-    adds a vector at a residual hook for that call's requests (they get their own KV namespace).
-    """
-
-    def __init__(
-        self,
-        model: str | LoadedModel = "smollm2-135m",
-        saes=(),
-        probes=(),
-        top_n: int = 8,
-        graph=None,
-        transition=None,
-        **settings,
-    ) -> None:
-        name = model if isinstance(model, str) else model.name
-        self.engine = LLMEngine(
-            EngineConfig(model=name, **settings), None if isinstance(model, str) else model
-        )
-        self.hook = None
-        if saes or probes or graph:
-            from serve_hooks.hook import FeatureHook  # the hook imports this module
-
-            self.hook = FeatureHook(
-                self.engine, saes, probes, top_n, graph=graph, transition=transition
-            )
-
-    def generate(
-        self,
-        prompts,
-        params: SamplingParams | list[SamplingParams] | None = None,
-        steering: tuple[Tensor, str] | None = None,
-    ) -> list[RequestOutput]:
-        if steering is not None and self.hook is None:
-            from serve_hooks.hook import FeatureHook
-
-            self.hook = FeatureHook(self.engine)
-        key = self.hook.steer(*steering) if steering is not None else ""
-        outs = self.engine.generate(
-            prompts if isinstance(prompts, list) else [prompts], params, cache_key=key
-        )
-        if self.hook is not None:
-            for out in outs:
-                out.features = self.hook.release(out.seq_id)
-                if out.features is not None:
-                    ids = out.prompt_token_ids + out.token_ids
-                    out.features.triggers = self.hook.pooled(out.features, ids)
-                    out.features.predictions = self.hook.explain(out.features, ids)
-        return outs

@@ -1,6 +1,8 @@
 """Harvest from live traffic: residual streams of served requests into an activation store.
 
-    harvester = TrafficHarvester(engine, "out/live-store", hooks=["blocks.15.hook_resid_post"], sample=0.1)
+    harvester = TrafficHarvester(
+        engine, "out/live-store", hooks=["blocks.15.hook_resid_post"], sample=0.1
+    )
     ... serve ...
     harvester.close()   # last partial shard, manifest marked complete
 
@@ -24,11 +26,12 @@ from torch import Tensor
 
 from sae.harvest import DTYPES
 from sae.store import StoreManifest, StoreWriter
+from serve_hooks.context import StepContext
 from serve_hooks.engine import LLMEngine
-from serve_hooks.model_runner import StepContext
+from serve_hooks.engine_hook import EngineHook
 
 
-class TrafficHarvester:
+class TrafficHarvester(EngineHook):
     def __init__(
         self,
         engine: LLMEngine,
@@ -57,12 +60,8 @@ class TrafficHarvester:
             keep_bos=True,
         )
         self.writer = StoreWriter.open(out, manifest)
-        self.hooks, self.sample, self.shard_tokens, self.dtype = (
-            list(hooks),
-            sample,
-            shard_tokens,
-            DTYPES[dtype],
-        )
+        self.engine, self.hooks, self.points = engine, list(hooks), set(hooks)
+        self.sample, self.shard_tokens, self.dtype = sample, shard_tokens, DTYPES[dtype]
         self.last_hook = max(self.hooks, key=lambda h: (int(h.split(".")[1]), h))
         self.seen: dict[int, int] = {}  # seq_id -> positions already recorded
         self.step_rows: dict[str, Tensor] = {}
@@ -73,20 +72,17 @@ class TrafficHarvester:
             target=self._write_loop, name="greylens-live-harvest", daemon=True
         )
         self.thread.start()
-        self._remove = [engine.runner.add_hook(h, self._recorder(h)) for h in self.hooks]
+        engine.attach(self)
 
     def _sampled(self, seq_id: int) -> bool:
         digest = hashlib.sha256(str(seq_id).encode()).digest()
         return int.from_bytes(digest[:4], "little") / 2**32 < self.sample
 
-    def _recorder(self, hook: str):
-        def record(rows: Tensor, ctx: StepContext) -> None:
-            self.step_rows[hook] = rows
-            if hook == self.last_hook:  # every hook of this step has been seen
-                self._take(ctx)
-                self.step_rows = {}
-
-        return record
+    def on_layer(self, point: str, rows: Tensor, ctx: StepContext) -> None:
+        self.step_rows[point] = rows
+        if point == self.last_hook:  # every hook of this step has been seen
+            self._take(ctx)
+            self.step_rows = {}
 
     def _take(self, ctx: StepContext) -> None:
         cu = ctx.cu_seqlens_q.tolist()
@@ -124,8 +120,7 @@ class TrafficHarvester:
 
     def close(self) -> StoreManifest:
         """Write what is buffered, wait for the writer, mark the store complete."""
-        for remove in self._remove:
-            remove()
+        self.engine.detach(self)
         self._flush()
         self.jobs.put(None)
         self.thread.join()

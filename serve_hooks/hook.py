@@ -1,18 +1,22 @@
 """SAE features, probe scores and steering inside the engine, with the KV cache left intact.
 
-    hook = FeatureHook(engine, saes=["out/sae/blocks.15.hook_resid_post"], probes=["out/probes/code"])
+    hook = FeatureHook(
+        engine, saes=["out/sae/blocks.15.hook_resid_post"], probes=["out/probes/code"]
+    )
     seq = engine.add_request(ids, params)
     ... engine.step() ...
     hook.features(seq.seq_id)   # per-token top-n codes per SAE and scores per probe
 
-Per hooked layer the hook reads the flattened batch once (the runner's hook point), encodes
-every row, and writes each request's rows at their positions (`StepContext` maps rows to
-requests). Writes *overwrite*, so a chunk computed again after preemption by recompute leaves
-no duplicates. Every full KV block that enters the prefix cache gets a feature page beside it
-(keyed by the hook's version: the SAE and probe weights); a prefix hit copies the pages into the
-new request instead of losing those positions, and a cached block without a page for this
-version is not matched at all, so the request recomputes rather than returning holes. Pages
-live on the trie node, so they are evicted with the block and follow it to host memory and disk.
+`FeatureHook` is an `EngineHook` (serve_hooks.engine_hook): it attaches itself to the engine
+and the engine calls it, nothing else. Per hooked layer the hook reads the flattened batch once
+(`on_layer`), encodes every row, and writes each request's rows at their positions
+(`StepContext` maps rows to requests). Writes *overwrite*, so a chunk computed again after
+preemption by recompute leaves no duplicates. Every full KV block that enters the prefix cache
+gets a feature page beside it (`block_page`, keyed by the hook's version: the SAE and probe
+weights); a prefix hit copies the pages into the new request (`on_admit`) instead of losing those
+positions, and a cached block without a page for this version is not matched at all, so the
+request recomputes rather than returning holes. Pages live on the trie node, so they are evicted
+with the block and follow it to host memory and disk.
 
 Which requests pay: with `watch_all=True` (the offline `LLM`) every request gets features; with
 `watch_all=False` (the HTTP server) only requests passed to `watch(seq_id)` do, the others skip
@@ -39,100 +43,20 @@ from torch import Tensor
 
 from probes.activations import Ragged, load_encoder, pool
 from probes.probe import Probe
-from serve_hooks.block_manager import PrefixNode
+from serve_hooks.context import StepContext
 from serve_hooks.engine import LLMEngine
-from serve_hooks.model_runner import StepContext
+from serve_hooks.engine_hook import EngineHook, Page
+from serve_hooks.features import RequestFeatures
 from serve_hooks.paths import PathRecorder
 from serve_hooks.sequence import Sequence
 
 
-class RequestFeatures:
-    """Per-token results of one request: codes per SAE hook, scores per probe (grown on demand)."""
-
-    def __init__(self, top_n: int) -> None:
-        self.top_n, self.n = top_n, 0
-        self.codes: dict[
-            str, tuple[Tensor, Tensor]
-        ] = {}  # hook -> (indices [cap, top_n], values [cap, top_n])
-        self.scores: dict[str, Tensor] = {}  # probe name -> [cap]
-        self.path_inputs: dict[
-            int, dict
-        ] = {}  # position -> what explaining its prediction needs (with a graph)
-        self.predictions: list[dict] = []  # explained predictions (FeatureHook.explain fills it)
-        self.triggers: dict[
-            str, dict
-        ] = {}  # probe -> pooled score, probability, fired (LLM.generate fills it)
-
-    def _room(self, length: int) -> None:
-        for key, (idx, val) in self.codes.items():
-            if idx.shape[0] < length:
-                self.codes[key] = (_grow(idx, length), _grow(val, length))
-        for key, score in self.scores.items():
-            if score.shape[0] < length:
-                self.scores[key] = _grow(score, length)
-
-    def write_codes(self, hook: str, start: int, idx: Tensor, val: Tensor) -> None:
-        if hook not in self.codes:
-            self.codes[hook] = (
-                torch.zeros(0, self.top_n, dtype=torch.long),
-                torch.zeros(0, self.top_n),
-            )
-        self._room(start + idx.shape[0])
-        self.codes[hook][0][start : start + idx.shape[0]] = idx
-        self.codes[hook][1][start : start + idx.shape[0]] = val
-        self.n = max(self.n, start + idx.shape[0])
-
-    def write_scores(self, probe: str, start: int, scores: Tensor) -> None:
-        if probe not in self.scores:
-            self.scores[probe] = torch.zeros(0)
-        self._room(start + scores.shape[0])
-        self.scores[probe][start : start + scores.shape[0]] = scores
-        self.n = max(self.n, start + scores.shape[0])
-
-    def page(self, start: int, end: int) -> dict[str, Tensor]:
-        """Positions [start, end) as flat named tensors: `codes.indices.<hook>`, `codes.values.<hook>`,
-        `scores.<probe>` (the form feature pages, handoffs and disk files all use)."""
-        page = {}
-        for hook, (idx, val) in self.codes.items():
-            page[f"codes.indices.{hook}"], page[f"codes.values.{hook}"] = (
-                idx[start:end].clone(),
-                val[start:end].clone(),
-            )
-        for probe, scores in self.scores.items():
-            page[f"scores.{probe}"] = scores[start:end].clone()
-        return page
-
-    def fill(self, start: int, page: dict[str, Tensor]) -> None:
-        for name, tensor in page.items():
-            kind, _, rest = name.partition(".")
-            if kind == "scores":
-                self.write_scores(rest, start, tensor)
-            elif rest.startswith("indices."):
-                hook = rest.removeprefix("indices.")
-                self.write_codes(hook, start, tensor, page[f"codes.values.{hook}"])
-
-    def to_json(self) -> dict:
-        return {
-            "codes": {
-                h: {"indices": i[: self.n].tolist(), "values": v[: self.n].tolist()}
-                for h, (i, v) in self.codes.items()
-            },
-            "probes": {p: s[: self.n].tolist() for p, s in self.scores.items()},
-        }
-
-
-def _grow(t: Tensor, length: int) -> Tensor:
-    out = t.new_zeros((max(length, 2 * t.shape[0]), *t.shape[1:]))
-    out[: t.shape[0]] = t
-    return out
-
-
-class FeatureHook:
+class FeatureHook(EngineHook):
     def __init__(
         self,
         engine: LLMEngine,
-        saes: Seq = (),
-        probes: Seq = (),
+        saes: Seq[object | str | Path] = (),
+        probes: Seq[Probe | str | Path] = (),
         top_n: int = 8,
         watch_all: bool = True,
         graph: str | Path | None = None,
@@ -142,13 +66,31 @@ class FeatureHook:
             raise ValueError(f"top_n must be at least 1, got {top_n}")
         self.engine, self.top_n, self.watch_all = engine, top_n, watch_all
         self.watched: set[int] = set()  # requests that get features when watch_all is off
-        self.saes = {}  # hook -> encoder
         self.paths = PathRecorder(engine, graph, transition) if graph is not None else None
+        self.saes: dict[str, object] = {}  # hook -> encoder (an SAE, or the graph autoencoder)
+        self.probes: dict[str, Probe] = {}
+        sources = self._load_saes(saes, graph)
+        self._load_probes(probes, sources)
+        self.version = self._fingerprint()
+        self.requests: dict[int, RequestFeatures] = {}
+        self.stats: Counter[str] = Counter()  # encoded_rows, reused_tokens (from feature pages)
+        self.steering: dict[str, tuple[str, Tensor]] = {}  # cache key -> (hook, vector)
+        # Points whose rows are encoded and scored (and steered, when a vector sits there too).
+        self._reads = set(self.saes) | {p.hook for p in self.probes.values()}
+        # With a graph: where the target SAE and the final RMS are read at the prediction rows.
+        self._path_points = set(self.paths.extra_hooks) if self.paths is not None else set()
+        self._steer_only: set[str] = set()  # steering points that are read for nothing else
+        self.points = self._reads | self._path_points
+        engine.attach(self)
+
+    def _load_saes(
+        self, saes: Seq[object | str | Path], graph: str | Path | None
+    ) -> dict[str, Path]:
+        """Fill self.saes; returns hook -> directory of the encoders loaded from one."""
+        sources = {}
         if self.paths is not None:
             self.saes[self.paths.source_hook] = self.paths.encoder
-        sources = (
-            {self.paths.source_hook: Path(graph).resolve()} if self.paths is not None else {}
-        )  # hook -> dir
+            sources[self.paths.source_hook] = Path(graph).resolve()
         for item in saes:
             encoder = load_encoder(item) if isinstance(item, str | Path) else item
             if encoder.cfg.hook in self.saes:
@@ -159,14 +101,15 @@ class FeatureHook:
             self.saes[encoder.cfg.hook] = encoder
             if isinstance(item, str | Path):
                 sources[encoder.cfg.hook] = Path(item).resolve()
-        self.probes = {}
+        return sources
+
+    def _load_probes(self, probes: Seq[Probe | str | Path], sources: dict[str, Path]) -> None:
+        """Fill self.probes (name -> probe); a sparse or graph probe reads the code of its own
+        SAE, loaded here unless that SAE is the one attached at its hook."""
         for item in probes:
             probe = item if isinstance(item, Probe) else Probe.load(item)
             self.probes[probe.name or f"{probe.kind}-{len(self.probes)}"] = probe
-        for (
-            name,
-            probe,
-        ) in self.probes.items():  # a sparse or graph probe reads the code of its own SAE
+        for name, probe in self.probes.items():
             if not probe.needs_code:
                 continue
             if probe.hook not in self.saes:
@@ -177,36 +120,16 @@ class FeatureHook:
                 and Path(probe.sae).resolve() != sources[probe.hook]
             ):
                 raise ValueError(
-                    f"probe {name!r} reads the code of {probe.sae}, but {sources[probe.hook]} is attached "
-                    f"at {probe.hook}: attach the probe's own SAE there or leave the hook free"
+                    f"probe {name!r} reads the code of {probe.sae}, but {sources[probe.hook]} is "
+                    f"attached at {probe.hook}: attach the probe's own SAE there or leave the "
+                    "hook free"
                 )
-        self.version = self._fingerprint()
-        self.requests: dict[int, RequestFeatures] = {}
-        self.stats: Counter[str] = Counter()  # encoded_rows, reused_tokens (from feature pages)
-        self.steering: dict[str, tuple[str, Tensor]] = {}  # cache key -> (hook, vector)
-        self._hooked = set(self.saes) | {p.hook for p in self.probes.values()}
-        self._remove = [engine.runner.add_hook(h, self._reader(h)) for h in sorted(self._hooked)]
-        if (
-            self.paths is not None
-        ):  # the target SAE and the final RMS are read at the prediction rows
-            self._remove += [
-                engine.runner.add_hook(h, self._path_reader(h)) for h in self.paths.extra_hooks
-            ]
-        blocks = engine.blocks
-        blocks.page_filter = lambda seq, node: not self.wants(seq) or self.version in node.pages
-        blocks.on_admit.append(self._admitted)
-        blocks.on_commit.append(self._committed)
-        engine.on_handoff.append(self._handoff)
-        engine.on_import.append(self._imported)
-        engine.on_abort.append(self.release)
 
     def _fingerprint(self) -> str:
         """Identity of everything that produces pages: SAE weights, probe weights, top_n."""
         digest = hashlib.sha256(str(self.top_n).encode())
         for hook, encoder in sorted(self.saes.items()):
-            module = (
-                encoder.model if hasattr(encoder, "model") else encoder
-            )  # graph autoencoder or SAE
+            module = encoder.model if hasattr(encoder, "model") else encoder  # graph AE or SAE
             digest.update(hook.encode())
             for name, tensor in sorted(module.state_dict().items()):
                 digest.update(
@@ -218,6 +141,65 @@ class FeatureHook:
             )
             digest.update(f"{probe.bias}".encode())
         return digest.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ the engine's calls
+
+    def on_layer(self, point: str, rows: Tensor, ctx: StepContext) -> Tensor | None:
+        steered = None
+        if point in self._reads:
+            chosen, index, offsets = self._rows(ctx)
+            if chosen:
+                x = (rows if index is None else rows[index]).float()  # [n_watched_rows, d_model]
+                self._record(point, x, ctx, chosen, offsets)
+            steered = self._steer(point, rows, ctx)
+        if point in self._path_points:  # reads what later layers will see: steered rows
+            chosen, _, _ = self._rows(ctx)
+            if chosen:
+                self.paths.keep_extra(point, rows if steered is None else steered, ctx, chosen)
+        if point in self._steer_only:
+            steered = self._steer(point, rows, ctx)
+        return steered
+
+    def page_version(self, seq: Sequence) -> str | None:
+        return self.version if self.wants(seq) else None
+
+    def block_page(self, seq: Sequence, start: int, end: int) -> Page | None:
+        state = self.requests.get(seq.seq_id)
+        return None if state is None else state.page(start, end)
+
+    def on_admit(self, seq: Sequence, pages: list[Page]) -> None:
+        if not self.wants(seq):
+            return
+        state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)  # a fresh (re)admission
+        if self.paths is not None:
+            self.paths.reset(seq.seq_id)
+        bs = self.engine.cache.block_size
+        for i, page in enumerate(pages):
+            state.fill(i * bs, page)
+        self.stats["reused_tokens"] += len(pages) * bs
+
+    def on_handoff(self, seq: Sequence) -> dict[str, Tensor]:
+        """Prefill → decode: the prompt's per-token results travel with its KV blocks."""
+        extras = {}
+        state = self.requests.pop(seq.seq_id, None)
+        if state is not None:
+            extras.update(state.page(0, seq.num_computed))
+        if self.paths is not None:  # the prompt's last row predicted the first token
+            extras.update(self.paths.export(seq.seq_id))
+        return extras
+
+    def on_import(self, seq: Sequence, extras: dict[str, Tensor]) -> None:
+        ours = {k: v for k, v in extras.items() if k.startswith(("codes.", "scores."))}
+        if not ours:
+            return  # the prefill side did not watch this request
+        self.watched.add(seq.seq_id)
+        self.requests[seq.seq_id] = RequestFeatures(self.top_n)
+        self.requests[seq.seq_id].fill(0, ours)
+        if self.paths is not None:
+            self.paths.adopt(seq.seq_id, extras)
+
+    def on_abort(self, seq_id: int) -> None:
+        self.release(seq_id)
 
     # ------------------------------------------------------------------ per step
 
@@ -236,16 +218,6 @@ class FeatureHook:
         for span in spans:
             offsets.append(offsets[-1] + len(span))
         return chosen, torch.cat(spans) if spans else None, offsets
-
-    def _reader(self, hook: str):
-        def read(rows: Tensor, ctx: StepContext) -> Tensor | None:
-            chosen, index, offsets = self._rows(ctx)
-            if chosen:
-                x = (rows if index is None else rows[index]).float()  # [n_watched_rows, d_model]
-                self._record(hook, x, ctx, chosen, offsets)
-            return self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())
-
-        return read
 
     def _record(
         self, hook: str, x: Tensor, ctx: StepContext, chosen: list[int], offsets: list[int]
@@ -270,15 +242,8 @@ class FeatureHook:
             for name, s in scores.items():
                 state.write_scores(name, start, s[lo:hi])
 
-    def _path_reader(self, hook: str):
-        def read(rows: Tensor, ctx: StepContext) -> None:
-            chosen, _, _ = self._rows(ctx)
-            if chosen:
-                self.paths.keep_extra(hook, rows, ctx, chosen)
-
-        return read
-
-    def _steer(self, hook: str, rows: Tensor, ctx: StepContext, cu: list[int]) -> Tensor | None:
+    def _steer(self, hook: str, rows: Tensor, ctx: StepContext) -> Tensor | None:
+        cu = ctx.cu_seqlens_q.tolist()
         chosen = [
             (cu[i], cu[i + 1], self.steering[s.cache_key][1])
             for i, s in enumerate(ctx.seqs)
@@ -291,43 +256,6 @@ class FeatureHook:
             rows[lo:hi] += vector.to(rows)
         return rows
 
-    def _admitted(self, seq: Sequence, matched: list[PrefixNode]) -> None:
-        if not self.wants(seq):
-            return
-        state = self.requests[seq.seq_id] = RequestFeatures(self.top_n)  # a fresh (re)admission
-        if self.paths is not None:
-            self.paths.reset(seq.seq_id)
-        bs = self.engine.blocks.block_size
-        for i, node in enumerate(matched):
-            state.fill(i * bs, node.pages[self.version])
-        self.stats["reused_tokens"] += len(matched) * bs
-
-    def _committed(self, seq: Sequence, block_index: int, node: PrefixNode) -> None:
-        if self.version not in node.pages and seq.seq_id in self.requests:
-            bs = self.engine.blocks.block_size
-            node.pages[self.version] = self.requests[seq.seq_id].page(
-                block_index * bs, (block_index + 1) * bs
-            )
-
-    def _handoff(self, seq: Sequence, handoff) -> None:
-        """Prefill → decode: the prompt's per-token results travel with its KV blocks."""
-        state = self.requests.pop(seq.seq_id, None)
-        if state is not None:
-            handoff.extras.update(state.page(0, handoff.num_computed))
-        if self.paths is not None:  # the prompt's last row predicted the first token
-            handoff.extras.update(self.paths.export(seq.seq_id))
-
-    def _imported(self, seq: Sequence, handoff) -> None:
-        if not any(name.startswith(("codes.", "scores.")) for name in handoff.extras):
-            return  # the prefill side did not watch this request
-        self.watched.add(seq.seq_id)
-        self.requests[seq.seq_id] = RequestFeatures(self.top_n)
-        self.requests[seq.seq_id].fill(
-            0, {k: v for k, v in handoff.extras.items() if k.startswith(("codes.", "scores."))}
-        )
-        if self.paths is not None:
-            self.paths.adopt(seq.seq_id, handoff.extras)
-
     # ------------------------------------------------------------------ API
 
     def steer(self, vector: Tensor, hook: str) -> str:
@@ -337,22 +265,18 @@ class FeatureHook:
                 f"steering needs a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}"
             )
         vector = vector.detach().float()
-        if vector.shape != (self.engine.model.d_model,):
+        d_model = self.engine.model.d_model
+        if vector.shape != (d_model,):
             raise ValueError(
-                f"steering vector has shape {tuple(vector.shape)}, expected ({self.engine.model.d_model},)"
+                f"steering vector has shape {tuple(vector.shape)}, expected ({d_model},)"
             )
-        key = (
-            "steer:"
-            + hashlib.sha256(hook.encode() + vector.contiguous().numpy().tobytes()).hexdigest()[:16]
-        )
+        if hook not in self._reads | self._steer_only:  # read points steer in on_layer already
+            self.engine.runner.check_point(hook)
+            self._steer_only.add(hook)
+            self.points.add(hook)
+        digest = hashlib.sha256(hook.encode() + vector.contiguous().numpy().tobytes())
+        key = "steer:" + digest.hexdigest()[:16]
         self.steering[key] = (hook, vector)
-        if hook not in self._hooked:  # read hooks steer too; other points get a steering-only hook
-            self._hooked.add(hook)
-            self._remove.append(
-                self.engine.runner.add_hook(
-                    hook, lambda rows, ctx: self._steer(hook, rows, ctx, ctx.cu_seqlens_q.tolist())
-                )
-            )
         return key
 
     def watch(self, seq_id: int) -> None:
@@ -377,7 +301,8 @@ class FeatureHook:
         self, state: RequestFeatures, token_ids: list[int], names: Seq[str] | None = None
     ) -> dict[str, dict]:
         """Each probe's pooled score over every token the model read but a leading BOS (as Lens
-        pools a text), its probability and whether it fired: {name: {score, probability, fired, threshold}}."""
+        pools a text), its probability and whether it fired:
+        {name: {score, probability, fired, threshold}}."""
         start = 1 if token_ids and token_ids[0] == self.engine.tokenizer.bos_token_id else 0
         summary = {}
         for name in self.probes if names is None else names:
@@ -409,11 +334,4 @@ class FeatureHook:
         return self.paths.explain({p: v for p, v in inputs.items() if p > after}, token_ids, top)
 
     def close(self) -> None:
-        for remove in self._remove:
-            remove()
-        self.engine.blocks.page_filter = None
-        self.engine.blocks.on_admit.remove(self._admitted)
-        self.engine.blocks.on_commit.remove(self._committed)
-        self.engine.on_handoff.remove(self._handoff)
-        self.engine.on_import.remove(self._imported)
-        self.engine.on_abort.remove(self.release)
+        self.engine.detach(self)

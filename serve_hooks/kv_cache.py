@@ -83,7 +83,7 @@ class KVCache:
             raise RuntimeError("the disk tier is off (disk_dir is empty)")
         return self.disk_dir / f"{name}.safetensors"
 
-    # ------------------------------------------------------------------ transfer (prefill -> decode)
+    # ------------------------------------------------------------- transfer (prefill -> decode)
 
     def gather(self, blocks: list[int]) -> tuple[Tensor, Tensor]:
         """K, V of these blocks: [n_layers, len(blocks), block_size, n_kv_heads, head_dim] each."""

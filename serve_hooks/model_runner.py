@@ -8,21 +8,22 @@ time (causal within the chunk, full over the cached context before it), decode r
 requests in one padded call. Weights are the HF model's own modules (RMSNorm, projections, MLP,
 rotary embedding), so numerics follow transformers'.
 
-Hooks see the flattened batch once per layer at TransformerLens names (`blocks.{L}.hook_resid_pre`,
-`hook_attn_out`, `hook_resid_mid`, `hook_mlp_out`, `hook_resid_post`), with a `StepContext` that
-maps rows to requests; a hook may return a replacement tensor (steering).
+Attached `EngineHook`s see the flattened batch once per layer at TransformerLens names
+(`blocks.{L}.hook_resid_pre`, `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out`,
+`hook_resid_post`), with a `StepContext` that maps rows to requests; a hook may return a
+replacement tensor (steering).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from serve_hooks.context import AttentionPlan, StepContext
+from serve_hooks.engine_hook import EngineHook
 from serve_hooks.kv_cache import KVCache
 from serve_hooks.sequence import Sequence
 
@@ -33,49 +34,19 @@ HOOK_POINTS = (
     "hook_mlp_out",
     "hook_resid_post",
 )
-Hook = Callable[[Tensor, "StepContext"], Tensor | None]
-
-
-@dataclass
-class StepContext:
-    """What one step computes: rows [cu_seqlens_q[i], cu_seqlens_q[i + 1]) belong to seqs[i]."""
-
-    seqs: list[Sequence]
-    starts: list[int]  # first computed position of each request's chunk
-    cu_seqlens_q: Tensor  # [n_seqs + 1] int64
-    positions: Tensor  # [n_tokens] int64
-    slots: Tensor  # [n_tokens] int64 KV slot of each row
-    logit_seqs: list[
-        int
-    ]  # indices into seqs whose last row yields logits (chunk ends the sequence)
-    plan: AttentionPlan | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.cu_seqlens_q[-1])
-
-
-@dataclass
-class AttentionPlan:
-    """Where each request's keys live, worked out once per step (every layer reuses it)."""
-
-    prefills: list[
-        tuple[int, int, Tensor, Tensor | None]
-    ]  # (row start, row end, context slots, mask)
-    decode_rows: Tensor | None  # [n_decode] rows that are single-token continuations
-    decode_slots: Tensor | None  # [n_decode, longest] context slots (0-padded)
-    decode_mask: Tensor | None  # [n_decode, 1, 1, longest] bool
 
 
 class ModelRunner:
-    def __init__(self, hf_model, kv: KVCache) -> None:
+    def __init__(
+        self, hf_model: PreTrainedModel, kv: KVCache, hooks: list[EngineHook] | None = None
+    ) -> None:
         self.model = hf_model.model  # LlamaModel (plain HF modules)
         self.lm_head = hf_model.lm_head
         config = hf_model.config
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.kv = kv
-        self.hooks: dict[str, list[Hook]] = {}
+        self.hooks = hooks if hooks is not None else []  # the engine's: attach() adds to it
         # One GEMM for q, k, v and one for gate, up: fewer, larger matmuls per layer.
         layers = self.model.layers
         self.qkv = [
@@ -90,14 +61,15 @@ class ModelRunner:
         self.down = [Linear(layer.mlp.down_proj.weight) for layer in layers]
         self.head = Linear(self.lm_head.weight)
 
-    def _attns(self):
+    def _attns(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.model.layers]
 
     @property
     def device(self) -> torch.device:
         return self.kv.k.device
 
-    def add_hook(self, name: str, hook: Hook) -> Callable[[], None]:
+    def check_point(self, name: str) -> None:
+        """Refuse a name that is not a hook point of this model."""
         layer, _, point = name.removeprefix("blocks.").partition(".")
         if not (
             name.startswith("blocks.")
@@ -109,8 +81,6 @@ class ModelRunner:
                 f"unknown engine hook point {name!r}; use blocks.L.<{'|'.join(HOOK_POINTS)}> "
                 f"with L in 0..{len(self.model.layers) - 1}"
             )
-        self.hooks.setdefault(name, []).append(hook)
-        return lambda: self.hooks[name].remove(hook)
 
     # ------------------------------------------------------------------ batch
 
@@ -191,10 +161,14 @@ class ModelRunner:
         return self.head(_rms_norm(self.model.norm, h[last_rows])).float()
 
     def _hook(self, layer: int, point: str, value: Tensor, ctx: StepContext) -> Tensor:
-        for hook in self.hooks.get(f"blocks.{layer}.{point}", ()):
-            replaced = hook(value, ctx)
-            if replaced is not None:
-                value = replaced
+        if not self.hooks:
+            return value
+        name = f"blocks.{layer}.{point}"
+        for hook in self.hooks:
+            if name in hook.points:
+                replaced = hook.on_layer(name, value, ctx)
+                if replaced is not None:
+                    value = replaced
         return value
 
     def _attention(
@@ -213,16 +187,10 @@ class ModelRunner:
         v_pool[ctx.slots] = v.view(n, self.n_kv, hd)
         out = torch.empty_like(q)  # [n_tokens, n_heads, hd]
         plan = ctx.plan
-        for (
-            start,
-            end,
-            slots,
-            mask,
-        ) in plan.prefills:  # 4-D inputs: 3-D ones miss the fused CPU kernel (5x slower)
-            keys, values = (
-                k_pool[slots].transpose(0, 1)[None],
-                v_pool[slots].transpose(0, 1)[None],
-            )  # [1, n_kv, ctx, hd]
+        # 4-D inputs: 3-D ones miss the fused CPU kernel (several times slower).
+        for start, end, slots, mask in plan.prefills:
+            keys = k_pool[slots].transpose(0, 1)[None]  # [1, n_kv, ctx, hd]
+            values = v_pool[slots].transpose(0, 1)[None]
             out[start:end] = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1)[None],
                 keys,
@@ -246,7 +214,7 @@ class ModelRunner:
         return out.view(n, -1)
 
 
-def _rms_norm(norm, x: Tensor) -> Tensor:
+def _rms_norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
     """torch's fused RMSNorm with the HF module's weight and epsilon (bitwise equal in fp32)."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
@@ -255,10 +223,9 @@ class Linear:
     """y = x Wᵀ with the weight prepacked for oneDNN on CPU (when torch has it), else F.linear.
 
     Decode steps multiply a few rows by every weight of the model, which makes them memory-bound;
-    oneDNN's blocked weight layout streams the weights ~3x faster than `F.linear` here (a whole
-    SmolLM2 step at 16 rows: 40 ms of matmuls instead of 147 ms). Results differ from `F.linear`
-    in the last bits (another summation order); the greedy-equality tests against transformers
-    hold with it."""
+    oneDNN's blocked weight layout streams the weights several times faster than `F.linear` on
+    CPU. Results differ from `F.linear` in the last bits (another summation order); the
+    greedy-equality tests against transformers hold with it."""
 
     BATCH_HINT = 16  # rows the packing is tuned for; any row count works
 

@@ -14,6 +14,7 @@ top paths source → target → y and the direct effects source → y, exactly w
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +25,8 @@ from graphs.evaluate import AsSAE
 from graphs.explain import load_explainer
 from graphs.model import GraphCode
 from sae.sae import SparseCode
-from serve_hooks.model_runner import StepContext
+from serve_hooks.context import StepContext
+from serve_hooks.engine import LLMEngine
 
 
 class Prediction(NamedTuple):
@@ -36,7 +38,9 @@ class Prediction(NamedTuple):
 
 
 class PathRecorder:
-    def __init__(self, engine, graph: str | Path, transition: str | Path | None = None) -> None:
+    def __init__(
+        self, engine: LLMEngine, graph: str | Path, transition: str | Path | None = None
+    ) -> None:
         self.explainer = load_explainer(
             engine.model, str(graph), str(transition) if transition else None
         )
@@ -59,8 +63,11 @@ class PathRecorder:
         """A (re)admitted request starts over: rows computed again overwrite, never append."""
         self.pending[seq_id] = {}
 
-    def _prediction_rows(self, ctx: StepContext, chosen: list[int], offsets: list[int] | None):
-        """(seq_id, position, row in the given rows) of each chosen request whose chunk yields logits."""
+    def _prediction_rows(
+        self, ctx: StepContext, chosen: list[int], offsets: list[int] | None
+    ) -> Iterator[tuple[int, int, int]]:
+        """(seq_id, position, row in the given rows) of each chosen request whose chunk yields
+        logits."""
         cu, logit = ctx.cu_seqlens_q.tolist(), set(ctx.logit_seqs)
         for j, i in enumerate(chosen):
             if i in logit:
@@ -78,7 +85,8 @@ class PathRecorder:
             }
 
     def keep_extra(self, hook: str, rows: Tensor, ctx: StepContext, chosen: list[int]) -> None:
-        """Target codes and the final RMS at the prediction rows (rows: the whole flattened batch)."""
+        """Target codes and the final RMS at the prediction rows (rows: the whole flattened
+        batch)."""
         for seq_id, position, row in self._prediction_rows(ctx, chosen, None):
             parts = self.pending.setdefault(seq_id, {}).setdefault(position, {})
             x = rows[row : row + 1].float()  # [1, d_model]
@@ -97,9 +105,9 @@ class PathRecorder:
         for position, parts in self.release(seq_id).items():
             for part in ("source", "target"):
                 if part in parts:
-                    out[f"paths.{position}.{part}.cols"], out[f"paths.{position}.{part}.values"] = (
-                        parts[part]
-                    )
+                    cols, values = parts[part]
+                    out[f"paths.{position}.{part}.cols"] = cols
+                    out[f"paths.{position}.{part}.values"] = values
             if "rms" in parts:
                 out[f"paths.{position}.rms"] = torch.tensor([parts["rms"]])
         return out

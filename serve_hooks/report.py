@@ -4,12 +4,14 @@ A request opts in with `"greylens": {"features": top_n, "probes": [...], "paths"
 answer carries, beside the OpenAI fields,
 
     "greylens": {
-      "prompt":     [{"token", "id", "features": {hook: [[latent, value], ...]}, "probes": {name: s_t}}, ...],
+      "prompt":     [{"token", "id", "features": {hook: [[latent, value], ...]},
+                      "probes": {name: s_t}}, ...],
       "completion": [... one per generated token; the last has "features"/"probes" null: the
                      model never read it ...],
       "paths":      [{"position", "token", "token_id", "paths": [...], "direct": [...]}, ...]
                     one per generated token (only with "paths": true and a --graph),
-      "probes":     {name: {"score", "probability", "fired", "threshold"}}   (once the request finished)
+      "probes":     {name: {"score", "probability", "fired", "threshold"}}
+                    (once the request finished)
     }
 
 Streaming chunks carry the same object with only what is new since the previous chunk: the
@@ -21,19 +23,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_hooks.hook import FeatureHook, RequestFeatures
+from serve_hooks.features import RequestFeatures
+from serve_hooks.hook import FeatureHook
 
 
 class Reporter:
     """One request's `greylens` deltas; lives on the engine thread (it reads the hook's state)."""
 
     def __init__(self, hook: FeatureHook, tokenizer: Any, options: Any, prompt_len: int) -> None:
-        self.hook, self.tokenizer, self.options, self.prompt_len = (
-            hook,
-            tokenizer,
-            options,
-            prompt_len,
-        )
+        self.hook, self.tokenizer, self.options = hook, tokenizer, options
+        self.prompt_len = prompt_len
         names = list(hook.probes) if options.probes is None else options.probes
         self.probes = {name: hook.probes[name] for name in names}
         self.sent = 0  # positions already reported
@@ -43,9 +42,8 @@ class Reporter:
         """What is new since the last call; on the finished call the request's state is released."""
         state = self.hook.release(seq_id) if finished else self.hook.features(seq_id)
         computed = state.n if state is not None else 0
-        end = (
-            len(token_ids) if finished else computed
-        )  # the last token (never read) closes the list
+        # The last token (never read) closes the list.
+        end = len(token_ids) if finished else computed
         out: dict[str, Any] = {"prompt": [], "completion": []}
         for position in range(self.sent, end):
             read = state is not None and position < computed

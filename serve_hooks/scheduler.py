@@ -16,12 +16,13 @@ from collections import deque
 
 from serve_hooks.block_manager import BlockManager
 from serve_hooks.config import EngineConfig
+from serve_hooks.prefix_cache import PrefixCache
 from serve_hooks.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager) -> None:
-        self.cfg, self.blocks = cfg, blocks
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, cache: PrefixCache) -> None:
+        self.cfg, self.blocks, self.cache = cfg, blocks, cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -51,17 +52,17 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            matched = self.blocks.match(seq)
+            matched = self.cache.match(seq)
             n = min(seq.num_tokens - len(matched) * self.cfg.block_size, budget)
             if (
                 not self.cfg.chunked_prefill
                 and n < seq.num_tokens - len(matched) * self.cfg.block_size
             ):
                 break
-            if not self.blocks.can_admit(seq, matched, n):
+            if not self.cache.can_admit(seq, matched, n):
                 break
             self.waiting.popleft()
-            self.blocks.admit(seq, matched)
+            self.cache.admit(seq, matched)
             self.blocks.append(seq, n)
             self.start(seq)  # running stays oldest first, preempted requests included
             scheduled.append((seq, n))
@@ -78,13 +79,14 @@ class Scheduler:
         return True
 
     def start(self, seq: Sequence) -> None:
-        """Run a sequence that already holds its blocks (a request handed over by a prefill engine)."""
+        """Run a sequence that already holds its blocks (a request handed over by a prefill
+        engine)."""
         seq.status = Status.RUNNING
         bisect.insort(self.running, seq, key=_age)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        self.cache.free(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -96,7 +98,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        self.cache.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
 

@@ -66,9 +66,10 @@ class ServerConfig(EngineConfig):
     probe: list[str] = field(default_factory=list)
     """Probe directories whose per-token and pooled scores requests can ask for (repeatable)."""
     graph: str = ""
-    """A graph autoencoder directory: its features at its hook, and reasoning paths of generated tokens."""
+    """A graph autoencoder directory: its features at its hook, and reasoning paths of generated
+    tokens."""
     transition: str = ""
-    """A cross-layer transition directory for the graph (paths then go source -> target -> token)."""
+    """A cross-layer transition directory for the graph (paths go source -> target -> token)."""
     top_n: int = 8
     """Most latents per token per SAE a request may ask for (what the hook keeps)."""
 
@@ -222,9 +223,8 @@ async def _final_output(request: Request, engine: AsyncEngine, handle: Handle) -
 
     async def last() -> Chunk:
         final = None
-        async for chunk in engine.results(
-            handle
-        ):  # keep only the latest: outputs carry all ids so far
+        # Keep only the latest: outputs carry all ids so far.
+        async for chunk in engine.results(handle):
             final = chunk
         return final
 

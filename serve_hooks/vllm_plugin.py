@@ -6,7 +6,7 @@ safetensors and vLLM), point the plugin at SAEs and a sink directory, start vLLM
     pip install --no-deps /path/to/greylens            # registers the entry point below
     GREYLENS_VLLM_SAES=out/sae/blocks.15.hook_resid_post GREYLENS_VLLM_SINK=/tmp/feats \\
     GREYLENS_VLLM_TOP_N=8 vllm serve ...                # or LLM(...) in Python
-    read_features("/tmp/feats", request_id)             # any environment: torch + safetensors
+    read_features("/tmp/feats", request_id)             # serve_hooks.vllm_features, anywhere
 
 How it works (docs/vllm_plugin.md has the details). `register()` runs in every vLLM process; with
 GREYLENS_VLLM_SAES set it registers the side-effectful custom op `greylens::tap` and wraps the
@@ -30,29 +30,32 @@ Limits:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-ENV_SAES, ENV_SINK, ENV_TOP_N, ENV_PAGES = (
-    "GREYLENS_VLLM_SAES",
-    "GREYLENS_VLLM_SINK",
-    "GREYLENS_VLLM_TOP_N",
-    "GREYLENS_VLLM_PAGES",
+# The caller's side of the contract (any environment); its names are importable from here too.
+from serve_hooks.vllm_features import (
+    ENV_PAGES,
+    ENV_SAES,
+    ENV_SINK,
+    ENV_TOP_N,
+    FORMAT_VERSION,
+    VLLMFeatures,
+    plugin_env,
+    read_features,
 )
-FORMAT_VERSION = 1
+
+__all__ = ["VLLMFeatures", "plugin_env", "read_features", "register"]
 OP_NAME = "greylens::tap"
 
 
@@ -80,7 +83,8 @@ class TapEncoder:
         self.cfg: dict[str, Any] = json.loads((directory / "cfg.json").read_text())
         if self.cfg.get("format_version") != 1:
             raise ValueError(
-                f"{directory / 'cfg.json'} has format_version {self.cfg.get('format_version')}, expected 1"
+                f"{directory / 'cfg.json'} has format_version "
+                f"{self.cfg.get('format_version')}, expected 1"
             )
         w = load_file(directory / "sae.safetensors")
         self.W_enc, self.b_enc, self.b_dec = w["W_enc"], w["b_enc"], w["b_dec"]  # [n, d], [n], [d]
@@ -115,7 +119,8 @@ class TapEncoder:
 
 
 def layer_of(hook: str) -> int:
-    """Decoder layer whose output is `hook` (resid_post of L = output of L; resid_pre of L = of L-1)."""
+    """Decoder layer whose output is `hook` (resid_post of L = output of L; resid_pre of L = output
+    of L-1)."""
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
     if match is None or (match[2] == "pre" and match[1] == "0"):
         raise ValueError(
@@ -169,15 +174,14 @@ class Tap:
         self.pages: OrderedDict[bytes, dict[str, Tensor]] = OrderedDict()  # LRU, per full block
 
     def begin(self, runner: Any) -> None:
-        """After `_prepare_inputs`: remember how rows map to requests; new requests get cached pages."""
+        """After `_prepare_inputs`: remember how rows map to requests; new requests get cached
+        pages."""
         n_reqs = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:n_reqs])
-        qsl = runner.query_start_loc.np[
-            : n_reqs + 1
-        ].tolist()  # request i owns rows qsl[i]:qsl[i+1]
-        starts = runner.input_batch.num_computed_tokens_cpu[
-            :n_reqs
-        ].tolist()  # position of row qsl[i]
+        # Request i owns rows qsl[i]:qsl[i+1].
+        qsl = runner.query_start_loc.np[: n_reqs + 1].tolist()
+        # Position of row qsl[i], per request.
+        starts = runner.input_batch.num_computed_tokens_cpu[:n_reqs].tolist()
         ids = runner.input_ids.cpu[: qsl[-1]].long()  # [n_rows]
         for i, req_id in enumerate(req_ids):
             state = self.requests.get(req_id)
@@ -260,10 +264,8 @@ class Tap:
         n = state.n
         tensors = {"computed": state.seen[:n].clone(), "token_ids": state.tokens[:n].clone()}
         for h in self.hooks:
-            tensors[f"indices.{h}"], tensors[f"values.{h}"] = (
-                state.idx[h][:n].clone(),
-                state.val[h][:n].clone(),
-            )
+            tensors[f"indices.{h}"] = state.idx[h][:n].clone()
+            tensors[f"values.{h}"] = state.val[h][:n].clone()
         meta = {
             "format_version": str(FORMAT_VERSION),
             "request_id": req_id,
@@ -292,9 +294,8 @@ def _register_op() -> None:
         return
     op = torch.library.custom_op(OP_NAME, _op, mutates_args=())
     op.register_fake(lambda rows_a, rows_b, layer: None)
-    torch.fx.node.has_side_effect(
-        torch.ops.greylens.tap.default
-    )  # or Inductor's DCE drops it (no output)
+    # Or Inductor's dead-code elimination drops it (the op has no output).
+    torch.fx.node.has_side_effect(torch.ops.greylens.tap.default)
 
 
 def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, Tensor]], None]:
@@ -373,11 +374,9 @@ def _install(runner: Any) -> None:
         finally:
             _TAP.end()
 
-    runner._prepare_inputs, runner._update_states, runner.execute_model = (
-        _prepare_inputs,
-        _update_states,
-        execute_model,
-    )
+    runner._prepare_inputs = _prepare_inputs
+    runner._update_states = _update_states
+    runner.execute_model = execute_model
 
 
 def _wrap_load_model(cls: type) -> None:
@@ -417,70 +416,3 @@ def register() -> None:
     except ImportError:  # a GPU-only build
         return
     _wrap_load_model(CPUModelRunner)
-
-
-# --------------------------------------------------------------------------- caller side
-
-
-class VLLMFeatures(NamedTuple):
-    """One request's features: rows are positions 0..n-1 of prompt + generated tokens (the last excluded)."""
-
-    request_id: str  # vLLM's internal id
-    codes: dict[str, tuple[Tensor, Tensor]]  # hook -> (indices [n, top_n] int64, values [n, top_n])
-    computed: Tensor  # [n] bool: False where no features exist (prefix-cached block without a page)
-    token_ids: Tensor  # [n]
-
-    @property
-    def missing(self) -> list[int]:
-        return (~self.computed).nonzero().flatten().tolist()
-
-
-def plugin_env(
-    saes: list[str | Path], sink: str | Path, top_n: int = 8, max_pages: int = 65536
-) -> dict[str, str]:
-    """Environment variables that switch the plugin on for a vLLM process started with them."""
-    return {
-        ENV_SAES: os.pathsep.join(str(s) for s in saes),
-        ENV_SINK: str(sink),
-        ENV_TOP_N: str(top_n),
-        ENV_PAGES: str(max_pages),
-    }
-
-
-def read_features(
-    sink: str | Path, request_id: str, timeout: float = 30.0, remove: bool = False
-) -> VLLMFeatures:
-    """Features of a finished request by the id vLLM returned (its internal id is `<id>-<8 chars>`).
-
-    The worker writes a request's file when the request leaves the batch (the engine's next step),
-    so this waits up to `timeout` seconds for it.
-    """
-    sink = Path(sink)
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
-            p
-            for p in sink.glob(f"{glob.escape(request_id)}*.safetensors")
-            if p.stem == request_id or re.fullmatch(re.escape(request_id) + r"-[^-]{8}", p.stem)
-        ]
-        if len(found) > 1:
-            raise ValueError(
-                f"several feature files match request {request_id!r}: {[p.name for p in found]}"
-            )
-        if found or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    if not found:
-        raise FileNotFoundError(
-            f"no features for request {request_id!r} in {sink} after {timeout:.0f} s "
-            f"(is the plugin on? {ENV_SAES}, {ENV_SINK} must be set for vLLM)"
-        )
-    with safe_open(str(found[0]), "pt") as f:
-        tensors, hooks = (
-            {k: f.get_tensor(k) for k in f.keys()},
-            json.loads((f.metadata() or {})["hooks"]),
-        )
-    if remove:
-        found[0].unlink()
-    codes = {h: (tensors[f"indices.{h}"], tensors[f"values.{h}"]) for h in hooks}
-    return VLLMFeatures(found[0].stem, codes, tensors["computed"], tensors["token_ids"])

@@ -1,4 +1,5 @@
-"""Lens on the tiny model: offline scores equal a hand-run forward, monitor equals plain generation."""
+"""Lens on the tiny model: offline scores equal a hand-run forward, monitor equals plain
+generation (greedy, steered, and seeded sampling)."""
 
 from __future__ import annotations
 
@@ -113,9 +114,19 @@ def test_bad_input_fails_early(tiny, probes, tmp_path):
 PROMPT = "the king of the land was"
 
 
-def greedy_reference(tiny, n: int, add: torch.Tensor | None = None, layer: int = 1) -> list[int]:
-    """Greedy tokens from full forwards (no cache); `add` joins resid_post of `layer` after the prompt."""
+def greedy_reference(
+    tiny,
+    n: int,
+    add: torch.Tensor | None = None,
+    layer: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[int]:
+    """Greedy tokens from full forwards (no cache); `add` joins resid_post of `layer` after the
+    prompt. With a temperature, tokens are drawn from softmax(logits / temperature) with a
+    generator seeded by `seed`, the sampling rule `Lens.monitor` documents."""
     ids = tokenize(tiny.tokenizer, [PROMPT], 256)[0].tolist()
+    generator = torch.Generator().manual_seed(seed)
     prompt_len = len(ids)
 
     def hook(module, args, output):
@@ -130,7 +141,11 @@ def greedy_reference(tiny, n: int, add: torch.Tensor | None = None, layer: int =
     try:
         for _ in range(n):
             logits = tiny.fast(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
+            if temperature == 0:
+                ids.append(int(logits.argmax()))
+            else:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                ids.append(int(torch.multinomial(probs, 1, generator=generator)))
     finally:
         handle.remove()
     return ids[prompt_len:]
@@ -147,6 +162,14 @@ def test_monitor_without_trigger_is_plain_greedy_generation(tiny, probes):
     assert offline.probes["linear"].token_scores[: n_prompt + 3] == pytest.approx(
         result.scores["linear"][: n_prompt + 3], abs=1e-4
     )
+
+
+def test_monitor_samples_with_its_seed(tiny, probes):
+    lens = Lens(tiny, probes=[probes["linear"]])
+    sampled = lens.monitor(PROMPT, max_new_tokens=8, temperature=1.5, seed=3)
+    assert sampled.token_ids == greedy_reference(tiny, 8, temperature=1.5, seed=3)
+    assert sampled.token_ids == lens.monitor(PROMPT, 8, temperature=1.5, seed=3).token_ids
+    assert sampled.token_ids != greedy_reference(tiny, 8), "temperature 1.5 should sample"
 
 
 def test_monitor_stops_where_the_running_score_first_crosses(tiny, probes):

@@ -1,4 +1,5 @@
-"""Prefill/decode split across processes (gloo): the decode side continues exactly where prefill stopped."""
+"""Prefill/decode split across processes (gloo): the decode side continues exactly where
+prefill stopped."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ SETTINGS = dict(num_blocks=96, block_size=4, max_num_batched_tokens=32)
 @pytest.fixture(scope="module")
 def weights(lively, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("weights") / "lively.safetensors"
+    # lm_head is tied to the embedding: the receiving model rebuilds it.
     state = {
         k: v.contiguous().clone()
         for k, v in lively.fast.state_dict().items()
         if k != "lm_head.weight"
-    }  # tied
+    }
     save_file(state, str(path))
     return str(path)
 

@@ -1,4 +1,5 @@
-"""Harvest from live traffic: the store holds each served token once, equal to an offline capture."""
+"""Harvest from live traffic: the store holds each served token once, equal to an offline
+capture."""
 
 from __future__ import annotations
 

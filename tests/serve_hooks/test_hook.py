@@ -14,6 +14,7 @@ from probes.probe import Probe
 from probes.train import fit_probe
 from sae.hooks import capture
 from sae.sae import SAE, SAEConfig
+from serve_hooks import LLM
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine import LLMEngine
 from serve_hooks.hook import FeatureHook
@@ -126,12 +127,11 @@ def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier
     hook = FeatureHook(llm, saes=[sae], probes=probes, top_n=6)
     [shared] = prompts(1, seed=11, shared=36)
     run(llm, [shared])
-    run(
-        llm, prompts(4, seed=12)
-    )  # pushes the idle prefix out of the pool (to host memory, then disk)
+    # Push the idle prefix out of the pool (to host memory, then disk).
+    run(llm, prompts(4, seed=12))
     if tier == "disk":
         spilled = [
-            n for root in llm.blocks.roots.values() for n in root.subtree() if n.tier == "disk"
+            n for root in llm.cache.roots.values() for n in root.subtree() if n.tier == "disk"
         ]
         assert spilled and all(list(n.pages.values()) == [None] for n in spilled), (
             "page tensors left memory"
@@ -141,7 +141,7 @@ def test_pages_follow_blocks_to_host_and_disk_and_back(lively, sae, probes, tier
             for k in safe_open(next(tmp_path.glob("*.safetensors")), "pt").keys()
         )
     [seq] = run(llm, [shared[:-2] + [5, 6]])
-    assert llm.blocks.stats[f"restored_{tier}"] > 0 and seq.num_prefix_hit > 0
+    assert llm.cache.stats[f"restored_{tier}"] > 0 and seq.num_prefix_hit > 0
     check_equal(lively, sae, probes, hook, seq)
 
 
@@ -180,8 +180,6 @@ def _greedy_with_added(model, prompt: list[int], vector: torch.Tensor, n: int) -
 
 
 def test_llm_returns_features_and_steers(lively, sae, probes):
-    from serve_hooks.engine import LLM
-
     llm = LLM(
         lively,
         saes=[sae],

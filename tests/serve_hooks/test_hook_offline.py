@@ -13,11 +13,12 @@ from probes.probe import Probe
 from probes.train import fit_probe
 from sae.io import save_sae
 from sae.sae import SAE, SAEConfig
+from serve_hooks import LLM
 from serve_hooks.config import EngineConfig
-from serve_hooks.engine import LLM, LLMEngine
+from serve_hooks.engine import LLMEngine
 from serve_hooks.hook import FeatureHook
 from serve_hooks.sequence import SamplingParams
-from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: a trained tiny graph)
+from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: trained graph)
 from tests.serve_hooks.conftest import prompts
 
 HOOK = "blocks.1.hook_resid_post"
@@ -102,9 +103,8 @@ def test_features_equal_lens_on_the_full_text(lively, kit, settings):
     seqs = [llm.add_request(c, PARAMS) for c in cases[:2]]
     while llm.has_unfinished():
         llm.step()
-    seqs += [
-        llm.add_request(c, PARAMS) for c in cases[2:]
-    ]  # all at once: they hit the prefix and crowd the pool
+    # All at once: they hit the prefix and crowd the pool.
+    seqs += [llm.add_request(c, PARAMS) for c in cases[2:]]
     while llm.has_unfinished():
         llm.step()
     assert all(s.num_prefix_hit > 0 for s in seqs[2:])

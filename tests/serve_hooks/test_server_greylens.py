@@ -14,10 +14,9 @@ from sae.cli import add_dataclass_args, dataclass_from_args
 from serve_hooks.async_engine import AsyncEngine
 from serve_hooks.hook import FeatureHook
 from serve_hooks.server import ServerConfig, build_app
-from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: a trained tiny graph)
-from tests.serve_hooks.conftest import prompts
+from tests.graphs.conftest import tiny_graph  # noqa: F401  (a session fixture: trained graph)
+from tests.serve_hooks.conftest import events, new_engine, prompts
 from tests.serve_hooks.test_hook_offline import HOOK, kit  # noqa: F401  (SAE dir, probes, Lens)
-from tests.serve_hooks.test_server import events, new_engine
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +53,8 @@ def test_answer_carries_features_and_scores_equal_to_lens(served, lively):
     tokens = grey["prompt"] + grey["completion"]
     assert [t["id"] for t in grey["prompt"]] == prompt
     assert grey["completion"][-1]["features"] is None, "the last token was never read"
-    [ref] = lens.score(
-        [[t["id"] for t in tokens[1:-1]]]
-    )  # Lens adds BOS; the engine read BOS .. last-but-one
+    # Lens adds BOS; the engine read BOS .. last-but-one.
+    [ref] = lens.score([[t["id"] for t in tokens[1:-1]]])
     for t, item in enumerate(tokens[1:-1]):
         ids, values = ref.features[HOOK]["indices"][t][:4], ref.features[HOOK]["values"][t][:4]
         got = item["features"][HOOK]

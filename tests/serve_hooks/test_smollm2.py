@@ -1,4 +1,5 @@
-"""The engine on the real model (slow): greedy outputs token-identical to transformers `generate`."""
+"""The engine on the real model (slow): greedy outputs token-identical to transformers
+`generate`."""
 
 from __future__ import annotations
 
@@ -29,13 +30,12 @@ def test_smollm2_greedy_equals_hf_with_prefix_cache_and_chunks(smollm2):
         smollm2,
     )
     params = SamplingParams(max_tokens=N_NEW, ignore_eos=True)
-    first = engine.generate(
-        prompts[:2], params
-    )  # chunked prefill (24-token budget) mixed with decodes
+    # Chunked prefill (24-token budget) mixed with decodes.
+    first = engine.generate(prompts[:2], params)
     second = engine.generate(prompts[2:], params)  # hits the cached system prompt
     assert [o.token_ids for o in first + second] == expected
     assert second[0].num_cached_tokens >= len(system) // 8 * 8 > 0
-    engine.blocks.check()
+    engine.cache.check()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The vLLM plugin: its encoder equals greylens's, its bookkeeping maps flattened rows to requests
 and positions (chunks, batches, recompute, prefix pages, missing positions), its op survives
-torch.compile, and — with the vLLM side venv — features from vLLM equal greylens's own engine."""
+torch.compile, and — with the vLLM side venv — features from vLLM equal greylens's own engine.
+Reading the sink is tested in test_vllm_features."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from sae.io import save_sae
 from sae.sae import SAE, SAEConfig
 from serve_hooks import vllm_plugin
-from serve_hooks.vllm_plugin import Tap, TapEncoder, layer_of, read_features
+from serve_hooks.vllm_features import read_features
+from serve_hooks.vllm_plugin import Tap, TapEncoder, layer_of
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("GREYLENS_CACHE") or Path.home() / ".cache" / "greylens")
@@ -82,7 +84,7 @@ def test_layer_of():
             layer_of(bad)
 
 
-# --------------------------------------------------------------------------- bookkeeping (fake runner)
+# ------------------------------------------------------------------ bookkeeping (fake runner)
 
 
 class FakeRunner:
@@ -103,9 +105,8 @@ class FakeRunner:
             np=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         )
         flat = [t for _, _, ids in batch for t in ids]
-        self.input_ids = SimpleNamespace(
-            cpu=torch.tensor(flat + [0] * 5, dtype=torch.int32)
-        )  # padded
+        # Padded past the batch, as vLLM's persistent buffers are.
+        self.input_ids = SimpleNamespace(cpu=torch.tensor(flat + [0] * 5, dtype=torch.int32))
 
 
 def residual(tokens: list[int], d: int) -> torch.Tensor:
@@ -148,15 +149,12 @@ def test_rows_map_to_requests_and_prefix_pages(tap_setup):
     full = {"A-aaaaaaaa": a + [7, 8, 9], "B-bbbbbbbb": b + [5, 6], "C-cccccccc": a + [11, 12]}
     runner = FakeRunner({"A-aaaaaaaa": a, "B-bbbbbbbb": b, "C-cccccccc": a})
     run_step(tap, runner, [("A-aaaaaaaa", 0, a[:12])], full, 32)  # chunked prefill
-    run_step(
-        tap, runner, [("A-aaaaaaaa", 12, a[12:]), ("B-bbbbbbbb", 0, b)], full, 32
-    )  # batched with B
-    run_step(
-        tap, runner, [("B-bbbbbbbb", 11, [5]), ("A-aaaaaaaa", 20, [7])], full, 32
-    )  # decode, other order
-    run_step(
-        tap, runner, [("A-aaaaaaaa", 0, full["A-aaaaaaaa"][:21])], full, 32
-    )  # preempted, recomputed
+    batched_with_b = [("A-aaaaaaaa", 12, a[12:]), ("B-bbbbbbbb", 0, b)]
+    run_step(tap, runner, batched_with_b, full, 32)
+    decode_other_order = [("B-bbbbbbbb", 11, [5]), ("A-aaaaaaaa", 20, [7])]
+    run_step(tap, runner, decode_other_order, full, 32)
+    preempted_recomputed = [("A-aaaaaaaa", 0, full["A-aaaaaaaa"][:21])]
+    run_step(tap, runner, preempted_recomputed, full, 32)
     run_step(tap, runner, [("A-aaaaaaaa", 21, [8]), ("B-bbbbbbbb", 12, [6])], full, 32)
     # C: vLLM served 16 tokens (two blocks of A) from its cache; the hook only sees the rest
     run_step(tap, runner, [("C-cccccccc", 16, full["C-cccccccc"][16:21])], full, 32)
@@ -186,24 +184,6 @@ def test_prefix_without_pages_is_reported_missing(tap_setup):
     assert got.computed[16:].all() and got.codes[HOOK][0].shape == (20, 4)
     ref_idx, _ = reference_top(sae, residual(a, 32), 4)
     assert torch.equal(got.codes[HOOK][0][16:], ref_idx[16:])
-
-
-def test_read_features_matches_external_ids_only(tmp_path):
-    from safetensors.torch import save_file
-
-    for name in ("1-abcdefgh", "11-abcdefgh"):
-        save_file(
-            {
-                "computed": torch.ones(2, dtype=torch.bool),
-                "token_ids": torch.zeros(2, dtype=torch.long),
-            },
-            tmp_path / f"{name}.safetensors",
-            metadata={"hooks": "[]"},
-        )
-    assert read_features(tmp_path, "1", timeout=0).request_id == "1-abcdefgh"
-    assert read_features(tmp_path, "11-abcdefgh", timeout=0).request_id == "11-abcdefgh"
-    with pytest.raises(FileNotFoundError, match="no features for request '2'"):
-        read_features(tmp_path, "2", timeout=0)
 
 
 def test_op_survives_inductor_dead_code_elimination(tap_setup, monkeypatch):
@@ -287,16 +267,15 @@ def assert_codes_match(idx, val, ref_idx, ref_val, rel: float) -> float:
     reason="no vLLM side venv / HF SmolLM2 copy: run `python scripts/_vllm_side.py setup`",
 )
 def test_vllm_features_equal_greylens_engine(tmp_path):
-    from serve_hooks.engine import LLM
+    from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
-    sae = random_sae(
-        576, 1024, "topk", input_scale=0.01
-    )  # input scale as fitted on SmolLM2 L15 (order)
+    # Input scale of the order fitted on SmolLM2 L15.
+    sae = random_sae(576, 1024, "topk", input_scale=0.01)
     save_sae(sae, tmp_path / "sae")
     # vLLM's default mode (torch.compile), the one where plain forward hooks silently never fire.
-    # Eager mode and pages off were also checked by hand (see docs/vllm_plugin.md); the missing-
-    # position report is tested on the fake runner above. One vLLM start here costs ~3 min.
+    # The missing-position report is tested on the fake runner above. One vLLM start costs
+    # minutes.
     compiled = run_vllm(tmp_path / "sae", tmp_path / "sink")
     assert compiled["backend"] == "inductor"
     ids = compiled["requests"][0]["prompt_token_ids"]

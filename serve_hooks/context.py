@@ -1,0 +1,43 @@
+"""What one engine step computes: which rows of the flattened batch belong to which request.
+
+The model runner builds a `StepContext` per step; hooks receive it with every layer output
+(`EngineHook.on_layer`), so they can map rows back to requests and positions without knowing
+how the batch was assembled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from serve_hooks.sequence import Sequence
+
+
+@dataclass
+class StepContext:
+    """Rows [cu_seqlens_q[i], cu_seqlens_q[i + 1]) of the step's batch belong to seqs[i]."""
+
+    seqs: list[Sequence]
+    starts: list[int]  # first computed position of each request's chunk
+    cu_seqlens_q: Tensor  # [n_seqs + 1] int64
+    positions: Tensor  # [n_tokens] int64
+    slots: Tensor  # [n_tokens] int64 KV slot of each row
+    # Indices into seqs whose chunk ends the sequence: their last row yields logits.
+    logit_seqs: list[int]
+    plan: AttentionPlan | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.cu_seqlens_q[-1])
+
+
+@dataclass
+class AttentionPlan:
+    """Where each request's keys live, worked out once per step (every layer reuses it)."""
+
+    # (row start, row end, context slots [ctx], mask [q_len, ctx] or None for plain causal)
+    prefills: list[tuple[int, int, Tensor, Tensor | None]]
+    decode_rows: Tensor | None  # [n_decode] rows that are single-token continuations
+    decode_slots: Tensor | None  # [n_decode, longest] context slots (0-padded)
+    decode_mask: Tensor | None  # [n_decode, 1, 1, longest] bool
