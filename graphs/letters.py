@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from graphs.logistic import Logistic, fit_logistic
 from sae.sae import SparseCode
 from sae.store import ActivationStore
 
@@ -218,33 +219,12 @@ def _gather(codes: Codes, rows: Tensor, cols: Tensor) -> Tensor:
     return out.index_put_(index, codes.values[keep].float(), accumulate=True)
 
 
-class _Logistic(NamedTuple):
-    mean: Tensor  # [f] train mean, for standardising
-    std: Tensor  # [f]
-    w: Tensor  # [f]
-    b: Tensor  # [1]
-
-    def predict(self, x: Tensor) -> Tensor:  # [n, f] -> [n] bool
-        return ((x - self.mean) / self.std) @ self.w + self.b > 0
+PROBE_L2 = 5e-4  # L2 strength of every letter probe: keeps separable tasks finite
 
 
-def _fit_logistic(x: Tensor, y: Tensor, l2: float = 1e-3, max_iter: int = 100) -> _Logistic:
-    """Full-batch L-BFGS on standardised features; the small L2 keeps separable tasks finite."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # a silent latent gets z = 0, not NaN
-    z, target = (x - mean) / std, y.float()  # [n, f], [n]
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w + b, target) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return _Logistic(mean, std, w.detach(), b.detach())
+def _fit_logistic(x: Tensor, y: Tensor) -> Logistic:
+    """A letter probe: `graphs.logistic.fit_logistic` on float32 x with the sample std."""
+    return fit_logistic(x, y, PROBE_L2, correction=1)
 
 
 def _accuracy(pred: Tensor, y: Tensor) -> float:
@@ -265,7 +245,7 @@ def _sparse_probe(codes: Codes, split: _Split, ks: Sequence[int]) -> tuple[dict[
     return accuracy, int(torch.argmax(diff))
 
 
-def _fit_dense(x: Tensor, split: _Split) -> _Logistic:
+def _fit_dense(x: Tensor, split: _Split) -> Logistic:
     """The dense probe: a logistic regression on the whole residual, fitted on the train rows."""
     return _fit_logistic(x[split.train].float(), split.y_train)
 
@@ -317,7 +297,7 @@ def _active_entries(codes: Codes, rows: Tensor) -> SparseCode:
 
 
 def _chanin_absorption(
-    codes: Codes, mains: Tensor, probe: _Logistic, known: Tensor, decoder: Tensor, cos_min: float
+    codes: Codes, mains: Tensor, probe: Logistic, known: Tensor, decoder: Tensor, cos_min: float
 ) -> tuple[float, float]:
     """(full absorption, absorption fraction) of one letter over its probe-correct positives
     `known`; decoder: [n_latents, d_model] rows in x's space (any common scale)."""
@@ -501,7 +481,7 @@ def _chanin_letter(
     split: _Split,
     decoder: Tensor,
     cos_min: float,
-    probe: _Logistic | None = None,
+    probe: Logistic | None = None,
 ) -> dict:
     probe = probe or _fit_dense(x, split)
     known = split.test[split.y_test & probe.predict(x[split.test].float())]

@@ -32,7 +32,7 @@ from probes.fit import (
     auroc,
     calibrate,
     choose_l2,
-    fit_logistic,
+    fit_pooled_logistic,
     graph_neighbourhoods,
     mean_difference,
     pooled_code,
@@ -124,12 +124,12 @@ def fit_probe(
     base = dict(kind=kind, hook=hook, d_model=acts.values.shape[1], aggregation=aggregation, **meta)
     if kind == "linear":
         l2 = l2 or choose_l2(acts, y, aggregation)
-        weight, bias = fit_logistic(acts, y, aggregation, l2)
+        weight, bias = fit_pooled_logistic(acts, y, aggregation, l2)
         return Probe(weight=weight, bias=bias, info={**info, "l2": l2}, **base)
     if kind == "mean_diff":
         direction = mean_difference(acts, y, aggregation)
         unit = direction / direction.norm().clamp_min(1e-12)
-        scale, bias = fit_logistic(
+        scale, bias = fit_pooled_logistic(
             Ragged(acts.values @ unit[:, None], acts.offsets), y, aggregation, 1e-4
         )
         return Probe(weight=unit * scale, bias=bias, direction=direction, info=info, **base)
@@ -142,7 +142,7 @@ def fit_probe(
         chosen = select_features(pooled, y, k)
         u = Ragged(feature_columns(features.code, chosen), acts.offsets)
         l2 = l2 or choose_l2(u, y, aggregation)
-        weight, bias = fit_logistic(u, y, aggregation, l2)
+        weight, bias = fit_pooled_logistic(u, y, aggregation, l2)
         return Probe(weight=weight, bias=bias, features=chosen, info={**info, "l2": l2}, **base)
     chosen, score = (
         (torch.tensor(sorted(query)), None)
@@ -150,7 +150,7 @@ def fit_probe(
         else _best_query(features, pooled, y, edges, aggregation)
     )
     u = Ragged(feature_columns(features.code, chosen).min(dim=1, keepdim=True).values, acts.offsets)
-    weight, bias = fit_logistic(u, y, aggregation, 1e-4)
+    weight, bias = fit_pooled_logistic(u, y, aggregation, 1e-4)
     edge_list = [[int(chosen[0]), int(chosen[1])]] if chosen.numel() == 2 else []
     return Probe(
         weight=weight,

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from probes.activations import Features, Ragged, pool, select_code
-from probes.fit import auroc, calibrate, choose_l2, fit_logistic, pooled_code, select_features
+from probes.fit import (
+    auroc,
+    calibrate,
+    choose_l2,
+    fit_pooled_logistic,
+    pooled_code,
+    select_features,
+)
 from probes.probe import feature_columns
 from probes.train import balanced_subset, evaluate_probe, fit_probe, split_calibration
 from sae.sae import SparseCode
@@ -109,7 +116,7 @@ def planted(
 def test_logistic_recovers_planted_direction(how):
     train, y, v = planted(200, 16, seed=0, spike_only=how == "max")
     test, y_test, _ = planted(200, 16, seed=1, spike_only=how == "max")
-    w, b = fit_logistic(train, y, how, l2=1e-3)
+    w, b = fit_pooled_logistic(train, y, how, l2=1e-3)
     scores = pool(Ragged(test.values @ w + b, test.offsets), how)
     assert ((scores > 0).long() == y_test).float().mean() > 0.9
     assert torch.nn.functional.cosine_similarity(w, v, dim=0) > 0.8
