@@ -11,7 +11,7 @@ For every position t of a text (forward passes only, no backward):
 The direct effect of a feature with raw decoder direction d (= W_dec row / input_scale) on token y
 is the linearised path through the final RMSNorm: u(y) = (d ⊙ g) · W_U[y] / rms_t, with g the norm
 weight and rms_t the token's final-residual RMS. Layers after the feature's are ignored (it is the
-"direct" effect, as in logit-lens attributions); `graphs.faithfulness` tests paths by intervention.
+"direct" effect, as in logit-lens attributions); `graphs.eval.faithfulness` tests paths by intervention.
 """
 
 from __future__ import annotations

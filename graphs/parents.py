@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.letters import first_letter_labels
+from graphs.first_letter import first_letter_labels
 from sae.atomic import atomic_save_tensors, atomic_write_json
 from sae.io import load_sae, save_sae
 from sae.sae import SAE, SAEConfig

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from graphs.letters import encode_codes
+from graphs.coders import AsSAE, encode_codes
+from graphs.io import load_graph_sae
 from sae.hooks import capture, validate_hooks
 from sae.io import load_sae
 from sae.models import LoadedModel, sha256_file
@@ -175,9 +176,6 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """An SAE directory, or a graph autoencoder directory (its post-propagation code)."""
     path = Path(path)
     if (path / "graph.json").exists():
-        from graphs.evaluate import AsSAE
-        from graphs.io import load_graph_sae
-
         return AsSAE(load_graph_sae(path, device))  # duck-typed: cfg, encode, decode
     if not (path / "cfg.json").exists():
         raise FileNotFoundError(

@@ -33,6 +33,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from graphs.first_letter import LETTERS, first_letter
 from sae.corpus import load_corpus, pypi_file
 from sae.models import cache_root
 
@@ -61,6 +62,7 @@ AMBIGUOUS_LANGUAGES: frozenset[str] = frozenset(
     "acf cbk cri crs gcf gcr ht kea mfe pap pov rcf eo ia ie io lfn".split()
 )
 MIN_PIECE_CHARS = 40
+POSITIVE_LETTER = LETTERS.index("s")  # the `first_letter` task: words starting with s vs the rest
 
 Row = tuple[str, int, str]  # (text, label, group)
 
@@ -272,7 +274,7 @@ def _first_letter_rows() -> list[Row]:
     for text in load_corpus("default", split="all")["text"]:
         words.update(_WORD.findall(text))
     # The leading space makes the word look mid-sentence, as the model's tokenizer usually sees it.
-    return [(" " + w, int(w.startswith("s")), w) for w in sorted(words)]
+    return [(" " + w, int(first_letter(w) == POSITIVE_LETTER), w) for w in sorted(words)]
 
 
 _BUILDERS: dict[str, Callable[[], list[Row]]] = {

@@ -26,11 +26,18 @@ from pathlib import Path
 import torch
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
+from graphs.coders import AsSAE
 from graphs.crosslayer import TransitionConfig, fit_transition
-from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics, without_edges
-from graphs.faithfulness import attribution_correlation, edge_interventions
+from graphs.eval import (
+    attribution_correlation,
+    edge_interventions,
+    edge_jaccard,
+    graph_metrics,
+    letter_metrics,
+    letter_task_data,
+    without_edges,
+)
 from graphs.io import load_graph_sae
-from graphs.letters import letter_metrics, letter_task_data
 from graphs.parents import GATES_SHUT, HELD_OPEN, ParentsConfig, build_parents
 from graphs.train import GraphTrainConfig, train_graph
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics

@@ -1,7 +1,7 @@
 """Planted-hierarchy evaluation: does the graph autoencoder recover known child ⇒ parent edges?
 
 For each parent–child cosine (0: no reason to absorb; 0.5: children lean toward their parent, so a
-plain SAE is tempted to absorb), on the synthetic hierarchy of `graphs.synthetic` (32 parents × 3
+plain SAE is tempted to absorb), on the planted hierarchy of `graphs.eval.planted` (32 parents × 3
 children + 64 free features, 192 in 64 dimensions, ~4.2 active per token):
 
     TopK SAE (4× width, k = 6) → co-activation stats → graph autoencoder (same budget k = 6)
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
+from graphs.eval import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae
 from sae.train import TrainConfig, train

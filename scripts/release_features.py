@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     from graphs.coactivation import StatsConfig, coactivation_stats
     from graphs.crosslayer import TransitionConfig, fit_transition
-    from graphs.release import ExportConfig, export_release
+    from graphs.release.export import ExportConfig, export_release
     from graphs.train import GraphTrainConfig, train_graph
     from sae import HarvestConfig, harvest, load_model
     from sae.train import TrainConfig, train

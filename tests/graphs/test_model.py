@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
-from graphs.evaluate import without_edges
+from graphs.eval.reconstruction import without_edges
 from graphs.io import load_graph, load_graph_sae, save_graph_sae
 from graphs.model import SparseGraphAutoencoder
 from sae.io import load_sae

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from graphs.coactivation import CoactivationCounter
+from graphs.eval import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery
 from graphs.residual import missed_features
-from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery
 from sae.sae import SparseCode
 
 

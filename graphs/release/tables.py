@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from graphs.release_scan import Examples
+from graphs.release.load import NO_GRAPH
+from graphs.release.scan import Examples
 
 HEURISTIC_LABEL = "most frequent tokens at the peak of the top-k activating contexts (heuristic, not model-written)"
 
@@ -104,6 +105,8 @@ def edges_table(
     cols["weight"] = pa.array(
         np.concatenate(cols["weight"]) if cols["weight"] else np.zeros(0, np.float32)
     )
+    for key in ("kind", "src_hook", "dst_hook"):  # typed even when a lone SAE has no edges
+        cols[key] = pa.array(cols[key], pa.string())
     return to_dataset(cols)
 
 
@@ -198,8 +201,8 @@ def features_table(
     return to_dataset(columns)
 
 
-def dataset_card(card: dict, counts: dict[str, int]) -> str:
-    """README.md: YAML header (one config per table) and the metric card."""
+def dataset_card(card: dict, counts: dict[str, int], has_graph: bool = True) -> str:
+    """README.md: YAML header (one config per table), what the release holds, the metric card."""
     header = [
         "---",
         f"license: {card['license']}",
@@ -208,41 +211,43 @@ def dataset_card(card: dict, counts: dict[str, int]) -> str:
     ]
     for name in ("features", "examples", "edges"):
         header += [f"- config_name: {name}", f"  data_files: data/{name}.parquet"]
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in card.items() if k != "title")
-    return "\n".join(
-        header
-        + [
-            "---",
-            "",
-            f"# {card['title']}",
-            "",
-            "Sparse-autoencoder features with their statistics, activating contexts, logits and feature-graph edges, "
-            "released by [greylens](https://github.com/greylens). Load everything with `graphs.load_release(path)`, "
-            "or one table with `datasets.load_dataset('parquet', data_files='data/features.parquet')`.",
-            "",
-            "## Metric card",
-            "",
-            "| field | value |",
-            "|---|---|",
-            rows,
-            "",
-            "## Tables",
-            "",
-            *(f"- `{name}`: {count} rows" for name, count in counts.items()),
-            "",
-            "See `docs/release.md` in greylens for every column. `label` is heuristic: "
-            + HEURISTIC_LABEL
-            + ".",
-            "",
-            "## Other files",
-            "",
-            "- `saelens/<hook>/`: the SAE in SAELens's layout (`SAE.load_from_disk`)",
-            "- `neuronpedia/<feature>.json`: Neuronpedia-style feature JSON",
-            "- `circuits/<slug>.json`: circuit-tracer-style graph JSON of explained prompts",
-            "- `dashboard/index.html`: the offline dashboard (open it in a browser)",
-            "",
-        ]
+    holds = "statistics, activating contexts, logits" + (
+        " and feature-graph edges" if has_graph else f". Feature graph: {NO_GRAPH}"
     )
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in card.items() if k != "title")
+    circuits = "- `circuits/<slug>.json`: circuit-tracer-style graph JSON of explained prompts"
+    lines = [
+        "---",
+        "",
+        f"# {card['title']}",
+        "",
+        f"Sparse-autoencoder features with their {holds}, released by "
+        "[greylens](https://github.com/greylens). Load everything with "
+        "`graphs.load_release(path)`, or one table with "
+        "`datasets.load_dataset('parquet', data_files='data/features.parquet')`.",
+        "",
+        "## Metric card",
+        "",
+        "| field | value |",
+        "|---|---|",
+        rows,
+        "",
+        "## Tables",
+        "",
+        *(f"- `{name}`: {count} rows" for name, count in counts.items()),
+        "",
+        f"See `docs/release.md` in greylens for every column. `label` is heuristic: "
+        f"{HEURISTIC_LABEL}.",
+        "",
+        "## Other files",
+        "",
+        "- `saelens/<hook>/`: the SAE in SAELens's layout (`SAE.load_from_disk`)",
+        "- `neuronpedia/<feature>.json`: Neuronpedia-style feature JSON",
+        *([circuits] if has_graph else []),
+        "- `dashboard/index.html`: the offline dashboard (open it in a browser)",
+        "",
+    ]
+    return "\n".join(header + lines)
 
 
 def _fmt(value) -> str:

@@ -2,8 +2,9 @@
 
     dashboard/index.html          metric card, plots, and every feature (search + sort, in JS)
     dashboard/features/<i>.html   one page per feature: stats, histogram, logits, neighbours, contexts
-    dashboard/graph.html          graph viewer: a prompt's reasoning paths (circuits/*.json), in SVG
-    dashboard/assets/             site.css, index.js, graph.js (copied from graphs/dashboard_assets)
+    dashboard/graph.html          graph viewer: a prompt's reasoning paths (circuits/*.json), in SVG;
+                                  not written for a lone SAE's release (no graph, no paths)
+    dashboard/assets/             site.css, index.js, graph.js (copied from dashboard_assets/)
     dashboard/data/*.js           the data the pages read, as scripts (file:// pages can't fetch JSON)
     dashboard/plots/              matplotlib PNGs: training L0/FVU curves, feature density, activations
                                   (per-feature histograms are inline SVG on the feature pages)
@@ -22,14 +23,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from graphs.release.load import NO_GRAPH, Release, load_release
+
 ASSETS = Path(__file__).with_name("dashboard_assets")
 E = html.escape
 
 
 def write_dashboard(release_dir: str | Path) -> Path:
     """Write release_dir/dashboard/ and return the path of its index.html."""
-    from graphs.release import load_release
-
     release = load_release(release_dir, require_complete=False)
     out = Path(release_dir) / "dashboard"
     for sub in ("assets", "data", "features", "plots"):
@@ -39,20 +40,25 @@ def write_dashboard(release_dir: str | Path) -> Path:
     features = release.data["features"].data.table.to_pylist()
     circuits = release.circuits()
     plots = _summary_plots(release, features, out / "plots")
-    _write_index(out, release.card, features, plots, sorted(circuits))
-    _write_graph_viewer(out, release.card, circuits)
+    _write_index(out, release.card, features, plots, sorted(circuits), release.has_graph)
+    if release.has_graph:
+        _write_graph_viewer(out, release.card, circuits)
     _feature_pages(out, release, features)
     return out / "index.html"
 
 
-def _page(title: str, body: str, depth: int = 0, scripts: tuple[str, ...] = ()) -> str:
+def _page(
+    title: str, body: str, has_graph: bool, depth: int = 0, scripts: tuple[str, ...] = ()
+) -> str:
     up = "../" * depth
+    links = [f'<a href="{up}index.html">features</a>']
+    if has_graph:  # a lone SAE's release has no graph viewer to link to
+        links.append(f'<a href="{up}graph.html">graph viewer</a>')
     tags = "".join(f'<script src="{up}{s}"></script>' for s in scripts)
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{E(title)}</title>'
         f'<link rel="stylesheet" href="{up}assets/site.css"></head><body>'
-        f'<nav><a href="{up}index.html">features</a> · <a href="{up}graph.html">graph viewer</a></nav>'
-        f"{body}{tags}</body></html>"
+        f"<nav>{' · '.join(links)}</nav>{body}{tags}</body></html>"
     )
 
 
@@ -78,7 +84,12 @@ def _data_script(path: Path, name: str, payload) -> None:
 
 
 def _write_index(
-    out: Path, card: dict, features: list[dict], plots: list[str], slugs: list[str]
+    out: Path,
+    card: dict,
+    features: list[dict],
+    plots: list[str],
+    slugs: list[str],
+    has_graph: bool,
 ) -> None:
     rows = [
         [
@@ -94,20 +105,27 @@ def _write_index(
     _data_script(out / "data" / "features.js", "GREYLENS_FEATURES", rows)
     images = "".join(f'<img src="{p}" alt="{E(Path(p).stem)}">' for p in plots)
     prompts = "".join(f'<li><a href="graph.html#{E(s)}">{E(s)}</a></li>' for s in slugs)
+    explained = (
+        f'<h2>Explained prompts</h2><ul id="prompts">{prompts}</ul>'
+        if has_graph
+        else f'<p class="note" id="no-graph">Feature graph: {E(NO_GRAPH)}.</p>'
+    )
     body = (
         f'<h1>{E(card["title"])}</h1>{_card_table(card)}<div class="plots">{images}</div>'
-        f'<h2>Explained prompts</h2><ul id="prompts">{prompts}</ul><h2>Features</h2>'
-        '<p class="note">Labels are <span class="heuristic">heuristic</span>: the tokens the top contexts peak on.</p>'
-        '<div class="controls"><input id="search" type="search" placeholder="search labels, logits, ids">'
-        '<select id="sort"><option value="feature">feature id</option><option value="density">density ↓</option>'
+        f"{explained}<h2>Features</h2>"
+        '<p class="note">Labels are <span class="heuristic">heuristic</span>: the tokens the top '
+        "contexts peak on.</p>"
+        '<div class="controls">'
+        '<input id="search" type="search" placeholder="search labels, logits, ids">'
+        '<select id="sort"><option value="feature">feature id</option>'
+        '<option value="density">density ↓</option>'
         '<option value="max">max activation ↓</option><option value="mean">mean activation ↓</option>'
         '<option value="label">label</option></select> <span id="count"></span></div>'
-        '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th><th>max act</th>'
-        "<th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>"
+        '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th>'
+        "<th>max act</th><th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>"
     )
-    (out / "index.html").write_text(
-        _page(card["title"], body, scripts=("data/features.js", "assets/index.js"))
-    )
+    scripts = ("data/features.js", "assets/index.js")
+    (out / "index.html").write_text(_page(card["title"], body, has_graph, scripts=scripts))
 
 
 def _write_graph_viewer(out: Path, card: dict, circuits: dict[str, dict]) -> None:
@@ -115,17 +133,16 @@ def _write_graph_viewer(out: Path, card: dict, circuits: dict[str, dict]) -> Non
     body = (
         f"<h1>Reasoning paths · {E(card['hook'])}</h1>"
         '<div class="controls"><select id="prompt"></select> <span id="prompt-text"></span></div>'
-        '<p class="note">Click a token: its evidence features, the features the graph implied, and the paths to '
-        "the predicted token. Blue links raise, red links lower.</p>"
+        '<p class="note">Click a token: its evidence features, the features the graph implied, '
+        "and the paths to the predicted token. Blue links raise, red links lower.</p>"
         '<div id="tokens"></div><div class="viewer"><div id="paths"></div><div class="svg-scroll">'
         '<svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div></div>'
     )
-    (out / "graph.html").write_text(
-        _page("graph viewer", body, scripts=("data/circuits.js", "assets/graph.js"))
-    )
+    scripts = ("data/circuits.js", "assets/graph.js")
+    (out / "graph.html").write_text(_page("graph viewer", body, True, scripts=scripts))
 
 
-def _summary_plots(release, features: list[dict], out: Path) -> list[str]:
+def _summary_plots(release: Release, features: list[dict], out: Path) -> list[str]:
     """plots/training.png (L0 and FVU against training tokens) and plots/density.png."""
     import matplotlib
 
@@ -210,7 +227,7 @@ def histogram_svg(
     )
 
 
-def _feature_pages(out: Path, release, features: list[dict]) -> None:
+def _feature_pages(out: Path, release: Release, features: list[dict]) -> None:
     examples = release.data["examples"].data.table
     offsets = release.meta["example_offsets"]
     chunk = 256
@@ -227,7 +244,8 @@ def _feature_pages(out: Path, release, features: list[dict]) -> None:
                 release.card,
                 release.meta["histogram_edges"],
             )
-            (out / "features" / f"{i}.html").write_text(_page(f"feature {i}", page, depth=1))
+            html_page = _page(f"feature {i}", page, release.has_graph, depth=1)
+            (out / "features" / f"{i}.html").write_text(html_page)
 
 
 def _feature_body(f: dict, contexts: list[dict], card: dict, edges: list[float]) -> str:
@@ -282,6 +300,8 @@ def _neighbours(f: dict) -> str:
         parts.append(
             f'<div class="neigh" id="{key}"><b>{title}</b>: {", ".join(items) or "none"}</div>'
         )
+    if not parts:  # a lone SAE released without stats or a transition
+        parts = ['<p class="note">none in this release</p>']
     return f"<h2>Neighbours</h2>{''.join(parts)}"
 
 

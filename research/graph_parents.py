@@ -30,15 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graphs.coactivation import StatsConfig, coactivation_stats
-from graphs.evaluate import AsSAE, graph_metrics, without_edges
+from graphs.coders import AsSAE
+from graphs.eval import graph_metrics, letter_metrics, letter_task_data, without_edges
+from graphs.eval.letters import pick_letters
+from graphs.first_letter import LETTERS, first_letter_labels
 from graphs.io import load_graph_sae
-from graphs.letters import (
-    LETTERS,
-    first_letter_labels,
-    letter_metrics,
-    letter_task_data,
-    pick_letters,
-)
 from graphs.parents import GATES_SHUT, HELD_OPEN, install_parents, parent_edges
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae, save_sae
