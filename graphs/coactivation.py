@@ -298,8 +298,8 @@ class CoactivationStats:
 def _fired_entries(code: SparseCode, n_latents: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) [nnz] of latents that fired (value > 0), sorted by row then latent, no repeats.
 
-    Counting runs in numpy, single-threaded: these are many small ops, and torch's thread pool
-    made them 2-3× slower (measured) on a shared 2-core machine.
+    Counting runs in numpy, single-threaded: these are many small ops, which torch's thread pool
+    slows down on a small shared machine.
     """
     fired = (code.values > 0).cpu().numpy()
     flat = (
@@ -406,8 +406,8 @@ class _PairRuns:
     Each chunk's sorted run is appended, and the last run is merged into the one before it while
     that one is at most twice as long, so run lengths shrink geometrically (O(log batches) runs)
     and merging stays amortised. The key space is cut into `n_shards` ranges, each with its own
-    runs: merging slices of ~1/n_shards of the pairs keeps the binary searches in cache (3× faster
-    than whole runs, measured); the shards concatenate in order.
+    runs: merging slices of ~1/n_shards of the pairs keeps the binary searches in cache; the shards
+    concatenate in order.
     """
 
     def __init__(self, n_keys: int, n_shards: int = 64) -> None:

@@ -187,8 +187,8 @@ class SparseGraphAutoencoder(nn.Module):
         """(x_n, x_c, pre) for raw x: [N, d]; pre is computed without autograd (sparse backward).
 
         reuse_buffer: write pre into the SAE's training workspace (`SAE.workspace`) instead of a
-        fresh [N, n_latents] tensor, whose page faults cost ~120 ms a step at 4096 × 9216 (measured);
-        pre is then only valid until the next call."""
+        fresh [N, n_latents] tensor, whose page faults dominate a step at training widths; pre is
+        then only valid until the next call."""
         x_n = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
         x_c = x_n - self.sae.b_dec
         with torch.no_grad():

@@ -1,11 +1,10 @@
-"""Label-free parent latents, so that the graph step has something to imply (docs/graph_quality.md,
-sessions 8-11).
+"""Label-free parent latents, so that the graph step has something to imply.
 
 Why: an absorbed child ("snake" carrying "starts with s") can only hand its parent back through an
-edge if a parent latent exists that fires, as evidence, on most of the class. On SmolLM2 L15 a TopK
-SAE has no such latent for most first letters, and the graph then cannot pay (sessions 7-9). Its
-token means do: averaged per token type, each type weighs 1, so no frequent word can buy a latent of
-its own, and a small SAE on those means learns whole-letter detectors (session 10).
+edge if a parent latent exists that fires, as evidence, on most of the class. A TopK SAE often has
+no such latent for a broad class like a first letter; its token means can: averaged per token type,
+each type weighs 1, so no frequent word can buy a latent of its own, and a small SAE on those means
+learns latents for whole classes of words.
 
 The recipe (`python -m graphs parents`; each step is cached under --out, so a killed run resumes):
 
@@ -49,7 +48,7 @@ from sae.sae import SAE, SAEConfig
 from sae.store import ActivationStore
 
 # Graph training with the parents: gates held open (no edge penalty, logit 6), messages only to
-# features the encoder left silent, a strong detached absorption penalty, w0 0.5 (session 8).
+# features the encoder left silent, a strong detached absorption penalty, w0 0.5.
 HELD_OPEN = dict(
     edge_coeff=0.0,
     absorption_coeff=100.0,
@@ -73,9 +72,9 @@ class ParentsConfig:
     tokens: int = 500_000
     """Store tokens for the token means, the firing counts and the stats (the first ones)."""
     n_parents: int = 20
-    """Parents to inject (session 10: 20 beat 40 on every measure)."""
+    """Parents to inject."""
     latents: int = 256
-    """Latents of the token-mean SAE (1,024 or 512 split the frequent letters again)."""
+    """Latents of the token-mean SAE (much wider ones split a frequent class over several)."""
     k: int = 8
     """Its TopK k."""
     steps: int = 4000
