@@ -4,8 +4,8 @@
     CoactivationCounter       the in-memory accumulator behind it (add(code) batch by batch)
     CoactivationStats         counts + co-counts; PMI, NPMI, Jaccard, P(j | i); top-m candidates
 
-Over N counted tokens, c_i = tokens on which latent i fired (value > 0), c_ij = tokens on which
-both i and j fired (i ≠ j):
+Over N counted tokens, c_i = tokens on which latent i fired (value > 0), c_ij = tokens on which both
+i and j fired (i ≠ j):
 
     p_i = c_i / N        p_ij = c_ij / N
     PMI(i, j)  = log(p_ij / (p_i p_j)) = log(c_ij N / (c_i c_j))    natural log, symmetric
@@ -21,20 +21,21 @@ missed, and the directed c^miss_ij = tokens on which i fired and j was missed. T
 
 ranks child → parent edges of absorbed features, which rarely co-fire (`--score residual`).
 
-A token with L active latents holds L(L−1)/2 pairs (496 at L = 32), ~5e8 for 1M tokens, spread
-over ~1e7 distinct cells of the n² matrix: too many to keep raw, too sparse to keep dense. Each
-batch's pairs become int keys i·n + j (i < j), sorted and run-length counted into a sorted run,
-which is merged log-structured (see CoactivationCounter): every count is merged O(log batches)
-times and memory stays O(distinct pairs). Rows the SAE passes through (massive activations, see
+A token with L active latents holds L(L−1)/2 pairs (496 at L = 32), ~5e8 for 1M tokens, spread over
+~1e7 distinct cells of the n² matrix: too many to keep raw, too sparse to keep dense. Each batch's
+pairs become int keys i·n + j (i < j), sorted and run-length counted into a sorted run, which is
+merged log-structured (see CoactivationCounter): every count is merged O(log batches) times and
+memory stays O(distinct pairs). Rows the SAE passes through (massive activations, see
 `SAE.passthrough`) get no code and are not counted in N, as in sae.evaluate.
 
 Output directory (format_version 1):
 
     checkpoint.safetensors  while running: feature_counts + the runs; JSON state in the metadata
-    stats.safetensors       feature_counts [n] int64, pair_index [2, P] int32 (i < j), pair_counts [P] int64;
-                            with --residual also miss_counts [n], miss_index [2, Q] int32 (i active,
-                            j missed), miss_pair_counts [Q]
-    candidates.safetensors  edge_index [2, E] int64, scores [E] float32, for cfg.m / score / min_count
+    stats.safetensors       feature_counts [n] int64, pair_index [2, P] int32 (i < j),
+                            pair_counts [P] int64; with --residual also miss_counts [n],
+                            miss_index [2, Q] int32 (i active, j missed), miss_pair_counts [Q]
+    candidates.safetensors  edge_index [2, E] int64, scores [E] float32, for cfg.m / score /
+                            min_count
     stats.json              format_version, n_tokens, n_latents, sae, hook, config, ...; written
                             last, with "complete": true, so its presence marks a finished run
 """
@@ -81,13 +82,15 @@ class StatsConfig:
     store: str = ""
     """Activation store directory (from `python -m sae harvest`)."""
     sae: str = ""
-    """Trained SAE directory (cfg.json + sae.safetensors, e.g. a `python -m sae train` OUT/<hook>/)."""
+    """Trained SAE directory (cfg.json + sae.safetensors, e.g. a `python -m sae train`
+    OUT/<hook>/)."""
     out: str = ""
     """Output directory (created, or resumed if it holds this same run)."""
     hook: str = ""
     """Hook to read from the store (default: the SAE's own hook)."""
     tokens: int = 0
-    """Tokens to count, the first ones in store order after --skip-tokens (0: the rest of the store)."""
+    """Tokens to count, the first ones in store order after --skip-tokens (0: the rest of the
+    store)."""
     skip_tokens: int = 0
     """Store rows to skip before counting (to count disjoint slices of one store)."""
     batch_size: int = 4096
@@ -103,7 +106,8 @@ class StatsConfig:
     """Also count missed features (graphs.residual) and (i active, j missed) pairs: the input of
     --score residual. Costs one more GEMM per batch and about doubles the counting."""
     miss_k: int = 16
-    """With --residual: at most this many missed latents per token (those the residual points at most)."""
+    """With --residual: at most this many missed latents per token (those the residual points at
+    most)."""
     checkpoint_every: int = 50
     """Batches between resumable checkpoints."""
     device: str = "cpu"
@@ -115,9 +119,8 @@ class CoactivationStats:
     n_latents: int
     n_tokens: int
     feature_counts: torch.Tensor  # [n_latents] int64: tokens on which each latent fired
-    pair_index: (
-        torch.Tensor
-    )  # [2, P] int64, i < j, unique, sorted: pairs that co-fired at least once
+    # [2, P] int64, i < j, unique, sorted: pairs that co-fired at least once
+    pair_index: torch.Tensor
     pair_counts: torch.Tensor  # [P] int64: tokens on which both fired
     meta: dict = field(default_factory=dict)  # provenance for stats.json (sae, hook, config, ...)
     miss_counts: torch.Tensor | None = (
@@ -153,13 +156,15 @@ class CoactivationStats:
         return c_ij / (c_i + c_j - c_ij)
 
     def conditional(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Directed (src, dst, P(dst | src) = c_ij / c_src), both directions of each pair: [2P] each."""
+        """Directed (src, dst, P(dst | src) = c_ij / c_src), both directions of each pair: [2P]
+        each."""
         c_i, c_j, c_ij = self._counts()
         i, j = self.pair_index
         return torch.cat([i, j]), torch.cat([j, i]), torch.cat([c_ij / c_i, c_ij / c_j])
 
     def residual_lift(self) -> torch.Tensor:
-        """[Q] float64 over miss_index: c^miss_ij / c_i − m_j / N (how much more often j is missed when i fires)."""
+        """[Q] float64 over miss_index: c^miss_ij / c_i − m_j / N (how much more often j is missed
+        when i fires)."""
         if not self.has_residual:
             raise ValueError(
                 "these stats hold no missed-feature counts; recompute them with --residual"
@@ -178,9 +183,8 @@ class CoactivationStats:
         if score == "conditional":
             return self.conditional()
         if score == "residual":  # already directed: (i active, j missed)
-            lift = (
-                self.residual_lift()
-            )  # first: it names the fix when the stats have no miss counts
+            # first: it names the fix when the stats have no miss counts
+            lift = self.residual_lift()
             return self.miss_index[0], self.miss_index[1], lift
         value = {"npmi": self.npmi, "pmi": self.pmi, "jaccard": self.jaccard}[score]()
         i, j = self.pair_index
@@ -199,16 +203,14 @@ class CoactivationStats:
             raise ValueError(
                 f"m and min_count must be at least 1 (got m={m}, min_count={min_count})"
             )
-        if (
-            score == "residual"
-        ):  # (i active, j missed) pairs seen ≥ min_count times, with positive lift
+        # (i active, j missed) pairs seen ≥ min_count times, with positive lift
+        if score == "residual":
             src, dst, value = self.directed_scores(score)
             keep = (self.miss_pair_counts >= min_count) & (value > 0)
             src, dst, value = src[keep], dst[keep], value[keep]
         else:
-            frequent = (
-                self.pair_counts >= min_count
-            )  # [P]: most pairs are rare, so filter them first
+            # [P]: most pairs are rare, so filter them first
+            frequent = self.pair_counts >= min_count
             kept = CoactivationStats(
                 self.n_latents,
                 self.n_tokens,
@@ -334,7 +336,8 @@ def _pair_keys(
 
 
 def _row_chunks(pairs_per_row: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
-    """Consecutive row ranges [lo, hi) holding at most `budget` pairs each (always at least one row)."""
+    """Consecutive row ranges [lo, hi) holding at most `budget` pairs each (always at least one
+    row)."""
     pairs_done = np.cumsum(pairs_per_row)  # [N] pairs up to each row, inclusive
     lo = 0
     while lo < len(pairs_per_row):
@@ -351,9 +354,8 @@ def _merge(
     (a_keys, a_counts), (b_keys, b_counts) = (a, b) if len(a[0]) >= len(b[0]) else (b, a)
     if len(b_keys) == 0:
         return a_keys, a_counts
-    at = np.searchsorted(
-        a_keys, b_keys
-    )  # [|b|] where b's keys sit in a (a is the longer, so not empty)
+    # [|b|] where b's keys sit in a (a is the longer, so not empty)
+    at = np.searchsorted(a_keys, b_keys)
     shared = a_keys[np.minimum(at, len(a_keys) - 1)] == b_keys  # [|b|]
     a_counts[at[shared]] += b_counts[shared]  # in place: runs own their arrays
     new = ~shared
@@ -374,17 +376,19 @@ def _cross_keys(
     n_latents: int,
     budget: int = PAIR_BUDGET,
 ) -> Iterator[np.ndarray]:
-    """Yield keys i·n + j of every (src entry i, dst entry j) pair of the same row, ≤ `budget` per chunk.
+    """Yield keys i·n + j of every (src entry i, dst entry j) pair of the same row, ≤ `budget` per
+    chunk.
 
-    src, dst: (rows, cols) [nnz] each, sorted by row. Each src entry owns per_dst[row] consecutive
-    output slots, slot s pairing it with dst entry dst_start[row] + s.
+    src, dst: (rows, cols) [nnz] each, sorted by row. Each src entry owns per_dst[row]
+    consecutive output slots, slot s pairing it with dst entry dst_start[row] + s.
     """
     (src_rows, src_cols), (dst_rows, dst_cols) = src, dst
     key_dtype = np.int32 if n_latents * n_latents < 2**31 else np.int64
+    # [N]
     per_src, per_dst = (
         np.bincount(src_rows, minlength=n_rows),
         np.bincount(dst_rows, minlength=n_rows),
-    )  # [N]
+    )
     src_start, dst_start = np.cumsum(per_src) - per_src, np.cumsum(per_dst) - per_dst  # [N]
     dst_cols = dst_cols.astype(key_dtype)
     for lo, hi in _row_chunks(per_src * per_dst, budget):
@@ -412,20 +416,19 @@ class _PairRuns:
 
     def __init__(self, n_keys: int, n_shards: int = 64) -> None:
         self.edges = np.linspace(0, n_keys, n_shards + 1).astype(np.int64)  # [S + 1] key ranges
-        self.shards: list[list[tuple[np.ndarray, np.ndarray]]] = [
-            [] for _ in range(n_shards)
-        ]  # runs, longest first
+        # runs, longest first
+        self.shards: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n_shards)]
 
     def add(self, keys: np.ndarray) -> None:
         """Count each key once per occurrence (sorts `keys` in place)."""
         keys.sort()
-        starts = np.flatnonzero(
-            np.concatenate([[True], keys[1:] != keys[:-1]])
-        )  # first of each key
+        # first of each key
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
         self.push(keys[starts], np.diff(np.append(starts, len(keys))).astype(np.int64))
 
     def push(self, keys: np.ndarray, counts: np.ndarray) -> None:
-        """Add a sorted run of unique keys, split by shard (slices copied: they must not pin the run)."""
+        """Add a sorted run of unique keys, split by shard (slices copied: they must not pin the
+        run)."""
         cuts = np.searchsorted(keys, self.edges)  # [S + 1]
         for shard, lo, hi in zip(self.shards, cuts[:-1], cuts[1:], strict=True):
             if hi > lo:
@@ -461,9 +464,8 @@ class CoactivationCounter:
         self.feature_counts = torch.zeros(n_latents, dtype=torch.int64)  # [n]
         self.pairs = _PairRuns(n_latents * n_latents, n_shards)  # keys i·n + j, i < j
         self.miss_counts = torch.zeros(n_latents, dtype=torch.int64) if residual else None  # [n]
-        self.misses = (
-            _PairRuns(n_latents * n_latents, n_shards) if residual else None
-        )  # keys i·n + j: i on, j missed
+        # keys i·n + j: i on, j missed
+        self.misses = _PairRuns(n_latents * n_latents, n_shards) if residual else None
 
     def add(
         self,
@@ -545,7 +547,8 @@ class CoactivationCounter:
 
 
 def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
-    """Count (or resume counting) cfg.tokens of the store; a killed run re-run with the same cfg ends identical."""
+    """Count (or resume counting) cfg.tokens of the store; a killed run re-run with the same cfg
+    ends identical."""
     store, sae, hook = _check_inputs(cfg)
     out = Path(cfg.out)
     identity = _identity(cfg, store, hook)
@@ -566,9 +569,10 @@ def coactivation_stats(cfg: StatsConfig) -> CoactivationStats:
         total=n_batches, initial=state["batches_done"], unit="batch", desc=f"coactivation {hook}"
     ) as bar:
         for batch in range(state["batches_done"], n_batches):
+            # [B]
             rows = cfg.skip_tokens + torch.arange(
                 batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, n_tokens)
-            )  # [B]
+            )
             code, n_passthrough, missed = _encode(
                 sae,
                 store.rows(rows, hooks=[hook])[hook].to(cfg.device),
@@ -644,7 +648,8 @@ def _check_inputs(cfg: StatsConfig) -> tuple[ActivationStore, SAE, str]:
     hook = cfg.hook or sae.cfg.hook
     if not hook:
         raise ValueError(
-            f"{cfg.sae}/cfg.json names no hook; pass --hook (the store holds {', '.join(store.hooks)})"
+            f"{cfg.sae}/cfg.json names no hook; pass --hook (the store holds "
+            f"{', '.join(store.hooks)})"
         )
     if hook not in store.hooks:
         raise ValueError(
@@ -656,7 +661,8 @@ def _check_inputs(cfg: StatsConfig) -> tuple[ActivationStore, SAE, str]:
         raise ValueError(f"the store {cfg.store} holds no tokens yet; finish its harvest first")
     if cfg.skip_tokens < 0 or cfg.skip_tokens >= len(store):
         raise ValueError(
-            f"--skip-tokens must be in 0..{len(store) - 1} (the store holds {len(store)}), got {cfg.skip_tokens}"
+            f"--skip-tokens must be in 0..{len(store) - 1} (the store holds {len(store)}), got "
+            f"{cfg.skip_tokens}"
         )
     if cfg.tokens + cfg.skip_tokens > len(store):
         raise ValueError(
@@ -690,9 +696,8 @@ def _check_sae_matches_store(sae: SAE, store: ActivationStore) -> None:
 
 def _identity(cfg: StatsConfig, store: ActivationStore, hook: str) -> dict:
     """Everything the results depend on: settings, the SAE's weights and the store's contents."""
-    skip = FREE_FIELDS + (
-        () if cfg.residual else RESIDUAL_FIELDS
-    )  # stats made before --residual still match
+    # stats made before --residual still match
+    skip = FREE_FIELDS + (() if cfg.residual else RESIDUAL_FIELDS)
     config = {k: v for k, v in asdict(cfg).items() if k not in skip}
     config["hook"] = hook  # "" and the SAE's own hook are the same run
     shards = hashlib.sha256("".join(s.sha256 for s in store.manifest.shards).encode()).hexdigest()

@@ -44,7 +44,8 @@ def encode_codes(
     batch_size: int = 4096,
     progress: bool = True,
 ) -> SparseCode:
-    """All rows of x [N, d] encoded batch by batch, kept sparse; a dense code [B, n] is sparsified."""
+    """All rows of x [N, d] encoded batch by batch, kept sparse; a dense code [B, n] is
+    sparsified."""
     values, cols, rows = [], [], []
     for start in tqdm(
         range(0, len(x), batch_size), desc="encode", leave=False, disable=not progress

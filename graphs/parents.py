@@ -14,9 +14,9 @@ The recipe (`python -m graphs parents`; each step is cached under --out, so a ki
   3. the token-mean SAE: TopK (n_latents, k) on the μ_t. Latent g's token set T_g is the types it
      fires on;
   4. candidates: latents whose T_g covers min_freq..max_freq of the store's tokens;
-  5. the cross-cutting pick: the n_parents candidates with the highest mean Jaccard, over word types,
-     with the other candidates. A word's first letter is independent of its meaning, so a letter
-     latent co-fires with many semantic latents, which mostly exclude one another;
+  5. the cross-cutting pick: the n_parents candidates with the highest mean Jaccard, over word
+     types, with the other candidates. A word's first letter is independent of its meaning, so a
+     letter latent co-fires with many semantic latents, which mostly exclude one another;
   6. injection: the base's least-used latents become the parents. Decoder u_g: the unit mean
      difference of the centred input between tokens in T_g and the rest. Encoder: u_g scaled and
      biased so that the parent fires on the average T_g token with the median active value, and not
@@ -68,7 +68,8 @@ class ParentsConfig:
     sae: str = ""
     """The base SAE directory (a `python -m sae train` OUT/<hook>/); it is not modified."""
     out: str = ""
-    """Output directory: sae/<hook>/ (the base with parents), stats/, edges.safetensors, parents.json."""
+    """Output directory: sae/<hook>/ (the base with parents), stats/, edges.safetensors and
+    parents.json."""
     tokens: int = 500_000
     """Store tokens for the token means, the firing counts and the stats (the first ones)."""
     n_parents: int = 20
@@ -106,9 +107,8 @@ class TypeStats:
     """What one pass of the base SAE over the store gives (step 1)."""
 
     type_ids: torch.Tensor  # [U] int64: every token type in the counted rows
-    sums: (
-        torch.Tensor
-    )  # [U, d] float64: sum of the SAE's centred input x·s − b_dec over the type's rows
+    # [U, d] float64: sum of the SAE's centred input x·s − b_dec over the type's rows
+    sums: torch.Tensor
     counts: torch.Tensor  # [U] int64
     fires: torch.Tensor  # [n_latents] int64: base latent firings
     median_value: float  # median active value of the base SAE (first 8 batches)
@@ -120,15 +120,17 @@ def build_parents(cfg: ParentsConfig) -> Path:
     hook = base.cfg.hook
     n_tokens = min(cfg.tokens, len(store)) if cfg.tokens else len(store)
     if not (out / "type_stats.safetensors").exists():
+        # the one pass over the store, the slowest step
         _save_type_stats(
             type_statistics(base, store, n_tokens, cfg.device), out / "type_stats.safetensors"
-        )  # ~1 min / 500k
+        )
     types = _load_type_stats(out / "type_stats.safetensors")
     frequent = types.counts >= cfg.min_count
     if int(frequent.sum()) <= cfg.latents:
         raise ValueError(
-            f"only {int(frequent.sum())} token types are seen {cfg.min_count}+ times in {n_tokens} tokens; "
-            f"the token-mean SAE needs more than its {cfg.latents} latents: pass more --tokens or fewer --latents"
+            f"only {int(frequent.sum())} token types are seen {cfg.min_count}+ times in "
+            f"{n_tokens} tokens; the token-mean SAE needs more than its {cfg.latents} latents: "
+            "pass more --tokens or fewer --latents"
         )
     if not (out / "tokmean-sae.safetensors").exists():
         means = token_means(types.sums[frequent], types.counts[frequent])
@@ -148,14 +150,14 @@ def build_parents(cfg: ParentsConfig) -> Path:
     if not (out / "parents.json").exists():
         type_ids, active = tokmean["type_ids"], tokmean["active"].bool()
         type_counts = types.counts[torch.searchsorted(types.type_ids, type_ids)]
-        freq = (active.double() * type_counts[:, None].double()).sum(
-            0
-        ) / types.counts.sum()  # [latents]
+        # [latents]
+        freq = (active.double() * type_counts[:, None].double()).sum(0) / types.counts.sum()
         candidates = ((freq >= cfg.min_freq) & (freq <= cfg.max_freq)).nonzero().squeeze(1)
         if len(candidates) < cfg.n_parents:
             raise ValueError(
-                f"{len(candidates)} token-mean latents cover {cfg.min_freq}-{cfg.max_freq} of the tokens, "
-                f"fewer than --n-parents {cfg.n_parents}: lower --n-parents or widen --min-freq/--max-freq"
+                f"{len(candidates)} token-mean latents cover {cfg.min_freq}-{cfg.max_freq} of the "
+                f"tokens, fewer than --n-parents {cfg.n_parents}: lower --n-parents or widen "
+                "--min-freq/--max-freq"
             )
         tokenizer = _tokenizer(cfg, store)
         words = first_letter_labels(type_ids, tokenizer) >= 0
@@ -166,16 +168,13 @@ def build_parents(cfg: ParentsConfig) -> Path:
         crossing = mean_jaccard(active[words][:, candidates])  # [C]
         order = torch.argsort(crossing, descending=True)[: cfg.n_parents]
         picked = candidates[order]
-        slots = torch.argsort(types.fires, stable=True)[
-            : cfg.n_parents
-        ]  # the least-used base latents
-        inside = _type_sets(
-            active[:, picked], type_ids, types.type_ids
-        )  # [U, P] bool over all store types
+        # the least-used base latents
+        slots = torch.argsort(types.fires, stable=True)[: cfg.n_parents]
+        # [U, P] bool over all store types
+        inside = _type_sets(active[:, picked], type_ids, types.type_ids)
         mean_in, mean_out = set_means(types.sums, types.counts, inside)
-        save_sae(
-            install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae
-        )  # base: not used after
+        # base: not used after
+        save_sae(install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae)
         atomic_write_json(
             out / "parents.json",
             {
@@ -201,9 +200,8 @@ def build_parents(cfg: ParentsConfig) -> Path:
             device=cfg.device,
         )
     )
-    if (
-        "n_edges" not in meta
-    ):  # the edges are cheap: recounted unless parents.json says they were written
+    # the edges are cheap: recounted unless parents.json says they were written
+    if "n_edges" not in meta:
         edges = parent_edges(stats, torch.tensor(meta["slots"]), cfg.cut, cfg.min_pair_count)
         atomic_save_tensors(out / "edges.safetensors", {"edge_index": edges})
         meta["n_edges"], meta["parents_reached"] = edges.shape[1], int(edges[1].unique().numel())
@@ -236,7 +234,8 @@ def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
     store, base = ActivationStore(cfg.store), load_sae(cfg.sae)
     if base.cfg.hook not in store.hooks:
         raise ValueError(
-            f"the SAE reads {base.cfg.hook!r} but {cfg.store} holds {store.hooks}: pass the store it was trained on"
+            f"the SAE reads {base.cfg.hook!r} but {cfg.store} holds {store.hooks}: pass the store "
+            "it was trained on"
         )
     if base.cfg.n_latents < cfg.n_parents:
         raise ValueError(
@@ -319,7 +318,8 @@ def token_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def train_tokmean_sae(x: torch.Tensor, cfg: ParentsConfig) -> tuple[SAE, float]:
-    """Step 3: a TopK SAE on the rows of x (small: dense codes), Adam; returns it and its FVU on x."""
+    """Step 3: a TopK SAE on the rows of x (small: dense codes), Adam; returns it and its FVU on
+    x."""
     g = torch.Generator().manual_seed(cfg.seed)
     sae = SAE(SAEConfig(d_in=x.shape[1], n_latents=cfg.latents, arch="topk", k=cfg.k))
     sae.reset_parameters(generator=g)
@@ -373,7 +373,7 @@ def mean_jaccard(active: torch.Tensor) -> torch.Tensor:
 def _type_sets(
     active: torch.Tensor, type_ids: torch.Tensor, all_types: torch.Tensor
 ) -> torch.Tensor:
-    """[U, P] bool: active [V, P] over the token-mean types, spread onto every store type (others False)."""
+    """[U, P] bool: active [V, P] over the token-mean types, spread onto every store type."""
     inside = torch.zeros(len(all_types), active.shape[1], dtype=torch.bool)
     inside[torch.searchsorted(all_types, type_ids)] = active
     return inside
@@ -462,7 +462,7 @@ def _tokenizer(cfg: ParentsConfig, store: ActivationStore):
 
 
 def _top_tokens(inside: torch.Tensor, types: TypeStats, tokenizer, n: int = 8) -> list[list[str]]:
-    """Per parent, the decoded text of its n most frequent store types (for a reader, not the method)."""
+    """Per parent, the decoded text of its n most frequent store types (for a reader only)."""
     result = []
     for p in range(inside.shape[1]):
         members = inside[:, p].nonzero().squeeze(1)

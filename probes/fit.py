@@ -54,7 +54,8 @@ def _logistic_scores(u: Ragged, w: Tensor, b: float, aggregation: Aggregation) -
 def choose_l2(
     u: Ragged, y: Tensor, aggregation: Aggregation, folds: int = 4, seed: int = 0
 ) -> float:
-    """The L2 strength in L2_GRID with the lowest cross-validated log-loss (folds stratified by class)."""
+    """The L2 strength in L2_GRID with the lowest cross-validated log-loss (folds stratified by
+    class)."""
     folds = min(folds, int(min((y == 0).sum(), (y == 1).sum())))
     if folds < 2:
         return L2_GRID[len(L2_GRID) // 2]
@@ -139,7 +140,8 @@ def graph_neighbourhoods(
 
 
 def calibrate(negative_scores: Tensor, fpr: float) -> tuple[float, dict]:
-    """The threshold t with #(negatives > t) ≤ floor(fpr·n): t is the (floor(fpr·n)+1)-th largest."""
+    """The threshold t with #(negatives > t) ≤ floor(fpr·n): t is the (floor(fpr·n)+1)-th
+    largest."""
     n = negative_scores.numel()
     if n == 0:
         raise ValueError("calibration needs held-out negatives; the calibration split has none")

@@ -1,13 +1,15 @@
-"""Training a probe end to end: dataset → activations (+ SAE code) → fit → calibrate → evaluate → save.
+"""Training a probe end to end: dataset → activations (+ SAE code) → fit → calibrate → evaluate →
+save.
 
-    fit_probe(kind, features, y, ...)     one probe of any kind from in-memory features (no threshold)
+    fit_probe(kind, features, y, ...)     one probe of any kind from in-memory features (no
+                                          threshold)
     calibrate_probe(probe, features, y)   threshold at the target false-positive rate on negatives
     evaluate_probe(probe, features, y)    accuracy (at logit 0), AUROC, TPR/FPR at the threshold
     train_probe(cfg)                      the job behind `python -m probes train`
 
 The training split is cut by group (document, language, word) into a fit part and a calibration
-part, so the threshold is set on negatives the probe never saw; the task's test split is only
-used for the reported metrics.
+part, so the threshold is set on negatives the probe never saw; the task's test split is only used
+for the reported metrics.
 """
 
 from __future__ import annotations
@@ -175,9 +177,8 @@ def _best_query(
         ids = torch.tensor([i, *neighbours])
         cols = feature_columns(features.code, ids)  # [n_tokens, 1 + deg]
         soft_and = torch.minimum(cols[:, :1], cols)  # column 0: {i} alone; column c: {i, ids[c]}
-        text_values = pool(
-            Ragged(soft_and, features.acts.offsets), aggregation
-        )  # [n_texts, 1 + deg]
+        # [n_texts, 1 + deg]
+        text_values = pool(Ragged(soft_and, features.acts.offsets), aggregation)
         for c in range(ids.numel()):
             query = [i] if c == 0 else sorted([i, int(ids[c])])
             candidate = (auroc(text_values[:, c], y), -len(query), query)
@@ -220,7 +221,8 @@ def graph_edges(path: str | Path) -> Tensor:
 
 
 def split_calibration(groups: list[str], fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Row indices (fit, calibration): whole groups go to calibration until `fraction` is reached."""
+    """Row indices (fit, calibration): whole groups go to calibration until `fraction` is
+    reached."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"calibration_fraction must be in (0, 1), got {fraction}")
     unique = sorted(set(groups))
@@ -241,9 +243,9 @@ def balanced_subset(y: Tensor, n: int, seed: int) -> Tensor:
 
 
 def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=None) -> Probe:
-    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics inside).
-    `model` (already loaded, must be cfg.model) saves loading it again; `data` (a datasets.Dataset
-    or DatasetDict with text and label columns) replaces cfg.task."""
+    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics
+    inside). `model` (already loaded, must be cfg.model) saves loading it again; `data` (a
+    datasets.Dataset or DatasetDict with text and label columns) replaces cfg.task."""
     from probes.tasks import DEFAULT_AGGREGATION, load_task
 
     if not (cfg.task or data is not None) or not cfg.out:
@@ -312,7 +314,8 @@ def _features(model, encoder, texts: list[str], cfg: ProbeTrainConfig) -> Featur
 def _check_encoder(encoder, path: str, hook: str, model) -> None:
     if encoder.cfg.d_in != model.d_model:
         raise ValueError(
-            f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model {model.d_model}; "
+            f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model "
+            f"{model.d_model}; "
             "pass an SAE trained on this model"
         )
     if encoder.cfg.hook and encoder.cfg.hook != hook:

@@ -9,7 +9,7 @@ The two are run alternately, `--rounds` times, and the ratios of the medians are
 machine is shared, so only ratios within a run count.
 
     python scripts/bench_graph.py --store out/l15-train-1m --stats out/graph/stats-l15 [--steps 48]
-    python scripts/bench_graph.py --store out/l15-train-1m --parents out/graph/parents20   # (c)'s recipe
+    python scripts/bench_graph.py --store out/l15-train-1m --parents out/graph/parents20  # (c)
 
 With --parents DIR (`python -m graphs parents`) the graph autoencoder trains as in the quality
 table's (c): DIR's SAE, stats and edges, gates held open (graphs.parents.HELD_OPEN).
@@ -31,7 +31,8 @@ from sae.train import TrainConfig, train
 
 
 def _speeds(out: Path, batch_size: int) -> tuple[float, float, dict]:
-    """(whole-run tok/s, last-window tok/s, last row) from a run's metrics.jsonl (cumulative tok_s)."""
+    """(whole-run tok/s, last-window tok/s, last row) from a run's metrics.jsonl (cumulative
+    tok_s)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["step"] * batch_size / r["tok_s"] for r in rows]  # seconds since the loop started
     window = (rows[-1]["step"] - rows[-2]["step"]) * batch_size / (elapsed[-1] - elapsed[-2])

@@ -1,13 +1,12 @@
-"""SmolLM2 layer 15: (a) TopK vs (b) TopK + post-hoc co-occurrence graph vs (c) the graph autoencoder.
+"""SmolLM2 layer 15: (a) TopK vs (b) TopK + post-hoc co-occurrence graph vs (c) graph autoencoder.
 
 Equal width (9216 latents) and equal training tokens (1M): (a) is a TopK SAE trained on 1M tokens;
-(b) is (a) plus its co-activation candidates cut to (c)'s number of edges; (c) starts from a
-TopK SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds
-1-3). With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE
-with N label-free parents injected (graphs.parents) on their child -> parent edges, gates held
-open, and a fifth column gives the same fine-tune with every gate shut. Every step caches its
-output under --out, so a killed run resumes. Writes docs/graph_quality.md and
-<out>/graph_quality{tag}.json.
+(b) is (a) plus its co-activation candidates cut to (c)'s number of edges; (c) starts from a TopK
+SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds 1-3).
+With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE with N
+label-free parents injected (graphs.parents) on their child -> parent edges, gates held open, and a
+fifth column gives the same fine-tune with every gate shut. Every step caches its output under
+--out, so a killed run resumes. Writes docs/graph_quality.md and <out>/graph_quality{tag}.json.
 
     python scripts/graph_quality.py --store out/l15-train-1m --eval-store out/l15-heldout \\
         --pair-store out/l15-l18-300k --topk out/quality/topk/blocks.15.hook_resid_post \\
@@ -170,9 +169,8 @@ def letters(args, dirs, model) -> dict:
         max_tokens=args.letter_tokens,
     )
 
-    def score(
-        name: str, gsae
-    ) -> dict:  # "-chanin": also Chanin-style absorption (older caches lack it)
+    # "-chanin": also Chanin-style absorption (older caches lack it)
+    def score(name: str, gsae) -> dict:
         return cached(
             out / f"letters-chanin-{name}.json",
             lambda: _json_keys(
@@ -258,9 +256,8 @@ def faithfulness(args, dirs, model) -> dict:
 
         def compute(key=key, source=source):
             transition, meta = TransitionGraph.load(dirs[f"trans_{key}"])
-            coder = (
-                load_sae(source) if key == "a" else load_graph_sae(source)
-            )  # a plain SAE: no edges
+            # a plain SAE: no edges
+            coder = load_sae(source) if key == "a" else load_graph_sae(source)
             explainer = Explainer(model, coder, load_sae(meta["target"]), transition)
             return {
                 **edge_interventions(explainer, TEXTS),
@@ -276,8 +273,8 @@ def faithfulness(args, dirs, model) -> dict:
 
 
 def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
-    """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s letter
-    rows as the mean over seeds (each seed in brackets)."""
+    """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s
+    letter rows as the mean over seeds (each seed in brackets)."""
     a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
     cs = [rows[f"c{s}"] for s in args.seeds]
     mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
@@ -301,23 +298,30 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
 
     ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
     extra = lambda cell: f" {cell} |" if args.parents else ""  # noqa: E731  the control's column
-    head = f"| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed {args.seeds[0]}, edges removed |"
+    head = (
+        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder "
+        f"| (c) seed {args.seeds[0]}, edges removed |"
+    )
     table = [
         head + extra("(c)'s control: same fine-tune, gates shut"),
         "|---|---|---|---|---|" + ("---|" if args.parents else ""),
-        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
+        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | "
+        f"{fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
         + extra(ctl and fmt(ctl[0]["l0"], 1)),
-        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
+        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: "
+        f"{', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
         + extra(
             ctl and f"{fmt(ctl[0]['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in ctl)})"
         ),
-        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |"
+        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | "
+        f"{fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |"
         + extra(ctl and fmt(ctl[0]["dead_fraction"])),
-        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |"
+        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | "
+        f"{fmt(c.get('ce_loss_recovered'))} | — |"
         + extra(ctl and fmt(ctl[0].get("ce_loss_recovered"))),
         *[
-            f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {letter('c', key)} | {fmt(lb[key])} |"
-            + extra(letter("ctl", key))
+            f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | "
+            f"{letter('c', key)} | {fmt(lb[key])} |" + extra(letter("ctl", key))
             for label, key in (
                 ("first-letter absorption (upper bound)", "absorption"),
                 ("absorption, Chanin et al.'s full rate", "full_absorption"),
@@ -325,25 +329,33 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
             )
         ],
         *[
-            f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | {fmt(lb['sparse_probe'][str(k)])} |"
-            + extra(letter("ctl", "sparse_probe", str(k)))
+            f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | "
+            f"{fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | "
+            f"{fmt(lb['sparse_probe'][str(k)])} |" + extra(letter("ctl", "sparse_probe", str(k)))
             for k in (1, 2, 5)
         ],
-        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |"
-        + extra("—"),
+        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | "
+        f"{fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |" + extra("—"),
         f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |"
         + extra(ctl and fmt(ctl[0]["implied_per_token"], 4)),
-        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
+        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s "
+        f"count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
         + extra("0"),
-        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |"
-        + extra("—"),
-        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |"
-        + extra("—"),
-        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |"
-        + extra("—"),
-        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |"
-        + extra("—"),
-        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |"
+        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | "
+        f"{fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} "
+        f"({fmt(stab['null'], 4)}) | — |" + extra("—"),
+        "| cross-layer edges confirmed by ablation (null) | "
+        f"{fmt(faith['a']['edge_confirmed_fraction'])} "
+        f"({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | "
+        f"{fmt(faith['c']['edge_confirmed_fraction'])} "
+        f"({fmt(faith['c']['null_confirmed_fraction'])}) | — |" + extra("—"),
+        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as "
+        f"(a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |" + extra("—"),
+        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same "
+        f"as (a) | {fmt(faith['c']['attribution_pearson'])} | — |" + extra("—"),
+        "| transition L15 → L18: code FVU, nonzero weights | "
+        f"{fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as "
+        f"(a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |"
         + extra("—"),
     ]
     return "\n".join(table)
@@ -383,8 +395,9 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held open, plus "
-        "its gates-shut control per seed (0: the plain graph autoencoder); use a new --tag",
+        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held "
+        "open, plus its gates-shut control per seed (0: the plain graph autoencoder); use a new "
+        "--tag",
     )
     parser.add_argument(
         "--residual-stats",
@@ -419,7 +432,8 @@ def main() -> None:
 
 
 def graph_options(pairs: list[str]) -> dict:
-    """FIELD=VALUE strings -> GraphTrainConfig keyword arguments, each typed like its field's default."""
+    """FIELD=VALUE strings -> GraphTrainConfig keyword arguments, each typed like its field's
+    default."""
     fields = {f.name: f for f in dataclasses.fields(GraphTrainConfig)}
     options = {}
     for pair in pairs:

@@ -85,13 +85,17 @@ def markdown(results: list[dict], tokens: int) -> str:
     lines = [
         "# Planted feature hierarchy: edge recovery",
         "",
-        f"Produced by `python scripts/graph_synthetic.py --tokens {tokens}` (one seed; {tokens:,} tokens each for",
-        "the TopK SAE, its co-activation stats and the graph autoencoder). Ground truth: 96 child → parent",
+        f"Produced by `python scripts/graph_synthetic.py --tokens {tokens}` (one seed; {tokens:,} "
+        "tokens each for",
+        "the TopK SAE, its co-activation stats and the graph autoencoder). Ground truth: 96 child "
+        "→ parent",
         "edges. An edge counts when both endpoints match a true feature with decoder cosine ≥ 0.7",
-        "(one-to-one greedy matching); precision is over the matched edges. Null: the same edges with",
+        "(one-to-one greedy matching); precision is over the matched edges. Null: the same edges "
+        "with",
         "shuffled targets (20 permutations).",
         "",
-        "| parent–child cos | model | edges | precision | recall | F1 | null precision | null recall | reversed (parent → child) |",
+        "| parent–child cos | model | edges | precision | recall | F1 | null precision | null "
+        "recall | reversed (parent → child) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -101,8 +105,10 @@ def markdown(results: list[dict], tokens: int) -> str:
         ):
             m = r[key]
             lines.append(
-                f"| {r['parent_child_cos']} | {name} | {r['edges']} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                f"{m['f1']:.3f} | {m['null_precision']:.4f} | {m['null_recall']:.4f} | {int(m['reversed'])} |"
+                f"| {r['parent_child_cos']} | {name} | {r['edges']} | {m['precision']:.3f} | "
+                f"{m['recall']:.3f} | "
+                f"{m['f1']:.3f} | {m['null_precision']:.4f} | {m['null_recall']:.4f} | "
+                f"{int(m['reversed'])} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -1,13 +1,14 @@
-"""Release a feature dataset from scratch: harvest → SAE → co-activation stats → graph → (transition)
-→ export, each stage resumed or skipped when already done (kill it and run it again).
+"""Release a feature dataset from scratch: harvest → SAE → co-activation stats → graph →
+(transition) → export, each stage resumed or skipped when already done (kill it and run it again).
 
-    python scripts/release_features.py --out out/release-run --tokens 500000 --hook blocks.15.hook_resid_post
-    python scripts/release_features.py ... --target-hook blocks.18.hook_resid_post   # + cross-layer edges
+    python scripts/release_features.py --out out/release-run --tokens 500000 \\
+        --hook blocks.15.hook_resid_post
+    python scripts/release_features.py ... --target-hook blocks.18.hook_resid_post  # + cross-layer
 
 Layout under --out: store/ (training activations, every hook), heldout/ (held-out activations the
-release is scanned over), sae/<hook>/, stats/, graph/, transition/ (with --target-hook) and
-release/ (the release: dataset, side files, dashboard/index.html). The pieces are the package's
-own commands (`python -m sae harvest|train`, `python -m graphs stats|train|transition|export`).
+release is scanned over), sae/<hook>/, stats/, graph/, transition/ (with --target-hook) and release/
+(the release: dataset, side files, dashboard/index.html). The pieces are the package's own commands
+(`python -m sae harvest|train`, `python -m graphs stats|train|transition|export`).
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ class PlantedHierarchyConfig:
 
 @dataclass
 class PlantedHierarchy:
-    """The planted ground truth. Build it with `PlantedHierarchy.build(cfg)` (a pure function of cfg)."""
+    """The planted ground truth. Build it with `PlantedHierarchy.build(cfg)` (a pure function of
+    cfg)."""
 
     config: PlantedHierarchyConfig
     dictionary: torch.Tensor  # [n_true, d_model] float32, unit-norm rows
@@ -180,9 +181,8 @@ def _dictionary(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(
-            cfg.decorrelate_steps
-        ):  # descent on Σ cos⁸: pushes hardest on the worst pairs
+        # descent on Σ cos⁸: pushes hardest on the worst pairs
+        for _ in range(cfg.decorrelate_steps):
             gram = d @ d.T  # [n_true, n_true]
             gram.fill_diagonal_(0)
             step = gram.pow(7) @ d  # [n_true, d]
@@ -267,7 +267,8 @@ def hierarchy_from_store(store: ActivationStore | str | Path) -> PlantedHierarch
     corpus = store.manifest.corpus
     if not corpus.startswith(CORPUS_PREFIX):
         raise StoreError(
-            f"{store.directory} was not written by graphs.eval.planted.write_store (corpus {corpus[:40]!r})"
+            f"{store.directory} was not written by graphs.eval.planted.write_store (corpus "
+            f"{corpus[:40]!r})"
         )
     hierarchy = PlantedHierarchy.build(
         PlantedHierarchyConfig(**json.loads(corpus[len(CORPUS_PREFIX) :]))

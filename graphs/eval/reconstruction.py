@@ -66,8 +66,8 @@ def graph_metrics(
 
 
 def without_edges(model: SparseGraphAutoencoder) -> SparseGraphAutoencoder:
-    """The graph autoencoder with every gate shut (in place): its evidence SAE alone, to see what the
-    edges add."""
+    """The graph autoencoder with every gate shut (in place): its evidence SAE alone, to see what
+    the edges add."""
     with torch.no_grad():
         model.log_alpha.fill_(-1e4)
     return model

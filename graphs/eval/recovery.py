@@ -58,7 +58,8 @@ def match_latents(
 def _edge_scores(
     src: torch.Tensor, dst: torch.Tensor, hierarchy: PlantedHierarchy
 ) -> dict[str, float]:
-    """Precision/recall of true-feature edges (src, dst: [E], -1 = unmatched) vs the planted ones."""
+    """Precision/recall of true-feature edges (src, dst: [E], -1 = unmatched) vs the planted
+    ones."""
     n = hierarchy.n_true
     mapped = (src >= 0) & (dst >= 0) & (src != dst)
     pairs = torch.unique(src[mapped] * n + dst[mapped])  # [E'] distinct true-feature edges
@@ -103,7 +104,8 @@ def edge_recovery(
         raise ValueError(f"learned_edge_index must be [2, E], got {list(learned_edge_index.shape)}")
     if learned_weights.shape != (learned_edge_index.shape[1],):
         raise ValueError(
-            f"learned_weights must be [E] = [{learned_edge_index.shape[1]}], got {list(learned_weights.shape)}"
+            f"learned_weights must be [E] = [{learned_edge_index.shape[1]}], got "
+            f"{list(learned_weights.shape)}"
         )
     match = match_latents(W_dec, hierarchy.dictionary)
     good = match.cos >= min_cos  # [n_true]
@@ -125,9 +127,8 @@ def edge_recovery(
 
 class OracleStats(NamedTuple):
     freq: torch.Tensor  # [n_true] P(feature active)
-    conditional: (
-        torch.Tensor
-    )  # [n_true, n_true]: [i, j] = P(j active | i active); nan if i never fired
+    # [n_true, n_true]: [i, j] = P(j active | i active); nan if i never fired
+    conditional: torch.Tensor
     child_to_parent: torch.Tensor  # [P·C] P(parent | child) per planted edge: 1 by construction
     parent_to_child: torch.Tensor  # [P·C] P(child | parent): well below 1, so the edge is directed
     cooc: torch.Tensor  # [2·n_cooc] P(dst | src) per cooc edge

@@ -17,7 +17,7 @@ A release directory (format_version 1):
     data/edges.parquet        one row per edge          }
     saelens/<hook>/           the SAE in SAELens's layout (sae.io.export_saelens)
     neuronpedia/<i>.json      Neuronpedia-style feature JSON
-    circuits/<slug>.json      circuit-tracer-style graph JSON of each explained prompt (with a graph)
+    circuits/<slug>.json      circuit-tracer-style graph JSON of each explained prompt (graph only)
     training/*.jsonl          the SAE's (and graph's) training metrics, when they were found
     dashboard/                the offline HTML site
     export_log.jsonl          every checkpoint and finished stage, once each

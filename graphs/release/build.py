@@ -1,11 +1,12 @@
 """The stages of a release export, in order (`graphs.release.export` runs them, skipping finished
 ones):
 
-    scan         stream the store through the SAE (graphs.release.scan)  -> work/scan.safetensors
-    contexts     token-level activations of every chosen context window  -> work/contexts.safetensors
+    scan         stream the store through the SAE (graphs.release.scan) -> work/scan.safetensors
+    contexts     token-level activations of every chosen context window -> work/contexts.safetensors
     logits       top / bottom logits of every feature (graphs.explain.top_logits)
-                                                                         -> work/logits.safetensors
-    metrics      the metric card: FVU, L0, dead / dense from the scan, CE by splicing -> work/card.json
+                                                                        -> work/logits.safetensors
+    metrics      the metric card: FVU, L0, dead / dense from the scan, CE by splicing
+                                                                        -> work/card.json
     tables       features / examples / edges parquet, README.md, release.json (complete: false)
     saelens      saelens/<hook>/ (sae.io.export_saelens)
     neuronpedia  neuronpedia/<feature>.json
@@ -73,12 +74,14 @@ class Builder:
 
     @property
     def model(self):
-        """The model, loaded on first use (a resumed export past the model stages never loads it)."""
+        """The model, loaded on first use (a resumed export past the model stages never loads
+        it)."""
         if self._model is None:
             self._model = load_model(self.inputs.model_name)
         if self._model.name != self.inputs.model_name:
             raise ValueError(
-                f"the export reads {self.inputs.model_name}; the model passed in is {self._model.name}"
+                f"the export reads {self.inputs.model_name}; the model passed in is "
+                f"{self._model.name}"
             )
         return self._model
 
@@ -161,7 +164,8 @@ class Builder:
         recon = state.fvu.result()
         manifest = store.manifest
         card = {
-            "title": f"greylens {self.inputs.model_name} {sae.cfg.hook} {sae.cfg.arch} {sae.cfg.n_latents}",
+            "title": f"greylens {self.inputs.model_name} {sae.cfg.hook} {sae.cfg.arch} "
+            f"{sae.cfg.n_latents}",
             "model": self.inputs.model_name,
             "weights_sha256": sae.cfg.weights_sha256 or manifest.weights_sha256,
             "hook": sae.cfg.hook,
@@ -221,6 +225,7 @@ class Builder:
 
     def tables(self) -> None:
         examples, state, cols, vocab = self.examples(), self.scan_state(), self.columns, self.vocab
+        # finished: read back, nothing re-encoded
         acts = run_contexts(
             self.sae,
             self.inputs.store,
@@ -229,7 +234,7 @@ class Builder:
             self.cfg.batch_size,
             self.cfg.checkpoint_every,
             self.log,
-        )  # finished: read back, nothing re-encoded
+        )
         n = self.sae.cfg.n_latents
         labels, top_tokens = tables.heuristic_labels(examples, cols["token_ids"], vocab, n)
         logits = load_file(self.work / "logits.safetensors")
@@ -256,12 +261,13 @@ class Builder:
         has_graph = self.inputs.graph_edges is not None
         readme = tables.dataset_card(card, counts, has_graph=has_graph)
         (self.staging / "README.md").write_text(readme)
+        # [n + 1] examples are stored feature-major
         offsets = torch.cat(
             [
                 torch.zeros(1, dtype=torch.int64),
                 torch.cumsum(torch.bincount(examples.feature, minlength=n), 0),
             ]
-        )  # [n + 1] examples are stored feature-major
+        )
         meta = {
             "format_version": FORMAT_VERSION,
             "complete": False,
@@ -277,7 +283,8 @@ class Builder:
         self._copy_training_metrics()
 
     def _neighbours(self) -> dict[str, tuple]:
-        """Each neighbour column pair (targets, weights) of the features table, for the edges given."""
+        """Each neighbour column pair (targets, weights) of the features table, for the edges
+        given."""
         graph = self.inputs.graph_edges
         reversed_graph = None if graph is None else (graph[1], graph[0], graph[2])
         return {

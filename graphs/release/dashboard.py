@@ -1,16 +1,18 @@
 """The release's offline dashboard: a static HTML site, no network, no CDN.
 
     dashboard/index.html          metric card, plots, and every feature (search + sort, in JS)
-    dashboard/features/<i>.html   one page per feature: stats, histogram, logits, neighbours, contexts
-    dashboard/graph.html          graph viewer: a prompt's reasoning paths (circuits/*.json), in SVG;
-                                  not written for a lone SAE's release (no graph, no paths)
+    dashboard/features/<i>.html   one page per feature: stats, histogram, logits, neighbours,
+                                  contexts
+    dashboard/graph.html          graph viewer: a prompt's reasoning paths (circuits/*.json), in
+                                  SVG; not written for a lone SAE's release (no graph, no paths)
     dashboard/assets/             site.css, index.js, graph.js (copied from dashboard_assets/)
-    dashboard/data/*.js           the data the pages read, as scripts (file:// pages can't fetch JSON)
-    dashboard/plots/              matplotlib PNGs: training L0/FVU curves, feature density, activations
-                                  (per-feature histograms are inline SVG on the feature pages)
+    dashboard/data/*.js           the data the pages read, as scripts (file:// pages can't fetch
+                                  JSON)
+    dashboard/plots/              matplotlib PNGs: training L0/FVU curves, feature density,
+                                  activations (per-feature histograms are inline SVG)
 
-`write_dashboard(release_dir)` reads only what the release holds, so it can rebuild the dashboard
-of any release (`python -m graphs dashboard --release DIR`).
+`write_dashboard(release_dir)` reads only what the release holds, so it can rebuild the dashboard of
+any release (`python -m graphs dashboard --release DIR`).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def _write_index(
         '<input id="search" type="search" placeholder="search labels, logits, ids">'
         '<select id="sort"><option value="feature">feature id</option>'
         '<option value="density">density ↓</option>'
-        '<option value="max">max activation ↓</option><option value="mean">mean activation ↓</option>'
+        '<option value="max">max activation ↓</option>'
+        '<option value="mean">mean activation ↓</option>'
         '<option value="label">label</option></select> <span id="count"></span></div>'
         '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th>'
         "<th>max act</th><th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>"
@@ -182,9 +185,8 @@ def _summary_plots(release: Release, features: list[dict], out: Path) -> list[st
         ylabel="features",
     )
     edges = np.array(release.meta["histogram_edges"])
-    total = np.sum(
-        [f["hist_counts"] for f in features], axis=0
-    )  # [bins] every feature's activations
+    # [bins] every feature's activations
+    total = np.sum([f["hist_counts"] for f in features], axis=0)
     right.bar(edges[:-1], total, width=np.diff(edges), align="edge", color="#dd8452")
     right.set(
         xscale="log",
@@ -213,16 +215,19 @@ def histogram_svg(
     shown, top = counts_a[lo:hi], max(int(counts_a.max()), 1)
     plot_h, bar_w = height - 36, (width - 10) / len(shown)
     bars = "".join(
-        f'<rect x="{5 + i * bar_w:.1f}" y="{16 + plot_h * (1 - c / top):.1f}" width="{max(bar_w - 1, 1):.1f}" '
-        f'height="{plot_h * c / top:.1f}"><title>[{edges[lo + i]:.3g}, {edges[lo + i + 1]:.3g}): {c}</title></rect>'
+        f'<rect x="{5 + i * bar_w:.1f}" y="{16 + plot_h * (1 - c / top):.1f}" '
+        f'width="{max(bar_w - 1, 1):.1f}" height="{plot_h * c / top:.1f}">'
+        f"<title>[{edges[lo + i]:.3g}, {edges[lo + i + 1]:.3g}): {c}</title></rect>"
         for i, c in enumerate(shown.tolist())
     )
     return (
-        f'<svg class="hist" role="img" aria-label="activation histogram" width="{width}" height="{height}" '
+        '<svg class="hist" role="img" aria-label="activation histogram" '
+        f'width="{width}" height="{height}" '
         f'xmlns="http://www.w3.org/2000/svg"><g fill="#dd8452">{bars}</g>'
         f'<line x1="5" x2="{width - 5}" y1="{16 + plot_h}" y2="{16 + plot_h}" stroke="#555"/>'
         f'<text x="5" y="11">activations (log bins; tallest bin {top} tokens)</text>'
-        f'<text x="5" y="{height - 6}">{edges[lo]:.3g}</text><text x="{width - 5}" y="{height - 6}" text-anchor="end">'
+        f'<text x="5" y="{height - 6}">{edges[lo]:.3g}</text><text x="{width - 5}" '
+        f'y="{height - 6}" text-anchor="end">'
         f"{edges[hi]:.3g}</text></svg>"
     )
 
@@ -265,7 +270,8 @@ def _feature_body(f: dict, contexts: list[dict], card: dict, edges: list[float])
     quantiles = "".join(_context(c) for c in contexts if c["kind"] == "quantile")
     return (
         f'<h1>feature {i} <span class="label" id="label">{E(f["label"])}</span> '
-        f'<span class="heuristic" title="label from the top contexts\' peak tokens, not model-written">heuristic</span></h1>'
+        '<span class="heuristic" title="label from the top contexts\' peak tokens, not '
+        'model-written">heuristic</span></h1>'
         f'<p class="note">{E(card["model"])} · {E(card["hook"])} · {E(card["architecture"])}</p>'
         f'<div class="row">{stats}{hist}</div><div class="row">{logits}</div>{_neighbours(f)}'
         f'<h2>Top activating contexts</h2><div id="top-contexts">{tops or "<p>none</p>"}</div>'
@@ -306,7 +312,7 @@ def _neighbours(f: dict) -> str:
 
 
 def _context(c: dict) -> str:
-    """One context: tokens where the feature is silent stay plain text (most of them: keeps pages small)."""
+    """One context; tokens where the feature is silent stay plain text (most: keeps pages small)."""
     peak = max(max(c["activations"]), 1e-9)
     spans = []
     for t, (token, act) in enumerate(zip(c["tokens"], c["activations"], strict=True)):
@@ -324,4 +330,5 @@ def _context(c: dict) -> str:
         if c["kind"] == "top"
         else f" · band {c['band']} [{c['band_min']:.3g}, {c['band_max']:.3g}]"
     )
-    return f'<div class="ctx"><span class="act">{c["activation"]:.3g}{band}</span> {"".join(spans)}</div>'
+    activation = f'<span class="act">{c["activation"]:.3g}{band}</span>'
+    return f'<div class="ctx">{activation} {"".join(spans)}</div>'

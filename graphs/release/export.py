@@ -1,4 +1,4 @@
-"""`python -m graphs export`: build a release directory from an SAE (its graph optional) and a store.
+"""`python -m graphs export`: a release directory from an SAE (its graph optional) and a store.
 
 Atomic and resumable: everything is written under OUT.partial/ (scratch state in OUT.partial/work/)
 and the directory is renamed to OUT only when every stage is done, so OUT exists only complete.

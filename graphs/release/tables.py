@@ -12,7 +12,8 @@ Columns (one row per ...):
               label_is_heuristic, top_tokens
     examples  chosen token: feature, kind ("top" | "quantile"), rank, band, band_min, band_max,
               activation, row, doc_id, position, focus, token_ids, tokens, activations
-    edges     edge: src, dst, weight, kind ("graph" | "coactivation" | "crosslayer"), src_hook, dst_hook
+    edges     edge: src, dst, weight, kind ("graph" | "coactivation" | "crosslayer"), src_hook,
+              dst_hook
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch
 from graphs.release.load import NO_GRAPH
 from graphs.release.scan import Examples
 
-HEURISTIC_LABEL = "most frequent tokens at the peak of the top-k activating contexts (heuristic, not model-written)"
+HEURISTIC_LABEL = (
+    "most frequent tokens at the peak of the top-k activating contexts "
+    "(heuristic, not model-written)"
+)
 
 
 def to_dataset(columns: dict[str, pa.Array | list]) -> datasets.Dataset:
@@ -178,7 +182,8 @@ def features_table(
     top_tokens: list[list[str]],
     scored: int,
 ) -> datasets.Dataset:
-    """scan: the finished ScanState; logits: {top_ids, top_values, bottom_ids, bottom_values} [n, k]."""
+    """scan: the finished ScanState;
+    logits: {top_ids, top_values, bottom_ids, bottom_values} [n, k]."""
     n = len(scan.fire_counts)
     fired = scan.fire_counts.clamp_min(1).double()
     columns = {
@@ -257,7 +262,8 @@ def _fmt(value) -> str:
 def neuronpedia_feature(
     row: dict, examples: list[dict], model: str, source: str, edges: list[float]
 ) -> dict:
-    """One feature in Neuronpedia's export shape (plus a `greylens` block for what it has no field for)."""
+    """One feature in Neuronpedia's export shape (plus a `greylens` block for what it has no field
+    for)."""
     centres = [float(np.sqrt(a * b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     return {
         "modelId": model,
@@ -394,9 +400,8 @@ def circuit_json(explanation: dict, slug: str, labels: list[str], n_layers: int)
             }
             for d in p["direct"]
         ]
-    unique = {
-        (link["source"], link["target"]): link for link in links
-    }  # a target reached twice: keep the last
+    # a target reached twice: keep the last
+    unique = {(link["source"], link["target"]): link for link in links}
     return {
         "metadata": {
             "slug": slug,

@@ -18,13 +18,11 @@ def test_geometry_candidates_contain_planted_child_to_parent_edges() -> None:
     keys = edges[0] * n + edges[1]
     assert bool(torch.isin(planted.edge_index[0] * n + planted.edge_index[1], keys).all())
     assert not bool((edges[0] == edges[1]).any()) and int(torch.bincount(edges[0]).max()) <= 3
-    chunked = geometry_candidates(
-        planted.dictionary, m=3, min_cos=0.3, chunk=7
-    )  # the same set of edges
-    assert torch.equal(
-        torch.sort(chunked[0] * n + chunked[1]).values, torch.sort(keys).values
-    )  # (a parent's
-    # three children tie at cos 0.5, so their order within the row follows floating-point noise)
+    # the same set of edges
+    chunked = geometry_candidates(planted.dictionary, m=3, min_cos=0.3, chunk=7)
+    # compared as sets: a parent's three children tie at cos 0.5, so their order within the row
+    # follows floating-point noise
+    assert torch.equal(torch.sort(chunked[0] * n + chunked[1]).values, torch.sort(keys).values)
     # unrelated features stay out: no pair of free features is that close
     free = n - planted.config.n_free
     assert not bool(((edges[0] >= free) & (edges[1] >= free)).any())

@@ -33,9 +33,8 @@ def dense_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(feature_counts [n], pair_index [2, P], pair_counts [P]) from a dense bool code D: DᵀD."""
     fired = code.values > 0
-    used, compact = torch.unique(
-        code.cols[fired], return_inverse=True
-    )  # sorted; keeps D small for huge n
+    # sorted; keeps D small for huge n
+    used, compact = torch.unique(code.cols[fired], return_inverse=True)
     dense = torch.zeros(code.n_rows, len(used), dtype=torch.int64)  # [N, u]
     dense[code.rows[fired], compact] = 1
     co = dense.T @ dense  # [u, u]: diagonal = counts, off-diagonal = co-counts
@@ -46,7 +45,8 @@ def dense_reference(
 
 
 def random_code(n_rows: int, n_latents: int, max_active: int, seed: int) -> SparseCode:
-    """Variable active count per row (as batchtopk), latents in no particular order, some values ≤ 0."""
+    """Variable active count per row (as batchtopk), latents in no particular order, some values ≤
+    0."""
     g = torch.Generator().manual_seed(seed)
     per_row = torch.randint(0, max_active + 1, (n_rows,), generator=g)
     cols = torch.cat([torch.randperm(n_latents, generator=g)[:k] for k in per_row.tolist()])
@@ -123,9 +123,8 @@ def dense_miss_reference(
 def test_miss_counts_match_a_dense_reference(budget: int) -> None:
     n = 40
     code = random_code(n_rows=300, n_latents=n, max_active=10, seed=1)
-    missed = random_code(
-        n_rows=300, n_latents=n, max_active=6, seed=2
-    )  # overlaps with code: allowed here
+    # overlaps with code: allowed here
+    missed = random_code(n_rows=300, n_latents=n, max_active=6, seed=2)
     counter = CoactivationCounter(n, n_shards=4, residual=True)
     for part, miss_part in zip(split_rows(code, 37), split_rows(missed, 37), strict=True):
         counter.add(part, missed=miss_part, budget=budget)
@@ -390,9 +389,8 @@ def test_a_killed_run_resumes_to_the_same_result(
         ours, theirs = load_file(run / name), load_file(tmp_path / "ref" / name)
         assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
     calls.clear()
-    again = coactivation_stats(
-        config(tiny_store, sae_dir, run, residual=residual)
-    )  # finished: loaded, not recounted
+    # finished: loaded, not recounted
+    again = coactivation_stats(config(tiny_store, sae_dir, run, residual=residual))
     assert calls == [] and again.pair_counts.equal(reference.pair_counts)
     if residual:
         assert again.miss_pair_counts.equal(reference.miss_pair_counts)

@@ -39,9 +39,8 @@ def test_fitted_transition_predicts_target_codes(tiny_graph: TinyGraph) -> None:
     graph, meta = TransitionGraph.load(tiny_graph.transition)
     assert meta["source_hook"] == SOURCE_HOOK and meta["target_hook"] == TARGET_HOOK
     assert meta["code_fvu"] < 0.9  # better than predicting each target's mean
-    assert (
-        torch.bincount(graph.edge_index[1], minlength=graph.n_target).max() <= 8
-    )  # top-m per target
+    # top-m per target
+    assert torch.bincount(graph.edge_index[1], minlength=graph.n_target).max() <= 8
     assert 0 < meta["n_nonzero"] <= meta["n_candidates"]
 
 
@@ -104,9 +103,8 @@ def test_top_logits_match_the_full_product(tiny: LoadedModel, tiny_graph: TinyGr
     sae = load_sae(tiny_graph.sae_dirs / SOURCE_HOOK)
     features = torch.tensor([0, 5, 17])
     result = top_logits(tiny, sae, features, k=4, chunk=2)  # chunks of 2: the chunking is exercised
-    full = (
-        sae.W_dec[features] * tiny.fast.model.norm.weight
-    ) @ tiny.fast.lm_head.weight.T  # [3, vocab]
+    # [3, vocab]
+    full = (sae.W_dec[features] * tiny.fast.model.norm.weight) @ tiny.fast.lm_head.weight.T
     assert torch.allclose(result["top"][0], full.topk(4, dim=1).values, atol=1e-5)
     assert torch.equal(result["bottom"][1], (-full).topk(4, dim=1).indices)
 

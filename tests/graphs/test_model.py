@@ -181,6 +181,5 @@ def test_implied_only_messages_skip_evidence_and_equal_dense_reference() -> None
         expected = lifted * (lifted > 0.8)
     assert torch.allclose(graph_code.code.to_dense(N_LATENTS), expected, atol=1e-6)
     assert bool((~graph_code.from_evidence).any())  # some features were implied
-    assert not bool(
-        graph_code.from_evidence[graph_code.edge_dst].any()
-    )  # no edge lands on evidence
+    # no edge lands on evidence
+    assert not bool(graph_code.from_evidence[graph_code.edge_dst].any())

@@ -92,7 +92,8 @@ def test_mean_jaccard_matches_a_pairwise_loop():
 
 def test_the_cross_cutting_pick_finds_a_latent_independent_of_meaning():
     """Four semantic latents partition the words; a 'letter' latent fires on a random 40% of all of
-    them; a narrow latent fires inside one meaning. Only the letter latent co-fires across meanings."""
+    them; a narrow latent fires inside one meaning. Only the letter latent co-fires across
+    meanings."""
     g = torch.Generator().manual_seed(1)
     meaning = torch.arange(400) % 4
     active = torch.zeros(400, 6, dtype=torch.bool)
@@ -130,10 +131,11 @@ def test_installed_parents_fire_on_their_set_mean_and_not_on_the_rest():
     for p, slot in enumerate((7, 2)):
         u = (mean_in[p] - mean_out[p]).float()
         torch.testing.assert_close(sae.W_dec[slot].detach(), u / u.norm())
+        # pre-activation in centred-input space
         w, b = (
             sae.W_enc[slot].detach(),
             float(sae.b_enc[slot].detach()),
-        )  # pre-activation in centred-input space
+        )
         assert float(w @ mean_in[p].float()) + b == pytest.approx(1.5, abs=1e-4)
         assert float(w @ mean_out[p].float()) + b == pytest.approx(-1.5, abs=1e-4)
     untouched = torch.ones(10, dtype=torch.bool)
@@ -159,10 +161,10 @@ def test_the_recipe_on_the_tiny_model(tiny_graph, tiny_parents):
     tokmean = load_file(out / "tokmean-sae.safetensors")
     assert tokmean["active"].shape == (int((types.counts >= cfg.min_count).sum()), cfg.latents)
     assert (tokmean["active"].sum(1) <= cfg.k).all()
-    assert (
-        meta["tokmean_fvu"] < 0.95
-    )  # it learned something (0.84 on the tiny model's 162 type means)
-    # every edge: a non-parent into its most likely parent, above the cut, on a pair seen often enough
+    # it learned something (0.84 on the tiny model's 162 type means)
+    assert meta["tokmean_fvu"] < 0.95
+    # every edge: a non-parent into its most likely parent, above the cut, on a pair seen often
+    # enough
     edges = load_file(out / "edges.safetensors")["edge_index"]
     assert edges.shape[1] == meta["n_edges"] > 0
     stats = CoactivationStats.load(out / "stats")

@@ -95,7 +95,8 @@ def test_auroc_hand_example_and_bruteforce_with_ties():
 def planted(
     n_texts: int, width: int, seed: int, spike_only: bool = False
 ) -> tuple[Ragged, torch.Tensor, torch.Tensor]:
-    """Texts of 3-8 tokens of noise (std 3); positives carry +12·v on one token (spike_only) or +6·v on all."""
+    """Texts of 3-8 tokens of noise (std 3); positives carry +12·v on one token (spike_only) or +6·v
+    on all."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 9, (n_texts,), generator=g).tolist()
     r = ragged(lengths, width, seed)
@@ -129,7 +130,8 @@ def test_choose_l2_prefers_strong_regularisation_on_noise():
 
 
 def test_sparse_and_graph_probes_find_planted_features():
-    """Positives fire latents 3 and 7 on the same token; negatives fire 3 or 7 (not both) + noise."""
+    """Positives fire latents 3 and 7 on the same token; negatives fire 3 or 7 (not both) +
+    noise."""
     g = torch.Generator().manual_seed(0)
     n_texts, per_text, n_latents = 120, 4, 40
     rows, cols, values = [], [], []

@@ -52,7 +52,8 @@ def check_task(
 
 
 def check_decoder(decoder: Tensor, d_model: int, codes: Codes | None = None) -> None:
-    """decoder: [n_latents, d_model] rows in x's space, wide enough for every latent the codes use."""
+    """decoder: [n_latents, d_model] rows in x's space, wide enough for every latent the codes
+    use."""
     if decoder.ndim != 2 or decoder.shape[1] != d_model:
         raise ValueError(
             f"decoder must be [n_latents, d_model={d_model}] rows in x's space, "

@@ -1,8 +1,8 @@
-"""The first-letter task's data: a store's word tokens with their letter, and which letters to score.
+"""The first-letter task's data: a store's word tokens with their letter; which letters to score.
 
 Every activation-store row keeps its token id, so labels come from the tokenizer alone
-(`graphs.first_letter`). `letter_task_data` keeps at most `max_per_token` occurrences of each
-token id, or frequent words ("the" for t) would make a letter's task a token-identity task.
+(`graphs.first_letter`). `letter_task_data` keeps at most `max_per_token` occurrences of each token
+id, or frequent words ("the" for t) would make a letter's task a token-identity task.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def letter_task_data(
     if hook not in store.hooks:
         raise ValueError(f"{store.directory} has no hook {hook!r}; pass one of {store.hooks}")
     # token ids read alone, so no activation is touched before the subsample is known
+    # [n_rows]
     token_ids = torch.cat(
         [store.shard(s)["token_ids"].long() for s in range(len(store.manifest.shards))]
-    )  # [n_rows]
+    )
     labels = first_letter_labels(token_ids, tokenizer)
     rows = (labels >= 0).nonzero().squeeze(1)
     if len(rows) == 0:

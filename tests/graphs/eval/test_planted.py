@@ -33,9 +33,8 @@ def test_a_child_never_fires_without_its_parent_and_siblings_are_capped() -> Non
     assert (codes >= 0).all() and x.dtype == codes.dtype == torch.float32
     assert active[:, child].any()  # children do fire, so the next line tests something
     assert not (active[:, child] & ~active[:, parent]).any()  # child ⇒ parent, exactly
-    siblings = (
-        active[:, cfg.n_parents : cfg.n_parents * 4].reshape(-1, cfg.n_parents, 3).sum(-1)
-    )  # [n, P]
+    # [n, P]
+    siblings = active[:, cfg.n_parents : cfg.n_parents * 4].reshape(-1, cfg.n_parents, 3).sum(-1)
     assert siblings.max() == 2 and (siblings == 2).any()
     assert abs(active[:, : cfg.n_parents].float().mean() - cfg.parent_prob) < 0.005
     one_child = PlantedHierarchy.build(PlantedHierarchyConfig(seed=2)).sample(20_000)[1] > 0
@@ -76,9 +75,8 @@ def test_build_and_sample_are_deterministic_per_seed(planted: PlantedHierarchy) 
         again.sample(500, torch.Generator().manual_seed(9)),
     )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(
-        planted.sample(100)[0], planted.sample(100)[0]
-    )  # no generator: seeded by cfg
+    # no generator: seeded by cfg
+    assert torch.equal(planted.sample(100)[0], planted.sample(100)[0])
 
 
 def test_edges_dictionary_and_config_checks(planted: PlantedHierarchy) -> None:
@@ -163,10 +161,11 @@ def test_the_sae_trainer_reads_a_synthetic_store(planted: PlantedHierarchy, tmp_
     from sae.train import TrainConfig, train
 
     store = write_store(planted, tmp_path / "s", n_tokens=2048, shard_tokens=1024, dtype="float16")
+    # float16 rounding stays within tolerance
     assert store_codes(planted, store).shape == (
         2048,
         192,
-    )  # float16 rounding stays within tolerance
+    )
     cfg = TrainConfig(
         store=str(store.directory),
         out=str(tmp_path / "sae"),

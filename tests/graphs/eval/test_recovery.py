@@ -41,16 +41,14 @@ def test_match_latents_finds_a_permuted_dictionary(planted: PlantedHierarchy) ->
 
 def test_one_to_one_matching_never_shares_a_latent() -> None:
     e = torch.eye(3)
-    W_dec = torch.stack(
-        [(e[0] + e[1]) / 2**0.5, e[2]]
-    )  # one latent halfway between features 0 and 1
+    # one latent halfway between features 0 and 1
+    W_dec = torch.stack([(e[0] + e[1]) / 2**0.5, e[2]])
     shared = match_latents(W_dec, e[:2], one_to_one=False)
     assert shared.latent.tolist() == [0, 0]
     distinct = match_latents(W_dec, e[:2])
     assert sorted(distinct.latent.tolist()) == [0, 1] and distinct.cos.min() < 0.1
-    assert (
-        match_latents(W_dec[:1], e[:2]).latent.tolist().count(-1) == 1
-    )  # fewer latents than features
+    # fewer latents than features
+    assert match_latents(W_dec[:1], e[:2]).latent.tolist().count(-1) == 1
 
 
 def test_edge_recovery_is_perfect_for_the_planted_edges_and_chance_for_the_null(
@@ -67,9 +65,8 @@ def test_edge_recovery_is_perfect_for_the_planted_edges_and_chance_for_the_null(
         0.0,
     )
     assert r["n_matched_features"] == 192 and r["n_learned"] == 96
-    assert (
-        abs(r["null_precision"] - 1 / 32) < 0.015
-    )  # a shuffled target is the right parent 1 time in 32
+    # a shuffled target is the right parent 1 time in 32
+    assert abs(r["null_precision"] - 1 / 32) < 0.015
     assert r["null_f1"] < 0.1
 
 
@@ -86,16 +83,14 @@ def test_edge_recovery_counts_what_it_should(planted: PlantedHierarchy) -> None:
     backwards = edge_recovery(latent_of[planted.edge_index.flip(0)], torch.ones(96), W_dec, planted)
     assert (backwards["precision"], backwards["recall"], backwards["reversed"]) == (0.0, 0.0, 96.0)
     half = torch.arange(96) % 2 == 0
-    wrong_parent = torch.where(
-        half, parent, (parent + 1) % 32
-    )  # odd edges point at the next parent
+    # odd edges point at the next parent
+    wrong_parent = torch.where(half, parent, (parent + 1) % 32)
     mixed = edge_recovery(
         latent_of[torch.stack([child, wrong_parent])], torch.ones(96), W_dec, planted
     )
     assert (mixed["precision"], mixed["recall"]) == (0.5, 0.5)
-    weak = edge_recovery(
-        latent_of[planted.edge_index], half.float(), W_dec, planted
-    )  # 0 weight: dropped
+    # 0 weight: dropped
+    weak = edge_recovery(latent_of[planted.edge_index], half.float(), W_dec, planted)
     assert (weak["precision"], weak["recall"], weak["n_learned"]) == (1.0, 0.5, 48.0)
     cooc = edge_recovery(latent_of[planted.cooc_edge_index], torch.ones(16), W_dec, planted)
     assert (cooc["precision"], cooc["cooc_hits"]) == (0.0, 16.0)

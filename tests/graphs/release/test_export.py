@@ -22,9 +22,8 @@ def test_unfinished_and_mismatched_exports_are_refused(
 ) -> None:
     with pytest.raises(FileNotFoundError, match="not a finished greylens release"):
         load_release(tmp_path)
-    assert (
-        export_release(release_config(tiny_graph, tiny_release)) == tiny_release
-    )  # finished: nothing to do
+    # finished: nothing to do
+    assert export_release(release_config(tiny_graph, tiny_release)) == tiny_release
     with pytest.raises(ValueError, match="top_k"):
         export_release(release_config(tiny_graph, tiny_release, top_k=3))
     wrong = release_config(
@@ -35,7 +34,8 @@ def test_unfinished_and_mismatched_exports_are_refused(
     assert not (tmp_path / "wrong.partial").exists()  # refused before anything was written
 
 
-# The export CLI with each scan batch slowed by 0.25 s, so that the kill below lands mid-scan however
+# The export CLI with each scan batch slowed by 0.25 s, so that the kill below lands mid-scan
+# however
 # slowly this process polls on a loaded machine (at full speed the tiny export can finish first).
 _SLOW_EXPORT = (
     "import sys, time, graphs.release.scan as scan; batch = scan.scan_batch; "
@@ -73,9 +73,8 @@ def test_killed_export_resumes_without_losing_or_repeating_work(
     settings = dict(batch_size=64, checkpoint_every=1, ce_tokens=0, prompts="the king said")
     cfg = release_config(tiny_graph, tmp_path / "killed", **settings)
     _kill_mid_scan(cfg)
-    assert (
-        not Path(cfg.out).exists() and Path(cfg.out + ".partial").exists()
-    )  # atomic: no half release at OUT
+    # atomic: no half release at OUT
+    assert not Path(cfg.out).exists() and Path(cfg.out + ".partial").exists()
     with pytest.raises(FileNotFoundError, match="re-run it with the same arguments"):
         load_release(cfg.out + ".partial")
     log = Path(cfg.out + ".partial") / "export_log.jsonl"
@@ -86,9 +85,8 @@ def test_killed_export_resumes_without_losing_or_repeating_work(
     ]
     assert entries[: len(done_before)] == done_before  # nothing lost
     scans = [e["batches"] for e in entries if e.get("stage") == "scan" and "batches" in e]
-    assert [a for a, _ in scans] == [0] + [
-        b for _, b in scans[:-1]
-    ]  # contiguous: no batch scanned twice
+    # contiguous: no batch scanned twice
+    assert [a for a, _ in scans] == [0] + [b for _, b in scans[:-1]]
     assert scans[-1][1] == -(-len(tiny_graph.store) // 64)
     stages = [e["stage"] for e in entries if e.get("done")]
     assert len(stages) == len(set(stages)) == 9  # every stage ran exactly once

@@ -1,4 +1,5 @@
-"""load_release (graphs.release.load): the round trip of the card, the tables and every side file."""
+"""load_release (graphs.release.load): the round trip of the card, the tables and every side
+file."""
 
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def test_round_trip_card_and_side_files(tiny_release: Path, tiny_graph: TinyGrap
         and "| fvu |" in release.readme
         and "heuristic" in release.readme
     )
+    # SAELens layout round trip
     original, exported = (
         load_sae(tiny_graph.sae_dirs / SOURCE_HOOK),
         release.sae(),
-    )  # SAELens layout round trip
+    )
     x = tiny_graph.store.rows(torch.arange(64), hooks=[SOURCE_HOOK])[SOURCE_HOOK]
     assert torch.allclose(original(x), exported(x), atol=1e-4)
     row = release.data["features"][5]

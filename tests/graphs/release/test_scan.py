@@ -43,9 +43,8 @@ def test_streamed_statistics_match_the_dense_code(tiny_release: Path, dense: tor
     assert torch.allclose(torch.tensor(features["max_activation"]), dense.max(0).values, atol=1e-5)
     mean = dense.sum(0) / fired.clamp_min(1)
     assert torch.allclose(torch.tensor(features["mean_activation"]), mean, atol=1e-4)
-    assert [
-        sum(h) for h in features["hist_counts"]
-    ] == fired.tolist()  # every activation lands in a bin
+    # every activation lands in a bin
+    assert [sum(h) for h in features["hist_counts"]] == fired.tolist()
     assert features["dead"] == (fired == 0).tolist()
 
 
@@ -55,9 +54,8 @@ def test_contexts_hold_token_level_activations(tiny_release: Path, dense: torch.
         rows = release.examples_of(f).to_list()
         top = [r for r in rows if r["kind"] == "top"]
         expected = dense[:, f].sort(descending=True).values[: len(top)]
-        assert torch.allclose(
-            torch.tensor([r["activation"] for r in top]), expected, atol=1e-5
-        )  # the true top-k
+        # the true top-k
+        assert torch.allclose(torch.tensor([r["activation"] for r in top]), expected, atol=1e-5)
         for r in rows:
             window = torch.arange(r["row"] - r["focus"], r["row"] - r["focus"] + len(r["tokens"]))
             assert torch.allclose(torch.tensor(r["activations"]), dense[window, f], atol=1e-5)

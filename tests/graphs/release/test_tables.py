@@ -17,9 +17,8 @@ def test_logits_labels_and_edges(
     release = load_release(tiny_release)
     features = release.data["features"]
     sae = load_sae(tiny_graph.sae_dirs / SOURCE_HOOK)
-    effects = (
-        sae.W_dec.detach() * tiny.fast.model.norm.weight
-    ) @ tiny.fast.lm_head.weight.T  # [n, vocab]
+    # [n, vocab]
+    effects = (sae.W_dec.detach() * tiny.fast.model.norm.weight) @ tiny.fast.lm_head.weight.T
     assert features["top_logit_ids"][3] == effects[3].topk(10).indices.tolist()
     assert features["bottom_logit_ids"][3] == (-effects[3]).topk(10).indices.tolist()
     assert all(features["label_is_heuristic"]) and features["label"][0]
