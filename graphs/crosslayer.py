@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from graphs.coactivation import CoactivationCounter, CoactivationStats
+from graphs.coactivation_scores import CoactivationStats
 from graphs.model import ImplicationConv, SparseGraphAutoencoder, expand_out_edges
+from graphs.pair_counter import CoactivationCounter
 from sae.hooks import hook_layer
 from sae.io import load_sae
 from sae.sae import SAE, SparseCode

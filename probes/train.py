@@ -214,7 +214,7 @@ def graph_edges(path: str | Path) -> Tensor:
         from graphs.io import load_graph
 
         return load_graph(path).edge_index
-    from graphs.coactivation import CoactivationStats
+    from graphs.coactivation_scores import CoactivationStats
 
     stats = CoactivationStats.load(path)
     return stats.candidates(stats.meta.get("config", {}).get("m", 32))[0]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from graphs.coactivation import CoactivationStats
+from graphs.coactivation_scores import CoactivationStats
 from graphs.crosslayer import TransitionGraph
 from graphs.io import load_graph
 from sae.io import load_sae

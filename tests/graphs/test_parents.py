@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from graphs import parents as P
-from graphs.coactivation import CoactivationStats
+from graphs.coactivation_scores import CoactivationStats
 from graphs.train import train_graph
 from sae.io import load_sae
 from sae.sae import SAE, SAEConfig

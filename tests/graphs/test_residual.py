@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphs.coactivation import CoactivationCounter
 from graphs.eval import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery
+from graphs.pair_counter import CoactivationCounter
 from graphs.residual import missed_features
 from sae.sae import SparseCode
 
