@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from graphs.explain import load_explainer, top_logits
 from graphs.release import tables
+from graphs.release.circuits import circuit_json
 from graphs.release.dashboard import write_dashboard
 from graphs.release.inputs import Inputs
 from graphs.release.load import FORMAT_VERSION, NO_GRAPH, RELEASE_JSON, load_release
@@ -357,7 +358,7 @@ class Builder:
                 re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
             )
             explained = explainer.explain(prompt, top_features=6, top_paths=4)
-            graph = tables.circuit_json(explained, slug, labels, self.model.n_layers)
+            graph = circuit_json(explained, slug, labels, self.model.n_layers)
             graph["greylens_explanation"] = explained
             (out / f"{slug}.json").write_text(tables.dumps(graph))
 
