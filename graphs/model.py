@@ -233,16 +233,7 @@ class SparseGraphAutoencoder(nn.Module):
         strengths: [E] (0 = pruned).
         """
         n_rows, n = pre.shape
-        src, dst = self.edge_index[0], self.edge_index[1]
-        # [E_live] feature edges that can carry a message
-        live = (strengths > 0).nonzero().squeeze(1)
-        entry, nth_live = expand_out_edges(src[live], n, evidence.cols)
-        edge_id = live[nth_live]  # [T] token edge -> feature edge
-        target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
-        evidence_key = evidence.rows * n + evidence.cols  # [nnz_e] sorted (row-major codes)
-        if self.cfg.implied_only:  # drop token edges into evidence nodes
-            keep = ~locate(evidence_key, target_key)[1]
-            entry, edge_id, target_key = entry[keep], edge_id[keep], target_key[keep]
+        entry, edge_id, target_key, evidence_key = self._token_edges(evidence, strengths, n)
         # (index_select: its backward is a fast index_add)
         weight = strengths.index_select(0, edge_id)
         with torch.no_grad():
@@ -280,6 +271,24 @@ class SparseGraphAutoencoder(nn.Module):
             fired_edge,
             message,
         )
+
+    def _token_edges(
+        self, evidence: SparseCode, strengths: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token-level edges of a batch: every live edge leaving an evidence entry, as (entry
+        [T] into the evidence, edge_id [T] into the feature edges, target key [T] = token · n +
+        feature), and the evidence's own keys [nnz_e] (sorted: codes are row-major)."""
+        src, dst = self.edge_index[0], self.edge_index[1]
+        # [E_live] feature edges that can carry a message
+        live = (strengths > 0).nonzero().squeeze(1)
+        entry, nth_live = expand_out_edges(src[live], n, evidence.cols)
+        edge_id = live[nth_live]  # [T] token edge -> feature edge
+        target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
+        evidence_key = evidence.rows * n + evidence.cols  # [nnz_e] sorted (row-major codes)
+        if self.cfg.implied_only:  # drop token edges into evidence nodes
+            keep = ~locate(evidence_key, target_key)[1]
+            entry, edge_id, target_key = entry[keep], edge_id[keep], target_key[keep]
+        return entry, edge_id, target_key, evidence_key
 
     def decode_n(self, code: SparseCode) -> torch.Tensor:  # normalised-space reconstruction [N, d]
         return (
