@@ -151,17 +151,22 @@ def fit_probe(
         if query
         else _best_query(features, pooled, y, edges, aggregation)
     )
-    u = Ragged(feature_columns(features.code, chosen).min(dim=1, keepdim=True).values, acts.offsets)
+    return _graph_probe(
+        features, y, chosen, aggregation, {**info, "query_train_auroc": score}, base
+    )
+
+
+def _graph_probe(
+    features: Features, y: Tensor, chosen: Tensor, aggregation: str, info: dict, base: dict
+) -> Probe:
+    """The graph probe reading the soft AND (min activation) of the chosen features."""
+    u = Ragged(
+        feature_columns(features.code, chosen).min(dim=1, keepdim=True).values,
+        features.acts.offsets,
+    )
     weight, bias = fit_pooled_logistic(u, y, aggregation, 1e-4)
     edge_list = [[int(chosen[0]), int(chosen[1])]] if chosen.numel() == 2 else []
-    return Probe(
-        weight=weight,
-        bias=bias,
-        features=chosen,
-        edges=edge_list,
-        info={**info, "query_train_auroc": score},
-        **base,
-    )
+    return Probe(weight=weight, bias=bias, features=chosen, edges=edge_list, info=info, **base)
 
 
 def _best_query(
