@@ -20,20 +20,6 @@
 Command line: `python -m graphs stats|parents|train|transition|explain|eval|export|dashboard`.
 """
 
-_LOAD = ("Release", "load_release")
-_EXPORT = ("ExportConfig", "export_release")
-__all__ = [*_LOAD, *_EXPORT]
+from graphs.release.load import Release, load_release
 
-
-def __getattr__(name: str):
-    """`from graphs import load_release` without loading datasets/pyarrow on `import graphs`:
-    the serving engine imports graphs.model and has no use for them (PEP 562)."""
-    if name in _LOAD:
-        from graphs.release import load
-
-        return getattr(load, name)
-    if name in _EXPORT:
-        from graphs.release import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'graphs' has no attribute {name!r}")
+__all__ = ["Release", "load_release"]

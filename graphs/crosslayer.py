@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from graphs.coactivation_scores import CoactivationStats
+from graphs.io import GRAPH_JSON, load_graph_sae
 from graphs.model import ImplicationConv, SparseGraphAutoencoder, expand_out_edges
 from graphs.pair_counter import CoactivationCounter
 from sae.hooks import hook_layer
@@ -177,8 +178,6 @@ def fit_transition(cfg: TransitionConfig) -> tuple[TransitionGraph, dict]:
 
 def load_coder(directory: str | Path) -> SparseGraphAutoencoder | SAE:
     """A graph autoencoder if the directory holds graph.json, else a plain SAE."""
-    from graphs.io import GRAPH_JSON, load_graph_sae
-
     return (
         load_graph_sae(directory)
         if (Path(directory) / GRAPH_JSON).exists()

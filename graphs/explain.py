@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from graphs.crosslayer import TransitionGraph
+from graphs.io import load_graph_sae
 from graphs.model import GraphCode, SparseGraphAutoencoder, locate
 from sae.hooks import hook_layer
+from sae.io import load_sae
 from sae.models import LoadedModel
 from sae.sae import SAE, SparseCode
 
@@ -323,9 +325,6 @@ def load_explainer(
 ) -> Explainer:
     """An Explainer from a graph autoencoder directory and, optionally, a transition directory
     (whose transition.json names the target SAE)."""
-    from graphs.io import load_graph_sae
-    from sae.io import load_sae
-
     source = load_graph_sae(graph_dir)
     if source.sae.cfg.weights_sha256 and source.sae.cfg.weights_sha256 != model.weights_sha256:
         raise ValueError(

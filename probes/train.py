@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from graphs.coactivation_scores import CoactivationStats
+from graphs.io import load_graph
 from probes.activations import (
     AGGREGATIONS,
     Features,
@@ -41,6 +43,7 @@ from probes.fit import (
     select_features,
 )
 from probes.probe import DENSE_KINDS, KINDS, Kind, Probe, feature_columns
+from probes.tasks import DEFAULT_AGGREGATION, load_task
 from sae.models import LoadedModel, load_model
 
 
@@ -216,11 +219,7 @@ def graph_edges(path: str | Path) -> Tensor:
     """Edges [2, E] of a graph autoencoder's learned graph or of co-activation candidates."""
     path = Path(path)
     if (path / "graph.json").exists():
-        from graphs.io import load_graph
-
         return load_graph(path).edge_index
-    from graphs.coactivation_scores import CoactivationStats
-
     stats = CoactivationStats.load(path)
     return stats.candidates(stats.meta.get("config", {}).get("m", 32))[0]
 
@@ -251,7 +250,6 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
     """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics
     inside). `model` (already loaded, must be cfg.model) saves loading it again; `data` (a
     datasets.Dataset or DatasetDict with text and label columns) replaces cfg.task."""
-    from probes.tasks import DEFAULT_AGGREGATION, load_task
 
     if not (cfg.task or data is not None) or not cfg.out:
         raise ValueError("pass --task NAME_OR_PATH and --out DIR")

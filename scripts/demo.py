@@ -265,7 +265,8 @@ def serve(model, args) -> dict:
 
 
 def release(model, args) -> dict:
-    from graphs import ExportConfig, export_release, load_release
+    from graphs import load_release
+    from graphs.release.export import ExportConfig, export_release
 
     out = export_release(
         ExportConfig(

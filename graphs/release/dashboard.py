@@ -147,7 +147,7 @@ def _write_graph_viewer(out: Path, card: dict, circuits: dict[str, dict]) -> Non
 
 def _summary_plots(release: Release, features: list[dict], out: Path) -> list[str]:
     """plots/training.png (L0 and FVU against training tokens) and plots/density.png."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
