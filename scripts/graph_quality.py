@@ -272,56 +272,69 @@ def faithfulness(args, dirs, model) -> dict:
     return result
 
 
+def _fmt(v, digits=3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _seeds(values: list[float]) -> str:
+    """One value, or the mean over seeds with each seed in brackets."""
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{_fmt(sum(values) / len(values))} ({', '.join(map(_fmt, values))})"
+
+
+def _letter(let: dict, key: str, field: str, k: str | None = None) -> str:
+    if key not in let and f"{key}_seeds" not in let:  # the control without --parents
+        return "—"
+    if f"{key}_seeds" not in let:
+        value = let[key][field]
+        return _fmt(value[k] if k else value)
+    return _seeds([(r[field][k] if k else r[field]) for r in let[f"{key}_seeds"]])
+
+
 def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
     """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s
     letter rows as the mean over seeds (each seed in brackets)."""
-    a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
-    cs = [rows[f"c{s}"] for s in args.seeds]
-    mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
-    n_edges = stab["edges"][0]
-
-    def fmt(v, digits=3):
-        return "—" if v is None else f"{v:.{digits}f}"
-
-    def seeds(values: list[float]) -> str:
-        return (
-            fmt(values[0])
-            if len(values) == 1
-            else f"{fmt(sum(values) / len(values))} ({', '.join(map(fmt, values))})"
-        )
-
-    def letter(key: str, field: str, k: str | None = None) -> str:
-        if f"{key}_seeds" not in let:
-            value = let[key][field]
-            return fmt(value[k] if k else value)
-        return seeds([(r[field][k] if k else r[field]) for r in let[f"{key}_seeds"]])
-
-    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
-    extra = lambda cell: f" {cell} |" if args.parents else ""  # noqa: E731  the control's column
     head = (
         "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder "
         f"| (c) seed {args.seeds[0]}, edges removed |"
     )
+
+    def extra(cell) -> str:  # the control's column
+        return f" {cell} |" if args.parents else ""
+
     table = [
         head + extra("(c)'s control: same fine-tune, gates shut"),
         "|---|---|---|---|---|" + ("---|" if args.parents else ""),
-        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | "
-        f"{fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
-        + extra(ctl and fmt(ctl[0]["l0"], 1)),
-        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: "
-        f"{', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
+        *_sae_rows(args, rows, let, extra),
+        *_graph_rows(args, rows, stab, post_stab, faith, extra),
+    ]
+    return "\n".join(table)
+
+
+def _sae_rows(args, rows, let, extra) -> list[str]:
+    """Reconstruction, first-letter absorption and probing rows."""
+    a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
+    cs = [rows[f"c{s}"] for s in args.seeds]
+    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
+    return [
+        f"| L0 after propagation (before) | {_fmt(a['l0'], 1)} | {_fmt(a['l0'], 1)} | "
+        f"{_fmt(c['l0'], 1)} ({_fmt(c['l0_evidence'], 1)}) | {_fmt(bare['l0'], 1)} |"
+        + extra(ctl and _fmt(ctl[0]["l0"], 1)),
+        f"| FVU (held-out) | {_fmt(a['fvu'])} | {_fmt(a['fvu'])} | {_fmt(c['fvu'])} (seeds: "
+        f"{', '.join(_fmt(r['fvu'], 4) for r in cs)}) | {_fmt(bare['fvu'])} |"
         + extra(
-            ctl and f"{fmt(ctl[0]['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in ctl)})"
+            ctl and f"{_fmt(ctl[0]['fvu'])} (seeds: {', '.join(_fmt(r['fvu'], 4) for r in ctl)})"
         ),
-        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | "
-        f"{fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |"
-        + extra(ctl and fmt(ctl[0]["dead_fraction"])),
-        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | "
-        f"{fmt(c.get('ce_loss_recovered'))} | — |"
-        + extra(ctl and fmt(ctl[0].get("ce_loss_recovered"))),
+        f"| dead latents (silent on the held-out tokens) | {_fmt(a['dead_fraction'])} | "
+        f"{_fmt(a['dead_fraction'])} | {_fmt(c['dead_fraction'])} | "
+        f"{_fmt(bare['dead_fraction'])} |" + extra(ctl and _fmt(ctl[0]["dead_fraction"])),
+        f"| CE loss recovered | {_fmt(a['ce_loss_recovered'])} | "
+        f"{_fmt(a['ce_loss_recovered'])} | {_fmt(c.get('ce_loss_recovered'))} | — |"
+        + extra(ctl and _fmt(ctl[0].get("ce_loss_recovered"))),
         *[
-            f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | "
-            f"{letter('c', key)} | {fmt(lb[key])} |" + extra(letter("ctl", key))
+            f"| {label} (lower is better) | {_fmt(let['a'][key])} | {_fmt(let['a'][key])} | "
+            f"{_letter(let, 'c', key)} | {_fmt(lb[key])} |" + extra(_letter(let, "ctl", key))
             for label, key in (
                 ("first-letter absorption (upper bound)", "absorption"),
                 ("absorption, Chanin et al.'s full rate", "full_absorption"),
@@ -329,39 +342,52 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
             )
         ],
         *[
-            f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | "
-            f"{fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | "
-            f"{fmt(lb['sparse_probe'][str(k)])} |" + extra(letter("ctl", "sparse_probe", str(k)))
+            f"| sparse probe accuracy, k = {k} | {_fmt(let['a']['sparse_probe'][str(k)])} | "
+            f"{_fmt(let['a']['sparse_probe'][str(k)])} | "
+            f"{_letter(let, 'c', 'sparse_probe', str(k))} | "
+            f"{_fmt(lb['sparse_probe'][str(k)])} |"
+            + extra(_letter(let, "ctl", "sparse_probe", str(k)))
             for k in (1, 2, 5)
         ],
-        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | "
-        f"{fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |" + extra("—"),
-        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |"
-        + extra(ctl and fmt(ctl[0]["implied_per_token"], 4)),
-        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s "
-        f"count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
+        f"| dense probe accuracy (reference) | {_fmt(let['a']['dense_probe'])} | "
+        f"{_fmt(let['a']['dense_probe'])} | {_fmt(let['c']['dense_probe'])} | — |" + extra("—"),
+    ]
+
+
+def _graph_rows(args, rows, stab, post_stab, faith, extra) -> list[str]:
+    """The graph's size, stability and faithfulness rows."""
+    cs = [rows[f"c{s}"] for s in args.seeds]
+    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
+    n_edges = stab["edges"][0]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in cs) / len(cs)
+
+    fa, fc = faith["a"], faith["c"]
+    return [
+        f"| implied features per held-out token | — | — | {_fmt(mean('implied_per_token'), 4)} "
+        "| 0 |" + extra(ctl and _fmt(ctl[0]["implied_per_token"], 4)),
+        f"| mean out-degree (edges) | — | {_fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s "
+        f"count) | {_fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
         + extra("0"),
         f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | "
-        f"{fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} "
-        f"({fmt(stab['null'], 4)}) | — |" + extra("—"),
+        f"{_fmt(post_stab['jaccard'])} (data thirds) | {_fmt(stab['jaccard'])} "
+        f"({_fmt(stab['null'], 4)}) | — |" + extra("—"),
         "| cross-layer edges confirmed by ablation (null) | "
-        f"{fmt(faith['a']['edge_confirmed_fraction'])} "
-        f"({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | "
-        f"{fmt(faith['c']['edge_confirmed_fraction'])} "
-        f"({fmt(faith['c']['null_confirmed_fraction'])}) | — |" + extra("—"),
-        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as "
-        f"(a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |" + extra("—"),
-        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same "
-        f"as (a) | {fmt(faith['c']['attribution_pearson'])} | — |" + extra("—"),
+        f"{_fmt(fa['edge_confirmed_fraction'])} ({_fmt(fa['null_confirmed_fraction'])}) | "
+        f"same as (a) | {_fmt(fc['edge_confirmed_fraction'])} "
+        f"({_fmt(fc['null_confirmed_fraction'])}) | — |" + extra("—"),
+        f"| paths confirmed on the logit | {_fmt(fa['path_confirmed_fraction'])} | same as "
+        f"(a) | {_fmt(fc['path_confirmed_fraction'])} | — |" + extra("—"),
+        f"| path score vs grad × act (Pearson) | {_fmt(fa['attribution_pearson'])} | same "
+        f"as (a) | {_fmt(fc['attribution_pearson'])} | — |" + extra("—"),
         "| transition L15 → L18: code FVU, nonzero weights | "
-        f"{fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as "
-        f"(a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |"
-        + extra("—"),
+        f"{_fmt(fa['transition_code_fvu'])}, {fa['transition_nonzero']} | same as "
+        f"(a) | {_fmt(fc['transition_code_fvu'])}, {fc['transition_nonzero']} | — |" + extra("—"),
     ]
-    return "\n".join(table)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -406,6 +432,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.graph_opt = graph_options(args.graph_opt)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     dirs = build(args)
     model = load_model("smollm2-135m")
     rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
