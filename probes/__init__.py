@@ -1,8 +1,7 @@
 """greylens.probes: probes on residuals or SAE features, and the inference-time `Lens` API.
 
     activations   texts -> per-token activations at a hook (flattened, with text offsets), pooling
-    probe         Probe: linear / mean_diff / sparse / graph, scoring, probe.safetensors +
-                  probe.json
+    probe         Probe: linear / mean_diff / sparse / graph, scoring, probe.safetensors + probe.json
     fit           logistic fits, feature selection, graph queries, calibration, AUROC
     train         fit + calibrate + evaluate a probe on a task (`python -m probes train`)
     tasks         four built-in binary tasks from offline text, or a user's labelled file

@@ -22,7 +22,7 @@ class _Graph:
     def feature(
         self, layer: int, f: int, ctx: int, role: str, activation: float | None = None
     ) -> str:
-        """The id of feature f's node at (layer, ctx), made on first use; a later activation wins."""
+        """The id of feature f's node at (layer, ctx), made on first use (last activation wins)."""
         node_id = f"{layer}_{f}_{ctx}"
         is_source = layer == self.source_layer and f < len(self.labels)
         node = self.nodes.setdefault(
