@@ -1,12 +1,13 @@
-"""`python -m graphs stats|parents|train|transition|explain|eval|export|dashboard ...` (a stable contract: scripts call these).
+"""`python -m graphs COMMAND ...` (a stable contract: scripts call these).
 
 stats       co-activation counts and top-m candidate edges of a trained SAE over a store
 parents     label-free parent latents injected into an SAE, their stats and child -> parent edges
 train       the adaptive sparse GNN autoencoder, from an SAE and its stats
 transition  a cross-layer transition graph between a source (graph or SAE) and a later SAE
 explain     reasoning paths for a text (JSON)
-eval        reconstruction, L0 before/after propagation, graph size, CE loss recovered (JSON)
-export      a released feature dataset + dashboard from an SAE, its graph and a store (graphs.release)
+eval        reconstruction, L0 before/after propagation, graph size, CE loss recovered; with
+            --letters, --planted, --transition also absorption, edge recovery, faithfulness (JSON)
+export      a released feature dataset + dashboard from an SAE, its graph (optional) and a store
 dashboard   rewrite the offline dashboard of a release
 """
 
@@ -15,14 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from graphs.coactivation import StatsConfig, coactivation_stats
 from graphs.crosslayer import TransitionConfig, fit_transition
+from graphs.eval import EvalConfig, evaluate
+from graphs.explain import load_explainer
 from graphs.parents import ParentsConfig, build_parents, train_command
-from graphs.release import ExportConfig
+from graphs.release import load_release
+from graphs.release.dashboard import write_dashboard
+from graphs.release.export import ExportConfig, export_release
 from graphs.train import GraphTrainConfig, train_graph
 from sae.cli import add_dataclass_args, dataclass_from_args
+from sae.models import load_model
 from sae.store import StoreError
 
 
@@ -48,48 +56,87 @@ class DashboardConfig:
     """Release directory (`python -m graphs export`) whose dashboard/ is rewritten."""
 
 
-@dataclass
-class GraphEvalConfig:
-    graph: str = ""
-    """Graph autoencoder directory."""
-    store: str = ""
-    """Held-out activation store for reconstruction metrics."""
-    model: str = ""
-    """Also splice into this model for CE loss recovered (tiny, smollm2-135m)."""
-    tokens: int = 8192
-    """Held-out tokens to score when splicing."""
-    max_store_tokens: int = 0
-    """Cap on store tokens (0: all)."""
+def run_stats(cfg: StatsConfig) -> dict:
+    stats = coactivation_stats(cfg)
+    return {"out": cfg.out, "n_tokens": stats.n_tokens, "n_pairs": int(stats.pair_counts.numel())}
+
+
+def run_parents(cfg: ParentsConfig) -> dict:
+    meta = json.loads((build_parents(cfg) / "parents.json").read_text())
+    keys = ("picked", "slots", "n_edges", "parents_reached", "top_tokens")
+    return {
+        "out": cfg.out,
+        **{k: meta[k] for k in keys},
+        "train": train_command(cfg, "GRAPH_DIR"),
+        "control": train_command(cfg, "CONTROL_DIR", shut=True),
+    }
+
+
+def run_train(cfg: GraphTrainConfig) -> dict:
+    model = train_graph(cfg)
+    edges, _ = model.active_edges()
+    return {"out": cfg.out, "active_edges": edges.shape[1], "evidence_k": float(model.evidence_k)}
+
+
+def run_transition(cfg: TransitionConfig) -> dict:
+    _, meta = fit_transition(cfg)
+    return {k: v for k, v in meta.items() if k != "config"}
 
 
 def run_explain(cfg: ExplainConfig) -> dict:
-    from graphs.explain import load_explainer
-    from sae.models import load_model
-
     if not cfg.graph or not cfg.text:
         raise ValueError("pass --graph DIR and --text '...'")
     explainer = load_explainer(load_model(cfg.model), cfg.graph, cfg.transition or None)
     return explainer.explain(cfg.text, cfg.top_features, cfg.top_paths)
 
 
-def run_graph_eval(cfg: GraphEvalConfig) -> dict:
-    from graphs.evaluate import graph_metrics
-    from graphs.io import load_graph_sae
-    from sae.evaluate import heldout_windows, splice_metrics
-    from sae.models import load_model
-    from sae.store import ActivationStore
+def run_export(cfg: ExportConfig) -> dict:
+    out = export_release(cfg)
+    dashboard = out / "dashboard" / "index.html"
+    return {"release": str(out.resolve()), "dashboard": str(dashboard.resolve())}
 
-    model = load_graph_sae(cfg.graph)
-    result = {
-        "graph": cfg.graph,
-        **graph_metrics(model, ActivationStore(cfg.store), cfg.max_store_tokens or None),
-    }
-    if cfg.model:
-        from graphs.evaluate import AsSAE
 
-        lm = load_model(cfg.model)
-        result.update(splice_metrics(lm, AsSAE(model), heldout_windows(lm, cfg.tokens)))
-    return result
+def run_dashboard(cfg: DashboardConfig) -> dict:
+    load_release(cfg.release)  # only finished releases
+    return {"dashboard": str(write_dashboard(cfg.release).resolve())}
+
+
+# name: (help, config dataclass, required flags, what runs it and returns the JSON to print)
+COMMANDS: dict[str, tuple[str, type, tuple[str, ...], Callable[[Any], dict]]] = {
+    "stats": (
+        "co-activation statistics of an SAE",
+        StatsConfig,
+        ("store", "sae", "out"),
+        run_stats,
+    ),
+    "parents": (
+        "label-free parent latents and their edges",
+        ParentsConfig,
+        ("store", "sae", "out"),
+        run_parents,
+    ),
+    "train": (
+        "train the graph autoencoder",
+        GraphTrainConfig,
+        ("store", "stats", "out"),
+        run_train,
+    ),
+    "transition": (
+        "fit a cross-layer transition graph",
+        TransitionConfig,
+        ("store", "source", "target", "out"),
+        run_transition,
+    ),
+    "explain": ("reasoning paths for a text (JSON)", ExplainConfig, ("graph", "text"), run_explain),
+    "eval": ("evaluate a graph autoencoder (JSON)", EvalConfig, ("graph", "store"), evaluate),
+    "export": (
+        "release a feature dataset + dashboard",
+        ExportConfig,
+        ("sae", "store", "out"),
+        run_export,
+    ),
+    "dashboard": ("rewrite a release's dashboard", DashboardConfig, ("release",), run_dashboard),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,118 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_args(
-        commands.add_parser("stats", help="co-activation statistics of an SAE"),
-        StatsConfig,
-        ("store", "sae", "out"),
-    )
-    add_dataclass_args(
-        commands.add_parser("parents", help="label-free parent latents and their edges"),
-        ParentsConfig,
-        ("store", "sae", "out"),
-    )
-    add_dataclass_args(
-        commands.add_parser("train", help="train the graph autoencoder"),
-        GraphTrainConfig,
-        ("store", "stats", "out"),
-    )
-    add_dataclass_args(
-        commands.add_parser("transition", help="fit a cross-layer transition graph"),
-        TransitionConfig,
-        ("store", "source", "target", "out"),
-    )
-    add_dataclass_args(
-        commands.add_parser("explain", help="reasoning paths for a text (JSON)"),
-        ExplainConfig,
-        ("graph", "text"),
-    )
-    add_dataclass_args(
-        commands.add_parser("eval", help="evaluate a graph autoencoder (JSON)"),
-        GraphEvalConfig,
-        ("graph", "store"),
-    )
-    add_dataclass_args(
-        commands.add_parser("export", help="release a feature dataset + dashboard"),
-        ExportConfig,
-        ("sae", "graph", "store", "out"),
-    )
-    add_dataclass_args(
-        commands.add_parser("dashboard", help="rewrite a release's dashboard"),
-        DashboardConfig,
-        ("release",),
-    )
+    for name, (help_text, config, required, _) in COMMANDS.items():
+        add_dataclass_args(commands.add_parser(name, help=help_text), config, required)
     args = parser.parse_args(argv)
+    _, config, _, run = COMMANDS[args.command]
     try:
-        if args.command == "stats":
-            stats = coactivation_stats(dataclass_from_args(StatsConfig, args))
-            print(
-                json.dumps(
-                    {
-                        "out": args.out,
-                        "n_tokens": stats.n_tokens,
-                        "n_pairs": int(stats.pair_counts.numel()),
-                    },
-                    indent=2,
-                )
-            )
-        elif args.command == "parents":
-            cfg = dataclass_from_args(ParentsConfig, args)
-            meta = json.loads((build_parents(cfg) / "parents.json").read_text())
-            print(
-                json.dumps(
-                    {
-                        "out": cfg.out,
-                        "picked": meta["picked"],
-                        "slots": meta["slots"],
-                        "n_edges": meta["n_edges"],
-                        "parents_reached": meta["parents_reached"],
-                        "top_tokens": meta["top_tokens"],
-                        "train": train_command(cfg, "GRAPH_DIR"),
-                        "control": train_command(cfg, "CONTROL_DIR", shut=True),
-                    },
-                    indent=2,
-                )
-            )
-        elif args.command == "train":
-            cfg = dataclass_from_args(GraphTrainConfig, args)
-            model = train_graph(cfg)
-            edges, _ = model.active_edges()
-            print(
-                json.dumps(
-                    {
-                        "out": cfg.out,
-                        "active_edges": edges.shape[1],
-                        "evidence_k": float(model.evidence_k),
-                    },
-                    indent=2,
-                )
-            )
-        elif args.command == "transition":
-            _, meta = fit_transition(dataclass_from_args(TransitionConfig, args))
-            print(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
-        elif args.command == "explain":
-            print(json.dumps(run_explain(dataclass_from_args(ExplainConfig, args)), indent=2))
-        elif args.command == "eval":
-            print(json.dumps(run_graph_eval(dataclass_from_args(GraphEvalConfig, args)), indent=2))
-        elif args.command == "export":
-            from graphs.release import export_release
-
-            out = export_release(dataclass_from_args(ExportConfig, args))
-            print(
-                json.dumps(
-                    {
-                        "release": str(out.resolve()),
-                        "dashboard": str((out / "dashboard" / "index.html").resolve()),
-                    },
-                    indent=2,
-                )
-            )
-        elif args.command == "dashboard":
-            from graphs.dashboard import write_dashboard
-            from graphs.release import load_release
-
-            load_release(args.release)  # only finished releases
-            print(json.dumps({"dashboard": str(write_dashboard(args.release).resolve())}, indent=2))
+        print(json.dumps(run(dataclass_from_args(config, args)), indent=2))
     except (StoreError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,9 +4,9 @@
 
 W is sparse twice over: each target keeps only its top-m source candidates by cross-layer
 co-activation (computed like the within-layer statistics, over (source, target) pairs of the same
-token), and an L1 penalty drives most of the remaining weights to zero. Fitting streams a store
-that holds both hooks; each batch is encoded by both SAEs. The message passing is the same
-bipartite `ImplicationConv` as the graph autoencoder's: O(k·m) per token.
+token), and an L1 penalty drives most of the remaining weights to zero. Fitting streams a store that
+holds both hooks; each batch is encoded by both SAEs. The message passing is the same bipartite
+`ImplicationConv` as the graph autoencoder's: O(k·m) per token.
 
 Files: `transition.safetensors` (edge_index [2, E] source → target, weight [E], bias [n_target]) +
 `transition.json` (hooks, SAE directories, fit statistics).
@@ -24,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from graphs.coactivation import CoactivationCounter, CoactivationStats
+from graphs.coactivation_scores import CoactivationStats
+from graphs.io import GRAPH_JSON, load_graph_sae
 from graphs.model import ImplicationConv, SparseGraphAutoencoder, expand_out_edges
+from graphs.pair_counter import CoactivationCounter
 from sae.hooks import hook_layer
 from sae.io import load_sae
 from sae.sae import SAE, SparseCode
@@ -40,7 +42,8 @@ class TransitionGraph(nn.Module):
         order = torch.argsort(edge_index[0] * n_target + edge_index[1])  # CSR by source
         self.register_buffer("edge_index", edge_index[:, order].contiguous())  # [2, E]
         self.n_source, self.n_target = n_source, n_target
-        # small positive start: with W = 0 every prediction sits at the ReLU's kink and gets no gradient
+        # small positive start: with W = 0 every prediction sits at the ReLU's kink and gets no
+        # gradient
         self.weight = nn.Parameter(torch.full((edge_index.shape[1],), 0.01))
         self.bias = nn.Parameter(torch.zeros(n_target))
         self.conv = ImplicationConv()
@@ -48,8 +51,9 @@ class TransitionGraph(nn.Module):
     def token_edges(
         self, source: SparseCode
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every edge leaving an active source entry: (entry [T], edge_id [T], target key t·n_target + j
-        [T], message W_ij s_ti [T]). Only the out-edges of active features are touched."""
+        """Every edge leaving an active source entry: (entry [T], edge_id [T], target key
+        t·n_target + j [T], message W_ij s_ti [T]). Only the out-edges of active features
+        are touched."""
         src, dst = self.edge_index
         entry, edge_id = expand_out_edges(src, self.n_source, source.cols)
         target_key = source.rows[entry] * self.n_target + dst[edge_id]
@@ -94,7 +98,8 @@ class TransitionGraph(nn.Module):
         directory = Path(directory)
         if not (directory / TRANSITION_JSON).exists():
             raise FileNotFoundError(
-                f"{directory} holds no {TRANSITION_JSON}; fit one with `python -m graphs transition`"
+                f"{directory} holds no {TRANSITION_JSON}; fit one with `python -m graphs "
+                "transition`"
             )
         meta = json.loads((directory / TRANSITION_JSON).read_text())
         tensors = load_file(directory / TRANSITION_FILE)
@@ -110,7 +115,8 @@ class TransitionConfig:
     store: str = ""
     """Activation store holding both the source and the target hook (one harvest, two hooks)."""
     source: str = ""
-    """Source model at layer l: a graph autoencoder directory (`python -m graphs train`) or an SAE directory."""
+    """Source model at layer l: a graph autoencoder directory (`python -m graphs train`) or an SAE
+    directory."""
     target: str = ""
     """Target SAE directory at layer l + Δ."""
     out: str = ""
@@ -134,7 +140,8 @@ class TransitionConfig:
 
 
 def fit_transition(cfg: TransitionConfig) -> tuple[TransitionGraph, dict]:
-    """Cache both codes over the store, pick candidates by co-activation, fit W by Adam + L1 prox."""
+    """Cache both codes over the store, pick candidates by co-activation, fit W by Adam + L1
+    prox."""
     source, target, store = _check_transition_inputs(cfg)
     codes = _cached_codes(source, target, store, cfg)
     n_s, n_t = _n_latents(source), target.cfg.n_latents
@@ -171,8 +178,6 @@ def fit_transition(cfg: TransitionConfig) -> tuple[TransitionGraph, dict]:
 
 def load_coder(directory: str | Path) -> SparseGraphAutoencoder | SAE:
     """A graph autoencoder if the directory holds graph.json, else a plain SAE."""
-    from graphs.io import GRAPH_JSON, load_graph_sae
-
     return (
         load_graph_sae(directory)
         if (Path(directory) / GRAPH_JSON).exists()
@@ -204,11 +209,13 @@ def _check_transition_inputs(cfg: TransitionConfig):
     for name, hook in (("source", _hook(source)), ("target", target.cfg.hook)):
         if hook not in store.hooks:
             raise ValueError(
-                f"the {name} reads {hook}; the store holds {', '.join(store.hooks)}: harvest both hooks"
+                f"the {name} reads {hook}; the store holds {', '.join(store.hooks)}: harvest both "
+                "hooks"
             )
     if hook_layer(target.cfg.hook) <= hook_layer(_hook(source)):
         raise ValueError(
-            f"the target ({target.cfg.hook}) must be at a later layer than the source ({_hook(source)})"
+            f"the target ({target.cfg.hook}) must be at a later layer than the source "
+            f"({_hook(source)})"
         )
     return source, target, store
 
@@ -259,16 +266,16 @@ def _cross_candidates(codes, n_s: int, n_t: int, cfg: TransitionConfig) -> torch
     )
     keep = (stats.pair_counts >= cfg.min_count) & (stats.pmi() > 0)
     src, dst, score = stats.pair_index[0, keep], stats.pair_index[1, keep] - n_s, stats.npmi()[keep]
-    order = torch.from_numpy(
-        np.lexsort((src.numpy(), -score.numpy(), dst.numpy()))
-    )  # by target, best first
+    # by target, best first
+    order = torch.from_numpy(np.lexsort((src.numpy(), -score.numpy(), dst.numpy())))
     src, dst = src[order], dst[order]
     per_target = torch.bincount(dst, minlength=n_t)
     rank = torch.arange(len(dst)) - (torch.cumsum(per_target, 0) - per_target)[dst]
     top = rank < cfg.m
     if not bool(top.any()):
         raise ValueError(
-            f"no (source, target) pair co-fired {cfg.min_count}+ times; use more tokens or lower --min-count"
+            f"no (source, target) pair co-fired {cfg.min_count}+ times; use more tokens or lower "
+            "--min-count"
         )
     return torch.stack([src[top], dst[top]])
 

@@ -1,9 +1,10 @@
-"""Reasoning paths: explain each next-token prediction as token → features(l) → features(l+Δ) → logit.
+"""Reasoning paths: each next-token prediction as token → features(l) → features(l+Δ) → logit.
 
 For every position t of a text (forward passes only, no backward):
 
     evidence  e_t        active features of the graph autoencoder at layer l before the graph step
-    implied              features the graph step added, with the edges (and messages) that raised them
+    implied              features the graph step added, with the edges (and messages) that
+                         raised them
     paths     i → j → y  weight = (W_ij s_ti) · u_j(y_t):  the transition's message from source i
                          to active target j, times j's direct effect on the predicted token y_t
     direct    i → y      weight = a_ti · u_i(y_t)  (the source feature's own direct effect)
@@ -11,7 +12,8 @@ For every position t of a text (forward passes only, no backward):
 The direct effect of a feature with raw decoder direction d (= W_dec row / input_scale) on token y
 is the linearised path through the final RMSNorm: u(y) = (d ⊙ g) · W_U[y] / rms_t, with g the norm
 weight and rms_t the token's final-residual RMS. Layers after the feature's are ignored (it is the
-"direct" effect, as in logit-lens attributions); `graphs.faithfulness` tests paths by intervention.
+"direct" effect, as in logit-lens attributions); `graphs.eval.faithfulness` tests paths by
+intervention.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from dataclasses import dataclass
 import torch
 
 from graphs.crosslayer import TransitionGraph
+from graphs.io import load_graph_sae
 from graphs.model import GraphCode, SparseGraphAutoencoder, locate
 from sae.hooks import hook_layer
+from sae.io import load_sae
 from sae.models import LoadedModel
 from sae.sae import SAE, SparseCode
 
-Edit = Callable[
-    [torch.Tensor], torch.Tensor
-]  # [batch, seq, d] -> same, applied to a layer's output
+# [batch, seq, d] -> same, applied to a layer's output
+Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -127,7 +130,8 @@ class Explainer:
         d_model = self.model.hf.config.hidden_size
         if self.source_sae.cfg.d_in != d_model:
             raise ValueError(
-                f"the source reads d_in {self.source_sae.cfg.d_in}, {self.model.name} has d_model {d_model}"
+                f"the source reads d_in {self.source_sae.cfg.d_in}, {self.model.name} has d_model "
+                f"{d_model}"
             )
         self.source_layer = hook_layer(self.source_sae.cfg.hook)
         self.target_layer = hook_layer(self.target.cfg.hook) if self.target is not None else None
@@ -146,9 +150,8 @@ class Explainer:
     def codes(self, tokens: torch.Tensor) -> tuple[ForwardResult, GraphCode, SparseCode | None]:
         layers = [self.source_layer] + ([self.target_layer] if self.target is not None else [])
         result = run_model(self.model, tokens, layers)
-        graph_code = self.source_code(
-            result.resid[self.source_layer][0, 1:]
-        )  # BOS is never encoded
+        # BOS is never encoded
+        graph_code = self.source_code(result.resid[self.source_layer][0, 1:])
         target = (
             self.target.encode(result.resid[self.target_layer][0, 1:])
             if self.target is not None
@@ -322,9 +325,6 @@ def load_explainer(
 ) -> Explainer:
     """An Explainer from a graph autoencoder directory and, optionally, a transition directory
     (whose transition.json names the target SAE)."""
-    from graphs.io import load_graph_sae
-    from sae.io import load_sae
-
     source = load_graph_sae(graph_dir)
     if source.sae.cfg.weights_sha256 and source.sae.cfg.weights_sha256 != model.weights_sha256:
         raise ValueError(
@@ -335,7 +335,8 @@ def load_explainer(
     transition, meta = TransitionGraph.load(transition_dir)
     if meta["source_hook"] != source.sae.cfg.hook or transition.n_source != source.n_latents:
         raise ValueError(
-            f"{transition_dir} was fitted from {meta['source_hook']} ({transition.n_source} features), "
+            f"{transition_dir} was fitted from {meta['source_hook']} ({transition.n_source} "
+            "features), "
             f"not from this graph ({source.sae.cfg.hook}, {source.n_latents})"
         )
     return Explainer(model, source, load_sae(meta["target"]), transition)
@@ -348,10 +349,11 @@ def top_logits(
     """Each feature's direct effect on the logits, (W_dec_f ⊙ g) · W_U, summarised by its top and
     bottom k tokens. features: [F] -> {"top": (values [F, k], ids [F, k]), "bottom": (...)}.
     Chunked over features: the full [n_latents, vocab] matrix would be 1.8 GB for SmolLM2."""
+    # [d], [vocab, d]
     g, W_U = (
         model.fast.model.norm.weight.float(),
         model.fast.lm_head.weight.float(),
-    )  # [d], [vocab, d]
+    )
     tops, bottoms = [], []
     for start in range(0, len(features), chunk):
         directions = sae.W_dec[features[start : start + chunk]].float() * g  # [c, d]

@@ -1,10 +1,12 @@
 """Files of a graph autoencoder directory (format_version 1):
 
-    cfg.json            the evidence SAE's config (a batchtopk SAE: `sae.io.load_sae` reads it alone)
+    cfg.json            the evidence SAE's config (a batchtopk SAE: `sae.io.load_sae` reads it
+                        alone)
     sae.safetensors     the evidence SAE's weights (W_enc, b_enc, W_dec, b_dec, threshold θ)
     graph.safetensors   edge_index [2, E] (src → dst, all candidates), weight [E] (w ≥ 0),
-                        gate [E] (deterministic hard-concrete gate z), strength [E] (w·z, 0 = pruned),
-                        weight_raw [E], log_alpha [E] (the trainable parameters), evidence_k []
+                        gate [E] (deterministic hard-concrete gate z), strength [E]
+                        (w·z, 0 = pruned), weight_raw [E], log_alpha [E] (the trainable
+                        parameters), evidence_k []
     graph.json          GraphConfig, hook, model, weights sha, n_active_edges, where it came from
 
 `load_graph(dir)` gives the active edges as a `torch_geometric.data.Data` (num_nodes = n_latents,

@@ -1,6 +1,7 @@
 """The adaptive sparse GNN autoencoder: SAE latents are nodes of a learned sparse implication graph.
 
-    evidence    e = BatchTopK(pre)  (train: the round(k_e·N) largest of the batch; inference: pre > θ)
+    evidence    e = BatchTopK(pre)  (train: the round(k_e·N) largest of the batch;
+                inference: pre > θ)
     graph step  a_j = pre_j + Σ_{i→j} w_ij z_ij e_i  where that exceeds θ (the evidence threshold),
                 over each token's active subgraph only
     decode      x̂ = a W_dec + b_dec
@@ -140,7 +141,8 @@ class SparseGraphAutoencoder(nn.Module):
             or (edge_index.numel() and int(edge_index.max()) >= n)
         ):
             raise ValueError(
-                f"edge_index must be [2, E] with feature ids < {n}, got shape {tuple(edge_index.shape)}"
+                f"edge_index must be [2, E] with feature ids < {n}, got shape "
+                f"{tuple(edge_index.shape)}"
             )
         self.sae = sae
         self.cfg = cfg or GraphConfig(n_latents=n, n_edges=edge_index.shape[1])
@@ -187,8 +189,8 @@ class SparseGraphAutoencoder(nn.Module):
         """(x_n, x_c, pre) for raw x: [N, d]; pre is computed without autograd (sparse backward).
 
         reuse_buffer: write pre into the SAE's training workspace (`SAE.workspace`) instead of a
-        fresh [N, n_latents] tensor, whose page faults cost ~120 ms a step at 4096 × 9216 (measured);
-        pre is then only valid until the next call."""
+        fresh [N, n_latents] tensor, whose page faults dominate a step at training widths; pre is
+        then only valid until the next call."""
         x_n = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
         x_c = x_n - self.sae.b_dec
         with torch.no_grad():
@@ -203,7 +205,8 @@ class SparseGraphAutoencoder(nn.Module):
             else:
                 rows, cols = (pre > self.sae.threshold).nonzero(as_tuple=True)
                 selected = SparseCode(pre[rows, cols], cols, rows, pre.shape[0])
-        # selected.values are pre (or its ReLU) at the selected entries: under the ReLU, no re-gather needed
+        # selected.values are pre (or its ReLU) at the selected entries: under the ReLU, no
+        # re-gather needed
         values = sparse_encode(
             x_c, self.sae.W_enc, self.sae.b_enc, pre, selected.cols, selected.rows, selected.values
         ).relu()
@@ -230,42 +233,30 @@ class SparseGraphAutoencoder(nn.Module):
         strengths: [E] (0 = pruned).
         """
         n_rows, n = pre.shape
-        src, dst = self.edge_index[0], self.edge_index[1]
-        live = (
-            (strengths > 0).nonzero().squeeze(1)
-        )  # [E_live] feature edges that can carry a message
-        entry, nth_live = expand_out_edges(src[live], n, evidence.cols)
-        edge_id = live[nth_live]  # [T] token edge -> feature edge
-        target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
-        evidence_key = evidence.rows * n + evidence.cols  # [nnz_e] sorted (row-major codes)
-        if self.cfg.implied_only:  # drop token edges into evidence nodes
-            keep = ~locate(evidence_key, target_key)[1]
-            entry, edge_id, target_key = entry[keep], edge_id[keep], target_key[keep]
-        weight = strengths.index_select(
-            0, edge_id
-        )  # (index_select: its backward is a fast index_add)
+        entry, edge_id, target_key, evidence_key = self._token_edges(evidence, strengths, n)
+        # (index_select: its backward is a fast index_add)
+        weight = strengths.index_select(0, edge_id)
         with torch.no_grad():
             targets, target_node = torch.unique(target_key, return_inverse=True)  # [n_targets], [T]
+        # [n_targets]
         messages = self.conv(
             evidence.values.unsqueeze(1),
             torch.stack([entry, target_node]),
             weight,
             size=(len(evidence.values), len(targets)),
-        ).view(-1)  # [n_targets]
+        ).view(-1)
         with torch.no_grad():
             fired = targets[pre.view(-1)[targets] + messages.detach() > threshold]
-            keys = torch.unique(
-                torch.cat([evidence_key, fired])
-            )  # [nnz] sorted: rows non-decreasing
+            # [nnz] sorted: rows non-decreasing
+            keys = torch.unique(torch.cat([evidence_key, fired]))
             at, received = locate(targets, keys)
         rows, cols = keys // n, keys % n
         pre_active = sparse_encode(x_c, self.sae.W_enc, self.sae.b_enc, pre, cols, rows)
         if len(targets):
             pre_active = pre_active + messages.index_select(0, at) * received
         values = pre_active.relu()
-        with (
-            torch.no_grad()
-        ):  # which token edges reached an active target (for explain and penalties)
+        # which token edges reached an active target (for explain and penalties)
+        with torch.no_grad():
             from_evidence = locate(evidence_key, keys)[1]
             hit, reached = locate(keys, target_key)
             edge_fired = reached.nonzero().squeeze(1)
@@ -281,6 +272,24 @@ class SparseGraphAutoencoder(nn.Module):
             message,
         )
 
+    def _token_edges(
+        self, evidence: SparseCode, strengths: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token-level edges of a batch: every live edge leaving an evidence entry, as (entry
+        [T] into the evidence, edge_id [T] into the feature edges, target key [T] = token · n +
+        feature), and the evidence's own keys [nnz_e] (sorted: codes are row-major)."""
+        src, dst = self.edge_index[0], self.edge_index[1]
+        # [E_live] feature edges that can carry a message
+        live = (strengths > 0).nonzero().squeeze(1)
+        entry, nth_live = expand_out_edges(src[live], n, evidence.cols)
+        edge_id = live[nth_live]  # [T] token edge -> feature edge
+        target_key = evidence.rows[entry] * n + dst[edge_id]  # [T] flat (token, feature) index
+        evidence_key = evidence.rows * n + evidence.cols  # [nnz_e] sorted (row-major codes)
+        if self.cfg.implied_only:  # drop token edges into evidence nodes
+            keep = ~locate(evidence_key, target_key)[1]
+            entry, edge_id, target_key = entry[keep], edge_id[keep], target_key[keep]
+        return entry, edge_id, target_key, evidence_key
+
     def decode_n(self, code: SparseCode) -> torch.Tensor:  # normalised-space reconstruction [N, d]
         return (
             sparse_decode(code.values, code.cols, code.rows, self.sae.W_dec, code.n_rows)
@@ -289,9 +298,11 @@ class SparseGraphAutoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> GraphCode:
-        """Inference: evidence by the learned threshold θ, then the graph step with deterministic gates.
+        """Inference: evidence by the learned threshold θ, then the graph step with
+        deterministic gates.
 
-        Rows above the SAE's `max_input_norm` (massive activations) get no code, as in `SAE.encode`.
+        Rows above the SAE's `max_input_norm` (massive activations) get no code, as in
+        `SAE.encode`.
         """
         _, x_c, pre = self.pre_acts(x)
         evidence = self.evidence(x_c, pre, train=False)
@@ -318,7 +329,8 @@ class SparseGraphAutoencoder(nn.Module):
     ) -> GraphOutput:
         """Losses of one batch of raw x: [N, d] (gates sampled, evidence by batch budget k_e).
 
-        detach_penalty: the absorption penalty's strengths carry no gradient (see absorption_penalty)."""
+        detach_penalty: the absorption penalty's strengths carry no gradient (see
+        absorption_penalty)."""
         x_n, x_c, pre = self.pre_acts(x, reuse_buffer=True)
         evidence = self.evidence(x_c, pre, train=True)
         self.sae.update_threshold(evidence.values.detach())
@@ -341,14 +353,15 @@ class SparseGraphAutoencoder(nn.Module):
     ) -> torch.Tensor:
         """Σ over the given edges i → j of s_ij · relu(cos(d_i, d_j))²  / n_latents.
 
-        If i implies j, j's direction arrives through the edge; a child decoder d_i that still copies
-        its parent's d_j would let the child stand in for the parent (absorption). Decoder rows are
-        unit norm, so cos is a dot product. Training can pass detached strengths (`detach_penalty`):
-        with their gradient, the cheapest way to lower the penalty is to close the edges whose
-        decoders overlap, i.e. the very child → parent edges that should exist; detached, the penalty
-        only moves the decoders apart, more so the more an edge carries. Training passes the edges
-        that fired in the batch: the ones in use, and far fewer than all E (gathering E·d decoder
-        entries would dominate a step); beyond max_edges of them (early in training, when most gates
+        If i implies j, j's direction arrives through the edge; a child decoder d_i that
+        still copies its parent's d_j would let the child stand in for the parent
+        (absorption). Decoder rows are unit norm, so cos is a dot product. Training can pass
+        detached strengths (`detach_penalty`): with their gradient, the cheapest way to
+        lower the penalty is to close the edges whose decoders overlap, i.e. the very child
+        → parent edges that should exist; detached, the penalty only moves the decoders
+        apart, more so the more an edge carries. Training passes the edges that fired in the
+        batch: the ones in use, and far fewer than all E (gathering E·d decoder entries
+        would dominate a step); beyond max_edges of them (early in training, when most gates
         are open) a random subset, scaled up, stands in for all.
         """
         scale = 1.0
@@ -356,9 +369,8 @@ class SparseGraphAutoencoder(nn.Module):
             scale = len(edges) / max_edges
             edges = edges[torch.randperm(len(edges), device=edges.device)[:max_edges]]
         src, dst = self.edge_index[0, edges], self.edge_index[1, edges]
-        W_dec = (
-            self.sae.W_dec
-        )  # index_select: its backward is an index_add, not a sorting index_put
+        # index_select: its backward is an index_add, not a sorting index_put
+        W_dec = self.sae.W_dec
         cos = (W_dec.index_select(0, src) * W_dec.index_select(0, dst)).sum(1)  # [len(edges)]
         return scale * (strengths.index_select(0, edges) * cos.relu().pow(2)).sum() / self.n_latents
 
@@ -369,7 +381,8 @@ class SparseGraphAutoencoder(nn.Module):
         self.evidence_k.copy_((self.evidence_k + rate * (k - post_l0)).clamp(1.0, k))
 
     def active_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(edge_index [2, E_open], strength [E_open]) of the edges whose deterministic gate is open."""
+        """(edge_index [2, E_open], strength [E_open]) of the edges whose deterministic gate is
+        open."""
         strengths = self.strengths(sample=False).detach()
         keep = strengths > 0
         return self.edge_index[:, keep], strengths[keep]

@@ -1,13 +1,13 @@
-"""Label-free parent latents, so that the graph step has something to imply (docs/graph_quality.md,
-sessions 8-11).
+"""Label-free parent latents, so that the graph step has something to imply.
 
 Why: an absorbed child ("snake" carrying "starts with s") can only hand its parent back through an
-edge if a parent latent exists that fires, as evidence, on most of the class. On SmolLM2 L15 a TopK
-SAE has no such latent for most first letters, and the graph then cannot pay (sessions 7-9). Its
-token means do: averaged per token type, each type weighs 1, so no frequent word can buy a latent of
-its own, and a small SAE on those means learns whole-letter detectors (session 10).
+edge if a parent latent exists that fires, as evidence, on most of the class. A TopK SAE often has
+no such latent for a broad class like a first letter; its token means can: averaged per token type,
+each type weighs 1, so no frequent word can buy a latent of its own, and a small SAE on those means
+learns latents for whole classes of words.
 
-The recipe (`python -m graphs parents`; each step is cached under --out, so a killed run resumes):
+The recipe (`python -m graphs parents`; each step is cached under --out, so a killed run resumes;
+steps 1-3 live in `graphs.token_means`):
 
   1. one pass of the base SAE over the store: per token type, the sum and count of the SAE's centred
      input x·s − b_dec; per latent, its firing count; the median active value;
@@ -15,9 +15,9 @@ The recipe (`python -m graphs parents`; each step is cached under --out, so a ki
   3. the token-mean SAE: TopK (n_latents, k) on the μ_t. Latent g's token set T_g is the types it
      fires on;
   4. candidates: latents whose T_g covers min_freq..max_freq of the store's tokens;
-  5. the cross-cutting pick: the n_parents candidates with the highest mean Jaccard, over word types,
-     with the other candidates. A word's first letter is independent of its meaning, so a letter
-     latent co-fires with many semantic latents, which mostly exclude one another;
+  5. the cross-cutting pick: the n_parents candidates with the highest mean Jaccard, over word
+     types, with the other candidates. A word's first letter is independent of its meaning, so a
+     letter latent co-fires with many semantic latents, which mostly exclude one another;
   6. injection: the base's least-used latents become the parents. Decoder u_g: the unit mean
      difference of the centred input between tokens in T_g and the rest. Encoder: u_g scaled and
      biased so that the parent fires on the average T_g token with the median active value, and not
@@ -38,18 +38,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.letters import first_letter_labels
+from graphs.first_letter import first_letter_labels
+from graphs.token_means import (
+    TypeStats,
+    active_latents,
+    load_type_stats,
+    save_type_stats,
+    token_means,
+    train_tokmean_sae,
+    type_statistics,
+)
 from sae.atomic import atomic_save_tensors, atomic_write_json
 from sae.io import load_sae, save_sae
-from sae.sae import SAE, SAEConfig
+from sae.models import load_model
+from sae.sae import SAE
 from sae.store import ActivationStore
 
+TYPE_STATS, TOKMEAN = "type_stats.safetensors", "tokmean-sae.safetensors"  # cached steps 1, 2-3
+
 # Graph training with the parents: gates held open (no edge penalty, logit 6), messages only to
-# features the encoder left silent, a strong detached absorption penalty, w0 0.5 (session 8).
+# features the encoder left silent, a strong detached absorption penalty, w0 0.5.
 HELD_OPEN = dict(
     edge_coeff=0.0,
     absorption_coeff=100.0,
@@ -69,13 +81,14 @@ class ParentsConfig:
     sae: str = ""
     """The base SAE directory (a `python -m sae train` OUT/<hook>/); it is not modified."""
     out: str = ""
-    """Output directory: sae/<hook>/ (the base with parents), stats/, edges.safetensors, parents.json."""
+    """Output directory: sae/<hook>/ (the base with parents), stats/, edges.safetensors and
+    parents.json."""
     tokens: int = 500_000
     """Store tokens for the token means, the firing counts and the stats (the first ones)."""
     n_parents: int = 20
-    """Parents to inject (session 10: 20 beat 40 on every measure)."""
+    """Parents to inject."""
     latents: int = 256
-    """Latents of the token-mean SAE (1,024 or 512 split the frequent letters again)."""
+    """Latents of the token-mean SAE (much wider ones split a frequent class over several)."""
     k: int = 8
     """Its TopK k."""
     steps: int = 4000
@@ -102,81 +115,22 @@ class ParentsConfig:
     """Torch device for the base SAE's passes and the token-mean SAE."""
 
 
-@dataclass
-class TypeStats:
-    """What one pass of the base SAE over the store gives (step 1)."""
-
-    type_ids: torch.Tensor  # [U] int64: every token type in the counted rows
-    sums: (
-        torch.Tensor
-    )  # [U, d] float64: sum of the SAE's centred input x·s − b_dec over the type's rows
-    counts: torch.Tensor  # [U] int64
-    fires: torch.Tensor  # [n_latents] int64: base latent firings
-    median_value: float  # median active value of the base SAE (first 8 batches)
-
-
 def build_parents(cfg: ParentsConfig) -> Path:
-    """Run (or resume) the recipe; returns cfg.out."""
+    """Run (or resume) the recipe; returns cfg.out. Each step's output is cached under cfg.out."""
     store, base, out = _check_inputs(cfg)
-    hook = base.cfg.hook
     n_tokens = min(cfg.tokens, len(store)) if cfg.tokens else len(store)
-    if not (out / "type_stats.safetensors").exists():
-        _save_type_stats(
-            type_statistics(base, store, n_tokens, cfg.device), out / "type_stats.safetensors"
-        )  # ~1 min / 500k
-    types = _load_type_stats(out / "type_stats.safetensors")
+    types = _type_stats(cfg, base, store, n_tokens, out)
     frequent = types.counts >= cfg.min_count
     if int(frequent.sum()) <= cfg.latents:
         raise ValueError(
-            f"only {int(frequent.sum())} token types are seen {cfg.min_count}+ times in {n_tokens} tokens; "
-            f"the token-mean SAE needs more than its {cfg.latents} latents: pass more --tokens or fewer --latents"
+            f"only {int(frequent.sum())} token types are seen {cfg.min_count}+ times in "
+            f"{n_tokens} tokens; the token-mean SAE needs more than its {cfg.latents} latents: "
+            "pass more --tokens or fewer --latents"
         )
-    if not (out / "tokmean-sae.safetensors").exists():
-        means = token_means(types.sums[frequent], types.counts[frequent])
-        sae, fvu = train_tokmean_sae(means, cfg)
-        active = _active(sae, means)
-        atomic_save_tensors(
-            out / "tokmean-sae.safetensors",
-            {
-                "type_ids": types.type_ids[frequent],
-                "active": active.to(torch.uint8),
-                "W_dec": sae.W_dec,
-            },
-            metadata={"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)},
-        )
-    tokmean = load_file(out / "tokmean-sae.safetensors")
-    parents_sae = out / "sae" / hook
+    tokmean = _tokmean_sae(cfg, types, frequent, out)
+    parents_sae = out / "sae" / base.cfg.hook
     if not (out / "parents.json").exists():
-        type_ids, active = tokmean["type_ids"], tokmean["active"].bool()
-        type_counts = types.counts[torch.searchsorted(types.type_ids, type_ids)]
-        freq = (active.double() * type_counts[:, None].double()).sum(
-            0
-        ) / types.counts.sum()  # [latents]
-        candidates = ((freq >= cfg.min_freq) & (freq <= cfg.max_freq)).nonzero().squeeze(1)
-        if len(candidates) < cfg.n_parents:
-            raise ValueError(
-                f"{len(candidates)} token-mean latents cover {cfg.min_freq}-{cfg.max_freq} of the tokens, "
-                f"fewer than --n-parents {cfg.n_parents}: lower --n-parents or widen --min-freq/--max-freq"
-            )
-        tokenizer = _tokenizer(cfg, store)
-        words = first_letter_labels(type_ids, tokenizer) >= 0
-        if int(words.sum()) == 0:
-            raise ValueError(
-                "no token type with a mean is a word of letters; the cross-cutting pick needs text"
-            )
-        crossing = mean_jaccard(active[words][:, candidates])  # [C]
-        order = torch.argsort(crossing, descending=True)[: cfg.n_parents]
-        picked = candidates[order]
-        slots = torch.argsort(types.fires, stable=True)[
-            : cfg.n_parents
-        ]  # the least-used base latents
-        inside = _type_sets(
-            active[:, picked], type_ids, types.type_ids
-        )  # [U, P] bool over all store types
-        mean_in, mean_out = set_means(types.sums, types.counts, inside)
-        save_sae(
-            install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae
-        )  # base: not used after
+        meta = _pick_and_install(cfg, store, base, types, tokmean, parents_sae)
         atomic_write_json(
             out / "parents.json",
             {
@@ -184,15 +138,89 @@ def build_parents(cfg: ParentsConfig) -> Path:
                 "n_tokens": n_tokens,
                 "tokmean_fvu": float(_tokmean_meta(out)["fvu"]),
                 "n_types": int(frequent.sum()),
-                "n_candidates": len(candidates),
-                "slots": slots.tolist(),
-                "picked": picked.tolist(),
-                "mean_jaccard": crossing[order].tolist(),
-                "freq": freq[picked].tolist(),
-                "top_tokens": _top_tokens(inside, types, tokenizer),
+                **meta,
             },
         )
-    meta = json.loads((out / "parents.json").read_text())
+    _edges(cfg, out, parents_sae, n_tokens)
+    return out
+
+
+def _type_stats(
+    cfg: ParentsConfig, base: SAE, store: ActivationStore, n_tokens: int, out: Path
+) -> TypeStats:
+    """Step 1, cached: the one pass over the store, the slowest step."""
+    if not (out / TYPE_STATS).exists():
+        save_type_stats(type_statistics(base, store, n_tokens, cfg.device), out / TYPE_STATS)
+    return load_type_stats(out / TYPE_STATS)
+
+
+def _tokmean_sae(
+    cfg: ParentsConfig, types: TypeStats, frequent: torch.Tensor, out: Path
+) -> dict[str, torch.Tensor]:
+    """Steps 2-3, cached: the frequent types' token means and the token-mean SAE's latents on them
+    ({type_ids [V], active [V, latents] uint8, W_dec})."""
+    if not (out / TOKMEAN).exists():
+        means = token_means(types.sums[frequent], types.counts[frequent])
+        sae, fvu = train_tokmean_sae(
+            means, cfg.latents, cfg.k, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.device
+        )
+        tensors = {
+            "type_ids": types.type_ids[frequent],
+            "active": active_latents(sae, means).to(torch.uint8),
+            "W_dec": sae.W_dec,
+        }
+        metadata = {"fvu": str(fvu), "latents": str(cfg.latents), "k": str(cfg.k)}
+        atomic_save_tensors(out / TOKMEAN, tensors, metadata=metadata)
+    return load_file(out / TOKMEAN)
+
+
+def _pick_and_install(
+    cfg: ParentsConfig,
+    store: ActivationStore,
+    base: SAE,
+    types: TypeStats,
+    tokmean: dict[str, torch.Tensor],
+    parents_sae: Path,
+) -> dict:
+    """Steps 4-6: candidates, the cross-cutting pick, injection into the base (saved to
+    parents_sae; base is not used after). Returns what parents.json records of them."""
+    type_ids, active = tokmean["type_ids"], tokmean["active"].bool()
+    type_counts = types.counts[torch.searchsorted(types.type_ids, type_ids)]
+    # [latents] share of the store's tokens in each latent's token set
+    freq = (active.double() * type_counts[:, None].double()).sum(0) / types.counts.sum()
+    candidates = ((freq >= cfg.min_freq) & (freq <= cfg.max_freq)).nonzero().squeeze(1)
+    if len(candidates) < cfg.n_parents:
+        raise ValueError(
+            f"{len(candidates)} token-mean latents cover {cfg.min_freq}-{cfg.max_freq} of the "
+            f"tokens, fewer than --n-parents {cfg.n_parents}: lower --n-parents or widen "
+            "--min-freq/--max-freq"
+        )
+    tokenizer = _tokenizer(cfg, store)
+    words = first_letter_labels(type_ids, tokenizer) >= 0
+    if int(words.sum()) == 0:
+        raise ValueError(
+            "no token type with a mean is a word of letters; the cross-cutting pick needs text"
+        )
+    crossing = mean_jaccard(active[words][:, candidates])  # [C]
+    order = torch.argsort(crossing, descending=True)[: cfg.n_parents]
+    picked = candidates[order]
+    slots = torch.argsort(types.fires, stable=True)[: cfg.n_parents]  # the least-used latents
+    inside = _type_sets(active[:, picked], type_ids, types.type_ids)  # [U, P] over store types
+    mean_in, mean_out = set_means(types.sums, types.counts, inside)
+    save_sae(install_parents(base, slots, mean_in, mean_out, types.median_value), parents_sae)
+    return {
+        "n_candidates": len(candidates),
+        "slots": slots.tolist(),
+        "picked": picked.tolist(),
+        "mean_jaccard": crossing[order].tolist(),
+        "freq": freq[picked].tolist(),
+        "top_tokens": _top_tokens(inside, types, tokenizer),
+    }
+
+
+def _edges(cfg: ParentsConfig, out: Path, parents_sae: Path, n_tokens: int) -> None:
+    """Step 7: co-activation stats of the SAE with parents (cached by coactivation_stats), then
+    the child -> parent edges, recounted unless parents.json says they were written."""
     stats = coactivation_stats(
         StatsConfig(
             store=cfg.store,
@@ -202,20 +230,16 @@ def build_parents(cfg: ParentsConfig) -> Path:
             device=cfg.device,
         )
     )
-    if (
-        "n_edges" not in meta
-    ):  # the edges are cheap: recounted unless parents.json says they were written
+    meta = json.loads((out / "parents.json").read_text())
+    if "n_edges" not in meta:
         edges = parent_edges(stats, torch.tensor(meta["slots"]), cfg.cut, cfg.min_pair_count)
         atomic_save_tensors(out / "edges.safetensors", {"edge_index": edges})
         meta["n_edges"], meta["parents_reached"] = edges.shape[1], int(edges[1].unique().numel())
         atomic_write_json(out / "parents.json", meta)
-    return out
 
 
 def _tokmean_meta(out: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(out / "tokmean-sae.safetensors"), "pt") as f:
+    with safe_open(str(out / TOKMEAN), "pt") as f:
         return f.metadata()
 
 
@@ -237,7 +261,8 @@ def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
     store, base = ActivationStore(cfg.store), load_sae(cfg.sae)
     if base.cfg.hook not in store.hooks:
         raise ValueError(
-            f"the SAE reads {base.cfg.hook!r} but {cfg.store} holds {store.hooks}: pass the store it was trained on"
+            f"the SAE reads {base.cfg.hook!r} but {cfg.store} holds {store.hooks}: pass the store "
+            "it was trained on"
         )
     if base.cfg.n_latents < cfg.n_parents:
         raise ValueError(
@@ -264,101 +289,6 @@ def _check_inputs(cfg: ParentsConfig) -> tuple[ActivationStore, SAE, Path]:
     return store, base.to(cfg.device).eval(), out
 
 
-@torch.no_grad()
-def type_statistics(
-    sae: SAE, store: ActivationStore, n_tokens: int, device: str = "cpu", chunk: int = 8192
-) -> TypeStats:
-    """Step 1 over the first n_tokens store rows (rows the SAE passes through are left out)."""
-    hook, d = sae.cfg.hook, sae.cfg.d_in
-    ids = torch.cat(
-        [store.shard(s)["token_ids"].long() for s in range(len(store.manifest.shards))]
-    )[:n_tokens]
-    type_ids, inverse = ids.unique(return_inverse=True)
-    sums = torch.zeros(len(type_ids), d, dtype=torch.float64)
-    counts = torch.zeros(len(type_ids), dtype=torch.int64)
-    fires = torch.zeros(sae.cfg.n_latents, dtype=torch.int64)
-    values = []
-    b_dec = sae.b_dec.detach().double().cpu()
-    for start in tqdm(range(0, n_tokens, chunk), desc="token types", leave=False):
-        rows = torch.arange(start, min(start + chunk, n_tokens))
-        x = store.rows(rows, hooks=[hook])[hook].to(device)
-        code = sae.encode(x)
-        on = code.values > 0
-        fires += torch.bincount(code.cols[on].cpu(), minlength=sae.cfg.n_latents)
-        if len(values) < 8:
-            values.append(code.values[on].cpu())
-        keep = ~sae.passthrough(x).cpu()
-        centred = x.cpu()[keep].double() * sae.cfg.input_scale - b_dec
-        sums.index_add_(0, inverse[rows][keep], centred)
-        counts += torch.bincount(inverse[rows][keep], minlength=len(type_ids))
-    return TypeStats(type_ids, sums, counts, fires, float(torch.cat(values).median()))
-
-
-def _save_type_stats(types: TypeStats, path: Path) -> None:
-    atomic_save_tensors(
-        path,
-        {
-            "type_ids": types.type_ids,
-            "sums": types.sums,
-            "counts": types.counts,
-            "fires": types.fires,
-            "median_value": torch.tensor([types.median_value]),
-        },
-    )
-
-
-def _load_type_stats(path: Path) -> TypeStats:
-    t = load_file(path)
-    return TypeStats(t["type_ids"], t["sums"], t["counts"], t["fires"], float(t["median_value"][0]))
-
-
-def token_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[V, d] float32: each type's mean, centred over types (each type weighs 1), unit rows."""
-    means = sums / counts[:, None].double()
-    means = means - means.mean(0)
-    return torch.nn.functional.normalize(means, dim=1).float()
-
-
-def train_tokmean_sae(x: torch.Tensor, cfg: ParentsConfig) -> tuple[SAE, float]:
-    """Step 3: a TopK SAE on the rows of x (small: dense codes), Adam; returns it and its FVU on x."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    sae = SAE(SAEConfig(d_in=x.shape[1], n_latents=cfg.latents, arch="topk", k=cfg.k))
-    sae.reset_parameters(generator=g)
-    sae = sae.to(cfg.device)
-    x = x.to(cfg.device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    decay_from = int(0.8 * cfg.steps)
-    for step in tqdm(range(cfg.steps), desc="token-mean SAE", leave=False):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (cfg.steps - step) / max(cfg.steps - decay_from, 1))
-        batch = x[torch.randint(len(x), (min(cfg.batch_size, len(x)),), generator=g).to(cfg.device)]
-        loss = _tokmean_fvu(sae, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sae.normalize_decoder()
-    with torch.no_grad():
-        return sae.cpu().eval(), float(_tokmean_fvu(sae, x.cpu()))
-
-
-def _tokmean_fvu(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    acts = _dense_topk(sae, x)
-    x_hat = acts @ sae.W_dec + sae.b_dec
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-
-
-def _dense_topk(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    pre = sae.pre_acts(x)
-    top = pre.topk(sae.cfg.k, dim=1)
-    return torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-
-
-@torch.no_grad()
-def _active(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """[V, latents] bool: which latents fire on each row."""
-    return _dense_topk(sae, x) > 0
-
-
 def mean_jaccard(active: torch.Tensor) -> torch.Tensor:
     """[C] float64: per column of active [N, C] bool, its mean Jaccard with every other column
     (|A ∩ B| / |A ∪ B| over the rows; 0 for two empty columns)."""
@@ -374,7 +304,7 @@ def mean_jaccard(active: torch.Tensor) -> torch.Tensor:
 def _type_sets(
     active: torch.Tensor, type_ids: torch.Tensor, all_types: torch.Tensor
 ) -> torch.Tensor:
-    """[U, P] bool: active [V, P] over the token-mean types, spread onto every store type (others False)."""
+    """[U, P] bool: active [V, P] over the token-mean types, spread onto every store type."""
     inside = torch.zeros(len(all_types), active.shape[1], dtype=torch.bool)
     inside[torch.searchsorted(all_types, type_ids)] = active
     return inside
@@ -457,13 +387,11 @@ def _flag(name: str, value) -> str:
 
 
 def _tokenizer(cfg: ParentsConfig, store: ActivationStore):
-    from sae.models import load_model
-
     return load_model(cfg.model or store.manifest.model).tokenizer
 
 
 def _top_tokens(inside: torch.Tensor, types: TypeStats, tokenizer, n: int = 8) -> list[list[str]]:
-    """Per parent, the decoded text of its n most frequent store types (for a reader, not the method)."""
+    """Per parent, the decoded text of its n most frequent store types (for a reader only)."""
     result = []
     for p in range(inside.shape[1]):
         members = inside[:, p].nonzero().squeeze(1)

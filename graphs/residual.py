@@ -1,13 +1,11 @@
-"""Missed features: latents a code left silent although what it failed to reconstruct points at them.
+"""Missed features: latents a code left silent though what it failed to reconstruct points at them.
 
 Why: a child feature that has absorbed its parent ("snake" carrying "starts with s") fires instead
 of the parent, so the pair rarely co-fires and co-activation never proposes the edge child → parent
-that the graph step exists for. What betrays the pair is the residual. Whenever the child's
-decoder copies only part of the parent's direction, the rest of the parent's direction stays in
-r = x − x̂, on tokens where the child fires and the parent does not. Counting "i active, j missed"
-per token (`graphs.coactivation`, `--residual`) therefore ranks child → parent edges first.
-On the planted hierarchy (docs/graph_synthetic.md, session 6) that ranking has precision 0.63 and
-recall 0.66 at ~126 edges; the co-activation graph has 0.48 and 0.38 at the same count.
+that the graph step exists for. What betrays the pair is the residual. Whenever the child's decoder
+copies only part of the parent's direction, the rest of the parent's direction stays in r = x − x̂,
+on tokens where the child fires and the parent does not. Counting "i active, j missed" per token
+(`graphs.coactivation`, `--residual`) therefore ranks child → parent edges first.
 
 For token t with code e_t (values in the SAE's normalised space), reconstruction x̂_t and unit
 decoder rows d_j:
@@ -22,10 +20,8 @@ The bar τ is the typical activation of the weakest latent a code keeps (for a B
 its threshold θ): the residual must carry d_j as strongly as a latent that would have been kept,
 which makes the rule scale-free. The bar is one number per batch, not each token's own weakest
 value: a token whose k-th latent is noise (fewer than k features present) would otherwise report
-noise as missed, and a token whose k-th latent is strong would hide a real parent. On the planted
-hierarchy the per-token bar found no planted edge (precision 0.00 at 126 edges) where the batch bar
-gets 0.62 (session 6's absolute bar of 1.0 ≈ θ: 0.61). A token with no active latent (a
-passthrough row) misses nothing.
+noise as missed, and a token whose k-th latent is strong would hide a real parent. A token with no
+active latent (a passthrough row) misses nothing.
 """
 
 from __future__ import annotations
@@ -58,9 +54,8 @@ def missed_features(
     proj = (x_n - x_hat) @ torch.nn.functional.normalize(W_dec, dim=1).T  # [N, n]
     proj[rows, cols] = -torch.inf  # active latents are not missed
     weakest = torch.full((n_rows,), torch.inf, dtype=proj.dtype, device=proj.device)
-    weakest.scatter_reduce_(
-        0, rows, values.to(proj.dtype), reduce="amin"
-    )  # [N]; inf: nothing active
+    # [N]; inf: nothing active
+    weakest.scatter_reduce_(0, rows, values.to(proj.dtype), reduce="amin")
     coded = weakest.isfinite()  # [N]
     if not bool(coded.any()):
         return SparseCode(proj.new_zeros(0), rows.new_zeros(0), rows.new_zeros(0), n_rows)

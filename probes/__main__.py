@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 
+from probes.lens import Lens
 from probes.train import ProbeTrainConfig, train_probe
 from sae.cli import add_dataclass_args, dataclass_from_args
 
@@ -30,8 +31,6 @@ class ScoreConfig:
 
 
 def run_score(cfg: ScoreConfig, probe_dirs: list[str]) -> list[dict]:
-    from probes.lens import Lens
-
     if not cfg.text:
         raise ValueError("pass --text '...'")
     lens = Lens(

@@ -3,13 +3,15 @@
 A probe reads every token of a text except BOS (its residual is a huge, text-independent outlier).
 Texts have different lengths, so activations are kept *flattened*: `values [n_tokens, d]` with
 `offsets [n_texts + 1]` (text i owns rows offsets[i]:offsets[i+1]) — the same layout the serving
-engine hands its hooks (a flattened batch with request offsets), so probe code runs unchanged
-there. `pool` turns per-token values into one value per text (mean, max or last token).
+engine hands its hooks (a flattened batch with request offsets), so probe code runs unchanged there.
+`pool` turns per-token values into one value per text (mean, max or last token).
 
-    tokenize(tokenizer, texts, max_tokens)   BOS + tokens per text (truncated, never empty)
-    collect(model, texts, hooks)             {hook: Ragged} from forwards that stop at the deepest hook
-    pool(ragged, how)                        [n_texts, ...] mean / max / last over each text's tokens
-    load_encoder(path)                       an SAE or a graph autoencoder (behind the SAE interface)
+    tokenize(tokenizer, texts, max_tokens)  BOS + tokens per text (truncated, never empty)
+    collect(model, texts, hooks)            {hook: Ragged} from forwards that stop at the deepest
+                                            hook
+    pool(ragged, how)                       [n_texts, ...] mean / max / last of each text's tokens
+    load_encoder(path)                      an SAE or a graph autoencoder (behind the SAE
+                                            interface)
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from graphs.letters import encode_codes
+from graphs.coders import AsSAE, encode_codes
+from graphs.io import load_graph_sae
 from sae.hooks import capture, validate_hooks
 from sae.io import load_sae
 from sae.models import LoadedModel, sha256_file
@@ -62,7 +65,8 @@ class Ragged(NamedTuple):
 
 
 class Features(NamedTuple):
-    """What probes read for a set of texts: residuals at one hook and, optionally, their SAE code."""
+    """What probes read for a set of texts: residuals at one hook and, optionally, their SAE
+    code."""
 
     acts: Ragged  # values [n_tokens, d_model]
     code: SparseCode | None = None  # rows index acts.values
@@ -142,7 +146,8 @@ def collect(
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[dict[str, Ragged], list[Tensor]]:
-    """Activations of every non-BOS token at each hook: ({hook: Ragged [n_tokens, d_model]}, token ids).
+    """Activations of every non-BOS token at each hook:
+    ({hook: Ragged [n_tokens, d_model]}, token ids).
 
     Texts are batched by length (little padding); right padding never changes earlier positions
     of a causal model, and padded rows are dropped.
@@ -175,9 +180,6 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """An SAE directory, or a graph autoencoder directory (its post-propagation code)."""
     path = Path(path)
     if (path / "graph.json").exists():
-        from graphs.evaluate import AsSAE
-        from graphs.io import load_graph_sae
-
         return AsSAE(load_graph_sae(path, device))  # duck-typed: cfg, encode, decode
     if not (path / "cfg.json").exists():
         raise FileNotFoundError(
@@ -198,7 +200,8 @@ def encoder_sha256(path: str | Path) -> str:
 
 @torch.no_grad()
 def encode(encoder: SAE, ragged: Ragged, batch_size: int = 4096) -> tuple[SparseCode, int]:
-    """Sparse code of every row (in chunks, so a large set never builds a huge dense pre-activation)."""
+    """Sparse code of every row (in chunks, so a large set never builds a huge dense
+    pre-activation)."""
     return encode_codes(
         encoder.encode, ragged.values, batch_size, progress=False
     ), encoder.cfg.n_latents

@@ -1,18 +1,18 @@
 """Fitting each probe kind, threshold calibration, and the two scores every table reports.
 
-    fit_logistic(u, y, aggregation, l2)      w, b minimising BCE(pool(u·w + b), y) + l2‖w‖²
-    choose_l2(u, y, aggregation)             l2 by k-fold cross-validated log-loss
-    mean_difference(acts, y, aggregation)    μ₊ − μ₋ of the pooled activations
-    pooled_code(code, offsets, aggregation)  [n_texts, n_latents] pooled SAE code (for selection)
-    select_features(pooled, y, k)            the k latents with the largest |class-mean difference|
-    graph_queries(pooled, y, edges)          feature sets worth testing: top features and their edges
-    calibrate(negative_scores, fpr)          threshold with at most fpr of negatives above it
+    fit_pooled_logistic(u, y, aggregation, l2)  w, b minimising BCE(pool(u·w + b), y) + l2‖w‖²
+    choose_l2(u, y, aggregation)                l2 by k-fold cross-validated log-loss
+    mean_difference(acts, y, aggregation)       μ₊ − μ₋ of the pooled activations
+    pooled_code(code, offsets, aggregation)     [n_texts, n_latents] pooled SAE code (selection)
+    select_features(pooled, y, k)               the k latents with the largest |μ₊ − μ₋|
+    graph_neighbourhoods(pooled, y, edges)      feature sets worth testing: top features + edges
+    calibrate(negative_scores, fpr)             threshold with at most fpr of negatives above it
     auroc(scores, y), accuracy(scores, y)
 
-Logistic fits standardise the inputs (LBFGS converges in a few dozen steps on standardised
-features whatever the residual's scale) and fold the scaling back into w and b, so the stored
-probe reads raw activations. For mean and last pooling the score is linear in the pooled input,
-so the fit runs on [n_texts, m] rather than on every token; max pooling fits through the max.
+Logistic fits are `graphs.logistic.fit_logistic` (standardise, L-BFGS, fold the scaling back into
+w and b, so the stored probe reads raw activations). For mean and last pooling the score is linear
+in the pooled input, so the fit runs on [n_texts, m] rather than on every token; max pooling fits
+through the max.
 """
 
 from __future__ import annotations
@@ -20,46 +20,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphs.logistic import fit_logistic
 from probes.activations import Aggregation, Ragged, pool
 from sae.sae import SparseCode
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def _standardise(u: Tensor) -> tuple[Tensor, Tensor]:
-    mean, std = u.mean(0), u.std(0, unbiased=False)
-    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))  # constant columns: leave as is
-
-
-def fit_logistic(
+def fit_pooled_logistic(
     u: Ragged, y: Tensor, aggregation: Aggregation, l2: float, max_iter: int = 100
 ) -> tuple[Tensor, float]:
-    """w [m], b for the per-token score u_t · w + b, pooled per text, fit to labels y [n_texts]."""
-    linear_pool = aggregation in ("mean", "last")
-    rows = pool(u, aggregation) if linear_pool else u.values  # [n, m] or [n_tokens, m]
-    mean, std = _standardise(rows.double())
-    z = ((rows.double() - mean) / std).to(torch.float64)
-    target = y.double()
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    """w [m], b for the per-token score u_t · w + b, pooled per text, fit to labels y [n_texts].
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        token_logits = z @ w + b
-        logits = token_logits if linear_pool else pool(Ragged(token_logits, u.offsets), "max")
-        loss = (
-            torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-            + l2 * w.square().sum()
-        )
-        loss.backward()
-        return loss
+    The fit is `graphs.logistic.fit_logistic` in float64 with the population std, folded back so
+    the probe reads raw activations."""
+    if aggregation in ("mean", "last"):  # the score is linear in the pooled input: fit on that
+        fit = fit_logistic(pool(u, aggregation).double(), y, l2, max_iter)
+    else:  # max pooling: fit every token, through the max over each text's token logits
+        offsets = u.offsets
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    w_raw = (w.detach() / std).float()  # fold standardisation back: u·w_raw + b_raw == z·w + b
-    b_raw = float(b.detach() - (mean / std * w.detach()).sum())
-    return w_raw, b_raw
+        def max_pool(token_logits: Tensor) -> Tensor:  # [n_tokens] -> [n_texts]
+            return pool(Ragged(token_logits, offsets), "max")
+
+        fit = fit_logistic(u.values.double(), y, l2, max_iter, pool=max_pool)
+    w_raw, b_raw = fit.folded()
+    return w_raw.float(), float(b_raw)
 
 
 def _logistic_scores(u: Ragged, w: Tensor, b: float, aggregation: Aggregation) -> Tensor:
@@ -69,7 +54,8 @@ def _logistic_scores(u: Ragged, w: Tensor, b: float, aggregation: Aggregation) -
 def choose_l2(
     u: Ragged, y: Tensor, aggregation: Aggregation, folds: int = 4, seed: int = 0
 ) -> float:
-    """The L2 strength in L2_GRID with the lowest cross-validated log-loss (folds stratified by class)."""
+    """The L2 strength in L2_GRID with the lowest cross-validated log-loss (folds stratified by
+    class)."""
     folds = min(folds, int(min((y == 0).sum(), (y == 1).sum())))
     if folds < 2:
         return L2_GRID[len(L2_GRID) // 2]
@@ -87,7 +73,7 @@ def choose_l2(
                 (fold_of != fold).nonzero().squeeze(1),
                 (fold_of == fold).nonzero().squeeze(1),
             )
-            w, b = fit_logistic(u.select(train), y[train], aggregation, l2)
+            w, b = fit_pooled_logistic(u.select(train), y[train], aggregation, l2)
             logits = _logistic_scores(u.select(held), w, b, aggregation)
             total += float(
                 torch.nn.functional.binary_cross_entropy_with_logits(
@@ -154,7 +140,8 @@ def graph_neighbourhoods(
 
 
 def calibrate(negative_scores: Tensor, fpr: float) -> tuple[float, dict]:
-    """The threshold t with #(negatives > t) ≤ floor(fpr·n): t is the (floor(fpr·n)+1)-th largest."""
+    """The threshold t with #(negatives > t) ≤ floor(fpr·n): t is the (floor(fpr·n)+1)-th
+    largest."""
     n = negative_scores.numel()
     if n == 0:
         raise ValueError("calibration needs held-out negatives; the calibration split has none")

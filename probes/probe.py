@@ -2,12 +2,12 @@
 
 Every kind is linear in its own per-token input u_t:
 
-| kind        | u_t                                         | trained by                              |
-|-------------|---------------------------------------------|-----------------------------------------|
-| `linear`    | the residual x_t [d_model]                  | L2 logistic regression (the baseline)   |
-| `mean_diff` | x_t, with w fixed along μ₊ − μ₋             | class-mean difference; scale, bias fit  |
-| `sparse`    | z_t[features], k SAE latents                | k by class-mean difference; logistic    |
-| `graph`     | min over a feature set (or path) of z_t [1] | best set/edge of the feature graph      |
+| kind        | u_t                                     | trained by                             |
+|-------------|-----------------------------------------|----------------------------------------|
+| `linear`    | the residual x_t [d_model]              | L2 logistic regression (the baseline)  |
+| `mean_diff` | x_t, with w fixed along μ₊ − μ₋         | class-mean difference; scale, bias fit |
+| `sparse`    | z_t[features], k SAE latents            | k by class-mean difference; logistic   |
+| `graph`     | min of z_t over a feature set/path [1]  | best set/edge of the feature graph     |
 
 The text's score S = pool_t(s_t) (mean, max or last token) is a logit: sigmoid(S) is the
 probability, and the probe *fires* when S > threshold, the threshold calibrated to a target
@@ -46,9 +46,8 @@ class Probe:
     aggregation: Aggregation
     weight: Tensor  # [d_model] (dense kinds), [k] (sparse), [1] (graph)
     bias: float
-    features: Tensor = field(
-        default_factory=lambda: torch.zeros(0, dtype=torch.long)
-    )  # [k] latent ids
+    # [k] latent ids
+    features: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     edges: list[list[int]] = field(default_factory=list)  # graph: the query's edges [[i, j], ...]
     direction: Tensor | None = None  # mean_diff: μ₊ − μ₋ in raw residual space [d_model]
     threshold: float = 0.0  # on the pooled score S (a logit); fires when S > threshold
@@ -86,7 +85,8 @@ class Probe:
             return acts.float()
         if code is None:
             raise ValueError(
-                f"a {self.kind} probe needs the SAE code of the activations (encode with {self.sae})"
+                f"a {self.kind} probe needs the SAE code of the activations (encode with "
+                f"{self.sae})"
             )
         chosen = feature_columns(code, self.features)  # [n_tokens, k]
         if self.kind == "graph":  # soft AND: positive only on tokens where every feature is active

@@ -24,7 +24,6 @@ import shutil
 import sys
 import sysconfig
 import textwrap
-import zipfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,14 +32,21 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sae.corpus import load_corpus, pypi_file
+from graphs.first_letter import LETTERS, first_letter
+from probes.languages import (
+    AMBIGUOUS_LANGUAGES,
+    GFLANGUAGES_WHEEL,
+    MIN_PIECE_CHARS,
+    ROMANCE,
+    language_pieces,
+)
+from sae.corpus import load_corpus
 from sae.models import cache_root
 
 TASKS: tuple[str, ...] = ("source", "code", "language", "first_letter")
 # How a probe pools token scores into one score per text. Mean everywhere: a passage carries its
-# signal on every token, and a word's first letter sits in its *first* token (a word averages
-# 1.8 tokens), so pooling only the last token loses it (sparse k=16 test AUROC 0.47 last vs
-# 0.63 mean on SmolLM2 layer 15).
+# signal on every token, and a word's first letter sits in its *first* token (most words are
+# more than one token), so pooling only the last token loses it.
 DEFAULT_AGGREGATION: dict[str, str] = dict.fromkeys(TASKS, "mean")
 TEST_FRACTION = 0.25
 MIN_PER_CLASS = 20
@@ -48,19 +54,7 @@ FORMAT = "v1"
 PASSAGE_CHARS = (300, 500)  # target length of a passage / code chunk
 MIN_PASSAGE_CHARS = 200  # shorter leftovers (ends of documents) are dropped
 SOURCE_BLOCK = 20  # passages per group in the `source` task
-GFLANGUAGES_WHEEL = "gflanguages==0.7.11"
-# ISO 639 codes of the Romance languages (by descent) that have Latin-script sample text in the
-# gflanguages data, checked against version 0.7.11; "fr-gallo" is that package's id for Gallo.
-ROMANCE: frozenset[str] = frozenset(
-    "an ast ca co es ext fr fr-gallo fro frp fur gl it la lad lij lld lmo mxi nap nrf oc pcd pms "
-    "pro pt rgn rm ro rup sc scn vec wa".split()
-)
-# Dropped from both classes: Romance-lexified creoles and Romance-based constructed languages
-# look Romance but are not Romance by descent, so either label would be arguable.
-AMBIGUOUS_LANGUAGES: frozenset[str] = frozenset(
-    "acf cbk cri crs gcf gcr ht kea mfe pap pov rcf eo ia ie io lfn".split()
-)
-MIN_PIECE_CHARS = 40
+POSITIVE_LETTER = LETTERS.index("s")  # the `first_letter` task: words starting with s vs the rest
 
 Row = tuple[str, int, str]  # (text, label, group)
 
@@ -258,7 +252,7 @@ def _code_rows() -> list[Row]:
 
 def _language_rows() -> list[Row]:
     rows: list[Row] = []
-    for language, pieces in _language_pieces().items():
+    for language, pieces in language_pieces().items():
         if language not in AMBIGUOUS_LANGUAGES:
             rows.extend((piece, int(language in ROMANCE), language) for piece in pieces)
     return rows
@@ -272,7 +266,7 @@ def _first_letter_rows() -> list[Row]:
     for text in load_corpus("default", split="all")["text"]:
         words.update(_WORD.findall(text))
     # The leading space makes the word look mid-sentence, as the model's tokenizer usually sees it.
-    return [(" " + w, int(w.startswith("s")), w) for w in sorted(words)]
+    return [(" " + w, int(first_letter(w) == POSITIVE_LETTER), w) for w in sorted(words)]
 
 
 _BUILDERS: dict[str, Callable[[], list[Row]]] = {
@@ -281,59 +275,6 @@ _BUILDERS: dict[str, Callable[[], list[Row]]] = {
     "language": _language_rows,
     "first_letter": _first_letter_rows,
 }
-
-
-# --------------------------------------------------------------------------- gflanguages (UDHR)
-
-
-def _gflanguages_wheel() -> Path:
-    """The gflanguages wheel, downloaded once; read as a zip, never installed."""
-    return pypi_file(
-        GFLANGUAGES_WHEEL, "gflanguages-0.7.11-*.whl", "--only-binary", "language samples"
-    )
-
-
-_LANGUAGE_FILE = re.compile(r"gflanguages/data/languages/[^/]+\.textproto")
-_SAMPLE_BLOCK = re.compile(r"^sample_text \{\n(.*?)^\}", re.M | re.S)
-_FIELD = re.compile(r'^\s*(\w+):\s*"((?:[^"\\]|\\.)*)"', re.M)
-_ESCAPE = re.compile(r"\\(.)")
-_SENTENCE_END = re.compile(r"\n|(?<=[.!?])\s+")
-
-
-def _top_field(textproto: str, key: str) -> str | None:
-    match = re.search(rf'^{key}: "((?:[^"\\]|\\.)*)"', textproto, re.M)
-    return match.group(1) if match else None
-
-
-def _language_pieces() -> dict[str, list[str]]:
-    """Latin-script sample sentences per language code: split at newlines and sentence ends,
-    >= MIN_PIECE_CHARS, without pieces contained in a longer piece of the same language (the
-    sample fields repeat each other's prefixes) or shared by two languages (ambiguous)."""
-    pieces: dict[str, set[str]] = {}
-    with zipfile.ZipFile(_gflanguages_wheel()) as wheel:
-        for member in sorted(wheel.namelist()):
-            if not _LANGUAGE_FILE.fullmatch(member):
-                continue
-            proto = wheel.read(member).decode("utf-8")
-            block = _SAMPLE_BLOCK.search(proto)
-            language = _top_field(proto, "language")
-            if _top_field(proto, "script") != "Latn" or block is None or language is None:
-                continue
-            for _, value in _FIELD.findall(block.group(1)):
-                text = _ESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-                for piece in _SENTENCE_END.split(text):
-                    if len(piece.strip()) >= MIN_PIECE_CHARS:
-                        pieces.setdefault(language, set()).add(piece.strip())
-    owners = Counter(piece for kept in pieces.values() for piece in kept)
-    result: dict[str, list[str]] = {}
-    for language, found in sorted(pieces.items()):
-        kept: list[str] = []
-        for piece in sorted(found, key=lambda p: (-len(p), p)):
-            if owners[piece] == 1 and not any(piece in longer for longer in kept):
-                kept.append(piece)
-        if kept:
-            result[language] = kept
-    return result
 
 
 # --------------------------------------------------------------------------- a user's own task

@@ -1,13 +1,15 @@
-"""Training a probe end to end: dataset → activations (+ SAE code) → fit → calibrate → evaluate → save.
+"""Training a probe end to end: dataset → activations (+ SAE code) → fit → calibrate → evaluate →
+save.
 
-    fit_probe(kind, features, y, ...)     one probe of any kind from in-memory features (no threshold)
+    fit_probe(kind, features, y, ...)     one probe of any kind from in-memory features (no
+                                          threshold)
     calibrate_probe(probe, features, y)   threshold at the target false-positive rate on negatives
     evaluate_probe(probe, features, y)    accuracy (at logit 0), AUROC, TPR/FPR at the threshold
     train_probe(cfg)                      the job behind `python -m probes train`
 
 The training split is cut by group (document, language, word) into a fit part and a calibration
-part, so the threshold is set on negatives the probe never saw; the task's test split is only
-used for the reported metrics.
+part, so the threshold is set on negatives the probe never saw; the task's test split is only used
+for the reported metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from graphs.coactivation_scores import CoactivationStats
+from graphs.io import load_graph
 from probes.activations import (
     AGGREGATIONS,
     Features,
@@ -32,13 +36,14 @@ from probes.fit import (
     auroc,
     calibrate,
     choose_l2,
-    fit_logistic,
+    fit_pooled_logistic,
     graph_neighbourhoods,
     mean_difference,
     pooled_code,
     select_features,
 )
 from probes.probe import DENSE_KINDS, KINDS, Kind, Probe, feature_columns
+from probes.tasks import DEFAULT_AGGREGATION, load_task
 from sae.models import LoadedModel, load_model
 
 
@@ -124,12 +129,12 @@ def fit_probe(
     base = dict(kind=kind, hook=hook, d_model=acts.values.shape[1], aggregation=aggregation, **meta)
     if kind == "linear":
         l2 = l2 or choose_l2(acts, y, aggregation)
-        weight, bias = fit_logistic(acts, y, aggregation, l2)
+        weight, bias = fit_pooled_logistic(acts, y, aggregation, l2)
         return Probe(weight=weight, bias=bias, info={**info, "l2": l2}, **base)
     if kind == "mean_diff":
         direction = mean_difference(acts, y, aggregation)
         unit = direction / direction.norm().clamp_min(1e-12)
-        scale, bias = fit_logistic(
+        scale, bias = fit_pooled_logistic(
             Ragged(acts.values @ unit[:, None], acts.offsets), y, aggregation, 1e-4
         )
         return Probe(weight=unit * scale, bias=bias, direction=direction, info=info, **base)
@@ -142,24 +147,29 @@ def fit_probe(
         chosen = select_features(pooled, y, k)
         u = Ragged(feature_columns(features.code, chosen), acts.offsets)
         l2 = l2 or choose_l2(u, y, aggregation)
-        weight, bias = fit_logistic(u, y, aggregation, l2)
+        weight, bias = fit_pooled_logistic(u, y, aggregation, l2)
         return Probe(weight=weight, bias=bias, features=chosen, info={**info, "l2": l2}, **base)
     chosen, score = (
         (torch.tensor(sorted(query)), None)
         if query
         else _best_query(features, pooled, y, edges, aggregation)
     )
-    u = Ragged(feature_columns(features.code, chosen).min(dim=1, keepdim=True).values, acts.offsets)
-    weight, bias = fit_logistic(u, y, aggregation, 1e-4)
-    edge_list = [[int(chosen[0]), int(chosen[1])]] if chosen.numel() == 2 else []
-    return Probe(
-        weight=weight,
-        bias=bias,
-        features=chosen,
-        edges=edge_list,
-        info={**info, "query_train_auroc": score},
-        **base,
+    return _graph_probe(
+        features, y, chosen, aggregation, {**info, "query_train_auroc": score}, base
     )
+
+
+def _graph_probe(
+    features: Features, y: Tensor, chosen: Tensor, aggregation: str, info: dict, base: dict
+) -> Probe:
+    """The graph probe reading the soft AND (min activation) of the chosen features."""
+    u = Ragged(
+        feature_columns(features.code, chosen).min(dim=1, keepdim=True).values,
+        features.acts.offsets,
+    )
+    weight, bias = fit_pooled_logistic(u, y, aggregation, 1e-4)
+    edge_list = [[int(chosen[0]), int(chosen[1])]] if chosen.numel() == 2 else []
+    return Probe(weight=weight, bias=bias, features=chosen, edges=edge_list, info=info, **base)
 
 
 def _best_query(
@@ -175,9 +185,8 @@ def _best_query(
         ids = torch.tensor([i, *neighbours])
         cols = feature_columns(features.code, ids)  # [n_tokens, 1 + deg]
         soft_and = torch.minimum(cols[:, :1], cols)  # column 0: {i} alone; column c: {i, ids[c]}
-        text_values = pool(
-            Ragged(soft_and, features.acts.offsets), aggregation
-        )  # [n_texts, 1 + deg]
+        # [n_texts, 1 + deg]
+        text_values = pool(Ragged(soft_and, features.acts.offsets), aggregation)
         for c in range(ids.numel()):
             query = [i] if c == 0 else sorted([i, int(ids[c])])
             candidate = (auroc(text_values[:, c], y), -len(query), query)
@@ -210,17 +219,14 @@ def graph_edges(path: str | Path) -> Tensor:
     """Edges [2, E] of a graph autoencoder's learned graph or of co-activation candidates."""
     path = Path(path)
     if (path / "graph.json").exists():
-        from graphs.io import load_graph
-
         return load_graph(path).edge_index
-    from graphs.coactivation import CoactivationStats
-
     stats = CoactivationStats.load(path)
     return stats.candidates(stats.meta.get("config", {}).get("m", 32))[0]
 
 
 def split_calibration(groups: list[str], fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Row indices (fit, calibration): whole groups go to calibration until `fraction` is reached."""
+    """Row indices (fit, calibration): whole groups go to calibration until `fraction` is
+    reached."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"calibration_fraction must be in (0, 1), got {fraction}")
     unique = sorted(set(groups))
@@ -241,10 +247,9 @@ def balanced_subset(y: Tensor, n: int, seed: int) -> Tensor:
 
 
 def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=None) -> Probe:
-    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics inside).
-    `model` (already loaded, must be cfg.model) saves loading it again; `data` (a datasets.Dataset
-    or DatasetDict with text and label columns) replaces cfg.task."""
-    from probes.tasks import DEFAULT_AGGREGATION, load_task
+    """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics
+    inside). `model` (already loaded, must be cfg.model) saves loading it again; `data` (a
+    datasets.Dataset or DatasetDict with text and label columns) replaces cfg.task."""
 
     if not (cfg.task or data is not None) or not cfg.out:
         raise ValueError("pass --task NAME_OR_PATH and --out DIR")
@@ -312,7 +317,8 @@ def _features(model, encoder, texts: list[str], cfg: ProbeTrainConfig) -> Featur
 def _check_encoder(encoder, path: str, hook: str, model) -> None:
     if encoder.cfg.d_in != model.d_model:
         raise ValueError(
-            f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model {model.d_model}; "
+            f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model "
+            f"{model.d_model}; "
             "pass an SAE trained on this model"
         )
     if encoder.cfg.hook and encoder.cfg.hook != hook:

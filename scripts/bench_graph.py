@@ -9,7 +9,7 @@ The two are run alternately, `--rounds` times, and the ratios of the medians are
 machine is shared, so only ratios within a run count.
 
     python scripts/bench_graph.py --store out/l15-train-1m --stats out/graph/stats-l15 [--steps 48]
-    python scripts/bench_graph.py --store out/l15-train-1m --parents out/graph/parents20   # (c)'s recipe
+    python scripts/bench_graph.py --store out/l15-train-1m --parents out/graph/parents20  # (c)
 
 With --parents DIR (`python -m graphs parents`) the graph autoencoder trains as in the quality
 table's (c): DIR's SAE, stats and edges, gates held open (graphs.parents.HELD_OPEN).
@@ -31,14 +31,15 @@ from sae.train import TrainConfig, train
 
 
 def _speeds(out: Path, batch_size: int) -> tuple[float, float, dict]:
-    """(whole-run tok/s, last-window tok/s, last row) from a run's metrics.jsonl (cumulative tok_s)."""
+    """(whole-run tok/s, last-window tok/s, last row) from a run's metrics.jsonl (cumulative
+    tok_s)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["step"] * batch_size / r["tok_s"] for r in rows]  # seconds since the loop started
     window = (rows[-1]["step"] - rows[-2]["step"]) * batch_size / (elapsed[-1] - elapsed[-2])
     return rows[-1]["tok_s"], window, rows[-1]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,12 +54,41 @@ def main() -> None:
     args = parser.parse_args()
     if bool(args.stats) == bool(args.parents):
         parser.error("pass exactly one of --stats DIR and --parents DIR")
+    return args
+
+
+def one_round(args: argparse.Namespace, sae, recipe: dict, root: Path) -> dict[str, Path]:
+    """Both trainers, the same steps, width and batch on the same store: their run directories."""
+    tokens, log_every = args.steps * args.batch_size, max(1, args.steps // 4)
+    common = dict(
+        store=args.store,
+        tokens=tokens,
+        batch_size=args.batch_size,
+        log_every=log_every,
+        checkpoint_every=10**9,
+        wandb="disabled",
+    )
+    train(
+        TrainConfig(
+            out=str(root / "topk"),
+            hooks=sae.cfg.hook,
+            arch="topk",
+            k=sae.cfg.k,
+            expansion=sae.cfg.n_latents // sae.cfg.d_in,
+            **common,
+        )
+    )
+    train_graph(GraphTrainConfig(stats=args.stats, out=str(root / "graph"), **common, **recipe))
+    return {"topk": root / "topk", "graph": root / "graph"}
+
+
+def main() -> None:
+    args = parse_args()
     recipe = {}
     if args.parents:
         args.stats = str(Path(args.parents) / "stats")
         recipe = {**HELD_OPEN, "edges": str(Path(args.parents) / "edges.safetensors")}
     sae = load_sae(CoactivationStats.load(args.stats).meta["sae"])
-    tokens = args.steps * args.batch_size
     speeds: dict[str, list[float]] = {
         "topk": [],
         "graph": [],
@@ -66,69 +96,34 @@ def main() -> None:
         "graph_steady": [],
     }
     last_graph_row: dict = {}
-    log_every = max(1, args.steps // 4)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            topk_out, graph_out = Path(tmp) / f"topk{r}", Path(tmp) / f"graph{r}"
-            train(
-                TrainConfig(
-                    store=args.store,
-                    out=str(topk_out),
-                    hooks=sae.cfg.hook,
-                    arch="topk",
-                    k=sae.cfg.k,
-                    expansion=sae.cfg.n_latents // sae.cfg.d_in,
-                    tokens=tokens,
-                    batch_size=args.batch_size,
-                    log_every=log_every,
-                    checkpoint_every=10**9,
-                    wandb="disabled",
-                )
-            )
-            train_graph(
-                GraphTrainConfig(
-                    store=args.store,
-                    stats=args.stats,
-                    out=str(graph_out),
-                    tokens=tokens,
-                    batch_size=args.batch_size,
-                    log_every=log_every,
-                    checkpoint_every=10**9,
-                    wandb="disabled",
-                    **recipe,
-                )
-            )
-            for name, out in (("topk", topk_out), ("graph", graph_out)):
+            for name, out in one_round(args, sae, recipe, Path(tmp) / f"round{r}").items():
                 run, steady, row = _speeds(out, args.batch_size)
                 speeds[name].append(run)
                 speeds[f"{name}_steady"].append(steady)
             last_graph_row = row
     median = {name: statistics.median(values) for name, values in speeds.items()}
-    print(
-        json.dumps(
-            {
-                "store": args.store,
-                "recipe": "parents (held open)" if args.parents else "default",
-                "hook": sae.cfg.hook,
-                "n_latents": sae.cfg.n_latents,
-                "k": sae.cfg.k,
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "rounds": args.rounds,
-                "topk_tok_s": median["topk"],
-                "graph_tok_s": median["graph"],
-                "ratio": median["graph"] / median["topk"],
-                "ratio_steady": median["graph_steady"] / median["topk_steady"],
-                "goal": 0.7,
-                "graph_last_row": {
-                    k: last_graph_row[k]
-                    for k in ("l0", "l0_evidence", "mean_degree", "implied_per_token")
-                },
-                "all_tok_s": speeds,
-            },
-            indent=2,
-        )
-    )
+    report = {
+        "store": args.store,
+        "recipe": "parents (held open)" if args.parents else "default",
+        "hook": sae.cfg.hook,
+        "n_latents": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "topk_tok_s": median["topk"],
+        "graph_tok_s": median["graph"],
+        "ratio": median["graph"] / median["topk"],
+        "ratio_steady": median["graph_steady"] / median["topk_steady"],
+        "goal": 0.7,
+        "graph_last_row": {
+            k: last_graph_row[k] for k in ("l0", "l0_evidence", "mean_degree", "implied_per_token")
+        },
+        "all_tok_s": speeds,
+    }
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

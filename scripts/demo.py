@@ -136,7 +136,7 @@ def train_and_evaluate(model, args) -> dict:
 
 def graph_and_explain(model, args) -> dict:
     from graphs.coactivation import StatsConfig, coactivation_stats
-    from graphs.evaluate import graph_metrics
+    from graphs.eval import graph_metrics
     from graphs.explain import load_explainer
     from graphs.io import load_graph_sae
     from graphs.train import GraphTrainConfig, train_graph
@@ -265,7 +265,8 @@ def serve(model, args) -> dict:
 
 
 def release(model, args) -> dict:
-    from graphs.release import ExportConfig, export_release, load_release
+    from graphs import load_release
+    from graphs.release.export import ExportConfig, export_release
 
     out = export_release(
         ExportConfig(

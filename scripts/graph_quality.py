@@ -1,13 +1,12 @@
-"""SmolLM2 layer 15: (a) TopK vs (b) TopK + post-hoc co-occurrence graph vs (c) the graph autoencoder.
+"""SmolLM2 layer 15: (a) TopK vs (b) TopK + post-hoc co-occurrence graph vs (c) graph autoencoder.
 
 Equal width (9216 latents) and equal training tokens (1M): (a) is a TopK SAE trained on 1M tokens;
-(b) is (a) plus its co-activation candidates cut to (c)'s number of edges; (c) starts from a
-TopK SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds
-1-3). With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE
-with N label-free parents injected (graphs.parents) on their child -> parent edges, gates held
-open, and a fifth column gives the same fine-tune with every gate shut. Every step caches its
-output under --out, so a killed run resumes. Writes docs/graph_quality.md and
-<out>/graph_quality{tag}.json.
+(b) is (a) plus its co-activation candidates cut to (c)'s number of edges; (c) starts from a TopK
+SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds 1-3).
+With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE with N
+label-free parents injected (graphs.parents) on their child -> parent edges, gates held open, and a
+fifth column gives the same fine-tune with every gate shut. Every step caches its output under
+--out, so a killed run resumes. Writes docs/graph_quality.md and <out>/graph_quality{tag}.json.
 
     python scripts/graph_quality.py --store out/l15-train-1m --eval-store out/l15-heldout \\
         --pair-store out/l15-l18-300k --topk out/quality/topk/blocks.15.hook_resid_post \\
@@ -26,11 +25,18 @@ from pathlib import Path
 import torch
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
+from graphs.coders import AsSAE
 from graphs.crosslayer import TransitionConfig, fit_transition
-from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics, without_edges
-from graphs.faithfulness import attribution_correlation, edge_interventions
+from graphs.eval import (
+    attribution_correlation,
+    edge_interventions,
+    edge_jaccard,
+    graph_metrics,
+    letter_metrics,
+    letter_task_data,
+    without_edges,
+)
 from graphs.io import load_graph_sae
-from graphs.letters import letter_metrics, letter_task_data
 from graphs.parents import GATES_SHUT, HELD_OPEN, ParentsConfig, build_parents
 from graphs.train import GraphTrainConfig, train_graph
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
@@ -163,9 +169,8 @@ def letters(args, dirs, model) -> dict:
         max_tokens=args.letter_tokens,
     )
 
-    def score(
-        name: str, gsae
-    ) -> dict:  # "-chanin": also Chanin-style absorption (older caches lack it)
+    # "-chanin": also Chanin-style absorption (older caches lack it)
+    def score(name: str, gsae) -> dict:
         return cached(
             out / f"letters-chanin-{name}.json",
             lambda: _json_keys(
@@ -251,9 +256,8 @@ def faithfulness(args, dirs, model) -> dict:
 
         def compute(key=key, source=source):
             transition, meta = TransitionGraph.load(dirs[f"trans_{key}"])
-            coder = (
-                load_sae(source) if key == "a" else load_graph_sae(source)
-            )  # a plain SAE: no edges
+            # a plain SAE: no edges
+            coder = load_sae(source) if key == "a" else load_graph_sae(source)
             explainer = Explainer(model, coder, load_sae(meta["target"]), transition)
             return {
                 **edge_interventions(explainer, TEXTS),
@@ -268,49 +272,69 @@ def faithfulness(args, dirs, model) -> dict:
     return result
 
 
+def _fmt(v, digits=3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _seeds(values: list[float]) -> str:
+    """One value, or the mean over seeds with each seed in brackets."""
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{_fmt(sum(values) / len(values))} ({', '.join(map(_fmt, values))})"
+
+
+def _letter(let: dict, key: str, field: str, k: str | None = None) -> str:
+    if key not in let and f"{key}_seeds" not in let:  # the control without --parents
+        return "—"
+    if f"{key}_seeds" not in let:
+        value = let[key][field]
+        return _fmt(value[k] if k else value)
+    return _seeds([(r[field][k] if k else r[field]) for r in let[f"{key}_seeds"]])
+
+
 def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
-    """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s letter
-    rows as the mean over seeds (each seed in brackets)."""
-    a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
-    cs = [rows[f"c{s}"] for s in args.seeds]
-    mean = lambda key: sum(r[key] for r in cs) / len(cs)  # noqa: E731
-    n_edges = stab["edges"][0]
+    """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s
+    letter rows as the mean over seeds (each seed in brackets)."""
+    head = (
+        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder "
+        f"| (c) seed {args.seeds[0]}, edges removed |"
+    )
 
-    def fmt(v, digits=3):
-        return "—" if v is None else f"{v:.{digits}f}"
+    def extra(cell) -> str:  # the control's column
+        return f" {cell} |" if args.parents else ""
 
-    def seeds(values: list[float]) -> str:
-        return (
-            fmt(values[0])
-            if len(values) == 1
-            else f"{fmt(sum(values) / len(values))} ({', '.join(map(fmt, values))})"
-        )
-
-    def letter(key: str, field: str, k: str | None = None) -> str:
-        if f"{key}_seeds" not in let:
-            value = let[key][field]
-            return fmt(value[k] if k else value)
-        return seeds([(r[field][k] if k else r[field]) for r in let[f"{key}_seeds"]])
-
-    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
-    extra = lambda cell: f" {cell} |" if args.parents else ""  # noqa: E731  the control's column
-    head = f"| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder | (c) seed {args.seeds[0]}, edges removed |"
     table = [
         head + extra("(c)'s control: same fine-tune, gates shut"),
         "|---|---|---|---|---|" + ("---|" if args.parents else ""),
-        f"| L0 after propagation (before) | {fmt(a['l0'], 1)} | {fmt(a['l0'], 1)} | {fmt(c['l0'], 1)} ({fmt(c['l0_evidence'], 1)}) | {fmt(bare['l0'], 1)} |"
-        + extra(ctl and fmt(ctl[0]["l0"], 1)),
-        f"| FVU (held-out) | {fmt(a['fvu'])} | {fmt(a['fvu'])} | {fmt(c['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in cs)}) | {fmt(bare['fvu'])} |"
+        *_sae_rows(args, rows, let, extra),
+        *_graph_rows(args, rows, stab, post_stab, faith, extra),
+    ]
+    return "\n".join(table)
+
+
+def _sae_rows(args, rows, let, extra) -> list[str]:
+    """Reconstruction, first-letter absorption and probing rows."""
+    a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
+    cs = [rows[f"c{s}"] for s in args.seeds]
+    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
+    return [
+        f"| L0 after propagation (before) | {_fmt(a['l0'], 1)} | {_fmt(a['l0'], 1)} | "
+        f"{_fmt(c['l0'], 1)} ({_fmt(c['l0_evidence'], 1)}) | {_fmt(bare['l0'], 1)} |"
+        + extra(ctl and _fmt(ctl[0]["l0"], 1)),
+        f"| FVU (held-out) | {_fmt(a['fvu'])} | {_fmt(a['fvu'])} | {_fmt(c['fvu'])} (seeds: "
+        f"{', '.join(_fmt(r['fvu'], 4) for r in cs)}) | {_fmt(bare['fvu'])} |"
         + extra(
-            ctl and f"{fmt(ctl[0]['fvu'])} (seeds: {', '.join(fmt(r['fvu'], 4) for r in ctl)})"
+            ctl and f"{_fmt(ctl[0]['fvu'])} (seeds: {', '.join(_fmt(r['fvu'], 4) for r in ctl)})"
         ),
-        f"| dead latents (silent on the held-out tokens) | {fmt(a['dead_fraction'])} | {fmt(a['dead_fraction'])} | {fmt(c['dead_fraction'])} | {fmt(bare['dead_fraction'])} |"
-        + extra(ctl and fmt(ctl[0]["dead_fraction"])),
-        f"| CE loss recovered | {fmt(a['ce_loss_recovered'])} | {fmt(a['ce_loss_recovered'])} | {fmt(c.get('ce_loss_recovered'))} | — |"
-        + extra(ctl and fmt(ctl[0].get("ce_loss_recovered"))),
+        f"| dead latents (silent on the held-out tokens) | {_fmt(a['dead_fraction'])} | "
+        f"{_fmt(a['dead_fraction'])} | {_fmt(c['dead_fraction'])} | "
+        f"{_fmt(bare['dead_fraction'])} |" + extra(ctl and _fmt(ctl[0]["dead_fraction"])),
+        f"| CE loss recovered | {_fmt(a['ce_loss_recovered'])} | "
+        f"{_fmt(a['ce_loss_recovered'])} | {_fmt(c.get('ce_loss_recovered'))} | — |"
+        + extra(ctl and _fmt(ctl[0].get("ce_loss_recovered"))),
         *[
-            f"| {label} (lower is better) | {fmt(let['a'][key])} | {fmt(let['a'][key])} | {letter('c', key)} | {fmt(lb[key])} |"
-            + extra(letter("ctl", key))
+            f"| {label} (lower is better) | {_fmt(let['a'][key])} | {_fmt(let['a'][key])} | "
+            f"{_letter(let, 'c', key)} | {_fmt(lb[key])} |" + extra(_letter(let, "ctl", key))
             for label, key in (
                 ("first-letter absorption (upper bound)", "absorption"),
                 ("absorption, Chanin et al.'s full rate", "full_absorption"),
@@ -318,31 +342,52 @@ def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
             )
         ],
         *[
-            f"| sparse probe accuracy, k = {k} | {fmt(let['a']['sparse_probe'][str(k)])} | {fmt(let['a']['sparse_probe'][str(k)])} | {letter('c', 'sparse_probe', str(k))} | {fmt(lb['sparse_probe'][str(k)])} |"
-            + extra(letter("ctl", "sparse_probe", str(k)))
+            f"| sparse probe accuracy, k = {k} | {_fmt(let['a']['sparse_probe'][str(k)])} | "
+            f"{_fmt(let['a']['sparse_probe'][str(k)])} | "
+            f"{_letter(let, 'c', 'sparse_probe', str(k))} | "
+            f"{_fmt(lb['sparse_probe'][str(k)])} |"
+            + extra(_letter(let, "ctl", "sparse_probe", str(k)))
             for k in (1, 2, 5)
         ],
-        f"| dense probe accuracy (reference) | {fmt(let['a']['dense_probe'])} | {fmt(let['a']['dense_probe'])} | {fmt(let['c']['dense_probe'])} | — |"
-        + extra("—"),
-        f"| implied features per held-out token | — | — | {fmt(mean('implied_per_token'), 4)} | 0 |"
-        + extra(ctl and fmt(ctl[0]["implied_per_token"], 4)),
-        f"| mean out-degree (edges) | — | {fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s count) | {fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
-        + extra("0"),
-        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | {fmt(post_stab['jaccard'])} (data thirds) | {fmt(stab['jaccard'])} ({fmt(stab['null'], 4)}) | — |"
-        + extra("—"),
-        f"| cross-layer edges confirmed by ablation (null) | {fmt(faith['a']['edge_confirmed_fraction'])} ({fmt(faith['a']['null_confirmed_fraction'])}) | same as (a) | {fmt(faith['c']['edge_confirmed_fraction'])} ({fmt(faith['c']['null_confirmed_fraction'])}) | — |"
-        + extra("—"),
-        f"| paths confirmed on the logit | {fmt(faith['a']['path_confirmed_fraction'])} | same as (a) | {fmt(faith['c']['path_confirmed_fraction'])} | — |"
-        + extra("—"),
-        f"| path score vs grad × act (Pearson) | {fmt(faith['a']['attribution_pearson'])} | same as (a) | {fmt(faith['c']['attribution_pearson'])} | — |"
-        + extra("—"),
-        f"| transition L15 → L18: code FVU, nonzero weights | {fmt(faith['a']['transition_code_fvu'])}, {faith['a']['transition_nonzero']} | same as (a) | {fmt(faith['c']['transition_code_fvu'])}, {faith['c']['transition_nonzero']} | — |"
-        + extra("—"),
+        f"| dense probe accuracy (reference) | {_fmt(let['a']['dense_probe'])} | "
+        f"{_fmt(let['a']['dense_probe'])} | {_fmt(let['c']['dense_probe'])} | — |" + extra("—"),
     ]
-    return "\n".join(table)
 
 
-def main() -> None:
+def _graph_rows(args, rows, stab, post_stab, faith, extra) -> list[str]:
+    """The graph's size, stability and faithfulness rows."""
+    cs = [rows[f"c{s}"] for s in args.seeds]
+    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
+    n_edges = stab["edges"][0]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in cs) / len(cs)
+
+    fa, fc = faith["a"], faith["c"]
+    return [
+        f"| implied features per held-out token | — | — | {_fmt(mean('implied_per_token'), 4)} "
+        "| 0 |" + extra(ctl and _fmt(ctl[0]["implied_per_token"], 4)),
+        f"| mean out-degree (edges) | — | {_fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s "
+        f"count) | {_fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
+        + extra("0"),
+        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | "
+        f"{_fmt(post_stab['jaccard'])} (data thirds) | {_fmt(stab['jaccard'])} "
+        f"({_fmt(stab['null'], 4)}) | — |" + extra("—"),
+        "| cross-layer edges confirmed by ablation (null) | "
+        f"{_fmt(fa['edge_confirmed_fraction'])} ({_fmt(fa['null_confirmed_fraction'])}) | "
+        f"same as (a) | {_fmt(fc['edge_confirmed_fraction'])} "
+        f"({_fmt(fc['null_confirmed_fraction'])}) | — |" + extra("—"),
+        f"| paths confirmed on the logit | {_fmt(fa['path_confirmed_fraction'])} | same as "
+        f"(a) | {_fmt(fc['path_confirmed_fraction'])} | — |" + extra("—"),
+        f"| path score vs grad × act (Pearson) | {_fmt(fa['attribution_pearson'])} | same "
+        f"as (a) | {_fmt(fc['attribution_pearson'])} | — |" + extra("—"),
+        "| transition L15 → L18: code FVU, nonzero weights | "
+        f"{_fmt(fa['transition_code_fvu'])}, {fa['transition_nonzero']} | same as "
+        f"(a) | {_fmt(fc['transition_code_fvu'])}, {fc['transition_nonzero']} | — |" + extra("—"),
+    ]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -376,8 +421,9 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held open, plus "
-        "its gates-shut control per seed (0: the plain graph autoencoder); use a new --tag",
+        help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held "
+        "open, plus its gates-shut control per seed (0: the plain graph autoencoder); use a new "
+        "--tag",
     )
     parser.add_argument(
         "--residual-stats",
@@ -386,6 +432,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.graph_opt = graph_options(args.graph_opt)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     dirs = build(args)
     model = load_model("smollm2-135m")
     rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
@@ -412,7 +463,8 @@ def main() -> None:
 
 
 def graph_options(pairs: list[str]) -> dict:
-    """FIELD=VALUE strings -> GraphTrainConfig keyword arguments, each typed like its field's default."""
+    """FIELD=VALUE strings -> GraphTrainConfig keyword arguments, each typed like its field's
+    default."""
     fields = {f.name: f for f in dataclasses.fields(GraphTrainConfig)}
     options = {}
     for pair in pairs:

@@ -1,7 +1,7 @@
 """Planted-hierarchy evaluation: does the graph autoencoder recover known child ⇒ parent edges?
 
 For each parent–child cosine (0: no reason to absorb; 0.5: children lean toward their parent, so a
-plain SAE is tempted to absorb), on the synthetic hierarchy of `graphs.synthetic` (32 parents × 3
+plain SAE is tempted to absorb), on the planted hierarchy of `graphs.eval.planted` (32 parents × 3
 children + 64 free features, 192 in 64 dimensions, ~4.2 active per token):
 
     TopK SAE (4× width, k = 6) → co-activation stats → graph autoencoder (same budget k = 6)
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
+from graphs.eval import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae
 from sae.train import TrainConfig, train
@@ -85,13 +85,17 @@ def markdown(results: list[dict], tokens: int) -> str:
     lines = [
         "# Planted feature hierarchy: edge recovery",
         "",
-        f"Produced by `python scripts/graph_synthetic.py --tokens {tokens}` (one seed; {tokens:,} tokens each for",
-        "the TopK SAE, its co-activation stats and the graph autoencoder). Ground truth: 96 child → parent",
+        f"Produced by `python scripts/graph_synthetic.py --tokens {tokens}` (one seed; {tokens:,} "
+        "tokens each for",
+        "the TopK SAE, its co-activation stats and the graph autoencoder). Ground truth: 96 child "
+        "→ parent",
         "edges. An edge counts when both endpoints match a true feature with decoder cosine ≥ 0.7",
-        "(one-to-one greedy matching); precision is over the matched edges. Null: the same edges with",
+        "(one-to-one greedy matching); precision is over the matched edges. Null: the same edges "
+        "with",
         "shuffled targets (20 permutations).",
         "",
-        "| parent–child cos | model | edges | precision | recall | F1 | null precision | null recall | reversed (parent → child) |",
+        "| parent–child cos | model | edges | precision | recall | F1 | null precision | null "
+        "recall | reversed (parent → child) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -101,8 +105,10 @@ def markdown(results: list[dict], tokens: int) -> str:
         ):
             m = r[key]
             lines.append(
-                f"| {r['parent_child_cos']} | {name} | {r['edges']} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                f"{m['f1']:.3f} | {m['null_precision']:.4f} | {m['null_recall']:.4f} | {int(m['reversed'])} |"
+                f"| {r['parent_child_cos']} | {name} | {r['edges']} | {m['precision']:.3f} | "
+                f"{m['recall']:.3f} | "
+                f"{m['f1']:.3f} | {m['null_precision']:.4f} | {m['null_recall']:.4f} | "
+                f"{int(m['reversed'])} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -1,12 +1,12 @@
-"""Every probe kind against the dense baseline on the four built-in tasks, full data and 32 examples.
+"""Every probe kind against the dense baseline on the four built-in tasks: full data, 32 examples.
 
 SmolLM2 layer 15 (`blocks.15.hook_resid_post`). Sparse probes read (a) the TopK SAE; graph probes
 read (a) with its post-hoc co-activation graph (b), or the graph autoencoder (c) with its learned
-graph. Per task and probe: test accuracy (at logit 0) and AUROC; with 32 training texts the
-figures are the mean over 5 random draws. The full-data rows also give the test TPR / FPR at the
-threshold calibrated to 1% FPR on held-out training negatives. Activations and codes are cached
-under --out, so a re-run only refits. Writes docs/probe_quality.md (the table between its
-markers) and <out>/probe_quality.json.
+graph. Per task and probe: test accuracy (at logit 0) and AUROC; with 32 training texts the figures
+are the mean over 5 random draws. The full-data rows also give the test TPR / FPR at the threshold
+calibrated to 1% FPR on held-out training negatives. Activations and codes are cached under --out,
+so a re-run only refits. Writes docs/probe_quality.md (the table between its markers) and
+<out>/probe_quality.json.
 
     python scripts/probe_quality.py --sae out/quality/topk/blocks.15.hook_resid_post \\
         --stats out/graph/stats-topk1m --graph-sae out/graph/gsae-s1-ec0.001 --out out/probes

@@ -1,13 +1,14 @@
-"""Release a feature dataset from scratch: harvest → SAE → co-activation stats → graph → (transition)
-→ export, each stage resumed or skipped when already done (kill it and run it again).
+"""Release a feature dataset from scratch: harvest → SAE → co-activation stats → graph →
+(transition) → export, each stage resumed or skipped when already done (kill it and run it again).
 
-    python scripts/release_features.py --out out/release-run --tokens 500000 --hook blocks.15.hook_resid_post
-    python scripts/release_features.py ... --target-hook blocks.18.hook_resid_post   # + cross-layer edges
+    python scripts/release_features.py --out out/release-run --tokens 500000 \\
+        --hook blocks.15.hook_resid_post
+    python scripts/release_features.py ... --target-hook blocks.18.hook_resid_post  # + cross-layer
 
 Layout under --out: store/ (training activations, every hook), heldout/ (held-out activations the
-release is scanned over), sae/<hook>/, stats/, graph/, transition/ (with --target-hook) and
-release/ (the release: dataset, side files, dashboard/index.html). The pieces are the package's
-own commands (`python -m sae harvest|train`, `python -m graphs stats|train|transition|export`).
+release is scanned over), sae/<hook>/, stats/, graph/, transition/ (with --target-hook) and release/
+(the release: dataset, side files, dashboard/index.html). The pieces are the package's own commands
+(`python -m sae harvest|train`, `python -m graphs stats|train|transition|export`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from graphs.coactivation import StatsConfig, coactivation_stats
+from graphs.crosslayer import TransitionConfig, fit_transition
+from graphs.release.export import ExportConfig, export_release
+from graphs.train import GraphTrainConfig, train_graph
+from sae import HarvestConfig, LoadedModel, harvest, load_model
+from sae.train import TrainConfig, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,59 +54,46 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def main() -> None:
-    from graphs.coactivation import StatsConfig, coactivation_stats
-    from graphs.crosslayer import TransitionConfig, fit_transition
-    from graphs.release import ExportConfig, export_release
-    from graphs.train import GraphTrainConfig, train_graph
-    from sae import HarvestConfig, harvest, load_model
-    from sae.train import TrainConfig, train
-
-    args = parse_args()
-    run = Path(args.out)
+def harvest_stores(args: argparse.Namespace, run: Path, model: LoadedModel) -> None:
+    """store/ (training activations at every hook) and heldout/ (what the release scans)."""
     hooks = ",".join(h for h in (args.hook, args.target_hook) if h)
-    model = load_model(args.model)
-    harvest(
-        HarvestConfig(
-            out=str(run / "store"),
-            model=args.model,
-            hooks=hooks,
+    common = dict(model=args.model, context_size=args.context_size)
+    harvest(HarvestConfig(out=str(run / "store"), hooks=hooks, tokens=args.tokens, **common), model)
+    heldout = HarvestConfig(
+        out=str(run / "heldout"),
+        hooks=args.hook,
+        tokens=args.heldout_tokens,
+        split="heldout",
+        **common,
+    )
+    harvest(heldout, model)
+
+
+def train_saes(args: argparse.Namespace, run: Path) -> None:
+    """sae/<hook>/ for the released hook (and the target hook), unless they are there."""
+    done = (run / "sae" / args.hook / "sae.safetensors").exists()
+    if done and (not args.target_hook or (run / "sae" / args.target_hook).exists()):
+        return
+    train(
+        TrainConfig(
+            store=str(run / "store"),
+            out=str(run / "sae"),
+            hooks=",".join(h for h in (args.hook, args.target_hook) if h),
+            arch="topk",
+            k=args.k,
+            expansion=args.expansion,
             tokens=args.tokens,
-            context_size=args.context_size,
-        ),
-        model,
-    )
-    harvest(
-        HarvestConfig(
-            out=str(run / "heldout"),
-            model=args.model,
-            hooks=args.hook,
-            tokens=args.heldout_tokens,
-            context_size=args.context_size,
-            split="heldout",
-        ),
-        model,
-    )
-    sae_dir = run / "sae" / args.hook
-    if not (sae_dir / "sae.safetensors").exists() or (
-        args.target_hook and not (run / "sae" / args.target_hook).exists()
-    ):
-        train(
-            TrainConfig(
-                store=str(run / "store"),
-                out=str(run / "sae"),
-                hooks=hooks,
-                arch="topk",
-                k=args.k,
-                expansion=args.expansion,
-                tokens=args.tokens,
-                wandb=args.wandb,
-                resume=(run / "sae" / "checkpoint.safetensors").exists(),
-            )
+            wandb=args.wandb,
+            resume=(run / "sae" / "checkpoint.safetensors").exists(),
         )
-    coactivation_stats(
-        StatsConfig(store=str(run / "store"), sae=str(sae_dir), out=str(run / "stats"))
     )
+
+
+def build_graph(args: argparse.Namespace, run: Path) -> str:
+    """stats/, graph/ and (with --target-hook) transition/; returns the transition dir or ""."""
+    sae_dir = run / "sae" / args.hook
+    stats = StatsConfig(store=str(run / "store"), sae=str(sae_dir), out=str(run / "stats"))
+    coactivation_stats(stats)
     if not (run / "graph" / "graph.json").exists():
         train_graph(
             GraphTrainConfig(
@@ -110,36 +105,44 @@ def main() -> None:
                 resume=(run / "graph" / "checkpoint.safetensors").exists(),
             )
         )
-    transition = ""
-    if args.target_hook:
-        transition = str(run / "transition")
-        if not (run / "transition" / "transition.json").exists():
-            fit_transition(
-                TransitionConfig(
-                    store=str(run / "store"),
-                    source=str(run / "graph"),
-                    target=str(run / "sae" / args.target_hook),
-                    out=transition,
-                )
+    if not args.target_hook:
+        return ""
+    transition = run / "transition"
+    if not (transition / "transition.json").exists():
+        fit_transition(
+            TransitionConfig(
+                store=str(run / "store"),
+                source=str(run / "graph"),
+                target=str(run / "sae" / args.target_hook),
+                out=str(transition),
             )
+        )
+    return str(transition)
+
+
+def main() -> None:
+    args = parse_args()
+    run = Path(args.out)
+    model = load_model(args.model)
+    harvest_stores(args, run, model)
+    train_saes(args, run)
+    transition = build_graph(args, run)
     release = export_release(
         ExportConfig(
-            sae=str(sae_dir),
+            sae=str(run / "sae" / args.hook),
             graph=str(run / "graph"),
             store=str(run / "heldout"),
             stats=str(run / "stats"),
             transition=transition,
             out=str(run / "release"),
             model=args.model,
-        )
+        ),
+        model,
     )
+    dashboard = release / "dashboard" / "index.html"
     print(
         json.dumps(
-            {
-                "release": str(release.resolve()),
-                "dashboard": str((release / "dashboard" / "index.html").resolve()),
-            },
-            indent=2,
+            {"release": str(release.resolve()), "dashboard": str(dashboard.resolve())}, indent=2
         )
     )
 

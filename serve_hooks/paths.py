@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from graphs.evaluate import AsSAE
+from graphs.coders import AsSAE
 from graphs.explain import load_explainer
 from graphs.model import GraphCode
 from sae.sae import SparseCode

@@ -85,7 +85,7 @@ def tiny_graph(tiny_store: ActivationStore, tmp_path_factory: pytest.TempPathFac
 
 def release_config(tiny_graph: TinyGraph, out: Path, **overrides):
     """Export settings for the tiny pipeline: every input kind, small batches, a short CE run."""
-    from graphs.release import ExportConfig
+    from graphs.release.export import ExportConfig
 
     fields = dict(
         sae=str(tiny_graph.sae_dirs / SOURCE_HOOK),
@@ -104,6 +104,6 @@ def release_config(tiny_graph: TinyGraph, out: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_release(tiny_graph: TinyGraph, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished release of the tiny pipeline (dashboard included), built once."""
-    from graphs.release import export_release
+    from graphs.release.export import export_release
 
     return export_release(release_config(tiny_graph, tmp_path_factory.mktemp("release") / "r"))

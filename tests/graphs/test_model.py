@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
-from graphs.evaluate import without_edges
+from graphs.eval.reconstruction import without_edges
 from graphs.io import load_graph, load_graph_sae, save_graph_sae
 from graphs.model import SparseGraphAutoencoder
 from sae.io import load_sae
@@ -181,6 +181,5 @@ def test_implied_only_messages_skip_evidence_and_equal_dense_reference() -> None
         expected = lifted * (lifted > 0.8)
     assert torch.allclose(graph_code.code.to_dense(N_LATENTS), expected, atol=1e-6)
     assert bool((~graph_code.from_evidence).any())  # some features were implied
-    assert not bool(
-        graph_code.from_evidence[graph_code.edge_dst].any()
-    )  # no edge lands on evidence
+    # no edge lands on evidence
+    assert not bool(graph_code.from_evidence[graph_code.edge_dst].any())

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from graphs import parents as P
-from graphs.coactivation import CoactivationStats
+from graphs import token_means
+from graphs.coactivation_scores import CoactivationStats
 from graphs.train import train_graph
 from sae.io import load_sae
 from sae.sae import SAE, SAEConfig
@@ -45,36 +46,6 @@ def tiny_parents(tiny_graph, tmp_path_factory):
     return cfg, P.build_parents(cfg)
 
 
-def test_type_statistics_match_a_row_by_row_loop(tiny_graph):
-    store, sae = tiny_graph.store, load_sae(tiny_graph.sae_dirs / SOURCE_HOOK)
-    n = 700  # not a multiple of the chunk: the last chunk is partial
-    types = P.type_statistics(sae, store, n, chunk=256)
-    rows = store.rows(torch.arange(n), hooks=[SOURCE_HOOK])
-    x, ids = rows[SOURCE_HOOK], rows["token_ids"].long()
-    for t in ids.unique()[:25].tolist():
-        mine = (ids == t).nonzero().squeeze(1)
-        u = int(torch.searchsorted(types.type_ids, torch.tensor(t)))
-        assert types.type_ids[u] == t and types.counts[u] == len(mine)
-        expected = sum(
-            (x[r].double() * sae.cfg.input_scale - sae.b_dec.detach().double())
-            for r in mine.tolist()
-        )
-        torch.testing.assert_close(types.sums[u], expected, rtol=1e-9, atol=1e-9)
-    code = sae.encode(x)
-    assert torch.equal(
-        types.fires, torch.bincount(code.cols[code.values > 0], minlength=sae.cfg.n_latents)
-    )
-    assert types.counts.sum() == n
-
-
-def test_token_means_are_centred_unit_rows_of_the_type_means():
-    sums, counts = torch.randn(6, 4, dtype=torch.float64), torch.tensor([1, 2, 3, 4, 5, 6])
-    means = P.token_means(sums, counts)
-    raw = torch.stack([sums[i] / counts[i] for i in range(6)])
-    centred = raw - raw.mean(0)
-    torch.testing.assert_close(means, (centred / centred.norm(dim=1, keepdim=True)).float())
-
-
 def test_mean_jaccard_matches_a_pairwise_loop():
     g = torch.Generator().manual_seed(0)
     active = torch.rand(50, 7, generator=g) < 0.3
@@ -92,7 +63,8 @@ def test_mean_jaccard_matches_a_pairwise_loop():
 
 def test_the_cross_cutting_pick_finds_a_latent_independent_of_meaning():
     """Four semantic latents partition the words; a 'letter' latent fires on a random 40% of all of
-    them; a narrow latent fires inside one meaning. Only the letter latent co-fires across meanings."""
+    them; a narrow latent fires inside one meaning. Only the letter latent co-fires across
+    meanings."""
     g = torch.Generator().manual_seed(1)
     meaning = torch.arange(400) % 4
     active = torch.zeros(400, 6, dtype=torch.bool)
@@ -130,10 +102,11 @@ def test_installed_parents_fire_on_their_set_mean_and_not_on_the_rest():
     for p, slot in enumerate((7, 2)):
         u = (mean_in[p] - mean_out[p]).float()
         torch.testing.assert_close(sae.W_dec[slot].detach(), u / u.norm())
+        # pre-activation in centred-input space
         w, b = (
             sae.W_enc[slot].detach(),
             float(sae.b_enc[slot].detach()),
-        )  # pre-activation in centred-input space
+        )
         assert float(w @ mean_in[p].float()) + b == pytest.approx(1.5, abs=1e-4)
         assert float(w @ mean_out[p].float()) + b == pytest.approx(-1.5, abs=1e-4)
     untouched = torch.ones(10, dtype=torch.bool)
@@ -148,7 +121,7 @@ def test_the_recipe_on_the_tiny_model(tiny_graph, tiny_parents):
     slots = torch.tensor(meta["slots"])
     assert len(slots) == len(meta["picked"]) == len(meta["top_tokens"]) == cfg.n_parents
     # only the least-used latents were replaced
-    types = P._load_type_stats(out / "type_stats.safetensors")
+    types = token_means.load_type_stats(out / "type_stats.safetensors")
     assert torch.equal(
         slots.sort().values, torch.argsort(types.fires, stable=True)[: cfg.n_parents].sort().values
     )
@@ -159,10 +132,10 @@ def test_the_recipe_on_the_tiny_model(tiny_graph, tiny_parents):
     tokmean = load_file(out / "tokmean-sae.safetensors")
     assert tokmean["active"].shape == (int((types.counts >= cfg.min_count).sum()), cfg.latents)
     assert (tokmean["active"].sum(1) <= cfg.k).all()
-    assert (
-        meta["tokmean_fvu"] < 0.95
-    )  # it learned something (0.84 on the tiny model's 162 type means)
-    # every edge: a non-parent into its most likely parent, above the cut, on a pair seen often enough
+    # it learned something (0.84 on the tiny model's 162 type means)
+    assert meta["tokmean_fvu"] < 0.95
+    # every edge: a non-parent into its most likely parent, above the cut, on a pair seen often
+    # enough
     edges = load_file(out / "edges.safetensors")["edge_index"]
     assert edges.shape[1] == meta["n_edges"] > 0
     stats = CoactivationStats.load(out / "stats")

@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphs.coactivation import CoactivationCounter
+from graphs.eval import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery
+from graphs.pair_counter import CoactivationCounter
 from graphs.residual import missed_features
-from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery
 from sae.sae import SparseCode
 
 
 def missed_reference(
     x_n, code: SparseCode, W_dec, b_dec, max_per_token: int
 ) -> dict[tuple[int, int], float]:
-    """The rule of graphs.residual, one token at a time with a dense code: {(token, latent): p_tj}."""
+    """The rule of graphs.residual, one token at a time with a dense code: {(token, latent):
+    p_tj}."""
     unit = W_dec / W_dec.norm(dim=1, keepdim=True)
     dense = code.to_dense(W_dec.shape[0]).relu()  # [N, n]
     weakest = [float(row[row > 0].min()) for row in dense if bool((row > 0).any())]
@@ -37,10 +38,11 @@ def missed_reference(
 def test_missed_features_match_a_per_token_loop(max_per_token: int) -> None:
     g = torch.Generator().manual_seed(0)
     n_rows, n, d = 40, 50, 12
+    # rows not unit norm
     W_dec, b_dec = (
         torch.randn(n, d, generator=g) * 2,
         torch.randn(d, generator=g) * 0.1,
-    )  # rows not unit norm
+    )
     x_n = torch.randn(n_rows, d, generator=g) * 3
     per_row = torch.randint(0, 6, (n_rows,), generator=g)  # rows with nothing active miss nothing
     cols = torch.cat([torch.randperm(n, generator=g)[:k] for k in per_row.tolist()])
@@ -63,13 +65,13 @@ def test_missed_features_match_a_per_token_loop(max_per_token: int) -> None:
 
 
 def test_residual_candidates_find_absorbed_parents_that_cooccurrence_misses() -> None:
-    """Simulated absorption on the planted hierarchy: each child's decoder carries 0.7 of its parent's
-    direction, and the code drops the parent wherever one of its children fires. Parent and child
-    then never co-fire in the code, so co-activation cannot propose child → parent, while the
-    residual left on those tokens points at the parent. The setting is ideal (exact codes, no SAE
-    error), and the ranking finds every planted edge (precision = recall = 1.0 with m = 1 per
-    source); the thresholds, 0.9 each, leave room only for noise. The shuffled null is ~0.03, and
-    NPMI candidates of the same count find none (≤ 5% allowed)."""
+    """Simulated absorption on the planted hierarchy: each child's decoder carries 0.7 of its
+    parent's direction, and the code drops the parent wherever one of its children fires. Parent
+    and child then never co-fire in the code, so co-activation cannot propose child → parent,
+    while the residual left on those tokens points at the parent. The setting is ideal (exact
+    codes, no SAE error), and the ranking finds every planted edge (precision = recall = 1.0
+    with m = 1 per source); the thresholds, 0.9 each, leave room only for noise. The shuffled
+    null is ~0.03, and NPMI candidates of the same count find none (≤ 5% allowed)."""
     planted = PlantedHierarchy.build(PlantedHierarchyConfig(seed=3))
     x, codes = planted.sample(20_000, torch.Generator().manual_seed(1))
     child, parent = planted.edge_index

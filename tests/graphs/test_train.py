@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.evaluate import AsSAE, edge_jaccard, graph_metrics
+from graphs.coders import AsSAE
+from graphs.eval import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
+from graphs.eval.reconstruction import edge_jaccard, graph_metrics
 from graphs.io import load_graph, load_graph_sae
 from graphs.model import SparseGraphAutoencoder
-from graphs.synthetic import PlantedHierarchy, PlantedHierarchyConfig, edge_recovery, write_store
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae
 from sae.train import TrainConfig, train

@@ -167,9 +167,8 @@ def test_train_probe_from_an_in_memory_dataset(tiny, tmp_path):
     data = datasets.Dataset.from_dict({"text": texts, "label": labels.tolist()})
     cfg = ProbeTrainConfig(hook=HOOK, model="tiny", out=str(tmp_path / "p"), kind="mean_diff")
     probe = train_probe(cfg, tiny, data=data)
-    assert (
-        probe.info["task"] == "in-memory dataset" and 20 <= probe.metrics["n"] <= 30
-    )  # ~75/25 split by row
+    # ~75/25 split by row
+    assert probe.info["task"] == "in-memory dataset" and 20 <= probe.metrics["n"] <= 30
     assert probe.direction is not None and Probe.load(tmp_path / "p").kind == "mean_diff"
     with pytest.raises(ValueError, match="only label"):
         train_probe(

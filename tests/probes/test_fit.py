@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from probes.activations import Features, Ragged, pool, select_code
-from probes.fit import auroc, calibrate, choose_l2, fit_logistic, pooled_code, select_features
+from probes.fit import (
+    auroc,
+    calibrate,
+    choose_l2,
+    fit_pooled_logistic,
+    pooled_code,
+    select_features,
+)
 from probes.probe import feature_columns
 from probes.train import balanced_subset, evaluate_probe, fit_probe, split_calibration
 from sae.sae import SparseCode
@@ -88,7 +95,8 @@ def test_auroc_hand_example_and_bruteforce_with_ties():
 def planted(
     n_texts: int, width: int, seed: int, spike_only: bool = False
 ) -> tuple[Ragged, torch.Tensor, torch.Tensor]:
-    """Texts of 3-8 tokens of noise (std 3); positives carry +12·v on one token (spike_only) or +6·v on all."""
+    """Texts of 3-8 tokens of noise (std 3); positives carry +12·v on one token (spike_only) or +6·v
+    on all."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 9, (n_texts,), generator=g).tolist()
     r = ragged(lengths, width, seed)
@@ -109,7 +117,7 @@ def planted(
 def test_logistic_recovers_planted_direction(how):
     train, y, v = planted(200, 16, seed=0, spike_only=how == "max")
     test, y_test, _ = planted(200, 16, seed=1, spike_only=how == "max")
-    w, b = fit_logistic(train, y, how, l2=1e-3)
+    w, b = fit_pooled_logistic(train, y, how, l2=1e-3)
     scores = pool(Ragged(test.values @ w + b, test.offsets), how)
     assert ((scores > 0).long() == y_test).float().mean() > 0.9
     assert torch.nn.functional.cosine_similarity(w, v, dim=0) > 0.8
@@ -122,7 +130,8 @@ def test_choose_l2_prefers_strong_regularisation_on_noise():
 
 
 def test_sparse_and_graph_probes_find_planted_features():
-    """Positives fire latents 3 and 7 on the same token; negatives fire 3 or 7 (not both) + noise."""
+    """Positives fire latents 3 and 7 on the same token; negatives fire 3 or 7 (not both) +
+    noise."""
     g = torch.Generator().manual_seed(0)
     n_texts, per_text, n_latents = 120, 4, 40
     rows, cols, values = [], [], []

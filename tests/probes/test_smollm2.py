@@ -21,9 +21,8 @@ def test_code_probe_separates_code_from_prose(smollm2, tmp_path):
         )
         for kind in ("linear", "mean_diff")
     ]
-    for (
-        probe
-    ) in probes:  # 20 held-out texts per class: prose and stdlib code are far apart at layer 15
+    # 20 held-out texts per class: prose and stdlib code are far apart at layer 15
+    for probe in probes:
         assert probe.metrics["auroc"] > 0.95, probe.metrics
     code, prose = Lens(smollm2, probes=[tmp_path / "linear", tmp_path / "mean_diff"]).score(
         [

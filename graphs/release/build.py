@@ -1,14 +1,17 @@
-"""The stages of a release export, in order (`graphs.release` runs them, skipping finished ones):
+"""The stages of a release export, in order (`graphs.release.export` runs them, skipping finished
+ones):
 
-    scan         stream the store through the SAE (graphs.release_scan)       -> work/scan.safetensors
-    contexts     token-level activations of every chosen context window       -> work/contexts.safetensors
-    logits       top / bottom logits of every feature (graphs.explain.top_logits) -> work/logits.safetensors
-    metrics      the metric card: FVU, L0, dead / dense from the scan, CE by splicing -> work/card.json
+    scan         stream the store through the SAE (graphs.release.scan) -> work/scan.safetensors
+    contexts     token-level activations of every chosen context window -> work/contexts.safetensors
+    logits       top / bottom logits of every feature (graphs.explain.top_logits)
+                                                                        -> work/logits.safetensors
+    metrics      the metric card: FVU, L0, dead / dense from the scan, CE by splicing
+                                                                        -> work/card.json
     tables       features / examples / edges parquet, README.md, release.json (complete: false)
     saelens      saelens/<hook>/ (sae.io.export_saelens)
     neuronpedia  neuronpedia/<feature>.json
-    circuits     circuits/<slug>.json for each prompt (graphs.explain)
-    dashboard    dashboard/ (graphs.dashboard)
+    circuits     circuits/<slug>.json for each prompt (graphs.explain); none without a graph
+    dashboard    dashboard/ (graphs.release.dashboard), last: it reads everything above
 
 Every stage reads what earlier stages wrote to disk, so any of them can start in a fresh process.
 """
@@ -18,17 +21,22 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from graphs import release_tables as tables
-from graphs.release_scan import (
+from graphs.explain import load_explainer, top_logits
+from graphs.release import tables
+from graphs.release.circuits import circuit_json
+from graphs.release.dashboard import write_dashboard
+from graphs.release.inputs import Inputs
+from graphs.release.load import FORMAT_VERSION, NO_GRAPH, RELEASE_JSON, load_release
+from graphs.release.scan import (
     CONTEXTS_FILE,
     SCAN_FILE,
     Examples,
@@ -39,9 +47,9 @@ from graphs.release_scan import (
     store_columns,
 )
 from sae import metrics
-from sae.io import export_saelens, load_sae
-from sae.sae import SAE
-from sae.store import ActivationStore
+from sae.evaluate import splice_metrics
+from sae.io import export_saelens
+from sae.models import load_model
 
 STAGES = (
     "scan",
@@ -56,103 +64,6 @@ STAGES = (
 )
 
 
-@dataclass
-class Inputs:
-    sae: SAE
-    store: ActivationStore
-    n_tokens: int
-    model_name: str
-    graph_edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # src [E], dst [E], strength [E]
-    coactivation: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    crosslayer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    target_hook: str
-    prompts: list[str]
-
-
-def check_inputs(cfg) -> Inputs:
-    """Load and cross-check every input; raise (naming the fix) before any work starts."""
-    from graphs.coactivation import CoactivationStats
-    from graphs.crosslayer import TransitionGraph
-    from graphs.io import load_graph
-    from sae.models import MODEL_NAMES
-
-    if not (cfg.sae and cfg.graph and cfg.store):
-        raise ValueError("pass --sae DIR, --graph DIR and --store DIR (and --out DIR)")
-    for name in (
-        "batch_size",
-        "top_k",
-        "quantiles",
-        "per_quantile",
-        "reservoir",
-        "bins",
-        "neighbours",
-        "logits",
-        "checkpoint_every",
-    ):
-        if getattr(cfg, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
-            )
-    sae, store = load_sae(cfg.sae), ActivationStore(cfg.store)
-    n, hook = sae.cfg.n_latents, sae.cfg.hook
-    if hook not in store.hooks:
-        raise ValueError(
-            f"the SAE reads {hook}; {cfg.store} holds {', '.join(store.hooks)}: harvest that hook"
-        )
-    if sae.cfg.weights_sha256:
-        store.check_model(sae.cfg.model, sae.cfg.weights_sha256, sae.cfg.d_in)
-    graph = load_graph(cfg.graph)
-    if graph.num_nodes != n or graph.hook != hook:
-        raise ValueError(
-            f"{cfg.graph} is a graph over {graph.num_nodes} features at {graph.hook}, the SAE has {n} "
-            f"at {hook}: pass the graph trained from this SAE"
-        )
-    coactivation = crosslayer = None
-    if cfg.stats:
-        stats = CoactivationStats.load(cfg.stats)
-        if stats.n_latents != n:
-            raise ValueError(
-                f"{cfg.stats} counts {stats.n_latents} features, the SAE has {n}: pass this SAE's stats"
-            )
-        edge_index, scores = stats.candidates(cfg.neighbours, "npmi", min_count=1)
-        coactivation = (edge_index[0], edge_index[1], scores)
-    target_hook = ""
-    if cfg.transition:
-        transition, meta = TransitionGraph.load(cfg.transition)
-        if meta["source_hook"] != hook or transition.n_source != n:
-            raise ValueError(
-                f"{cfg.transition} starts from {meta['source_hook']} ({transition.n_source} features), "
-                f"not from this SAE ({hook}, {n})"
-            )
-        keep = transition.weight.detach() != 0
-        crosslayer = (
-            transition.edge_index[0, keep],
-            transition.edge_index[1, keep],
-            transition.weight.detach()[keep],
-        )
-        target_hook = meta["target_hook"]
-    model_name = cfg.model or sae.cfg.model
-    if model_name not in MODEL_NAMES:
-        raise ValueError(
-            f"model {model_name!r} is unknown; pass --model ({', '.join(MODEL_NAMES)})"
-        )
-    prompts = [p.strip() for p in cfg.prompts.split("|") if p.strip()]
-    n_tokens = min(len(store), cfg.tokens or len(store))
-    if n_tokens == 0:
-        raise ValueError(f"{cfg.store} holds no tokens")
-    return Inputs(
-        sae,
-        store,
-        n_tokens,
-        model_name,
-        (graph.edge_index[0], graph.edge_index[1], graph.edge_weight),
-        coactivation,
-        crosslayer,
-        target_hook,
-        prompts,
-    )
-
-
 class Builder:
     def __init__(
         self, cfg, inputs: Inputs, staging: Path, log: Callable[[dict], None], model=None
@@ -164,14 +75,14 @@ class Builder:
 
     @property
     def model(self):
-        """The model, loaded on first use (a resumed export past the model stages never loads it)."""
+        """The model, loaded on first use (a resumed export past the model stages never loads
+        it)."""
         if self._model is None:
-            from sae.models import load_model
-
             self._model = load_model(self.inputs.model_name)
         if self._model.name != self.inputs.model_name:
             raise ValueError(
-                f"the export reads {self.inputs.model_name}; the model passed in is {self._model.name}"
+                f"the export reads {self.inputs.model_name}; the model passed in is "
+                f"{self._model.name}"
             )
         return self._model
 
@@ -237,8 +148,6 @@ class Builder:
         )
 
     def logits(self) -> None:
-        from graphs.explain import top_logits
-
         out = top_logits(
             self.model, self.sae, torch.arange(self.sae.cfg.n_latents), k=self.cfg.logits
         )
@@ -256,7 +165,8 @@ class Builder:
         recon = state.fvu.result()
         manifest = store.manifest
         card = {
-            "title": f"greylens {self.inputs.model_name} {sae.cfg.hook} {sae.cfg.arch} {sae.cfg.n_latents}",
+            "title": f"greylens {self.inputs.model_name} {sae.cfg.hook} {sae.cfg.arch} "
+            f"{sae.cfg.n_latents}",
             "model": self.inputs.model_name,
             "weights_sha256": sae.cfg.weights_sha256 or manifest.weights_sha256,
             "hook": sae.cfg.hook,
@@ -275,17 +185,17 @@ class Builder:
             "dense_fraction": metrics.dense_fraction(state.fire_counts, scored),
         }
         card.update(self._ce())
+        graph = self.inputs.graph_edges
         card.update(
             corpus=f"{manifest.corpus} ({manifest.split} split, context {manifest.context_size})",
-            graph_edges=len(self.inputs.graph_edges[0]),
+            feature_graph=NO_GRAPH if graph is None else "graph autoencoder",
+            graph_edges=0 if graph is None else len(graph[0]),
             license=self.cfg.license,
         )
         (self.work / "card.json").write_text(json.dumps(card, indent=2))
 
     def _ce(self) -> dict:
         """CE loss recovered on whole store windows (BOS restored), the SAE spliced at its hook."""
-        from sae.evaluate import splice_metrics
-
         if not self.cfg.ce_tokens:
             return {"ce_loss_recovered": None}
         cols = self.columns
@@ -316,6 +226,7 @@ class Builder:
 
     def tables(self) -> None:
         examples, state, cols, vocab = self.examples(), self.scan_state(), self.columns, self.vocab
+        # finished: read back, nothing re-encoded
         acts = run_contexts(
             self.sae,
             self.inputs.store,
@@ -324,34 +235,13 @@ class Builder:
             self.cfg.batch_size,
             self.cfg.checkpoint_every,
             self.log,
-        )  # finished: read back, nothing re-encoded
+        )
         n = self.sae.cfg.n_latents
-        neighbours = {
-            "graph_out": tables.top_per_source(*self.inputs.graph_edges, n, self.cfg.neighbours),
-            "graph_in": tables.top_per_source(
-                self.inputs.graph_edges[1],
-                self.inputs.graph_edges[0],
-                self.inputs.graph_edges[2],
-                n,
-                self.cfg.neighbours,
-            ),
-        }
-        for name, edges in (
-            ("coactivation", self.inputs.coactivation),
-            ("crosslayer_out", self.inputs.crosslayer),
-        ):
-            if edges is not None:
-                neighbours[name] = tables.top_per_source(*edges, n, self.cfg.neighbours)
         labels, top_tokens = tables.heuristic_labels(examples, cols["token_ids"], vocab, n)
+        logits = load_file(self.work / "logits.safetensors")
         data = {
             "features": tables.features_table(
-                state,
-                load_file(self.work / "logits.safetensors"),
-                vocab,
-                neighbours,
-                labels,
-                top_tokens,
-                state.fvu.n,
+                state, logits, vocab, self._neighbours(), labels, top_tokens, state.fvu.n
             ),
             "examples": tables.examples_table(
                 examples, acts, cols["token_ids"], cols["doc_ids"], cols["positions"], vocab
@@ -369,7 +259,10 @@ class Builder:
             dataset.to_parquet(str(self.staging / "data" / f"{name}.parquet"))
         card = json.loads((self.work / "card.json").read_text())
         counts = {name: len(d) for name, d in data.items()}
-        (self.staging / "README.md").write_text(tables.dataset_card(card, counts))
+        has_graph = self.inputs.graph_edges is not None
+        readme = tables.dataset_card(card, counts, has_graph=has_graph)
+        (self.staging / "README.md").write_text(readme)
+        # [n + 1] examples are stored feature-major
         offsets = torch.cat(
             [
                 torch.zeros(1, dtype=torch.int64),
@@ -377,7 +270,7 @@ class Builder:
             ]
         )
         meta = {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "complete": False,
             "card": card,
             "counts": counts,
@@ -385,17 +278,34 @@ class Builder:
             "example_offsets": offsets.tolist(),
             "target_hook": self.inputs.target_hook,
             "label_method": tables.HEURISTIC_LABEL,
+            "graph": has_graph,
         }
-        (self.staging / "release.json").write_text(json.dumps(meta, indent=2))
+        (self.staging / RELEASE_JSON).write_text(json.dumps(meta, indent=2))
         self._copy_training_metrics()
+
+    def _neighbours(self) -> dict[str, tuple]:
+        """Each neighbour column pair (targets, weights) of the features table, for the edges
+        given."""
+        graph = self.inputs.graph_edges
+        reversed_graph = None if graph is None else (graph[1], graph[0], graph[2])
+        return {
+            name: tables.top_per_source(*edges, self.sae.cfg.n_latents, self.cfg.neighbours)
+            for name, edges in (
+                ("graph_out", graph),
+                ("graph_in", reversed_graph),
+                ("coactivation", self.inputs.coactivation),
+                ("crosslayer_out", self.inputs.crosslayer),
+            )
+            if edges is not None
+        }
 
     def _copy_training_metrics(self) -> None:
         out = self.staging / "training"
         out.mkdir(exist_ok=True)
-        for name, candidates in (
-            ("sae", [Path(self.cfg.sae), Path(self.cfg.sae).parent]),
-            ("graph", [Path(self.cfg.graph)]),
-        ):
+        sources = [("sae", [Path(self.cfg.sae), Path(self.cfg.sae).parent])]
+        if self.cfg.graph:
+            sources.append(("graph", [Path(self.cfg.graph)]))
+        for name, candidates in sources:
             for directory in candidates:
                 if (directory / "metrics.jsonl").exists():
                     rows = [
@@ -410,8 +320,6 @@ class Builder:
         export_saelens(self.sae, self.staging / "saelens" / self.sae.cfg.hook)
 
     def neuronpedia(self) -> None:
-        from graphs.release import load_release
-
         release = load_release(self.staging, require_complete=False)
         out = self.staging / "neuronpedia"
         out.mkdir(exist_ok=True)
@@ -437,8 +345,8 @@ class Builder:
                 (out / f"{f}.json").write_text(tables.dumps(payload))
 
     def circuits(self) -> None:
-        from graphs.explain import load_explainer
-
+        if self.inputs.graph_edges is None:
+            return  # a lone SAE: no graph, so no reasoning paths to explain
         out = self.staging / "circuits"
         out.mkdir(exist_ok=True)
         explainer = load_explainer(self.model, self.cfg.graph, self.cfg.transition or None)
@@ -450,22 +358,18 @@ class Builder:
                 re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
             )
             explained = explainer.explain(prompt, top_features=6, top_paths=4)
-            graph = tables.circuit_json(explained, slug, labels, self.model.n_layers)
+            graph = circuit_json(explained, slug, labels, self.model.n_layers)
             graph["greylens_explanation"] = explained
             (out / f"{slug}.json").write_text(tables.dumps(graph))
 
     def dashboard(self) -> None:
-        from graphs.dashboard import write_dashboard
-
         write_dashboard(self.staging)
 
     def release_meta(self) -> dict:
-        return json.loads((self.staging / "release.json").read_text())
+        return json.loads((self.staging / RELEASE_JSON).read_text())
 
 
 def tables_labels(staging: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
     return (
         pq.read_table(staging / "data" / "features.parquet", columns=["label"])
         .column("label")

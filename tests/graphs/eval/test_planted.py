@@ -1,3 +1,5 @@
+"""The planted hierarchy (graphs.eval.planted): its generative model and its activation store."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,51 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphs.synthetic import (
+from graphs.eval.planted import (
     DEFAULT_HOOK,
     PlantedHierarchy,
     PlantedHierarchyConfig,
-    edge_recovery,
     hierarchy_from_store,
-    implied_edges,
-    match_latents,
-    oracle_stats,
     shard_seed,
     store_codes,
     write_store,
 )
+from graphs.eval.recovery import oracle_stats
 from sae.store import ActivationStore, StoreError
-
-
-@pytest.fixture(scope="module")
-def planted() -> PlantedHierarchy:
-    return PlantedHierarchy.build(PlantedHierarchyConfig(seed=1))
-
-
-@pytest.fixture(scope="module")
-def codes(planted: PlantedHierarchy) -> torch.Tensor:
-    return planted.sample(30_000, torch.Generator().manual_seed(5))[1]  # [30000, n_true]
-
-
-def _shuffled_decoder(
-    planted: PlantedHierarchy, n_extra: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder holding every true direction (plus noise) at a random row, among random extras.
-
-    Returns (W_dec [n_true + n_extra, d], latent_of [n_true]: the row that holds each feature)."""
-    g = torch.Generator().manual_seed(11)
-    n, d = planted.dictionary.shape
-    rows = torch.cat(
-        [
-            planted.dictionary + 0.02 * torch.randn(n, d, generator=g),
-            torch.randn(n_extra, d, generator=g),
-        ]
-    )
-    perm = torch.randperm(n + n_extra, generator=g)  # rows[i] goes to W_dec[perm[i]]
-    W_dec = torch.empty_like(rows)
-    W_dec[perm] = rows
-    return W_dec, perm[:n]
-
 
 # ------------------------------------------------------------------------------ generative model
 
@@ -65,9 +33,8 @@ def test_a_child_never_fires_without_its_parent_and_siblings_are_capped() -> Non
     assert (codes >= 0).all() and x.dtype == codes.dtype == torch.float32
     assert active[:, child].any()  # children do fire, so the next line tests something
     assert not (active[:, child] & ~active[:, parent]).any()  # child ⇒ parent, exactly
-    siblings = (
-        active[:, cfg.n_parents : cfg.n_parents * 4].reshape(-1, cfg.n_parents, 3).sum(-1)
-    )  # [n, P]
+    # [n, P]
+    siblings = active[:, cfg.n_parents : cfg.n_parents * 4].reshape(-1, cfg.n_parents, 3).sum(-1)
     assert siblings.max() == 2 and (siblings == 2).any()
     assert abs(active[:, : cfg.n_parents].float().mean() - cfg.parent_prob) < 0.005
     one_child = PlantedHierarchy.build(PlantedHierarchyConfig(seed=2)).sample(20_000)[1] > 0
@@ -108,9 +75,8 @@ def test_build_and_sample_are_deterministic_per_seed(planted: PlantedHierarchy) 
         again.sample(500, torch.Generator().manual_seed(9)),
     )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(
-        planted.sample(100)[0], planted.sample(100)[0]
-    )  # no generator: seeded by cfg
+    # no generator: seeded by cfg
+    assert torch.equal(planted.sample(100)[0], planted.sample(100)[0])
 
 
 def test_edges_dictionary_and_config_checks(planted: PlantedHierarchy) -> None:
@@ -195,10 +161,11 @@ def test_the_sae_trainer_reads_a_synthetic_store(planted: PlantedHierarchy, tmp_
     from sae.train import TrainConfig, train
 
     store = write_store(planted, tmp_path / "s", n_tokens=2048, shard_tokens=1024, dtype="float16")
+    # float16 rounding stays within tolerance
     assert store_codes(planted, store).shape == (
         2048,
         192,
-    )  # float16 rounding stays within tolerance
+    )
     cfg = TrainConfig(
         store=str(store.directory),
         out=str(tmp_path / "sae"),
@@ -213,122 +180,3 @@ def test_the_sae_trainer_reads_a_synthetic_store(planted: PlantedHierarchy, tmp_
     sae = train(cfg)[DEFAULT_HOOK]
     assert (sae.cfg.model, sae.cfg.d_in, sae.cfg.n_latents) == ("synthetic", 64, 256)
     assert sae.cfg.weights_sha256 == planted.weights_sha256()
-
-
-# ------------------------------------------------------------------------------ evaluation
-
-
-def test_match_latents_finds_a_permuted_dictionary(planted: PlantedHierarchy) -> None:
-    W_dec, latent_of = _shuffled_decoder(planted)
-    match = match_latents(W_dec, planted.dictionary)
-    assert torch.equal(match.latent, latent_of) and match.cos.min() > 0.95
-    greedy = match_latents(W_dec, planted.dictionary, one_to_one=False)
-    assert torch.equal(greedy.latent, latent_of)
-    with pytest.raises(ValueError, match="transpose"):
-        match_latents(W_dec.T, planted.dictionary)
-
-
-def test_one_to_one_matching_never_shares_a_latent() -> None:
-    e = torch.eye(3)
-    W_dec = torch.stack(
-        [(e[0] + e[1]) / 2**0.5, e[2]]
-    )  # one latent halfway between features 0 and 1
-    shared = match_latents(W_dec, e[:2], one_to_one=False)
-    assert shared.latent.tolist() == [0, 0]
-    distinct = match_latents(W_dec, e[:2])
-    assert sorted(distinct.latent.tolist()) == [0, 1] and distinct.cos.min() < 0.1
-    assert (
-        match_latents(W_dec[:1], e[:2]).latent.tolist().count(-1) == 1
-    )  # fewer latents than features
-
-
-def test_edge_recovery_is_perfect_for_the_planted_edges_and_chance_for_the_null(
-    planted: PlantedHierarchy,
-) -> None:
-    W_dec, latent_of = _shuffled_decoder(planted)
-    learned = latent_of[planted.edge_index]  # [2, 96] the planted edges, in latent indices
-    r = edge_recovery(learned, torch.ones(96), W_dec, planted)
-    assert (r["precision"], r["recall"], r["f1"], r["n_mapped"], r["reversed"]) == (
-        1.0,
-        1.0,
-        1.0,
-        96.0,
-        0.0,
-    )
-    assert r["n_matched_features"] == 192 and r["n_learned"] == 96
-    assert (
-        abs(r["null_precision"] - 1 / 32) < 0.015
-    )  # a shuffled target is the right parent 1 time in 32
-    assert r["null_f1"] < 0.1
-
-
-def test_edge_recovery_counts_what_it_should(planted: PlantedHierarchy) -> None:
-    W_dec, latent_of = _shuffled_decoder(planted)
-    child, parent = planted.edge_index
-    empty = edge_recovery(torch.empty(2, 0, dtype=torch.int64), torch.empty(0), W_dec, planted)
-    assert (empty["precision"], empty["recall"], empty["f1"], empty["n_mapped"]) == (
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-    )
-    backwards = edge_recovery(latent_of[planted.edge_index.flip(0)], torch.ones(96), W_dec, planted)
-    assert (backwards["precision"], backwards["recall"], backwards["reversed"]) == (0.0, 0.0, 96.0)
-    half = torch.arange(96) % 2 == 0
-    wrong_parent = torch.where(
-        half, parent, (parent + 1) % 32
-    )  # odd edges point at the next parent
-    mixed = edge_recovery(
-        latent_of[torch.stack([child, wrong_parent])], torch.ones(96), W_dec, planted
-    )
-    assert (mixed["precision"], mixed["recall"]) == (0.5, 0.5)
-    weak = edge_recovery(
-        latent_of[planted.edge_index], half.float(), W_dec, planted
-    )  # 0 weight: dropped
-    assert (weak["precision"], weak["recall"], weak["n_learned"]) == (1.0, 0.5, 48.0)
-    cooc = edge_recovery(latent_of[planted.cooc_edge_index], torch.ones(16), W_dec, planted)
-    assert (cooc["precision"], cooc["cooc_hits"]) == (0.0, 16.0)
-    unmatched = edge_recovery(planted.edge_index, torch.ones(96), torch.randn(192, 64), planted)
-    assert unmatched["n_matched_features"] == 0 and unmatched["recall"] == 0.0  # cos < min_cos
-    with pytest.raises(ValueError, match=r"\[E\]"):
-        edge_recovery(planted.edge_index, torch.ones(95), W_dec, planted)
-
-
-def test_oracle_sees_the_planted_implications(
-    planted: PlantedHierarchy, codes: torch.Tensor
-) -> None:
-    stats = oracle_stats(planted, codes)
-    assert torch.equal(stats.child_to_parent, torch.ones(96))  # P(parent | child) = 1
-    assert stats.parent_to_child.max() < 0.4  # ≈ 0.7 / 3: the reverse edge is not implied
-    assert abs(stats.freq[:32].mean() - 0.05) < 0.005
-    found = implied_edges(codes)
-    r = edge_recovery(found, torch.ones(found.shape[1]), planted.dictionary, planted)
-    assert (r["precision"], r["recall"]) == (1.0, 1.0)
-
-
-def test_geometry_candidates_contain_planted_child_to_parent_edges() -> None:
-    """Children planted at cos 0.5 with their parent: with the dictionary as decoder, every
-    child → parent edge is among the child's top-3 cosine neighbours (its siblings share only
-    0.25 through the parent), without self-edges; chunking does not change the result."""
-    from graphs.candidates import geometry_candidates, union_edges
-
-    planted = PlantedHierarchy.build(PlantedHierarchyConfig(parent_child_cos=0.5))
-    edges = geometry_candidates(planted.dictionary, m=3, min_cos=0.3)
-    n = planted.n_true
-    keys = edges[0] * n + edges[1]
-    assert bool(torch.isin(planted.edge_index[0] * n + planted.edge_index[1], keys).all())
-    assert not bool((edges[0] == edges[1]).any()) and int(torch.bincount(edges[0]).max()) <= 3
-    chunked = geometry_candidates(
-        planted.dictionary, m=3, min_cos=0.3, chunk=7
-    )  # the same set of edges
-    assert torch.equal(
-        torch.sort(chunked[0] * n + chunked[1]).values, torch.sort(keys).values
-    )  # (a parent's
-    # three children tie at cos 0.5, so their order within the row follows floating-point noise)
-    # unrelated features stay out: no pair of free features is that close
-    free = n - planted.config.n_free
-    assert not bool(((edges[0] >= free) & (edges[1] >= free)).any())
-    both = union_edges(edges, planted.edge_index, n)
-    assert both.shape[1] == len(
-        torch.unique(torch.cat([keys, planted.edge_index[0] * n + planted.edge_index[1]]))
-    )

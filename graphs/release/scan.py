@@ -81,9 +81,8 @@ class KeepBest:
 
 def row_hash(rows: torch.Tensor, cols: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """[nnz] pseudo-random keys in [0, 1) from (row, feature): the reservoir's sampling order."""
-    mixed = ((rows * n + cols + seed * 7919) * HASH_MULTIPLIER) % (
-        1 << 62
-    )  # int64, no overflow issue
+    # int64, no overflow issue
+    mixed = ((rows * n + cols + seed * 7919) * HASH_MULTIPLIER) % (1 << 62)
     mixed = mixed ^ (mixed >> 29)
     return (mixed % (1 << 52)).double() / float(1 << 52)
 
@@ -169,11 +168,12 @@ def scan_batch(state: ScanState, sae: SAE, x: torch.Tensor, first_row: int, seed
     skipped = sae.passthrough(x)  # [b] massive activations get no code
     code = sae.encode(x)
     active = code.values > 0
+    # [nnz]
     cols, values, rows = (
         code.cols[active],
         code.values[active],
         code.rows[active] + first_row,
-    )  # [nnz]
+    )
     state.fvu.update(x[~skipped], sae.decode(code)[~skipped], int(active.sum()))
     state.passthrough += int(skipped.sum())
     if len(state.edges) == 0:
@@ -182,9 +182,8 @@ def scan_batch(state: ScanState, sae: SAE, x: torch.Tensor, first_row: int, seed
     state.act_sum.index_add_(0, cols, values.double())
     state.act_max.scatter_reduce_(0, cols, values.float(), reduce="amax")
     bins = state.hist.shape[1]
-    which = (torch.searchsorted(state.edges, values.double(), right=True) - 1).clamp(
-        0, bins - 1
-    )  # [nnz]
+    # [nnz]
+    which = (torch.searchsorted(state.edges, values.double(), right=True) - 1).clamp(0, bins - 1)
     state.hist += torch.bincount(cols * bins + which, minlength=n * bins).view(n, bins)
     state.top.update(cols, values, rows, values)
     state.pool.update(cols, row_hash(rows, cols, n, seed), rows, values)
@@ -203,7 +202,8 @@ def run_scan(
     checkpoint_every: int,
     log,
 ) -> ScanState:
-    """The whole scan, resumed from `path` when a checkpoint is there. `log(entry)` records progress."""
+    """The whole scan, resumed from `path` when a checkpoint is there. `log(entry)` records
+    progress."""
     state = ScanState.empty(sae.cfg.n_latents, sae.cfg.d_in, bins, top_k, reservoir)
     if path.exists():
         state.restore(path)
@@ -233,7 +233,8 @@ def run_scan(
 
 @dataclass
 class Examples:
-    """Chosen tokens and their context windows, ragged: example e owns flat[offsets[e]:offsets[e + 1]]."""
+    """Chosen tokens and their context windows, ragged: example e owns
+    flat[offsets[e]:offsets[e + 1]]."""
 
     feature: torch.Tensor  # [E] int64
     kind: list[str]  # [E] "top" | "quantile"

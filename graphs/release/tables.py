@@ -12,7 +12,8 @@ Columns (one row per ...):
               label_is_heuristic, top_tokens
     examples  chosen token: feature, kind ("top" | "quantile"), rank, band, band_min, band_max,
               activation, row, doc_id, position, focus, token_ids, tokens, activations
-    edges     edge: src, dst, weight, kind ("graph" | "coactivation" | "crosslayer"), src_hook, dst_hook
+    edges     edge: src, dst, weight, kind ("graph" | "coactivation" | "crosslayer"), src_hook,
+              dst_hook
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from graphs.release_scan import Examples
+from graphs.release.load import NO_GRAPH
+from graphs.release.scan import Examples
 
-HEURISTIC_LABEL = "most frequent tokens at the peak of the top-k activating contexts (heuristic, not model-written)"
+HEURISTIC_LABEL = (
+    "most frequent tokens at the peak of the top-k activating contexts "
+    "(heuristic, not model-written)"
+)
 
 
 def to_dataset(columns: dict[str, pa.Array | list]) -> datasets.Dataset:
@@ -104,6 +109,8 @@ def edges_table(
     cols["weight"] = pa.array(
         np.concatenate(cols["weight"]) if cols["weight"] else np.zeros(0, np.float32)
     )
+    for key in ("kind", "src_hook", "dst_hook"):  # typed even when a lone SAE has no edges
+        cols[key] = pa.array(cols[key], pa.string())
     return to_dataset(cols)
 
 
@@ -175,7 +182,8 @@ def features_table(
     top_tokens: list[list[str]],
     scored: int,
 ) -> datasets.Dataset:
-    """scan: the finished ScanState; logits: {top_ids, top_values, bottom_ids, bottom_values} [n, k]."""
+    """scan: the finished ScanState;
+    logits: {top_ids, top_values, bottom_ids, bottom_values} [n, k]."""
     n = len(scan.fire_counts)
     fired = scan.fire_counts.clamp_min(1).double()
     columns = {
@@ -198,8 +206,8 @@ def features_table(
     return to_dataset(columns)
 
 
-def dataset_card(card: dict, counts: dict[str, int]) -> str:
-    """README.md: YAML header (one config per table) and the metric card."""
+def dataset_card(card: dict, counts: dict[str, int], has_graph: bool = True) -> str:
+    """README.md: YAML header (one config per table), what the release holds, the metric card."""
     header = [
         "---",
         f"license: {card['license']}",
@@ -208,41 +216,43 @@ def dataset_card(card: dict, counts: dict[str, int]) -> str:
     ]
     for name in ("features", "examples", "edges"):
         header += [f"- config_name: {name}", f"  data_files: data/{name}.parquet"]
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in card.items() if k != "title")
-    return "\n".join(
-        header
-        + [
-            "---",
-            "",
-            f"# {card['title']}",
-            "",
-            "Sparse-autoencoder features with their statistics, activating contexts, logits and feature-graph edges, "
-            "released by [greylens](https://github.com/greylens). Load everything with `graphs.load_release(path)`, "
-            "or one table with `datasets.load_dataset('parquet', data_files='data/features.parquet')`.",
-            "",
-            "## Metric card",
-            "",
-            "| field | value |",
-            "|---|---|",
-            rows,
-            "",
-            "## Tables",
-            "",
-            *(f"- `{name}`: {count} rows" for name, count in counts.items()),
-            "",
-            "See `docs/release.md` in greylens for every column. `label` is heuristic: "
-            + HEURISTIC_LABEL
-            + ".",
-            "",
-            "## Other files",
-            "",
-            "- `saelens/<hook>/`: the SAE in SAELens's layout (`SAE.load_from_disk`)",
-            "- `neuronpedia/<feature>.json`: Neuronpedia-style feature JSON",
-            "- `circuits/<slug>.json`: circuit-tracer-style graph JSON of explained prompts",
-            "- `dashboard/index.html`: the offline dashboard (open it in a browser)",
-            "",
-        ]
+    holds = "statistics, activating contexts, logits" + (
+        " and feature-graph edges" if has_graph else f". Feature graph: {NO_GRAPH}"
     )
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in card.items() if k != "title")
+    circuits = "- `circuits/<slug>.json`: circuit-tracer-style graph JSON of explained prompts"
+    lines = [
+        "---",
+        "",
+        f"# {card['title']}",
+        "",
+        f"Sparse-autoencoder features with their {holds}, released by "
+        "[greylens](https://github.com/greylens). Load everything with "
+        "`graphs.load_release(path)`, or one table with "
+        "`datasets.load_dataset('parquet', data_files='data/features.parquet')`.",
+        "",
+        "## Metric card",
+        "",
+        "| field | value |",
+        "|---|---|",
+        rows,
+        "",
+        "## Tables",
+        "",
+        *(f"- `{name}`: {count} rows" for name, count in counts.items()),
+        "",
+        f"See `docs/release.md` in greylens for every column. `label` is heuristic: "
+        f"{HEURISTIC_LABEL}.",
+        "",
+        "## Other files",
+        "",
+        "- `saelens/<hook>/`: the SAE in SAELens's layout (`SAE.load_from_disk`)",
+        "- `neuronpedia/<feature>.json`: Neuronpedia-style feature JSON",
+        *([circuits] if has_graph else []),
+        "- `dashboard/index.html`: the offline dashboard (open it in a browser)",
+        "",
+    ]
+    return "\n".join(header + lines)
 
 
 def _fmt(value) -> str:
@@ -252,7 +262,8 @@ def _fmt(value) -> str:
 def neuronpedia_feature(
     row: dict, examples: list[dict], model: str, source: str, edges: list[float]
 ) -> dict:
-    """One feature in Neuronpedia's export shape (plus a `greylens` block for what it has no field for)."""
+    """One feature in Neuronpedia's export shape (plus a `greylens` block for what it has no field
+    for)."""
     centres = [float(np.sqrt(a * b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     return {
         "modelId": model,
@@ -299,114 +310,6 @@ def neuronpedia_feature(
             )
             if k in row
         },
-    }
-
-
-def circuit_json(explanation: dict, slug: str, labels: list[str], n_layers: int) -> dict:
-    """A greylens explanation (graphs.explain) as circuit-tracer graph JSON: embedding, feature and
-    logit nodes per position; links embedding → evidence (activation), evidence → implied (message),
-    source → target (transition message), target / source → logit (direct effect)."""
-    from sae.hooks import hook_layer
-
-    source = hook_layer(explanation["source_hook"])
-    target = hook_layer(explanation["target_hook"]) if explanation["target_hook"] else None
-    nodes: dict[str, dict] = {}
-    links: list[dict] = []
-
-    def feature(layer: int, f: int, ctx: int, role: str, activation: float | None = None) -> str:
-        node_id = f"{layer}_{f}_{ctx}"
-        node = nodes.setdefault(
-            node_id,
-            {
-                "node_id": node_id,
-                "feature": f,
-                "layer": str(layer),
-                "ctx_idx": ctx,
-                "feature_type": "sae feature",
-                "jsNodeId": node_id,
-                "role": role,
-                "clerp": labels[f] if layer == source and f < len(labels) else "",
-                "activation": activation,
-                "is_target_logit": False,
-            },
-        )
-        if activation is not None:
-            node["activation"] = activation
-        return node_id
-
-    for p in explanation["positions"]:
-        ctx = p["position"]
-        emb = f"E_{ctx}"
-        nodes[emb] = {
-            "node_id": emb,
-            "feature": None,
-            "layer": "E",
-            "ctx_idx": ctx,
-            "feature_type": "embedding",
-            "jsNodeId": emb,
-            "clerp": p["token"],
-            "is_target_logit": False,
-        }
-        logit = f"{n_layers}_{ctx}"
-        nodes[logit] = {
-            "node_id": logit,
-            "feature": None,
-            "layer": str(n_layers),
-            "ctx_idx": ctx,
-            "feature_type": "logit",
-            "jsNodeId": logit,
-            "clerp": p["predicted"],
-            "token_prob": p["probability"],
-            "is_target_logit": True,
-        }
-        for f, act in p["evidence"]:
-            links.append(
-                {"source": emb, "target": feature(source, f, ctx, "evidence", act), "weight": act}
-            )
-        for implied in p["implied"]:
-            node = feature(source, implied["feature"], ctx, "implied", implied["activation"])
-            links += [
-                {"source": feature(source, s, ctx, "evidence"), "target": node, "weight": m}
-                for s, m in implied["from"]
-            ]
-        for path in p["paths"]:
-            t = feature(target, path["target"], ctx, "target", path["target_act"])
-            links.append(
-                {
-                    "source": feature(source, path["source"], ctx, "evidence", path["source_act"]),
-                    "target": t,
-                    "weight": path["message"],
-                }
-            )
-            links.append(
-                {"source": t, "target": logit, "weight": path["target_act"] * path["logit_effect"]}
-            )
-        links += [
-            {
-                "source": feature(source, d["feature"], ctx, "evidence"),
-                "target": logit,
-                "weight": d["weight"],
-            }
-            for d in p["direct"]
-        ]
-    unique = {
-        (link["source"], link["target"]): link for link in links
-    }  # a target reached twice: keep the last
-    return {
-        "metadata": {
-            "slug": slug,
-            "scan": f"greylens/{explanation['model']}/{explanation['source_hook']}",
-            "prompt": explanation["text"],
-            "prompt_tokens": [p["token"] for p in explanation["positions"]],
-            "info": {
-                "generator": "greylens graphs.explain",
-                "source_hook": explanation["source_hook"],
-                "target_hook": explanation["target_hook"],
-            },
-        },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both"},
-        "nodes": list(nodes.values()),
-        "links": list(unique.values()),
     }
 
 

@@ -1,16 +1,16 @@
 """Faithfulness of reasoning paths: check each edge by intervention, and paths against gradients.
 
 Edge test (per explained position t and each of its top paths i → j → y):
-    ablate source feature i at layer l on token t (resid_l[t] −= a_ti · d_i, d_i its raw decoder row),
-    run the model on, re-encode layer l + Δ at t with the target SAE, and compare:
+    ablate source feature i at layer l on token t (resid_l[t] −= a_ti · d_i, d_i its raw decoder
+    row), run the model on, re-encode layer l + Δ at t with the target SAE, and compare:
         edge confirmed   Δa_tj has the sign opposite to the edge's message W_ij s_ti
         path confirmed   Δlogit_y(t) has the sign opposite to the path weight
     null             the same ablations, read at active target features with no edge from i:
                      how often *any* active feature moves "the predicted way" (the base rate)
 Attribution test: per position, grad × activation of every active source feature on the predicted
-logit, g_t · (a_ti d_i) with g_t = ∂logit_y(t)/∂resid_l[t], correlated (Pearson) with the path
-score Σ_j path weights(i → j → y) + direct effect(i → y). This one needs a backward pass; the
-explanations themselves never do.
+logit, g_t · (a_ti d_i) with g_t = ∂logit_y(t)/∂resid_l[t], correlated (Pearson) with the path score
+Σ_j path weights(i → j → y) + direct effect(i → y). This one needs a backward pass; the explanations
+themselves never do.
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def _top_per_row(rows: torch.Tensor, score: torch.Tensor, top: int) -> torch.Ten
 def _ablate_and_score(
     explainer, tokens, clean_logits, target_code, paths, picked, predicted, counts, generator
 ) -> None:
-    """One batched forward: copy b removes its path's source feature at its row. clean_logits: [seq, vocab]."""
+    """One batched forward: copy b removes its path's source feature at its row.
+    clean_logits: [seq, vocab]."""
     rows, sources = paths["row"][picked], paths["source"][picked]
     sae_s = explainer.source_sae
-    deltas = (
-        paths["source_act"][picked, None] * sae_s.W_dec[sources] / sae_s.cfg.input_scale
-    )  # [B, d]
+    # [B, d]
+    deltas = paths["source_act"][picked, None] * sae_s.W_dec[sources] / sae_s.cfg.input_scale
     batch = tokens.repeat(len(picked), 1)
     positions = rows + 1  # BOS comes first
 
@@ -106,7 +106,8 @@ def _ablate_and_score(
 
 
 def _null(explainer, paths, picked, before, after, counts, generator) -> None:
-    """For each ablation, one random active target feature with no edge from the source: does it drop?"""
+    """For each ablation, one random active target feature with no edge from the source: does it
+    drop?"""
     src, dst = explainer.transition.edge_index
     for b, p in enumerate(picked.tolist()):
         active = before[b].nonzero().squeeze(1)
@@ -135,9 +136,8 @@ def attribution_correlation(explainer: Explainer, texts: list[str]) -> dict:
                 score = score.index_add(0, entry, paths["weight"])
         grads = _logit_grads(explainer, tokens, predicted)  # [T, d]
         sae = explainer.source_sae
-        contribution = (
-            code.values[:, None] * sae.W_dec[code.cols].detach() / sae.cfg.input_scale
-        )  # [nnz, d]
+        # [nnz, d]
+        contribution = code.values[:, None] * sae.W_dec[code.cols].detach() / sae.cfg.input_scale
         attributions.append((grads[code.rows] * contribution).sum(1))
         path_scores.append(score)
     a, s = torch.cat(attributions).double(), torch.cat(path_scores).double()

@@ -1,15 +1,18 @@
 """The release's offline dashboard: a static HTML site, no network, no CDN.
 
     dashboard/index.html          metric card, plots, and every feature (search + sort, in JS)
-    dashboard/features/<i>.html   one page per feature: stats, histogram, logits, neighbours, contexts
-    dashboard/graph.html          graph viewer: a prompt's reasoning paths (circuits/*.json), in SVG
-    dashboard/assets/             site.css, index.js, graph.js (copied from graphs/dashboard_assets)
-    dashboard/data/*.js           the data the pages read, as scripts (file:// pages can't fetch JSON)
-    dashboard/plots/              matplotlib PNGs: training L0/FVU curves, feature density, activations
-                                  (per-feature histograms are inline SVG on the feature pages)
+    dashboard/features/<i>.html   one page per feature: stats, histogram, logits, neighbours,
+                                  contexts
+    dashboard/graph.html          graph viewer: a prompt's reasoning paths (circuits/*.json), in
+                                  SVG; not written for a lone SAE's release (no graph, no paths)
+    dashboard/assets/             site.css, index.js, graph.js (copied from dashboard_assets/)
+    dashboard/data/*.js           the data the pages read, as scripts (file:// pages can't fetch
+                                  JSON)
+    dashboard/plots/              matplotlib PNGs: training L0/FVU curves, feature density,
+                                  activations (per-feature histograms are inline SVG)
 
-`write_dashboard(release_dir)` reads only what the release holds, so it can rebuild the dashboard
-of any release (`python -m graphs dashboard --release DIR`).
+`write_dashboard(release_dir)` reads only what the release holds, so it can rebuild the dashboard of
+any release (`python -m graphs dashboard --release DIR`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from graphs.release.load import NO_GRAPH, Release, load_release
+
 ASSETS = Path(__file__).with_name("dashboard_assets")
 E = html.escape
 
 
 def write_dashboard(release_dir: str | Path) -> Path:
     """Write release_dir/dashboard/ and return the path of its index.html."""
-    from graphs.release import load_release
-
     release = load_release(release_dir, require_complete=False)
     out = Path(release_dir) / "dashboard"
     for sub in ("assets", "data", "features", "plots"):
@@ -39,20 +42,25 @@ def write_dashboard(release_dir: str | Path) -> Path:
     features = release.data["features"].data.table.to_pylist()
     circuits = release.circuits()
     plots = _summary_plots(release, features, out / "plots")
-    _write_index(out, release.card, features, plots, sorted(circuits))
-    _write_graph_viewer(out, release.card, circuits)
+    _write_index(out, release.card, features, plots, sorted(circuits), release.has_graph)
+    if release.has_graph:
+        _write_graph_viewer(out, release.card, circuits)
     _feature_pages(out, release, features)
     return out / "index.html"
 
 
-def _page(title: str, body: str, depth: int = 0, scripts: tuple[str, ...] = ()) -> str:
+def _page(
+    title: str, body: str, has_graph: bool, depth: int = 0, scripts: tuple[str, ...] = ()
+) -> str:
     up = "../" * depth
+    links = [f'<a href="{up}index.html">features</a>']
+    if has_graph:  # a lone SAE's release has no graph viewer to link to
+        links.append(f'<a href="{up}graph.html">graph viewer</a>')
     tags = "".join(f'<script src="{up}{s}"></script>' for s in scripts)
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{E(title)}</title>'
         f'<link rel="stylesheet" href="{up}assets/site.css"></head><body>'
-        f'<nav><a href="{up}index.html">features</a> · <a href="{up}graph.html">graph viewer</a></nav>'
-        f"{body}{tags}</body></html>"
+        f"<nav>{' · '.join(links)}</nav>{body}{tags}</body></html>"
     )
 
 
@@ -78,7 +86,12 @@ def _data_script(path: Path, name: str, payload) -> None:
 
 
 def _write_index(
-    out: Path, card: dict, features: list[dict], plots: list[str], slugs: list[str]
+    out: Path,
+    card: dict,
+    features: list[dict],
+    plots: list[str],
+    slugs: list[str],
+    has_graph: bool,
 ) -> None:
     rows = [
         [
@@ -94,20 +107,28 @@ def _write_index(
     _data_script(out / "data" / "features.js", "GREYLENS_FEATURES", rows)
     images = "".join(f'<img src="{p}" alt="{E(Path(p).stem)}">' for p in plots)
     prompts = "".join(f'<li><a href="graph.html#{E(s)}">{E(s)}</a></li>' for s in slugs)
+    explained = (
+        f'<h2>Explained prompts</h2><ul id="prompts">{prompts}</ul>'
+        if has_graph
+        else f'<p class="note" id="no-graph">Feature graph: {E(NO_GRAPH)}.</p>'
+    )
     body = (
         f'<h1>{E(card["title"])}</h1>{_card_table(card)}<div class="plots">{images}</div>'
-        f'<h2>Explained prompts</h2><ul id="prompts">{prompts}</ul><h2>Features</h2>'
-        '<p class="note">Labels are <span class="heuristic">heuristic</span>: the tokens the top contexts peak on.</p>'
-        '<div class="controls"><input id="search" type="search" placeholder="search labels, logits, ids">'
-        '<select id="sort"><option value="feature">feature id</option><option value="density">density ↓</option>'
-        '<option value="max">max activation ↓</option><option value="mean">mean activation ↓</option>'
+        f"{explained}<h2>Features</h2>"
+        '<p class="note">Labels are <span class="heuristic">heuristic</span>: the tokens the top '
+        "contexts peak on.</p>"
+        '<div class="controls">'
+        '<input id="search" type="search" placeholder="search labels, logits, ids">'
+        '<select id="sort"><option value="feature">feature id</option>'
+        '<option value="density">density ↓</option>'
+        '<option value="max">max activation ↓</option>'
+        '<option value="mean">mean activation ↓</option>'
         '<option value="label">label</option></select> <span id="count"></span></div>'
-        '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th><th>max act</th>'
-        "<th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>"
+        '<table id="features"><thead><tr><th>feature</th><th>label</th><th>density</th>'
+        "<th>max act</th><th>mean act</th><th>top logits</th></tr></thead><tbody></tbody></table>"
     )
-    (out / "index.html").write_text(
-        _page(card["title"], body, scripts=("data/features.js", "assets/index.js"))
-    )
+    scripts = ("data/features.js", "assets/index.js")
+    (out / "index.html").write_text(_page(card["title"], body, has_graph, scripts=scripts))
 
 
 def _write_graph_viewer(out: Path, card: dict, circuits: dict[str, dict]) -> None:
@@ -115,19 +136,18 @@ def _write_graph_viewer(out: Path, card: dict, circuits: dict[str, dict]) -> Non
     body = (
         f"<h1>Reasoning paths · {E(card['hook'])}</h1>"
         '<div class="controls"><select id="prompt"></select> <span id="prompt-text"></span></div>'
-        '<p class="note">Click a token: its evidence features, the features the graph implied, and the paths to '
-        "the predicted token. Blue links raise, red links lower.</p>"
+        '<p class="note">Click a token: its evidence features, the features the graph implied, '
+        "and the paths to the predicted token. Blue links raise, red links lower.</p>"
         '<div id="tokens"></div><div class="viewer"><div id="paths"></div><div class="svg-scroll">'
         '<svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div></div>'
     )
-    (out / "graph.html").write_text(
-        _page("graph viewer", body, scripts=("data/circuits.js", "assets/graph.js"))
-    )
+    scripts = ("data/circuits.js", "assets/graph.js")
+    (out / "graph.html").write_text(_page("graph viewer", body, True, scripts=scripts))
 
 
-def _summary_plots(release, features: list[dict], out: Path) -> list[str]:
+def _summary_plots(release: Release, features: list[dict], out: Path) -> list[str]:
     """plots/training.png (L0 and FVU against training tokens) and plots/density.png."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,9 +185,8 @@ def _summary_plots(release, features: list[dict], out: Path) -> list[str]:
         ylabel="features",
     )
     edges = np.array(release.meta["histogram_edges"])
-    total = np.sum(
-        [f["hist_counts"] for f in features], axis=0
-    )  # [bins] every feature's activations
+    # [bins] every feature's activations
+    total = np.sum([f["hist_counts"] for f in features], axis=0)
     right.bar(edges[:-1], total, width=np.diff(edges), align="edge", color="#dd8452")
     right.set(
         xscale="log",
@@ -196,21 +215,24 @@ def histogram_svg(
     shown, top = counts_a[lo:hi], max(int(counts_a.max()), 1)
     plot_h, bar_w = height - 36, (width - 10) / len(shown)
     bars = "".join(
-        f'<rect x="{5 + i * bar_w:.1f}" y="{16 + plot_h * (1 - c / top):.1f}" width="{max(bar_w - 1, 1):.1f}" '
-        f'height="{plot_h * c / top:.1f}"><title>[{edges[lo + i]:.3g}, {edges[lo + i + 1]:.3g}): {c}</title></rect>'
+        f'<rect x="{5 + i * bar_w:.1f}" y="{16 + plot_h * (1 - c / top):.1f}" '
+        f'width="{max(bar_w - 1, 1):.1f}" height="{plot_h * c / top:.1f}">'
+        f"<title>[{edges[lo + i]:.3g}, {edges[lo + i + 1]:.3g}): {c}</title></rect>"
         for i, c in enumerate(shown.tolist())
     )
     return (
-        f'<svg class="hist" role="img" aria-label="activation histogram" width="{width}" height="{height}" '
+        '<svg class="hist" role="img" aria-label="activation histogram" '
+        f'width="{width}" height="{height}" '
         f'xmlns="http://www.w3.org/2000/svg"><g fill="#dd8452">{bars}</g>'
         f'<line x1="5" x2="{width - 5}" y1="{16 + plot_h}" y2="{16 + plot_h}" stroke="#555"/>'
         f'<text x="5" y="11">activations (log bins; tallest bin {top} tokens)</text>'
-        f'<text x="5" y="{height - 6}">{edges[lo]:.3g}</text><text x="{width - 5}" y="{height - 6}" text-anchor="end">'
+        f'<text x="5" y="{height - 6}">{edges[lo]:.3g}</text><text x="{width - 5}" '
+        f'y="{height - 6}" text-anchor="end">'
         f"{edges[hi]:.3g}</text></svg>"
     )
 
 
-def _feature_pages(out: Path, release, features: list[dict]) -> None:
+def _feature_pages(out: Path, release: Release, features: list[dict]) -> None:
     examples = release.data["examples"].data.table
     offsets = release.meta["example_offsets"]
     chunk = 256
@@ -227,7 +249,8 @@ def _feature_pages(out: Path, release, features: list[dict]) -> None:
                 release.card,
                 release.meta["histogram_edges"],
             )
-            (out / "features" / f"{i}.html").write_text(_page(f"feature {i}", page, depth=1))
+            html_page = _page(f"feature {i}", page, release.has_graph, depth=1)
+            (out / "features" / f"{i}.html").write_text(html_page)
 
 
 def _feature_body(f: dict, contexts: list[dict], card: dict, edges: list[float]) -> str:
@@ -247,7 +270,8 @@ def _feature_body(f: dict, contexts: list[dict], card: dict, edges: list[float])
     quantiles = "".join(_context(c) for c in contexts if c["kind"] == "quantile")
     return (
         f'<h1>feature {i} <span class="label" id="label">{E(f["label"])}</span> '
-        f'<span class="heuristic" title="label from the top contexts\' peak tokens, not model-written">heuristic</span></h1>'
+        '<span class="heuristic" title="label from the top contexts\' peak tokens, not '
+        'model-written">heuristic</span></h1>'
         f'<p class="note">{E(card["model"])} · {E(card["hook"])} · {E(card["architecture"])}</p>'
         f'<div class="row">{stats}{hist}</div><div class="row">{logits}</div>{_neighbours(f)}'
         f'<h2>Top activating contexts</h2><div id="top-contexts">{tops or "<p>none</p>"}</div>'
@@ -282,11 +306,13 @@ def _neighbours(f: dict) -> str:
         parts.append(
             f'<div class="neigh" id="{key}"><b>{title}</b>: {", ".join(items) or "none"}</div>'
         )
+    if not parts:  # a lone SAE released without stats or a transition
+        parts = ['<p class="note">none in this release</p>']
     return f"<h2>Neighbours</h2>{''.join(parts)}"
 
 
 def _context(c: dict) -> str:
-    """One context: tokens where the feature is silent stay plain text (most of them: keeps pages small)."""
+    """One context; tokens where the feature is silent stay plain text (most: keeps pages small)."""
     peak = max(max(c["activations"]), 1e-9)
     spans = []
     for t, (token, act) in enumerate(zip(c["tokens"], c["activations"], strict=True)):
@@ -304,4 +330,5 @@ def _context(c: dict) -> str:
         if c["kind"] == "top"
         else f" · band {c['band']} [{c['band_min']:.3g}, {c['band_max']:.3g}]"
     )
-    return f'<div class="ctx"><span class="act">{c["activation"]:.3g}{band}</span> {"".join(spans)}</div>'
+    activation = f'<span class="act">{c["activation"]:.3g}{band}</span>'
+    return f'<div class="ctx">{activation} {"".join(spans)}</div>'

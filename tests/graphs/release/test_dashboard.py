@@ -1,6 +1,6 @@
-"""The offline dashboard: static checks (no network reference, every local link resolves), then a real
-headless Chromium loading the index, a feature page and the graph viewer (DOM after the scripts ran,
-and screenshots that are not blank)."""
+"""The offline dashboard: static checks (no network reference, every local link resolves), then a
+real headless Chromium loading the index, a feature page and the graph viewer (DOM after the
+scripts ran, and screenshots that are not blank)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def chromium() -> str:
         if path := shutil.which(name):
             return path
     pytest.skip(
-        "no Chromium on this machine: install it with `apt-get install -y chromium` (.ci/run does this)"
+        "no Chromium on this machine: install it with `apt-get install -y chromium` (.ci/run does "
+        "this)"
     )
 
 
@@ -91,9 +92,8 @@ def test_chromium_renders_index_feature_page_and_graph_viewer(
         chromium, f"{site.as_uri()}/index.html#sort=density", tmp_path / "p1", "--dump-dom"
     )
     rows = re.findall(r'<tr data-feature="(\d+)"', index)
-    assert (
-        len(rows) == 256 and int(rows[0]) == densest
-    )  # the script drew every feature, densest first
+    # the script drew every feature, densest first
+    assert len(rows) == 256 and int(rows[0]) == densest
     assert "showing 256 of 256" in index
     label_word = next(w for w in features["top_tokens"][densest] if w.isalpha())
     searched = browse(
@@ -107,9 +107,8 @@ def test_chromium_renders_index_feature_page_and_graph_viewer(
     assert f"feature {densest}" in page and page.count('class="ctx"') >= 10
     viewer = browse(chromium, f"{site.as_uri()}/graph.html", tmp_path / "p4", "--dump-dom")
     assert len(re.findall(r'<circle[^>]*class="node"', viewer)) > 10 and "<line" in viewer
-    assert (
-        "reasoning paths" in viewer and 'class="on"' in viewer
-    )  # a token is selected and its paths listed
+    # a token is selected and its paths listed
+    assert "reasoning paths" in viewer and 'class="on"' in viewer
     assert viewer.count("<option") == 2
 
 

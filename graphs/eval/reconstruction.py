@@ -1,12 +1,12 @@
-"""Evaluation of a graph autoencoder: reconstruction at post-propagation L0, graph size, splicing.
+"""Reconstruction of a graph autoencoder at post-propagation L0, and the size of its graph.
 
     graph_metrics(model, store)    FVU, L0 before / after the graph step, implied features per
                                    token, dead fraction, active edges, mean out-degree
-    AsSAE(model)                   the graph autoencoder behind the SAE interface that
-                                   `sae.evaluate.splice_metrics` and the letter metrics expect
-    edge_jaccard(a, b)             overlap of two edge sets (for stability across seeds)
+    without_edges(model)           the same model with every gate shut: what the edges add
+    edge_jaccard(a, b, n)          overlap of two edge sets (stability across seeds)
 
-All definitions (FVU, L0, dead) are `sae.metrics`'s.
+All definitions (FVU, L0, dead) are `sae.metrics`'s. CE loss recovered comes from splicing
+`graphs.coders.AsSAE(model)` into the model with `sae.evaluate.splice_metrics`.
 """
 
 from __future__ import annotations
@@ -16,27 +16,7 @@ from tqdm.auto import tqdm
 
 from graphs.model import SparseGraphAutoencoder
 from sae import metrics
-from sae.sae import SparseCode
 from sae.store import ActivationStore
-
-
-class AsSAE:
-    """Duck-typed SAE view: cfg, passthrough, encode (post-propagation code), decode, __call__."""
-
-    def __init__(self, model: SparseGraphAutoencoder) -> None:
-        self.model, self.cfg = model, model.sae.cfg
-
-    def passthrough(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.sae.passthrough(x)
-
-    def encode(self, x: torch.Tensor) -> SparseCode:
-        return self.model.encode(x).code
-
-    def decode(self, code: SparseCode) -> torch.Tensor:
-        return self.model.decode_n(code) / self.cfg.input_scale
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
 
 @torch.no_grad()
@@ -86,8 +66,8 @@ def graph_metrics(
 
 
 def without_edges(model: SparseGraphAutoencoder) -> SparseGraphAutoencoder:
-    """The graph autoencoder with every gate shut (in place): its evidence SAE alone, to see what the
-    edges add."""
+    """The graph autoencoder with every gate shut (in place): its evidence SAE alone, to see what
+    the edges add."""
     with torch.no_grad():
         model.log_alpha.fill_(-1e4)
     return model

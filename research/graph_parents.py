@@ -1,13 +1,15 @@
 """A ceiling for issue #4 (it uses first-letter labels, so it is not a method): does the graph
 autoencoder pay once the parent latents it should imply exist? (docs/graph_quality.md, session 8.)
 
-1. Letters: the ten the letters metric scores on the held-out store. Per letter, u_L is the unit mean
-   difference of the SAE's centred input between training-store words starting with L and other words.
+1. Letters: the ten the letters metric scores on the held-out store. Per letter, u_L is the unit
+   mean difference of the SAE's centred input between training-store words starting with L and
+   other words.
 2. Parents: the base SAE's least-used latents (training-store firing counts) become letter latents
    P_L: decoder u_L, encoder u_L scaled and biased so that P_L fires on the average L-word with the
    SAE's median active value, and not on the average other word.
 3. Statistics of that SAE (`graphs stats`), then two sets of child edges i -> P_L:
-     oracle        latents firing >= 20 times on training-store words, >= 50% of them starting with L
+     oracle        latents firing >= 20 times on training-store words, >= 50% of them starting
+                   with L
      cooccurrence  P(P_L fires | i fires) > --cut on pairs seen >= 20 times, each source's best P_L
 4. Graph training per seed (500k tokens): the gates-shut control and each edge set, held open
    (messages only to silent features, absorption penalty 100 detached, w0 0.5).
@@ -16,8 +18,9 @@ autoencoder pay once the parent latents it should imply exist? (docs/graph_quali
 Every step caches its output under --out, so a killed run resumes. Prints a markdown table and
 writes <out>/parents.json.
 
-    python scripts/graph_parents.py --store out/l15-train-1m --eval-store out/l15-heldout \\
-        --base out/graph/topk-l15-500k/blocks.15.hook_resid_post --out out/graph-parents --seeds 1,2,3
+    python research/graph_parents.py --store out/l15-train-1m --eval-store out/l15-heldout \\
+        --base out/graph/topk-l15-500k/blocks.15.hook_resid_post --out out/graph-parents \\
+        --seeds 1,2,3
 """
 
 from __future__ import annotations
@@ -30,15 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graphs.coactivation import StatsConfig, coactivation_stats
-from graphs.evaluate import AsSAE, graph_metrics, without_edges
+from graphs.coders import AsSAE
+from graphs.eval import graph_metrics, letter_metrics, letter_task_data, without_edges
+from graphs.eval.letters import pick_letters
+from graphs.first_letter import LETTERS, first_letter_labels
 from graphs.io import load_graph_sae
-from graphs.letters import (
-    LETTERS,
-    first_letter_labels,
-    letter_metrics,
-    letter_task_data,
-    pick_letters,
-)
 from graphs.parents import GATES_SHUT, HELD_OPEN, install_parents, parent_edges
 from graphs.train import GraphTrainConfig, train_graph
 from sae.io import load_sae, save_sae
@@ -87,7 +86,8 @@ def letter_counts(
 def install_letter_parents(
     sae, counts: dict[str, torch.Tensor], letters: list[int]
 ) -> torch.Tensor:
-    """Turn the len(letters) least-used latents into letter latents (in place); returns their ids."""
+    """Turn the len(letters) least-used latents into letter latents (in place); returns their
+    ids."""
     slots = torch.argsort(counts["fires"].sum(1))[: len(letters)]
     x_sum, x_count = counts["x_sum"], counts["x_count"]
     mean_in = torch.stack([x_sum[L] / x_count[L] for L in letters])
@@ -157,9 +157,8 @@ def train_runs(args, stats_dir: Path) -> dict[str, Path]:
             runs[f"{name}-s{seed}"] = run = out / f"gsae-{name}-s{seed}"
             if (run / "graph.json").exists():
                 continue
-            edges = (
-                out / f"edges-{'oracle' if name == 'shut' else name}.safetensors"
-            )  # shut: any set, never opened
+            # shut: any set, never opened
+            edges = out / f"edges-{'oracle' if name == 'shut' else name}.safetensors"
             train_graph(
                 GraphTrainConfig(
                     store=args.store,
@@ -182,9 +181,8 @@ def evaluate(args, runs: dict[str, Path], model) -> dict:
     data = None
     results = {}
     for key, run in runs.items():
-        path = (
-            run / "eval-parents-chanin.json"
-        )  # older eval-parents.json lack Chanin-style absorption
+        # older eval-parents.json lack Chanin-style absorption
+        path = run / "eval-parents-chanin.json"
         if not path.exists():
             result = {}
             for edges in (True, False):
@@ -223,15 +221,19 @@ def markdown(results: dict, seeds: list[int]) -> str:
         )
 
     lines = [
-        f"| seeds {', '.join(map(str, seeds))} | edges | FVU | L0 | implied / token | absorption (edges removed) "
-        "| Chanin full absorption (edges removed) | absorption fraction | sparse probe k = 1, 2, 5 |",
+        f"| seeds {', '.join(map(str, seeds))} | edges | FVU | L0 | implied / token | absorption "
+        "(edges removed) "
+        "| Chanin full absorption (edges removed) | absorption fraction | sparse probe k = 1, 2, "
+        "5 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("shut", *EDGE_SETS):
         lines.append(
-            f"| {name} | {cell(name, 'n_edges')} | {cell(name, 'fvu')} | {cell(name, 'l0')} | {cell(name, 'implied_per_token')} "
+            f"| {name} | {cell(name, 'n_edges')} | {cell(name, 'fvu')} | {cell(name, 'l0')} | "
+            f"{cell(name, 'implied_per_token')} "
             f"| {cell(name, 'absorption')} ({cell(name, 'absorption', 'no_edges')}) "
-            f"| {cell(name, 'full_absorption')} ({cell(name, 'full_absorption', 'no_edges')}) | {cell(name, 'absorption_fraction')} "
+            f"| {cell(name, 'full_absorption')} ({cell(name, 'full_absorption', 'no_edges')}) | "
+            f"{cell(name, 'absorption_fraction')} "
             f"| {cell(name, 'sparse_probe')} |"
         )
     return "\n".join(lines)
