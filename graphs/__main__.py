@@ -13,7 +13,6 @@ dashboard   rewrite the offline dashboard of a release
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from graphs.release import load_release
 from graphs.release.dashboard import write_dashboard
 from graphs.release.export import ExportConfig, export_release
 from graphs.train import GraphTrainConfig, train_graph
-from sae.cli import add_dataclass_args, dataclass_from_args
+from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
 from sae.models import load_model
 from sae.store import StoreError
 
@@ -140,12 +139,7 @@ COMMANDS: dict[str, tuple[str, type, tuple[str, ...], Callable[[Any], dict]]] = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m graphs",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser, commands = command_parser("python -m graphs", __doc__)
     for name, (help_text, config, required, _) in COMMANDS.items():
         add_dataclass_args(commands.add_parser(name, help=help_text), config, required)
     args = parser.parse_args(argv)

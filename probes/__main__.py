@@ -6,14 +6,13 @@ score   per-token and pooled scores of saved probes on a text (JSON)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 
 from probes.lens import Lens
 from probes.train import ProbeTrainConfig, train_probe
-from sae.cli import add_dataclass_args, dataclass_from_args
+from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
 
 
 @dataclass
@@ -44,12 +43,7 @@ def run_score(cfg: ScoreConfig, probe_dirs: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m probes",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser, commands = command_parser("python -m probes", __doc__)
     add_dataclass_args(
         commands.add_parser("train", help="train one probe"), ProbeTrainConfig, ("task", "out")
     )

@@ -121,8 +121,9 @@ class Lens:
         for name, probe in self.probes.items():
             if probe.d_model != self.model.d_model:
                 raise ValueError(
-                    f"probe {name!r} reads width {probe.d_model} at {probe.hook} but {self.model.name} "
-                    f"has d_model {self.model.d_model}: it was trained on another model"
+                    f"probe {name!r} reads width {probe.d_model} at {probe.hook} but "
+                    f"{self.model.name} has d_model {self.model.d_model}: it was trained on "
+                    "another model"
                 )
             if probe.needs_code:
                 self._encoders[name] = self._encoder_for(name, probe)
@@ -271,7 +272,8 @@ class Lens:
         temperature: float = 0.0,
         seed: int = 0,
     ) -> MonitorResult:
-        """Generate from `prompt`, scoring every token; on the trigger probe firing, stop or steer."""
+        """Generate from `prompt`, scoring every token; when the trigger probe fires, stop or
+        steer."""
         if trigger is not None and trigger not in self.probes:
             raise ValueError(
                 f"unknown trigger probe {trigger!r}; this lens has {sorted(self.probes)}"
@@ -313,7 +315,8 @@ class Lens:
         if steering is None:
             if probe is None or probe.direction is None:
                 raise ValueError(
-                    "action='steer' needs a steering vector: pass steering=... or a mean_diff trigger probe"
+                    "action='steer' needs a steering vector: pass steering=... or a mean_diff "
+                    "trigger probe"
                 )
             steering = probe.direction
         hook = hook or (probe.hook if probe else None)
@@ -323,11 +326,13 @@ class Lens:
             or not hook.endswith(("hook_resid_post", "hook_resid_pre"))
         ):
             raise ValueError(
-                f"steering_hook must be a residual hook (blocks.L.hook_resid_pre/post), got {hook!r}"
+                "steering_hook must be a residual hook (blocks.L.hook_resid_pre/post), "
+                f"got {hook!r}"
             )
         if steering.shape != (self.model.d_model,):
             raise ValueError(
-                f"steering vector has shape {tuple(steering.shape)}, expected ({self.model.d_model},)"
+                f"steering vector has shape {tuple(steering.shape)}, "
+                f"expected ({self.model.d_model},)"
             )
         return steering.float(), hook
 
@@ -400,7 +405,8 @@ def _decoder_rows(encoder) -> Tensor:
 
 @contextmanager
 def _steered(model: LoadedModel, hook: str | None, vector):
-    """Add vector() to the residual at `hook` on every forward (vector() may be 0 until triggered)."""
+    """Add vector() to the residual at `hook` on every forward (vector() may be 0 until
+    triggered)."""
     if hook is None:
         yield
         return

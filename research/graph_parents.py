@@ -1,5 +1,5 @@
 """A ceiling for issue #4 (it uses first-letter labels, so it is not a method): does the graph
-autoencoder pay once the parent latents it should imply exist? (docs/graph_quality.md, session 8.)
+autoencoder pay once the parent latents it should imply exist? (research/LOG.md, session 8.)
 
 1. Letters: the ten the letters metric scores on the held-out store. Per letter, u_L is the unit
    mean difference of the SAE's centred input between training-store words starting with L and

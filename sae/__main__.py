@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
 
-from sae.cli import add_dataclass_args, dataclass_from_args
+from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.harvest import HarvestConfig, harvest
 from sae.io import load_sae
@@ -61,8 +60,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sae", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser, commands = command_parser("python -m sae", __doc__)
     add_dataclass_args(
         commands.add_parser("harvest", help="collect activations into a store"),
         HarvestConfig,

@@ -82,3 +82,14 @@ def add_dataclass_args(
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def command_parser(
+    prog: str, description: str | None
+) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """A package's `python -m PKG COMMAND …` parser (the module docstring as its description) and
+    the sub-parser group its commands are added to."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return parser, parser.add_subparsers(dest="command", required=True)

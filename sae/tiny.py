@@ -70,7 +70,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 
 
 def build_tiny(name: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, str]:
-    """(model, tokenizer, weights sha256) of `tiny` or `tiny-<family>`; the user's RNG is untouched."""
+    """(model, tokenizer, weights sha256) of `tiny` or `tiny-<family>`; the caller's RNG is kept."""
     tokenizer = build_tiny_tokenizer()
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)

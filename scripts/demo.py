@@ -197,7 +197,8 @@ def probes_and_lens(model, args) -> dict:
         for name, r in result.probes.items():
             top = [f"{f['feature']}:{f['contribution']:+.2f}" for f in r.top_features[:3]]
             print(
-                f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  {result.text[:40]!r}"
+                f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  "
+                f"{result.text[:40]!r}"
             )
     threshold = lens.probes["code-linear"].threshold  # calibrated on 300-500-character passages
     for prompt in ("The weather today is", "def add(a, b):"):  # the code probe watches every token
@@ -244,13 +245,15 @@ def serve(model, args) -> dict:
     seconds = time.perf_counter() - started
     for question, out in zip(questions, outputs, strict=True):
         print(
-            f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens from the prefix cache; "
+            f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens "
+            "from the prefix cache; "
             f"code probe {out.features.triggers['code-linear']['score']:+.2f})"
         )
         first = out.features.predictions[0]  # why the first answer token
         why = [f"{d['feature']}:{d['weight']:+.2f}" for d in first["direct"][:3]]
         print(
-            f"    first token {model.tokenizer.decode([first['token_id']])!r}: top direct effects {why}"
+            f"    first token {model.tokenizer.decode([first['token_id']])!r}: "
+            f"top direct effects {why}"
         )
     generated = sum(len(o.token_ids) for o in outputs)
     engine = llm.engine

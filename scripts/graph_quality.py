@@ -6,7 +6,8 @@ SAE trained on the first 500k tokens and trains the graph autoencoder for 500k m
 With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE with N
 label-free parents injected (graphs.parents) on their child -> parent edges, gates held open, and a
 fifth column gives the same fine-tune with every gate shut. Every step caches its output under
---out, so a killed run resumes. Writes docs/graph_quality.md and <out>/graph_quality{tag}.json.
+--out, so a killed run resumes. Writes the table into docs/graphs.md (between its markers) and
+<out>/graph_quality{tag}.json.
 
     python scripts/graph_quality.py --store out/l15-train-1m --eval-store out/l15-heldout \\
         --pair-store out/l15-l18-300k --topk out/quality/topk/blocks.15.hook_resid_post \\
@@ -396,7 +397,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--half-tokens", type=int, default=500_000)
     parser.add_argument("--ce-tokens", type=int, default=8192)
     parser.add_argument("--letter-tokens", type=int, default=100_000)
-    parser.add_argument("--doc", default="docs/graph_quality.md")
+    parser.add_argument("--doc", default="docs/graphs.md")
     parser.add_argument(
         "--edge-coeff", type=float, default=GraphTrainConfig.edge_coeff, help="λ_edge of (c)"
     )

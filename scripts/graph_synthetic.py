@@ -9,7 +9,8 @@ children + 64 free features, 192 in 64 dimensions, ~4.2 active per token):
 and scores against the planted edges, through a one-to-one decoder ↔ dictionary matching:
     (b) post-hoc: the SAE's co-activation candidates, cut to the graph autoencoder's edge count
     (c) the graph autoencoder's open edges
-each next to a shuffled-target null. Prints JSON and writes docs/graph_synthetic.md.
+each next to a shuffled-target null. Prints JSON and writes out/graph_synthetic.md
+(docs/graphs_eval.md quotes its table).
 
     python scripts/graph_synthetic.py [--tokens 100000] [--out out/synthetic]
 """
@@ -119,7 +120,7 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--out", default="out/synthetic")
-    parser.add_argument("--doc", default="docs/graph_synthetic.md")
+    parser.add_argument("--doc", default="out/graph_synthetic.md")
     args = parser.parse_args()
     results = [run(cos, args.tokens, Path(args.out)) for cos in (0.0, 0.5)]
     print(json.dumps(results, indent=2))

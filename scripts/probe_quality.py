@@ -5,7 +5,7 @@ read (a) with its post-hoc co-activation graph (b), or the graph autoencoder (c)
 graph. Per task and probe: test accuracy (at logit 0) and AUROC; with 32 training texts the figures
 are the mean over 5 random draws. The full-data rows also give the test TPR / FPR at the threshold
 calibrated to 1% FPR on held-out training negatives. Activations and codes are cached under --out,
-so a re-run only refits. Writes docs/probe_quality.md (the table between its markers) and
+so a re-run only refits. Writes docs/probes.md (the table between its markers) and
 <out>/probe_quality.json.
 
     python scripts/probe_quality.py --sae out/quality/topk/blocks.15.hook_resid_post \\
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--out", default="out/probes")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--doc", default="docs/probe_quality.md")
+    parser.add_argument("--doc", default="docs/probes.md")
     args = parser.parse_args()
     out = Path(args.out)
     model = load_model("smollm2-135m")

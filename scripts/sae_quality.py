@@ -2,7 +2,8 @@
 
 Trains one SAE per architecture on the same store (resumable: re-run after a kill), evaluates each
 on held-out activations (FVU, L0, dead/dense) and by splicing into the model on held-out text (CE
-loss recovered, ΔCE, KL), and writes docs/sae_quality.md plus a JSON beside the runs.
+loss recovered, ΔCE, KL), and writes a markdown report
+(out/sae_quality.md; docs/saes.md quotes its table) plus a JSON beside the runs.
 
     python scripts/sae_quality.py --store out/l15-train-1m --eval-store out/l15-heldout
 
@@ -180,7 +181,7 @@ def parse_args() -> argparse.Namespace:
         help="jumprelu: dead latents' θ back at the k/n quantile",
     )
     parser.add_argument("--ce-tokens", type=int, default=16_384)
-    parser.add_argument("--doc", default="docs/sae_quality.md")
+    parser.add_argument("--doc", default="out/sae_quality.md")
     return parser.parse_args()
 
 

@@ -12,20 +12,14 @@ With features: python -m serve_hooks serve --model smollm2-135m \
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from sae.cli import add_dataclass_args, dataclass_from_args
+from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
 from serve_hooks.server import ServerConfig, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m serve_hooks",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser, commands = command_parser("python -m serve_hooks", __doc__)
     add_dataclass_args(
         commands.add_parser("serve", help="run the OpenAI-compatible server"), ServerConfig
     )
