@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     _, config, _, run = COMMANDS[args.command]
     try:
         print(json.dumps(run(dataclass_from_args(config, args)), indent=2))
-    except (StoreError, ValueError, FileNotFoundError) as error:
+    except (StoreError, ValueError, FileNotFoundError, MemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Literal
 
 from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
+from sae.device import ComputeDtype
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.harvest import HarvestConfig, harvest
 from sae.identity import check_model_matches
@@ -28,7 +28,7 @@ class EvalConfig:
     a .gguf, org/name) for CE loss recovered and KL."""
     device: str = "auto"
     """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: ComputeDtype = "auto"
     """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
     tokens: int = 8192
     """Held-out tokens to score when splicing."""

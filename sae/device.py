@@ -13,11 +13,12 @@ config alone (a meta-device build: no weights read), and names the ways out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 DEVICE_FORMS = "cpu, cuda, cuda:N or auto"
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]  # a --dtype field's type
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_FORMS = "auto, " + ", ".join(COMPUTE_DTYPES)
 

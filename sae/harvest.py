@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae.corpus import corpus_id, load_corpus
+from sae.device import ComputeDtype
 from sae.hooks import capture, parse_hooks, validate_hooks
 from sae.identity import check_model_matches
 from sae.models import LoadedModel, load_model
@@ -59,7 +60,7 @@ class HarvestConfig:
     """Also store the BOS position (its residual is a huge outlier; SAEs usually skip it)."""
     device: str = "auto"
     """Device of the forward pass: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: ComputeDtype = "auto"
     """Compute dtype of the forward pass: auto is float32 on CPU, bfloat16 on CUDA."""
     device_map: str = ""
     """accelerate device map for a model that does not fit one device (e.g. auto); empty: the
