@@ -63,6 +63,8 @@ def _remembered_sha256(path: Path) -> str:
     memo = cache_root() / "sha256.json"
     known = json.loads(memo.read_text()) if memo.exists() else {}
     if key not in known:
+        # forget files that are gone (test directories, deleted models) as the memo is rewritten
+        known = {k: v for k, v in known.items() if Path(k.rsplit(":", 2)[0]).exists()}
         known[key] = sha256_file(path)
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")

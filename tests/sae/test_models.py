@@ -5,6 +5,7 @@ errors for everything else; devices, compute dtypes and the memory check (sae.de
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,9 @@ def _fake_hub_cache(root: Path, repo_id: str, revision: str, source: Path) -> Pa
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     for file in source.iterdir():
-        (snapshot / file.name).symlink_to(file)  # a blob stand-in: hashed on first use
+        blob = repo / "blobs" / weights.sha256_file(file)
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
     return snapshot
 
 
@@ -167,6 +170,11 @@ def test_a_hub_id_loads_from_the_local_cache(
     assert loaded.revision == revision and loaded.identity()["revision"] == revision
     assert loaded.identity()["spec"] == "org/tiny-llama"
     _assert_same_model(loaded, load_model("tiny-llama", device="cpu"))
+    # Identified from the blob names, without reading them, as the same files by path are.
+    monkeypatch.setattr(weights, "sha256_file", lambda path: pytest.fail("read a blob"))
+    assert load_model("org/tiny-llama").weights_sha256 == loaded.weights_sha256
+    monkeypatch.undo()
+    assert load_model(str(directory)).weights_sha256 == loaded.weights_sha256
 
 
 def test_a_missing_hub_id_offline_fails_at_once_naming_the_ways_out(
