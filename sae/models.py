@@ -123,6 +123,11 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if source.kind == "tiny":
+        if device_map is not None:
+            raise ValueError(
+                f"device_map is for models loaded from files; {spec} is built in code and fits "
+                "any one device: pass device= instead"
+            )
         hf, tokenizer, sha = build_tiny(spec)
         check_fits(hf.config, torch_dtype, torch_device, spec)
         hf = hf.to(torch_device, torch_dtype)

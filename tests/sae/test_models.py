@@ -273,6 +273,8 @@ def test_a_device_mapped_model_hooks_like_a_plain_one(tmp_path: Path) -> None:
     directory = _save_tiny("llama", tmp_path / "m")
     mapped = load_model(str(directory), device_map={"": "cpu"})
     assert mapped.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="built in code.*pass device="):
+        load_model("tiny-llama", device_map="auto")
     _assert_same_model(mapped, load_model("tiny-llama", device="cpu"))
 
 
