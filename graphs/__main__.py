@@ -29,6 +29,7 @@ from graphs.release.dashboard import write_dashboard
 from graphs.release.export import ExportConfig, export_release
 from graphs.train import GraphTrainConfig, train_graph
 from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
+from sae.device import ComputeDtype
 from sae.models import load_model
 from sae.store import StoreError
 
@@ -38,7 +39,12 @@ class ExplainConfig:
     graph: str = ""
     """Graph autoencoder directory (`python -m graphs train`)."""
     model: str = "smollm2-135m"
-    """Model the graph was trained on (tiny, smollm2-135m)."""
+    """Model the graph was trained on (a model spec: smollm2-135m, tiny-<family>, a local HF
+    directory, a .gguf, or org/name)."""
+    device: str = "auto"
+    """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
     text: str = ""
     """Text to explain (every next-token prediction in it)."""
     transition: str = ""
@@ -85,7 +91,9 @@ def run_transition(cfg: TransitionConfig) -> dict:
 def run_explain(cfg: ExplainConfig) -> dict:
     if not cfg.graph or not cfg.text:
         raise ValueError("pass --graph DIR and --text '...'")
-    explainer = load_explainer(load_model(cfg.model), cfg.graph, cfg.transition or None)
+    explainer = load_explainer(
+        load_model(cfg.model, cfg.device, cfg.dtype), cfg.graph, cfg.transition or None
+    )
     return explainer.explain(cfg.text, cfg.top_features, cfg.top_paths)
 
 
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     _, config, _, run = COMMANDS[args.command]
     try:
         print(json.dumps(run(dataclass_from_args(config, args)), indent=2))
-    except (StoreError, ValueError, FileNotFoundError) as error:
+    except (StoreError, ValueError, FileNotFoundError, MemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

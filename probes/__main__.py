@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from probes.lens import Lens
 from probes.train import ProbeTrainConfig, train_probe
 from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
+from sae.device import ComputeDtype
+from sae.models import load_model
 
 
 @dataclass
 class ScoreConfig:
     model: str = "smollm2-135m"
-    """Model to run (tiny, smollm2-135m)."""
+    """Model to run: a model spec: smollm2-135m, tiny-<family>, a local HF directory, a .gguf,
+    or org/name from the local HF cache."""
+    device: str = "auto"
+    """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
     text: str = ""
     """Text to score."""
     sae: str = ""
@@ -33,7 +40,7 @@ def run_score(cfg: ScoreConfig, probe_dirs: list[str]) -> list[dict]:
     if not cfg.text:
         raise ValueError("pass --text '...'")
     lens = Lens(
-        cfg.model,
+        load_model(cfg.model, cfg.device, cfg.dtype),
         probes=probe_dirs,
         saes=[cfg.sae] if cfg.sae else [],
         max_tokens=cfg.max_tokens,
@@ -59,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             result = probe.summary()
         else:
             result = run_score(dataclass_from_args(ScoreConfig, args), args.probe)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -41,6 +41,7 @@ from probes.activations import (
 from probes.probe import Probe, feature_columns
 from probes.sampling import sample_token
 from sae.hooks import hook_layer, recording, validate_hooks
+from sae.identity import check_model_matches
 from sae.models import LoadedModel, load_model
 from sae.sae import SparseCode
 
@@ -119,19 +120,16 @@ class Lens:
     def _check(self) -> None:
         validate_hooks(self.model, self.hooks)
         for name, probe in self.probes.items():
-            if probe.d_model != self.model.d_model:
-                raise ValueError(
-                    f"probe {name!r} reads width {probe.d_model} at {probe.hook} but "
-                    f"{self.model.name} has d_model {self.model.d_model}: it was trained on "
-                    "another model"
-                )
+            # A probe records no weights hash of its own: its record is all there is.
+            check_model_matches(
+                f"probe {name!r}", self.model, probe.model_record, probe.d_model, [probe.hook]
+            )
             if probe.needs_code:
                 self._encoders[name] = self._encoder_for(name, probe)
         for hook, encoder in self.saes.items():
-            if encoder.cfg.d_in != self.model.d_model:
-                raise ValueError(
-                    f"SAE for {hook} reads width {encoder.cfg.d_in}, model has {self.model.d_model}"
-                )
+            cfg = encoder.cfg
+            record, sha = getattr(cfg, "model_record", {}), getattr(cfg, "weights_sha256", "")
+            check_model_matches(f"the SAE for {hook}", self.model, record, cfg.d_in, [hook], sha)
 
     def _encoder_for(self, name: str, probe: Probe) -> object:
         attached = self.saes.get(probe.hook)

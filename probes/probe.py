@@ -56,6 +56,8 @@ class Probe:
     sae: str = ""  # encoder directory (sparse, graph)
     sae_sha256: str = ""
     model: str = ""
+    # LoadedModel.identity() of the model it was trained on ({} in older probes)
+    model_record: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)  # held-out accuracy / AUROC at training time
     info: dict = field(default_factory=dict)  # task, training sizes, regularisation, ...
     format_version: int = FORMAT_VERSION

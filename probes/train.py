@@ -44,6 +44,8 @@ from probes.fit import (
 )
 from probes.probe import DENSE_KINDS, KINDS, Kind, Probe, feature_columns
 from probes.tasks import DEFAULT_AGGREGATION, load_task
+from sae.device import ComputeDtype
+from sae.identity import check_model_matches
 from sae.models import LoadedModel, load_model
 
 
@@ -59,7 +61,15 @@ class ProbeTrainConfig:
     out: str = ""
     """Directory for probe.safetensors + probe.json."""
     model: str = "smollm2-135m"
-    """Model whose activations the probe reads (tiny, smollm2-135m)."""
+    """Model whose activations the probe reads: a model spec: smollm2-135m, tiny-<family>, a
+    local HF directory, a .gguf, or org/name from the local HF cache."""
+    device: str = "auto"
+    """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
+    device_map: str = ""
+    """accelerate device map for a model that does not fit one device (e.g. auto); empty: the
+    whole model on --device."""
     sae: str = ""
     """SAE or graph autoencoder directory (per hook) for sparse and graph probes."""
     graph: str = ""
@@ -265,7 +275,7 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
     y_train, y_test = torch.tensor(list(train["label"])), torch.tensor(list(test["label"]))
     check_labels(y_train), check_labels(y_test, "test set")
     if model is None:
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map or None)
     elif model.name != cfg.model:
         raise ValueError(f"train_probe got model {model.name!r} but cfg.model is {cfg.model!r}")
     if encoder is not None:
@@ -281,6 +291,7 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
         sae=str(cfg.sae),
         sae_sha256=encoder_sha256(cfg.sae) if cfg.sae else "",
         model=cfg.model,
+        model_record=model.identity(),
         name=Path(cfg.out).name,
         info={"task": cfg.task or "in-memory dataset", "n_fit": int(fit_rows.numel())},
     )
@@ -315,12 +326,15 @@ def _features(model, encoder, texts: list[str], cfg: ProbeTrainConfig) -> Featur
 
 
 def _check_encoder(encoder, path: str, hook: str, model) -> None:
-    if encoder.cfg.d_in != model.d_model:
-        raise ValueError(
-            f"SAE {path} reads width {encoder.cfg.d_in} but {model.name} has d_model "
-            f"{model.d_model}; "
-            "pass an SAE trained on this model"
-        )
+    cfg = encoder.cfg
+    check_model_matches(
+        f"the SAE {path}",
+        model,
+        getattr(cfg, "model_record", {}),
+        cfg.d_in,
+        [cfg.hook] if cfg.hook else [],
+        getattr(cfg, "weights_sha256", ""),
+    )
     if encoder.cfg.hook and encoder.cfg.hook != hook:
         raise ValueError(
             f"SAE {path} was trained on {encoder.cfg.hook}, not on --hook {hook}; "

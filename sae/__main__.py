@@ -7,8 +7,10 @@ import sys
 from dataclasses import dataclass
 
 from sae.cli import add_dataclass_args, command_parser, dataclass_from_args
+from sae.device import ComputeDtype
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
 from sae.harvest import HarvestConfig, harvest
+from sae.identity import check_model_matches
 from sae.io import load_sae
 from sae.models import load_model
 from sae.store import ActivationStore, StoreError
@@ -22,7 +24,12 @@ class EvalConfig:
     store: str = ""
     """Activation store for reconstruction metrics (harvest it with --split heldout)."""
     model: str = ""
-    """Also splice the SAE into this model (tiny, smollm2-135m) for CE loss recovered and KL."""
+    """Also splice the SAE into this model (a model spec: smollm2-135m, tiny-llama, a directory,
+    a .gguf, org/name) for CE loss recovered and KL."""
+    device: str = "auto"
+    """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
     tokens: int = 8192
     """Held-out tokens to score when splicing."""
     context_size: int = 128
@@ -34,14 +41,15 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig) -> dict:
     """Reconstruction metrics of an SAE on a store, and splice metrics when a model is given."""
     sae = load_sae(cfg.sae)
-    model = load_model(cfg.model) if cfg.model else None
-    if (
-        model is not None
-        and sae.cfg.weights_sha256
-        and sae.cfg.weights_sha256 != model.weights_sha256
-    ):
-        raise ValueError(
-            f"{cfg.sae} was trained on {sae.cfg.model}'s activations, not {cfg.model}'s"
+    model = load_model(cfg.model, cfg.device, cfg.dtype) if cfg.model else None
+    if model is not None:
+        check_model_matches(
+            f"the SAE {cfg.sae}",
+            model,
+            sae.cfg.model_record,
+            sae.cfg.d_in,
+            [sae.cfg.hook],
+            sae.cfg.weights_sha256,
         )
     result = {
         "sae": cfg.sae,
@@ -53,9 +61,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         reconstruction_metrics(sae, ActivationStore(cfg.store), cfg.max_store_tokens or None)
     )
     if model is not None:
-        result.update(
-            splice_metrics(model, sae, heldout_windows(model, cfg.tokens, cfg.context_size))
-        )
+        windows = heldout_windows(model, cfg.tokens, cfg.context_size)
+        result.update(splice_metrics(model, sae.to(model.device), windows))
     return result
 
 
@@ -97,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify:
                 store.verify()
             print(json.dumps(store.summary(), indent=2))
-    except (StoreError, ValueError, FileNotFoundError, ModuleNotFoundError, OverflowError) as error:
+    except (
+        StoreError,
+        ValueError,
+        FileNotFoundError,
+        ModuleNotFoundError,
+        OverflowError,
+        MemoryError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -60,7 +60,7 @@ def save_checkpoint(
 
 
 # settings a resume may change: they do not change results
-FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every")
+FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every", "model")
 
 
 def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None = None) -> Path:

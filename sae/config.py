@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sae.device import resolve_device
 from sae.optim import OptimizerName, default_lr
 from sae.sae import Architecture
 
@@ -94,8 +95,16 @@ class TrainConfig:
     """Seed of the data order and the initial weights."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
     """wandb mode (offline writes under out/wandb)."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Device to train on: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    model: str = ""
+    """Model spec the store must have been harvested from (checked before training: d_model,
+    hooks, family, weights); empty: no check."""
+
+    def __post_init__(self) -> None:
+        # "auto" becomes the device it means now, so every reader of cfg.device gets a real one
+        # (and a device that is not here fails at once).
+        self.device = str(resolve_device(self.device))
 
 
 def optimizer_name(cfg: TrainConfig) -> OptimizerName:

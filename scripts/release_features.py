@@ -32,7 +32,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out", required=True, help="run directory (every stage's output goes under it)"
     )
-    parser.add_argument("--model", default="smollm2-135m", help="tiny or smollm2-135m")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model spec: smollm2-135m, tiny-<family>, a local HF directory, a .gguf or org/name",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--dtype", default="auto", help="compute dtype: auto (fp32 on CPU, bf16 on CUDA), ..."
+    )
     parser.add_argument(
         "--hook", default="blocks.15.hook_resid_post", help="hook whose SAE is released"
     )
@@ -123,7 +131,7 @@ def build_graph(args: argparse.Namespace, run: Path) -> str:
 def main() -> None:
     args = parse_args()
     run = Path(args.out)
-    model = load_model(args.model)
+    model = load_model(args.model, args.device, args.dtype)
     harvest_stores(args, run, model)
     train_saes(args, run)
     transition = build_graph(args, run)
@@ -136,6 +144,8 @@ def main() -> None:
             transition=transition,
             out=str(run / "release"),
             model=args.model,
+            device=args.device,
+            dtype=args.dtype,
         ),
         model,
     )

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= cfg.port < 65536:
             raise ValueError(f"--port must be in [0, 65535], got {cfg.port}")
         serve(cfg)
-    except (ValueError, OSError) as error:  # bad settings, a missing model file
+    except (ValueError, OSError, MemoryError) as error:  # bad settings, a missing model file
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sae.device import ComputeDtype
+
 
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
-    """Model to serve (tiny, smollm2-135m)."""
+    """Model to serve: a model spec (smollm2-135m, tiny-<family>, a local HF directory, a .gguf,
+    or org/name from the local HF cache)."""
     block_size: int = 16
     """Tokens per KV block (the unit of paging, prefix caching and transfer)."""
     num_blocks: int = 0
@@ -33,8 +36,11 @@ class EngineConfig:
     """Capacity of the disk tier in blocks (oldest dropped first)."""
     disk_ttl_s: float = 24 * 3600.0
     """Disk blocks older than this are dropped (seconds)."""
-    device: str = "cpu"
-    """Device for weights, activations and the KV pool (cpu, cuda, cuda:1, ...)."""
+    device: str = "auto"
+    """Device for weights, activations and the KV pool: cpu, cuda, cuda:N, or auto (cuda when
+    there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the weights and the KV pool: auto is float32 on CPU, bfloat16 on CUDA."""
     seed: int = 0
     """Seed of requests that sample without their own seed."""
 

@@ -188,7 +188,7 @@ def _forward(
 
 def _load_engine(settings: dict, weights: str) -> LLMEngine:
     cfg = EngineConfig(**settings)
-    model = load_model(cfg.model, cfg.device)
+    model = load_model(cfg.model, cfg.device, cfg.dtype)
     if weights:
         missing, unexpected = model.fast.load_state_dict(load_file(weights), strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:

@@ -64,7 +64,7 @@ class Handoff:
 class LLMEngine:
     def __init__(self, cfg: EngineConfig | None = None, model: LoadedModel | None = None) -> None:
         self.cfg = cfg = cfg or EngineConfig()
-        self.model = model or load_model(cfg.model, cfg.device)
+        self.model = model or load_model(cfg.model, cfg.device, cfg.dtype)
         hf = self.model.fast
         config = hf.config
         self.tokenizer = self.model.tokenizer
@@ -75,8 +75,9 @@ class LLMEngine:
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
         shape = (config.num_hidden_layers, cfg.block_size, config.num_key_value_heads, head_dim)
+        dtype_bytes = torch.tensor([], dtype=self.model.dtype).element_size()
         num_blocks = cfg.num_blocks or max(
-            1, int(cfg.kv_cache_gb * 2**30) // KVCache.bytes_per_block(*shape)
+            1, int(cfg.kv_cache_gb * 2**30) // KVCache.bytes_per_block(*shape, dtype_bytes)
         )
         self.kv = KVCache(
             shape[0],
@@ -85,6 +86,7 @@ class LLMEngine:
             shape[2],
             head_dim,
             device=self.model.device,
+            dtype=self.model.dtype,  # the KV pool holds what the model computes
             host_blocks=cfg.host_blocks,
             disk_dir=cfg.disk_dir,
         )

@@ -58,6 +58,7 @@ class TrafficHarvester(EngineHook):
             n_tokens_target=0,
             windows_per_shard=0,
             keep_bos=True,
+            model_record=model.identity(),
         )
         self.writer = StoreWriter.open(out, manifest)
         self.engine, self.hooks, self.points = engine, list(hooks), set(hooks)

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from probes.activations import Ragged, load_encoder, pool
 from probes.probe import Probe
+from sae.identity import check_model_matches
 from serve_hooks.context import StepContext
 from serve_hooks.engine import LLMEngine
 from serve_hooks.engine_hook import EngineHook, Page
@@ -71,6 +72,7 @@ class FeatureHook(EngineHook):
         self.probes: dict[str, Probe] = {}
         sources = self._load_saes(saes, graph)
         self._load_probes(probes, sources)
+        self._check_model()
         self.version = self._fingerprint()
         self.requests: dict[int, RequestFeatures] = {}
         self.stats: Counter[str] = Counter()  # encoded_rows, reused_tokens (from feature pages)
@@ -124,6 +126,18 @@ class FeatureHook(EngineHook):
                     f"attached at {probe.hook}: attach the probe's own SAE there or leave the "
                     "hook free"
                 )
+
+    def _check_model(self) -> None:
+        """Every SAE and probe must come from the served model (sae.identity), before serving."""
+        model = self.engine.model
+        for hook, encoder in self.saes.items():
+            cfg = encoder.cfg
+            record, sha = getattr(cfg, "model_record", {}), getattr(cfg, "weights_sha256", "")
+            check_model_matches(f"the SAE at {hook}", model, record, cfg.d_in, [hook], sha)
+        for name, probe in self.probes.items():
+            check_model_matches(
+                f"probe {name!r}", model, probe.model_record, probe.d_model, [probe.hook]
+            )
 
     def _fingerprint(self) -> str:
         """Identity of everything that produces pages: SAE weights, probe weights, top_n."""

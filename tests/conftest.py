@@ -34,7 +34,7 @@ def tiny_harvest_config(out: Path, **overrides) -> HarvestConfig:
         context_size=32,
         shard_tokens=620,
         batch_size=4,
-        dtype="float32",
+        store_dtype="float32",
         seed=3,
     )
     fields.update(overrides)

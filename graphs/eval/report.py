@@ -22,6 +22,7 @@ from graphs.eval.recovery import edge_recovery
 from graphs.explain import load_explainer
 from graphs.io import load_graph_sae
 from graphs.model import SparseGraphAutoencoder
+from sae.device import ComputeDtype
 from sae.evaluate import heldout_windows, splice_metrics
 from sae.models import LoadedModel, load_model
 from sae.store import ActivationStore
@@ -39,8 +40,13 @@ class EvalConfig:
     store: str = ""
     """Held-out activation store for reconstruction metrics (and the first-letter task)."""
     model: str = ""
-    """Also splice into this model for CE loss recovered (tiny, smollm2-135m). --letters and
-    --transition read it too (default there: the store's model)."""
+    """Also splice into this model for CE loss recovered (a model spec: smollm2-135m,
+    tiny-<family>, a local HF directory, a .gguf, org/name). --letters and --transition read it
+    too (default there: the store's model)."""
+    device: str = "auto"
+    """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
     tokens: int = 8192
     """Held-out tokens to score when splicing."""
     max_store_tokens: int = 0
@@ -94,4 +100,4 @@ def letters_report(
 
 
 def _model(cfg: EvalConfig, store: ActivationStore) -> LoadedModel:
-    return load_model(cfg.model or store.manifest.model)
+    return load_model(cfg.model or store.manifest.model, cfg.device, cfg.dtype)

@@ -48,6 +48,7 @@ from graphs.release.scan import (
 )
 from sae import metrics
 from sae.evaluate import splice_metrics
+from sae.identity import check_model_matches
 from sae.io import export_saelens
 from sae.models import load_model
 
@@ -78,12 +79,21 @@ class Builder:
         """The model, loaded on first use (a resumed export past the model stages never loads
         it)."""
         if self._model is None:
-            self._model = load_model(self.inputs.model_name)
+            self._model = load_model(self.inputs.model_name, self.cfg.device, self.cfg.dtype)
         if self._model.name != self.inputs.model_name:
             raise ValueError(
                 f"the export reads {self.inputs.model_name}; the model passed in is "
                 f"{self._model.name}"
             )
+        sae = self.sae.cfg
+        check_model_matches(
+            f"the SAE {self.cfg.sae}",
+            self._model,
+            sae.model_record,
+            sae.d_in,
+            [sae.hook],
+            sae.weights_sha256,
+        )
         return self._model
 
     @cached_property
@@ -169,6 +179,7 @@ class Builder:
             f"{sae.cfg.n_latents}",
             "model": self.inputs.model_name,
             "weights_sha256": sae.cfg.weights_sha256 or manifest.weights_sha256,
+            "model_record": sae.cfg.model_record or manifest.model_record,
             "hook": sae.cfg.hook,
             "width": sae.cfg.n_latents,
             "d_in": sae.cfg.d_in,

@@ -19,6 +19,7 @@ from graphs.release.build import STAGES, Builder
 from graphs.release.inputs import check_inputs
 from graphs.release.load import FORMAT_VERSION, PROGRESS, RELEASE_JSON
 from sae.atomic import atomic_write_json
+from sae.device import ComputeDtype
 from sae.models import LoadedModel
 
 LOG = "export_log.jsonl"
@@ -47,8 +48,12 @@ class ExportConfig:
     """Optional transition directory (`python -m graphs transition`): cross-layer edges and
     paths."""
     model: str = ""
-    """Model for logits, CE loss recovered and explanations (tiny, smollm2-135m; default: the
-    SAE's)."""
+    """Model for logits, CE loss recovered and explanations (a model spec: smollm2-135m,
+    tiny-<family>, a local HF directory, a .gguf, org/name; default: the SAE's)."""
+    device: str = "auto"
+    """Device of the model: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: ComputeDtype = "auto"
+    """Compute dtype of the model: auto is float32 on CPU, bfloat16 on CUDA."""
     prompts: str = DEFAULT_PROMPTS
     """Prompts explained into circuit graphs (with --graph), separated by '|'."""
     tokens: int = 0

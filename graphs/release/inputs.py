@@ -10,8 +10,8 @@ from graphs.coactivation_scores import CoactivationStats
 from graphs.crosslayer import TransitionGraph
 from graphs.io import load_graph
 from sae.io import load_sae
-from sae.models import MODEL_NAMES
 from sae.sae import SAE
+from sae.spec import resolve_spec
 from sae.store import ActivationStore
 
 Edges = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # src [E], dst [E], weight [E]
@@ -63,10 +63,9 @@ def check_inputs(cfg) -> Inputs:
         _transition_edges(cfg.transition, sae) if cfg.transition else ("", None)
     )
     model_name = cfg.model or sae.cfg.model
-    if model_name not in MODEL_NAMES:
-        raise ValueError(
-            f"model {model_name!r} is unknown; pass --model ({', '.join(MODEL_NAMES)})"
-        )
+    if not model_name:
+        raise ValueError("the SAE does not name its model; pass --model SPEC")
+    resolve_spec(model_name)  # a bad spec fails here, before any work
     prompts = [p.strip() for p in cfg.prompts.split("|") if p.strip()]
     n_tokens = min(len(store), cfg.tokens or len(store))
     if n_tokens == 0:

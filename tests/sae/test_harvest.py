@@ -92,8 +92,8 @@ def test_kill_9_and_resume_ends_identical_to_an_uninterrupted_run(
         str(cfg.shard_tokens),
         "--batch-size",
         "1",
-        "--dtype",
-        cfg.dtype,
+        "--store-dtype",
+        cfg.store_dtype,
         "--seed",
         str(cfg.seed),
     ]
