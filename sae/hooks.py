@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
+from sae.families import BLOCK_POINTS
 from sae.models import LoadedModel
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -31,6 +32,7 @@ def parse_hooks(hooks: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def validate_hooks(model: LoadedModel, hooks: list[str]) -> None:
     """Raise before any work if a hook name is not one of the model's hook points."""
+    check_family_points(model, hooks)
     valid = list(model.bridge.hook_dict.keys())
     for name in hooks:
         if name in model.bridge.hook_dict:
@@ -41,6 +43,19 @@ def validate_hooks(model: LoadedModel, hooks: list[str]) -> None:
         if layer is not None and layer >= model.n_layers:
             hint = f"{model.name} has layers 0..{model.n_layers - 1}; {hint}"
         raise ValueError(f"unknown hook point {name!r} for model {model.name}; {hint}")
+
+
+def check_family_points(model: LoadedModel, hooks: list[str]) -> None:
+    """Refuse block points the model's family lacks (hook_resid_mid of a parallel-residual one)."""
+    family = model.family
+    points = family.hook_points(model.fast.config)
+    for name in hooks:
+        point = _fast_point(name)
+        if point and point not in points:
+            raise ValueError(
+                f"{model.name} ({family.name}) runs attention and MLP in parallel from the same "
+                f"input, so it has no {point} (asked for {name!r}); use one of {', '.join(points)}"
+            )
 
 
 def stop_layer(hooks: list[str], n_layers: int) -> int | None:
@@ -54,14 +69,9 @@ def stop_layer(hooks: list[str], n_layers: int) -> int | None:
 
 # --------------------------------------------------------------------------- capture
 
-# Hook points the fast path reads straight off plain HF modules; anything else goes to the bridge.
-_FAST_POINTS = (
-    "hook_resid_pre",
-    "hook_resid_mid",
-    "hook_resid_post",
-    "hook_attn_out",
-    "hook_mlp_out",
-)
+# Hook points the fast path reads straight off plain HF modules (through the model's `Family`
+# entry); anything else goes to the bridge.
+_FAST_POINTS = BLOCK_POINTS
 
 
 class _StopForward(Exception):
@@ -99,7 +109,7 @@ def _capture_fast(
 ) -> dict[str, torch.Tensor]:
     with recording(model, hooks, stop=True) as latest:
         try:
-            model.fast.model(tokens, use_cache=False)
+            model.fast.base_model(tokens, use_cache=False)
         except _StopForward:
             pass
         return latest()
@@ -119,25 +129,13 @@ def recording(
     unsupported = [h for h in hooks if not _fast_point(h)]
     if unsupported:
         raise ValueError(
-            f"hook points {unsupported} are not residual/attn_out/mlp_out points of a block; "
+            f"hook points {unsupported} are not fast-path points of a block; "
             f"use one of {', '.join(_FAST_POINTS)} (e.g. blocks.3.hook_resid_post)"
         )
-    layers = model.fast.model.layers
+    check_family_points(model, hooks)
+    family, blocks = model.family, model.family.blocks(model.fast)
     deepest = max(hook_layer(h) for h in hooks)
     seen: dict[tuple[int, str], torch.Tensor] = {}
-
-    def keep(layer: int, point: str, stop_here: bool = False):
-        def hook(module, args, kwargs_or_output, *rest):
-            if point == "hook_resid_pre":  # a pre-hook with kwargs: (module, args, kwargs)
-                value = args[0] if args else kwargs_or_output["hidden_states"]
-            else:
-                output = rest[0] if rest else kwargs_or_output
-                value = output[0] if isinstance(output, tuple) else output
-            seen[(layer, point)] = value
-            if stop_here:
-                raise _StopForward
-
-        return hook
 
     def latest() -> dict[str, torch.Tensor]:
         out = {}
@@ -151,17 +149,45 @@ def recording(
 
     handles = []
     for layer in sorted({hook_layer(h) for h in hooks}):
-        block = layers[layer]
+        block = blocks[layer]
+        on_input = _keeper(seen, layer, "hook_resid_pre", inputs=True)
+        handles.append(block.register_forward_pre_hook(on_input, with_kwargs=True))
+        for point in ("hook_attn_out", "hook_mlp_out"):
+            module = family.point_module(block, point)
+            handles.append(module.register_forward_hook(_keeper(seen, layer, point)))
+        mlp_in = _keeper(seen, layer, "mlp.hook_in", inputs=True)
         handles.append(
-            block.register_forward_pre_hook(keep(layer, "hook_resid_pre"), with_kwargs=True)
+            family.point_module(block, "mlp.hook_in").register_forward_pre_hook(
+                mlp_in, with_kwargs=True
+            )
         )
-        handles.append(block.self_attn.register_forward_hook(keep(layer, "hook_attn_out")))
-        handles.append(block.mlp.register_forward_hook(keep(layer, "hook_mlp_out")))
-        handles.append(
-            block.register_forward_hook(keep(layer, "hook_resid_post", stop and layer == deepest))
-        )
+        on_output = _keeper(seen, layer, "hook_resid_post", stop=stop and layer == deepest)
+        handles.append(block.register_forward_hook(on_output))
     try:
         yield latest
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _keeper(
+    seen: dict[tuple[int, str], torch.Tensor],
+    layer: int,
+    point: str,
+    inputs: bool = False,
+    stop: bool = False,
+) -> Callable:
+    """A forward hook storing a module's first output (or, inputs=True, a pre-hook with kwargs
+    storing its first input) as seen[(layer, point)]; stop=True then ends the forward."""
+
+    def hook(module, args, kwargs_or_output, *rest):
+        if inputs:  # pre-hook with kwargs: (module, args, kwargs)
+            value = args[0] if args else next(iter(kwargs_or_output.values()))
+        else:
+            output = rest[0] if rest else kwargs_or_output
+            value = output[0] if isinstance(output, tuple) else output
+        seen[(layer, point)] = value
+        if stop:
+            raise _StopForward
+
+    return hook
