@@ -215,3 +215,30 @@ def test_tokenizer_has_a_bos(model: LoadedModel) -> None:
     fallback = model.family.bos_fallback
     assert bos is not None or (fallback and fallback in model.tokenizer.get_vocab())
     assert model.tokenizer("Hello").input_ids[0] == model.bos_token_id
+
+
+def test_readout_reproduces_the_logits(model: LoadedModel, reference: dict) -> None:
+    """The linearised final norm + unembedding + soft-cap (what direct effects use) is exact on
+    the residual itself: Gemma's (1 + w) norm and soft-cap, LayerNorm's centring and bias."""
+    readout = model.family.readout(model.fast)
+    x = reference[f"blocks.{model.n_layers - 1}.hook_resid_post"]  # [b, s, d]
+    logits = readout.project(x) @ readout.W_U.T / readout.scale(x)[..., None]  # [b, s, vocab]
+    bias = getattr(model.family.final_norm_module(model.fast), "bias", None)
+    if bias is not None:  # LayerNorm's shift: the same for every direction, so not in project()
+        logits = logits + bias @ readout.W_U.T
+    torch.testing.assert_close(readout.cap(logits), reference["logits"], **TOL)
+
+
+def test_explain_forward_reads_the_family(
+    model: LoadedModel, tokens: torch.Tensor, reference: dict
+) -> None:
+    from graphs.explain import run_model  # graphs sits above sae; only this test needs it
+
+    last = model.n_layers - 1
+    result = run_model(model, tokens, [0, last])
+    for layer in (0, last):
+        expected = reference[f"blocks.{layer}.hook_resid_post"]
+        torch.testing.assert_close(result.resid[layer], expected, **TOL)
+    torch.testing.assert_close(result.logits, reference["logits"], **TOL)
+    scale = model.family.readout(model.fast).scale(reference[f"blocks.{last}.hook_resid_post"])
+    torch.testing.assert_close(result.final_rms, scale, **TOL)
