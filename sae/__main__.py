@@ -27,6 +27,8 @@ class EvalConfig:
     """Held-out tokens to score when splicing."""
     context_size: int = 128
     """Window size for the splice evaluation."""
+    corpus: str = "default"
+    """Corpus whose held-out documents the splice evaluation reads (built-in name or a path)."""
     max_store_tokens: int = 0
     """Cap on store tokens for reconstruction metrics (0: all)."""
 
@@ -54,7 +56,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     )
     if model is not None:
         result.update(
-            splice_metrics(model, sae, heldout_windows(model, cfg.tokens, cfg.context_size))
+            splice_metrics(
+                model, sae, heldout_windows(model, cfg.tokens, cfg.context_size, corpus=cfg.corpus)
+            )
         )
     return result
 

@@ -94,14 +94,18 @@ def splice_metrics(model: LoadedModel, sae: SAE, tokens: torch.Tensor, batch_siz
 
 
 def heldout_windows(
-    model: LoadedModel, n_tokens: int, context_size: int = 128, seed: int = 0
+    model: LoadedModel,
+    n_tokens: int,
+    context_size: int = 128,
+    seed: int = 0,
+    corpus: str = "default",
 ) -> torch.Tensor:
-    """[n_windows, context_size] BOS-first windows of held-out documents, enough to score
-    n_tokens."""
+    """[n_windows, context_size] BOS-first windows of `corpus`'s held-out documents, enough to
+    score n_tokens."""
     n_windows = -(
         -n_tokens // (context_size - 2)
     )  # each window scores context_size - 2 predictions
-    docs = load_corpus("default", split="heldout")
+    docs = load_corpus(corpus, split="heldout")
     return make_windows(docs, model.tokenizer, context_size, seed, n_windows).tokens
 
 
