@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sae import metrics
 from sae.corpus import load_corpus
+from sae.hooks import editing, fast_point
 from sae.models import LoadedModel
 from sae.sae import SAE
 from sae.store import ActivationStore
@@ -111,6 +112,8 @@ def heldout_windows(
 
 def _logits(model: LoadedModel, tokens: torch.Tensor, hook: str, replace) -> torch.Tensor:
     if replace is None:
+        if fast_point(hook):  # the same modules as the spliced run below
+            return model.fast(tokens, use_cache=False).logits.float()
         return model.bridge(tokens, return_type="logits").float()
 
     def splice(activation: torch.Tensor, hook=None) -> torch.Tensor:  # [b, ctx, d]
@@ -118,6 +121,9 @@ def _logits(model: LoadedModel, tokens: torch.Tensor, hook: str, replace) -> tor
         out[:, 1:] = replace(activation[:, 1:].float()).to(activation.dtype)
         return out
 
+    if fast_point(hook):  # block points: edited on the plain HF modules (see sae.hooks.editing)
+        with editing(model, hook, splice):
+            return model.fast(tokens, use_cache=False).logits.float()
     return model.bridge.run_with_hooks(
         tokens, fwd_hooks=[(hook, splice)], return_type="logits"
     ).float()

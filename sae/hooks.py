@@ -50,7 +50,7 @@ def check_family_points(model: LoadedModel, hooks: list[str]) -> None:
     family = model.family
     points = family.hook_points(model.fast.config)
     for name in hooks:
-        point = _fast_point(name)
+        point = fast_point(name)
         if point and point not in points:
             raise ValueError(
                 f"{model.name} ({family.name}) runs attention and MLP in parallel from the same "
@@ -78,7 +78,9 @@ class _StopForward(Exception):
     """Raised by the deepest hook: the rest of the model is never computed."""
 
 
-def _fast_point(name: str) -> str | None:
+def fast_point(name: str) -> str | None:
+    """The block point of a fast-path hook name (`blocks.3.mlp.hook_in` -> `mlp.hook_in`), else
+    None."""
     layer = hook_layer(name)
     point = name.split(".", 2)[2] if layer is not None else ""
     return point if point in _FAST_POINTS else None
@@ -93,7 +95,7 @@ def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[
     Both give identical values (tested). Returns {hook: [batch, seq, d_model] float32}.
     """
     tokens = tokens.to(model.device)
-    if all(_fast_point(h) for h in hooks):
+    if all(fast_point(h) for h in hooks):
         return _capture_fast(model, tokens, hooks)
     _, cache = model.bridge.run_with_cache(
         tokens,
@@ -126,7 +128,7 @@ def recording(
     it), so no later block is computed. Used by `capture` and by generation loops that read
     activations token by token (probes.Lens.monitor).
     """
-    unsupported = [h for h in hooks if not _fast_point(h)]
+    unsupported = [h for h in hooks if not fast_point(h)]
     if unsupported:
         raise ValueError(
             f"hook points {unsupported} are not fast-path points of a block; "
@@ -140,7 +142,7 @@ def recording(
     def latest() -> dict[str, torch.Tensor]:
         out = {}
         for h in hooks:
-            layer, point = hook_layer(h), _fast_point(h)
+            layer, point = hook_layer(h), fast_point(h)
             if point == "hook_resid_mid":  # the residual between attention and MLP
                 out[h] = seen[(layer, "hook_resid_pre")] + seen[(layer, "hook_attn_out")]
             else:
@@ -191,3 +193,58 @@ def _keeper(
             raise _StopForward
 
     return hook
+
+
+@contextmanager
+def editing(
+    model: LoadedModel, hook: str, edit: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """During forwards of `model.fast`, replace the activation at fast-path `hook` by
+    edit(activation) [batch, seq, d_model]; everything downstream sees the edited value.
+
+    This is what splicing an SAE means. (The TransformerLens 4 bridge's `hook_resid_mid` only
+    feeds the MLP's input: an edit there never reaches the residual stream that goes on to
+    hook_resid_post. Here hook_resid_mid is edited where it is the residual: attention's
+    contribution becomes edit(resid_pre + attn_out) - resid_pre.)
+    """
+    point = fast_point(hook)
+    if point is None:
+        raise ValueError(f"{hook!r} is not a fast-path point; use one of {', '.join(BLOCK_POINTS)}")
+    check_family_points(model, [hook])
+    family = model.family
+    block = family.blocks(model.fast)[hook_layer(hook)]
+    before: dict[str, torch.Tensor] = {}
+
+    def on_input(module, args, kwargs):
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, {**kwargs, first: edit(kwargs[first])}
+
+    def keep_input(module, args, kwargs):
+        before["resid_pre"] = args[0] if args else next(iter(kwargs.values()))
+
+    def on_output(module, args, output):
+        value = output[0] if isinstance(output, tuple) else output
+        if point == "hook_resid_mid":
+            value = edit(before["resid_pre"] + value) - before["resid_pre"]
+        else:
+            value = edit(value)
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    handles = []
+    if point in ("hook_resid_pre", "mlp.hook_in"):
+        module = block if point == "hook_resid_pre" else family.point_module(block, point)
+        handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
+    elif point == "hook_resid_post":
+        handles.append(block.register_forward_hook(on_output))
+    else:
+        if point == "hook_resid_mid":
+            handles.append(block.register_forward_pre_hook(keep_input, with_kwargs=True))
+        module = family.point_module(block, "hook_attn_out" if point == "hook_resid_mid" else point)
+        handles.append(module.register_forward_hook(on_output))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

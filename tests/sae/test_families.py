@@ -18,7 +18,7 @@ import torch
 
 from sae.families import BLOCK_POINTS, FAMILIES, Family
 from sae.harvest import HarvestConfig, harvest
-from sae.hooks import capture, recording, validate_hooks
+from sae.hooks import capture, editing, recording, validate_hooks
 from sae.models import LoadedModel, load_model
 from sae.tiny import build_tiny
 
@@ -242,3 +242,61 @@ def test_explain_forward_reads_the_family(
     torch.testing.assert_close(result.logits, reference["logits"], **TOL)
     scale = model.family.readout(model.fast).scale(reference[f"blocks.{last}.hook_resid_post"])
     torch.testing.assert_close(result.final_rms, scale, **TOL)
+
+
+def _edited_hf_logits(
+    model: LoadedModel, tokens: torch.Tensor, point: str, delta: torch.Tensor
+) -> torch.Tensor:
+    """HF logits with `delta` added at block 0's `point`, edited on the plain modules."""
+    hf, family = build_tiny(model.name)[0].eval(), model.family
+    block = family.blocks(hf)[0]
+
+    def add_in(module, args, kwargs):
+        if args:
+            return (args[0] + delta, *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, {**kwargs, first: kwargs[first] + delta}
+
+    def add_out(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + delta, *output[1:])
+        return output + delta
+
+    # resid_mid = resid_pre + attn_out, and the block continues from it: editing it is editing
+    # attention's contribution.
+    module, edit = {
+        "hook_resid_pre": (block, "in"),
+        "hook_resid_post": (block, "out"),
+        "mlp.hook_in": (family.point_module(block, "mlp.hook_in"), "in"),
+        "hook_resid_mid": (family.point_module(block, "hook_attn_out"), "out"),
+    }.get(point, (None, "out"))
+    module = module or family.point_module(block, point)
+    if edit == "in":
+        handle = module.register_forward_pre_hook(add_in, with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(add_out)
+    with torch.no_grad():
+        logits = hf(tokens, use_cache=False).logits
+    handle.remove()
+    return logits
+
+
+def test_splice_edits_the_model_like_hf(model: LoadedModel, tokens: torch.Tensor) -> None:
+    """What `sae eval` splicing does (sae.hooks.editing) changes the logits exactly as the same
+    edit on the plain HF modules, at every point of block 0; so does the bridge, except at
+    hook_resid_mid (TransformerLens 4 aliases it to the MLP's input: the residual skip path never
+    sees the edit, which is why splicing goes through `editing`)."""
+    delta = torch.linspace(-1.0, 1.0, model.d_model)  # [d_model]
+    clean = model.fast(tokens, use_cache=False).logits
+    for point in model.family.hook_points(model.fast.config):
+        name = f"blocks.0.{point}"
+        expected = _edited_hf_logits(model, tokens, point, delta)
+        assert not torch.allclose(expected, clean, atol=1e-3), point
+        with torch.no_grad(), editing(model, name, lambda act: act + delta):
+            logits = model.fast(tokens, use_cache=False).logits
+        torch.testing.assert_close(logits, expected, **TOL, msg=point)
+        if point != "hook_resid_mid":
+            logits = model.bridge.run_with_hooks(
+                tokens, fwd_hooks=[(name, lambda act, hook: act + delta)], return_type="logits"
+            )
+            torch.testing.assert_close(logits, expected, **TOL, msg=f"bridge {point}")
