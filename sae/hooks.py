@@ -90,8 +90,9 @@ def fast_point(name: str) -> str | None:
 def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """Activations at `hooks` for tokens [batch, seq], computing no block past the deepest hook.
 
-    The fast path (plain HF modules sharing the bridge's weights) serves the residual-stream,
-    attention-out and MLP-out points; any other TransformerLens name runs through the bridge.
+    The fast path (plain HF modules sharing the bridge's weights, found through the model's
+    `Family` entry) serves every block point of `BLOCK_POINTS` (resid_pre/mid/post, attn_out,
+    mlp.hook_in, mlp_out); any other TransformerLens name runs through the bridge.
     Both give identical values (tested). Returns {hook: [batch, seq, d_model] float32}.
     """
     tokens = tokens.to(model.device)
@@ -121,7 +122,7 @@ def _capture_fast(
 def recording(
     model: LoadedModel, hooks: list[str], stop: bool = False
 ) -> Iterator[Callable[[], dict]]:
-    """Record fast-path hook points (residual, attention-out, MLP-out) of forwards of `model.fast`.
+    """Record fast-path hook points (`BLOCK_POINTS`) of forwards of `model.fast`.
 
     Yields a function that returns {hook: [batch, seq, d_model]} of the latest forward. With
     stop=True the forward raises `_StopForward` right after the deepest hook (the caller catches
