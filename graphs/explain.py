@@ -10,10 +10,12 @@ For every position t of a text (forward passes only, no backward):
     direct    i → y      weight = a_ti · u_i(y_t)  (the source feature's own direct effect)
 
 The direct effect of a feature with raw decoder direction d (= W_dec row / input_scale) on token y
-is the linearised path through the final RMSNorm: u(y) = (d ⊙ g) · W_U[y] / rms_t, with g the norm
-weight and rms_t the token's final-residual RMS. Layers after the feature's are ignored (it is the
-"direct" effect, as in logit-lens attributions); `graphs.eval.faithfulness` tests paths by
-intervention.
+is the linearised path through the final norm: u(y) = (d ⊙ g) · W_U[y] / rms_t, with g the norm's
+effective weight and rms_t the token's final-residual RMS (for LayerNorm families d and the
+residual are centred first and rms_t is their std; see `sae.families.Readout`). Effects are in
+pre-soft-cap logit units (Gemma 2/3 soft-cap the final logits; tanh is monotonic, so rankings
+hold). Layers after the feature's are ignored (it is the "direct" effect, as in logit-lens
+attributions); `graphs.eval.faithfulness` tests paths by intervention.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 class ForwardResult:
     resid: dict[int, torch.Tensor]  # layer -> [batch, seq, d] resid_post
     logits: torch.Tensor  # [batch, seq, vocab]
-    final_rms: torch.Tensor  # [batch, seq] RMS of the residual entering the final norm
+    final_rms: torch.Tensor  # [batch, seq] the final norm's divisor (RMS, or std for LayerNorm)
 
 
 def run_model(
@@ -53,8 +55,8 @@ def run_model(
 
     `edits[layer]` rewrites that block's output (an intervention); everything downstream sees it.
     """
-    blocks, seen, handles = model.fast.model.layers, {}, []
-    eps = model.hf.config.rms_norm_eps
+    family = model.family
+    blocks, readout, seen, handles = family.blocks(model.fast), family.readout(model.fast), {}, []
 
     def at_block(layer: int):
         def hook(module, args, output):
@@ -67,11 +69,11 @@ def run_model(
         return hook
 
     def at_norm(module, args):
-        seen["rms"] = (args[0].float().pow(2).mean(-1) + eps).sqrt()
+        seen["rms"] = readout.scale(args[0])
 
     for layer in sorted(set(layers) | set(edits or {})):
         handles.append(blocks[layer].register_forward_hook(at_block(layer)))
-    handles.append(model.fast.model.norm.register_forward_pre_hook(at_norm))
+    handles.append(family.final_norm_module(model.fast).register_forward_pre_hook(at_norm))
     try:
         with torch.set_grad_enabled(grad):
             logits = model.fast(tokens.to(model.device), use_cache=False).logits.float()
@@ -90,10 +92,9 @@ def logit_effects(
     rms: torch.Tensor,
 ) -> torch.Tensor:
     """u_f(y) for paired features [P], predicted tokens [P] and final RMS [P] -> [P]."""
-    g = model.fast.model.norm.weight.float()
-    W_U = model.fast.lm_head.weight.float()  # [vocab, d]
-    directions = W_dec[features].float() / sae_cfg.input_scale  # [P, d]
-    return (directions * g * W_U[tokens]).sum(1) / rms
+    readout = model.family.readout(model.fast)
+    directions = readout.project(W_dec[features].float() / sae_cfg.input_scale)  # [P, d]
+    return (directions * readout.W_U[tokens].float()).sum(1) / rms
 
 
 @dataclass
@@ -346,17 +347,15 @@ def load_explainer(
 def top_logits(
     model: LoadedModel, sae: SAE, features: torch.Tensor, k: int = 10, chunk: int = 512
 ) -> dict:
-    """Each feature's direct effect on the logits, (W_dec_f ⊙ g) · W_U, summarised by its top and
+    """Each feature's direct effect on the logits, (W_dec_f ⊙ g) · W_U (centred first for LayerNorm
+    families), summarised by its top and
     bottom k tokens. features: [F] -> {"top": (values [F, k], ids [F, k]), "bottom": (...)}.
     Chunked over features: the full [n_latents, vocab] matrix would be 1.8 GB for SmolLM2."""
-    # [d], [vocab, d]
-    g, W_U = (
-        model.fast.model.norm.weight.float(),
-        model.fast.lm_head.weight.float(),
-    )
+    readout = model.family.readout(model.fast)
+    W_U = readout.W_U.float()  # [vocab, d]
     tops, bottoms = [], []
     for start in range(0, len(features), chunk):
-        directions = sae.W_dec[features[start : start + chunk]].float() * g  # [c, d]
+        directions = readout.project(sae.W_dec[features[start : start + chunk]])  # [c, d]
         effects = directions @ W_U.T  # [c, vocab]
         tops.append(effects.topk(k, dim=1))
         bottoms.append((-effects).topk(k, dim=1))

@@ -408,7 +408,7 @@ def _steered(model: LoadedModel, hook: str | None, vector):
     if hook is None:
         yield
         return
-    block = model.fast.model.layers[hook_layer(hook)]
+    block = model.family.blocks(model.fast)[hook_layer(hook)]
 
     def add_post(module, args, output):
         if isinstance(output, tuple):

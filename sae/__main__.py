@@ -34,6 +34,8 @@ class EvalConfig:
     """Held-out tokens to score when splicing."""
     context_size: int = 128
     """Window size for the splice evaluation."""
+    corpus: str = "default"
+    """Corpus whose held-out documents the splice evaluation reads (built-in name or a path)."""
     max_store_tokens: int = 0
     """Cap on store tokens for reconstruction metrics (0: all)."""
 
@@ -61,7 +63,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         reconstruction_metrics(sae, ActivationStore(cfg.store), cfg.max_store_tokens or None)
     )
     if model is not None:
-        windows = heldout_windows(model, cfg.tokens, cfg.context_size)
+        windows = heldout_windows(model, cfg.tokens, cfg.context_size, corpus=cfg.corpus)
         result.update(splice_metrics(model, sae.to(model.device), windows))
     return result
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sae import metrics
 from sae.corpus import load_corpus
+from sae.hooks import editing, fast_point
 from sae.models import LoadedModel
 from sae.sae import SAE
 from sae.store import ActivationStore
@@ -94,19 +95,25 @@ def splice_metrics(model: LoadedModel, sae: SAE, tokens: torch.Tensor, batch_siz
 
 
 def heldout_windows(
-    model: LoadedModel, n_tokens: int, context_size: int = 128, seed: int = 0
+    model: LoadedModel,
+    n_tokens: int,
+    context_size: int = 128,
+    seed: int = 0,
+    corpus: str = "default",
 ) -> torch.Tensor:
-    """[n_windows, context_size] BOS-first windows of held-out documents, enough to score
-    n_tokens."""
+    """[n_windows, context_size] BOS-first windows of `corpus`'s held-out documents, enough to
+    score n_tokens."""
     n_windows = -(
         -n_tokens // (context_size - 2)
     )  # each window scores context_size - 2 predictions
-    docs = load_corpus("default", split="heldout")
+    docs = load_corpus(corpus, split="heldout")
     return make_windows(docs, model.tokenizer, context_size, seed, n_windows).tokens
 
 
 def _logits(model: LoadedModel, tokens: torch.Tensor, hook: str, replace) -> torch.Tensor:
     if replace is None:
+        if fast_point(hook):  # the same modules as the spliced run below
+            return model.fast(tokens, use_cache=False).logits.float()
         return model.bridge(tokens, return_type="logits").float()
 
     def splice(activation: torch.Tensor, hook=None) -> torch.Tensor:  # [b, ctx, d]
@@ -114,6 +121,9 @@ def _logits(model: LoadedModel, tokens: torch.Tensor, hook: str, replace) -> tor
         out[:, 1:] = replace(activation[:, 1:].float()).to(activation.dtype)
         return out
 
+    if fast_point(hook):  # block points: edited on the plain HF modules (see sae.hooks.editing)
+        with editing(model, hook, splice):
+            return model.fast(tokens, use_cache=False).logits.float()
     return model.bridge.run_with_hooks(
         tokens, fwd_hooks=[(hook, splice)], return_type="logits"
     ).float()

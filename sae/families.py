@@ -20,7 +20,7 @@ TransformerLens hook points per block `blocks.{L}.…`, as greylens computes the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -49,6 +49,10 @@ class Family:
     # value is the config attribute that switches it, or True for always.
     parallel: str | bool = False
     engine: bool = True  # greylens's engine serves it natively (else: the vLLM plugin)
+    # The final norm: RMSNorm, or LayerNorm (centres, then scales; GPT-2, GPT-NeoX). Gemma's
+    # RMSNorm multiplies by (1 + weight): norm_offset 1.0.
+    norm: Literal["rms", "layer"] = "rms"
+    norm_offset: float = 0.0
     # Used as BOS when the tokenizer has none (Qwen's tokenizers ship without one).
     bos_fallback: str | None = None
     tiny: dict[str, Any] = field(default_factory=dict)  # config fields of its tiny model
@@ -61,6 +65,77 @@ class Family:
     def blocks(self, hf: torch.nn.Module) -> torch.nn.ModuleList:
         return _get(hf, self.layers)
 
+    def hook_points(self, config: Any) -> tuple[str, ...]:
+        """The per-block hook points (`blocks.{L}.<point>`) a model of this family has."""
+        if self.is_parallel(config):
+            return tuple(p for p in BLOCK_POINTS if p != "hook_resid_mid")
+        return BLOCK_POINTS
+
+    def point_module(self, block: torch.nn.Module, point: str) -> torch.nn.Module:
+        """The block submodule whose output (input, for mlp.hook_in) is `point`."""
+        paths = {
+            "hook_attn_out": self.attn_out or self.attn,
+            "hook_mlp_out": self.mlp_out or self.mlp,
+            "mlp.hook_in": self.mlp,
+        }
+        return _get(block, paths[point])
+
+    def final_norm_module(self, hf: torch.nn.Module) -> torch.nn.Module:
+        return _get(hf, self.final_norm)
+
+    def readout(self, hf: Any) -> Readout:
+        """The final norm and unembedding of `hf`, for direct (logit-lens) effects."""
+        norm = self.final_norm_module(hf)
+        eps = next(getattr(norm, a) for a in ("eps", "variance_epsilon") if hasattr(norm, a))
+        W_U = hf.get_output_embeddings().weight  # [vocab, d_model]
+        cap = getattr(hf.config, "final_logit_softcapping", None)
+        return Readout(norm.weight.float() + self.norm_offset, W_U, self.norm == "layer", eps, cap)
+
+
+# Per-block hook points in forward order (see the module docstring).
+BLOCK_POINTS: tuple[str, ...] = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "mlp.hook_in",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Final norm + unembedding, linearised: a residual direction d's direct effect on the logits
+    at a token whose final residual is x is `project(d) @ W_U.T / scale(x)` (the norm's
+    per-token divisor held fixed, its bias and any logit soft-cap left out: they do not depend
+    on d, or only monotonically)."""
+
+    gain: torch.Tensor  # [d_model] the norm's effective weight
+    W_U: torch.Tensor  # [vocab, d_model]
+    centred: bool  # LayerNorm subtracts the mean first
+    eps: float
+    softcap: float | None  # final logits = softcap * tanh(logits / softcap) (Gemma 2/3)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d] final residuals -> [...] the norm's divisor (RMS, or std for LayerNorm)."""
+        x = x.float()
+        if self.centred:
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
+
+    def project(self, directions: torch.Tensor) -> torch.Tensor:
+        """[..., d] residual directions -> [..., d] what the unembedding sees (before / scale)."""
+        directions = directions.float()
+        if self.centred:
+            directions = directions - directions.mean(-1, keepdim=True)
+        return directions * self.gain.to(directions.device)
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the family's final-logit soft-cap (identity for most families)."""
+        if self.softcap is None:
+            return logits
+        return self.softcap * torch.tanh(logits / self.softcap)
+
 
 def _get(module: Any, path: str) -> Any:
     for part in path.split("."):
@@ -69,6 +144,7 @@ def _get(module: Any, path: str) -> Any:
 
 
 _SANDWICH = dict(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+_LAYERNORM = dict(norm="layer", engine=False)
 # Tiny sliding windows and soft-caps small enough that the tests' prompts cross them.
 _GEMMA_TINY = dict(
     head_dim=16,
@@ -101,6 +177,7 @@ FAMILIES: dict[str, Family] = {
             ("gemma2",),
             "Gemma2Config",
             **_SANDWICH,
+            norm_offset=1.0,
             tiny=dict(_GEMMA_TINY, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
         ),
         Family(
@@ -108,6 +185,7 @@ FAMILIES: dict[str, Family] = {
             ("gemma3_text",),
             "Gemma3TextConfig",
             **_SANDWICH,
+            norm_offset=1.0,
             tiny=dict(_GEMMA_TINY, final_logit_softcapping=3.0),
         ),
         Family("phi3", ("phi3",), "Phi3Config", tiny=dict(pad_token_id=0)),
@@ -120,7 +198,7 @@ FAMILIES: dict[str, Family] = {
             embed="transformer.wte",
             final_norm="transformer.ln_f",
             attn="attn",
-            engine=False,
+            **_LAYERNORM,
         ),
         Family(
             "gpt_neox",
@@ -131,7 +209,7 @@ FAMILIES: dict[str, Family] = {
             final_norm="gpt_neox.final_layer_norm",
             attn="attention",
             parallel="use_parallel_residual",
-            engine=False,
+            **_LAYERNORM,
         ),
     )
 }

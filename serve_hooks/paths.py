@@ -50,7 +50,7 @@ class PathRecorder:
             self.explainer.target.cfg.hook if self.explainer.target is not None else None
         )
         self.final_hook = f"blocks.{engine.model.fast.config.num_hidden_layers - 1}.hook_resid_post"
-        self.eps = engine.model.fast.config.rms_norm_eps
+        self.readout = engine.model.family.readout(engine.model.fast)
         self.extra_hooks = sorted(
             {self.final_hook} | ({self.target_hook} if self.target_hook else set())
         )
@@ -94,7 +94,7 @@ class PathRecorder:
                 code = self.explainer.target.encode(x)
                 parts["target"] = (code.cols, code.values)
             if hook == self.final_hook:
-                parts["rms"] = float((x.pow(2).mean() + self.eps).sqrt())
+                parts["rms"] = float(self.readout.scale(x)[0])
 
     def release(self, seq_id: int) -> dict[int, dict]:
         return self.pending.pop(seq_id, {})
