@@ -37,6 +37,7 @@ class LayerSpec:
 
     qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # inside self_attn; one name: fused
     gate_up: tuple[str, ...] = ("gate_proj", "up_proj")  # inside mlp; one name: fused
+    act: str = "act_fn"  # the MLP's activation module, inside mlp
     pre_attn_norm: str | None = "input_layernorm"
     post_attn_norm: str | None = None
     pre_mlp_norm: str | None = "post_attention_layernorm"
@@ -65,7 +66,9 @@ LAYERS: dict[str, LayerSpec] = {
     "qwen3": LayerSpec(qk_norm="head"),
     "gemma2": LayerSpec(**_GEMMA),
     "gemma3": LayerSpec(**_GEMMA, qk_norm="head", rope_per_layer_type=True),
-    "phi3": LayerSpec(qkv=("qkv_proj",), gate_up=("gate_up_proj",), window="all"),
+    "phi3": LayerSpec(
+        qkv=("qkv_proj",), gate_up=("gate_up_proj",), act="activation_fn", window="all"
+    ),
     "olmo2": LayerSpec(
         pre_attn_norm=None,
         post_attn_norm="post_attention_layernorm",
@@ -196,7 +199,7 @@ def layer_weights(spec: LayerSpec, config: Any, layers: torch.nn.ModuleList) -> 
                 o=Linear(attn.o_proj.weight, attn.o_proj.bias),
                 gate_up=Linear.fused([getattr(mlp, n) for n in spec.gate_up]),
                 down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
-                act=mlp.act_fn,
+                act=getattr(mlp, spec.act),
                 pre_attn=norm(layer, spec.pre_attn_norm),
                 post_attn=norm(layer, spec.post_attn_norm),
                 pre_mlp=norm(layer, spec.pre_mlp_norm),
