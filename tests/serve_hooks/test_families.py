@@ -81,6 +81,19 @@ def test_greedy_equals_hf_generate(case, settings):
         assert all(s.num_prefix_hit == SHARED // 4 * 4 for s in second)
 
 
+def test_logits_equal_hf_forward(case):
+    """Greedy tokens cannot see a monotone final soft-cap (Gemma); the logits do."""
+    model, cases, _ = case
+    llm = engine(model, max_num_batched_tokens=7)
+    logits, forward = [], llm.runner.forward
+    llm.runner.forward = lambda ids, ctx: logits.append(forward(ids, ctx)) or logits[-1]
+    [seq] = run(llm, cases[5:6])
+    with torch.no_grad():
+        expected = model.fast(torch.tensor([seq.token_ids[:-1]])).logits[0]  # [seq, vocab]
+    n_prompt = len(cases[5])
+    torch.testing.assert_close(torch.cat(logits), expected[n_prompt - 1 :], atol=1e-4, rtol=1e-4)
+
+
 class Recorder(EngineHook):
     """Keeps every row of every hook point of one layer, by request and position."""
 
