@@ -66,8 +66,8 @@ def run(llm: LLMEngine, cases: list[list[int]]) -> list:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"max_num_batched_tokens": 5}, {"num_blocks": 22, "max_num_batched_tokens": 32}],
-    ids=["prefix-cache", "chunked-5", "preempted"],
+    [{}, {"max_num_batched_tokens": 8}, {"num_blocks": 22, "max_num_batched_tokens": 32}],
+    ids=["prefix-cache", "chunked-8", "preempted"],
 )
 def test_greedy_equals_hf_generate(case, settings):
     model, cases, expected = case
