@@ -34,10 +34,15 @@ class StepContext:
 
 @dataclass
 class AttentionPlan:
-    """Where each request's keys live, worked out once per step (every layer reuses it)."""
+    """Where each request's keys live, worked out once per step (every layer reuses it).
 
-    # (row start, row end, context slots [ctx], mask [q_len, ctx] or None for plain causal)
-    prefills: list[tuple[int, int, Tensor, Tensor | None]]
+    Masks are keyed by attention window (None: full attention): a model with sliding-window
+    layers gets one mask set per distinct window, a model without them only the None entry."""
+
+    # (row start, row end, context slots [ctx]) per prefill chunk
+    prefills: list[tuple[int, int, Tensor]]
+    # per window: one mask [q_len, ctx] bool per prefill chunk, or None for plainly causal
+    prefill_masks: dict[int | None, list[Tensor | None]]
     decode_rows: Tensor | None  # [n_decode] rows that are single-token continuations
     decode_slots: Tensor | None  # [n_decode, longest] context slots (0-padded)
-    decode_mask: Tensor | None  # [n_decode, 1, 1, longest] bool
+    decode_masks: dict[int | None, Tensor]  # per window: [n_decode, 1, 1, longest] bool

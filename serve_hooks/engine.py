@@ -27,6 +27,7 @@ from serve_hooks.block_manager import BlockManager
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine_hook import EngineHook
 from serve_hooks.kv_cache import KVCache
+from serve_hooks.layers import engine_spec
 from serve_hooks.model_runner import ModelRunner
 from serve_hooks.prefix_cache import PrefixCache
 from serve_hooks.scheduler import Scheduler
@@ -67,6 +68,7 @@ class LLMEngine:
         self.model = model or load_model(cfg.model, cfg.device, cfg.dtype)
         hf = self.model.fast
         config = hf.config
+        engine_spec(config)  # a family the engine does not serve is refused before any work
         self.tokenizer = self.model.tokenizer
         self.max_model_len = min(
             cfg.max_model_len or config.max_position_embeddings, config.max_position_embeddings

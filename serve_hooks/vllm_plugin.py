@@ -12,7 +12,8 @@ How it works (docs/vllm_plugin.md has the details). `register()` runs in every v
 GREYLENS_VLLM_SAES set it registers the side-effectful custom op `greylens::tap` and wraps the
 model runners' `load_model`, which then (before vLLM compiles the model) hooks each tapped decoder
 layer: the hook passes the layer's (hidden, residual) — their sum is the residual stream
-`blocks.L.hook_resid_post` — to the op, whose body encodes the rows. The wrapped `_prepare_inputs`
+`blocks.L.hook_resid_post` — or the stream itself, for layers that return it, to the op, whose
+body encodes the rows. The wrapped `_prepare_inputs`
 records the step's batch (req_ids, query_start_loc, num_computed_tokens, input ids), which maps the
 flattened rows to (request, position); writes overwrite, so recompute leaves no duplicates. A
 request in the next step's `finished_req_ids` is written to `<sink>/<internal id>.safetensors`.
@@ -25,7 +26,7 @@ Limits:
 - CUDA graphs replay without the op's Python body: refused unless --enforce-eager or piecewise
   graphs with `greylens::tap` in splitting_ops. torch.compile: fine (the op is in the graph; a hook
   added after start-up would not be). Async scheduling: refused (input ids lag). One worker;
-  Llama-style layers returning (hidden, residual); no speculative decoding.
+  decoder layers at model.layers / transformer.h / gpt_neox.layers; no speculative decoding.
 """
 
 from __future__ import annotations
@@ -298,12 +299,39 @@ def _register_op() -> None:
     torch.fx.node.has_side_effect(torch.ops.greylens.tap.default)
 
 
-def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, Tensor]], None]:
-    def hook(module: torch.nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> None:
-        hidden, residual = output  # each [n_rows_padded, d_model]
-        torch.ops.greylens.tap(hidden, residual, layer)
+def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, Any], None]:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if (
+            isinstance(output, tuple)
+            and len(output) == 2
+            and all(isinstance(t, Tensor) for t in output)
+        ):  # vLLM's fused-add-norm layers: (hidden, residual), each [n_rows_padded, d_model]
+            torch.ops.greylens.tap(output[0], output[1], layer)
+            return
+        # A layer that returns the residual stream itself: vLLM's GPT-2 blocks [n_rows, d_model],
+        # HF layers under vLLM's Transformers backend [1, n_rows, d_model] (maybe in a tuple).
+        stream = output[0] if isinstance(output, tuple) else output
+        rows = stream.reshape(-1, stream.shape[-1])
+        torch.ops.greylens.tap(rows, rows.new_zeros(1), layer)  # + 0 (broadcast): the rows
 
     return hook
+
+
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers")  # from the vLLM model
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a vLLM model, where the families greylens knows keep them."""
+    for path in _LAYER_PATHS:
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError(
+        f"greylens: found no decoder layers in {type(model).__name__} (looked at "
+        f"{', '.join(_LAYER_PATHS)}); the plugin taps decoder-only models that keep them there"
+    )
 
 
 def _check_cuda_graphs(runner: Any) -> None:
@@ -351,7 +379,7 @@ def _install(runner: Any) -> None:
         raise ValueError(
             f"greylens: SAEs {wrong} take d_in != {d_model} (this model's hidden size)"
         )
-    layers = runner.model.model.layers
+    layers = _decoder_layers(runner.model)
     for layer in sorted(_TAP.layers):
         if layer >= len(layers):
             raise ValueError(f"greylens: hook at layer {layer}, the model has {len(layers)} layers")

@@ -206,6 +206,34 @@ def test_op_survives_inductor_dead_code_elimination(tap_setup, monkeypatch):
     torch.testing.assert_close(seen[0], 3 * x + 1)
 
 
+@pytest.mark.parametrize("shape", [(6, 8), (1, 6, 8)], ids=["gpt2-block", "hf-layer"])
+def test_layers_returning_the_stream_are_tapped(monkeypatch, shape):
+    """GPT-2 blocks in vLLM return the stream [n, d]; HF layers under vLLM's Transformers backend
+    (OLMo-2, GPT-NeoX) return it as [1, n, d]: the op gets those rows, flattened."""
+    vllm_plugin._register_op()
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(
+        vllm_plugin, "_TAP", SimpleNamespace(record=lambda layer, rows: seen.append(rows.clone()))
+    )
+    stream = torch.randn(shape)
+    layer = torch.nn.Identity()
+    layer.register_forward_hook(vllm_plugin._layer_hook(2))
+    layer(stream)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], stream.reshape(6, 8))
+
+
+def test_decoder_layers_are_found_where_families_keep_them():
+    blocks = torch.nn.ModuleList([torch.nn.Identity()])
+    for path in ("model", "transformer"):
+        inner = SimpleNamespace(layers=blocks) if path == "model" else SimpleNamespace(h=blocks)
+        model = torch.nn.Module()
+        setattr(model, path, inner)
+        assert vllm_plugin._decoder_layers(model) is blocks
+    with pytest.raises(ValueError, match="found no decoder layers"):
+        vllm_plugin._decoder_layers(torch.nn.Linear(2, 2))
+
+
 # --------------------------------------------------------------------------- vLLM (side venv)
 
 PROMPT = (
