@@ -195,12 +195,13 @@ def test_sparse_probe_finds_the_planted_features():
     assert sparse.features.tolist() == [5, 9] and sparse.weight[0] > 1.0
     metrics = evaluate_probe(sparse, test, y_test)
     assert metrics["auroc"] == 1.0 and metrics["accuracy"] == 1.0  # 5 marks every positive
-    # latent 9 alone marks the positives with t % 3 != 0: 2/3 of them, and no negative
-    only_9 = fit_probe("sparse", features, y, hook="h", aggregation="max", k=1, sae="x")
-    assert only_9.features.tolist() == [5]  # the stronger of the two is kept first
-    expected = 0.5 + 0.5 * float((torch.arange(90)[y_test == 1] % 3 != 0).float().mean())
-    nine = Probe(**{**only_9.__dict__, "features": torch.tensor([9])})
-    assert evaluate_probe(nine, test, y_test)["auroc"] == pytest.approx(expected)
+    best_one = fit_probe("sparse", features, y, hook="h", aggregation="max", k=1, sae="x")
+    assert best_one.features.tolist() == [5]  # the stronger of the two is kept first
+    # the same probe reading latent 9 instead: 9 marks the positives with t % 3 != 0 and no
+    # negative, the rest tie with the negatives at 0, so AUROC = f + (1 - f) / 2
+    f = float((torch.arange(90)[y_test == 1] % 3 != 0).float().mean())
+    nine = Probe(**{**best_one.__dict__, "features": torch.tensor([9])})
+    assert evaluate_probe(nine, test, y_test)["auroc"] == pytest.approx(f + (1 - f) / 2)
 
 
 def test_dense_kinds_and_label_checks():
