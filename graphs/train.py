@@ -114,7 +114,8 @@ class GraphTrainConfig:
     log_every: int = 10
     """Steps between metric rows."""
     resume: bool = False
-    """Continue from out/checkpoint.safetensors exactly where it stopped."""
+    """Continue from out/checkpoint.safetensors exactly where it stopped; with no checkpoint there
+    yet, start from scratch (so the same command can always be re-issued after a kill)."""
     seed: int = 0
     """Seed of the data order and the gate noise."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
@@ -125,16 +126,16 @@ class GraphTrainConfig:
 
 def train_graph(cfg: GraphTrainConfig) -> SparseGraphAutoencoder:
     """Train (or resume) a SparseGraphAutoencoder; writes cfg.out and returns the model."""
-    store, stats, sae, edges, out = _check_inputs(cfg)
+    store, stats, sae, edges, out, resuming = _check_inputs(cfg)
     hook = sae.cfg.hook
     model = _init_model(cfg, stats, sae, edges).to(cfg.device)
     firing = FiringTracker.zeros(sae.cfg.n_latents, cfg.device)
     state = HookState(model, _optimizer(cfg, model), firing)
     torch.manual_seed(cfg.seed)
-    first_step = load_checkpoint(out, {hook: state})["step"] if cfg.resume else 0
+    first_step = load_checkpoint(out, {hook: state})["step"] if resuming else 0
     n_steps = max(1, cfg.tokens // cfg.batch_size)
     base = _base_lr(cfg, sae.cfg.n_latents)
-    logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if cfg.resume else None)
+    logger = TrainLogger(out, asdict(cfg), cfg.wandb, first_step if resuming else None)
     bar = tqdm(total=n_steps, initial=first_step, unit="step", desc="train graph")
     started = time.perf_counter()
     batches = step_batches(store, cfg.batch_size, cfg.seed, [hook], first_step, n_steps)
@@ -170,9 +171,10 @@ def _dead_window(cfg: GraphTrainConfig) -> int:
 
 def _check_inputs(
     cfg: GraphTrainConfig,
-) -> tuple[ActivationStore, CoactivationStats, SAE, torch.Tensor | None, Path]:
+) -> tuple[ActivationStore, CoactivationStats, SAE, torch.Tensor | None, Path, bool]:
     """Every refusal happens here, before the run directory exists; edges: cfg.edges's
-    edge_index, if given."""
+    edge_index, if given; the bool: whether the run resumes (--resume with a checkpoint in out;
+    without one it starts from scratch)."""
     if not (cfg.store and cfg.stats and cfg.out):
         raise ValueError(
             "pass --store DIR, --stats DIR (from `python -m graphs stats`) and --out DIR"
@@ -198,8 +200,8 @@ def _check_inputs(
             f"the store holds {len(store)} tokens, fewer than one batch ({cfg.batch_size})"
         )
     edges = load_edges(cfg.edges, sae.cfg.n_latents) if cfg.edges else None
-    out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
-    return store, stats, sae, edges, out
+    out, resuming = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume)
+    return store, stats, sae, edges, out, resuming
 
 
 def _init_model(

@@ -17,6 +17,7 @@ or the new one, never a mix. Nothing is pickled. Contents, per hook `h`:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,15 +64,24 @@ def save_checkpoint(
 FREE_SETTINGS = ("resume", "wandb", "device", "log_every", "checkpoint_every", "model")
 
 
-def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None = None) -> Path:
-    """A training run's directory: a resume must use the checkpoint's settings (except those that
-    do not change results); a new run must not land on an existing one. Raises before any work.
+def prepare_run_dir(
+    out: Path, config: dict, resume: bool, defaults: dict | None = None
+) -> tuple[Path, bool]:
+    """A training run's directory and whether the run resumes from its checkpoint. Raises before
+    any work: a resume must use the checkpoint's settings (except those that do not change
+    results); a new run must not land on an existing one.
+
+    `--resume` with no checkpoint yet (the job was killed before its first one, or never started)
+    starts from scratch and says so on stderr, like a re-run harvest: a job runner re-issuing the
+    same command after a pre-emption always works.
 
     defaults: each setting's default. A setting the checkpoint does not record (it was written
     before the setting existed) counts as its default, since new settings keep the old behaviour at
     their defaults; so an older checkpoint resumes unless the resume turns a new option on."""
+    if resume and not (out / CHECKPOINT).exists():
+        print(f"--resume: no {CHECKPOINT} in {out} yet; starting from scratch", file=sys.stderr)
+        resume = False
     if resume:
-        # raises if there is nothing to resume
         saved = {**(defaults or {}), **read_checkpoint_meta(out)["config"]}
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
@@ -88,7 +98,7 @@ def prepare_run_dir(out: Path, config: dict, resume: bool, defaults: dict | None
             f"{out} already holds a training run; pass --resume to continue it or pick a new --out"
         )
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, resume
 
 
 def read_checkpoint_meta(directory: Path) -> dict:
@@ -96,7 +106,7 @@ def read_checkpoint_meta(directory: Path) -> dict:
     path = directory / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(
-            f"--resume: no {CHECKPOINT} in {directory}; run without --resume to start"
+            f"no {CHECKPOINT} in {directory}: nothing was checkpointed there yet"
         )
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["greylens"])

@@ -90,7 +90,8 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metric rows."""
     resume: bool = False
-    """Continue from out/checkpoint.safetensors exactly where it stopped."""
+    """Continue from out/checkpoint.safetensors exactly where it stopped; with no checkpoint there
+    yet, start from scratch (so the same command can always be re-issued after a kill)."""
     seed: int = 0
     """Seed of the data order and the initial weights."""
     wandb: Literal["offline", "online", "disabled"] = "offline"

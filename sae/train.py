@@ -63,12 +63,12 @@ def train(
     on_step(step) runs after each optimizer step (every hook updated), before the checkpoint:
     scripts/bench_train.py uses it to time a GEMM between training steps."""
     dist = dist or Distributed()
-    store, hooks, out = _check_inputs(cfg, dist)
+    store, hooks, out, resuming = _check_inputs(cfg, dist)
     states = {hook: init_hook_state(cfg, store, hook) for hook in hooks}
-    first_step = _resume(out, states) if cfg.resume else 0
+    first_step = _resume(out, states) if resuming else 0
     n_steps = max(1, cfg.tokens // cfg.batch_size)
     base = base_lr(cfg, cfg.expansion * store.d_model)
-    resume_step = first_step if cfg.resume else None
+    resume_step = first_step if resuming else None
     logger = TrainLogger(out, asdict(cfg), cfg.wandb, resume_step, enabled=dist.rank == 0)
     bar = tqdm(
         total=n_steps,
@@ -113,8 +113,11 @@ def _check_store_model(spec: str, store: ActivationStore, hooks: list[str]) -> N
     )
 
 
-def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore, list[str], Path]:
-    """Every refusal happens here, before the first step."""
+def _check_inputs(
+    cfg: TrainConfig, dist: Distributed
+) -> tuple[ActivationStore, list[str], Path, bool]:
+    """Every refusal happens here, before the first step. Also returns whether the run resumes
+    (--resume with a checkpoint in out; without one it starts from scratch)."""
     if not cfg.store or not cfg.out:
         raise ValueError("pass both --store DIR and --out DIR")
     store = ActivationStore(cfg.store)
@@ -148,8 +151,8 @@ def _check_inputs(cfg: TrainConfig, dist: Distributed) -> tuple[ActivationStore,
         )
     # checkpoints from before the optimizer setting existed were Adam's
     defaults = {**asdict(TrainConfig()), "optimizer": "adam"}
-    out = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume, defaults=defaults)
-    return store, hooks, out
+    out, resuming = prepare_run_dir(Path(cfg.out), asdict(cfg), cfg.resume, defaults=defaults)
+    return store, hooks, out, resuming
 
 
 def _resume(out: Path, states: dict[str, HookState]) -> int:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sae.harvest import HarvestConfig, harvest
 from sae.models import LoadedModel, load_model
@@ -22,6 +23,29 @@ def tiny() -> LoadedModel:
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def lively() -> LoadedModel:
+    """`tiny` with every linear layer in its blocks redrawn at std 1/√fan_in: its greedy outputs
+    vary from token to token (the default `tiny` repeats its last token, so a test comparing
+    generations on it cannot tell a correct generator from a broken one)."""
+    model = load_model("tiny")  # its own copy: the shared `tiny` fixture stays untouched
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.fast.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                attn.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            ):
+                linear.weight.normal_(0, linear.weight.shape[1] ** -0.5, generator=generator)
+    return model
 
 
 def tiny_harvest_config(out: Path, **overrides) -> HarvestConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,14 +132,25 @@ def export_release(cfg: ExportConfig, model: LoadedModel | None = None) -> Path:
     return final
 
 
+def _holds_files(staging: Path) -> bool:
+    """Whether staging holds a file other than sae.atomic's temp files (a kill mid-write leaves
+    .<name>.tmp behind)."""
+    return any(
+        not path.is_dir() and not (path.name.startswith(".") and path.name.endswith(".tmp"))
+        for path in staging.rglob("*")
+    )
+
+
 def _open_progress(staging: Path, wanted: dict) -> dict:
     if (staging / PROGRESS).exists():
         progress = json.loads((staging / PROGRESS).read_text())
         _check_same(staging, progress["config"], wanted, "holds an unfinished export")
         return progress
-    if staging.exists():
+    if staging.exists() and _holds_files(staging):
         raise ValueError(f"{staging} exists but holds no {PROGRESS}; delete it and re-run")
-    (staging / "work").mkdir(parents=True)
+    if staging.exists():  # an export killed before its first progress file: nothing to resume
+        print(f"{staging} holds nothing to resume yet; starting from scratch", file=sys.stderr)
+    (staging / "work").mkdir(parents=True, exist_ok=True)
     progress = {"format_version": FORMAT_VERSION, "config": wanted, "done": []}
     atomic_write_json(staging / PROGRESS, progress)
     return progress

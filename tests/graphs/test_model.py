@@ -10,7 +10,7 @@ from graphs.eval.reconstruction import without_edges
 from graphs.io import load_graph, load_graph_sae, save_graph_sae
 from graphs.model import SparseGraphAutoencoder
 from sae.io import load_sae
-from sae.sae import SAE, SAEConfig, fvu
+from sae.sae import SAE, SAEConfig
 
 N_LATENTS, D, N = 48, 12, 40
 
@@ -57,28 +57,57 @@ def test_encode_equals_dense_reference() -> None:
     )
 
 
-def test_training_loss_and_gradients_equal_dense_float64_reference() -> None:
+def _reference_training_loss(
+    model: SparseGraphAutoencoder, x: torch.Tensor, u: torch.Tensor, implied_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss written from the module docstring's math, dense, sharing nothing with the
+    fast path but the parameters: (FVU, evidence mask [N, n]).
+
+    u [E]: the uniform draw of the hard-concrete gates (Louizos et al. 2018)."""
+    sae = model.sae
+    x_n = x * sae.cfg.input_scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc  # [N, n]
+    # evidence: the round(k_e·N) largest ReLU(pre) of the batch; θ the smallest of them
+    n_keep = round(float(model.evidence_k) * x.shape[0])
+    kept = pre.relu().flatten().topk(n_keep)
+    evidence = torch.zeros(pre.numel(), dtype=torch.bool).index_fill(0, kept.indices, True)
+    evidence = evidence.view_as(pre)
+    theta = kept.values.min().detach()
+    # gates: z = clamp(sigmoid((log u − log(1 − u) + log α) / β)·(ζ − γ) + γ, 0, 1), w = softplus
+    stretched = torch.sigmoid((u.log() - (1 - u).log() + model.log_alpha) / (2 / 3)) * 1.2 - 0.1
+    strengths = torch.nn.functional.softplus(model.weight_raw) * stretched.clamp(0, 1)  # [E]
+    e = pre.relu() * evidence
+    lifted = pre + e @ _dense_strengths(model, strengths)  # messages along i → j
+    if implied_only:  # evidence nodes receive no messages
+        lifted = torch.where(evidence, pre, lifted)
+    active = evidence | (lifted.detach() > theta)
+    recons = torch.where(active, lifted, 0.0).relu() @ sae.W_dec + sae.b_dec
+    loss = (x_n - recons).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()  # FVU
+    return loss, evidence
+
+
+@pytest.mark.parametrize("implied_only", [False, True])
+def test_training_loss_and_gradients_equal_dense_float64_reference(implied_only: bool) -> None:
     model = _model(seed=1, dtype=torch.float64)
+    model.cfg.implied_only = implied_only
     x = torch.randn(N, D, dtype=torch.float64) * 2
     torch.manual_seed(7)
     out = model.training_forward(x)
-    assert bool((~out.graph_code.from_evidence).any())  # the graph step really added features
+    graph_code = out.graph_code
+    assert bool((~graph_code.from_evidence).any())  # the graph step really added features
+    if implied_only:
+        assert not bool(graph_code.from_evidence[graph_code.edge_dst].any())
+    else:  # some messages corrected evidence values
+        assert bool(graph_code.from_evidence[graph_code.edge_dst].any())
     out.fvu.backward()
     fast = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    torch.manual_seed(7)  # the same gate sample
-    strengths = model.strengths(sample=True)
-    x_n = x * model.sae.cfg.input_scale
-    pre = (x_n - model.sae.b_dec) @ model.sae.W_enc.T + model.sae.b_enc  # dense autograd
-    evidence = out.graph_code.evidence.to_dense(N_LATENTS) > 0
-    e = pre * evidence
-    lifted = pre + e @ _dense_strengths(model, strengths)
-    threshold = pre.detach()[evidence].min()
-    active = evidence | (lifted.detach() > threshold)
-    recons = (lifted * active).relu() @ model.sae.W_dec + model.sae.b_dec
-    loss = fvu(x_n, recons)
+    torch.manual_seed(7)  # the same uniform draw as the gate sample
+    u = torch.rand(model.log_alpha.shape, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    loss, evidence = _reference_training_loss(model, x, u, implied_only)
     loss.backward()
+    assert torch.equal(graph_code.evidence.to_dense(N_LATENTS) > 0, evidence)
     assert torch.allclose(out.fvu, loss, atol=1e-10)
     assert set(fast) >= {
         "sae.W_enc",
@@ -183,3 +212,46 @@ def test_implied_only_messages_skip_evidence_and_equal_dense_reference() -> None
     assert bool((~graph_code.from_evidence).any())  # some features were implied
     # no edge lands on evidence
     assert not bool(graph_code.from_evidence[graph_code.edge_dst].any())
+
+
+def _reference_absorption(
+    model: SparseGraphAutoencoder, strengths: torch.Tensor, edges: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """scale · Σ_{i → j in edges} s_ij · relu(cos(d_i, d_j))² / n_latents, with cos computed as a
+    cosine (not as the dot product of unit rows the fast path relies on)."""
+    src, dst = model.edge_index[0, edges], model.edge_index[1, edges]
+    W_dec = model.sae.W_dec.detach()
+    cos = torch.nn.functional.cosine_similarity(W_dec[src], W_dec[dst], dim=1)
+    return scale * (strengths[edges] * cos.relu().pow(2)).sum() / N_LATENTS
+
+
+def test_absorption_penalty_subsample_equals_the_reference_on_that_subsample() -> None:
+    model = _model(seed=6, dtype=torch.float64)
+    with torch.no_grad():  # unit decoder rows, as training keeps them
+        model.sae.W_dec.div_(model.sae.W_dec.norm(dim=1, keepdim=True))
+    n_edges = model.edge_index.shape[1]
+    edges = torch.arange(n_edges)
+    strengths = torch.rand(n_edges, dtype=torch.float64, requires_grad=True)
+    # below max_edges: every edge, no scaling
+    full = model.absorption_penalty(strengths, edges)
+    want = _reference_absorption(model, strengths, edges, 1.0)
+    torch.testing.assert_close(full, want, rtol=1e-10, atol=0)
+    # above max_edges: a random subset of 25, scaled by n_edges / 25
+    torch.manual_seed(11)
+    got = model.absorption_penalty(strengths, edges, max_edges=25)
+    got.backward()
+    torch.manual_seed(11)
+    subset = edges[torch.randperm(n_edges)[:25]]
+    reference_strengths = strengths.detach().clone().requires_grad_(True)
+    want = _reference_absorption(model, reference_strengths, subset, n_edges / 25)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(strengths.grad, reference_strengths.grad, rtol=1e-10, atol=0)
+    assert int((strengths.grad != 0).sum()) <= 25 < n_edges  # only the subset is touched
+    # the subset estimate is unbiased: its mean over many draws approaches the full penalty
+    with torch.no_grad():
+        draws = torch.stack(
+            [model.absorption_penalty(strengths, edges, max_edges=25) for _ in range(2000)]
+        )
+    assert float(draws.mean()) == pytest.approx(float(full.detach()), rel=0.03)
+    assert float(draws.std()) > 0.05 * float(full.detach())  # the draws really differ

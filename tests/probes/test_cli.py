@@ -8,7 +8,7 @@ import pytest
 
 from probes.__main__ import main
 from probes.probe import Probe
-from tests.probes.conftest import HOOK, marker_texts
+from tests.probes.conftest import HOOK, PLANTED, marker_texts
 
 
 def write_jsonl(path, texts, labels) -> str:
@@ -28,9 +28,11 @@ def dataset(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("kind", ["linear", "sparse", "graph"])
-def test_train_then_score(kind, dataset, tiny_sae_dir, tmp_path, capsys):
+def test_train_then_score(kind, dataset, planted_sae_dir, tmp_path, capsys):
+    """Sparse and graph probes read the SAE whose latents 3 and 5 fire on the marker word alone:
+    the sparse probe must pick exactly those two, and both must separate the held-out texts."""
     out = tmp_path / kind
-    extra = ["--sae", str(tiny_sae_dir)] if kind != "linear" else []
+    extra = ["--sae", str(planted_sae_dir)] if kind != "linear" else []
     extra += ["--query", "3,5"] if kind == "graph" else []  # a fixed feature set (no graph on disk)
     code = main(
         [
@@ -44,7 +46,7 @@ def test_train_then_score(kind, dataset, tiny_sae_dir, tmp_path, capsys):
             "--kind",
             kind,
             "--k",
-            "4",
+            "2",
             "--out",
             str(out),
             "--fpr",
@@ -60,14 +62,17 @@ def test_train_then_score(kind, dataset, tiny_sae_dir, tmp_path, capsys):
     assert probe.calibration["target_fpr"] == 0.05 and probe.calibration["fpr"] <= 0.05
     if kind == "linear":  # a marker word is easy even for a random model's residual stream
         assert probe.metrics["auroc"] > 0.9
-    assert (
-        main(["score", "--probe", str(out), "--model", "tiny", "--text", "the zebra was green"])
-        == 0
-    )
-    [result] = json.loads(capsys.readouterr().out)
-    scores = result["probes"][out.name]
-    assert len(scores["token_scores"]) == len(result["tokens"]) > 0
-    assert scores["fired"] == (scores["score"] > probe.threshold)
+    else:  # the planted latents, found (sparse) or queried (graph), separate every held-out text
+        assert probe.features.tolist() == list(PLANTED)
+        assert probe.metrics["auroc"] == 1.0 and probe.metrics["accuracy"] == 1.0
+    for text, marked in (("the zebra was green", True), ("the king was green", False)):
+        assert main(["score", "--probe", str(out), "--model", "tiny", "--text", text]) == 0
+        [result] = json.loads(capsys.readouterr().out)
+        scores = result["probes"][out.name]
+        assert len(scores["token_scores"]) == len(result["tokens"]) > 0
+        assert scores["fired"] == (scores["score"] > probe.threshold)
+        if kind != "linear":
+            assert scores["fired"] == marked, text
 
 
 def test_bad_input_is_reported_before_work(tmp_path, capsys, tiny_sae_dir):

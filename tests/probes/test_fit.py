@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from probes.fit import (
     pooled_code,
     select_features,
 )
-from probes.probe import feature_columns
+from probes.probe import Probe, feature_columns
 from probes.train import balanced_subset, evaluate_probe, fit_probe, split_calibration
 from sae.sae import SparseCode
 
@@ -129,26 +130,19 @@ def test_choose_l2_prefers_strong_regularisation_on_noise():
     assert choose_l2(noise, y, "mean") >= 1e-1
 
 
-def test_sparse_and_graph_probes_find_planted_features():
-    """Positives fire latents 3 and 7 on the same token; negatives fire 3 or 7 (not both) +
-    noise."""
-    g = torch.Generator().manual_seed(0)
-    n_texts, per_text, n_latents = 120, 4, 40
+def planted_code(n_texts: int, seed: int, planted: Callable[[int, int], list[int]]) -> Features:
+    """Texts of 4 tokens; token j of text t fires planted(t, j) plus 1-2 noise latents from 10..39,
+    each with a value in [1, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    per_text, n_latents = 4, 40
     rows, cols, values = [], [], []
-    y = torch.arange(n_texts) % 2
     for t in range(n_texts):
         for j in range(per_text):
-            row = t * per_text + j
             noise = torch.randint(10, n_latents, (2,), generator=g).unique().tolist()
-            planted_cols = (
-                [3, 7] if (y[t] == 1 and j == 1) else ([3] if j == 1 else [7] if j == 2 else [])
-            )
-            for c in planted_cols + noise:
-                (
-                    rows.append(row),
-                    cols.append(c),
-                    values.append(1.0 + float(torch.rand((), generator=g))),
-                )
+            for c in planted(t, j) + noise:
+                rows.append(t * per_text + j)
+                cols.append(c)
+                values.append(1.0 + float(torch.rand((), generator=g)))
     order = torch.tensor(rows).argsort(stable=True)
     code = SparseCode(
         torch.tensor(values)[order],
@@ -157,15 +151,57 @@ def test_sparse_and_graph_probes_find_planted_features():
         n_texts * per_text,
     )
     offsets = torch.arange(0, n_texts * per_text + 1, per_text)
-    features = Features(Ragged(torch.zeros(n_texts * per_text, 4), offsets), code, n_latents)
-    pooled = pooled_code(code, offsets, n_latents, "max")
+    return Features(Ragged(torch.zeros(n_texts * per_text, 4), offsets), code, n_latents)
+
+
+def co_firing(t: int, j: int) -> list[int]:
+    """Positives (odd t) fire latents 3 and 7 on the same token; negatives fire 3 and 7 on
+    different tokens, so only the pair on one token (a graph query) tells the classes apart."""
+    if j == 1:
+        return [3, 7] if t % 2 else [3]
+    return [7] if j == 2 and t % 2 == 0 else []
+
+
+def test_graph_probe_finds_the_co_firing_pair():
+    y, y_test = torch.arange(120) % 2, torch.arange(80) % 2
+    features, test = planted_code(120, 0, co_firing), planted_code(80, 1, co_firing)
     edges = torch.tensor([[3, 3, 11], [7, 12, 20]])
     probe = fit_probe("graph", features, y, hook="h", aggregation="max", edges=edges, sae="x")
     assert probe.features.tolist() == [3, 7] and probe.edges == [[3, 7]]
-    assert evaluate_probe(probe, features, y)["auroc"] == 1.0
-    assert set(select_features(pooled, y, 2).tolist()) <= {3, 7, *range(10, 40)}
+    metrics = evaluate_probe(probe, test, y_test)
+    assert metrics["auroc"] == 1.0 and metrics["accuracy"] == 1.0
+    # either latent alone fires in both classes: a single-feature query is at chance
+    alone = fit_probe("graph", features, y, hook="h", aggregation="max", query=[3], sae="x")
+    assert abs(evaluate_probe(alone, test, y_test)["auroc"] - 0.5) < 0.15
+
+
+def marker_latents(t: int, j: int) -> list[int]:
+    """Positives (odd t) fire latent 5 on token t % 4 and latent 9 on token (t + 1) % 4 when t % 3
+    is not 0; latent 3 fires on token 0 of every text (frequent, but in both classes)."""
+    planted = [3] if j == 0 else []
+    if t % 2:
+        planted += [5] if j == t % 4 else []
+        planted += [9] if j == (t + 1) % 4 and t % 3 else []
+    return planted
+
+
+def test_sparse_probe_finds_the_planted_features():
+    y, y_test = torch.arange(120) % 2, torch.arange(90) % 2
+    features, test = planted_code(120, 0, marker_latents), planted_code(90, 1, marker_latents)
+    pooled = pooled_code(features.code, features.acts.offsets, features.n_latents, "max")
+    assert select_features(pooled, y, 2).tolist() == [5, 9]
     sparse = fit_probe("sparse", features, y, hook="h", aggregation="max", k=2, sae="x")
-    assert sparse.features.numel() == 2 and sparse.weight.shape == (2,)
+    # 5 separates alone, so the fit leans on it (9 gets ~0)
+    assert sparse.features.tolist() == [5, 9] and sparse.weight[0] > 1.0
+    metrics = evaluate_probe(sparse, test, y_test)
+    assert metrics["auroc"] == 1.0 and metrics["accuracy"] == 1.0  # 5 marks every positive
+    best_one = fit_probe("sparse", features, y, hook="h", aggregation="max", k=1, sae="x")
+    assert best_one.features.tolist() == [5]  # the stronger of the two is kept first
+    # the same probe reading latent 9 instead: 9 marks the positives with t % 3 != 0 and no
+    # negative, the rest tie with the negatives at 0, so AUROC = f + (1 - f) / 2
+    f = float((torch.arange(90)[y_test == 1] % 3 != 0).float().mean())
+    nine = Probe(**{**best_one.__dict__, "features": torch.tensor([9])})
+    assert evaluate_probe(nine, test, y_test)["auroc"] == pytest.approx(f + (1 - f) / 2)
 
 
 def test_dense_kinds_and_label_checks():

@@ -1,5 +1,5 @@
 """Lens on the tiny model: offline scores equal a hand-run forward, monitor equals plain
-generation (greedy, steered, and seeded sampling)."""
+generation (greedy, steered, and seeded sampling) on `lively`, whose greedy tokens vary."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ PROMPT = "the king of the land was"
 
 
 def greedy_reference(
-    tiny,
+    model,
     n: int,
     add: torch.Tensor | None = None,
     layer: int = 1,
@@ -125,7 +125,7 @@ def greedy_reference(
     """Greedy tokens from full forwards (no cache); `add` joins resid_post of `layer` after the
     prompt. With a temperature, tokens are drawn from softmax(logits / temperature) with a
     generator seeded by `seed`, the sampling rule `Lens.monitor` documents."""
-    ids = tokenize(tiny.tokenizer, [PROMPT], 256)[0].tolist()
+    ids = tokenize(model.tokenizer, [PROMPT], 256)[0].tolist()
     generator = torch.Generator().manual_seed(seed)
     prompt_len = len(ids)
 
@@ -137,10 +137,10 @@ def greedy_reference(
         hidden[:, prompt_len:] += add
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = tiny.fast.model.layers[layer].register_forward_hook(hook)
+    handle = model.fast.model.layers[layer].register_forward_hook(hook)
     try:
         for _ in range(n):
-            logits = tiny.fast(torch.tensor([ids])).logits[0, -1]
+            logits = model.fast(torch.tensor([ids])).logits[0, -1]
             if temperature == 0:
                 ids.append(int(logits.argmax()))
             else:
@@ -151,30 +151,35 @@ def greedy_reference(
     return ids[prompt_len:]
 
 
-def test_monitor_without_trigger_is_plain_greedy_generation(tiny, probes):
-    lens = Lens(tiny, probes=[probes["linear"], probes["sparse"]])
+def test_monitor_without_trigger_is_plain_greedy_generation(lively, probes):
+    lens = Lens(lively, probes=[probes["linear"], probes["sparse"]])
     result = lens.monitor(PROMPT, max_new_tokens=8)
-    assert result.token_ids == greedy_reference(tiny, 8)
-    n_prompt = len(tokenize(tiny.tokenizer, [PROMPT], 256)[0]) - 1
+    reference = greedy_reference(lively, 8)
+    # lively's greedy tokens vary (tiny's repeat one token), so a wrong generator fails here
+    assert len(set(reference)) >= 4 and reference[0] != reference[1], reference
+    assert result.token_ids == reference
+    prompt_ids = tokenize(lively.tokenizer, [PROMPT], 256)[0][1:].tolist()  # BOS dropped
+    n_prompt = len(prompt_ids)
     assert len(result.scores["linear"]) == n_prompt + 8  # every prompt and generated token scored
-    # the score of each token equals an offline score of the text up to it
-    offline = lens.score(tiny.tokenizer.decode(result.token_ids[:3]).join([PROMPT, ""]))[0]
+    # the score of each token equals an offline score of the same token ids (not of the decoded
+    # text: BPE may re-tokenize varied generated text differently)
+    offline = lens.score([prompt_ids + result.token_ids[:3]])[0]
     assert offline.probes["linear"].token_scores[: n_prompt + 3] == pytest.approx(
-        result.scores["linear"][: n_prompt + 3], abs=1e-4
-    )
+        result.scores["linear"][: n_prompt + 3], rel=1e-5, abs=1e-4
+    )  # lively's scores reach hundreds: the KV-cached forward differs from a full one by ~1e-6
 
 
-def test_monitor_samples_with_its_seed(tiny, probes):
-    lens = Lens(tiny, probes=[probes["linear"]])
+def test_monitor_samples_with_its_seed(lively, probes):
+    lens = Lens(lively, probes=[probes["linear"]])
     sampled = lens.monitor(PROMPT, max_new_tokens=8, temperature=1.5, seed=3)
-    assert sampled.token_ids == greedy_reference(tiny, 8, temperature=1.5, seed=3)
+    assert sampled.token_ids == greedy_reference(lively, 8, temperature=1.5, seed=3)
     assert sampled.token_ids == lens.monitor(PROMPT, 8, temperature=1.5, seed=3).token_ids
-    assert sampled.token_ids != greedy_reference(tiny, 8), "temperature 1.5 should sample"
+    assert sampled.token_ids != greedy_reference(lively, 8), "temperature 1.5 should sample"
 
 
-def test_monitor_stops_where_the_running_score_first_crosses(tiny, probes):
+def test_monitor_stops_where_the_running_score_first_crosses(lively, probes):
     probe = Probe(**probes["linear"].__dict__)
-    free = Lens(tiny, probes=[probe]).monitor(PROMPT, max_new_tokens=8)
+    free = Lens(lively, probes=[probe]).monitor(PROMPT, max_new_tokens=8)
     running = free.running["linear"]
     n_prompt = (
         len(running) - 8
@@ -182,7 +187,7 @@ def test_monitor_stops_where_the_running_score_first_crosses(tiny, probes):
     checks = list(range(n_prompt - 1, len(running)))
     probe.threshold = sorted(running[i] for i in checks)[len(checks) // 2]  # the median check
     first = next(i for i in checks if running[i] > probe.threshold)
-    stopped = Lens(tiny, probes=[probe]).monitor(
+    stopped = Lens(lively, probes=[probe]).monitor(
         PROMPT, max_new_tokens=8, trigger="linear", action="stop"
     )
     assert stopped.triggered["token"] == first
@@ -190,19 +195,19 @@ def test_monitor_stops_where_the_running_score_first_crosses(tiny, probes):
     assert stopped.running["linear"] == pytest.approx(running[: first + 1], abs=1e-5)
 
 
-def test_monitor_steering_matches_a_hooked_reference(tiny, probes):
+def test_monitor_steering_matches_a_hooked_reference(lively, probes):
     probe = Probe(**probes["mean_diff"].__dict__)
     probe.threshold = -1e9  # fires on the prompt: steer every generated token
     vector = probe.direction / probe.direction.norm() * 40
-    lens = Lens(tiny, probes=[probe])
+    lens = Lens(lively, probes=[probe])
     steered = lens.monitor(
         PROMPT, max_new_tokens=6, trigger="mean_diff", action="steer", steering=vector
     )
     assert (
-        steered.triggered["token"] == len(tokenize(tiny.tokenizer, [PROMPT], 256)[0]) - 2
+        steered.triggered["token"] == len(tokenize(lively.tokenizer, [PROMPT], 256)[0]) - 2
     )  # last prompt token
-    assert steered.token_ids == greedy_reference(tiny, 6, add=vector)
-    assert steered.token_ids != greedy_reference(tiny, 6), (
+    assert steered.token_ids == greedy_reference(lively, 6, add=vector)
+    assert steered.token_ids != greedy_reference(lively, 6), (
         "a vector of norm 40 should change the continuation"
     )
     zero = lens.monitor(
@@ -212,7 +217,7 @@ def test_monitor_steering_matches_a_hooked_reference(tiny, probes):
         action="steer",
         steering=torch.zeros_like(vector),
     )
-    assert zero.token_ids == greedy_reference(tiny, 6)
+    assert zero.token_ids == greedy_reference(lively, 6)
 
 
 def test_features_type_is_what_probes_consume(marker_task, probes):

@@ -28,20 +28,29 @@ def _x(seed: int = 0) -> torch.Tensor:
     )
 
 
-def _dense_reference_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """TopK / BatchTopK / Matryoshka written the obvious dense way."""
-    x_n = x * sae.cfg.input_scale
-    pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+def _dense_acts(sae: SAE, pre: torch.Tensor) -> torch.Tensor:
+    """The code [N, n_latents] of every architecture written the obvious dense way from pre."""
     if sae.cfg.arch == "topk":
         mask = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(K, dim=1).indices, True)
-    else:
+    elif sae.cfg.arch == "jumprelu":
+        return pre * (pre > sae.log_threshold.exp())
+    elif sae.cfg.arch == "relu":
+        return pre.relu()
+    else:  # batchtopk, matryoshka: the K·N largest ReLU(pre) of the batch
         flat = pre.relu().flatten()
         mask = (
             torch.zeros_like(flat, dtype=torch.bool)
             .scatter(0, flat.topk(K * N).indices, True)
             .view_as(pre)
         )
-    acts = pre.relu() * mask
+    return pre.relu() * mask
+
+
+def _dense_reference_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """TopK / BatchTopK / Matryoshka written the obvious dense way."""
+    x_n = x * sae.cfg.input_scale
+    pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    acts = _dense_acts(sae, pre)
     if sae.cfg.arch != "matryoshka":
         return fvu(x_n, acts @ sae.W_dec + sae.b_dec)
     ends = sae.cfg.matryoshka_groups
@@ -164,10 +173,11 @@ def test_rows_above_max_input_norm_get_no_code_and_pass_through() -> None:
 
 def _dense_aux_reference(sae: SAE, x: torch.Tensor, dead: torch.Tensor, aux_k: int) -> torch.Tensor:
     """AuxK written the obvious dense way: the aux_k largest ReLU(pre) among dead latents must
-    reconstruct the (detached) residual the code left."""
+    reconstruct the (detached) residual the code left; that code is the dense one, not the fast
+    path's."""
     x_n = x * sae.cfg.input_scale
     pre = (x_n - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-    residual = x_n - (sae.training_forward(x).recons * sae.cfg.input_scale).detach()
+    residual = (x_n - (_dense_acts(sae, pre) @ sae.W_dec + sae.b_dec)).detach()
     masked = pre.masked_fill(~dead, float("-inf"))
     mask = torch.zeros_like(pre, dtype=torch.bool).scatter(
         1, masked.topk(aux_k, dim=1).indices, True

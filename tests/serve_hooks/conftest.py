@@ -1,6 +1,7 @@
-"""Engine fixtures: a tiny Llama whose greedy outputs vary (the default tiny model just repeats
-its last token, which would make every equality test trivially true), HF reference outputs, and
-an engine served over HTTP (TestClient) with helpers to read its answers."""
+"""Engine fixtures: HF reference outputs on `lively` (tests/conftest.py: a tiny Llama whose greedy
+outputs vary; the default tiny model just repeats its last token, which would make every equality
+test trivially true), and an engine served over HTTP (TestClient) with helpers to read its
+answers."""
 
 from __future__ import annotations
 
@@ -13,32 +14,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from sae.models import LoadedModel, load_model
+from sae.models import LoadedModel
 from serve_hooks.async_engine import AsyncEngine
 from serve_hooks.config import EngineConfig
 from serve_hooks.engine import LLMEngine, RequestOutput
 from serve_hooks.sequence import SamplingParams
 from serve_hooks.server import build_app
-
-
-@pytest.fixture(scope="session")
-def lively() -> LoadedModel:
-    model = load_model("tiny")  # its own copy: the shared `tiny` fixture stays untouched
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.fast.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for linear in (
-                attn.q_proj,
-                attn.k_proj,
-                attn.v_proj,
-                attn.o_proj,
-                mlp.gate_proj,
-                mlp.up_proj,
-                mlp.down_proj,
-            ):
-                linear.weight.normal_(0, linear.weight.shape[1] ** -0.5, generator=generator)
-    return model
 
 
 def hf_greedy(model: LoadedModel, prompt: list[int], n: int) -> list[int]:
