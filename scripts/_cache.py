@@ -30,6 +30,26 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def content_digest(path: Path | str) -> str:
+    """12 hex digits identifying what lies at `path`: an activation store by its manifest (which
+    holds every shard's sha256), anything else by the bytes of its safetensors files. A key that
+    names an input by path alone would survive that input being rebuilt in place."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if (path / "manifest.json").exists():
+        digest.update((path / "manifest.json").read_bytes())
+    else:
+        files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no safetensors file and no manifest.json")
+        for file in files:
+            digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def current_command() -> str:
     """The command line of this process, quoted so it can be pasted back into a shell."""
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cache import cached_json, keyed, produced_by, record  # noqa: E402
+from _cache import cached_json, content_digest, keyed, produced_by, record  # noqa: E402
 
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics  # noqa: E402
 from sae.io import load_sae  # noqa: E402
@@ -69,6 +69,7 @@ def train_arch(args, arch: str, coeff: float) -> Path:
         optimizer=args.optimizer,
     )
     key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every",)}
+    key["store_digest"] = content_digest(args.store)
     out = keyed(args.out, arch, key)
     if (out / args.hook / "sae.safetensors").exists() and (out / "produced_by.json").exists():
         return out / args.hook
@@ -100,7 +101,8 @@ def evaluate(args, model, sae_dir: Path, windows) -> dict:
         result.update(splice_metrics(model, sae, windows))
         return result
 
-    key = {"sae": str(sae_dir), "eval_store": args.eval_store, "ce_tokens": args.ce_tokens}
+    key = {"sae": str(sae_dir), "eval_store": content_digest(args.eval_store)}
+    key["ce_tokens"] = args.ce_tokens
     return cached_json(sae_dir.parent, "quality_eval", {**key, "model": args.model}, compute)
 
 
