@@ -23,7 +23,7 @@ benchmarks; `compare_with_greylens(model)` runs the workload through greylens's 
 vLLM's in its default (compiled) mode and with --enforce-eager (`scripts/bench_serve.py --only
 vllm`). The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script
 fails to find its own package metadata) with --dtype float32 --enable-prefix-caching
-(--enforce-eager when asked) and VLLM_CPU_KVCACHE_SPACE=4 (GiB) unless set. vLLM's CPU build
+(--enforce-eager when asked) and VLLM_CPU_KVCACHE_SPACE=2 (GiB) unless set. vLLM's CPU build
 reserves a core for its front end by default; here VLLM_CPU_NUM_OF_RESERVED_CPU=0 and
 VLLM_CPU_OMP_THREADS_BIND binds its compute threads to every core, as greylens's torch uses every
 core. Its log goes to `<cache>/vllm-server-<port>.log`.
@@ -151,7 +151,7 @@ def launch_server(port: int, eager: bool = True) -> subprocess.Popen:
     if not STAMP.exists() or not (HF_DIR / "config.json").exists():
         raise RuntimeError("no vLLM side venv or HF copy: run `python scripts/_vllm_side.py setup`")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the workload needs far less
     # the same cores as greylens: no core held back for the front end, compute on all of them
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
@@ -273,10 +273,12 @@ def bench(n_prompts: int, max_tokens: int, port: int) -> dict:
 
 def compare_with_greylens(model: str, rounds: int = 3, port: int = 8712) -> dict:
     """The same workload (16 prompts x 64 tokens, one client) through greylens's HTTP server
-    (`python -m serve_hooks serve`, run with this python) and vLLM's in compiled and in eager
-    mode: all three servers up at once, one untimed pass of the workload each (warm), then
-    `rounds` rounds in a rotating order; per contender the median output tok/s with min and max,
-    and greylens's median over each vLLM mode's."""
+    (`python -m serve_hooks serve`, run with this python) and vLLM's, in compiled and in eager
+    mode. greylens's server stays up; each vLLM mode runs in turn (one vLLM server at a time: two
+    at once exhaust a shared machine's memory): start it (start-up reported apart), one untimed
+    pass of the workload through both servers (warm), then `rounds` rounds alternating which
+    server goes first. Per contender the median output tok/s with min and max, and greylens's
+    median over each vLLM mode's (greylens's passes of that mode's phase)."""
     if model != SERVED_NAME:
         raise ValueError(
             f"the vLLM side serves {SERVED_NAME} only (its HF copy); compare with --model "
@@ -284,36 +286,33 @@ def compare_with_greylens(model: str, rounds: int = 3, port: int = 8712) -> dict
         )
     serve = [sys.executable, "-m", "serve_hooks", "serve", "--model", model, "--port", str(port)]
     serve += ["--max-num-batched-tokens", "256"]
-    ports = {"greylens": port, "vllm_compiled": port + 1, "vllm_eager": port + 2}
-    started = time.perf_counter()
-    procs = {
-        "greylens": subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    }
+    ours = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs: dict[str, list[dict]] = {}
+    startup: dict[str, float] = {}
     try:
-        for name, eager in (("vllm_compiled", False), ("vllm_eager", True)):
-            procs[name] = launch_server(ports[name], eager=eager)
         _wait_health(port)
-        for name in ("vllm_compiled", "vllm_eager"):
-            wait_healthy(procs[name], ports[name], timeout=1800)
-        startup_s = time.perf_counter() - started
-        runs: dict[str, list[dict]] = {name: [] for name in ports}
-        for name in ports:
-            _throughput(ports[name])  # warm: the whole workload once, untimed
-        for r in range(rounds):
-            order = list(ports)[r % 3 :] + list(ports)[: r % 3]
-            for name in order:
-                runs[name].append(_throughput(ports[name]))
+        for mode, eager in (("compiled", False), ("eager", True)):
+            started = time.perf_counter()
+            vllm = start_server(port + 1, timeout=1800, eager=eager)
+            startup[mode] = round(time.perf_counter() - started, 1)
+            try:
+                pair = {f"greylens_vs_{mode}": port, f"vllm_{mode}": port + 1}
+                for name, at in pair.items():
+                    _throughput(at)  # warm: the whole workload once, untimed
+                    runs[name] = []
+                for r in range(rounds):
+                    for name in list(pair)[r % 2 :] + list(pair)[: r % 2]:
+                        runs[name].append(_throughput(pair[name]))
+            finally:
+                stop_server(vllm)
     finally:
-        procs["greylens"].terminate()
-        procs["greylens"].wait(timeout=60)
-        for name in ("vllm_compiled", "vllm_eager"):
-            if name in procs:
-                stop_server(procs[name])
-    return _summary(runs, rounds, startup_s)
+        ours.terminate()
+        ours.wait(timeout=60)
+    return {"vllm_startup_s": startup, **_summary(runs, rounds)}
 
 
-def _summary(runs: dict[str, list[dict]], rounds: int, startup_s: float) -> dict:
-    result: dict = {"rounds": rounds, "all_servers_startup_s": round(startup_s, 1)}
+def _summary(runs: dict[str, list[dict]], rounds: int) -> dict:
+    result: dict = {"rounds": rounds}
     for name, rows in runs.items():
         speeds = [row["output_tok_per_s"] for row in rows]
         result[name] = {
@@ -324,8 +323,8 @@ def _summary(runs: dict[str, list[dict]], rounds: int, startup_s: float) -> dict
             "all_exact_length": all(row["exact_length"] for row in rows),
             "first_text": rows[0]["first_text"],
         }
-    ours = result["greylens"]["output_tok_per_s_median"]
     for mode in ("compiled", "eager"):
+        ours = result[f"greylens_vs_{mode}"]["output_tok_per_s_median"]
         theirs = result[f"vllm_{mode}"]["output_tok_per_s_median"]
         result[f"ratio_greylens_over_vllm_{mode}"] = round(ours / theirs, 3)
     return result

@@ -150,7 +150,8 @@ def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
         **({"dead_tokens": args.dead_tokens} if args.dead_tokens else {}),
     )
     clock = StepClock(args.batch)
-    probe = GemmProbe(clock, eval_x.shape[1], args.expansion * eval_x.shape[1])
+    every = max(1, min(5, args.tokens // args.batch // 2))  # short runs get GEMM probes too
+    probe = GemmProbe(clock, eval_x.shape[1], args.expansion * eval_x.shape[1], every)
     clock.start()
     train(cfg, on_step=probe)
     last = json.loads((work / "greylens" / "metrics.jsonl").read_text().splitlines()[-1])
