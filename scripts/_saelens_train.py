@@ -9,7 +9,9 @@ greylens's own venv. CPU, fp32, torch's default thread count.
 TRAIN/EVAL hold one tensor "x": [rows, d] float32. Trains T // B steps of B rows, taken from one
 seeded permutation of TRAIN's rows (repeated when T exceeds the row count), then writes
 OUT {"recons": [n_eval, d]} in raw activation space and prints one JSON line on stdout (library,
-version, tokens, seconds of `SAETrainer.fit()` alone, tok_per_s, steps). All else goes to stderr.
+version, tokens, steps, and `_side_driver.StepClock`'s setup_s, steady-state tok_per_s and
+median_step_s: set-up = SAE and trainer construction through the end of step 0; steady state =
+steps 1 .. N-2, each step's end read from fit()'s pull of the next batch). All else goes to stderr.
 
 What runs is SAELens's own code path, as its LLM runner would run it, minus the model:
 - `TopKTrainingSAE(TopKTrainingSAEConfig(...))` with SAELens's defaults: AuxK on (coefficient 1,
@@ -38,13 +40,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from importlib.metadata import version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from _side_driver import batches, common_parser, emit, redirect_stdout, training_rows  # noqa: E402
+from _side_driver import (  # noqa: E402
+    StepClock,
+    batches,
+    common_parser,
+    emit,
+    redirect_stdout,
+    training_rows,
+)
 
 redirect_stdout()  # library prints go to stderr; stdout carries one JSON line
 
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     x, steps = training_rows(args)
     torch.manual_seed(args.seed)
+    clock = StepClock(args.batch)
+    clock.start()
     sae_cfg = TopKTrainingSAEConfig(
         d_in=x.shape[1],
         d_sae=args.n_latents,
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(
-        cfg=trainer_cfg, sae=sae, data_provider=batches(x, args.batch, steps, args.seed)
+        cfg=trainer_cfg,
+        sae=sae,
+        data_provider=clock.pulls(batches(x, args.batch, steps, args.seed)),
     )
     if args.normalize == "expected_average_only_in":
         n_norm = min(steps, trainer_cfg.n_batches_for_norm_estimate)
@@ -97,9 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
 
-    started = time.perf_counter()
     sae = trainer.fit()  # folds the input scaling factor into the weights at the end
-    seconds = time.perf_counter() - started
 
     x_eval = load_file(args.eval)["x"].float()
     sae.eval()
@@ -112,9 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         "library": "saelens",
         "version": version("sae-lens"),
         "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tok_per_s": round(tokens / seconds, 1),
         "steps": trainer.n_training_steps,
+        **clock.report(trainer.n_training_steps),
     }
     emit(report)
 

@@ -10,8 +10,9 @@ never in greylens's own venv. CPU, fp32, torch's default thread count.
 TRAIN/EVAL hold one tensor "x": [rows, d] float32. Trains T // B steps of B rows, taken from one
 seeded permutation of TRAIN's rows (repeated when T exceeds the row count), then writes
 OUT {"recons": [n_eval, d]} in raw activation space and prints one JSON line on stdout (library,
-version, tokens, seconds of the training loop alone, tok_per_s, steps, optimizer, lr). All else
-goes to stderr.
+version, tokens, steps, optimizer, lr, and `_side_driver.StepClock`'s setup_s, steady-state
+tok_per_s and median_step_s: set-up = SparseCoder and optimizer construction through the end of
+step 0; steady state = steps 1 .. N-2). All else goes to stderr.
 
 sparsify's `Trainer` only trains from a model's forward hooks (it takes a model and a token
 dataset), so this driver runs its `SparseCoder` (the module, its fused TopK encoder, its loss
@@ -44,13 +45,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Iterator
 from importlib.metadata import version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _side_driver import batches, common_parser, emit, redirect_stdout, training_rows  # noqa: E402
+from _side_driver import (  # noqa: E402
+    StepClock,
+    batches,
+    common_parser,
+    emit,
+    redirect_stdout,
+    training_rows,
+)
 
 redirect_stdout()  # library prints go to stderr; stdout carries one JSON line
 
@@ -94,8 +101,10 @@ def train(
     opt: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     args: argparse.Namespace,
+    clock: StepClock,
 ) -> int:
-    """sparsify's Trainer step for loss_fn="fvu", repeated over `data`; returns the tokens seen."""
+    """sparsify's Trainer step for loss_fn="fvu", repeated over `data`; returns the tokens seen.
+    `clock` ticks at the end of every step."""
     since_fired = torch.zeros(sae.num_latents, dtype=torch.long)
     tokens = 0
     for step, x in enumerate(data):
@@ -113,6 +122,7 @@ def train(
         since_fired += len(x)
         since_fired[out.latent_indices.flatten()] = 0
         tokens += len(x)
+        clock.tick()
     return tokens
 
 
@@ -120,15 +130,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     x, steps = training_rows(args)
     torch.manual_seed(args.seed)
+    clock = StepClock(args.batch)
+    clock.start()
     sae = SparseCoder(
         x.shape[1], SparseCoderConfig(num_latents=args.n_latents, k=args.k), "cpu", torch.float32
     )
     lr = args.lr * (SIGNUM_OVER_ADAM_LR if args.optimizer == "signum" else 1.0)
     opt, scheduler = make_optimizer(sae, args.optimizer, lr, args.warmup_steps, steps)
 
-    started = time.perf_counter()
-    tokens = train(sae, batches(x, args.batch, steps, args.seed), opt, scheduler, args)
-    seconds = time.perf_counter() - started
+    tokens = train(sae, batches(x, args.batch, steps, args.seed), opt, scheduler, args, clock)
 
     if isinstance(opt, ScheduleFreeWrapper):
         opt.eval()  # what Trainer does before saving: switch to the averaged weights
@@ -141,11 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         "library": "sparsify",
         "version": version("eai-sparsify"),
         "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tok_per_s": round(tokens / seconds, 1),
         "steps": steps,
         "optimizer": args.optimizer,
         "lr": lr,
+        **clock.report(steps),
     }
     emit(report)
 

@@ -18,12 +18,15 @@ MAIN venv's python, drives it as a subprocess server over HTTP.
         max_tokens tokens, all at once from N threads to /v1/completions. Times first send to last
         response, prints one JSON line on stdout, stops the server.
 
-`start_server(port)` / `stop_server(proc)` / `run_workload(...)` are importable for other
+`start_server(port, eager)` / `stop_server(proc)` / `run_workload(...)` are importable for other
 benchmarks; `compare_with_greylens(model)` runs the workload through greylens's server and
-vLLM's (`scripts/bench_serve.py --only vllm`). The server runs
-`python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails to find its own
-package metadata) with --dtype float32 --enforce-eager --enable-prefix-caching and
-VLLM_CPU_KVCACHE_SPACE=4 (GiB); its log goes to `<cache>/vllm-server.log`.
+vLLM's in its default (compiled) mode and with --enforce-eager (`scripts/bench_serve.py --only
+vllm`). The server runs `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script
+fails to find its own package metadata) with --dtype float32 --enable-prefix-caching
+(--enforce-eager when asked) and VLLM_CPU_KVCACHE_SPACE=2 (GiB) unless set. vLLM's CPU build
+reserves a core for its front end by default; here VLLM_CPU_NUM_OF_RESERVED_CPU=0 and
+VLLM_CPU_OMP_THREADS_BIND binds its compute threads to every core, as greylens's torch uses every
+core. Its log goes to `<cache>/vllm-server-<port>.log`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +56,7 @@ VENV = CACHE / "venvs" / "vllm"
 VENV_PY = VENV / "bin" / "python"
 STAMP = VENV / ".greylens-installed"
 HF_DIR = CACHE / "hf" / "smollm2-135m-instruct"
-LOG = CACHE / "vllm-server.log"
+LOG = CACHE / "vllm-server.log"  # each server logs to vllm-server-<port>.log beside it
 
 PROMPTS = (
     "The history of the printing press begins in",
@@ -137,12 +141,20 @@ def write_hf_copy(out: Path) -> None:
     print(f"[vllm-side] saved {len(state)} tensors (tied lm_head dropped: {tied})")
 
 
-def start_server(port: int, timeout: float = 600.0) -> subprocess.Popen:
-    """Start vLLM's OpenAI server on 127.0.0.1:port and return once /health answers 200."""
+def log_path(port: int) -> Path:
+    return LOG.with_name(f"vllm-server-{port}.log")
+
+
+def launch_server(port: int, eager: bool = True) -> subprocess.Popen:
+    """Start vLLM's OpenAI server on 127.0.0.1:port (compiled unless `eager`); returns at once
+    (`wait_healthy` waits for it), so several servers can start side by side."""
     if not STAMP.exists() or not (HF_DIR / "config.json").exists():
         raise RuntimeError("no vLLM side venv or HF copy: run `python scripts/_vllm_side.py setup`")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the workload needs far less
+    # the same cores as greylens: no core held back for the front end, compute on all of them
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     cmd = [
         str(VENV_PY),
         "-m",
@@ -157,27 +169,37 @@ def start_server(port: int, timeout: float = 600.0) -> subprocess.Popen:
         str(port),
         "--dtype",
         "float32",
-        "--enforce-eager",
         "--enable-prefix-caching",
+        *(["--enforce-eager"] if eager else []),
     ]
-    LOG.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOG, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
+    log_path(port).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path(port), "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def start_server(port: int, timeout: float = 600.0, eager: bool = True) -> subprocess.Popen:
+    """Start vLLM's OpenAI server on 127.0.0.1:port and return once /health answers 200."""
+    proc = launch_server(port, eager)
+    wait_healthy(proc, port, timeout)
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 600.0) -> None:
+    """Return once the vLLM server `proc` on `port` answers /health with 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            _fail(proc, f"vLLM server exited with code {proc.returncode}")
+            _fail(proc, f"vLLM server on port {port} exited with code {proc.returncode}", port)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
                 if resp.status == 200:
-                    return proc
+                    return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1.0)
-    _fail(proc, f"vLLM server not healthy after {timeout:.0f} s")
-    raise AssertionError("unreachable")
+    _fail(proc, f"vLLM server on port {port} not healthy after {timeout:.0f} s", port)
 
 
 def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -249,27 +271,62 @@ def bench(n_prompts: int, max_tokens: int, port: int) -> dict:
     }
 
 
-def compare_with_greylens(model: str, port: int = 8712, vllm_port: int = 8711) -> dict:
+def compare_with_greylens(model: str, rounds: int = 3, port: int = 8712) -> dict:
     """The same workload (16 prompts x 64 tokens, one client) through greylens's HTTP server
-    (`python -m serve_hooks serve`, run with this python) and vLLM's: output tok/s of each."""
-    result = {}
+    (`python -m serve_hooks serve`, run with this python) and vLLM's, in compiled and in eager
+    mode. greylens's server stays up; each vLLM mode runs in turn (one vLLM server at a time: two
+    at once exhaust a shared machine's memory): start it (start-up reported apart), one untimed
+    pass of the workload through both servers (warm), then `rounds` rounds alternating which
+    server goes first. Per contender the median output tok/s with min and max, and greylens's
+    median over each vLLM mode's (greylens's passes of that mode's phase)."""
+    if model != SERVED_NAME:
+        raise ValueError(
+            f"the vLLM side serves {SERVED_NAME} only (its HF copy); compare with --model "
+            f"{SERVED_NAME}, not {model}"
+        )
     serve = [sys.executable, "-m", "serve_hooks", "serve", "--model", model, "--port", str(port)]
     serve += ["--max-num-batched-tokens", "256"]
-    proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ours = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs: dict[str, list[dict]] = {}
+    startup: dict[str, float] = {}
     try:
         _wait_health(port)
-        result["greylens"] = _throughput(port)
+        for mode, eager in (("compiled", False), ("eager", True)):
+            started = time.perf_counter()
+            vllm = start_server(port + 1, timeout=1800, eager=eager)
+            startup[mode] = round(time.perf_counter() - started, 1)
+            try:
+                pair = {f"greylens_vs_{mode}": port, f"vllm_{mode}": port + 1}
+                for name, at in pair.items():
+                    _throughput(at)  # warm: the whole workload once, untimed
+                    runs[name] = []
+                for r in range(rounds):
+                    for name in list(pair)[r % 2 :] + list(pair)[: r % 2]:
+                        runs[name].append(_throughput(pair[name]))
+            finally:
+                stop_server(vllm)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    vllm = start_server(vllm_port)
-    try:
-        result["vllm"] = _throughput(vllm_port)
-    finally:
-        stop_server(vllm)
-    result["ratio_greylens_over_vllm"] = round(
-        result["greylens"]["output_tok_per_s"] / result["vllm"]["output_tok_per_s"], 3
-    )
+        ours.terminate()
+        ours.wait(timeout=60)
+    return {"vllm_startup_s": startup, **_summary(runs, rounds)}
+
+
+def _summary(runs: dict[str, list[dict]], rounds: int) -> dict:
+    result: dict = {"rounds": rounds}
+    for name, rows in runs.items():
+        speeds = [row["output_tok_per_s"] for row in rows]
+        result[name] = {
+            "output_tok_per_s_median": statistics.median(speeds),
+            "min": min(speeds),
+            "max": max(speeds),
+            "runs": speeds,
+            "all_exact_length": all(row["exact_length"] for row in rows),
+            "first_text": rows[0]["first_text"],
+        }
+    for mode in ("compiled", "eager"):
+        ours = result[f"greylens_vs_{mode}"]["output_tok_per_s_median"]
+        theirs = result[f"vllm_{mode}"]["output_tok_per_s_median"]
+        result[f"ratio_greylens_over_vllm_{mode}"] = round(ours / theirs, 3)
     return result
 
 
@@ -277,6 +334,7 @@ def _throughput(port: int, n: int = 16, max_tokens: int = 64) -> dict:
     _, replies, seconds = run_workload(port, n, max_tokens)
     tokens = sum(r["usage"]["completion_tokens"] for r in replies)
     return {
+        "exact_length": all(r["usage"]["completion_tokens"] == max_tokens for r in replies),
         "output_tokens": tokens,
         "seconds": round(seconds, 2),
         "output_tok_per_s": round(tokens / seconds, 2),
@@ -300,10 +358,11 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _fail(proc: subprocess.Popen, message: str) -> None:
+def _fail(proc: subprocess.Popen, message: str, port: int) -> None:
     stop_server(proc)
-    tail = LOG.read_text(errors="replace").splitlines()[-60:]
-    print(f"[vllm-side] {message}; last lines of {LOG}:", *tail, sep="\n", file=sys.stderr)
+    log = log_path(port)
+    tail = log.read_text(errors="replace").splitlines()[-60:]
+    print(f"[vllm-side] {message}; last lines of {log}:", *tail, sep="\n", file=sys.stderr)
     raise RuntimeError(message)
 
 

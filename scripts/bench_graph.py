@@ -6,7 +6,10 @@ its co-activation candidates, default settings). Speed is each trainer's own log
 its training loop (initialisation excluded): over the whole run ("run") and over its last quarter
 ("steady": by then most gates have closed, and a step touches far fewer edges than at the start).
 The two are run alternately, `--rounds` times, and the ratios of the medians are reported: the
-machine is shared, so only ratios within a run count.
+machine is shared, so only ratios within a run count. Both use the same optimizer and windows: the
+graph trainer's fused Adam with its warm-up and decay fractions, and its AuxK dead window
+(GraphTrainConfig.dead_tokens), so the TopK side is not the SAE trainer's default (schedule-free
+AdamW, a dead window of a fifth of the run) and the ratio measures the graph's cost alone.
 
     python scripts/bench_graph.py --store out/l15-train-1m --stats out/graph/stats-l15 [--steps 48]
     python scripts/bench_graph.py --store out/l15-train-1m --parents out/graph/parents20  # (c)
@@ -68,6 +71,13 @@ def one_round(args: argparse.Namespace, sae, recipe: dict, root: Path) -> dict[s
         checkpoint_every=10**9,
         wandb="disabled",
     )
+    graph_cfg = GraphTrainConfig(stats=args.stats, out=str(root / "graph"), **common, **recipe)
+    # the graph trainer's optimizer schedule and dead window, given to the TopK run too
+    matched = dict(
+        warmup_frac=graph_cfg.warmup_frac,
+        decay_frac=graph_cfg.decay_frac,
+        dead_tokens=graph_cfg.dead_tokens,
+    )
     train(
         TrainConfig(
             out=str(root / "topk"),
@@ -75,10 +85,12 @@ def one_round(args: argparse.Namespace, sae, recipe: dict, root: Path) -> dict[s
             arch="topk",
             k=sae.cfg.k,
             expansion=sae.cfg.n_latents // sae.cfg.d_in,
+            optimizer="adam",
+            **matched,
             **common,
         )
     )
-    train_graph(GraphTrainConfig(stats=args.stats, out=str(root / "graph"), **common, **recipe))
+    train_graph(graph_cfg)
     return {"topk": root / "topk", "graph": root / "graph"}
 
 
@@ -113,6 +125,8 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "rounds": args.rounds,
+        "optimizer": "fused Adam (both)",
+        "dead_tokens": GraphTrainConfig.dead_tokens,
         "topk_tok_s": median["topk"],
         "graph_tok_s": median["graph"],
         "ratio": median["graph"] / median["topk"],

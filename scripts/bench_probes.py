@@ -29,14 +29,16 @@ from sae.hooks import recording
 from sae.models import load_model
 from sae.sae import SAE, SAEConfig
 
-HOOK = "blocks.15.hook_resid_post"
+HOOK = "blocks.15.hook_resid_post"  # the default of --hook
 
 
-def random_probes(d_model: int, n_latents: int, generator: torch.Generator) -> list[Probe]:
+def random_probes(
+    d_model: int, n_latents: int, generator: torch.Generator, hook: str = HOOK
+) -> list[Probe]:
     def features(k: int) -> torch.Tensor:
         return torch.randperm(n_latents, generator=generator)[:k].sort().values
 
-    common = dict(hook=HOOK, d_model=d_model, aggregation="mean", bias=0.1)
+    common = dict(hook=hook, d_model=d_model, aggregation="mean", bias=0.1)
     return [
         Probe("linear", weight=torch.randn(d_model, generator=generator), **common),
         Probe("mean_diff", weight=torch.randn(d_model, generator=generator), **common),
@@ -65,9 +67,10 @@ def score_all(probes: list[Probe], features: Features) -> None:
 @torch.inference_mode()
 def prefill(model, sae, probes, texts: list[str], tokens: int, repeats: int) -> dict:
     ids = torch.stack([row[:tokens] for row in tokenize(model.tokenizer, texts, tokens)])  # [B, T]
-    with recording(model, [HOOK]) as latest:
+    hook = probes[0].hook  # every probe reads the same hook
+    with recording(model, [hook]) as latest:
         model.fast(ids, use_cache=False)
-        acts = latest()[HOOK][:, 1:].reshape(-1, model.d_model).float()  # [B·(T−1), d]
+        acts = latest()[hook][:, 1:].reshape(-1, model.d_model).float()  # [B·(T−1), d]
     offsets = torch.arange(0, acts.shape[0] + 1, tokens - 1)
     ragged = Ragged(acts, offsets)
     code, n_latents = encode(sae, ragged)
@@ -110,9 +113,9 @@ def decode(model, sae, probes, prompt: str, steps: int, repeats: int) -> dict:
             if mode == "plain":
                 times[mode] = step()
                 continue
-            with recording(model, [HOOK]) as latest:
+            with recording(model, [probes[0].hook]) as latest:
                 times[mode] = step()
-                x = latest()[HOOK][0].float()  # [1, d_model]: the new token's row
+                x = latest()[probes[0].hook][0].float()  # [1, d_model]: the new token's row
         plain, recorded = times["plain"], times["recorded"]
         row = Ragged(x, torch.tensor([0, 1]))
         rows["forward"].append(plain)
@@ -145,19 +148,22 @@ def main() -> None:
     parser.add_argument(
         "--sae", default="", help="SAE directory at layer 15 (default: a random 9216-wide TopK SAE)"
     )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--hook", default=HOOK)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = load_model("smollm2-135m")
+    model = load_model(args.model)
     sae = (
         load_encoder(args.sae)
         if args.sae
         else SAE(SAEConfig(d_in=model.d_model, n_latents=16 * model.d_model, k=32))
     )
-    probes = random_probes(model.d_model, sae.cfg.n_latents, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    probes = random_probes(model.d_model, sae.cfg.n_latents, generator, args.hook)
     from sae.corpus import load_corpus
 
     texts = [doc[:4000] for doc in load_corpus("default", "heldout")["text"][: args.batch]]

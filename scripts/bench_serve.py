@@ -6,16 +6,18 @@
            throughput, and goodput (requests/s meeting TTFT ≤ --slo-ttft and TPOT ≤ --slo-tpot).
 - hf       the same requests, all at once, through transformers `generate` in static batches
            (left-padded, each batch runs to its longest request) vs the engine: useful output
-           tokens/s ratio.
+           tokens/s ratio. Both warm (one untimed run each) and both on torch SDPA attention.
 - prefix   many requests behind one long system prompt, one at a time: mean TTFT with the prefix
            cache on ÷ off.
 - long     short prompts, long outputs: the fraction of allocated KV slots that hold live tokens
            (sampled every step), and how many requests ran at once vs how many a contiguous
            per-request allocation of the same memory would hold.
 - vllm     16 prompts × 64 tokens through greylens's HTTP server and vLLM's CPU server (side venv,
-           `scripts/_vllm_side.py setup`), same client: output tok/s ratio.
+           `scripts/_vllm_side.py setup`) in compiled and in eager mode, same client and cores,
+           all warm, alternated over --vllm-rounds rounds: medians with min/max, and ratios.
 - load     1000 Poisson requests with a deliberately small block pool vs a roomy one: requests
-           lost and outputs that differ.
+           lost (submitted but not completed with their requested token count) and outputs that
+           differ.
 
     python scripts/bench_serve.py --hooks --sae out/quality/topk/blocks.15.hook_resid_post
 
@@ -40,81 +42,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _vllm_side  # noqa: E402
+from _serve_load import VOCAB, run_arrivals, summarize, warm, workload  # noqa: E402
 
 from serve_hooks.config import EngineConfig  # noqa: E402
 from serve_hooks.engine import LLMEngine  # noqa: E402
-from serve_hooks.sequence import SamplingParams  # noqa: E402
-
-# Token ids drawn for synthetic prompts (main() caps it at the model's vocabulary).
-VOCAB = [100, 40000]
-
-
-def workload(
-    n: int, seed: int, prompt_len=(16, 256), out_len=(16, 128)
-) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [
-        ([rng.randrange(*VOCAB) for _ in range(rng.randint(*prompt_len))], rng.randint(*out_len))
-        for _ in range(n)
-    ]
-
-
-def warm(engine: LLMEngine) -> None:
-    """One small untimed request, so first-touch costs (allocator, KV pages, kernels) stay out of
-    the timings."""
-    engine.generate(
-        [list(range(VOCAB[0], VOCAB[0] + 64))], SamplingParams(max_tokens=4, ignore_eos=True)
-    )
-
-
-def run_arrivals(engine: LLMEngine, requests, arrivals: list[float], on_step=None) -> list[dict]:
-    """Feed requests at their arrival offsets (seconds) and step the engine; per-request timings."""
-    t0 = time.monotonic()
-    pending = sorted(zip(arrivals, range(len(requests)), strict=True))
-    seqs, done = {}, {}
-    while pending or engine.has_unfinished():
-        now = time.monotonic() - t0
-        while pending and pending[0][0] <= now:
-            arrival, i = pending.pop(0)
-            prompt, n_out = requests[i]
-            seq = engine.add_request(prompt, SamplingParams(max_tokens=n_out, ignore_eos=True))
-            seqs[seq.seq_id] = (i, t0 + arrival, seq)
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, min(0.01, pending[0][0] - now)) if pending else 0.0)
-            continue
-        for out in engine.step():
-            if out.finished:
-                i, arrived, seq = seqs[out.seq_id]
-                end = time.monotonic()
-                ttft = seq.first_token_time - arrived
-                tpot = (end - seq.first_token_time) / max(1, len(out.token_ids) - 1)
-                done[i] = {
-                    "ttft": ttft,
-                    "tpot": tpot,
-                    "end": end - t0,
-                    "tokens": out.token_ids,
-                    "cached": out.num_cached_tokens,
-                }
-        if on_step:
-            on_step(engine)
-    return [done[i] for i in range(len(requests))]
-
-
-def summarize(rows: list[dict], slo_ttft: float, slo_tpot: float) -> dict:
-    makespan = max(r["end"] for r in rows)
-    good = sum(1 for r in rows if r["ttft"] <= slo_ttft and r["tpot"] <= slo_tpot)
-    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    ttft, tpot = [r["ttft"] for r in rows], [r["tpot"] for r in rows]
-    return {
-        "requests": len(rows),
-        "output_tok_per_s": round(sum(len(r["tokens"]) for r in rows) / makespan, 2),
-        "ttft_mean_s": round(statistics.mean(ttft), 3),
-        "ttft_p90_s": round(pct(ttft, 0.9), 3),
-        "tpot_mean_ms": round(1000 * statistics.mean(tpot), 1),
-        "tpot_p90_ms": round(1000 * pct(tpot, 0.9), 1),
-        "goodput_req_per_s": round(good / makespan, 3),
-        "slo_met": f"{good}/{len(rows)}",
-    }
 
 
 def bench_poisson(model, args) -> dict:
@@ -141,10 +72,32 @@ def bench_hf(model, args) -> dict:
     warm(engine)
     rows = run_arrivals(engine, requests, [0.0] * len(requests))
     engine_tps = sum(len(r["tokens"]) for r in rows) / max(r["end"] for r in rows)
-    started, useful = time.monotonic(), 0
-    pad = model.tokenizer.pad_token_id or 0
-    for b in range(0, len(requests), args.hf_batch):
-        batch = requests[b : b + args.hf_batch]
+    # HF on the engine's attention kernel (torch SDPA; model.fast runs eager for harvesting)
+    attention = model.fast.config._attn_implementation
+    model.fast.set_attn_implementation("sdpa")
+    try:
+        hf_generate(model, requests[: args.hf_batch], args.hf_batch)  # warm, untimed
+        started = time.monotonic()
+        useful = hf_generate(model, requests, args.hf_batch)
+        hf_tps = useful / (time.monotonic() - started)
+    finally:
+        model.fast.set_attn_implementation(attention)
+    return {
+        "requests": len(requests),
+        "hf_batch": args.hf_batch,
+        "attention": "sdpa (both)",
+        "engine_tok_per_s": round(engine_tps, 2),
+        "hf_tok_per_s": round(hf_tps, 2),
+        "ratio": round(engine_tps / hf_tps, 2),
+    }
+
+
+def hf_generate(model, requests, batch_size: int) -> int:
+    """The requests through transformers `generate` in static left-padded batches, each run to
+    its longest request; returns the useful tokens (each request's own length)."""
+    useful, pad = 0, model.tokenizer.pad_token_id or 0
+    for b in range(0, len(requests), batch_size):
+        batch = requests[b : b + batch_size]
         width = max(len(p) for p, _ in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
@@ -158,14 +111,7 @@ def bench_hf(model, args) -> dict:
             pad_token_id=pad,
         )
         useful += sum(n for _, n in batch)  # tokens past a request's own length are waste
-    hf_tps = useful / (time.monotonic() - started)
-    return {
-        "requests": len(requests),
-        "hf_batch": args.hf_batch,
-        "engine_tok_per_s": round(engine_tps, 2),
-        "hf_tok_per_s": round(hf_tps, 2),
-        "ratio": round(engine_tps / hf_tps, 2),
-    }
+    return useful
 
 
 def bench_prefix(model, args) -> dict:
@@ -327,19 +273,27 @@ def bench_load(model, args) -> dict:
         EngineConfig(model=args.model, num_blocks=args.load_blocks, max_num_batched_tokens=256),
         model,
     )
-    pressured = run_arrivals(small, requests, arrivals)
+    pressured = run_arrivals(small, requests, arrivals, strict=False)
     roomy = LLMEngine(EngineConfig(model=args.model, max_num_batched_tokens=256), model)
     reference = run_arrivals(roomy, requests, [0.0] * len(requests))
     small.cache.check()
+    # lost: submitted, but not completed with the token count it asked for
+    lost = [
+        i
+        for i, (row, (_, n_out)) in enumerate(zip(pressured, requests, strict=True))
+        if row is None or len(row["tokens"]) != n_out
+    ]
     differ = [
         i
         for i, (a, b) in enumerate(zip(pressured, reference, strict=True))
-        if a["tokens"] != b["tokens"]
+        if a is not None and a["tokens"] != b["tokens"]
     ]
     return {
         "requests": len(requests),
         "blocks": args.load_blocks,
-        "lost": len(requests) - len(pressured),
+        "completed": sum(row is not None for row in pressured),
+        "lost": len(lost),
+        "first_lost": lost[:5],
         "outputs_differing": len(differ),
         "first_differing": differ[:5],
         "preemptions": small.scheduler.num_preemptions,
@@ -378,6 +332,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="off/on rounds of the hook benchmarks (medians)"
     )
+    parser.add_argument(
+        "--vllm-rounds", type=int, default=3, help="rounds of the vllm comparison (medians)"
+    )
     args = parser.parse_args()
     if args.hooks:
         args.only = "hooks_poisson,hooks_prefix"
@@ -396,7 +353,7 @@ def main() -> None:
         "hf": lambda: bench_hf(model, args),
         "prefix": lambda: bench_prefix(model, args),
         "long": lambda: bench_long(model, args),
-        "vllm": lambda: _vllm_side.compare_with_greylens(args.model),
+        "vllm": lambda: _vllm_side.compare_with_greylens(args.model, rounds=args.vllm_rounds),
         "load": lambda: bench_load(model, args),
         "hooks_poisson": lambda: bench_hooks_poisson(model, args),
         "hooks_prefix": lambda: bench_hooks_prefix(model, args),

@@ -4,8 +4,10 @@ All three train a TopK SAE on the same SmolLM2 activations (a store from `python
 with the same width, k, batch and tokens, and are scored by the same FVU (sae.metrics.fvu) on the
 same held-out activations (massive-activation rows, > 10x the median norm, dropped from all
 data: see inlier_rows). SAELens and sparsify run in side venvs (sae-lens pins transformer-lens
-< 4) through scripts/_saelens_train.py and scripts/_sparsify_train.py. Speed is the training loop
-only (no imports, model construction or evaluation), as tokens/s.
+< 4) through scripts/_saelens_train.py and scripts/_sparsify_train.py. All three are timed by the
+same clock (`_side_driver.StepClock`): set-up (SAE/trainer construction through the end of step 0)
+is reported apart as setup_s, and speed is the steady state, steps 1 .. N-2 (data loading
+included; imports and evaluation excluded), as tokens/s. At least 3 steps are needed.
 
 Efficiency: greylens's achieved FLOP/s divided by a torch fp32 GEMM of the encoder's shape measured
 in this run. FLOPs counted are those greylens executes per token: the dense encoder GEMM 2·d·n
@@ -34,15 +36,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.config import TrainConfig, base_lr, optimizer_name
-from sae.io import load_sae
-from sae.metrics import fvu
-from sae.models import cache_root
-from sae.optim import default_lr
-from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter
-from sae.train import train
+sys.path.insert(0, str(Path(__file__).parent))
+from _side_driver import StepClock  # noqa: E402
 
-HOOK = "blocks.15.hook_resid_post"
+from sae.config import TrainConfig, base_lr, optimizer_name  # noqa: E402
+from sae.io import load_sae  # noqa: E402
+from sae.metrics import fvu  # noqa: E402
+from sae.models import cache_root  # noqa: E402
+from sae.optim import default_lr  # noqa: E402
+from sae.store import DTYPES, ActivationStore, StoreManifest, StoreWriter  # noqa: E402
+from sae.train import train  # noqa: E402
+
+HOOK = "blocks.15.hook_resid_post"  # the default of --hook
 SCRIPTS = Path(__file__).parent
 VENVS = cache_root() / "venvs"
 SIDE_VENVS = {  # library -> (venv dir, pip requirements after CPU torch)
@@ -62,23 +67,24 @@ def gemm_flops(batch: int, d: int, n: int, repeats: int = 5, fresh_output: bool 
     return 2 * batch * d * n / best
 
 
-class StepClock:
-    """on_step callback for sae.train.train: the wall time of every step (data loading included)
-    and, after every `every`-th step, one GEMM of the encoder's shape timed right there, so that
-    both are measured in the same state of the machine."""
+class GemmProbe:
+    """on_step callback for sae.train.train: ticks the shared StepClock at the end of every step
+    and, after every `every`-th step, times one GEMM of the encoder's shape right there (outside
+    the step intervals), so that both are measured in the same state of the machine."""
 
-    def __init__(self, batch: int, d: int, n: int, every: int = 5) -> None:
+    def __init__(self, clock: StepClock, d: int, n: int, every: int = 5) -> None:
+        batch = clock.batch
         self.a, self.b, self.out = torch.randn(batch, d), torch.randn(d, n), torch.empty(batch, n)
-        self.every, self.step_s, self.gemm_s = every, [], []
-        self.last = time.perf_counter()
+        self.clock, self.every, self.gemm_s = clock, every, []
 
     def __call__(self, step: int) -> None:
-        now = time.perf_counter()
-        if step > 0:  # the first interval holds the trainer's start-up
-            self.step_s.append(now - self.last)
         if step % self.every == self.every - 1:
-            self.gemm_s.append(_timed(lambda: torch.mm(self.a, self.b, out=self.out)))
-        self.last = time.perf_counter()
+            self.clock.tick(lambda: self.gemm_s.append(_timed(self._gemm)))
+        else:
+            self.clock.tick()
+
+    def _gemm(self) -> None:
+        torch.mm(self.a, self.b, out=self.out)
 
 
 def _median(values: list[float]) -> float:
@@ -91,7 +97,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def inlier_rows(store: ActivationStore, n_rows: int) -> torch.Tensor:
+def inlier_rows(store: ActivationStore, n_rows: int, hook: str) -> torch.Tensor:
     """Indices of the first n_rows rows whose norm is within 10x the median (no massive
     activations).
 
@@ -100,12 +106,12 @@ def inlier_rows(store: ActivationStore, n_rows: int) -> torch.Tensor:
     comparison about the same inputs.
     """
     candidates = torch.arange(min(int(n_rows * 1.01) + 64, len(store)))
-    norms = store.rows(candidates, hooks=[HOOK])[HOOK].norm(dim=1)
+    norms = store.rows(candidates, hooks=[hook])[hook].norm(dim=1)
     return candidates[norms <= 10 * norms.median()][:n_rows]
 
 
-def export_rows(store: ActivationStore, index: torch.Tensor, path: Path) -> Path:
-    x = store.rows(index, hooks=[HOOK])[HOOK]  # [n, d] float32
+def export_rows(store: ActivationStore, index: torch.Tensor, path: Path, hook: str) -> Path:
+    x = store.rows(index, hooks=[hook])[hook]  # [n, d] float32
     save_file({"x": x.contiguous()}, path)
     return path
 
@@ -129,7 +135,7 @@ def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
     cfg = TrainConfig(
         store=str(train_store.directory),
         out=str(work / "greylens"),
-        hooks=HOOK,
+        hooks=args.hook,
         arch="topk",
         k=args.k,
         expansion=args.expansion,
@@ -143,26 +149,26 @@ def run_greylens(args, work: Path, eval_x: torch.Tensor) -> dict:
         seed=0,
         **({"dead_tokens": args.dead_tokens} if args.dead_tokens else {}),
     )
-    clock = StepClock(args.batch, eval_x.shape[1], args.expansion * eval_x.shape[1])
-    train(cfg, on_step=clock)
+    clock = StepClock(args.batch)
+    every = max(1, min(5, args.tokens // args.batch // 2))  # short runs get GEMM probes too
+    probe = GemmProbe(clock, eval_x.shape[1], args.expansion * eval_x.shape[1], every)
+    clock.start()
+    train(cfg, on_step=probe)
     last = json.loads((work / "greylens" / "metrics.jsonl").read_text().splitlines()[-1])
-    sae = load_sae(work / "greylens" / HOOK)
+    sae = load_sae(work / "greylens" / args.hook)
     with torch.no_grad():
         recons = sae(eval_x)
         fired = torch.bincount(sae.encode(eval_x).cols, minlength=sae.cfg.n_latents) > 0
-    # steps 2.. (the GEMM probes excluded)
-    tok_per_s = args.batch * len(clock.step_s) / sum(clock.step_s)
     return {
         "library": "greylens",
-        "tok_per_s": tok_per_s,
+        **clock.report(len(clock.ends)),  # the GEMM probes are outside the step intervals
         "tokens": last["tokens"],
         "eval_fvu": fvu(eval_x, recons),
         "eval_dead_fraction": 1 - fired.float().mean().item(),
         "lr": base_lr(cfg, sae.cfg.n_latents),
         "optimizer": optimizer_name(cfg),
-        "median_step_s": _median(clock.step_s),
-        "median_gemm_s": _median(clock.gemm_s),
-        "gemms_timed": len(clock.gemm_s),
+        "median_gemm_s": _median(probe.gemm_s),
+        "gemms_timed": len(probe.gemm_s),
     }
 
 
@@ -237,6 +243,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", default="out/l15-train-1m")
     parser.add_argument("--eval-store", default="out/l15-heldout")
+    parser.add_argument("--hook", default=HOOK)
+    parser.add_argument("--eval-tokens", type=int, default=32_768, help="held-out rows scored")
     parser.add_argument("--tokens", type=int, default=204_800)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--k", type=int, default=32)
@@ -289,10 +297,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        args.train_index = inlier_rows(store, args.tokens)
-        train_file = export_rows(store, args.train_index, work / "train.safetensors")
-        eval_index = inlier_rows(eval_store, 32_768)
-        eval_file = export_rows(eval_store, eval_index, work / "eval.safetensors")
+        args.train_index = inlier_rows(store, args.tokens, args.hook)
+        train_file = export_rows(store, args.train_index, work / "train.safetensors", args.hook)
+        eval_index = inlier_rows(eval_store, args.eval_tokens, args.hook)
+        eval_file = export_rows(eval_store, eval_index, work / "eval.safetensors", args.hook)
         eval_x = load_file(eval_file)["x"]
         for library in args.only.split(","):
             if library == "greylens":
@@ -302,7 +310,7 @@ def main() -> None:
         peak = gemm_flops(args.batch, d, n_latents)
         peak_fresh = gemm_flops(args.batch, d, n_latents, fresh_output=True)
     summary = {
-        "activations": f"SmolLM2-135M {HOOK}",
+        "activations": f"{store.manifest.model} {args.hook}",
         "d_model": d,
         "n_latents": n_latents,
         "k": args.k,

@@ -5,9 +5,13 @@ Equal width (9216 latents) and equal training tokens (1M): (a) is a TopK SAE tra
 SAE trained on the first 500k tokens and trains the graph autoencoder for 500k more (seeds 1-3).
 With --parents N (the current table: N = 20, --tag=-parents), (c) trains from that SAE with N
 label-free parents injected (graphs.parents) on their child -> parent edges, gates held open, and a
-fifth column gives the same fine-tune with every gate shut. Every step caches its output under
---out, so a killed run resumes. Writes the table into docs/graphs.md (between its markers) and
-<out>/graph_quality{tag}.json.
+fifth column gives the same fine-tune with every gate shut. The last column, (m), is a BatchTopK
+Matryoshka SAE of (a)'s width and k trained on (a)'s tokens (2 x --half-tokens), one per seed: does
+the graph autoencoder beat it on absorption, sparse probing and FVU? Every step caches its output
+under --out keyed by a hash of the configuration that made it and of its inputs' contents
+(scripts/_cache.py), so a killed run resumes and changed settings recompute; the table quotes the
+commands that produced the cached parts. Writes the table into docs/graphs.md (between its
+markers) and <out>/graph_quality{tag}.json.
 
     python scripts/graph_quality.py --store out/l15-train-1m --eval-store out/l15-heldout \\
         --pair-store out/l15-l18-300k --topk out/quality/topk/blocks.15.hook_resid_post \\
@@ -19,16 +23,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats
-from graphs.coders import AsSAE
-from graphs.crosslayer import TransitionConfig, fit_transition
-from graphs.eval import (
+sys.path.insert(0, str(Path(__file__).parent))
+from _cache import RECORD, cached_json, content_digest, keyed, record  # noqa: E402
+from _graph_quality_table import made_by, markdown, write_table  # noqa: E402
+
+from graphs.coactivation import CoactivationStats, StatsConfig, coactivation_stats  # noqa: E402
+from graphs.coders import AsSAE  # noqa: E402
+from graphs.crosslayer import TransitionConfig, fit_transition  # noqa: E402
+from graphs.eval import (  # noqa: E402
     attribution_correlation,
     edge_interventions,
     edge_jaccard,
@@ -37,13 +47,14 @@ from graphs.eval import (
     letter_task_data,
     without_edges,
 )
-from graphs.io import load_graph_sae
-from graphs.parents import GATES_SHUT, HELD_OPEN, ParentsConfig, build_parents
-from graphs.train import GraphTrainConfig, train_graph
-from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
-from sae.io import load_sae
-from sae.models import load_model
-from sae.store import ActivationStore
+from graphs.io import load_graph_sae  # noqa: E402
+from graphs.parents import GATES_SHUT, HELD_OPEN, ParentsConfig, build_parents  # noqa: E402
+from graphs.train import GraphTrainConfig, train_graph  # noqa: E402
+from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics  # noqa: E402
+from sae.io import load_sae  # noqa: E402
+from sae.models import load_model  # noqa: E402
+from sae.store import ActivationStore  # noqa: E402
+from sae.train import TrainConfig, train  # noqa: E402
 
 SEEDS = (1, 2, 3)  # the default of --seeds
 TEXTS = [
@@ -56,112 +67,134 @@ TEXTS = [
 ]
 
 
-def cached(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2))
-    return value
+INPUT_FIELDS = ("store", "sae", "stats", "source", "target", "edges")  # paths a config reads
+
+
+@functools.cache
+def digest(path: str) -> str:
+    return content_digest(path)
+
+
+def cached(args, name: str, inputs: dict, compute):
+    """compute()'s JSON value, kept under --out keyed by `inputs` (the contents of what it reads,
+    its own settings) and the evaluation settings; "_command" holds the command that made it."""
+    settings = {"eval_store": digest(args.eval_store), "model": args.model}
+    settings |= {"ce_tokens": args.ce_tokens, "letter_tokens": args.letter_tokens}
+    return cached_json(args.out, name, {**inputs, **settings}, compute)
+
+
+def artefact(args, name: str, cfg, make, done: str) -> Path:
+    """The directory `make(cfg)` writes, under --out keyed by cfg (less out/resume) and by the
+    contents of the paths it reads; made (or resumed after a kill) only when missing."""
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume")}
+    key["inputs"] = {f: digest(str(key[f])) for f in INPUT_FIELDS if key.get(f)}
+    path = keyed(args.out, name, key)
+    if not ((path / done).exists() and (path / RECORD).exists()):
+        changes = {"out": str(path)}
+        if "resume" in dataclasses.asdict(cfg):
+            changes["resume"] = (path / "checkpoint.safetensors").exists()
+        make(dataclasses.replace(cfg, **changes))
+        record(path, key)
+    return path
 
 
 def build(args) -> dict[str, Path]:
-    """Stats of (a) and of the base SAE, the three graph autoencoders (with --parents: the parents,
-    and per seed the gates-shut control too), the two transitions."""
-    out = Path(args.out)
-    dirs = {"stats_a": out / "stats-topk1m"}
+    """Stats of (a) and of the base SAE, the graph autoencoders (with --parents: the parents, and
+    per seed the gates-shut control too), the Matryoshka SAEs, the two transitions."""
+    dirs = {}
     if args.parents:
-        dirs["parents"] = build_parents(
-            ParentsConfig(
-                store=args.store,
-                sae=args.base,
-                out=str(out / f"parents{args.parents}"),
-                tokens=args.half_tokens,
-                n_parents=args.parents,
-            )
+        parents = ParentsConfig(
+            store=args.store, sae=args.base, tokens=args.half_tokens, n_parents=args.parents
         )
+        dirs["parents"] = artefact(args, "parents", parents, build_parents, "edges.safetensors")
         dirs["stats_base"] = dirs["parents"] / "stats"
     else:
-        dirs["stats_base"] = out / ("stats-l15-residual" if args.residual_stats else "stats-l15")
-    for key, sae in (("stats_a", args.topk), ("stats_base", args.base)):
-        if not (dirs[key] / "stats.json").exists():
-            residual = key == "stats_base" and args.residual_stats
-            coactivation_stats(
-                StatsConfig(
-                    store=args.store,
-                    sae=sae,
-                    out=str(dirs[key]),
-                    tokens=args.half_tokens,
-                    residual=residual,
-                )
-            )
+        stats = StatsConfig(
+            store=args.store, sae=args.base, tokens=args.half_tokens, residual=args.residual_stats
+        )
+        dirs["stats_base"] = artefact(args, "stats-base", stats, coactivation_stats, "stats.json")
+    stats_a = StatsConfig(store=args.store, sae=args.topk, tokens=args.half_tokens)
+    dirs["stats_a"] = artefact(args, "stats-topk", stats_a, coactivation_stats, "stats.json")
     runs = (
         [("c", "gsae", HELD_OPEN), ("ctl", "gsae-shut", GATES_SHUT)]
         if args.parents
         else [("c", "gsae", {})]
     )
+    edges = str(dirs["parents"] / "edges.safetensors") if args.parents else ""
     for seed, (key, name, recipe) in itertools.product(args.seeds, runs):
-        run = dirs[f"{key}{seed}"] = out / f"{name}-s{seed}{args.tag}"
-        if not (run / "graph.json").exists():
-            edges = str(dirs["parents"] / "edges.safetensors") if args.parents else ""
-            train_graph(
-                GraphTrainConfig(
-                    store=args.store,
-                    stats=str(dirs["stats_base"]),
-                    out=str(run),
-                    tokens=args.half_tokens,
-                    seed=seed,
-                    wandb="disabled",
-                    resume=(run / "checkpoint.safetensors").exists(),
-                    **{"edge_coeff": args.edge_coeff, "edges": edges, **recipe, **args.graph_opt},
-                )
-            )
+        cfg = GraphTrainConfig(
+            store=args.store,
+            stats=str(dirs["stats_base"]),
+            tokens=args.half_tokens,
+            seed=seed,
+            wandb="disabled",
+            **{"edge_coeff": args.edge_coeff, "edges": edges, **recipe, **args.graph_opt},
+        )
+        dirs[f"{key}{seed}"] = artefact(args, f"{name}-s{seed}", cfg, train_graph, "graph.json")
+    for seed in args.seeds:
+        dirs[f"m{seed}"] = matryoshka(args, seed)
     for key, source in (("trans_a", args.topk), ("trans_c", str(dirs[f"c{args.seeds[0]}"]))):
-        dirs[key] = out / (f"transition-{key[-1]}" + (args.tag if key == "trans_c" else ""))
-        if not (dirs[key] / "transition.json").exists():
-            fit_transition(
-                TransitionConfig(
-                    store=args.pair_store, source=source, target=args.target, out=str(dirs[key])
-                )
-            )
+        cfg = TransitionConfig(store=args.pair_store, source=source, target=args.target)
+        dirs[key] = artefact(args, f"transition-{key[-1]}", cfg, fit_transition, "transition.json")
     return dirs
 
 
+def matryoshka(args, seed: int) -> Path:
+    """(m): a BatchTopK Matryoshka SAE of (a)'s width and k on (a)'s tokens; its SAE directory."""
+    topk = load_sae(args.topk)
+    cfg = TrainConfig(
+        store=args.store,
+        hooks=topk.cfg.hook,
+        arch="matryoshka",
+        k=topk.cfg.k,
+        expansion=topk.cfg.n_latents // topk.cfg.d_in,
+        tokens=2 * args.half_tokens,
+        batch_size=args.batch,
+        seed=seed,
+        wandb="disabled",
+    )
+    done = f"{topk.cfg.hook}/sae.safetensors"
+    return artefact(args, f"matryoshka-s{seed}", cfg, train, done) / topk.cfg.hook
+
+
 def reconstruction(args, dirs, model, windows) -> dict:
-    out = Path(args.out)
+    """FVU, L0, dead fraction (and on each kind's first seed CE loss recovered) of (a), (c), its
+    control, (c) without edges and (m)."""
     eval_store = ActivationStore(args.eval_store)
-    rows = {
-        "a": cached(
-            out / "eval-a.json",
-            lambda: {
-                **reconstruction_metrics(load_sae(args.topk), eval_store),
-                **splice_metrics(model, load_sae(args.topk), windows),
-            },
-        )
-    }
+
+    def plain(sae_dir: str, splice: bool):
+        def compute() -> dict:
+            sae = load_sae(sae_dir)
+            result = reconstruction_metrics(sae, eval_store)
+            return {**result, **(splice_metrics(model, sae, windows) if splice else {})}
+
+        return cached(args, "eval-sae", {"sae": digest(sae_dir), "splice": splice}, compute)
+
+    def graph(run: Path, splice: bool, edges: bool = True):
+        def compute() -> dict:
+            gsae = load_graph_sae(run)
+            gsae = gsae if edges else without_edges(gsae)
+            result = graph_metrics(gsae, eval_store)
+            return {**result, **(splice_metrics(model, AsSAE(gsae), windows) if splice else {})}
+
+        inputs = {"graph": digest(str(run)), "splice": splice, "edges": edges}
+        return cached(args, "eval-graph", inputs, compute)
+
+    first = args.seeds[0]
+    rows = {"a": plain(args.topk, True)}
     kinds = ("c", "ctl") if args.parents else ("c",)
     for key, seed in itertools.product(kinds, args.seeds):
-
-        def compute(key=key, seed=seed):
-            gsae = load_graph_sae(dirs[f"{key}{seed}"])
-            result = graph_metrics(gsae, eval_store)
-            if seed == args.seeds[0]:
-                result.update(splice_metrics(model, AsSAE(gsae), windows))
-            return result
-
-        rows[f"{key}{seed}"] = cached(out / f"eval-{key}{seed}{args.tag}.json", compute)
-    first = dirs[f"c{args.seeds[0]}"]
-    rows["c_no_edges"] = cached(
-        out / f"eval-c{args.seeds[0]}-no-edges{args.tag}.json",
-        lambda: graph_metrics(without_edges(load_graph_sae(first)), eval_store),
-    )
+        rows[f"{key}{seed}"] = graph(dirs[f"{key}{seed}"], seed == first)
+    rows["c_no_edges"] = graph(dirs[f"c{first}"], False, edges=False)
+    for seed in args.seeds:
+        rows[f"m{seed}"] = plain(str(dirs[f"m{seed}"]), seed == first)
     return rows
 
 
 def letters(args, dirs, model) -> dict:
-    """Letters of (a), of (c)'s first seed with and without its edges, and with --parents of every
-    seed of (c) and of its control ("c_seeds", "ctl_seeds")."""
-    out = Path(args.out)
+    """Letters of (a), of (c)'s first seed with and without its edges, of every (m) seed
+    ("m_seeds"), and with --parents of every seed of (c) and of its control ("c_seeds",
+    "ctl_seeds")."""
     topk = load_sae(args.topk)
     data = letter_task_data(
         ActivationStore(args.eval_store),
@@ -170,32 +203,28 @@ def letters(args, dirs, model) -> dict:
         max_tokens=args.letter_tokens,
     )
 
-    # "-chanin": also Chanin-style absorption (older caches lack it)
-    def score(name: str, gsae) -> dict:
-        return cached(
-            out / f"letters-chanin-{name}.json",
-            lambda: _json_keys(
-                letter_metrics(AsSAE(gsae).encode, data, decoder=gsae.sae.W_dec.detach())
-            ),
-        )
+    def score(path: str, edges: bool = True) -> dict:
+        def compute() -> dict:
+            if (Path(path) / "graph.json").exists():
+                gsae = load_graph_sae(path)
+                gsae = gsae if edges else without_edges(gsae)
+                return letter_metrics(AsSAE(gsae).encode, data, decoder=gsae.sae.W_dec.detach())
+            sae = load_sae(path)
+            return letter_metrics(sae.encode, data, decoder=sae.W_dec.detach())
 
-    first = dirs[f"c{args.seeds[0]}"]
+        inputs = {"coder": digest(path), "edges": edges}
+        return cached(args, "letters", inputs, lambda: _json_keys(compute()))
+
+    first = str(dirs[f"c{args.seeds[0]}"])
     result = {
-        "a": cached(
-            out / "letters-chanin-a.json",
-            lambda: _json_keys(letter_metrics(topk.encode, data, decoder=topk.W_dec.detach())),
-        ),
-        "c": score(f"c{args.tag}", load_graph_sae(first)),
-        "c_no_edges": score(f"c-no-edges{args.tag}", without_edges(load_graph_sae(first))),
+        "a": score(args.topk),
+        "c": score(first),
+        "c_no_edges": score(first, edges=False),
+        "m_seeds": [score(str(dirs[f"m{seed}"])) for seed in args.seeds],
     }
     if args.parents:
         for key in ("c", "ctl"):
-            result[f"{key}_seeds"] = [
-                result["c"]
-                if (key, seed) == ("c", args.seeds[0])
-                else score(f"{key}{seed}{args.tag}", load_graph_sae(dirs[f"{key}{seed}"]))
-                for seed in args.seeds
-            ]
+            result[f"{key}_seeds"] = [score(str(dirs[f"{key}{seed}"])) for seed in args.seeds]
     return result
 
 
@@ -205,20 +234,19 @@ def _json_keys(value):
     return value
 
 
-def stability(dirs, seeds) -> dict:
+def stability(dirs, seeds, n_latents: int) -> dict:
     """Pairwise Jaccard of the seeds' active edges vs the same edge counts with shuffled targets."""
     graphs = [load_graph_sae(dirs[f"c{s}"]).active_edges()[0] for s in seeds]
-    n = 9216
     pairs = list(itertools.combinations(range(len(seeds)), 2))
     if not pairs:
         return {"jaccard": None, "null": None, "edges": [e.shape[1] for e in graphs]}
-    observed = [edge_jaccard(graphs[i], graphs[j], n) for i, j in pairs]
+    observed = [edge_jaccard(graphs[i], graphs[j], n_latents) for i, j in pairs]
     g = torch.Generator().manual_seed(0)
 
     def shuffled(edges):
         return torch.stack([edges[0], edges[1][torch.randperm(edges.shape[1], generator=g)]])
 
-    null = [edge_jaccard(shuffled(graphs[i]), shuffled(graphs[j]), n) for i, j in pairs]
+    null = [edge_jaccard(shuffled(graphs[i]), shuffled(graphs[j]), n_latents) for i, j in pairs]
     return {
         "jaccard": sum(observed) / len(pairs),
         "null": sum(null) / len(pairs),
@@ -228,32 +256,29 @@ def stability(dirs, seeds) -> dict:
 
 def posthoc_stability(args, n_edges: int) -> dict:
     """(b)'s stability: its top-n_edges graph from three disjoint thirds of the tokens."""
-    out, graphs = Path(args.out), []
+    graphs, third_tokens = [], args.half_tokens // 3
     for third in range(3):
-        directory = out / f"stats-topk1m-third{third}"
-        if not (directory / "stats.json").exists():
-            coactivation_stats(
-                StatsConfig(
-                    store=args.store,
-                    sae=args.topk,
-                    out=str(directory),
-                    tokens=args.half_tokens // 3,
-                    skip_tokens=third * (args.half_tokens // 3),
-                )
-            )
+        cfg = StatsConfig(
+            store=args.store, sae=args.topk, tokens=third_tokens, skip_tokens=third * third_tokens
+        )
+        directory = artefact(
+            args, f"stats-topk-third{third}", cfg, coactivation_stats, "stats.json"
+        )
         edges, scores = CoactivationStats.load(directory).candidates(32)
         graphs.append(edges[:, torch.argsort(scores, descending=True)[:n_edges]])
     pairs = [(0, 1), (0, 2), (1, 2)]
-    return {"jaccard": sum(edge_jaccard(graphs[i], graphs[j], 9216) for i, j in pairs) / 3}
+    jaccard = sum(edge_jaccard(graphs[i], graphs[j], args.n_latents) for i, j in pairs) / 3
+    return {"jaccard": jaccard}
 
 
 def faithfulness(args, dirs, model) -> dict:
-    """Edges of each source's transition to layer 18, checked by ablation; paths vs grad × act."""
+    """Edges of each source's transition to the target layer, checked by ablation; paths vs
+    grad × act."""
     from graphs.crosslayer import TransitionGraph
     from graphs.explain import Explainer
 
-    out, result = Path(args.out), {}
-    for key, source in (("a", args.topk), ("c", dirs[f"c{args.seeds[0]}"])):
+    result = {}
+    for key, source in (("a", args.topk), ("c", str(dirs[f"c{args.seeds[0]}"]))):
 
         def compute(key=key, source=source):
             transition, meta = TransitionGraph.load(dirs[f"trans_{key}"])
@@ -267,125 +292,9 @@ def faithfulness(args, dirs, model) -> dict:
                 "transition_nonzero": meta["n_nonzero"],
             }
 
-        result[key] = cached(
-            out / f"faithfulness-{key}{args.tag if key == 'c' else ''}.json", compute
-        )
+        inputs = {"source": digest(source), "transition": digest(str(dirs[f"trans_{key}"]))}
+        result[key] = cached(args, "faithfulness", inputs, compute)
     return result
-
-
-def _fmt(v, digits=3) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _seeds(values: list[float]) -> str:
-    """One value, or the mean over seeds with each seed in brackets."""
-    if len(values) == 1:
-        return _fmt(values[0])
-    return f"{_fmt(sum(values) / len(values))} ({', '.join(map(_fmt, values))})"
-
-
-def _letter(let: dict, key: str, field: str, k: str | None = None) -> str:
-    if key not in let and f"{key}_seeds" not in let:  # the control without --parents
-        return "—"
-    if f"{key}_seeds" not in let:
-        value = let[key][field]
-        return _fmt(value[k] if k else value)
-    return _seeds([(r[field][k] if k else r[field]) for r in let[f"{key}_seeds"]])
-
-
-def markdown(args, rows, let, stab, post_stab, faith, dirs) -> str:
-    """The comparison table; with --parents, a fifth column (the gates-shut control) and (c)'s
-    letter rows as the mean over seeds (each seed in brackets)."""
-    head = (
-        "| | (a) TopK | (b) TopK + post-hoc graph | (c) graph autoencoder "
-        f"| (c) seed {args.seeds[0]}, edges removed |"
-    )
-
-    def extra(cell) -> str:  # the control's column
-        return f" {cell} |" if args.parents else ""
-
-    table = [
-        head + extra("(c)'s control: same fine-tune, gates shut"),
-        "|---|---|---|---|---|" + ("---|" if args.parents else ""),
-        *_sae_rows(args, rows, let, extra),
-        *_graph_rows(args, rows, stab, post_stab, faith, extra),
-    ]
-    return "\n".join(table)
-
-
-def _sae_rows(args, rows, let, extra) -> list[str]:
-    """Reconstruction, first-letter absorption and probing rows."""
-    a, c, bare, lb = rows["a"], rows[f"c{args.seeds[0]}"], rows["c_no_edges"], let["c_no_edges"]
-    cs = [rows[f"c{s}"] for s in args.seeds]
-    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
-    return [
-        f"| L0 after propagation (before) | {_fmt(a['l0'], 1)} | {_fmt(a['l0'], 1)} | "
-        f"{_fmt(c['l0'], 1)} ({_fmt(c['l0_evidence'], 1)}) | {_fmt(bare['l0'], 1)} |"
-        + extra(ctl and _fmt(ctl[0]["l0"], 1)),
-        f"| FVU (held-out) | {_fmt(a['fvu'])} | {_fmt(a['fvu'])} | {_fmt(c['fvu'])} (seeds: "
-        f"{', '.join(_fmt(r['fvu'], 4) for r in cs)}) | {_fmt(bare['fvu'])} |"
-        + extra(
-            ctl and f"{_fmt(ctl[0]['fvu'])} (seeds: {', '.join(_fmt(r['fvu'], 4) for r in ctl)})"
-        ),
-        f"| dead latents (silent on the held-out tokens) | {_fmt(a['dead_fraction'])} | "
-        f"{_fmt(a['dead_fraction'])} | {_fmt(c['dead_fraction'])} | "
-        f"{_fmt(bare['dead_fraction'])} |" + extra(ctl and _fmt(ctl[0]["dead_fraction"])),
-        f"| CE loss recovered | {_fmt(a['ce_loss_recovered'])} | "
-        f"{_fmt(a['ce_loss_recovered'])} | {_fmt(c.get('ce_loss_recovered'))} | — |"
-        + extra(ctl and _fmt(ctl[0].get("ce_loss_recovered"))),
-        *[
-            f"| {label} (lower is better) | {_fmt(let['a'][key])} | {_fmt(let['a'][key])} | "
-            f"{_letter(let, 'c', key)} | {_fmt(lb[key])} |" + extra(_letter(let, "ctl", key))
-            for label, key in (
-                ("first-letter absorption (upper bound)", "absorption"),
-                ("absorption, Chanin et al.'s full rate", "full_absorption"),
-                ("absorption fraction (SAEBench-style)", "absorption_fraction"),
-            )
-        ],
-        *[
-            f"| sparse probe accuracy, k = {k} | {_fmt(let['a']['sparse_probe'][str(k)])} | "
-            f"{_fmt(let['a']['sparse_probe'][str(k)])} | "
-            f"{_letter(let, 'c', 'sparse_probe', str(k))} | "
-            f"{_fmt(lb['sparse_probe'][str(k)])} |"
-            + extra(_letter(let, "ctl", "sparse_probe", str(k)))
-            for k in (1, 2, 5)
-        ],
-        f"| dense probe accuracy (reference) | {_fmt(let['a']['dense_probe'])} | "
-        f"{_fmt(let['a']['dense_probe'])} | {_fmt(let['c']['dense_probe'])} | — |" + extra("—"),
-    ]
-
-
-def _graph_rows(args, rows, stab, post_stab, faith, extra) -> list[str]:
-    """The graph's size, stability and faithfulness rows."""
-    cs = [rows[f"c{s}"] for s in args.seeds]
-    ctl = [rows[f"ctl{s}"] for s in args.seeds] if args.parents else []
-    n_edges = stab["edges"][0]
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in cs) / len(cs)
-
-    fa, fc = faith["a"], faith["c"]
-    return [
-        f"| implied features per held-out token | — | — | {_fmt(mean('implied_per_token'), 4)} "
-        "| 0 |" + extra(ctl and _fmt(ctl[0]["implied_per_token"], 4)),
-        f"| mean out-degree (edges) | — | {_fmt(n_edges / 9216, 3)} ({n_edges}, cut to (c)'s "
-        f"count) | {_fmt(mean('mean_degree'), 3)} ({', '.join(map(str, stab['edges']))}) | 0 |"
-        + extra("0"),
-        f"| edge stability, Jaccard over {len(args.seeds)} seeds (shuffled null) | — | "
-        f"{_fmt(post_stab['jaccard'])} (data thirds) | {_fmt(stab['jaccard'])} "
-        f"({_fmt(stab['null'], 4)}) | — |" + extra("—"),
-        "| cross-layer edges confirmed by ablation (null) | "
-        f"{_fmt(fa['edge_confirmed_fraction'])} ({_fmt(fa['null_confirmed_fraction'])}) | "
-        f"same as (a) | {_fmt(fc['edge_confirmed_fraction'])} "
-        f"({_fmt(fc['null_confirmed_fraction'])}) | — |" + extra("—"),
-        f"| paths confirmed on the logit | {_fmt(fa['path_confirmed_fraction'])} | same as "
-        f"(a) | {_fmt(fc['path_confirmed_fraction'])} | — |" + extra("—"),
-        f"| path score vs grad × act (Pearson) | {_fmt(fa['attribution_pearson'])} | same "
-        f"as (a) | {_fmt(fc['attribution_pearson'])} | — |" + extra("—"),
-        "| transition L15 → L18: code FVU, nonzero weights | "
-        f"{_fmt(fa['transition_code_fvu'])}, {fa['transition_nonzero']} | same as "
-        f"(a) | {_fmt(fc['transition_code_fvu'])}, {fc['transition_nonzero']} | — |" + extra("—"),
-    ]
 
 
 def parse_args() -> argparse.Namespace:
@@ -394,7 +303,11 @@ def parse_args() -> argparse.Namespace:
     )
     for flag in ("store", "eval_store", "pair_store", "topk", "base", "target", "out"):
         parser.add_argument(f"--{flag.replace('_', '-')}", required=True)
+    parser.add_argument("--model", default="smollm2-135m", help="the model the stores came from")
     parser.add_argument("--half-tokens", type=int, default=500_000)
+    parser.add_argument(
+        "--batch", type=int, default=4096, help="batch of the Matryoshka runs ((a)'s batch)"
+    )
     parser.add_argument("--ce-tokens", type=int, default=8192)
     parser.add_argument("--letter-tokens", type=int, default=100_000)
     parser.add_argument("--doc", default="docs/graphs.md")
@@ -402,7 +315,7 @@ def parse_args() -> argparse.Namespace:
         "--edge-coeff", type=float, default=GraphTrainConfig.edge_coeff, help="λ_edge of (c)"
     )
     parser.add_argument(
-        "--tag", default="", help="suffix of (c)'s run directories (to compare settings)"
+        "--tag", default="", help="names the table's markers in --doc (to keep several tables)"
     )
     parser.add_argument(
         "--seeds",
@@ -415,7 +328,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable; use a new --tag)",
+        help="a GraphTrainConfig field for (c), e.g. lr=2.67e-3 (repeatable)",
     )
     parser.add_argument(
         "--parents",
@@ -423,8 +336,7 @@ def parse_args() -> argparse.Namespace:
         default=0,
         metavar="N",
         help="(c) = the label-free parents recipe (graphs.parents) with N parents, gates held "
-        "open, plus its gates-shut control per seed (0: the plain graph autoencoder); use a new "
-        "--tag",
+        "open, plus its gates-shut control per seed (0: the plain graph autoencoder)",
     )
     parser.add_argument(
         "--residual-stats",
@@ -438,15 +350,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.n_latents = load_sae(args.topk).cfg.n_latents
     dirs = build(args)
-    model = load_model("smollm2-135m")
+    model = load_model(args.model)
     rows = reconstruction(args, dirs, model, heldout_windows(model, args.ce_tokens))
     let = letters(args, dirs, model)
-    stab = stability(dirs, args.seeds)
-    post_stab = cached(
-        Path(args.out) / f"stability-b{args.tag}.json",
-        lambda: posthoc_stability(args, max(stab["edges"][0], 1)),
-    )
+    stab = stability(dirs, args.seeds, args.n_latents)
+    post_stab = posthoc_stability(args, max(stab["edges"][0], 1))
     faith = faithfulness(args, dirs, model)
     summary = {
         "graph_opt": args.graph_opt,
@@ -458,7 +368,7 @@ def main() -> None:
         "faithfulness": faith,
     }
     (Path(args.out) / f"graph_quality{args.tag}.json").write_text(json.dumps(summary, indent=2))
-    table = markdown(args, rows, let, stab, post_stab, faith, dirs)
+    table = markdown(args, rows, let, stab, post_stab, faith, made_by(dirs, rows, let, faith))
     print(table)
     write_table(Path(args.doc), table, args.tag)
 
@@ -480,20 +390,6 @@ def graph_options(pairs: list[str]) -> dict:
         else:
             options[name] = type(default)(value)
     return options
-
-
-def write_table(doc: Path, table: str, tag: str) -> None:
-    """Replace the text between `<!-- table{tag} -->` and `<!-- /table{tag} -->` in doc (the prose
-    around it stays); a doc without those markers gets the table appended under them."""
-    start, end = f"<!-- table{tag} -->", f"<!-- /table{tag} -->"
-    text = doc.read_text() if doc.exists() else ""
-    if start in text and end in text:
-        text = (
-            text[: text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end) :]
-        )
-    else:
-        text += f"\n{start}\n{table}\n{end}\n"
-    doc.write_text(text)
 
 
 if __name__ == "__main__":

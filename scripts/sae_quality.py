@@ -3,7 +3,9 @@
 Trains one SAE per architecture on the same store (resumable: re-run after a kill), evaluates each
 on held-out activations (FVU, L0, dead/dense) and by splicing into the model on held-out text (CE
 loss recovered, ΔCE, KL), and writes a markdown report
-(out/sae_quality.md; docs/saes.md quotes its table) plus a JSON beside the runs.
+(out/sae_quality.md; docs/saes.md quotes its table) plus a JSON beside the runs. Every trained SAE
+and evaluation is cached under --out keyed by a hash of the configuration that made it
+(scripts/_cache.py), and the report quotes the command(s) that actually produced its figures.
 
     python scripts/sae_quality.py --store out/l15-train-1m --eval-store out/l15-heldout
 
@@ -15,17 +17,20 @@ JumpReLU and ReLU-L1 at the same L0 as TopK k=32 (the controller and fixes in sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics
-from sae.io import load_sae
-from sae.models import load_model
-from sae.store import ActivationStore
-from sae.train import TrainConfig, train
+sys.path.insert(0, str(Path(__file__).parent))
+from _cache import cached_json, content_digest, keyed, produced_by, record  # noqa: E402
 
-HOOK = "blocks.15.hook_resid_post"
+from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics  # noqa: E402
+from sae.io import load_sae  # noqa: E402
+from sae.models import load_model  # noqa: E402
+from sae.store import ActivationStore  # noqa: E402
+from sae.train import TrainConfig, train  # noqa: E402
+
 COLUMNS = (
     "arch",
     "k / λ",
@@ -41,14 +46,13 @@ COLUMNS = (
 
 
 def train_arch(args, arch: str, coeff: float) -> Path:
-    out = Path(args.out) / arch
-    if (out / HOOK / "sae.safetensors").exists():
-        return out / HOOK
+    """The SAE of `arch` trained on args' settings: reused when one was trained on exactly this
+    configuration (the directory name carries its hash), else trained (resuming a killed run)."""
     dense = arch in ("jumprelu", "relu")  # the L0 controller and dense AuxK apply to these two only
     cfg = TrainConfig(
         store=args.store,
-        out=str(out),
-        hooks=HOOK,
+        out="",
+        hooks=args.hook,
         arch=arch,
         k=args.k,
         expansion=args.expansion,
@@ -63,10 +67,16 @@ def train_arch(args, arch: str, coeff: float) -> Path:
         jumprelu_bandwidth=args.jumprelu_bandwidth,
         reopen_dead=args.reopen_dead,
         optimizer=args.optimizer,
-        resume=(out / "checkpoint.safetensors").exists(),
     )
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every",)}
+    key["store_digest"] = content_digest(args.store)
+    out = keyed(args.out, arch, key)
+    if (out / args.hook / "sae.safetensors").exists() and (out / "produced_by.json").exists():
+        return out / args.hook
+    cfg.out, cfg.resume = str(out), (out / "checkpoint.safetensors").exists()
     train(cfg)
-    return out / HOOK
+    record(out, key)
+    return out / args.hook
 
 
 def setting(args, arch: str, coeff: float, sae_dir: Path) -> str:
@@ -81,31 +91,38 @@ def setting(args, arch: str, coeff: float, sae_dir: Path) -> str:
 
 
 def evaluate(args, model, sae_dir: Path, windows) -> dict:
-    """Metrics of one trained SAE, cached beside it (a re-run after a kill does not redo them)."""
-    cached = sae_dir / "quality_eval.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
-    sae = load_sae(sae_dir)
-    result = reconstruction_metrics(sae, ActivationStore(args.eval_store))
-    result.update(splice_metrics(model, sae, windows))
-    cached.write_text(json.dumps(result))
-    return result
+    """Metrics of one trained SAE, cached beside it keyed by the SAE and the evaluation settings
+    (a re-run after a kill does not redo them; other settings do). "_command" holds the command
+    that computed them."""
+
+    def compute() -> dict:
+        sae = load_sae(sae_dir)
+        result = reconstruction_metrics(sae, ActivationStore(args.eval_store))
+        result.update(splice_metrics(model, sae, windows))
+        return result
+
+    key = {"sae": str(sae_dir), "eval_store": content_digest(args.eval_store)}
+    key["ce_tokens"] = args.ce_tokens
+    return cached_json(sae_dir.parent, "quality_eval", {**key, "model": args.model}, compute)
 
 
 def markdown(rows: list[dict], args) -> str:
+    """The report; its "Produced by" block quotes the commands that trained and evaluated the rows
+    (a row reused from the cache keeps the command that made it)."""
+    made_by = list(dict.fromkeys(c for r in rows for c in (r["trained_by"], r["_command"])))
     lines = [
-        "# SAE quality on SmolLM2-135M-Instruct, `blocks.15.hook_resid_post`",
+        f"# SAE quality on {args.model}, `{args.hook}`",
         "",
-        f"Width {args.expansion}× ({args.expansion * 576} latents), {args.tokens:,} training "
+        f"Width {args.expansion}× ({rows[0]['n_latents']} latents), {args.tokens:,} training "
         f"tokens (batch {args.batch}), default corpus train split; metrics on held-out documents: "
         f"reconstruction over `{args.eval_store}`, CE/KL from splicing the SAE into the model on "
         f"{args.ce_tokens:,} held-out tokens (BOS left clean). Definitions: `sae/metrics.py`. "
         "Dead: never fired on the held-out set; dense: fires on > 10% of held-out tokens.",
         "",
-        "Produced by:",
+        "Produced by:" if len(made_by) == 1 else "Produced by (cached rows keep their command):",
         "",
         "```bash",
-        "python " + " ".join(sys.argv),
+        *made_by,
         "```",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -136,6 +153,8 @@ def markdown(rows: list[dict], args) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m", help="the model the stores came from")
+    parser.add_argument("--hook", default="blocks.15.hook_resid_post")
     parser.add_argument("--store", default="out/l15-train-1m")
     parser.add_argument("--eval-store", default="out/l15-heldout")
     parser.add_argument("--out", default="out/quality")
@@ -187,14 +206,23 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    model = load_model("smollm2-135m")
+    model = load_model(args.model)
     windows = heldout_windows(model, args.ce_tokens)
     rows = []
     for arch in args.archs.split(","):
         coeff = {"jumprelu": args.jumprelu_coeff, "relu": args.relu_coeff}.get(arch, 0.0)
         sae_dir = train_arch(args, arch, coeff)
         result = evaluate(args, model, sae_dir, windows)
-        rows.append({"arch": arch, "setting": setting(args, arch, coeff, sae_dir), **result})
+        n_latents = json.loads((sae_dir / "cfg.json").read_text())["n_latents"]
+        rows.append(
+            {
+                "arch": arch,
+                "setting": setting(args, arch, coeff, sae_dir),
+                "n_latents": n_latents,
+                "trained_by": produced_by(sae_dir.parent),
+                **result,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out, "quality.json").write_text(json.dumps(rows, indent=2))
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
