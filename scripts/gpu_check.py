@@ -32,6 +32,7 @@ from sae.families import FAMILIES
 from sae.harvest import HarvestConfig, harvest
 from sae.hooks import capture
 from sae.models import LoadedModel, load_model
+from sae.store import ActivationStore
 from sae.tiny import build_tiny_tokenizer
 from sae.train import TrainConfig, train
 from serve_hooks import LLM
@@ -132,7 +133,7 @@ def engine_matches(model: LoadedModel, device: torch.device) -> bool:
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = model.tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        reference = model.hf.generate(
+        reference = model.fast.generate(
             ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
         )[0, ids.shape[1] :]
         if out.token_ids != reference.tolist():
@@ -213,14 +214,14 @@ def harvest_tok_s(model: LoadedModel, sizes: Sizes, hook: str, work: Path) -> tu
             batch_size=sizes.batch,
             shard_tokens=min(tokens, 65_536),
             device=str(model.device),
+            dtype=str(model.dtype).removeprefix("torch."),
         )
         return timed(lambda: harvest(cfg, model), model.device)
 
     run(work / f"warm-{hook}", sizes.context * sizes.batch)  # warm-up: corpus, kernels
     out = work / f"store-{hook}"
     seconds = run(out, sizes.harvest_tokens)
-    tokens = json.loads((out / "manifest.json").read_text())["n_tokens"]
-    return tokens / seconds, out
+    return len(ActivationStore(out)) / seconds, out
 
 
 def sae_train(store: Path, sizes: Sizes, device: torch.device, work: Path) -> dict[str, float]:
@@ -260,7 +261,7 @@ def engine_vs_generate(model: LoadedModel, sizes: Sizes) -> dict[str, float]:
     def hf_generate() -> None:
         for lo in range(0, len(prompts), sizes.hf_batch):
             batch = torch.tensor(prompts[lo : lo + sizes.hf_batch], device=device)
-            model.hf.generate(
+            model.fast.generate(
                 batch,
                 max_new_tokens=sizes.output_len,
                 min_new_tokens=sizes.output_len,
@@ -277,7 +278,10 @@ def engine_vs_generate(model: LoadedModel, sizes: Sizes) -> dict[str, float]:
             seconds[name].append(timed(run, device))
     output_tokens = sizes.prompts * sizes.output_len
     tok_s = {name: output_tokens / statistics.median(s) for name, s in seconds.items()}
-    return {**{f"{n}_tok_s": v for n, v in tok_s.items()}, "ratio": tok_s["engine"] / tok_s["hf_generate"]}
+    return {
+        **{f"{n}_tok_s": v for n, v in tok_s.items()},
+        "ratio": tok_s["engine"] / tok_s["hf_generate"],
+    }
 
 
 def speed(device: torch.device, sizes: Sizes, dtype: str) -> dict:
@@ -313,9 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = (
+        args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    )
     started = time.perf_counter()
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    }
     report["torch"] = torch.__version__
     report["conformance"] = conformance(device)
     report["speed"] = speed(device, SMOKE if args.smoke else Sizes(), dtype)
