@@ -2,6 +2,7 @@
 
     python -m sae harvest -> python -m sae train -> python -m sae eval (store + splice)
     -> python -m graphs stats -> python -m probes train (sparse, on the SAE) -> probes score (Lens)
+    -> Lens.monitor (generation, probe-triggered steering)
 
 Sizes are minimal (hundreds of tokens, a few SAE steps): this checks that every stage runs on and
 agrees about each architecture, not what the numbers are.
@@ -15,9 +16,11 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from graphs.__main__ import main as graphs_main
 from probes.__main__ import main as probes_main
+from probes.lens import Lens
 from sae.__main__ import main as sae_main
 from sae.corpus import is_heldout
 from sae.families import FAMILIES
@@ -124,3 +127,17 @@ def test_pipeline_runs_for_every_family(
     scores = scored["probes"]["probe"]
     assert len(scores["token_scores"]) == len(scored["tokens"]) > 0
     assert math.isfinite(scores["score"])
+    # generation with the Lens: probes on every token through the KV-cached fast path, steering
+    # at a residual hook from the first token on (threshold -inf: the trigger fires at once)
+    lens = Lens(model, probes=[probe])
+    lens.probes["probe"].threshold = -math.inf
+    steered = lens.monitor(
+        "the zebra saw",
+        max_new_tokens=3,
+        trigger="probe",
+        action="steer",
+        steering=torch.ones(lens.model.d_model),
+        steering_hook=HOOK,
+    )
+    assert steered.triggered is not None and len(steered.token_ids) == 3
+    assert len(steered.scores["probe"]) == len(steered.running["probe"]) > 3
