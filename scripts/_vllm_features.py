@@ -12,7 +12,8 @@ vLLM's engine-core process). Nothing is written to the repository or the side ve
 
 Each prompt is sent in its own `generate` call, in order, so a repeated prompt hits the prefix
 cache. Output: {"requests": [{"request_id", "prompt_token_ids", "output_token_ids",
-"num_cached_tokens"}], "compilation_mode", "block_size"}; features are in the sink
+"num_cached_tokens"}], "compilation_mode" (NONE with --enforce-eager), "backend",
+"block_size"}; features are in the sink
 (read them with `serve_hooks.vllm_features.read_features`).
 """
 
@@ -118,7 +119,7 @@ def main() -> None:
         json.dumps(
             {
                 "requests": requests,
-                "compilation_mode": str(cc.mode),
+                "compilation_mode": cc.mode.name,
                 "backend": cc.backend,
                 "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
             }
