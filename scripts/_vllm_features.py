@@ -81,6 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     name = make_discoverable()
     os.environ.update({"VLLM_PLUGINS": name, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
+    # One compute thread, unbound: with "nobind" vLLM reserves no core for its front end
+    # (VLLM_CPU_NUM_OF_RESERVED_CPU only applies to "auto" binding, which pins threads: bad on a
+    # shared box), and a second thread did not shorten the run (research/LOG.md, 2026-12-08).
     for key, value in {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -238,7 +239,12 @@ def run_vllm(sae_dir: Path, sink: Path, *extra: str) -> dict:
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
+    print(
+        f"[vllm {' '.join(extra) or 'compiled'}] {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"requests"')]
     assert done.returncode == 0 and lines, done.stderr[-4000:] + done.stdout[-2000:]
     return json.loads(lines[-1])
