@@ -29,7 +29,7 @@ keeps every key there: `sae.cfg.metadata.greylens_max_input_norm`) and the READM
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -228,6 +228,12 @@ def _imported_config(raw: dict) -> SAEConfig:
     meta = raw.get("metadata") or {}
     ours = meta.get("greylens_cfg")
     if ours is not None:
+        unknown = set(ours) - {f.name for f in fields(SAEConfig)}
+        if unknown:
+            raise ValueError(
+                f"cfg.json's metadata.greylens_cfg has fields this greylens does not know "
+                f"({', '.join(sorted(unknown))}): it was written by a newer greylens; upgrade"
+            )
         cfg = SAEConfig(**{**ours, "input_scale": 1.0})
         if (cfg.d_in, cfg.n_latents) != (raw["d_in"], raw["d_sae"]):
             raise ValueError(

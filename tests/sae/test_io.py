@@ -135,12 +135,16 @@ def test_import_of_an_export_without_the_full_config_still_restores_the_limit(
     torch.testing.assert_close(back(_x()), sae(_x()), rtol=1e-5, atol=1e-4)
 
 
-def test_import_refuses_metadata_of_another_sae(tmp_path: Path) -> None:
+def test_import_refuses_metadata_of_another_sae_or_a_newer_greylens(tmp_path: Path) -> None:
     export_saelens(_trained_like_sae("relu"), tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     cfg["metadata"]["greylens_cfg"]["n_latents"] = 32
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="belongs to another SAE"):
+        import_saelens(tmp_path)
+    cfg["metadata"]["greylens_cfg"].update(n_latents=64, new_knob=1)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"does not know \(new_knob\).*upgrade"):
         import_saelens(tmp_path)
 
 
