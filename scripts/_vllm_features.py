@@ -12,7 +12,8 @@ vLLM's engine-core process). Nothing is written to the repository or the side ve
 
 Each prompt is sent in its own `generate` call, in order, so a repeated prompt hits the prefix
 cache. Output: {"requests": [{"request_id", "prompt_token_ids", "output_token_ids",
-"num_cached_tokens"}], "compilation_mode", "block_size"}; features are in the sink
+"num_cached_tokens"}], "compilation_mode" (NONE with --enforce-eager), "backend",
+"block_size"}; features are in the sink
 (read them with `serve_hooks.vllm_features.read_features`).
 """
 
@@ -80,6 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     name = make_discoverable()
     os.environ.update({"VLLM_PLUGINS": name, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
+    # One compute thread, unbound: with "nobind" vLLM reserves no core for its front end
+    # (VLLM_CPU_NUM_OF_RESERVED_CPU only applies to "auto" binding, which pins threads: bad on a
+    # shared box), and a second thread did not shorten the run (research/LOG.md, 2026-12-08).
     for key, value in {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -118,7 +122,7 @@ def main() -> None:
         json.dumps(
             {
                 "requests": requests,
-                "compilation_mode": str(cc.mode),
+                "compilation_mode": cc.mode.name,
                 "backend": cc.backend,
                 "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
             }

@@ -187,6 +187,7 @@ class Builder:
             "training_tokens": _training_tokens(Path(self.cfg.sae), sae.cfg.hook),
             "tokens": scored,
             "passthrough_tokens": state.passthrough,
+            "max_input_norm": sae.cfg.max_input_norm,  # SAELens can't apply it: say it here too
             "fvu": recon["fvu"],
             "explained_variance": recon["explained_variance"],
             "l0": recon["l0"],

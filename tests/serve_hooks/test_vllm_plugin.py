@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -266,7 +267,12 @@ def run_vllm(sae_dir: Path, sink: Path, *extra: str) -> dict:
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=REPO)
+    print(
+        f"[vllm {' '.join(extra) or 'compiled'}] {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"requests"')]
     assert done.returncode == 0 and lines, done.stderr[-4000:] + done.stdout[-2000:]
     return json.loads(lines[-1])
@@ -289,46 +295,72 @@ def assert_codes_match(idx, val, ref_idx, ref_val, rel: float) -> float:
     return float(err.max())
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+NEEDS_VLLM = pytest.mark.skipif(
     not VENV_PY.exists() or not (HF_DIR / "config.json").exists(),
     reason="no vLLM side venv / HF SmolLM2 copy: run `python scripts/_vllm_side.py setup`",
 )
-def test_vllm_features_equal_greylens_engine(tmp_path):
+
+
+@pytest.fixture(scope="module")
+def greylens_reference(tmp_path_factory):
+    """(SAE directory, reference(prompt ids) -> (output, top-(n+1) indices, values)): greylens's
+    own engine on the same SAE, one model load for both vLLM modes."""
     from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
     # Input scale of the order fitted on SmolLM2 L15.
-    sae = random_sae(576, 1024, "topk", input_scale=0.01)
-    save_sae(sae, tmp_path / "sae")
-    # vLLM's default mode (torch.compile), the one where plain forward hooks silently never fire.
-    # The missing-position report is tested on the fake runner above. One vLLM start costs
-    # minutes.
-    compiled = run_vllm(tmp_path / "sae", tmp_path / "sink")
-    assert compiled["backend"] == "inductor"
-    ids = compiled["requests"][0]["prompt_token_ids"]
-    llm = LLM(model="smollm2-135m", saes=[tmp_path / "sae"], top_n=TOP_N + 1)
-    (out,) = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))
-    ref_idx, ref_val = (t[: out.features.n] for t in out.features.codes[HOOK])  # [n, top_n + 1]
+    sae_dir = save_sae(
+        random_sae(576, 1024, "topk", input_scale=0.01), tmp_path_factory.mktemp("v")
+    )
+    llm, cache = None, {}
+
+    def reference(ids: list[int]):
+        nonlocal llm
+        if tuple(ids) not in cache:
+            llm = llm or LLM(model="smollm2-135m", saes=[sae_dir], top_n=TOP_N + 1)
+            (out,) = llm.generate([ids], SamplingParams(max_tokens=4, ignore_eos=True))
+            ref_idx, ref_val = (t[: out.features.n] for t in out.features.codes[HOOK])
+            cache[tuple(ids)] = out, ref_idx, ref_val  # [n, top_n + 1] each
+        return cache[tuple(ids)]
+
+    return sae_dir, reference
+
+
+# vLLM's default mode (torch.compile, Inductor: the one where plain forward hooks silently never
+# fire) and --enforce-eager. One vLLM start costs minutes; the compiled one adds its compile.
+MODES = {"compiled": ((), "DYNAMO_TRACE_ONCE"), "eager": (("--enforce-eager",), "NONE")}
+
+
+@pytest.mark.slow
+@NEEDS_VLLM
+@pytest.mark.parametrize("mode", list(MODES))
+def test_vllm_features_equal_greylens_engine(mode, greylens_reference, tmp_path):
+    flags, compilation_mode = MODES[mode]
+    sae_dir, reference = greylens_reference
+    run = run_vllm(sae_dir, tmp_path / "sink", *flags)
+    assert run["compilation_mode"] == compilation_mode
+    if mode == "compiled":
+        assert run["backend"] == "inductor"
+    ids = run["requests"][0]["prompt_token_ids"]
+    out, ref_idx, ref_val = reference(ids)
     # fp32 on both sides, different kernels (fused add-RMSNorm, attention): measured here, values
     # differ by <= 7.8e-7 of the largest value in their row (a code value is a dot product with the
     # scaled residual, so its error scales with the row, whose norm varies 20x along this prompt).
     rel = 1e-5
-    for run, sink in ((compiled, "sink"),):
-        for i, req in enumerate(run["requests"]):
-            assert req["prompt_token_ids"] == ids
-            assert req["output_token_ids"] == out.token_ids, (
-                "greedy tokens differ: positions not comparable"
-            )
-            assert req["num_cached_tokens"] == (32 if i else 0)
-            got = read_features(tmp_path / sink, str(i), timeout=60)
-            idx, val = got.codes[HOOK]
-            assert idx.shape == (len(ids) + 3, TOP_N)  # prompt + generated tokens but the last
-            assert got.token_ids.tolist() == (ids + out.token_ids)[: len(ids) + 3]
-            assert got.missing == [], "the cached prefix was filled from feature pages"
-            keep = got.computed
-            worst = assert_codes_match(idx[keep], val[keep], ref_idx[keep], ref_val[keep], rel)
-            print(
-                f"[{sink} request {i}] max |Δvalue| / row scale = {worst:.3g} (allowed {rel})",
-                file=sys.stderr,
-            )
+    for i, req in enumerate(run["requests"]):
+        assert req["prompt_token_ids"] == ids
+        assert req["output_token_ids"] == out.token_ids, (
+            "greedy tokens differ: positions not comparable"
+        )
+        assert req["num_cached_tokens"] == (32 if i else 0)
+        got = read_features(tmp_path / "sink", str(i), timeout=60)
+        idx, val = got.codes[HOOK]
+        assert idx.shape == (len(ids) + 3, TOP_N)  # prompt + generated tokens but the last
+        assert got.token_ids.tolist() == (ids + out.token_ids)[: len(ids) + 3]
+        assert got.missing == [], "the cached prefix was filled from feature pages"
+        keep = got.computed
+        worst = assert_codes_match(idx[keep], val[keep], ref_idx[keep], ref_val[keep], rel)
+        print(
+            f"[{mode} request {i}] max |Δvalue| / row scale = {worst:.3g} (allowed {rel})",
+            file=sys.stderr,
+        )

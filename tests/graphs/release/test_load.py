@@ -46,6 +46,8 @@ def test_round_trip_card_and_side_files(tiny_release: Path, tiny_graph: TinyGrap
     )
     x = tiny_graph.store.rows(torch.arange(64), hooks=[SOURCE_HOOK])[SOURCE_HOOK]
     assert torch.allclose(original(x), exported(x), atol=1e-4)
+    limit = original.cfg.max_input_norm  # the passthrough limit survives, and the card shows it
+    assert limit > 0 and exported.cfg.max_input_norm == release.card["max_input_norm"] == limit
     row = release.data["features"][5]
     neuronpedia = release.neuronpedia(5)
     assert neuronpedia["index"] == "5" and neuronpedia["maxActApprox"] == pytest.approx(
