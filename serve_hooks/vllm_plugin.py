@@ -11,8 +11,9 @@ safetensors and vLLM), point the plugin at SAEs and a sink directory, start vLLM
 How it works (docs/vllm_plugin.md has the details). `register()` runs in every vLLM process; with
 GREYLENS_VLLM_SAES set it registers the side-effectful custom op `greylens::tap` and wraps the
 model runners' `load_model`, which then (before vLLM compiles the model) hooks each tapped decoder
-layer: the hook passes the layer's (hidden, residual) — their sum is the residual stream
-`blocks.L.hook_resid_post` — to the op, whose body encodes the rows. The wrapped `_prepare_inputs`
+layer, found per family by `serve_hooks.vllm_families`: the hook passes the layer's output — the
+residual stream `blocks.L.hook_resid_post`, or Llama-style (hidden, residual) whose sum it is — to
+the op, whose body encodes the rows. The wrapped `_prepare_inputs`
 records the step's batch (req_ids, query_start_loc, num_computed_tokens, input ids), which maps the
 flattened rows to (request, position); writes overwrite, so recompute leaves no duplicates. A
 request in the next step's `finished_req_ids` is written to `<sink>/<internal id>.safetensors`.
@@ -25,7 +26,7 @@ Limits:
 - CUDA graphs replay without the op's Python body: refused unless --enforce-eager or piecewise
   graphs with `greylens::tap` in splitting_ops. torch.compile: fine (the op is in the graph; a hook
   added after start-up would not be). Async scheduling: refused (input ids lag). One worker;
-  Llama-style layers returning (hidden, residual); no speculative decoding.
+  the families in `vllm_families.LAYER_PATHS`; no speculative decoding.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 # The caller's side of the contract (any environment); its names are importable from here too.
+from serve_hooks.vllm_families import decoder_layers, stream_parts
 from serve_hooks.vllm_features import (
     ENV_PAGES,
     ENV_SAES,
@@ -284,9 +286,9 @@ _TAP: Tap | None = None
 # --------------------------------------------------------------------------- vLLM wiring
 
 
-def _op(rows_a: Tensor, rows_b: Tensor, layer: int) -> None:
-    if _TAP is not None:
-        _TAP.record(layer, rows_a + rows_b)  # hidden + residual = the residual stream
+def _op(rows_a: Tensor, rows_b: Tensor | None, layer: int) -> None:
+    if _TAP is not None:  # rows_a is the residual stream, or hidden + residual (rows_b) is
+        _TAP.record(layer, rows_a if rows_b is None else rows_a + rows_b)
 
 
 def _register_op() -> None:
@@ -298,10 +300,10 @@ def _register_op() -> None:
     torch.fx.node.has_side_effect(torch.ops.greylens.tap.default)
 
 
-def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, Tensor]], None]:
-    def hook(module: torch.nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> None:
-        hidden, residual = output  # each [n_rows_padded, d_model]
-        torch.ops.greylens.tap(hidden, residual, layer)
+def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, Any], None]:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        rows_a, rows_b = stream_parts(output, layer)  # [n_rows_padded, d_model], same or None
+        torch.ops.greylens.tap(rows_a, rows_b, layer)
 
     return hook
 
@@ -351,7 +353,8 @@ def _install(runner: Any) -> None:
         raise ValueError(
             f"greylens: SAEs {wrong} take d_in != {d_model} (this model's hidden size)"
         )
-    layers = runner.model.model.layers
+    hf_config = runner.model_config.hf_config
+    layers = decoder_layers(runner.model, hf_config.model_type, hf_config.num_hidden_layers)
     for layer in sorted(_TAP.layers):
         if layer >= len(layers):
             raise ValueError(f"greylens: hook at layer {layer}, the model has {len(layers)} layers")
