@@ -13,10 +13,10 @@ GREYLENS_VLLM_SAES set it registers the side-effectful custom op `greylens::tap`
 model runners' `load_model`, which then (before vLLM compiles the model) hooks each tapped decoder
 layer, found per family by `serve_hooks.vllm_families`: the hook passes the layer's output — the
 residual stream `blocks.L.hook_resid_post`, or Llama-style (hidden, residual) whose sum it is — to
-the op, whose body encodes the rows. The wrapped `_prepare_inputs`
-records the step's batch (req_ids, query_start_loc, num_computed_tokens, input ids), which maps the
-flattened rows to (request, position); writes overwrite, so recompute leaves no duplicates. A
-request in the next step's `finished_req_ids` is written to `<sink>/<internal id>.safetensors`.
+the op, whose body encodes the rows. The wrapped `_prepare_inputs` records the step's batch
+(req_ids, query_start_loc, num_computed_tokens, input ids), which maps the flattened rows to
+(request, position); writes overwrite, so recompute leaves no duplicates. A request in the next
+step's `finished_req_ids` is written to `<sink>/<internal id>.safetensors`.
 
 Limits:
 - Prefix cache: cached prefix tokens never run through the model. Every full KV block computed
@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 # The caller's side of the contract (any environment); its names are importable from here too.
-from serve_hooks.vllm_families import decoder_layers, stream_parts
+from serve_hooks.vllm_families import candidate_paths, decoder_layers, stream_parts
 from serve_hooks.vllm_features import (
     ENV_PAGES,
     ENV_SAES,
@@ -388,6 +388,8 @@ def _wrap_load_model(cls: type) -> None:
     original = cls.load_model
 
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # An architecture the plugin cannot tap is refused before the weights load.
+        candidate_paths(self.model_config.hf_config.model_type)
         out = original(self, *args, **kwargs)
         _install(self)
         return out

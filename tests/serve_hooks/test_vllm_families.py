@@ -45,6 +45,21 @@ def test_unknown_architecture_is_refused_naming_the_supported_ones():
     assert "LAYER_PATHS" in str(info.value)
 
 
+def test_unknown_architecture_is_refused_before_the_weights_load():
+    loaded: list[str] = []
+
+    class Runner:
+        model_config = SimpleNamespace(hf_config=SimpleNamespace(model_type="bloom"))
+
+        def load_model(self) -> None:
+            loaded.append("weights")
+
+    vllm_plugin._wrap_load_model(Runner)
+    with pytest.raises(ValueError, match="does not know where 'bloom'"):
+        Runner().load_model()
+    assert loaded == []
+
+
 def test_transformers_backend_paths():
     """vLLM's Transformers backend keeps the HF base model as `model` (GPT-NeoX, OLMo-2 there)."""
     assert candidate_paths("gpt_neox") == ["gpt_neox.layers", "model.layers"]
@@ -95,7 +110,8 @@ def test_stream_parts_sums_fused_residual_and_refuses_other_forms():
 
 # ---------------------------------------------------------------- vLLM (side venv)
 
-PROMPT = "To be, or not to be, that is the question. Friends, Romans, countrymen, lend me"
+# Greedy continuations of this prompt vary on both 2-head tiny models (many prompts repeat a token).
+PROMPT = "Now is the winter of our discontent made glorious summer by this sun of York."
 MAX_TOKENS, TOP_N = 4, 8
 
 
