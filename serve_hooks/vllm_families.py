@@ -84,17 +84,18 @@ def stream_parts(output: object, layer: int) -> tuple[Tensor, Tensor | None]:
     """A decoder layer's output as (rows, rows to add or None): the residual stream is their sum.
 
     (hidden, residual) from Llama-style layers -> (hidden, residual); one tensor -> (it, None).
-    Each tensor is [n_rows_padded, d_model].
+    Each comes back [n_rows_padded, d_model]: vLLM's own layers run on the flattened batch, the
+    Transformers backend runs HF layers on it with a batch dimension of 1 ([1, n_rows, d_model]).
     """
     if isinstance(output, Tensor):
-        return output, None
+        return output.flatten(0, -2), None
     if (
         isinstance(output, tuple)
         and len(output) == 2
         and all(isinstance(t, Tensor) for t in output)
         and output[0].shape == output[1].shape
     ):
-        return output[0], output[1]
+        return output[0].flatten(0, -2), output[1].flatten(0, -2)
     form = type(output).__name__
     if isinstance(output, tuple):
         form = f"tuple({', '.join(type(t).__name__ for t in output)})"

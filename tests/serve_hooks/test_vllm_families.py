@@ -74,8 +74,9 @@ def test_transformers_backend_paths():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hook_reads_resid_post_of_every_family(family, monkeypatch):
-    """On the HF tiny model (layers return the stream as one tensor in transformers 5), the
-    plugin's hook on the layer it locates hands the op hidden_states[L + 1] = hook_resid_post."""
+    """On the HF tiny model (layers return the stream as one tensor in transformers 5, with a batch
+    dimension, as under vLLM's Transformers backend), the plugin's hook on the layer it locates
+    hands the op the rows of hidden_states[L + 1] = hook_resid_post."""
     hf, tok, _ = build_tiny(f"tiny-{family}")
     layers = decoder_layers(hf, hf.config.model_type, TINY_LAYERS)
     assert layers is FAMILIES[family].blocks(hf)
@@ -90,14 +91,15 @@ def test_hook_reads_resid_post_of_every_family(family, monkeypatch):
         hidden = hf(ids, output_hidden_states=True).hidden_states  # [1, seq, d] each
     handle.remove()
     assert [layer for layer, _ in seen] == [1]
-    torch.testing.assert_close(seen[0][1], hidden[2], rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][1], hidden[2][0], rtol=0, atol=0)  # [seq, d]
 
 
 def test_stream_parts_sums_fused_residual_and_refuses_other_forms():
     hidden, residual = torch.randn(5, 8), torch.randn(5, 8)
     rows_a, rows_b = stream_parts((hidden, residual), 0)
-    assert rows_a is hidden and rows_b is residual
-    assert stream_parts(hidden, 0) == (hidden, None)
+    assert torch.equal(rows_a, hidden) and torch.equal(rows_b, residual)
+    rows_a, rows_b = stream_parts(hidden[None], 0)  # [1, n_rows, d]: Transformers backend
+    assert torch.equal(rows_a, hidden) and rows_b is None
     for bad, form in (
         ((hidden, None), r"tuple\(Tensor, NoneType\)"),
         ((hidden, residual, hidden), "tuple"),
