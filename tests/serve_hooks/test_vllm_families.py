@@ -213,14 +213,15 @@ def test_vllm_features_equal_greylens_on_non_llama_family(tmp_path, family):
     idx, val = got.codes[HOOK]  # [n, TOP_N] each
     dense = sae.encode(resid_post(model, sequence)).to_dense(sae.cfg.n_latents)  # [n, n_latents]
     ref = dense.topk(TOP_N + 1, dim=1)
-    # Both fp32, different kernels: values within 1e-4 of the row's largest; indices equal where
-    # the reference's neighbouring values are not that close (a near-tie may swap two slots).
+    # Both fp32, different kernels: values within 1e-5 of the row's largest (measured: 7.1e-7 on
+    # both families); indices equal where the reference's neighbouring values are further apart
+    # than twice that (a near-tie may swap two slots).
     scale = ref.values[:, :1].clamp_min(1e-6)  # [n, 1]
     err = ((val - ref.values[:, :TOP_N]).abs() / scale).max()
-    assert err <= 1e-4, f"values differ by {err:.3g} of the row scale"
+    assert err <= 1e-5, f"values differ by {err:.3g} of the row scale"
     gaps = ref.values[:, :-1] - ref.values[:, 1:]  # [n, TOP_N]
-    clear = gaps > 2e-4 * scale
-    clear[:, 1:] &= gaps[:, :-1] > 2e-4 * scale
+    clear = gaps > 2e-5 * scale
+    clear[:, 1:] &= gaps[:, :-1] > 2e-5 * scale
     assert clear.float().mean() > 0.9
     assert torch.equal(idx[clear], ref.indices[:, :TOP_N][clear])
     print(f"[{family}] vLLM run {seconds:.0f} s, max |Δvalue|/row scale {err:.3g}", file=sys.stderr)
