@@ -131,15 +131,17 @@ def save_vllm_sized(family: str, out: Path) -> None:
 
 
 def greylens_model(directory: Path) -> SimpleNamespace:
-    """The saved model through greylens's TransformerLens bridge (hook names as everywhere)."""
+    """The saved model through greylens's TransformerLens bridge (hook names as everywhere), booted
+    as sae.models.load_model boots its built-in models (which is all it loads on this branch).
+    The bridge wraps its HF model in place, so `hf` is a second, plain copy for generate."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    wrapped = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(directory)
-    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    bridge = TransformerBridge.boot_transformers(directory.name, hf_model=hf, tokenizer=tok)
-    return SimpleNamespace(bridge=bridge, hf=reference, tokenizer=tok)
+    bridge = TransformerBridge.boot_transformers(directory.name, hf_model=wrapped, tokenizer=tok)
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return SimpleNamespace(bridge=bridge, hf=hf, tokenizer=tok)
 
 
 @torch.no_grad()
