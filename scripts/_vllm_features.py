@@ -8,7 +8,9 @@ vLLM's engine-core process). Nothing is written to the repository or the side ve
 
     <side venv>/bin/python scripts/_vllm_features.py --sae DIR --sink DIR --prompt "..."
         [--prompt ...] [--top-n 8] [--max-tokens 4] [--block-size 32] [--pages 65536]
-        [--no-prefix-caching] [--enforce-eager]
+        [--no-prefix-caching] [--enforce-eager] [--model HF_DIR] [--max-model-len 1024]
+
+--model defaults to the side venv's HF copy of SmolLM2-135M-Instruct.
 
 Each prompt is sent in its own `generate` call, in order, so a repeated prompt hits the prefix
 cache. Output: {"requests": [{"request_id", "prompt_token_ids", "output_token_ids",
@@ -78,6 +80,8 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=65536)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--model", default=str(HF_DIR))
+    parser.add_argument("--max-model-len", type=int, default=1024)
     args = parser.parse_args()
     name = make_discoverable()
     os.environ.update({"VLLM_PLUGINS": name, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
@@ -96,10 +100,10 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
-        model=str(HF_DIR),
+        model=args.model,
         dtype="float32",
         block_size=args.block_size,
-        max_model_len=1024,
+        max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager,
         max_num_seqs=4,

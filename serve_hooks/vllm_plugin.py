@@ -11,12 +11,12 @@ safetensors and vLLM), point the plugin at SAEs and a sink directory, start vLLM
 How it works (docs/vllm_plugin.md has the details). `register()` runs in every vLLM process; with
 GREYLENS_VLLM_SAES set it registers the side-effectful custom op `greylens::tap` and wraps the
 model runners' `load_model`, which then (before vLLM compiles the model) hooks each tapped decoder
-layer: the hook passes the layer's (hidden, residual) — their sum is the residual stream
-`blocks.L.hook_resid_post` — or the stream itself, for layers that return it, to the op, whose
-body encodes the rows. The wrapped `_prepare_inputs`
-records the step's batch (req_ids, query_start_loc, num_computed_tokens, input ids), which maps the
-flattened rows to (request, position); writes overwrite, so recompute leaves no duplicates. A
-request in the next step's `finished_req_ids` is written to `<sink>/<internal id>.safetensors`.
+layer, found per family by `serve_hooks.vllm_families`: the hook passes the layer's output — the
+residual stream `blocks.L.hook_resid_post`, or Llama-style (hidden, residual) whose sum it is — to
+the op, whose body encodes the rows. The wrapped `_prepare_inputs` records the step's batch
+(req_ids, query_start_loc, num_computed_tokens, input ids), which maps the flattened rows to
+(request, position); writes overwrite, so recompute leaves no duplicates. A request in the next
+step's `finished_req_ids` is written to `<sink>/<internal id>.safetensors`.
 
 Limits:
 - Prefix cache: cached prefix tokens never run through the model. Every full KV block computed
@@ -26,7 +26,7 @@ Limits:
 - CUDA graphs replay without the op's Python body: refused unless --enforce-eager or piecewise
   graphs with `greylens::tap` in splitting_ops. torch.compile: fine (the op is in the graph; a hook
   added after start-up would not be). Async scheduling: refused (input ids lag). One worker;
-  decoder layers at model.layers / transformer.h / gpt_neox.layers; no speculative decoding.
+  the families in `vllm_families.LAYER_PATHS`; no speculative decoding.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 # The caller's side of the contract (any environment); its names are importable from here too.
+from serve_hooks.vllm_families import candidate_paths, decoder_layers, stream_parts
 from serve_hooks.vllm_features import (
     ENV_PAGES,
     ENV_SAES,
@@ -285,9 +286,9 @@ _TAP: Tap | None = None
 # --------------------------------------------------------------------------- vLLM wiring
 
 
-def _op(rows_a: Tensor, rows_b: Tensor, layer: int) -> None:
-    if _TAP is not None:
-        _TAP.record(layer, rows_a + rows_b)  # hidden + residual = the residual stream
+def _op(rows_a: Tensor, rows_b: Tensor | None, layer: int) -> None:
+    if _TAP is not None:  # rows_a is the residual stream, or hidden + residual (rows_b) is
+        _TAP.record(layer, rows_a if rows_b is None else rows_a + rows_b)
 
 
 def _register_op() -> None:
@@ -301,37 +302,10 @@ def _register_op() -> None:
 
 def _layer_hook(layer: int) -> Callable[[torch.nn.Module, tuple, Any], None]:
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if (
-            isinstance(output, tuple)
-            and len(output) == 2
-            and all(isinstance(t, Tensor) for t in output)
-        ):  # vLLM's fused-add-norm layers: (hidden, residual), each [n_rows_padded, d_model]
-            torch.ops.greylens.tap(output[0], output[1], layer)
-            return
-        # A layer that returns the residual stream itself: vLLM's GPT-2 blocks [n_rows, d_model],
-        # HF layers under vLLM's Transformers backend [1, n_rows, d_model] (maybe in a tuple).
-        stream = output[0] if isinstance(output, tuple) else output
-        rows = stream.reshape(-1, stream.shape[-1])
-        torch.ops.greylens.tap(rows, rows.new_zeros(1), layer)  # + 0 (broadcast): the rows
+        rows_a, rows_b = stream_parts(output, layer)  # [n_rows_padded, d_model], same or None
+        torch.ops.greylens.tap(rows_a, rows_b, layer)
 
     return hook
-
-
-_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers")  # from the vLLM model
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a vLLM model, where the families greylens knows keep them."""
-    for path in _LAYER_PATHS:
-        module: Any = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, torch.nn.ModuleList):
-            return module
-    raise ValueError(
-        f"greylens: found no decoder layers in {type(model).__name__} (looked at "
-        f"{', '.join(_LAYER_PATHS)}); the plugin taps decoder-only models that keep them there"
-    )
 
 
 def _check_cuda_graphs(runner: Any) -> None:
@@ -379,7 +353,8 @@ def _install(runner: Any) -> None:
         raise ValueError(
             f"greylens: SAEs {wrong} take d_in != {d_model} (this model's hidden size)"
         )
-    layers = _decoder_layers(runner.model)
+    hf_config = runner.model_config.hf_config
+    layers = decoder_layers(runner.model, hf_config.model_type, hf_config.num_hidden_layers)
     for layer in sorted(_TAP.layers):
         if layer >= len(layers):
             raise ValueError(f"greylens: hook at layer {layer}, the model has {len(layers)} layers")
@@ -413,6 +388,8 @@ def _wrap_load_model(cls: type) -> None:
     original = cls.load_model
 
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # An architecture the plugin cannot tap is refused before the weights load.
+        candidate_paths(self.model_config.hf_config.model_type)
         out = original(self, *args, **kwargs)
         _install(self)
         return out

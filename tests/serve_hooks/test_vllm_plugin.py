@@ -224,17 +224,6 @@ def test_layers_returning_the_stream_are_tapped(monkeypatch, shape):
     torch.testing.assert_close(seen[0], stream.reshape(6, 8))
 
 
-def test_decoder_layers_are_found_where_families_keep_them():
-    blocks = torch.nn.ModuleList([torch.nn.Identity()])
-    for path in ("model", "transformer"):
-        inner = SimpleNamespace(layers=blocks) if path == "model" else SimpleNamespace(h=blocks)
-        model = torch.nn.Module()
-        setattr(model, path, inner)
-        assert vllm_plugin._decoder_layers(model) is blocks
-    with pytest.raises(ValueError, match="found no decoder layers"):
-        vllm_plugin._decoder_layers(torch.nn.Linear(2, 2))
-
-
 # --------------------------------------------------------------------------- vLLM (side venv)
 
 PROMPT = (
