@@ -169,7 +169,7 @@ def test_harvested_store_reads_back_hf_values(
         tokens=62,
         context_size=32,
         batch_size=2,
-        dtype="float32",
+        store_dtype="float32",
         corpus=str(corpus),
     )
     store = harvest(cfg, model)
