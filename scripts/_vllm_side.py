@@ -303,6 +303,7 @@ def compare_with_greylens(model: str, rounds: int = 3, port: int = 8712) -> dict
                 for r in range(rounds):
                     for name in list(pair)[r % 2 :] + list(pair)[: r % 2]:
                         runs[name].append(_throughput(pair[name]))
+                        print(json.dumps({name: runs[name][-1]}), file=sys.stderr, flush=True)
             finally:
                 stop_server(vllm)
     finally:

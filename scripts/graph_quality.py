@@ -127,6 +127,7 @@ def build(args) -> dict[str, Path]:
             stats=str(dirs["stats_base"]),
             tokens=args.half_tokens,
             seed=seed,
+            batch_size=args.batch,
             wandb="disabled",
             **{"edge_coeff": args.edge_coeff, "edges": edges, **recipe, **args.graph_opt},
         )
@@ -134,7 +135,9 @@ def build(args) -> dict[str, Path]:
     for seed in args.seeds:
         dirs[f"m{seed}"] = matryoshka(args, seed)
     for key, source in (("trans_a", args.topk), ("trans_c", str(dirs[f"c{args.seeds[0]}"]))):
-        cfg = TransitionConfig(store=args.pair_store, source=source, target=args.target)
+        cfg = TransitionConfig(
+            store=args.pair_store, source=source, target=args.target, batch_size=args.batch
+        )
         dirs[key] = artefact(args, f"transition-{key[-1]}", cfg, fit_transition, "transition.json")
     return dirs
 
@@ -306,7 +309,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m", help="the model the stores came from")
     parser.add_argument("--half-tokens", type=int, default=500_000)
     parser.add_argument(
-        "--batch", type=int, default=4096, help="batch of the Matryoshka runs ((a)'s batch)"
+        "--batch", type=int, default=4096, help="batch of (c), (m) and the transitions ((a)'s)"
     )
     parser.add_argument("--ce-tokens", type=int, default=8192)
     parser.add_argument("--letter-tokens", type=int, default=100_000)

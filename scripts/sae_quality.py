@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cache import cached_json, content_digest, keyed, produced_by, record  # noqa: E402
+from _cache import RECORD, cached_json, content_digest, keyed, produced_by, record  # noqa: E402
 
 from sae.evaluate import heldout_windows, reconstruction_metrics, splice_metrics  # noqa: E402
 from sae.io import load_sae  # noqa: E402
@@ -71,12 +71,26 @@ def train_arch(args, arch: str, coeff: float) -> Path:
     key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every",)}
     key["store_digest"] = content_digest(args.store)
     out = keyed(args.out, arch, key)
-    if (out / args.hook / "sae.safetensors").exists() and (out / "produced_by.json").exists():
-        return out / args.hook
-    cfg.out, cfg.resume = str(out), (out / "checkpoint.safetensors").exists()
-    train(cfg)
-    record(out, key)
+    if not ((out / args.hook / "sae.safetensors").exists() and (out / RECORD).exists()):
+        cfg.out, cfg.resume = str(out), (out / "checkpoint.safetensors").exists()
+        train(cfg)
+        record(out, key)
+    latest_link(Path(args.out) / arch, out)
     return out / args.hook
+
+
+def latest_link(link: Path, target: Path) -> None:
+    """`<out>/<arch>` -> the keyed directory this run used, so the stable path other commands take
+    (`--sae out/quality/topk/blocks.15.hook_resid_post`) names the SAE of the latest table."""
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(
+            f"{link} is a directory from before caches were keyed by configuration; move it away "
+            "(its SAE is not reused: nothing records the configuration that made it)"
+        )
+    tmp = link.with_name(link.name + ".tmp-link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    tmp.replace(link)  # atomic: the link never points nowhere
 
 
 def setting(args, arch: str, coeff: float, sae_dir: Path) -> str:

@@ -162,6 +162,7 @@ def test_sae_quality(made, tmp_path, capsys) -> None:
     run_script("sae_quality.py", *argv, capsys=capsys)
     first = doc.read_text()
     assert "| topk | k=4 |" in first and "--tokens 1024" in first
+    assert (tmp_path / "q" / "topk" / L1 / "sae.safetensors").exists()  # the stable link
     # a re-run with another doc path reuses the cache and quotes the command that made it
     run_script("sae_quality.py", *argv, "--doc", str(tmp_path / "again.md"))
     assert "--doc " + str(doc) in (tmp_path / "again.md").read_text()
