@@ -145,7 +145,7 @@ def main() -> None:
         # stored rows (BOS dropped) of exactly the windows SAELens caches whole
         tokens=args.tokens // args.context_size * (args.context_size - 1),
         context_size=args.context_size,
-        dtype="float32",  # what SAELens stores
+        store_dtype="float32",  # what SAELens stores
     )
     result = {
         "model": args.model,
@@ -153,7 +153,7 @@ def main() -> None:
         "tokens": args.tokens,
         "context_size": cfg.context_size,
         "batch_size": cfg.batch_size,
-        "dtype": cfg.dtype,
+        "store_dtype": cfg.store_dtype,
         "torch_threads": torch.get_num_threads(),
         **greylens_speeds(model, cfg, args.repeats),
     }
@@ -185,7 +185,7 @@ def greylens_speeds(model, cfg: HarvestConfig, repeats: int) -> dict:
         for dtype in ("float32", "float16"):
             runs = []
             for repeat in range(repeats):
-                run_cfg = dataclasses.replace(cfg, out=f"{tmp}/{dtype}-{repeat}", dtype=dtype)
+                run_cfg = dataclasses.replace(cfg, out=f"{tmp}/{dtype}-{repeat}", store_dtype=dtype)
                 runs.append(harvest_tok_s(model, run_cfg))
             speeds[dtype] = max(runs)
     tok_s, tokens = speeds["float32"]
