@@ -50,7 +50,7 @@ TASKS: tuple[str, ...] = ("source", "code", "language", "first_letter")
 DEFAULT_AGGREGATION: dict[str, str] = dict.fromkeys(TASKS, "mean")
 TEST_FRACTION = 0.25
 MIN_PER_CLASS = 20
-FORMAT = "v2"  # v2: the `code` task's negatives are half modern English
+FORMAT = "v3"  # v3: the `code` task's negatives are half modern English
 PASSAGE_CHARS = (300, 500)  # target length of a passage / code chunk
 MIN_PASSAGE_CHARS = 200  # shorter leftovers (ends of documents) are dropped
 SOURCE_BLOCK = 20  # passages per group in the `source` task
@@ -271,6 +271,8 @@ def _is_prose_line(line: str) -> bool:
 def _looks_like_prose(chunk: str) -> bool:
     """Keeps documentation passages that are English sentences, not code samples or tables."""
     lines = [line.rstrip() for line in chunk.splitlines() if line.strip()]
+    if any(line.lstrip().startswith(">>>") for line in lines):  # an interactive code sample
+        return False
     return sum(map(_is_prose_line, lines)) >= 0.8 * len(lines)
 
 
