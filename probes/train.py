@@ -326,6 +326,7 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
         l2=cfg.l2,
         **meta,
     )
+    probe.set_score_range(features.select(fit_rows))
     calibrate_probe(
         probe,
         features.select(calib_rows),
