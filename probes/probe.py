@@ -9,10 +9,10 @@ Every kind is linear in its own per-token input u_t:
 | `sparse`    | z_t[features], k SAE latents            | k by class-mean difference; logistic   |
 | `graph`     | min of z_t over a feature set/path [1]  | best set/edge of the feature graph     |
 
-A fitted probe clips s_t to `score_range`, the 0.5%-99.5% range of its training tokens' scores
-widened by its own width on each side: a token whose residual is a massive-activation outlier (SmolLM2's
-first token after a chat marker reaches norms of ~25,000 against a median of ~170) would otherwise
-score in the hundreds and decide a whole conversation's mean on its own.
+A trained probe clips s_t to `score_range`: the 0.5%-99.5% range of its training tokens' scores,
+widened by its own width on each side. A token whose residual is a massive-activation outlier
+(in SmolLM2 the first token after a chat marker reaches norms of ~25,000 against a median of ~170)
+would otherwise score in the hundreds and decide a whole conversation's mean on its own.
 
 The text's score S = pool_t(s_t) (mean, max or last token) is a logit: sigmoid(S) is the
 probability, and the probe *fires* when S > threshold, the threshold calibrated to a target

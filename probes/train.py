@@ -16,8 +16,10 @@ for the reported metrics.
 `calibrate_on="monitor"` sets the threshold on the statistic `Lens.monitor` acts on: the running
 pooled score after every token of a negative text, from `min_tokens` tokens on, at its peak. A
 monitor then fires on at most `fpr` of such texts at any point of their reading, and the pooled
-score of a whole text (never above its peak) is covered too. `"text"` calibrates only the whole
-text's pooled score, which a monitor checking short prefixes exceeds far more often.
+score of a whole text (never above its peak) is covered too. `"text"` (the default) calibrates
+only the whole text's pooled score, which a monitor checking short prefixes exceeds more often.
+Short prefixes are noisy (one outlier token decides a 2-token mean), so with min_tokens below ~8
+the monitor threshold can sit above most positives too; the probe's metrics show its TPR.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class ProbeTrainConfig:
     """Built-in tasks: texts per class (train + test)."""
     fpr: float = 0.01
     """Target false-positive rate of the calibrated threshold."""
-    calibrate_on: Literal["text", "monitor"] = "monitor"
+    calibrate_on: Literal["text", "monitor"] = "text"
     """Score the threshold is calibrated on: each negative text's pooled score (text), or the peak
     of its running pooled score from min_tokens tokens on, which Lens.monitor checks after every
     token (monitor)."""

@@ -236,7 +236,10 @@ def probes_and_lens(model, args, labels: list[str]) -> dict:
                     out=str(out),
                     sae=sae_dir,
                     n_per_class=150,
-                    calibrate_on="monitor",  # the threshold holds for every prefix a monitor checks
+                    # The threshold holds for every prefix of 8+ tokens a monitor checks (shorter
+                    # ones are too noisy to calibrate on: one outlier token decides them).
+                    calibrate_on="monitor",
+                    min_tokens=8,
                 ),
                 model,
             )

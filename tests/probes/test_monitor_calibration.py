@@ -66,7 +66,11 @@ def planted(tiny, tmp_path_factory):
         {"text": texts, "label": [0] * n + [1] * n, "group": [str(i // 4) for i in range(2 * n)]}
     )
     cfg = ProbeTrainConfig(
-        hook=HOOK, model="tiny", out=str(tmp_path_factory.mktemp("probe") / "code"), l2=1e-2
+        hook=HOOK,
+        model="tiny",
+        out=str(tmp_path_factory.mktemp("probe") / "code"),
+        l2=1e-2,
+        calibrate_on="monitor",
     )
     probe = train_probe(cfg, tiny, data=data)
     return cfg, data, probe, _texts(PROSE, 40, random.Random(1))
