@@ -6,6 +6,9 @@
     pooled_code(code, offsets, aggregation)     [n_texts, n_latents] pooled SAE code (selection)
     select_features(pooled, y, k)               the k latents with the largest |μ₊ − μ₋|
     graph_neighbourhoods(pooled, y, edges)      feature sets worth testing: top features + edges
+    running_pool(scores, aggregation)           the pooled score after each token (what
+                                                `Lens.monitor` compares to the threshold)
+    peak_running(scores, aggregation, min_tokens)  each text's highest running pooled score
     calibrate(negative_scores, fpr)             threshold with at most fpr of negatives above it
     auroc(scores, y), accuracy(scores, y)
 
@@ -137,6 +140,37 @@ def graph_neighbourhoods(
 
 
 # --------------------------------------------------------------------------- calibration, scores
+
+
+def running_pool(scores: Ragged, aggregation: Aggregation) -> Ragged:
+    """Token scores s_t [n_tokens] -> the text's pooled score over s_1..s_t after each token
+    [n_tokens], the rule `Lens.monitor` applies while it generates (an independent re-statement of
+    its incremental update, pinned against it by a test)."""
+    out = []
+    for start, end in zip(scores.offsets[:-1].tolist(), scores.offsets[1:].tolist(), strict=True):
+        s = scores.values[start:end].double()  # [T]
+        if aggregation == "mean":
+            out.append(s.cumsum(0) / torch.arange(1, s.numel() + 1, dtype=s.dtype))
+        elif aggregation == "max":
+            out.append(s.cummax(0).values)
+        else:  # last: the newest token's score
+            out.append(s)
+    values = torch.cat(out) if out else scores.values.double()
+    return Ragged(values.to(scores.values.dtype), scores.offsets)
+
+
+def peak_running(scores: Ragged, aggregation: Aggregation, min_tokens: int = 1) -> Tensor:
+    """[n_texts]: the highest running pooled score of each text once it has min_tokens tokens
+    (the whole text's pooled score when it is shorter). A monitor that checks the running score
+    after every token fires on a text exactly when this peak is above its threshold."""
+    if min_tokens < 1:
+        raise ValueError(f"min_tokens must be at least 1, got {min_tokens}")
+    running = running_pool(scores, aggregation)
+    peaks = []
+    for start, end in zip(scores.offsets[:-1].tolist(), scores.offsets[1:].tolist(), strict=True):
+        first = min(start + min_tokens - 1, end - 1)  # a text shorter than min_tokens: its end
+        peaks.append(running.values[first:end].max())
+    return torch.stack(peaks)
 
 
 def calibrate(negative_scores: Tensor, fpr: float) -> tuple[float, dict]:

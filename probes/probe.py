@@ -9,6 +9,11 @@ Every kind is linear in its own per-token input u_t:
 | `sparse`    | z_t[features], k SAE latents            | k by class-mean difference; logistic   |
 | `graph`     | min of z_t over a feature set/path [1]  | best set/edge of the feature graph     |
 
+A trained probe clips s_t to `score_range`: the 0.5%-99.5% range of its training tokens' scores,
+widened by its own width on each side. A token whose residual is a massive-activation outlier
+(in SmolLM2 the first token after a chat marker reaches norms of ~25,000 against a median of ~170)
+would otherwise score in the hundreds and decide a whole conversation's mean on its own.
+
 The text's score S = pool_t(s_t) (mean, max or last token) is a logit: sigmoid(S) is the
 probability, and the probe *fires* when S > threshold, the threshold calibrated to a target
 false-positive rate on held-out negatives. `mean_diff` keeps the raw difference μ₊ − μ₋ as
@@ -50,6 +55,7 @@ class Probe:
     features: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     edges: list[list[int]] = field(default_factory=list)  # graph: the query's edges [[i, j], ...]
     direction: Tensor | None = None  # mean_diff: μ₊ − μ₋ in raw residual space [d_model]
+    score_range: list[float] = field(default_factory=list)  # [lo, hi] s_t is clipped to; [] none
     threshold: float = 0.0  # on the pooled score S (a logit); fires when S > threshold
     calibration: dict = field(default_factory=dict)  # target_fpr, n_negatives, fpr on them
     name: str = ""
@@ -96,8 +102,18 @@ class Probe:
         return chosen
 
     def token_scores(self, acts: Tensor, code: SparseCode | None = None) -> Tensor:
-        """s_t = u_t · w + b for every row: [n_tokens]."""
-        return self.inputs(acts, code) @ self.weight + self.bias
+        """s_t = u_t · w + b for every row, clipped to score_range: [n_tokens]."""
+        scores = self.inputs(acts, code) @ self.weight + self.bias
+        return scores.clamp(*self.score_range) if self.score_range else scores
+
+    def set_score_range(self, features: Features) -> Probe:
+        """score_range from the token scores of the texts the probe was fit on."""
+        self.score_range = []
+        scores = self.token_scores(features.acts.values, features.code)  # [n_tokens]
+        # Quantiles, not min/max: training texts hold a few outlier tokens themselves.
+        lo, hi = scores.float().quantile(torch.tensor([0.005, 0.995])).tolist()
+        self.score_range = [lo - (hi - lo), hi + (hi - lo)]
+        return self
 
     def text_scores(self, features: Features) -> Tensor:
         """S per text: [n_texts] logits."""

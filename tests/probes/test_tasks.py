@@ -113,9 +113,12 @@ def test_code_task_separates_python_from_prose(built: dict) -> None:
     code = [r for r in rows if r["label"] == 1]
     prose = [r for r in rows if r["label"] == 0]
     assert all(r["group"].startswith("stdlib/") and r["group"].endswith(".py") for r in code)
-    assert not any(r["group"].startswith("stdlib/") for r in prose)
+    in_stdlib = [r for r in prose if r["group"].startswith("stdlib/")]  # docstrings: their module's
+    assert in_stdlib and all(tasks._looks_like_prose(r["text"]) for r in in_stdlib)
     assert sum(_code_like(r["text"]) for r in code) >= 0.9 * len(code)
-    assert sum(_code_like(r["text"]) for r in prose) <= 0.05 * len(prose)
+    # Old prose holds no code words; modern prose is Python's docs and may name them ("return").
+    old = [r for r in prose if not r["group"].startswith(tasks.MODERN_GROUPS)]
+    assert sum(_code_like(r["text"]) for r in old) <= 0.05 * len(old)
     assert sum("(" in r["text"] and ")" in r["text"] for r in code) >= 0.7 * len(code)
 
 
