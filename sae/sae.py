@@ -53,6 +53,10 @@ Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
 SPARSE_ARCHS = ("topk", "batchtopk", "matryoshka")
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over data-parallel ranks
+# Devices whose sparse training step avoids every device→host sync (fixed shapes only). On the CPU
+# a "sync" costs nothing and the data-dependent forms (AuxK over the dead columns only, BatchTopK
+# from a hinted candidate set) are several times faster, so the CPU keeps them.
+SYNC_FREE_DEVICES = {"cuda"}
 
 
 @dataclass
@@ -116,8 +120,9 @@ class SAE(HookedRootModule):
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk/matryoshka inference θ
         # training's [N, n_latents] pre-activation buffer (not state)
         self._pre_workspace: torch.Tensor | None = None
-        # the last training batch's BatchTopK cut (not state: only a speed hint)
-        self._last_cut = 0.0
+        # the last training batch's BatchTopK cut (not state: only a speed hint; a 0-dim tensor
+        # once set, read back only by `cut_hint`)
+        self._last_cut: float | torch.Tensor = 0.0
         self.hook_sae_acts_post = HookPoint()
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
@@ -194,6 +199,7 @@ class SAE(HookedRootModule):
         x_n = x.to(self.W_enc.dtype) * self.cfg.input_scale
         x_c = x_n - self.b_dec  # [N, d_in]
         sparse = self.cfg.arch in SPARSE_ARCHS
+        sync_free = sparse and x.device.type in SYNC_FREE_DEVICES
         if sparse:
             # no autograd through pre (grads go via the kernels): write it into a reused buffer
             with torch.no_grad():
@@ -203,10 +209,12 @@ class SAE(HookedRootModule):
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)  # [N, n_latents], bias fused
         sparsity = aux = x_n.new_zeros(())
         if sparse:
-            code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
+            code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce, sync_free)
         else:
             code, recon_loss, sparsity, recons_n = self._dense_losses(x_n, pre, reduce)
-        if dead is not None and aux_k > 0 and bool(dead.any()):  # dense archs: the trainer opts in
+        if dead is not None and aux_k > 0 and sync_free:  # 0 when nothing is dead, no sync
+            aux = self.masked_aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
+        elif dead is not None and aux_k > 0 and bool(dead.any()):  # dense archs: trainer opts in
             aux = self.aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, code.detach(), recon_loss, aux, sparsity)
@@ -231,14 +239,23 @@ class SAE(HookedRootModule):
         return buffer[:n_rows]
 
     def _sparse_losses(
-        self, x_n: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor, reduce: Reduce | None
+        self,
+        x_n: torch.Tensor,
+        x_c: torch.Tensor,
+        pre: torch.Tensor,
+        reduce: Reduce | None,
+        sync_free: bool = False,
     ) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
         """(code, reconstruction loss, detached normalised-space reconstruction of the whole code).
 
-        x_n, x_c: [N, d_in] scaled and centred inputs; pre: [N, n_latents]."""
+        x_n, x_c: [N, d_in] scaled and centred inputs; pre: [N, n_latents]. sync_free: BatchTopK
+        by one topk over all N·n entries (the same winners; fixed shapes, no hint read back)."""
         with torch.no_grad():
             if self.cfg.arch == "topk":
                 selected = topk_code(pre, self.cfg.k)
+            elif sync_free:
+                selected = batch_topk_code(pre, self.cfg.k, exhaustive=True)
+                self.update_threshold(selected.values)
             else:
                 selected = batch_topk_code(pre, self.cfg.k, hint=self.cut_hint())
                 self.update_threshold(selected.values)
@@ -313,24 +330,49 @@ class SAE(HookedRootModule):
         guess = sparse_decode(values, cols, rows, self.W_dec, pre.shape[0])
         return fvu(residual.detach(), guess, reduce)
 
+    def masked_aux_loss(
+        self,
+        residual: torch.Tensor,
+        x_c: torch.Tensor,
+        pre: torch.Tensor,
+        dead: torch.Tensor,
+        aux_k: int,
+        reduce: Reduce | None,
+    ) -> torch.Tensor:
+        """`aux_loss` with fixed shapes, for devices where reading the dead count back would stall
+        the host: live columns are masked to −inf instead of dropped, each token keeps aux_k
+        entries, those that are not positive get weight 0, and the loss is multiplied by whether
+        anything is dead (aux_loss is 0 then). Same value up to summation order, but the top-k
+        runs over all n_latents columns. Shapes as in `aux_loss`."""
+        n_rows, k = pre.shape[0], min(aux_k, pre.shape[1])
+        with torch.no_grad():
+            top, cols = pre.masked_fill(~dead, -torch.inf).topk(k, dim=1, sorted=False)  # [N, k]
+            positive = (top > 0).flatten().to(pre.dtype)  # [N·k]; live or ≤ 0 entries: weight 0
+            top, cols = top.flatten().clamp_min(0), cols.flatten()
+            rows = torch.arange(n_rows, device=pre.device).repeat_interleave(k)
+        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top) * positive
+        guess = sparse_decode(values, cols, rows, self.W_dec, n_rows)
+        return fvu(residual.detach(), guess, reduce) * dead.any()
+
     def cut_hint(self) -> float:
         """A value just below the next training batch's BatchTopK cut: 0.85 × the last batch's cut
         (θ before the first batch; 0, no hint, while both are unset). Only `batch_topk_code`'s speed
         depends on it. Not θ itself: θ averages cuts with momentum 0.99 and lags when they move
         fast, as in a graph autoencoder's first steps."""
-        return 0.85 * (self._last_cut or float(self.threshold))
+        return 0.85 * (float(self._last_cut) or float(self.threshold))
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor, momentum: float = 0.99) -> None:
-        positive = kept[kept > 0]
-        if len(positive) == 0:
-            return
-        smallest = positive.min()
-        self._last_cut = float(smallest)
-        if self.threshold == 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.copy_(momentum * self.threshold + (1 - momentum) * smallest)
+        """θ ← the smallest positive kept value (the first time), then its EMA; no positive value
+        leaves θ and the cut as they were. Written with `where`, not branches, so that nothing is
+        read back to the host. kept: [nnz]."""
+        smallest = torch.where(kept > 0, kept, torch.inf).min()  # +inf: nothing positive
+        found = smallest.isfinite()
+        last = torch.as_tensor(self._last_cut, dtype=smallest.dtype, device=smallest.device)
+        self._last_cut = torch.where(found, smallest, last)
+        ema = momentum * self.threshold + (1 - momentum) * smallest
+        new = torch.where(self.threshold == 0, smallest, ema)
+        self.threshold.copy_(torch.where(found, new, self.threshold))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -13,15 +13,23 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sae.sae as sae_module
 from sae.distributed import Distributed
 from sae.init import init_hook_state
+from sae.kernels import row_offsets
+from sae.sae import SAE, SAEConfig
 from sae.store import ActivationStore
-from sae.train import _train_hook
+from sae.train import _train_hook, device_rows
 from tests.sae.conftest import HOOK, train_config
 
 aten = torch.ops.aten
 # ops whose result the host must wait for: a scalar read back, or an output shape set by the data
-SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.bincount.default,  # CUDA's kernel reads the largest id back to size its output
+}
 INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
 # Tensor methods that read values back on the host; on CPU .tolist() dispatches no aten op at all
 SYNC_METHODS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__}
@@ -89,14 +97,88 @@ def test_the_recorder_sees_each_kind_of_sync() -> None:
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_a_step_that_does_not_log_has_no_host_sync(
-    tiny_store: ActivationStore, tmp_path: Path, arch: str
+    tiny_store: ActivationStore, tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = train_config(tiny_store, tmp_path, arch=arch)
+    """The step as it runs on CUDA (the CPU keeps its faster data-dependent forms), with dead
+    latents from the start so that AuxK runs too."""
+    monkeypatch.setattr(sae_module, "SYNC_FREE_DEVICES", {"cpu", "cuda"})
+    cfg = train_config(tiny_store, tmp_path, arch=arch, dead_tokens=1)
     state = init_hook_state(cfg, tiny_store, HOOK)
     batches = tiny_store.batches(cfg.batch_size, cfg.seed, [HOOK])
-    first, second = next(batches)[HOOK], next(batches)[HOOK]
     dist = Distributed()
-    _train_hook(cfg, state, first, 0, 40, 1e-3, dist)  # the first step sets θ and the cut hint
+    # host-side row selection and the copy to the device happen outside the step
+    x0, x1, x2 = (device_rows(cfg, state.sae, next(batches)[HOOK], dist) for _ in range(3))
+    _train_hook(cfg, state, x0, 0, 40, 1e-3, dist, log=False)  # sets θ and the cut hint
     with SyncRecorder() as recorder:
-        _train_hook(cfg, state, second, 1, 40, 1e-3, dist)
+        row = _train_hook(cfg, state, x1, 1, 40, 1e-3, dist, log=False)
     assert recorder.syncs == [], f"{arch}: a non-logging step synced in {recorder.syncs}"
+    assert row == {}
+    with SyncRecorder() as recorder:  # a logging step reads its numbers back
+        row = _train_hook(cfg, state, x2, 2, 40, 1e-3, dist, log=True)
+    assert "Tensor.tolist" in recorder.syncs and row["fvu"] > 0 and row["l0"] > 0
+
+
+def _sae(arch: str) -> SAE:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=12, n_latents=48, arch=arch, k=4, input_scale=0.7)).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.3)
+        sae.b_dec.normal_()
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("n_dead", [0, 3, 30])
+def test_the_sync_free_step_matches_the_cpu_step(
+    arch: str, n_dead: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same losses and gradients from the fixed-shape forms (exhaustive BatchTopK, masked AuxK;
+    fewer dead latents than aux_k, more, and none) as from the data-dependent ones."""
+    x = torch.randn(40, 12, dtype=torch.float64) * 2 + 1
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[torch.randperm(48)[:n_dead]] = True
+    results = []
+    for devices in ({"cuda"}, {"cpu", "cuda"}):
+        monkeypatch.setattr(sae_module, "SYNC_FREE_DEVICES", devices)
+        sae = _sae(arch)
+        sae.threshold.fill_(0.5)  # the hint path of the CPU's BatchTopK
+        out = sae.training_forward(x, dead=dead, aux_k=6)
+        (out.fvu + out.aux_loss).backward()
+        grads = [p.grad for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+        results.append((out.fvu, out.aux_loss, out.code.to_dense(48), sae.threshold, *grads))
+    assert results[0][1] > 0 if n_dead else results[0][1] == 0
+    for cpu_form, sync_free in zip(*results, strict=True):
+        torch.testing.assert_close(sync_free, cpu_form)
+
+
+def test_row_offsets_are_where_each_row_starts() -> None:
+    rows = torch.tensor([0, 0, 2, 2, 2, 3, 5])
+    counts = torch.bincount(rows, minlength=7)
+    assert row_offsets(rows, 7).tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    assert row_offsets(rows, 7).tolist() == [0, 2, 2, 5, 6, 6, 7]
+
+
+def test_update_threshold_keeps_theta_without_a_positive_value() -> None:
+    sae = _sae("batchtopk")
+    sae.update_threshold(torch.tensor([0.0, -1.0], dtype=torch.float64))  # nothing positive
+    assert float(sae.threshold) == 0 and sae.cut_hint() == 0
+    sae.update_threshold(torch.tensor([0.0, 2.0, 3.0], dtype=torch.float64))  # first: the min
+    assert float(sae.threshold) == 2 and sae.cut_hint() == pytest.approx(0.85 * 2)
+    sae.update_threshold(torch.tensor([1.0, 5.0], dtype=torch.float64))
+    assert float(sae.threshold) == pytest.approx(0.99 * 2 + 0.01 * 1)
+    sae.update_threshold(torch.tensor([-2.0], dtype=torch.float64))
+    assert float(sae.threshold) == pytest.approx(0.99 * 2 + 0.01 * 1)
+    assert sae.cut_hint() == pytest.approx(0.85)
+
+
+def test_device_rows_drop_exactly_the_passthrough_rows(
+    tiny_store: ActivationStore, tmp_path: Path
+) -> None:
+    cfg = train_config(tiny_store, tmp_path)
+    state = init_hook_state(cfg, tiny_store, HOOK)
+    batch = next(tiny_store.batches(cfg.batch_size, cfg.seed, [HOOK]))[HOOK].clone()
+    batch[[3, 7]] *= 1e3  # two massive rows
+    x = device_rows(cfg, state.sae, batch, Distributed())
+    keep = torch.ones(len(batch), dtype=torch.bool)
+    keep[[3, 7]] = False
+    torch.testing.assert_close(x, batch[keep].to(cfg.device), rtol=0, atol=0)
