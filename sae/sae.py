@@ -201,10 +201,13 @@ class SAE(HookedRootModule):
         sparse = self.cfg.arch in SPARSE_ARCHS
         sync_free = sparse and x.device.type in SYNC_FREE_DEVICES
         if sparse:
-            # no autograd through pre (grads go via the kernels): write it into a reused buffer
+            # no autograd through pre (grads go via the kernels): write it into a reused buffer,
+            # in autocast's dtype when it is on (an out= op is not autocast: cast by hand)
             with torch.no_grad():
-                buffer = self.workspace(x_c.shape[0])
-                pre = torch.addmm(self.b_enc, x_c, self.W_enc.T, out=buffer)  # [N, n_latents]
+                dtype = _autocast_dtype(x.device.type) or self.W_enc.dtype
+                buffer = self.workspace(x_c.shape[0], dtype)
+                W_enc, b_enc = self.W_enc.to(dtype), self.b_enc.to(dtype)
+                pre = torch.addmm(b_enc, x_c.to(dtype), W_enc.T, out=buffer)  # [N, n_latents]
         else:
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)  # [N, n_latents], bias fused
         sparsity = aux = x_n.new_zeros(())
@@ -219,7 +222,7 @@ class SAE(HookedRootModule):
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, code.detach(), recon_loss, aux, sparsity)
 
-    def workspace(self, n_rows: int) -> torch.Tensor:
+    def workspace(self, n_rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [n_rows, n_latents] pre-activation buffer of the sparse training path, reused across
         steps. A fresh tensor of that size per step costs page faults on every write, which makes
         the encoder GEMM measurably slower. The values do not outlive the step: codes and losses
@@ -227,14 +230,15 @@ class SAE(HookedRootModule):
         buffer keeps the largest row count seen and a step uses its first n_rows rows (a
         contiguous view)."""
         buffer, W = self._pre_workspace, self.W_enc
+        dtype = dtype or W.dtype  # the weights' dtype, or autocast's
         if (
             buffer is None
             or buffer.shape[0] < n_rows
-            or buffer.dtype != W.dtype
+            or buffer.dtype != dtype
             or buffer.device != W.device
         ):
             buffer = self._pre_workspace = torch.empty(
-                n_rows, self.cfg.n_latents, dtype=W.dtype, device=W.device
+                n_rows, self.cfg.n_latents, dtype=dtype, device=W.device
             )
         return buffer[:n_rows]
 
@@ -260,8 +264,10 @@ class SAE(HookedRootModule):
                 selected = batch_topk_code(pre, self.cfg.k, hint=self.cut_hint())
                 self.update_threshold(selected.values)
         # selected.values = ReLU(pre) at the selected entries: under the ReLU below, the same as pre
+        # the sparse kernels run in the weights' dtype (pre may be autocast's bf16)
+        kept = selected.values.to(x_c.dtype)
         values = sparse_encode(
-            x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, selected.values
+            x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, kept
         ).relu()
         code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
         if self.cfg.arch != "matryoshka":
@@ -326,6 +332,7 @@ class SAE(HookedRootModule):
             top, cols = top.flatten()[positive], dead_ids[local.flatten()[positive]]
             rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
             rows = rows[positive]  # still sorted
+        top = top.to(x_c.dtype)  # pre may be autocast's bf16; the kernels use the weights' dtype
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top)
         guess = sparse_decode(values, cols, rows, self.W_dec, pre.shape[0])
         return fvu(residual.detach(), guess, reduce)
@@ -348,7 +355,7 @@ class SAE(HookedRootModule):
         with torch.no_grad():
             top, cols = pre.masked_fill(~dead, -torch.inf).topk(k, dim=1, sorted=False)  # [N, k]
             positive = (top > 0).flatten().to(pre.dtype)  # [N·k]; live or ≤ 0 entries: weight 0
-            top, cols = top.flatten().clamp_min(0), cols.flatten()
+            top, cols = top.flatten().clamp_min(0).to(x_c.dtype), cols.flatten()
             rows = torch.arange(n_rows, device=pre.device).repeat_interleave(k)
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top) * positive
         guess = sparse_decode(values, cols, rows, self.W_dec, n_rows)
@@ -386,6 +393,13 @@ class SAE(HookedRootModule):
         # [n_latents] in one pass (three fewer than mul-sum-mul-sub)
         parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)
         self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """autocast's dtype on this device type when it is on (the trainer's --dtype bfloat16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:

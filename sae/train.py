@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sae.batches import step_batches
 from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.codes import batch_topk_code
-from sae.config import TrainConfig, base_lr, lr_decay_frac
+from sae.config import TrainConfig, base_lr, compute_dtype, lr_decay_frac
 from sae.distributed import Distributed
 from sae.firing import dead_window
 from sae.hooks import parse_hooks
@@ -230,7 +230,9 @@ def _train_step(
     dead = state.firing.dead(_dead_window(cfg))  # [n_latents] bool
     reduce = dist.sum if dist.world > 1 else None
     aux_k = x.shape[1] // 2 if cfg.arch in SPARSE_ARCHS or cfg.dense_aux else 0  # k_aux = d/2
-    out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
+    dtype = compute_dtype(cfg)  # bf16: the forward's matmuls in bf16, weights/loss stay fp32
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
     # rows differ per rank after skipping outliers: count the global batch
     n_tokens = x.shape[0] if dist.world == 1 else int(dist.sum(torch.tensor(x.shape[0])))
     fired = dist.sum((out.code.values > 0).sum().float())  # scalar on the device: no sync
