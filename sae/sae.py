@@ -373,9 +373,13 @@ class SAE(HookedRootModule):
         """θ ← the smallest positive kept value (the first time), then its EMA; no positive value
         leaves θ and the cut as they were. Written with `where`, not branches, so that nothing is
         read back to the host. kept: [nnz]."""
+        if kept.numel() == 0:  # a shape, known on the host
+            return
         smallest = torch.where(kept > 0, kept, torch.inf).min()  # +inf: nothing positive
         found = smallest.isfinite()
-        last = torch.as_tensor(self._last_cut, dtype=smallest.dtype, device=smallest.device)
+        last = self._last_cut
+        if not isinstance(last, torch.Tensor):  # unset (0.0): a fill, no host→device copy
+            last = smallest.new_full((), last)
         self._last_cut = torch.where(found, smallest, last)
         ema = momentum * self.threshold + (1 - momentum) * smallest
         new = torch.where(self.threshold == 0, smallest, ema)
@@ -412,7 +416,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> t
     with torch.no_grad():
         x64 = x.detach().double()
         # [2d + 1]: Σx, Σx², n
-        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_tensor([x.shape[0]])])
+        # n by a fill, not new_tensor: a host list copied to CUDA would wait for the stream
+        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_full((1,), x.shape[0])])
         if reduce is not None:
             stats = reduce(stats)
         total_variance = (stats[d : 2 * d] - stats[:d].pow(2) / stats[-1]).sum().clamp_min(1e-12)
