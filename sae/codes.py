@@ -57,8 +57,13 @@ def topk_code(pre: torch.Tensor, k: int) -> SparseCode:
     return SparseCode(values.relu().flatten(), cols.flatten(), rows, pre.shape[0])
 
 
-def batch_topk_code(pre: torch.Tensor, k: float, hint: float = 0.0) -> SparseCode:
+def batch_topk_code(
+    pre: torch.Tensor, k: float, hint: float = 0.0, exhaustive: bool = False
+) -> SparseCode:
     """The round(k·N) largest ReLU(pre) of the whole batch: k per token on average.
+
+    exhaustive: one topk over all N·n entries, with fixed shapes (nothing read back to the host:
+    the sync-free path of the CUDA training step). Otherwise:
 
     A topk over all N·n entries is slow. Two exact shortcuts:
     - hint > 0, a value expected just below the batch's cut (training passes `SAE.cut_hint()`,
@@ -73,6 +78,9 @@ def batch_topk_code(pre: torch.Tensor, k: float, hint: float = 0.0) -> SparseCod
     """
     n_rows, n_latents = pre.shape
     n_keep = max(1, min(round(k * n_rows), pre.numel()))
+    if exhaustive:
+        values, flat = pre.flatten().topk(n_keep, sorted=False)
+        return _row_major_code(values.relu(), flat, n_rows, n_latents)
     if hint > 0:
         flat = (pre.reshape(-1) > hint).nonzero().squeeze(1)  # [C] entries above the hint
         if len(flat) >= n_keep:

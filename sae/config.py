@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sae.device import resolve_device
+import torch
+
+from sae.device import resolve_device, resolve_dtype
 from sae.optim import OptimizerName, default_lr
 from sae.sae import Architecture
 
@@ -98,6 +100,10 @@ class TrainConfig:
     """wandb mode (offline writes under out/wandb)."""
     device: str = "auto"
     """Device to train on: cpu, cuda, cuda:N, or auto (cuda when there is one)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of the SAE's matmuls (under torch.autocast); weights, optimizer state and the
+    loss stay float32. auto: bfloat16 on CUDA, float32 on CPU (where bf16 is several times
+    slower)."""
     model: str = ""
     """Model spec the store must have been harvested from (checked before training: d_model,
     hooks, family, weights); empty: no check."""
@@ -106,6 +112,16 @@ class TrainConfig:
         # "auto" becomes the device it means now, so every reader of cfg.device gets a real one
         # (and a device that is not here fails at once).
         self.device = str(resolve_device(self.device))
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"unknown --dtype {self.dtype!r} for training; use auto, float32 or bfloat16 "
+                "(float16 would need loss scaling)"
+            )
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """cfg.dtype with "auto" resolved for cfg.device: bfloat16 on CUDA, float32 on CPU."""
+    return resolve_dtype(cfg.dtype, torch.device(cfg.device))
 
 
 def optimizer_name(cfg: TrainConfig) -> OptimizerName:

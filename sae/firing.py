@@ -41,12 +41,16 @@ class FiringTracker:
         return self.tokens_since_fired >= window
 
     def update(self, code: SparseCode, n_tokens: int, dist: Distributed | None = None) -> None:
-        """Count one step's firings; n_tokens is the global batch's row count (all ranks)."""
-        counts = torch.bincount(code.cols[code.values > 0], minlength=self.fire_counts.numel())
+        """Count one step's firings; n_tokens is the global batch's row count (all ranks).
+
+        Fixed shapes only (a scatter-add of 0/1 and a masked fill, no boolean indexing and no
+        bincount, whose CUDA kernel reads the largest id back), so the host never waits here."""
+        fired = (code.values > 0).to(torch.int64)  # [nnz]
+        counts = torch.zeros_like(self.fire_counts).scatter_add_(0, code.cols, fired)
         counts = (dist or Distributed()).sum(counts)  # every rank keeps the global counts
         self.fire_counts += counts
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[counts > 0] = 0
+        self.tokens_since_fired.masked_fill_(counts > 0, 0)
 
     def log_fractions(self, window: int, tokens_logged: int) -> dict[str, float]:
         """Dead and dense fractions for a log row, then a new dense-count window starts.

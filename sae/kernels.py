@@ -20,9 +20,12 @@ import torch.nn.functional as F
 
 
 def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Start of each row's entries in a row-sorted COO list. rows: [nnz] -> [n_rows]."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return torch.cumsum(counts, 0) - counts
+    """Start of each row's entries in a row-sorted COO list. rows: [nnz] -> [n_rows].
+
+    A binary search of each row id (the first entry >= i), not bincount + cumsum: CUDA's bincount
+    reads the largest id back to the host, a sync in every sparse kernel call."""
+    ids = torch.arange(n_rows, dtype=rows.dtype, device=rows.device)
+    return torch.searchsorted(rows, ids)
 
 
 def sparse_decode(

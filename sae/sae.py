@@ -53,6 +53,10 @@ Architecture = Literal["topk", "batchtopk", "jumprelu", "relu", "matryoshka"]
 ARCHITECTURES: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
 SPARSE_ARCHS = ("topk", "batchtopk", "matryoshka")
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over data-parallel ranks
+# Devices whose sparse training step avoids every device→host sync (fixed shapes only). On the CPU
+# a "sync" costs nothing and the data-dependent forms (AuxK over the dead columns only, BatchTopK
+# from a hinted candidate set) are several times faster, so the CPU keeps them.
+SYNC_FREE_DEVICES = {"cuda"}
 
 
 @dataclass
@@ -116,8 +120,9 @@ class SAE(HookedRootModule):
         self.register_buffer("threshold", torch.zeros(()))  # batchtopk/matryoshka inference θ
         # training's [N, n_latents] pre-activation buffer (not state)
         self._pre_workspace: torch.Tensor | None = None
-        # the last training batch's BatchTopK cut (not state: only a speed hint)
-        self._last_cut = 0.0
+        # the last training batch's BatchTopK cut (not state: only a speed hint; a 0-dim tensor
+        # once set, read back only by `cut_hint`)
+        self._last_cut: float | torch.Tensor = 0.0
         self.hook_sae_acts_post = HookPoint()
         self.hook_sae_recons = HookPoint()
         self.hook_sae_error = HookPoint()
@@ -194,24 +199,30 @@ class SAE(HookedRootModule):
         x_n = x.to(self.W_enc.dtype) * self.cfg.input_scale
         x_c = x_n - self.b_dec  # [N, d_in]
         sparse = self.cfg.arch in SPARSE_ARCHS
+        sync_free = sparse and x.device.type in SYNC_FREE_DEVICES
         if sparse:
-            # no autograd through pre (grads go via the kernels): write it into a reused buffer
+            # no autograd through pre (grads go via the kernels): write it into a reused buffer,
+            # in autocast's dtype when it is on (an out= op is not autocast: cast by hand)
             with torch.no_grad():
-                buffer = self.workspace(x_c.shape[0])
-                pre = torch.addmm(self.b_enc, x_c, self.W_enc.T, out=buffer)  # [N, n_latents]
+                dtype = _autocast_dtype(x.device.type) or self.W_enc.dtype
+                buffer = self.workspace(x_c.shape[0], dtype)
+                W_enc, b_enc = self.W_enc.to(dtype), self.b_enc.to(dtype)
+                pre = torch.addmm(b_enc, x_c.to(dtype), W_enc.T, out=buffer)  # [N, n_latents]
         else:
             pre = torch.addmm(self.b_enc, x_c, self.W_enc.T)  # [N, n_latents], bias fused
         sparsity = aux = x_n.new_zeros(())
         if sparse:
-            code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce)
+            code, recon_loss, recons_n = self._sparse_losses(x_n, x_c, pre, reduce, sync_free)
         else:
             code, recon_loss, sparsity, recons_n = self._dense_losses(x_n, pre, reduce)
-        if dead is not None and aux_k > 0 and bool(dead.any()):  # dense archs: the trainer opts in
+        if dead is not None and aux_k > 0 and sync_free:  # 0 when nothing is dead, no sync
+            aux = self.masked_aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
+        elif dead is not None and aux_k > 0 and bool(dead.any()):  # dense archs: trainer opts in
             aux = self.aux_loss(x_n - recons_n, x_c, pre, dead, aux_k, reduce)
         recons = recons_n / self.cfg.input_scale
         return SAEOutput(recons, code.detach(), recon_loss, aux, sparsity)
 
-    def workspace(self, n_rows: int) -> torch.Tensor:
+    def workspace(self, n_rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [n_rows, n_latents] pre-activation buffer of the sparse training path, reused across
         steps. A fresh tensor of that size per step costs page faults on every write, which makes
         the encoder GEMM measurably slower. The values do not outlive the step: codes and losses
@@ -219,32 +230,44 @@ class SAE(HookedRootModule):
         buffer keeps the largest row count seen and a step uses its first n_rows rows (a
         contiguous view)."""
         buffer, W = self._pre_workspace, self.W_enc
+        dtype = dtype or W.dtype  # the weights' dtype, or autocast's
         if (
             buffer is None
             or buffer.shape[0] < n_rows
-            or buffer.dtype != W.dtype
+            or buffer.dtype != dtype
             or buffer.device != W.device
         ):
             buffer = self._pre_workspace = torch.empty(
-                n_rows, self.cfg.n_latents, dtype=W.dtype, device=W.device
+                n_rows, self.cfg.n_latents, dtype=dtype, device=W.device
             )
         return buffer[:n_rows]
 
     def _sparse_losses(
-        self, x_n: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor, reduce: Reduce | None
+        self,
+        x_n: torch.Tensor,
+        x_c: torch.Tensor,
+        pre: torch.Tensor,
+        reduce: Reduce | None,
+        sync_free: bool = False,
     ) -> tuple[SparseCode, torch.Tensor, torch.Tensor]:
         """(code, reconstruction loss, detached normalised-space reconstruction of the whole code).
 
-        x_n, x_c: [N, d_in] scaled and centred inputs; pre: [N, n_latents]."""
+        x_n, x_c: [N, d_in] scaled and centred inputs; pre: [N, n_latents]. sync_free: BatchTopK
+        by one topk over all N·n entries (the same winners; fixed shapes, no hint read back)."""
         with torch.no_grad():
             if self.cfg.arch == "topk":
                 selected = topk_code(pre, self.cfg.k)
+            elif sync_free:
+                selected = batch_topk_code(pre, self.cfg.k, exhaustive=True)
+                self.update_threshold(selected.values)
             else:
                 selected = batch_topk_code(pre, self.cfg.k, hint=self.cut_hint())
                 self.update_threshold(selected.values)
         # selected.values = ReLU(pre) at the selected entries: under the ReLU below, the same as pre
+        # the sparse kernels run in the weights' dtype (pre may be autocast's bf16)
+        kept = selected.values.to(x_c.dtype)
         values = sparse_encode(
-            x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, selected.values
+            x_c, self.W_enc, self.b_enc, pre, selected.cols, selected.rows, kept
         ).relu()
         code = SparseCode(values, selected.cols, selected.rows, selected.n_rows)
         if self.cfg.arch != "matryoshka":
@@ -309,28 +332,58 @@ class SAE(HookedRootModule):
             top, cols = top.flatten()[positive], dead_ids[local.flatten()[positive]]
             rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
             rows = rows[positive]  # still sorted
+        top = top.to(x_c.dtype)  # pre may be autocast's bf16; the kernels use the weights' dtype
         values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top)
         guess = sparse_decode(values, cols, rows, self.W_dec, pre.shape[0])
         return fvu(residual.detach(), guess, reduce)
+
+    def masked_aux_loss(
+        self,
+        residual: torch.Tensor,
+        x_c: torch.Tensor,
+        pre: torch.Tensor,
+        dead: torch.Tensor,
+        aux_k: int,
+        reduce: Reduce | None,
+    ) -> torch.Tensor:
+        """`aux_loss` with fixed shapes, for devices where reading the dead count back would stall
+        the host: live columns are masked to −inf instead of dropped, each token keeps aux_k
+        entries, those that are not positive get weight 0, and the loss is multiplied by whether
+        anything is dead (aux_loss is 0 then). Same value up to summation order, but the top-k
+        runs over all n_latents columns. Shapes as in `aux_loss`."""
+        n_rows, k = pre.shape[0], min(aux_k, pre.shape[1])
+        with torch.no_grad():
+            top, cols = pre.masked_fill(~dead, -torch.inf).topk(k, dim=1, sorted=False)  # [N, k]
+            positive = (top > 0).flatten().to(pre.dtype)  # [N·k]; live or ≤ 0 entries: weight 0
+            top, cols = top.flatten().clamp_min(0).to(x_c.dtype), cols.flatten()
+            rows = torch.arange(n_rows, device=pre.device).repeat_interleave(k)
+        values = sparse_encode(x_c, self.W_enc, self.b_enc, pre, cols, rows, top) * positive
+        guess = sparse_decode(values, cols, rows, self.W_dec, n_rows)
+        return fvu(residual.detach(), guess, reduce) * dead.any()
 
     def cut_hint(self) -> float:
         """A value just below the next training batch's BatchTopK cut: 0.85 × the last batch's cut
         (θ before the first batch; 0, no hint, while both are unset). Only `batch_topk_code`'s speed
         depends on it. Not θ itself: θ averages cuts with momentum 0.99 and lags when they move
         fast, as in a graph autoencoder's first steps."""
-        return 0.85 * (self._last_cut or float(self.threshold))
+        return 0.85 * (float(self._last_cut) or float(self.threshold))
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor, momentum: float = 0.99) -> None:
-        positive = kept[kept > 0]
-        if len(positive) == 0:
+        """θ ← the smallest positive kept value (the first time), then its EMA; no positive value
+        leaves θ and the cut as they were. Written with `where`, not branches, so that nothing is
+        read back to the host. kept: [nnz]."""
+        if kept.numel() == 0:  # a shape, known on the host
             return
-        smallest = positive.min()
-        self._last_cut = float(smallest)
-        if self.threshold == 0:
-            self.threshold.copy_(smallest)
-        else:
-            self.threshold.copy_(momentum * self.threshold + (1 - momentum) * smallest)
+        smallest = torch.where(kept > 0, kept, torch.inf).min()  # +inf: nothing positive
+        found = smallest.isfinite()
+        last = self._last_cut
+        if not isinstance(last, torch.Tensor):  # unset (0.0): a fill, no host→device copy
+            last = smallest.new_full((), last)
+        self._last_cut = torch.where(found, smallest, last)
+        ema = momentum * self.threshold + (1 - momentum) * smallest
+        new = torch.where(self.threshold == 0, smallest, ema)
+        self.threshold.copy_(torch.where(found, new, self.threshold))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -346,6 +399,13 @@ class SAE(HookedRootModule):
         self.W_dec.grad.addcmul_(parallel[:, None], self.W_dec, value=-1)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """autocast's dtype on this device type when it is on (the trainer's --dtype bfloat16)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
     """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the (global) batch: the training form of sae.metrics.fvu.
 
@@ -356,7 +416,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reduce | None = None) -> t
     with torch.no_grad():
         x64 = x.detach().double()
         # [2d + 1]: Σx, Σx², n
-        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_tensor([x.shape[0]])])
+        # n by a fill, not new_tensor: a host list copied to CUDA would wait for the stream
+        stats = torch.cat([x64.sum(0), x64.pow(2).sum(0), x64.new_full((1,), x.shape[0])])
         if reduce is not None:
             stats = reduce(stats)
         total_variance = (stats[d : 2 * d] - stats[:d].pow(2) / stats[-1]).sum().clamp_min(1e-12)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sae.batches import step_batches
 from sae.checkpoint import load_checkpoint, prepare_run_dir, save_checkpoint
 from sae.codes import batch_topk_code
-from sae.config import TrainConfig, base_lr, lr_decay_frac
+from sae.config import TrainConfig, base_lr, compute_dtype, lr_decay_frac
 from sae.distributed import Distributed
 from sae.firing import dead_window
 from sae.hooks import parse_hooks
@@ -50,7 +50,7 @@ from sae.state import HookState
 from sae.store import ActivationStore
 from sae.train_log import TrainLogger, metrics_row
 
-__all__ = ["TrainConfig", "calibrate_threshold", "train"]
+__all__ = ["TrainConfig", "calibrate_threshold", "device_rows", "train"]
 
 
 def train(
@@ -81,9 +81,11 @@ def train(
     batches = step_batches(store, cfg.batch_size, cfg.seed, hooks, first_step, n_steps)
     for step, batch in batches:
         lr = lr_at(base, step, n_steps, cfg.warmup_frac, lr_decay_frac(cfg))
+        log = (step + 1) % cfg.log_every == 0 or step + 1 == n_steps
         for hook, state in states.items():
-            row = _train_hook(cfg, state, batch[hook], step, n_steps, lr, dist)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+            x = device_rows(cfg, state.sae, batch[hook], dist)
+            row = _train_hook(cfg, state, x, step, n_steps, lr, dist, log)
+            if log:
                 tok_s = (step + 1 - first_step) * cfg.batch_size / (time.perf_counter() - started)
                 logged_tokens = cfg.log_every * cfg.batch_size
                 firing = state.firing.log_fractions(_dead_window(cfg), logged_tokens)
@@ -167,21 +169,36 @@ def _dead_window(cfg: TrainConfig) -> int:
     return dead_window(cfg.dead_tokens, cfg.tokens, cfg.batch_size)
 
 
+def device_rows(cfg: TrainConfig, sae: SAE, batch: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    """This rank's rows of the host batch [N, d] without the massive ones, on the training device.
+
+    The rows are dropped on the host, before the copy: boolean indexing on the device has a
+    data-dependent shape, so the host would wait for the GPU every step. On CUDA the rows are
+    copied from pinned memory without blocking (the copy overlaps the previous step's kernels)."""
+    x = dist.local(batch)
+    x = x[~sae.passthrough(x)]  # [N_local - skipped, d], on the host
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _train_hook(
     cfg: TrainConfig,
     state: HookState,
-    batch: torch.Tensor,
+    x: torch.Tensor,
     step: int,
     n_steps: int,
     lr: float,
     dist: Distributed,
+    log: bool = True,
 ) -> dict[str, float]:
-    """One step of one hook's SAE on this rank's slice of the global batch [N, d]; λ follows
-    its fixed schedule or, under a target L0, the controller."""
-    x = dist.local(batch).to(cfg.device)
+    """One step of one hook's SAE on this rank's rows x: [N_local, d] (from `device_rows`); λ
+    follows its fixed schedule or, under a target L0, the controller. The returned row is filled
+    only on log steps (`log`); otherwise it is empty (or holds just the L0 the controller read)."""
     # under a target L0 the step sets λ from the batch's own L0
     coeff = 0.0 if cfg.target_l0 else sparsity_coeff_at(cfg, step, n_steps)
-    row = _train_step(cfg, state, x[~state.sae.passthrough(x)], lr, coeff, dist)
+    row = _train_step(cfg, state, x, lr, coeff, dist, log)
     if cfg.target_l0 and step >= sparsity_warmup_steps(cfg, n_steps):
         # the controller integrates only after the warm-up's transient
         state.sae.cfg.sparsity_coeff = adapt_sparsity_coeff(
@@ -199,19 +216,29 @@ def _train_step(
     lr: float,
     coeff: float,
     dist: Distributed,
+    log: bool = True,
 ) -> dict[str, float]:
-    """Forward, loss, backward and update on x: [N_local, d] (massive rows already skipped)."""
+    """Forward, loss, backward and update on x: [N_local, d] (massive rows already skipped).
+
+    Nothing here waits for the device unless the step logs (`log`: the row's numbers are read
+    back) or one of these needs a host value: the target-L0 controller (this step's λ is a
+    function of this batch's L0, read with .item()), --reopen-dead (whether any latent is dead
+    decides whether the jumprelu thresholds are re-set), and with several ranks the global row
+    count (an all-reduce of the rows kept after skipping massive activations)."""
     sae = state.sae
     set_lr(state.optimizer, lr)
     dead = state.firing.dead(_dead_window(cfg))  # [n_latents] bool
     reduce = dist.sum if dist.world > 1 else None
     aux_k = x.shape[1] // 2 if cfg.arch in SPARSE_ARCHS or cfg.dense_aux else 0  # k_aux = d/2
-    out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
+    dtype = compute_dtype(cfg)  # bf16: the forward's matmuls in bf16, weights/loss stay fp32
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = sae.training_forward(x, dead=dead, aux_k=aux_k, reduce=reduce)
     # rows differ per rank after skipping outliers: count the global batch
-    n_tokens = int(dist.sum(torch.tensor(x.shape[0])))
-    l0 = dist.sum(torch.tensor(float((out.code.values > 0).sum()))).item() / n_tokens
+    n_tokens = x.shape[0] if dist.world == 1 else int(dist.sum(torch.tensor(x.shape[0])))
+    fired = dist.sum((out.code.values > 0).sum().float())  # scalar on the device: no sync
+    row = {"l0": fired.item() / n_tokens} if cfg.target_l0 else {}  # the controller's read
     if cfg.target_l0:
-        coeff = applied_sparsity_coeff(cfg, sae.cfg.sparsity_coeff, l0)
+        coeff = applied_sparsity_coeff(cfg, sae.cfg.sparsity_coeff, row["l0"])
     loss = out.fvu + cfg.aux_coeff * out.aux_loss + coeff * out.sparsity_loss
     _update(cfg, state, loss, dist)
     if cfg.reopen_dead and cfg.arch == "jumprelu" and bool(dead.any()):
@@ -219,6 +246,9 @@ def _train_step(
     if cfg.arch in SPARSE_ARCHS[1:] and dist.world > 1:  # one inference threshold for all ranks
         sae.threshold.copy_(dist.sum(sae.threshold.clone()) / dist.world)
     state.firing.update(out.code, n_tokens, dist)
+    if not log:
+        return row
+    l0 = fired.item() / n_tokens
     return {**_step_losses(x, out, loss, reduce, dist), "l0": l0, "sparsity_coeff": coeff}
 
 

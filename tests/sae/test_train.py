@@ -284,3 +284,26 @@ def test_the_default_dead_window_lets_auxk_act_in_short_runs(
     # window 2048 = 8 steps
     train(train_config(tiny_store, tmp_path, dead_tokens=0, expansion=16, log_every=1))
     assert any(r["aux_loss"] > 0 for r in metric_rows(tmp_path))
+
+
+def test_bfloat16_compute_trains_and_float32_is_the_cpu_default(
+    tiny_store: ActivationStore, tmp_path: Path
+) -> None:
+    """--dtype bfloat16 runs the forward's matmuls under autocast (weights stay fp32) and still
+    learns; on CPU, auto means float32 and gives exactly the float32 run."""
+    from sae.config import compute_dtype
+
+    assert compute_dtype(train_config(tiny_store, tmp_path, device="cpu")) == torch.float32
+    with pytest.raises(ValueError, match="unknown --dtype 'float16'"):
+        train_config(tiny_store, tmp_path, dtype="float16")
+    runs = {}
+    for dtype in ("bfloat16", "float32", "auto"):
+        out = tmp_path / dtype
+        runs[dtype] = train(train_config(tiny_store, out, arch="batchtopk", dtype=dtype))[HOOK]
+        rows = metric_rows(out)
+        assert all(torch.isfinite(torch.tensor(r["fvu"])) for r in rows)
+        assert rows[-1]["fvu"] < min(0.6, 0.8 * rows[0]["fvu"]), (dtype, [r["fvu"] for r in rows])
+    assert runs["bfloat16"].W_enc.dtype == torch.float32
+    for name, param in runs["auto"].state_dict().items():
+        torch.testing.assert_close(param, runs["float32"].state_dict()[name], rtol=0, atol=0)
+    assert not torch.equal(runs["bfloat16"].W_enc, runs["float32"].W_enc)  # bf16 did run
