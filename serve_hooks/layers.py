@@ -15,8 +15,9 @@ config. The model runner computes every family with the same forward:
     m = down(act(gate(x')) * up(x'))  with x' = pre_mlp_norm(h)
     h = h + post_mlp_norm(m)
 
-Gemma's RMSNorm scales by (1 + w) and its embeddings by √d_model; Gemma-2/3 may soft-cap the final
-logits. Adding a family is one `LayerSpec` entry (plus its `Family` entry).
+Gemma's RMSNorm scales by (1 + w) (`Family.norm_offset`, sae/families.py) and its embeddings by
+√d_model; Gemma-2/3 may soft-cap the final logits. Adding a family is one `LayerSpec` entry
+(plus its `Family` entry).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ class LayerSpec:
     pre_mlp_norm: str | None = "post_attention_layernorm"
     post_mlp_norm: str | None = None
     qk_norm: Literal["none", "head", "full"] = "none"
-    norm_offset: float = 0.0  # RMSNorm weight is (offset + w): Gemma stores w around 0
     embed_scale: bool = False  # embeddings times √d_model
     # Which layers slide: "all" (config.sliding_window on every layer: Mistral, Phi-3) or
     # "layer_types" (layers typed "sliding_attention" in config.layer_types).
@@ -55,7 +55,6 @@ _GEMMA = dict(
     post_attn_norm="post_attention_layernorm",
     pre_mlp_norm="pre_feedforward_layernorm",
     post_mlp_norm="post_feedforward_layernorm",
-    norm_offset=1.0,
     embed_scale=True,
 )
 
@@ -182,12 +181,15 @@ class LayerWeights:
     softcap: float | None  # attention logit soft-cap (Gemma-2)
 
 
-def layer_weights(spec: LayerSpec, config: Any, layers: torch.nn.ModuleList) -> list[LayerWeights]:
+def layer_weights(
+    family: Family, spec: LayerSpec, config: Any, layers: torch.nn.ModuleList
+) -> list[LayerWeights]:
     windows = sliding_windows(spec, config)
     types = getattr(config, "layer_types", None)
 
     def norm(module: torch.nn.Module, name: str | None) -> RMSNorm | None:
-        return RMSNorm(getattr(module, name), spec.norm_offset) if name else None
+        # the RMSNorm weight offset (Gemma's 1 + w) is a family fact: sae/families.py holds it
+        return RMSNorm(getattr(module, name), family.norm_offset) if name else None
 
     out = []
     for index, layer in enumerate(layers):

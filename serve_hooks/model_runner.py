@@ -52,7 +52,9 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.kv = kv
         self.hooks = hooks if hooks is not None else []  # the engine's: attach() adds to it
-        self.layers: list[LayerWeights] = layer_weights(spec, config, self.model.layers)
+        self.layers: list[LayerWeights] = layer_weights(
+            self.family, spec, config, self.model.layers
+        )
         self.qk_norm = spec.qk_norm
         embed = self.model.embed_tokens.weight  # [vocab, d_model]
         # Gemma scales embeddings by √d_model, rounded to the weights' dtype as transformers does.
@@ -61,7 +63,7 @@ class ModelRunner:
             if spec.embed_scale
             else None
         )
-        self.final_norm = RMSNorm(self.model.norm, spec.norm_offset)
+        self.final_norm = RMSNorm(self.model.norm, self.family.norm_offset)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.windows = sorted({w for w in (layer.window for layer in self.layers) if w})
         self.head = Linear(self.lm_head.weight)
