@@ -18,6 +18,7 @@ import torch
 
 from sae.families import FAMILIES, TINY_LAYERS
 from sae.io import save_sae
+from sae.models import LoadedModel, load_model
 from sae.sae import SAE, SAEConfig
 from sae.tiny import build_tiny
 from serve_hooks import vllm_plugin
@@ -130,29 +131,15 @@ def save_vllm_sized(family: str, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def greylens_model(directory: Path) -> SimpleNamespace:
-    """The saved model through greylens's TransformerLens bridge (hook names as everywhere), booted
-    as sae.models.load_model boots its built-in models (which is all it loads on this branch).
-    The bridge wraps its HF model in place, so `hf` is a second, plain copy for generate."""
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    wrapped = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(directory)
-    bridge = TransformerBridge.boot_transformers(directory.name, hf_model=wrapped, tokenizer=tok)
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return SimpleNamespace(bridge=bridge, hf=hf, tokenizer=tok)
-
-
 @torch.no_grad()
-def resid_post(model: SimpleNamespace, ids: list[int]) -> torch.Tensor:  # -> [n, d_model]
+def resid_post(model: LoadedModel, ids: list[int]) -> torch.Tensor:  # -> [n, d_model]
     _, cache = model.bridge.run_with_cache(
         torch.tensor([ids]), names_filter=[HOOK], return_cache_object=False
     )
     return cache[HOOK][0]
 
 
-def fitted_sae(model: SimpleNamespace, n_latents: int = 256) -> SAE:
+def fitted_sae(model: LoadedModel, n_latents: int = 256) -> SAE:
     """A TopK SAE built on harvested activations: the input scale fitted so E‖x‖ = √d (as the
     trainer does), b_dec their scaled mean, encoder rows drawn around the centred activations
     (comparing two engines needs codes that vary from token to token, not a trained SAE)."""
@@ -200,16 +187,19 @@ def test_vllm_features_equal_greylens_on_non_llama_family(tmp_path, family):
     with the plugin on: greedy tokens equal transformers' generate, and every position's top-n
     features equal greylens's (bridge hook_resid_post, sae.SAE.encode)."""
     save_vllm_sized(family, tmp_path / "model")
-    model = greylens_model(tmp_path / "model")
+    # a local HF directory spec: hooks through the bridge, generate on the plain twin
+    model = load_model(str(tmp_path / "model"), device="cpu", dtype="float32")
     sae = fitted_sae(model)
     save_sae(sae, tmp_path / "sae")
     run, seconds = run_vllm(tmp_path / "model", tmp_path / "sae", tmp_path / "sink")
     assert run["backend"] == "inductor"
     (req,) = run["requests"]
     ids, generated = req["prompt_token_ids"], req["output_token_ids"]
-    model.hf.generation_config.eos_token_id = None  # vLLM ran with ignore_eos
+    model.fast.generation_config.eos_token_id = None  # vLLM ran with ignore_eos
     with torch.no_grad():
-        hf_out = model.hf.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
+        hf_out = model.fast.generate(
+            torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False
+        )
     assert generated == hf_out[0, len(ids) :].tolist(), "greedy tokens differ from transformers"
     assert len(set(generated)) > 1, "the tiny model repeats one token: a weak comparison"
     sequence = ids + generated[:-1]  # every token the model read
